@@ -1,0 +1,38 @@
+# Set-up is idempotent: `make demo` and `make test` work on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: this resolves to the CPU wheel on these machines; a bare `torch`
+	# would pull several GB of CUDA wheels. The package itself only asks for torch>=2.4.
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[all]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/refmodel demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not ray"
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src/refmodel/__init__.py src/refmodel/logprobs.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,50 @@
+"""refmodel: the reference model for LLM preference and RL training, cheap, exact and shareable.
+
+``import refmodel`` touches no GPU, network or environment variable; heavy optional parts are
+imported on first use.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ConfigError,
+    DataFormatError,
+    FingerprintMismatch,
+    InvalidBatch,
+    InvalidInput,
+    MissingDependency,
+    ModelNotAllowed,
+    RefModelError,
+    RequestTooLarge,
+    ServiceError,
+    ServiceOverloaded,
+    StoreCorrupt,
+    StoreMiss,
+    Unauthorized,
+)
+from .fingerprint import fingerprint  # noqa: E402
+from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
+from .logprobs import model_logprobs  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "ConfigError",
+    "DataFormatError",
+    "FingerprintMismatch",
+    "InvalidBatch",
+    "InvalidInput",
+    "MissingDependency",
+    "ModelNotAllowed",
+    "RefModelError",
+    "RequestTooLarge",
+    "ServiceError",
+    "ServiceOverloaded",
+    "StoreCorrupt",
+    "StoreMiss",
+    "Unauthorized",
+    "TokenLogprobs",
+    "fingerprint",
+    "model_logprobs",
+    "naive_token_logprobs",
+    "token_logprobs",
+]

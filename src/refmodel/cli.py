@@ -1,0 +1,58 @@
+"""The ``refmodel`` command line. Each feature module contributes its own command(s) here."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from . import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="refmodel")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug). Default: warnings only.")
+def main(verbose: int) -> None:
+    """refmodel: the reference model for LLM preference and RL training.
+
+    Fused token log-probs, reference strategies, a persistent log-prob store, a model cache and an
+    HTTP reference service. Run `refmodel COMMAND --help` for each command's flags.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("refmodel").setLevel(logging.INFO if verbose == 0 else level)
+
+
+@main.command("make-tiny-model")
+@click.argument("path", type=click.Path(file_okay=False))
+@click.option("--family", type=click.Choice(["llama", "gpt2", "gemma2"]), default="llama", show_default=True,
+              help="Architecture of the tiny random model.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+def make_tiny_model_cmd(path: str, family: str, seed: int) -> None:
+    """Save a tiny random causal LM and its tokenizer to PATH (for tests and trying things out)."""
+    from .testing import make_tiny_model
+
+    click.echo(str(make_tiny_model(family, path, seed=seed)))
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
+              help="Folder for the tiny model, the store, metrics and the plot.")
+def demo_cmd(out: str) -> None:
+    """Run the end-to-end demo on the built-in tiny model and preference data."""
+    from .demo import run_demo
+
+    run_demo(out)
+
+
+@main.command("bench")
+@click.option("--quick", is_flag=True, help="Smaller shapes (seconds instead of minutes).")
+def bench_cmd(quick: bool) -> None:
+    """Run the fused log-prob benchmark and print ratios against the baselines."""
+    from .bench import run_logprob_benchmark
+
+    run_logprob_benchmark(quick=quick)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,57 @@
+"""Fingerprints: a stable hash that identifies a reference model and every setting that changes its log-probs.
+
+``fingerprint(model, temperature=1.0, quantization="int8")`` hashes each tensor of the state dict in
+name order (name, dtype, shape, bytes) plus the settings as canonical JSON. Two models with the
+same fingerprint give the same log-probs; stored and served log-probs are bound to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+FINGERPRINT_PREFIX = "rm1-"
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach()
+    if type(t) is not torch.Tensor and hasattr(t, "dequantize"):  # quantized tensor subclasses
+        t = t.dequantize()
+    t = t.to("cpu").contiguous()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    elif t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    try:
+        return t.numpy().tobytes()
+    except (TypeError, RuntimeError):  # exotic dtypes (fp8, ...): reinterpret as raw bytes
+        return t.view(torch.uint8).numpy().tobytes()
+
+
+def fingerprint_tensors(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+                        **settings) -> str:
+    """Fingerprint of named tensors (hashed in name order) and ``settings`` (JSON-serialisable)."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(items, key=lambda kv: kv[0]):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(_tensor_bytes(tensor))
+    canonical = json.dumps({k: v for k, v in settings.items() if v is not None}, sort_keys=True, default=str)
+    digest.update(b"settings|" + canonical.encode())
+    return FINGERPRINT_PREFIX + digest.hexdigest()
+
+
+def fingerprint(model: nn.Module, **settings) -> str:
+    """Fingerprint of ``model``'s weights (state dict) and the log-prob settings.
+
+    Pass every setting that changes log-probs and is not in the weights, e.g. ``temperature``,
+    ``quantization``; ``None`` values are left out, so ``fingerprint(m)`` == ``fingerprint(m, x=None)``.
+    """
+    return fingerprint_tensors(model.state_dict().items(), **settings)
+
+
+__all__ = ["fingerprint", "fingerprint_tensors", "FINGERPRINT_PREFIX"]

@@ -1,0 +1,205 @@
+"""Tiny, deterministic models, tokenizer and preference data for tests, the demo and benchmarks.
+
+Nothing here downloads anything: the tokenizer is built from the task vocabulary below, and the
+models are random transformers configs saved with ``save_pretrained`` so that loading goes through
+the real ``from_pretrained`` path. Users can test their own integration code with the same factories.
+
+The built-in preference task is learnable by a tiny model: each prompt is a short question (sums,
+differences, successors, opposites, colours) whose chosen answer is correct and whose rejected answer
+is a plausible wrong one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+Family = Literal["llama", "gpt2", "gemma2"]
+FAMILIES: tuple[str, ...] = ("llama", "gpt2", "gemma2")
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+_NUMBERS = [str(i) for i in range(21)]
+_OPPOSITES = {
+    "hot": "cold", "big": "small", "up": "down", "fast": "slow", "light": "dark", "old": "new",
+    "happy": "sad", "early": "late", "open": "closed", "full": "empty", "high": "low", "hard": "soft",
+}
+_OPPOSITES.update({v: k for k, v in list(_OPPOSITES.items())})
+_COLOURS = {
+    "sky": "blue", "grass": "green", "snow": "white", "coal": "black", "sun": "yellow",
+    "blood": "red", "orange": "orange", "plum": "purple", "sea": "blue", "leaf": "green",
+}
+_COLOUR_WORDS = sorted(set(_COLOURS.values()))
+_WORDS = (
+    "what is plus minus comes after the opposite of color colour answer it I think . ? , "
+    "sure , let me see : so"
+).split()
+
+# A chat template over the special tokens, so conversational data works with `apply_chat_template`.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def task_vocabulary() -> list[str]:
+    """Every token of the built-in task, specials first; its order fixes the token ids."""
+    words = set(_WORDS) | set(_NUMBERS) | set(_OPPOSITES) | set(_COLOURS) | set(_COLOUR_WORDS)
+    words |= {"system", "user", "assistant"}
+    return SPECIAL_TOKENS + sorted(words - set(SPECIAL_TOKENS))
+
+
+def _one_pair(rng: random.Random) -> dict[str, str]:
+    kind = rng.choice(["plus", "minus", "after", "opposite", "colour"])
+    if kind == "plus":
+        a, b = rng.randint(0, 10), rng.randint(0, 10)
+        prompt, right, pool = f"what is {a} plus {b} ?", str(a + b), _NUMBERS
+    elif kind == "minus":
+        a = rng.randint(0, 20)
+        b = rng.randint(0, a)
+        prompt, right, pool = f"what is {a} minus {b} ?", str(a - b), _NUMBERS
+    elif kind == "after":
+        a = rng.randint(0, 19)
+        prompt, right, pool = f"what comes after {a} ?", str(a + 1), _NUMBERS
+    elif kind == "opposite":
+        word = rng.choice(sorted(_OPPOSITES))
+        prompt, right, pool = f"what is the opposite of {word} ?", _OPPOSITES[word], sorted(_OPPOSITES)
+    else:
+        thing = rng.choice(sorted(_COLOURS))
+        prompt, right, pool = f"what colour is the {thing} ?", _COLOURS[thing], _COLOUR_WORDS
+    wrong = rng.choice([w for w in pool if w != right])
+    lead = rng.choice(["the answer is", "I think it is", "sure , it is", "let me see : it is"])
+    return {"prompt": prompt, "chosen": f"{lead} {right} .", "rejected": f"{lead} {wrong} ."}
+
+
+def iter_preference_pairs(seed: int = 0) -> Iterator[dict[str, str]]:
+    """An endless deterministic stream of ``{"prompt", "chosen", "rejected"}`` pairs."""
+    rng = random.Random(seed)
+    while True:
+        yield _one_pair(rng)
+
+
+def preference_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` deterministic preference pairs (chosen = correct answer, rejected = a wrong one).
+
+    ``prompt`` and the completions are whitespace-separated words of :func:`task_vocabulary`, so
+    tokenizing ``prompt + " " + completion`` equals tokenizing each and concatenating.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    stream = iter_preference_pairs(seed)
+    return [next(stream) for _ in range(n)]
+
+
+BUILTIN_DATASET_SIZE = 3000
+
+
+def builtin_dataset_path() -> Path:
+    """Path of the bundled JSONL dataset: ``preference_pairs(3000, seed=0)``, one pair per line."""
+    return Path(__file__).parent / "assets" / "preference_pairs.jsonl"
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    """Write ``rows`` as JSON lines (UTF-8) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def make_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast`` over :func:`task_vocabulary`, with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(task_vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(family: str, vocab_size: int, **overrides):
+    """The transformers config of a tiny model of ``family`` (llama, gpt2 or gemma2)."""
+    from transformers import Gemma2Config, GPT2Config, LlamaConfig
+
+    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if family == "llama":  # untied head, RMSNorm, RoPE, grouped-query attention
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          tie_word_embeddings=False, **common)
+    elif family == "gpt2":  # tied embeddings, biases everywhere, learned positions
+        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, tie_word_embeddings=True,
+                         **common)
+    elif family == "gemma2":  # final-logit soft-capping, tied, sliding-window layers
+        cfg = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           max_position_embeddings=256, final_logit_softcapping=5.0,
+                           attn_logit_softcapping=50.0, sliding_window=16, **common)
+    else:
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def make_tiny_model(family: Family, path: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Build a random tiny causal LM of ``family`` and save it with its tokenizer under ``path``.
+
+    The result loads with ``AutoModelForCausalLM.from_pretrained(path)`` and
+    ``AutoTokenizer.from_pretrained(path)``; weights are float32 safetensors. The same ``seed`` gives
+    the same weights bit for bit.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    tok = make_tokenizer()
+    cfg = tiny_config(family, len(tok), **config_overrides)
+    # Eager attention: identical numerics for padded and unpadded batches on CPU, and the only
+    # implementation that applies Gemma-2's attention soft-capping.
+    cfg._attn_implementation = "eager"
+    fork = torch.random.fork_rng(devices=[])
+    with fork:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+        if family == "llama":
+            # Random init gives near-uniform logits; a larger head makes log-probs less trivial.
+            with torch.no_grad():
+                model.lm_head.weight.mul_(8.0)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def load_tiny(path: str | Path):
+    """``(model, tokenizer)`` loaded from ``path`` with eager attention, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+__all__ = [
+    "FAMILIES",
+    "builtin_dataset_path",
+    "iter_preference_pairs",
+    "load_tiny",
+    "make_tiny_model",
+    "make_tokenizer",
+    "preference_pairs",
+    "task_vocabulary",
+    "tiny_config",
+    "write_jsonl",
+]

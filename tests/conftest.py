@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models are built once per session and loaded through from_pretrained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refmodel.testing import FAMILIES, load_tiny, make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict:
+    """``{family: path}`` of saved tiny models (llama, gpt2, gemma2)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {family: make_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny(tiny_model_dirs, family):
+    """``(model, tokenizer)`` of one family, freshly loaded in eval mode."""
+    return load_tiny(tiny_model_dirs[family])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+SRC = __import__("pathlib").Path(__file__).resolve().parents[1] / "src"
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for child processes that import this checkout's ``refmodel`` (not an installed one)."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(*args, check=True, timeout=600, **env):
+    """Run ``python -m refmodel ARGS`` against this checkout; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "refmodel", *map(str, args)], capture_output=True, text=True,
+                          check=check, timeout=timeout, env=subprocess_env(**env))
