@@ -60,7 +60,7 @@ def test_matches_naive_fp32_values_and_grads(n, h, v, chunk, tf):
     assert fused[0].dtype == torch.float32
     torch.testing.assert_close(fused[0], naive[0], atol=2e-5, rtol=0)
     torch.testing.assert_close(fused[1], naive[1], atol=2e-5, rtol=0)
-    for a, b in zip(fused[2:], naive[2:]):
+    for a, b in zip(fused[2:], naive[2:], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4)
     assert (fused[0][targets == -100] == 0).all()
 
