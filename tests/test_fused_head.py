@@ -33,26 +33,27 @@ def _inputs(n, h, v, dtype=torch.float32, ignore_frac=0.25, bias=False, seed=0):
 
 @pytest.mark.parametrize("tf", TRANSFORMS)
 def test_gradcheck_float64(tf):
+    """Vocabulary tiles of 4 over V=11: exercises the online rescaling of every accumulator."""
     hidden, weight, targets, bias = _inputs(7, 5, 11, torch.float64, bias=True)
     args = tuple(x.requires_grad_() for x in (hidden, weight, bias))
 
     def fn(h, w, b):
-        r = token_logprobs(h, w, targets, bias=b, chunk_size=3, return_entropy=True, **tf)
+        r = token_logprobs(h, w, targets, bias=b, chunk_size=3, vocab_chunk_size=4, return_entropy=True, **tf)
         return r.logprobs, r.entropy
 
     assert torch.autograd.gradcheck(fn, args)
 
 
-@pytest.mark.parametrize("n,h,v,chunk", [(1, 8, 31, None), (3, 16, 47, 2), (47, 32, 123, 10),
-                                         (31, 24, 1000, 7), (64, 16, 50, 64)])
+@pytest.mark.parametrize("n,h,v,chunk,vchunk", [(1, 8, 31, None, None), (3, 16, 47, 2, 10), (47, 32, 123, 10, 50),
+                                                (31, 24, 1000, 7, 333), (64, 16, 50, 64, 7), (5, 8, 9, 2, 1)])
 @pytest.mark.parametrize("tf", TRANSFORMS)
-def test_matches_naive_fp32_values_and_grads(n, h, v, chunk, tf):
+def test_matches_naive_fp32_values_and_grads(n, h, v, chunk, vchunk, tf):
     hidden, weight, targets, bias = _inputs(n, h, v, bias=True, seed=n)
     upstream = torch.rand(n)  # non-uniform per-token gradients
     results = []
     for fn in (token_logprobs, naive_token_logprobs):
         hh, ww, bb = (x.clone().requires_grad_() for x in (hidden, weight, bias))
-        kwargs = dict(chunk_size=chunk) if fn is token_logprobs else {}
+        kwargs = dict(chunk_size=chunk, vocab_chunk_size=vchunk) if fn is token_logprobs else {}
         out = fn(hh, ww, targets, bias=bb, return_entropy=True, **tf, **kwargs)
         ((out.logprobs * upstream).sum() + (out.entropy * upstream.flip(0)).sum()).backward()
         results.append((out.logprobs.detach(), out.entropy.detach(), hh.grad, ww.grad, bb.grad))
@@ -99,7 +100,8 @@ def test_frozen_head_gets_no_weight_grad():
 @pytest.mark.parametrize("fp32,atol", [(True, 1e-4), (False, 0.05)])
 def test_bf16_against_fp32_reference(fp32, atol):
     hidden, weight, targets, _ = _inputs(40, 32, 300, torch.bfloat16)
-    out = token_logprobs(hidden, weight, targets, fp32_accumulation=fp32, softcap=4.0, chunk_size=16)
+    out = token_logprobs(hidden, weight, targets, fp32_accumulation=fp32, softcap=4.0, chunk_size=16,
+                         vocab_chunk_size=64)
     ref = naive_token_logprobs(hidden.float(), weight.float(), targets, softcap=4.0)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=atol, rtol=0)
@@ -131,7 +133,8 @@ def test_entropy_result_type():
     (dict(temperature=float("nan")), "temperature must be a positive"),
     (dict(logit_scale=-1.0), "logit_scale must be a positive"),
     (dict(softcap=0.0), "softcap must be None or a positive"),
-    (dict(chunk_size=0), "chunk_size must be >= 1"),
+    (dict(chunk_size=0), "chunk_size must be None or an int >= 1"),
+    (dict(vocab_chunk_size=2.5), "vocab_chunk_size must be None or an int >= 1"),
 ])
 def test_bad_settings(kwargs, match):
     hidden, weight, targets, _ = _inputs(4, 8, 10)

@@ -31,10 +31,9 @@ import torch
 
 from .errors import InvalidInput
 
-# Per-chunk logits budget (elements). Chunk temporaries are a few multiples of this in fp32, which
-# keeps the head's extra memory far below the full logits while the chunk GEMM stays efficient.
+# Logits budget of one [rows, vocab-tile] tile (elements): 8 MiB in fp32. Temporaries are a small multiple
+# of it, far below the full logits, while tiles stay large enough for an efficient GEMM.
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
-MIN_CHUNK_ROWS = 16
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -48,11 +47,6 @@ class TokenLogprobs(NamedTuple):
 
     logprobs: torch.Tensor
     entropy: torch.Tensor
-
-
-def default_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk so that one chunk's logits hold about ``DEFAULT_CHUNK_ELEMENTS`` values."""
-    return max(MIN_CHUNK_ROWS, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -97,113 +91,154 @@ class _Transform(NamedTuple):
         return self.logit_scale / self.temperature
 
 
-class _ChunkStats(NamedTuple):
-    logp: torch.Tensor  # [M] target log-prob
-    entropy: torch.Tensor | None  # [M]
-    # [M, V] gradient coefficients, unnormalised: coef / denom = p * f' (and p * (logp + ent) * f')
-    coef: torch.Tensor | None
-    coef_ent: torch.Tensor | None
-    denom: torch.Tensor  # [M, 1] softmax normaliser (sum of exp(z - max))
-    deriv_y: torch.Tensor  # [M] f' at the target
+def _tiles(n: int, vocab: int, chunk: int | None, vocab_chunk: int | None) -> tuple[int, int]:
+    """``(rows per block, vocab columns per tile)`` for a logits tile of ~``DEFAULT_CHUNK_ELEMENTS``.
+
+    Every row block re-reads the whole weight and every vocab tile re-reads the row block, so the
+    memory traffic is ~``N*V*H*(1/rows + 1/cols)``: square-ish tiles minimise it for a fixed budget.
+    """
+    rows = chunk or min(n, 1 << (DEFAULT_CHUNK_ELEMENTS.bit_length() // 2))
+    cols = vocab_chunk or max(128, DEFAULT_CHUNK_ELEMENTS // max(rows, 1))
+    return max(1, min(rows, n)), min(cols, vocab)
 
 
-def _chunk_forward(h, weight_t, bias, y, tf: _Transform, fp32: bool, need_coef: bool, want_entropy: bool,
-                   need_coef_ent: bool, buf: torch.Tensor | None) -> _ChunkStats:
-    """One chunk of rows: everything happens in place in ``buf`` (the logits) to keep memory flat."""
-    z = _logits_fp32(h, weight_t, bias, fp32, buf)
-    deriv = tf.apply_(z)
-    z_y = z.gather(1, y[:, None])
-    deriv_y = deriv.gather(1, y[:, None]).squeeze(1) if deriv is not None else torch.full_like(
-        z_y.squeeze(1), tf.const_deriv)
-    z_max = z.amax(dim=-1, keepdim=True)
-    entropy = coef_ent = None
-    shifted = torch.sub(z, z_max) if want_entropy else None
-    e = z.sub_(z_max).exp_()  # z is consumed: e = exp(z - max)
-    denom = e.sum(dim=-1, keepdim=True)
-    log_denom = denom.log()
-    logp = (z_y - z_max - log_denom).squeeze(1)
-    if want_entropy:
-        log_p = shifted.sub_(log_denom)
-        entropy = -(e * log_p).sum(-1) / denom.squeeze(1)
-        if need_coef_ent:  # p * (z - E_p[z]) * f'  ==  e * (log p + H) * f' / denom
-            coef_ent = log_p.add_(entropy[:, None]).mul_(e)
-            if deriv is not None:
-                coef_ent.mul_(deriv)
-            elif tf.const_deriv != 1.0:
-                coef_ent.mul_(tf.const_deriv)
-    coef = None
-    if need_coef:
-        coef = e
-        if deriv is not None:
-            coef.mul_(deriv)
-        elif tf.const_deriv != 1.0:
-            coef.mul_(tf.const_deriv)
-    return _ChunkStats(logp, entropy, coef, coef_ent, denom, deriv_y)
-
-
-def _workspace(rows: int, chunk: int, w: torch.Tensor) -> torch.Tensor | None:
-    """A reusable ``[min(chunk, rows), V]`` logits buffer on CPU (fresh pages per chunk cost more than the math)."""
-    if rows == 0 or w.is_cuda or w.dtype not in (torch.float32, torch.float64):
+def _workspace(rows: int, cols: int, w: torch.Tensor, acc: torch.dtype) -> torch.Tensor | None:
+    """A reusable ``[rows, cols]`` logits buffer on CPU (fresh pages per tile cost more than the math)."""
+    if rows == 0 or w.is_cuda or w.dtype != acc:
         return None  # the CUDA caching allocator already reuses blocks
-    return torch.empty(min(chunk, rows), w.shape[0], dtype=w.dtype, device=w.device)
+    return torch.empty(rows, cols, dtype=acc, device=w.device)
+
+
+def _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf):
+    """Transformed fp32 logits of one tile ``[M, v1 - v0]`` and their derivative (None if constant)."""
+    out = buf[: hb.shape[0], : v1 - v0] if buf is not None else None
+    z = _logits_fp32(hb, w[v0:v1].t(), bias[v0:v1] if bias is not None else None, fp32, out)
+    return z, tf.apply_(z)
+
+
+def _gather_in_tile(z, y, v0, v1, into):
+    """``into[i] = z[i, y_i - v0]`` for the rows whose target lies in ``[v0, v1)``."""
+    inside = (y >= v0) & (y < v1)
+    vals = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+    return torch.where(inside, vals, into)
+
+
+class _RowStats(NamedTuple):
+    logp: torch.Tensor  # [M]
+    lse: torch.Tensor  # [M]
+    entropy: torch.Tensor | None  # [M]
+    expected: torch.Tensor | None  # [M, H]  sum_j p_j f'_j W_j
+    expected_ent: torch.Tensor | None  # [M, H]  sum_j p_j (z_j - E_p z) f'_j W_j
+    deriv_y: torch.Tensor  # [M]
+
+
+def _row_block_forward(hb, w, bias, y, tf, fp32, cols, need_dh, want_entropy, buf) -> _RowStats:
+    """Online log-sum-exp over vocab tiles; the [M, H] accumulators are rescaled as the max moves."""
+    vocab = w.shape[0]
+    m = s = z_y = deriv_y = t_acc = expected = a_acc = None
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        z, deriv = _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
+        if z_y is None:
+            z_y = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+            deriv_y = torch.full_like(z_y, tf.const_deriv)
+        z_y = _gather_in_tile(z, y, v0, v1, z_y)
+        if deriv is not None:
+            deriv_y = _gather_in_tile(deriv, y, v0, v1, deriv_y)
+        tile_max = z.amax(dim=1)
+        m_new = tile_max if m is None else torch.maximum(m, tile_max)
+        zs = z.sub_(m_new[:, None])  # z - m_new, in place
+        zcopy = zs.clone() if want_entropy else None
+        e = zs.exp_()  # exp(z - m_new), in place
+        tile_sum = e.sum(dim=1)
+        if want_entropy:
+            tile_t = (e * zcopy).sum(dim=1)
+        coef = None
+        if need_dh:
+            coef = e.mul_(deriv) if deriv is not None else (
+                e.mul_(tf.const_deriv) if tf.const_deriv != 1.0 else e)
+            tile_e = _coef_matmul(coef, w[v0:v1])
+            tile_a = _coef_matmul(zcopy.mul_(coef), w[v0:v1]) if want_entropy else None
+        if m is None:
+            s = tile_sum
+            t_acc = tile_t if want_entropy else None
+            if need_dh:
+                expected, a_acc = tile_e, tile_a
+        else:
+            alpha, shift = torch.exp(m - m_new), m - m_new
+            if want_entropy:  # T' = alpha (T + (m - m_new) S) + tile
+                t_acc = alpha * (t_acc + shift * s) + tile_t
+            if need_dh:
+                if want_entropy:
+                    a_acc = (a_acc + shift[:, None] * expected).mul_(alpha[:, None]).add_(tile_a)
+                expected = expected.mul_(alpha[:, None]).add_(tile_e)
+            s = alpha * s + tile_sum
+        m = m_new
+    log_s = s.log()
+    lse = m + log_s
+    logp = z_y - lse
+    entropy = expected_ent = None
+    if want_entropy:
+        mean_shift = t_acc / s  # E_p[z] - m
+        entropy = log_s - mean_shift
+    if need_dh:
+        expected = expected.div_(s[:, None])
+        if want_entropy:
+            expected_ent = a_acc.div_(s[:, None]).sub_(mean_shift[:, None] * expected)
+    return _RowStats(logp, lse, entropy, expected, expected_ent, deriv_y)
 
 
 class _FusedTokenLogprobs(torch.autograd.Function):
     """Custom autograd over compacted rows: ``h [N, H]``, ``weight [V, H]``, ``y [N]`` -> ``[N]``, ``[N]``."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, y, tf, chunk, fp32, want_entropy):
+    def forward(ctx, h, weight, bias, y, tf, tiles, fp32, want_entropy):
         n, hidden_size = h.shape
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
         cpu_upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
         w = weight.float() if cpu_upcast else weight
-        weight_t = w.t()
-        acc = dict(dtype=_acc_dtype(h), device=h.device)
-        logp = torch.empty(n, **acc)
+        acc_dtype = _acc_dtype(h)
+        acc = dict(dtype=acc_dtype, device=h.device)
+        rows, cols = _tiles(n, weight.shape[0], *tiles)
+        logp, lse, deriv_y = (torch.empty(n, **acc) for _ in range(3))
         entropy = torch.empty(n, **acc) if want_entropy else None
-        deriv_y = torch.empty(n, **acc)
         expected = torch.empty(n, hidden_size, **acc) if need_dh else None
         expected_ent = torch.empty(n, hidden_size, **acc) if need_dh and want_entropy else None
-        buf = _workspace(n, chunk, w)
-        for start in range(0, n, chunk):
-            sl = slice(start, min(start + chunk, n))
-            hc = h[sl].float() if cpu_upcast else h[sl]
-            out = buf[: hc.shape[0]] if buf is not None else None
-            st = _chunk_forward(hc, weight_t, bias, y[sl], tf, fp32, need_dh, want_entropy,
-                                need_dh and want_entropy, out)
-            logp[sl], deriv_y[sl] = st.logp, st.deriv_y
+        buf = _workspace(rows, cols, w, acc_dtype)
+        for start in range(0, n, rows):
+            sl = slice(start, min(start + rows, n))
+            hb = h[sl].float() if cpu_upcast else h[sl]
+            st = _row_block_forward(hb, w, bias, y[sl], tf, fp32, cols, need_dh, want_entropy, buf)
+            logp[sl], lse[sl], deriv_y[sl] = st.logp, st.lse, st.deriv_y
             if want_entropy:
                 entropy[sl] = st.entropy
-            if need_dh:  # normalise the [M, H] product rather than the [M, V] coefficients
-                expected[sl] = _coef_matmul(st.coef, w).div_(st.denom)
+            if need_dh:
+                expected[sl] = st.expected
                 if want_entropy:
-                    expected_ent[sl] = _coef_matmul(st.coef_ent, w).div_(st.denom)
-        ctx.tf, ctx.chunk, ctx.fp32, ctx.want_entropy = tf, chunk, fp32, want_entropy
-        ctx.need_dw = need_dw
-        ctx.save_for_backward(h, weight, bias, y, deriv_y, expected, expected_ent)
-        if entropy is None:
-            entropy = logp.new_zeros(0)
+                    expected_ent[sl] = st.expected_ent
+        ctx.tf, ctx.tiles, ctx.fp32, ctx.want_entropy, ctx.need_dw = tf, (rows, cols), fp32, want_entropy, need_dw
+        ctx.save_for_backward(h, weight, bias, y, deriv_y, lse, entropy, expected, expected_ent)
         ctx.mark_non_differentiable(y)
-        return logp, entropy
+        return logp, (entropy if entropy is not None else logp.new_zeros(0))
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, weight, bias, y, deriv_y, expected, expected_ent = ctx.saved_tensors
-        tf, want_entropy = ctx.tf, ctx.want_entropy
+        h, weight, bias, y, deriv_y, lse, entropy, expected, expected_ent = ctx.saved_tensors
         acc = deriv_y.dtype
         g_logp = g_logp.to(acc) if g_logp is not None else torch.zeros_like(deriv_y)
-        use_ent = want_entropy and g_ent is not None and g_ent.numel() > 0
+        use_ent = ctx.want_entropy and g_ent is not None and g_ent.numel() > 0
         g_ent = g_ent.to(acc) if use_ent else None
         dh = dw = db = None
         if ctx.needs_input_grad[0]:
-            w_y = weight[y].to(acc)
-            dh = g_logp[:, None] * (deriv_y[:, None] * w_y - expected)
+            # d logp_i / d h_i = s (f'_iy W_y - E_i): no vocabulary matmul in the backward
+            dh = g_logp[:, None] * (deriv_y[:, None] * weight[y].to(acc) - expected)
             if use_ent:
                 dh -= g_ent[:, None] * expected_ent
             dh = dh.to(h.dtype)
         if ctx.need_dw:
-            dw, db = _weight_grads(h, weight, bias, y, tf, ctx.chunk, ctx.fp32, g_logp, g_ent)
+            dw, db = _weight_grads(h, weight, bias, y, ctx.tf, ctx.tiles, ctx.fp32, lse,
+                                   entropy if use_ent else None, g_logp, g_ent)
             if not ctx.needs_input_grad[1]:
                 dw = None
         return dh, dw, db, None, None, None, None, None
@@ -218,35 +253,50 @@ def _coef_matmul(coef: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return coef @ w.float()
 
 
-def _weight_grads(h, weight, bias, y, tf, chunk, fp32, g_logp, g_ent):
-    """Recompute each chunk's probabilities and accumulate ``dW [V, H]`` and ``db [V]`` in float32."""
+def _weight_grads(h, weight, bias, y, tf, tiles, fp32, lse, entropy, g_logp, g_ent):
+    """Recompute each tile's probabilities from the saved log-sum-exp; accumulate ``dW``, ``db`` in fp32."""
     n = h.shape[0]
+    rows, cols = tiles
     cpu_upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
     w = weight.float() if cpu_upcast else weight
-    weight_t = w.t()
-    acc = dict(dtype=_acc_dtype(weight), device=weight.device)
-    dw = torch.zeros(weight.shape, **acc)
-    db = torch.zeros(weight.shape[0], **acc) if bias is not None else None
-    buf = _workspace(n, chunk, w)
+    acc_dtype = _acc_dtype(weight)
+    dw = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+    db = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if bias is not None else None
+    buf = _workspace(rows, cols, w, acc_dtype)
     with torch.no_grad():
-        for start in range(0, n, chunk):
-            sl = slice(start, min(start + chunk, n))
-            hc = h[sl].float() if cpu_upcast else h[sl]
-            out = buf[: hc.shape[0]] if buf is not None else None
-            st = _chunk_forward(hc, weight_t, bias, y[sl], tf, fp32, True, g_ent is not None,
-                                g_ent is not None, out)
-            # dlogp/da_j = f'_y [j == y] - p_j f'_j ; d ent/da_j = -p_j (z_j - E[z]) f'_j
-            grad_a = st.coef.mul_(-g_logp[sl, None] / st.denom)
-            if g_ent is not None:
-                grad_a.sub_(st.coef_ent.mul_(g_ent[sl, None] / st.denom))
-            grad_a.scatter_add_(1, y[sl, None], (g_logp[sl] * st.deriv_y)[:, None])
-            dw += _coef_matmul(grad_a.t(), hc)
-            if db is not None:
-                db += grad_a.sum(0)
+        for start in range(0, n, rows):
+            sl = slice(start, min(start + rows, n))
+            hb = h[sl].float() if cpu_upcast else h[sl]
+            for v0 in range(0, weight.shape[0], cols):
+                v1 = min(v0 + cols, weight.shape[0])
+                z, deriv = _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
+                # dlogp/da_j = f'_y [j == y] - p_j f'_j ;  d ent/da_j = -p_j (z_j - E_p z) f'_j
+                zcopy = z.clone() if g_ent is not None else None
+                p = z.sub_(lse[sl, None]).exp_()
+                grad_a = p.mul_(deriv) if deriv is not None else p.mul_(tf.const_deriv)  # p f'
+                if g_ent is not None:
+                    mean_z = lse[sl] - entropy[sl]
+                    grad_a_ent = zcopy.sub_(mean_z[:, None]).mul_(grad_a).mul_(g_ent[sl, None])
+                grad_a.mul_(-g_logp[sl, None])
+                if g_ent is not None:
+                    grad_a.sub_(grad_a_ent)
+                yb = y[sl]
+                inside = ((yb >= v0) & (yb < v1)).nonzero().squeeze(1)
+                grad_a[inside, yb[inside] - v0] += g_logp[sl][inside] * _deriv_at(deriv, tf, inside, yb - v0)
+                dw[v0:v1] += _coef_matmul(grad_a.t(), hb)
+                if db is not None:
+                    db[v0:v1] += grad_a.sum(0)
     return dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
 
 
-def _validate(hidden, weight, targets, bias, temperature, logit_scale, softcap, chunk_size) -> None:
+def _deriv_at(deriv, tf, rows, cols):
+    if deriv is None:
+        return tf.const_deriv
+    return deriv[rows, cols[rows]]
+
+
+def _validate(hidden, weight, targets, bias, temperature, logit_scale, softcap, chunk_size,
+              vocab_chunk_size) -> None:
     if weight.dim() != 2:
         raise InvalidInput(f"weight must be [V, H], got shape {tuple(weight.shape)}")
     if hidden.dim() not in (2, 3) or hidden.shape[-1] != weight.shape[1]:
@@ -266,8 +316,9 @@ def _validate(hidden, weight, targets, bias, temperature, logit_scale, softcap, 
         raise InvalidInput(f"logit_scale must be a positive finite number, got {logit_scale}")
     if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
         raise InvalidInput(f"softcap must be None or a positive finite number, got {softcap}")
-    if chunk_size is not None and chunk_size < 1:
-        raise InvalidInput(f"chunk_size must be >= 1 rows, got {chunk_size}")
+    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise InvalidInput(f"{name} must be None or an int >= 1, got {value!r}")
 
 
 def token_logprobs(
@@ -281,6 +332,7 @@ def token_logprobs(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
     return_entropy: bool = False,
     fp32_accumulation: bool = True,
 ) -> torch.Tensor | TokenLogprobs:
@@ -293,7 +345,8 @@ def token_logprobs(
             (they cost no FLOPs) and get exactly 0.
         bias: optional ``[V]`` head bias.
         temperature, logit_scale, softcap: the logit transform (see the module docstring).
-        chunk_size: rows per chunk; default keeps one chunk's logits at ~2M values (8 MiB fp32).
+        chunk_size: rows per block (default ~1024); vocab_chunk_size: columns per vocabulary tile (default:
+            a tile of ~2M logits, 8 MiB fp32). The log-sum-exp runs online across vocabulary tiles.
         return_entropy: also return the (differentiable) entropy per position.
         fp32_accumulation: float32 logits even for low-precision operands (``cast_logprobs_to_fp32``).
 
@@ -301,7 +354,7 @@ def token_logprobs(
         float32 (float64 for float64 inputs) log-probs shaped like ``targets``, or a :class:`TokenLogprobs` with the entropy.
         Gradients flow exactly to ``hidden``, ``weight`` and ``bias``.
     """
-    _validate(hidden, weight, targets, bias, temperature, logit_scale, softcap, chunk_size)
+    _validate(hidden, weight, targets, bias, temperature, logit_scale, softcap, chunk_size, vocab_chunk_size)
     lead_shape = targets.shape
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t = targets.reshape(-1)
@@ -318,8 +371,8 @@ def token_logprobs(
         h, weight = h.to(wide), weight.to(wide)
         bias = bias.to(wide) if bias is not None else None
     tf = _Transform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
-    chunk = chunk_size or default_chunk_rows(weight.shape[0])
-    logp_rows, ent_rows = _FusedTokenLogprobs.apply(h, weight, bias, y, tf, chunk, fp32_accumulation,
+    logp_rows, ent_rows = _FusedTokenLogprobs.apply(h, weight, bias, y, tf, (chunk_size, vocab_chunk_size),
+                                                    fp32_accumulation,
                                                     return_entropy)
     out = logp_rows.new_zeros(flat_t.shape[0]).index_put((rows,), logp_rows).reshape(lead_shape)
     if not return_entropy:
@@ -359,4 +412,4 @@ def naive_token_logprobs(
     return TokenLogprobs(out, entropy)
 
 
-__all__ = ["TokenLogprobs", "token_logprobs", "naive_token_logprobs", "default_chunk_rows"]
+__all__ = ["TokenLogprobs", "token_logprobs", "naive_token_logprobs"]
