@@ -159,3 +159,26 @@ def test_bad_shapes_and_ids():
     bad[2] = -5
     with pytest.raises(InvalidInput, match="target id -5"):
         token_logprobs(hidden, weight, bad)
+
+
+def test_all_rows_scored_and_partly_scored_agree_in_grads():
+    """Both the no-gather path (every row scored) and the per-block gather path, with tiny blocks."""
+    hidden, weight, targets, _ = _inputs(30, 8, 40, ignore_frac=0.0)
+    for t in (targets, torch.where(torch.arange(30) % 3 == 0, -100, targets)):
+        outs = []
+        for fn in (token_logprobs, naive_token_logprobs):
+            h = hidden.clone().requires_grad_()
+            kwargs = dict(chunk_size=4, vocab_chunk_size=9) if fn is token_logprobs else {}
+            (fn(h, weight, t, **kwargs) * torch.linspace(0.1, 1, 30)).sum().backward()
+            outs.append(h.grad)
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+
+
+def test_backward_twice_with_retain_graph_gives_the_same_gradient():
+    hidden, weight, targets, _ = _inputs(6, 8, 20)
+    h = hidden.clone().requires_grad_()
+    out = token_logprobs(h, weight, targets, chunk_size=2).sum()
+    out.backward(retain_graph=True)
+    first = h.grad.clone()
+    out.backward()
+    torch.testing.assert_close(h.grad, 2 * first)

@@ -192,8 +192,8 @@ class _FusedTokenLogprobs(torch.autograd.Function):
     """Custom autograd over compacted rows: ``h [N, H]``, ``weight [V, H]``, ``y [N]`` -> ``[N]``, ``[N]``."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, y, tf, tiles, fp32, want_entropy):
-        n, hidden_size = h.shape
+    def forward(ctx, h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy):
+        n, hidden_size = y.shape[0], h.shape[1]
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
         cpu_upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
@@ -208,7 +208,7 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         buf = _workspace(rows, cols, w, acc_dtype)
         for start in range(0, n, rows):
             sl = slice(start, min(start + rows, n))
-            hb = h[sl].float() if cpu_upcast else h[sl]
+            hb = _row_block(h, rows_idx, sl, cpu_upcast)
             st = _row_block_forward(hb, w, bias, y[sl], tf, fp32, cols, need_dh, want_entropy, buf)
             logp[sl], lse[sl], deriv_y[sl] = st.logp, st.lse, st.deriv_y
             if want_entropy:
@@ -218,30 +218,38 @@ class _FusedTokenLogprobs(torch.autograd.Function):
                 if want_entropy:
                     expected_ent[sl] = st.expected_ent
         ctx.tf, ctx.tiles, ctx.fp32, ctx.want_entropy, ctx.need_dw = tf, (rows, cols), fp32, want_entropy, need_dw
-        ctx.save_for_backward(h, weight, bias, y, deriv_y, lse, entropy, expected, expected_ent)
+        ctx.save_for_backward(h, weight, bias, rows_idx, y, deriv_y, lse, entropy, expected, expected_ent)
         ctx.mark_non_differentiable(y)
         return logp, (entropy if entropy is not None else logp.new_zeros(0))
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, weight, bias, y, deriv_y, lse, entropy, expected, expected_ent = ctx.saved_tensors
+        h, weight, bias, rows_idx, y, deriv_y, lse, entropy, expected, expected_ent = ctx.saved_tensors
         acc = deriv_y.dtype
         g_logp = g_logp.to(acc) if g_logp is not None else torch.zeros_like(deriv_y)
         use_ent = ctx.want_entropy and g_ent is not None and g_ent.numel() > 0
         g_ent = g_ent.to(acc) if use_ent else None
         dh = dw = db = None
-        if ctx.needs_input_grad[0]:
-            # d logp_i / d h_i = s (f'_iy W_y - E_i): no vocabulary matmul in the backward
-            dh = g_logp[:, None] * (deriv_y[:, None] * weight[y].to(acc) - expected)
-            if use_ent:
-                dh -= g_ent[:, None] * expected_ent
-            dh = dh.to(h.dtype)
         if ctx.need_dw:
-            dw, db = _weight_grads(h, weight, bias, y, ctx.tf, ctx.tiles, ctx.fp32, lse,
+            dw, db = _weight_grads(h, weight, bias, rows_idx, y, ctx.tf, ctx.tiles, ctx.fp32, lse,
                                    entropy if use_ent else None, g_logp, g_ent)
             if not ctx.needs_input_grad[1]:
                 dw = None
-        return dh, dw, db, None, None, None, None, None
+        if ctx.needs_input_grad[0]:
+            # d logp_i / d h_i = s (f'_iy W_y - E_i): no vocabulary matmul in the backward. Built block by
+            # block so the only [N, H] tensor allocated is dh itself.
+            dh = torch.zeros_like(h) if rows_idx is not None else torch.empty_like(h)
+            rows = ctx.tiles[0]
+            for start in range(0, y.shape[0], rows):
+                sl = slice(start, min(start + rows, y.shape[0]))
+                blk = (deriv_y[sl, None] * weight[y[sl]].to(acc)).sub_(expected[sl]).mul_(g_logp[sl, None])
+                if use_ent:
+                    blk.sub_(expected_ent[sl] * g_ent[sl, None])
+                if rows_idx is None:
+                    dh[sl] = blk
+                else:
+                    dh.index_copy_(0, rows_idx[sl], blk.to(h.dtype))
+        return dh, dw, db, None, None, None, None, None, None
 
 
 def _coef_matmul(coef: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -253,9 +261,15 @@ def _coef_matmul(coef: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return coef @ w.float()
 
 
-def _weight_grads(h, weight, bias, y, tf, tiles, fp32, lse, entropy, g_logp, g_ent):
+def _row_block(h: torch.Tensor, rows_idx: torch.Tensor | None, sl: slice, upcast: bool) -> torch.Tensor:
+    """Rows ``sl`` of the scored rows: a view when every row is scored, else a per-block gather."""
+    hb = h[sl] if rows_idx is None else h.index_select(0, rows_idx[sl])
+    return hb.float() if upcast else hb
+
+
+def _weight_grads(h, weight, bias, rows_idx, y, tf, tiles, fp32, lse, entropy, g_logp, g_ent):
     """Recompute each tile's probabilities from the saved log-sum-exp; accumulate ``dW``, ``db`` in fp32."""
-    n = h.shape[0]
+    n = y.shape[0]
     rows, cols = tiles
     cpu_upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
     w = weight.float() if cpu_upcast else weight
@@ -266,7 +280,7 @@ def _weight_grads(h, weight, bias, y, tf, tiles, fp32, lse, entropy, g_logp, g_e
     with torch.no_grad():
         for start in range(0, n, rows):
             sl = slice(start, min(start + rows, n))
-            hb = h[sl].float() if cpu_upcast else h[sl]
+            hb = _row_block(h, rows_idx, sl, cpu_upcast)
             for v0 in range(0, weight.shape[0], cols):
                 v1 = min(v0 + cols, weight.shape[0])
                 z, deriv = _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
@@ -361,19 +375,19 @@ def token_logprobs(
     keep = flat_t != ignore_index
     rows = keep.nonzero().squeeze(1)
     y = flat_t[rows].long()
+    rows_idx = None if rows.numel() == flat_t.numel() else rows  # all scored: no gather at all
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= weight.shape[0]):
         bad = y[(y < 0) | (y >= weight.shape[0])][0].item()
         raise InvalidInput(f"target id {bad} is outside the vocabulary [0, {weight.shape[0]}) "
                            f"(and is not ignore_index={ignore_index})")
-    h = flat_h.index_select(0, rows)
+    h = flat_h
     if h.dtype != weight.dtype:  # e.g. bf16 hidden with an fp32 head: compute in the wider type
         wide = torch.promote_types(h.dtype, weight.dtype)
         h, weight = h.to(wide), weight.to(wide)
         bias = bias.to(wide) if bias is not None else None
     tf = _Transform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
-    logp_rows, ent_rows = _FusedTokenLogprobs.apply(h, weight, bias, y, tf, (chunk_size, vocab_chunk_size),
-                                                    fp32_accumulation,
-                                                    return_entropy)
+    logp_rows, ent_rows = _FusedTokenLogprobs.apply(h, weight, bias, rows_idx, y, tf, (chunk_size, vocab_chunk_size),
+                                                    fp32_accumulation, return_entropy)
     out = logp_rows.new_zeros(flat_t.shape[0]).index_put((rows,), logp_rows).reshape(lead_shape)
     if not return_entropy:
         return out
