@@ -25,6 +25,15 @@ from .errors import (  # noqa: E402
 from .fingerprint import fingerprint  # noqa: E402
 from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
 from .logprobs import model_logprobs  # noqa: E402
+from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote stays lazy)
+    AdapterDisabled,
+    Frozen,
+    Precomputed,
+    Reference,
+    ReferenceConfig,
+    ReferenceFree,
+    Synced,
+)
 
 __all__ = [
     "__version__",
@@ -47,4 +56,11 @@ __all__ = [
     "model_logprobs",
     "naive_token_logprobs",
     "token_logprobs",
+    "AdapterDisabled",
+    "Frozen",
+    "Precomputed",
+    "Reference",
+    "ReferenceConfig",
+    "ReferenceFree",
+    "Synced",
 ]
