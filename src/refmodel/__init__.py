@@ -6,6 +6,7 @@ imported on first use.
 
 __version__ = "0.1.0"
 
+from . import kl, losses  # noqa: E402  (torch only)
 from .errors import (  # noqa: E402
     ConfigError,
     DataFormatError,
@@ -36,6 +37,8 @@ from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote s
 )
 
 __all__ = [
+    "kl",
+    "losses",
     "__version__",
     "ConfigError",
     "DataFormatError",
