@@ -6,6 +6,7 @@ imported on first use.
 
 __version__ = "0.1.0"
 
+from . import kl, losses  # noqa: E402  (torch only)
 from .errors import (  # noqa: E402
     ConfigError,
     DataFormatError,
@@ -25,8 +26,19 @@ from .errors import (  # noqa: E402
 from .fingerprint import fingerprint  # noqa: E402
 from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
 from .logprobs import model_logprobs  # noqa: E402
+from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote stays lazy)
+    AdapterDisabled,
+    Frozen,
+    Precomputed,
+    Reference,
+    ReferenceConfig,
+    ReferenceFree,
+    Synced,
+)
 
 __all__ = [
+    "kl",
+    "losses",
     "__version__",
     "ConfigError",
     "DataFormatError",
@@ -47,4 +59,11 @@ __all__ = [
     "model_logprobs",
     "naive_token_logprobs",
     "token_logprobs",
+    "AdapterDisabled",
+    "Frozen",
+    "Precomputed",
+    "Reference",
+    "ReferenceConfig",
+    "ReferenceFree",
+    "Synced",
 ]

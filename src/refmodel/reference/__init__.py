@@ -1,0 +1,26 @@
+"""Reference strategies behind one interface (:class:`Reference`), and :func:`auto` to choose one.
+
+``Remote`` (the reference service client) is imported lazily from ``.remote``; nothing here imports
+peft, fastapi or httpx at import time.
+"""
+
+from .adapter import AdapterDisabled
+from .auto import auto
+from .base import Reference
+from .config import ReferenceConfig
+from .free import ReferenceFree
+from .frozen import Frozen
+from .precomputed import Precomputed
+from .synced import Synced
+
+
+def __getattr__(name: str):
+    if name == "Remote":
+        from .remote import Remote
+
+        return Remote
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["AdapterDisabled", "Frozen", "Precomputed", "Reference", "ReferenceConfig", "ReferenceFree",
+           "Remote", "Synced", "auto"]

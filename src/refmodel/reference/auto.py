@@ -1,0 +1,117 @@
+"""``auto(policy, config)``: pick the reference strategy by the rules users know, and say why.
+
+Rules, first match wins:
+
+1. ``reference_free`` -> :class:`ReferenceFree`.
+2. ``load_reference_logprobs`` -> :class:`Precomputed` if the store's fingerprint equals that of the
+   reference the rules below would build (a zero-memory live strategy becomes its fallback);
+   otherwise :class:`~refmodel.errors.FingerprintMismatch`, never a silent reuse.
+3. ``sync_ref_model`` -> :class:`Synced` (TR-DPO; PEFT policies get an exact reference adapter).
+4. a PEFT policy without ``ref_model_path`` -> :class:`AdapterDisabled` (``ref_adapter_name`` if set).
+5. ``remote_url`` -> ``Remote``; but with ``max_local_bytes`` set and the reference's weights fitting
+   in it, a local :class:`Frozen` (hybrid).
+6. ``ref_model_path`` -> :class:`Frozen` loaded from it; else a frozen copy of the policy.
+
+Exactly one INFO line on the ``refmodel.reference`` logger says what was chosen and why.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import FingerprintMismatch, MissingDependency
+from ._peft import is_peft_model
+from .adapter import AdapterDisabled
+from .base import module_bytes
+from .config import ReferenceConfig
+from .free import ReferenceFree
+from .frozen import Frozen
+from .precomputed import Precomputed
+from .synced import Synced
+
+log = logging.getLogger("refmodel.reference")
+
+
+def _frozen_kwargs(cfg: ReferenceConfig) -> dict:
+    return dict(dtype=cfg.dtype, offload_to_cpu=cfg.offload_to_cpu, quantize=cfg.quantize,
+                temperature=cfg.temperature, use_fused_linear_logprobs=cfg.use_fused_linear_logprobs,
+                cast_logprobs_to_fp32=cfg.cast_logprobs_to_fp32)
+
+
+def _path_bytes(path: str) -> int | None:
+    """Bytes of the weight files in a local model directory (None when it is not a local directory)."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
+
+
+def _live(policy, cfg: ReferenceConfig):
+    """Rules 3-6: ``(reference, reason)``."""
+    logp = dict(temperature=cfg.temperature, use_fused_linear_logprobs=cfg.use_fused_linear_logprobs,
+                cast_logprobs_to_fp32=cfg.cast_logprobs_to_fp32)
+    if cfg.sync_ref_model:
+        ref = Synced(policy, ref_model_sync_steps=cfg.ref_model_sync_steps,
+                     ref_model_mixup_alpha=cfg.ref_model_mixup_alpha, max_rank=cfg.max_rank, **logp)
+        kind = "a LoRA reference adapter" if ref.lora is not None else "a full copy"
+        return ref, (f"sync_ref_model=True (TR-DPO: every {cfg.ref_model_sync_steps} steps, "
+                     f"alpha={cfg.ref_model_mixup_alpha}; {kind})")
+    if is_peft_model(policy) and not cfg.ref_model_path:
+        what = f"adapter {cfg.ref_adapter_name!r}" if cfg.ref_adapter_name else "the base model, adapters off"
+        return (AdapterDisabled(policy, adapter_name=cfg.ref_adapter_name, **logp),
+                f"the policy is a PEFT model ({what}; no extra weights)")
+    if cfg.remote_url:
+        size = _path_bytes(cfg.ref_model_path) if cfg.ref_model_path else module_bytes(policy)
+        if cfg.max_local_bytes is not None and size is not None and size <= cfg.max_local_bytes:
+            ref = Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)) if cfg.ref_model_path \
+                else Frozen.from_policy(policy, **_frozen_kwargs(cfg))
+            return ref, (f"remote_url is set but the reference ({size} bytes) fits max_local_bytes="
+                         f"{cfg.max_local_bytes}, so it stays local")
+        from .remote import Remote
+
+        ref = Remote(cfg.remote_url, cfg.remote_model, token=cfg.remote_token)
+        fits = "max_local_bytes is not set" if cfg.max_local_bytes is None else \
+            f"the reference ({size if size is not None else 'unknown'} bytes) exceeds max_local_bytes=" \
+            f"{cfg.max_local_bytes}"
+        return ref, f"remote_url is set and {fits}; model {cfg.remote_model!r} at {cfg.remote_url}"
+    if cfg.ref_model_path:
+        return Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)), f"ref_model_path={cfg.ref_model_path!r}"
+    return Frozen.from_policy(policy, **_frozen_kwargs(cfg)), "default: a frozen copy of the policy"
+
+
+def _open_store(path: str):
+    try:
+        from ..store import LogprobStore
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.endswith("refmodel.store"):
+            raise
+        raise MissingDependency("load_reference_logprobs needs refmodel.store (the log-prob store), which this "
+                                "install does not have; drop load_reference_logprobs or upgrade refmodel") from exc
+    return LogprobStore.open(path)
+
+
+def auto(policy, config: ReferenceConfig | None = None):
+    """Build the :class:`~refmodel.reference.Reference` that ``config`` asks for (see module rules)."""
+    cfg = config if config is not None else ReferenceConfig()
+    if cfg.reference_free:
+        ref, reason = ReferenceFree(), "reference_free=True (ORPO/SimPO need no pi_ref)"
+    elif cfg.load_reference_logprobs:
+        store = _open_store(cfg.load_reference_logprobs)
+        live, live_reason = _live(policy, cfg)
+        if live.fingerprint != store.fingerprint:
+            raise FingerprintMismatch(
+                f"the store {cfg.load_reference_logprobs} was computed by reference {store.fingerprint}, but "
+                f"this policy and config give reference {live.fingerprint} ({live_reason}); precompute the "
+                "store again with this reference, or point load_reference_logprobs at the matching store")
+        fallback = live if live.memory_bytes == 0 else None
+        ref = Precomputed(store, fallback=fallback)
+        reason = (f"load_reference_logprobs={cfg.load_reference_logprobs!r} matches fingerprint {store.fingerprint}"
+                  + (f"; misses fall back to {type(live).__name__}" if fallback is not None else "; misses raise"))
+    else:
+        ref, reason = _live(policy, cfg)
+    log.info("reference: %s, because %s; extra memory %d bytes", type(ref).__name__, reason, ref.memory_bytes)
+    return ref
+
+
+__all__ = ["auto"]

@@ -1,0 +1,156 @@
+"""``Frozen``: a separate, frozen copy of the reference model (the default strategy).
+
+The copy is put in ``eval()`` (no dropout), every parameter gets ``requires_grad=False``, and every
+forward runs under ``torch.no_grad()``. Options: a compute ``dtype``, CPU offload between calls
+(the weights travel to the batch's device for the call and back afterwards), and weight
+quantization through :mod:`refmodel.quantize`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, MissingDependency
+from ..logprobs import model_logprobs
+from .base import module_bytes, settings_fingerprint
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_MODES = ("int8", "int4")
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if str(dtype) not in names:
+        raise ConfigError(f"dtype {dtype!r} is not supported; expected one of {sorted(names)} or a torch.dtype")
+    return names[str(dtype)]
+
+
+def _quantize(model: nn.Module, mode: str) -> nn.Module:
+    try:
+        from ..quantize import quantize_model
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("refmodel.quantize", f"{__package__.rsplit('.', 1)[0]}.quantize"):
+            raise
+        raise MissingDependency(
+            f"quantize={mode!r} needs refmodel.quantize (the quantization feature), which this install "
+            "does not have; use quantize=None, or install a refmodel version with refmodel[quant]"
+        ) from exc
+    return quantize_model(model, mode)
+
+
+class Frozen:
+    """A frozen reference model of its own: ``[B, T]`` float32 log-probs under no_grad.
+
+    Args:
+        model_or_path: a causal LM (frozen *in place*, not copied) or a directory / hub id for
+            ``AutoModelForCausalLM.from_pretrained`` (never with ``trust_remote_code``).
+            Use :meth:`from_policy` to freeze a deep copy of the policy instead.
+        dtype: compute dtype of the reference weights (e.g. ``torch.bfloat16``); ``None`` keeps them.
+        offload_to_cpu: keep the weights on the CPU between calls; move them to the batch's device
+            for each call. Saves accelerator memory, costs a host-device copy per call.
+        quantize: ``"int8"`` or ``"int4"`` weight quantization via ``refmodel.quantize``.
+        temperature: the sampling temperature the log-probs must match (logits / temperature).
+        attn_implementation: passed to ``from_pretrained`` when loading from a path.
+    """
+
+    def __init__(self, model_or_path, *, dtype=None, offload_to_cpu: bool = False, quantize: str | None = None,
+                 temperature: float = 1.0, attn_implementation: str | None = None,
+                 use_fused_linear_logprobs: bool = True, cast_logprobs_to_fp32: bool = True,
+                 chunk_size: int | None = None):
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"quantize must be one of {QUANTIZE_MODES} or None, got {quantize!r}")
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+        torch_dtype = _resolve_dtype(dtype)
+        if isinstance(model_or_path, (str, Path)):
+            from transformers import AutoModelForCausalLM
+
+            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            if torch_dtype is not None:
+                kwargs["dtype"] = torch_dtype
+            model = AutoModelForCausalLM.from_pretrained(str(model_or_path), trust_remote_code=False, **kwargs)
+        elif isinstance(model_or_path, nn.Module):
+            model = model_or_path
+        else:
+            raise ConfigError(f"Frozen needs a torch model or a model path, got {type(model_or_path).__name__}")
+        if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
+            raise ConfigError("Frozen got a PEFT model; merge it first (model.merge_and_unload()) to freeze the "
+                              "adapted weights, or use AdapterDisabled(model) to use the base model as reference")
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        model.eval()
+        model.requires_grad_(False)
+        if quantize is not None:
+            model = _quantize(model, quantize)
+        self.offload_to_cpu = bool(offload_to_cpu)
+        if self.offload_to_cpu:
+            model.to("cpu")
+        self.model = model
+        self.temperature = float(temperature)
+        self.quantize = quantize
+        self._kwargs = dict(use_fused_linear_logprobs=use_fused_linear_logprobs,
+                            cast_logprobs_to_fp32=cast_logprobs_to_fp32, chunk_size=chunk_size)
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module, **kwargs) -> Frozen:
+        """A frozen deep copy of ``policy`` (the policy itself stays trainable and untouched)."""
+        if hasattr(policy, "peft_config") and hasattr(policy, "merge_and_unload"):
+            raise ConfigError("Frozen.from_policy got a PEFT model; use AdapterDisabled(policy) (no extra weights) "
+                              "or Frozen(copy.deepcopy(policy).merge_and_unload()) to freeze the adapted weights")
+        return cls(copy.deepcopy(policy), **kwargs)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = settings_fingerprint(self.model, temperature=self.temperature,
+                                                     quantization=self.quantize)
+        return self._fingerprint
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the frozen copy's weights (on the CPU when offloaded)."""
+        return module_bytes(self.model)
+
+    def _device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 score_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T]`` float32 log-probs under the frozen model (on ``input_ids``' device)."""
+        home = self._device()
+        target = input_ids.device if isinstance(input_ids, torch.Tensor) else home
+        moved = self.offload_to_cpu and target != home
+        if moved:
+            self.model.to(target)
+        try:
+            return model_logprobs(self.model, input_ids, attention_mask, score_mask,
+                                  temperature=self.temperature, **self._kwargs)
+        finally:
+            if moved:
+                self.model.to(home)
+
+    def on_step(self, step: int, policy) -> None:
+        """A frozen reference never changes; refuses to run when it *is* the policy."""
+        if policy is self.model:
+            raise ConfigError("the Frozen reference is the policy object itself, so it would train with it; "
+                              "use Frozen.from_policy(policy) to freeze a copy")
+
+    def __repr__(self) -> str:
+        return (f"Frozen({type(self.model).__name__}, bytes={self.memory_bytes}, temperature={self.temperature}, "
+                f"offload_to_cpu={self.offload_to_cpu}, quantize={self.quantize})")
+
+
+__all__ = ["Frozen", "QUANTIZE_MODES"]

@@ -1,0 +1,171 @@
+"""``Synced``: a moving reference (TR-DPO, Gorbatovski et al. 2024, "Learn your reference model for
+real good alignment"): every ``ref_model_sync_steps`` optimizer steps,
+
+    theta_ref <- alpha * theta_policy + (1 - alpha) * theta_ref      (alpha = ref_model_mixup_alpha)
+
+on every parameter; ``alpha = 1`` is a hard copy. A full policy gets a frozen copy updated in place.
+A PEFT policy gets the reference as its own LoRA adapter on the same base model (no second base
+copy), updated exactly; see :mod:`refmodel.reference.lora_sync`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import ConfigError
+from ..fingerprint import fingerprint_tensors
+from ..logprobs import model_logprobs
+from ._peft import (
+    adapter_state_items,
+    base_state_items,
+    is_peft_model,
+    reference_view,
+    require_peft_model,
+    require_shared_base_frozen,
+)
+from .frozen import Frozen
+from .lora_sync import LoraReference
+
+log = logging.getLogger(__name__)
+
+
+def check_sync_settings(ref_model_sync_steps, ref_model_mixup_alpha, max_rank=None) -> None:
+    """Validate the TR-DPO settings with messages that say what is expected."""
+    if isinstance(ref_model_sync_steps, bool) or not isinstance(ref_model_sync_steps, int) \
+            or ref_model_sync_steps < 1:
+        raise ConfigError(f"ref_model_sync_steps must be an integer >= 1 (optimizer steps between syncs), "
+                          f"got {ref_model_sync_steps!r}")
+    if not isinstance(ref_model_mixup_alpha, (int, float)) or not 0.0 < float(ref_model_mixup_alpha) <= 1.0:
+        raise ConfigError(f"ref_model_mixup_alpha must be in (0, 1] (1 = hard copy of the policy; TRL's default "
+                          f"is 0.6), got {ref_model_mixup_alpha!r}; for a reference that never moves use "
+                          "sync_ref_model=False")
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
+        raise ConfigError(f"max_rank must be None (exact, rank grows) or an integer >= 1, got {max_rank!r}")
+
+
+class Synced:
+    """A reference that follows the policy every ``ref_model_sync_steps`` steps (TR-DPO).
+
+    Starts as a copy of the policy at construction. Call ``on_step(global_step, policy)`` after each
+    optimizer step; it syncs when ``global_step % ref_model_sync_steps == 0``.
+
+    Args:
+        policy: a causal LM, or a ``peft.PeftModel`` (LoRA) whose active adapter is trained.
+        ref_model_sync_steps: steps between syncs (TRL default 512).
+        ref_model_mixup_alpha: weight of the policy in the mix (TRL default 0.6; 1 = hard copy).
+        max_rank: PEFT only: bound on the reference adapter's rank; ``None`` keeps the mix exact and
+            lets the rank grow by the policy's rank per soft sync. See ``max_truncation_error``.
+        adapter_name: PEFT only: the name of the reference adapter created on the policy.
+    """
+
+    def __init__(self, policy, *, ref_model_sync_steps: int = 512, ref_model_mixup_alpha: float = 0.6,
+                 max_rank: int | None = None, adapter_name: str = "ref", temperature: float = 1.0,
+                 use_fused_linear_logprobs: bool = True, cast_logprobs_to_fp32: bool = True):
+        check_sync_settings(ref_model_sync_steps, ref_model_mixup_alpha, max_rank)
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+        self.sync_steps = int(ref_model_sync_steps)
+        self.alpha = float(ref_model_mixup_alpha)
+        self.temperature = float(temperature)
+        self.syncs = 0
+        self._last_step: int | None = None
+        self._fingerprint: str | None = None
+        self._kwargs = dict(use_fused_linear_logprobs=use_fused_linear_logprobs,
+                            cast_logprobs_to_fp32=cast_logprobs_to_fp32)
+        self.lora: LoraReference | None = None
+        self.frozen: Frozen | None = None
+        if is_peft_model(policy):
+            require_peft_model(policy, "Synced")
+            require_shared_base_frozen(policy, "Synced")
+            if adapter_name in policy.peft_config:
+                raise ConfigError(f"the policy already has an adapter named {adapter_name!r}; pass another "
+                                  "adapter_name for the synced reference, or use AdapterDisabled(policy, "
+                                  f"adapter_name={adapter_name!r}) to keep that adapter as a fixed reference")
+            if len(policy.active_adapters) != 1:
+                raise ConfigError(f"Synced needs exactly one active (trained) adapter, got {policy.active_adapters}")
+            self.policy = policy
+            self.lora = LoraReference(policy, adapter_name, max_rank)
+        else:
+            if max_rank is not None:
+                raise ConfigError("max_rank bounds a LoRA reference adapter; a full policy is synced exactly, "
+                                  "so leave max_rank=None")
+            self.policy = None
+            self.frozen = Frozen.from_policy(policy, temperature=temperature, **self._kwargs)
+
+    @property
+    def max_truncation_error(self) -> float:
+        """Largest relative Frobenius error of a reference delta dropped by ``max_rank`` (0 when exact)."""
+        return 0.0 if self.lora is None else self.lora.max_truncation_error
+
+    @property
+    def fingerprint(self) -> str:
+        if self.frozen is not None:
+            return self.frozen.fingerprint
+        if self._fingerprint is None:
+            items = base_state_items(self.policy) + adapter_state_items(self.policy, self.lora.ref_name)
+            temp = None if self.temperature == 1.0 else self.temperature
+            self._fingerprint = fingerprint_tensors(items, temperature=temp)
+        return self._fingerprint
+
+    @property
+    def memory_bytes(self) -> int:
+        """The full copy's bytes, or the reference adapter's bytes (grows with its rank) for PEFT."""
+        return self.frozen.memory_bytes if self.frozen is not None else self.lora.bytes
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 score_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T]`` float32 log-probs under the current reference."""
+        if self.frozen is not None:
+            return self.frozen.logprobs(input_ids, attention_mask, score_mask)
+        with reference_view(self.policy, self.lora.ref_name):
+            return model_logprobs(self.policy, input_ids, attention_mask, score_mask,
+                                  temperature=self.temperature, **self._kwargs)
+
+    def on_step(self, step: int, policy) -> None:
+        """Sync when ``step`` (the global optimizer step, 1-based) is a multiple of the sync interval."""
+        if step <= 0 or step % self.sync_steps or step == self._last_step:
+            return
+        self.sync(policy)
+        self._last_step = step
+
+    @torch.no_grad()
+    def sync(self, policy) -> None:
+        """Apply ``ref <- alpha * policy + (1 - alpha) * ref`` now."""
+        if self.lora is not None:
+            if policy is not self.policy:
+                raise ConfigError("Synced(PEFT) keeps its reference adapter on the policy it was built with; "
+                                  "pass that same policy object to on_step")
+            self.lora.hard_copy() if self.alpha == 1.0 else self.lora.mix(self.alpha)
+        else:
+            self._sync_full(policy)
+            self.frozen._fingerprint = None
+        self._fingerprint = None
+        self.syncs += 1
+        log.debug("synced reference (%d): alpha=%s%s", self.syncs, self.alpha,
+                  f", adapter rank {self.lora.rank}" if self.lora is not None else "")
+
+    def _sync_full(self, policy) -> None:
+        if self.frozen.model is policy:
+            raise ConfigError("the synced reference is the policy object itself; build Synced(policy) once")
+        src = dict(policy.named_parameters())
+        dst = dict(self.frozen.model.named_parameters())
+        if src.keys() != dst.keys():
+            extra = sorted(src.keys() ^ dst.keys())[:3]
+            raise ConfigError(f"the policy's parameters do not match the reference's (e.g. {extra}); pass the "
+                              "policy this Synced reference was built from")
+        for name, ref in dst.items():
+            pol = src[name].detach().to(device=ref.device, dtype=ref.dtype)
+            if self.alpha == 1.0:
+                ref.copy_(pol)
+            else:
+                ref.mul_(1.0 - self.alpha).add_(pol, alpha=self.alpha)
+
+    def __repr__(self) -> str:
+        kind = f"lora rank {self.lora.rank}" if self.lora is not None else "full copy"
+        return f"Synced({kind}, every {self.sync_steps} steps, alpha={self.alpha}, syncs={self.syncs})"
+
+
+__all__ = ["Synced", "check_sync_settings"]

@@ -1,0 +1,260 @@
+"""On-disk format of one store shard: a plain safetensors file, written and memory-mapped by hand.
+
+A shard holds ``N`` entries sorted by key and these tensors (readable with ``safetensors.torch.load_file``
+or any safetensors reader, no refmodel needed):
+
+    keys    U8  [N, 16]  blake2b-128 of the exact token ids (int64 little-endian), see :func:`key_of`
+    meta    I64 [N, 5]   (offset into values, count, start, seq_len, crc32) per entry
+    sums    F32 [N]      per-sequence sum of the scored log-probs, taken before the storage cast
+    values  F32|BF16|F16 [M]  token log-probs of each entry's scored span, positions start..start+count-1
+
+``__metadata__`` names the format, version, fingerprint, storage dtype and ``data_blake2b``, the
+checksum of every byte after the header. Each entry's ``crc32`` covers its key, count, start,
+seq_len and value bytes, so a single read checks exactly the bytes it returns.
+
+We write the file ourselves rather than with ``safetensors.torch.save`` so that the layout (and hence
+the bytes) is fixed by this module and the data checksum can go into the header in one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InvalidInput, StoreCorrupt
+
+FORMAT = "refmodel-logprob-store"
+VERSION = 1
+KEY_BYTES = 16
+DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
+            "half": "float16", "float": "float32"}
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "U8": 1}
+_NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I64": np.int64, "U8": np.uint8}
+
+
+def normalize_dtype(dtype) -> str:
+    """``"float32" | "bfloat16" | "float16"`` from a name, alias or torch dtype."""
+    name = str(dtype).replace("torch.", "").lower()
+    name = _ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise InvalidInput(f"storage dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+    return name
+
+
+def ids_array(input_ids) -> np.ndarray:
+    """Token ids (list, numpy or torch, 1-D) as a contiguous int64 numpy array."""
+    if isinstance(input_ids, torch.Tensor):
+        arr = input_ids.detach().to("cpu", torch.int64).numpy()
+    else:
+        arr = np.asarray(input_ids)
+        if arr.dtype.kind not in "iu" and arr.size:
+            raise InvalidInput(f"input_ids must be integer token ids, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64, copy=False)
+    if arr.ndim != 1:
+        raise InvalidInput(f"input_ids must be one sequence [T], got shape {tuple(arr.shape)}")
+    return np.ascontiguousarray(arr)
+
+
+def key_bytes(ids: np.ndarray) -> bytes:
+    """16-byte key of an int64 id array (see :func:`key_of`)."""
+    return hashlib.blake2b(ids.astype("<i8", copy=False).tobytes(), digest_size=KEY_BYTES).digest()
+
+
+def key_of(input_ids) -> str:
+    """Hex key of one sequence: blake2b-128 over its token ids as int64 little-endian bytes.
+
+    The key depends on the exact ids only (not on dataset row, padding or order), so shuffled,
+    filtered or merged datasets find their entries.
+    """
+    return key_bytes(ids_array(input_ids)).hex()
+
+
+def entry_crc(key: bytes, count: int, start: int, seq_len: int, value_bytes) -> int:
+    """crc32 of one entry (key, count, start, seq_len, stored value bytes)."""
+    return zlib.crc32(value_bytes, zlib.crc32(key + struct.pack("<qqq", count, start, seq_len)))
+
+
+def encode_values(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values -> the storage array (bfloat16 as uint16 bit patterns, round to nearest even)."""
+    if dtype == "float32":
+        return values.astype(np.float32)
+    if dtype == "float16":
+        return values.astype(np.float16)
+    return torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def decode_values(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage array -> float32 (a fresh array)."""
+    if dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
+
+
+@dataclass
+class Entry:
+    """One sequence to write: its key, length, scored span and float32 values of that span."""
+
+    key: bytes
+    seq_len: int
+    start: int
+    values: np.ndarray  # float32 [count]
+    total: float  # sum of the scored log-probs (float32 input, summed in float64)
+
+
+def write_shard(path: Path, entries: list[Entry], *, fingerprint: str, dtype: str) -> tuple[int, str]:
+    """Write ``entries`` (sorted by key here) atomically to ``path``; returns (bytes, file blake2b hex).
+
+    Writes ``path.tmp-PID``, fsyncs it, ``os.replace``s it into place and fsyncs the folder, so a crash
+    leaves either no shard or a complete one.
+    """
+    entries = sorted(entries, key=lambda e: e.key)
+    n = len(entries)
+    keys = np.frombuffer(b"".join(e.key for e in entries), dtype=np.uint8).reshape(n, KEY_BYTES)
+    stored = [encode_values(e.values, dtype) for e in entries]
+    meta = np.zeros((n, 5), dtype=np.int64)
+    offset = 0
+    for i, (e, s) in enumerate(zip(entries, stored, strict=True)):
+        meta[i] = (offset, s.size, e.start, e.seq_len, entry_crc(e.key, s.size, e.start, e.seq_len, s.tobytes()))
+        offset += s.size
+    values = np.concatenate(stored) if stored else np.zeros(0, dtype=_NP[DTYPES[dtype]])
+    sums = np.array([e.total for e in entries], dtype=np.float32)
+    # Widest items first: safetensors allows no gaps, and this order keeps every tensor naturally aligned.
+    tensors = [("meta", "I64", meta), ("keys", "U8", keys), ("sums", "F32", sums), ("values", DTYPES[dtype], values)]
+    header, blobs, pos = {}, [], 0
+    for name, code, arr in tensors:
+        data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [pos, pos + len(data)]}
+        blobs.append(data)
+        pos += len(data)
+    body = b"".join(blobs)
+    header["__metadata__"] = {"format": FORMAT, "version": str(VERSION), "fingerprint": fingerprint,
+                              "dtype": dtype, "entries": str(n),
+                              "data_blake2b": hashlib.blake2b(body, digest_size=16).hexdigest()}
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * ((-len(head)) % 8)
+    blob = struct.pack("<Q", len(head)) + head + body
+    atomic_write(path, blob)
+    return len(blob), hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file, fsync and ``os.replace`` (then fsync the folder)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Shard:
+    """A memory-mapped, read-only shard; arrays are zero-copy views into the mapping."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except OSError as exc:
+            raise StoreCorrupt(f"cannot read store shard {path}: {exc}") from exc
+        try:
+            (hlen,) = struct.unpack_from("<Q", self._mm, 0)
+            header = json.loads(bytes(self._mm[8:8 + hlen]))
+            self.meta_info = header.pop("__metadata__")
+            self.body_start = 8 + hlen
+            arrays = {}
+            for name in ("keys", "meta", "sums", "values"):
+                spec = header[name]
+                begin, end = spec["data_offsets"]
+                count = int(np.prod(spec["shape"])) if spec["shape"] else 1
+                if self.body_start + begin + count * _ITEMSIZE[spec["dtype"]] > size or end < begin:
+                    raise ValueError(f"tensor {name} runs past the end of the file")
+                arrays[name] = np.frombuffer(self._mm, dtype=np.dtype(_NP[spec["dtype"]]).newbyteorder("<"),
+                                             count=count, offset=self.body_start + begin).reshape(spec["shape"])
+            if self.meta_info.get("format") != FORMAT:
+                raise ValueError(f"format {self.meta_info.get('format')!r} is not {FORMAT!r}")
+        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise StoreCorrupt(f"store shard {path} is not a valid {FORMAT} file ({exc}); "
+                               "run `refmodel store verify` and recompute the affected shard") from exc
+        self.keys, self.meta, self.sums, self.values = (arrays[k] for k in ("keys", "meta", "sums", "values"))
+        self.dtype = self.meta_info["dtype"]
+        self._hi: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def key_hi(self) -> np.ndarray:
+        """First 8 key bytes as big-endian integers (sorted like the keys); built on first lookup."""
+        if self._hi is None:
+            self._hi = np.ascontiguousarray(self.keys[:, :8]).view(">u8")[:, 0].astype(np.uint64)
+        return self._hi
+
+    def find(self, keys: list[bytes]) -> np.ndarray:
+        """Row of each key in this shard, or -1."""
+        rows = np.full(len(keys), -1, dtype=np.int64)
+        if not len(self) or not keys:
+            return rows
+        hi = np.frombuffer(b"".join(k[:8] for k in keys), dtype=">u8").astype(np.uint64)
+        pos = np.searchsorted(self.key_hi, hi)
+        for i, (p, k) in enumerate(zip(pos.tolist(), keys, strict=True)):
+            while p < len(self) and self._hi[p] == hi[i]:
+                if self.keys[p].tobytes() == k:
+                    rows[i] = p
+                    break
+                p += 1
+        return rows
+
+    def read(self, row: int, check: bool = True) -> tuple[int, int, np.ndarray]:
+        """``(seq_len, start, float32 values)`` of ``row``; checks its crc32 unless ``check=False``."""
+        offset, count, start, seq_len, crc = (int(x) for x in self.meta[row])
+        if offset < 0 or count < 0 or offset + count > self.values.shape[0]:
+            raise StoreCorrupt(f"entry {row} of store shard {self.path} points outside its values; "
+                               "run `refmodel store verify` and recompute the shard")
+        stored = self.values[offset:offset + count]
+        if check and entry_crc(self.keys[row].tobytes(), count, start, seq_len, stored.tobytes()) != crc:
+            raise StoreCorrupt(f"entry {row} (key {self.keys[row].tobytes().hex()}) of store shard {self.path} "
+                               "failed its crc32 check: the file is corrupt; recompute the shard "
+                               "(`refmodel precompute --resume` after deleting it)")
+        return seq_len, start, decode_values(stored, self.dtype)
+
+    def verify(self, expected_file_hash: str | None = None) -> None:
+        """Full check: file hash (from the manifest), data checksum, key order and every entry's crc."""
+        if expected_file_hash is not None:
+            got = hashlib.blake2b(self._mm, digest_size=16).hexdigest()
+            if got != expected_file_hash:
+                raise StoreCorrupt(f"store shard {self.path} has blake2b {got}, the manifest says "
+                                   f"{expected_file_hash}: the file is corrupt or was replaced")
+        got = hashlib.blake2b(self._mm[self.body_start:], digest_size=16).hexdigest()
+        if got != self.meta_info.get("data_blake2b"):
+            raise StoreCorrupt(f"store shard {self.path}: data checksum {got} != header "
+                               f"{self.meta_info.get('data_blake2b')}; the file is corrupt")
+        if len(self) > 1 and (self.key_hi[1:] < self.key_hi[:-1]).any():
+            raise StoreCorrupt(f"store shard {self.path}: keys are not sorted")
+        for row in range(len(self)):
+            self.read(row)
+
+    def close(self) -> None:
+        self.keys = self.meta = self.sums = self.values = self._hi = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a caller still holds a view; the mapping goes with it
+                pass
+            self._mm = None

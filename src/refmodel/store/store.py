@@ -1,0 +1,439 @@
+"""``LogprobStore``: reference token log-probs on disk, keyed by the exact token ids.
+
+A store is a folder::
+
+    manifest.json            fingerprint, storage dtype, the committed shards and their blake2b
+    shard-00000.safetensors  immutable shards (see :mod:`refmodel.store.format`)
+    writer.lock              flock'ed by the one writer
+
+Commit protocol: a shard is written to a temp file, fsynced and renamed into place; only then is the
+manifest (also written atomically) updated to list it. Readers see the shards of the manifest they
+read, so they never see a partial shard; a shard file that no manifest lists (a crash between the two
+renames) is deleted by the next writer. Many readers (DataLoader workers) can open a store while one
+writer appends; a reader picks up new shards when it misses a key.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, FingerprintMismatch, InvalidInput, StoreCorrupt, StoreMiss
+from .format import (
+    FORMAT,
+    VERSION,
+    Entry,
+    Shard,
+    atomic_write,
+    ids_array,
+    key_bytes,
+    normalize_dtype,
+    write_shard,
+)
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+DEFAULT_SHARD_ENTRIES = 4096
+
+
+class LogprobStore:
+    """Token log-probs of a reference (bound to its fingerprint), memory-mapped from disk.
+
+    Use :meth:`create` (writable) or :meth:`open` (read-only unless ``mode="a"``); also a context manager.
+    All returned log-probs are float32 nats aligned like :func:`refmodel.model_logprobs`.
+    """
+
+    def __init__(self, path: Path, manifest: dict, *, writable: bool, lock_fd: int | None = None,
+                 shard_entries: int = DEFAULT_SHARD_ENTRIES):
+        self.path = path
+        self._manifest = manifest
+        self._writable = writable
+        self._lock_fd = lock_fd
+        self._shard_entries = shard_entries
+        self._shards: dict[str, Shard] = {}
+        self._pending: dict[bytes, Entry] = {}
+        self._stamp = self._manifest_stamp()
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def create(cls, path, fingerprint: str, dtype="bfloat16", *, exist_ok: bool = False,
+               shard_entries: int = DEFAULT_SHARD_ENTRIES) -> LogprobStore:
+        """A new, writable store at ``path`` bound to ``fingerprint``, storing ``dtype`` values.
+
+        With ``exist_ok=True`` an existing store with the same fingerprint and dtype is opened for appending.
+        """
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise InvalidInput(f"fingerprint must be a non-empty string, got {fingerprint!r}")
+        dtype = normalize_dtype(dtype)
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            if not exist_ok:
+                raise ConfigError(f"a log-prob store already exists at {path}; open it with "
+                                  "LogprobStore.open(path, mode='a') or choose another folder")
+            store = cls.open(path, fingerprint, mode="a", shard_entries=shard_entries)
+            if store.dtype != dtype:
+                store.close()
+                raise ConfigError(f"store {path} holds {store.dtype} values, not the requested {dtype}")
+            return store
+        if path.exists() and any(p.name != "writer.lock" for p in path.iterdir()):
+            raise ConfigError(f"{path} exists and is not an empty folder or a log-prob store")
+        path.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock(path)
+        manifest = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "dtype": dtype,
+                    "shards": [], "job": None}
+        atomic_write(path / MANIFEST, _dump(manifest))
+        return cls(path, manifest, writable=True, lock_fd=lock_fd, shard_entries=shard_entries)
+
+    @classmethod
+    def open(cls, path, fingerprint: str | None = None, *, mode: str = "r", verify: bool = False,
+             shard_entries: int = DEFAULT_SHARD_ENTRIES) -> LogprobStore:
+        """Open the store at ``path``; ``fingerprint`` (if given) must equal the stored one.
+
+        ``mode="a"`` takes the writer lock to append. ``verify=True`` checks every shard's checksums now.
+        Opening reads only the small manifest; shards are mapped on first use.
+        """
+        if mode not in ("r", "a"):
+            raise InvalidInput(f"mode must be 'r' (read) or 'a' (append), got {mode!r}")
+        path = Path(path)
+        manifest = _read_manifest(path)
+        if fingerprint is not None and fingerprint != manifest["fingerprint"]:
+            raise FingerprintMismatch(
+                f"store {path} holds log-probs of reference {manifest['fingerprint']}, but reference "
+                f"{fingerprint} was asked for; recompute the store for this model (refmodel precompute) "
+                "or open it with the model it was made with")
+        lock_fd = None
+        if mode == "a":
+            lock_fd = _lock(path)
+            manifest = _read_manifest(path)  # re-read under the lock
+            _remove_orphans(path, manifest)
+        store = cls(path, manifest, writable=mode == "a", lock_fd=lock_fd, shard_entries=shard_entries)
+        if verify:
+            store.verify()
+        return store
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def fingerprint(self) -> str:
+        return self._manifest["fingerprint"]
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype name: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (reads are always float32)."""
+        return self._manifest["dtype"]
+
+    @property
+    def job(self) -> dict | None:
+        """Description of the precompute job that fills this store (None for hand-filled stores)."""
+        return self._manifest.get("job")
+
+    def __len__(self) -> int:
+        return sum(s["entries"] for s in self._manifest["shards"]) + len(self._pending)
+
+    def __contains__(self, input_ids) -> bool:
+        key = key_bytes(ids_array(input_ids))
+        return key in self._pending or self._locate([key], refresh=True)[0] is not None
+
+    def __enter__(self) -> LogprobStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LogprobStore({str(self.path)!r}, fingerprint={self.fingerprint!r}, dtype={self.dtype!r}, n={len(self)})"
+
+    # ---------------------------------------------------------------- reading
+    def get(self, input_ids) -> torch.Tensor:
+        """``[T]`` float32 log-probs of one sequence (zeros outside the scored span); raises StoreMiss."""
+        ids = ids_array(input_ids)
+        out = np.zeros(ids.shape[0], dtype=np.float32)
+        start, values, _ = self._fetch(key_bytes(ids), ids.shape[0])
+        out[start:start + values.shape[0]] = values
+        return torch.from_numpy(out)
+
+    def get_sum(self, input_ids) -> float:
+        """Sum of the scored log-probs of one sequence (from float32, before the storage cast)."""
+        ids = ids_array(input_ids)
+        return self._fetch(key_bytes(ids), ids.shape[0])[2]
+
+    def get_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T]`` float32 log-probs of a padded batch, as ``model_logprobs`` returns them.
+
+        Each row is looked up by its real tokens (``attention_mask == 1``), so left and right padding
+        both work; padded positions are 0. Raises StoreMiss naming how many rows missed.
+        """
+        ids, real = self._batch(input_ids, attention_mask)
+        out = np.zeros(ids.shape, dtype=np.float32)
+        for b, (start, values, _) in enumerate(self._fetch_rows(ids, real)):
+            pos = np.flatnonzero(real[b])[start:start + values.shape[0]]
+            out[b, pos] = values
+        return torch.from_numpy(out)
+
+    def get_sums(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B]`` float32 per-sequence sums of a padded batch (see :meth:`get_sum`)."""
+        ids, real = self._batch(input_ids, attention_mask)
+        return torch.tensor([total for _, _, total in self._fetch_rows(ids, real)], dtype=torch.float32)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(hex key, [T] float32 log-probs)`` for every committed entry, shard by shard in key order."""
+        for key, logps, _ in self.entries():
+            yield key, logps
+
+    def entries(self) -> Iterator[tuple[str, torch.Tensor, float]]:
+        """``(hex key, [T] float32 log-probs, sequence sum)`` for every committed entry."""
+        for spec in list(self._manifest["shards"]):
+            shard = self._shard(spec["file"])
+            for row in range(len(shard)):
+                seq_len, start, values = shard.read(row)
+                out = np.zeros(seq_len, dtype=np.float32)
+                out[start:start + values.shape[0]] = values
+                yield shard.keys[row].tobytes().hex(), torch.from_numpy(out), float(shard.sums[row])
+
+    def info(self) -> dict:
+        """Summary: path, fingerprint, dtype, entries, stored tokens, shards, bytes, job."""
+        shards = self._manifest["shards"]
+        return {"path": str(self.path), "format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint,
+                "dtype": self.dtype, "entries": len(self), "tokens": sum(s["tokens"] for s in shards),
+                "shards": len(shards), "bytes": sum(s["bytes"] for s in shards), "job": self.job,
+                "pending": len(self._pending)}
+
+    def verify(self) -> dict:
+        """Check every committed shard (file hash, data checksum, key order, each entry's crc).
+
+        Raises StoreCorrupt naming the first bad shard; returns :meth:`info` when all is well.
+        """
+        listed = {s["file"] for s in self._manifest["shards"]}
+        for spec in self._manifest["shards"]:
+            file = self.path / spec["file"]
+            if not file.exists():
+                raise StoreCorrupt(f"store {self.path}: shard {spec['file']} is listed in the manifest but missing")
+            shard = Shard(file)
+            try:
+                shard.verify(spec["blake2b"])
+                if len(shard) != spec["entries"] or shard.meta_info.get("fingerprint") != self.fingerprint:
+                    raise StoreCorrupt(f"store shard {file} does not match its manifest entry "
+                                       "(entry count or fingerprint)")
+            finally:
+                shard.close()
+        log.info("verified %d shards of %s (%d unlisted files ignored)", len(listed), self.path,
+                 sum(1 for p in self.path.glob("shard-*.safetensors") if p.name not in listed))
+        return self.info()
+
+    def refresh(self) -> bool:
+        """Re-read the manifest if a writer committed since; True when something changed."""
+        stamp = self._manifest_stamp()
+        if stamp == self._stamp:
+            return False
+        self._manifest = _read_manifest(self.path)
+        self._stamp = stamp
+        return True
+
+    # ---------------------------------------------------------------- writing
+    def put(self, input_ids, token_logps, score_mask) -> bool:
+        """Add one sequence: ``input_ids`` [T] ints, ``token_logps`` [T] float, ``score_mask`` [T] bool.
+
+        Values outside ``score_mask`` are dropped (read back as 0); inside the span from the first to
+        the last scored position they are kept as given. Returns False (and writes nothing) when the
+        store already holds these ids. Buffered; :meth:`flush` commits.
+        """
+        self._check_writable()
+        ids = ids_array(input_ids)
+        logps = torch.as_tensor(token_logps).detach().to("cpu", torch.float32).numpy()
+        mask = torch.as_tensor(score_mask).detach().to("cpu").numpy().astype(bool)
+        if logps.shape != ids.shape or mask.shape != ids.shape:
+            raise InvalidInput(f"input_ids {ids.shape}, token_logps {logps.shape} and score_mask {mask.shape} "
+                               "must all be [T] with the same T")
+        if not np.isfinite(logps[mask]).all():
+            raise InvalidInput("token_logps holds NaN or inf at scored positions")
+        key = key_bytes(ids)
+        if key in self._pending or self._locate([key])[0] is not None:
+            return False
+        scored = np.flatnonzero(mask)
+        start = int(scored[0]) if scored.size else 0
+        stop = int(scored[-1]) + 1 if scored.size else 0
+        values = np.where(mask[start:stop], logps[start:stop], 0.0).astype(np.float32)
+        self._pending[key] = Entry(key, ids.shape[0], start, values, float(values.astype(np.float64).sum()))
+        if len(self._pending) >= self._shard_entries:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Commit buffered entries as a new shard (atomic); no-op when nothing is buffered."""
+        if self._writable and self._pending:
+            names = {s["file"] for s in self._manifest["shards"]}
+            index = len(names)
+            while f"shard-{index:05d}.safetensors" in names:
+                index += 1
+            self.write_shard(f"shard-{index:05d}.safetensors", list(self._pending.values()))
+            self._pending.clear()
+
+    def write_shard(self, name: str, entries: list[Entry]) -> None:
+        """Write ``entries`` as shard file ``name`` and commit it to the manifest (used by precompute)."""
+        self._check_writable()
+        if any(s["file"] == name for s in self._manifest["shards"]):
+            raise ConfigError(f"store {self.path} already has a shard named {name}")
+        size, digest = write_shard(self.path / name, entries, fingerprint=self.fingerprint, dtype=self.dtype)
+        spec = {"file": name, "entries": len(entries), "tokens": int(sum(e.values.shape[0] for e in entries)),
+                "bytes": size, "blake2b": digest}
+        shards = sorted(self._manifest["shards"] + [spec], key=lambda s: s["file"])
+        self._commit({**self._manifest, "shards": shards})
+
+    def set_job(self, job: dict | None) -> None:
+        """Record the precompute job description in the manifest (atomic)."""
+        self._check_writable()
+        self._commit({**self._manifest, "job": job})
+
+    def close(self) -> None:
+        """Flush (if writable), unmap shards and release the writer lock."""
+        if self._writable:
+            self.flush()
+        for shard in self._shards.values():
+            shard.close()
+        self._shards.clear()
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._writable = False
+
+    # ---------------------------------------------------------------- internals
+    def _commit(self, manifest: dict) -> None:
+        atomic_write(self.path / MANIFEST, _dump(manifest))
+        self._manifest = manifest
+        self._stamp = self._manifest_stamp()
+
+    def _check_writable(self) -> None:
+        if not self._writable:
+            raise ConfigError(f"store {self.path} is open read-only; use LogprobStore.create or "
+                              "LogprobStore.open(path, mode='a') to write")
+
+    def _manifest_stamp(self):
+        try:
+            st = os.stat(self.path / MANIFEST)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _shard(self, name: str) -> Shard:
+        shard = self._shards.get(name)
+        if shard is None:
+            shard = self._shards[name] = Shard(self.path / name)
+            if shard.meta_info.get("fingerprint") != self.fingerprint:
+                raise StoreCorrupt(f"store shard {shard.path} was written for reference "
+                                   f"{shard.meta_info.get('fingerprint')}, the manifest says {self.fingerprint}")
+        return shard
+
+    def _locate(self, keys: list[bytes], refresh: bool = False) -> list[tuple[Shard, int] | None]:
+        found: list[tuple[Shard, int] | None] = [None] * len(keys)
+        for attempt in range(2):
+            todo = [i for i, f in enumerate(found) if f is None]
+            for spec in self._manifest["shards"]:
+                if not todo:
+                    break
+                shard = self._shard(spec["file"])
+                rows = shard.find([keys[i] for i in todo])
+                for i, row in zip(todo, rows.tolist(), strict=True):
+                    if row >= 0:
+                        found[i] = (shard, row)
+                todo = [i for i in todo if found[i] is None]
+            if not todo or attempt or not refresh or not self.refresh():
+                break
+        return found
+
+    def _fetch(self, key: bytes, seq_len: int) -> tuple[int, np.ndarray, float]:
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending.start, pending.values, pending.total
+        hit = self._locate([key], refresh=True)[0]
+        if hit is None:
+            raise StoreMiss(f"no entry for these token ids (key {key.hex()}, {seq_len} tokens) in store "
+                            f"{self.path}; run `refmodel precompute` on data that contains them")
+        return self._read(hit, seq_len)
+
+    def _read(self, hit: tuple[Shard, int], seq_len: int) -> tuple[int, np.ndarray, float]:
+        shard, row = hit
+        stored_len, start, values = shard.read(row)
+        if stored_len != seq_len:
+            raise StoreCorrupt(f"entry {row} of {shard.path} has length {stored_len}, its key says {seq_len}")
+        return start, values, float(shard.sums[row])
+
+    def _batch(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() != 2 or ids.dtype.is_floating_point:
+            raise InvalidInput(f"input_ids must be a [B, T] integer tensor, got shape {tuple(ids.shape)} "
+                               f"dtype {ids.dtype}")
+        if attention_mask is None:
+            real = np.ones(tuple(ids.shape), dtype=bool)
+        else:
+            mask = torch.as_tensor(attention_mask)
+            if tuple(mask.shape) != tuple(ids.shape):
+                raise InvalidInput(f"attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
+            real = mask.detach().to("cpu").numpy().astype(bool)
+        return ids.detach().to("cpu", torch.int64).numpy(), real
+
+    def _fetch_rows(self, ids: np.ndarray, real: np.ndarray) -> list[tuple[int, np.ndarray, float]]:
+        rows = [np.ascontiguousarray(ids[b][real[b]]) for b in range(ids.shape[0])]
+        keys = [key_bytes(r) for r in rows]
+        results: list = [None] * len(keys)
+        lookup = []
+        for i, key in enumerate(keys):
+            pending = self._pending.get(key)
+            if pending is not None:
+                results[i] = (pending.start, pending.values, pending.total)
+            else:
+                lookup.append(i)
+        hits = self._locate([keys[i] for i in lookup], refresh=True)
+        missed = [i for i, hit in zip(lookup, hits, strict=True) if hit is None]
+        if missed:
+            raise StoreMiss(f"{len(missed)} of {len(keys)} rows are not in store {self.path} (first: row "
+                            f"{missed[0]}, key {keys[missed[0]].hex()}, {rows[missed[0]].shape[0]} real tokens); "
+                            "check the tokenization and padding mask, or precompute these sequences")
+        for i, hit in zip(lookup, hits, strict=True):
+            results[i] = self._read(hit, rows[i].shape[0])
+        return results
+
+
+def _dump(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST
+    if not file.exists():
+        raise InvalidInput(f"{path} is not a log-prob store (no {MANIFEST}); create one with "
+                           "LogprobStore.create or `refmodel precompute`")
+    try:
+        manifest = json.loads(file.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise StoreCorrupt(f"the manifest {file} is unreadable or not JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise StoreCorrupt(f"{file} is not a {FORMAT} v{VERSION} manifest "
+                           f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
+    return manifest
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"store {path} is being written by another process (writer.lock is held); "
+                          "only one writer at a time, readers may open it with mode='r'") from None
+    return fd
+
+
+def _remove_orphans(path: Path, manifest: dict) -> None:
+    """Delete temp files and shard files no manifest lists (left by a crash); only the writer does this."""
+    listed = {s["file"] for s in manifest["shards"]}
+    for file in path.iterdir():
+        if ".tmp-" in file.name or (file.name.startswith("shard-") and file.name not in listed):
+            log.info("removing %s left by an interrupted write", file)
+            file.unlink(missing_ok=True)

@@ -1,0 +1,27 @@
+"""The demo end to end through the CLI (about 40 s on 2 busy CPU cores)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_cli_learns_and_strategies_agree(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--out", out, timeout=600)
+    assert "held-out reward accuracy" in proc.stdout and "curves:" in proc.stdout
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["eval_accuracy_after"] > 0.75  # chance is 0.5; measured 0.87
+    assert summary["first_batch_loss_max_abs_diff"] < 1e-5  # float32 store: same numbers as live
+    names = [row["strategy"] for row in summary["strategies"]]
+    assert names == ["frozen copy", "adapter disabled (LoRA)", "precomputed (store)"]
+    memory = {row["strategy"]: row["reference_bytes"] for row in summary["strategies"]}
+    assert memory["frozen copy"] > 0 and memory["precomputed (store)"] == 0
+    assert memory["adapter disabled (LoRA)"] == 0
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == summary["steps"]
