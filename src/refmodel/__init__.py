@@ -6,6 +6,12 @@ imported on first use.
 
 __version__ = "0.1.0"
 
+from .cache import (  # noqa: E402
+    ModelRegistry,
+    ReferenceModelCache,
+    get_global_reference_cache,
+    load_reference_model,
+)
 from .errors import (  # noqa: E402
     ConfigError,
     DataFormatError,
@@ -21,12 +27,6 @@ from .errors import (  # noqa: E402
     StoreCorrupt,
     StoreMiss,
     Unauthorized,
-)
-from .cache import (  # noqa: E402
-    ModelRegistry,
-    ReferenceModelCache,
-    get_global_reference_cache,
-    load_reference_model,
 )
 from .fingerprint import fingerprint  # noqa: E402
 from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402

@@ -14,6 +14,7 @@ wait on its future; a failed load is not cached and its exception is raised in e
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import threading
@@ -113,8 +114,6 @@ def load_reference_model(path: str | Path, dtype=None, device: str | torch.devic
     Returns:
         the model in eval mode with ``requires_grad`` off on every parameter.
     """
-    from transformers import AutoModelForCausalLM
-
     check_mode(quantize)
     path = Path(path)
     if not path.is_dir() or not (path / "config.json").is_file():
@@ -122,6 +121,25 @@ def load_reference_model(path: str | Path, dtype=None, device: str | torch.devic
     if not any(path.glob("*.safetensors")):
         raise ConfigError(f"no *.safetensors weights in {str(path)!r}; refmodel never loads pickled "
                           "(.bin/.pt) weights. Convert them with save_pretrained(safe_serialization=True).")
+    # transformers 5.23's from_pretrained is not thread-safe: two concurrent loads of tied-embedding
+    # models (GPT-2, Gemma-2) left lm_head "MISSING ... newly initialized" (random!) in our runs, and
+    # the lazy `transformers` module raised ImportError on a concurrent first import. So the
+    # from_pretrained step runs under a process-wide lock; quantization and the rest run in parallel.
+    with _FROM_PRETRAINED_LOCK:
+        model = _from_pretrained(path, dtype, device, quantize)
+    if quantize is not None and quantize not in BNB_MODES:
+        quantize_model(model, quantize)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+_FROM_PRETRAINED_LOCK = threading.Lock()
+
+
+def _from_pretrained(path: Path, dtype, device, quantize: str | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
     kwargs = dict(use_safetensors=True, trust_remote_code=False, local_files_only=True)
     torch_dtype = _resolve_dtype(dtype)
     if torch_dtype is not None:
@@ -132,15 +150,9 @@ def load_reference_model(path: str | Path, dtype=None, device: str | torch.devic
         compute = torch_dtype or torch.float32
         qconfig = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "bnb-int8" else
                    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig,
-                                                     device_map=str(device), **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
-        if quantize is not None:
-            quantize_model(model, quantize)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, device_map=str(device),
+                                                    **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
 
 
 @dataclass
@@ -333,6 +345,7 @@ class ReferenceModelCache:
         gc.collect()
         if self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.empty_cache()
+        _trim_heap()
 
     def sweep_idle(self) -> int:
         """Unload unpinned models unused for ``idle_timeout_s``; returns how many were unloaded."""
@@ -403,6 +416,21 @@ class ReferenceModelCache:
         """Stop the idle sweeper and unload everything."""
         self._stop.set()
         self.clear()
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise, so RSS would not drop)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def _idle_sweeper(cache_ref, stop: threading.Event, timeout_s: float) -> None:
