@@ -136,7 +136,8 @@ def _quantize_bnb(model: nn.Module, mode: str) -> None:
         else:
             new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                     compute_dtype=dtype, quant_type="nf4", device="meta")
-            new.weight = bnb.nn.Params4bit(data.to("cpu"), requires_grad=False, quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(data.to("cpu"), requires_grad=False, quant_type="nf4",
+                                                compress_statistics=False)  # as load_in_4bit
         if lin.bias is not None:
             new.bias = nn.Parameter(lin.bias.data.detach().clone().to("cpu"), requires_grad=False)
         new = new.to(device)  # bitsandbytes quantizes when the weight is moved to its device
