@@ -7,6 +7,12 @@ imported on first use.
 __version__ = "0.1.0"
 
 from . import kl, losses  # noqa: E402  (torch only)
+from .cache import (  # noqa: E402
+    ModelRegistry,
+    ReferenceModelCache,
+    get_global_reference_cache,
+    load_reference_model,
+)
 from .errors import (  # noqa: E402
     ConfigError,
     DataFormatError,
@@ -26,6 +32,7 @@ from .errors import (  # noqa: E402
 from .fingerprint import fingerprint  # noqa: E402
 from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
 from .logprobs import model_logprobs  # noqa: E402
+from .quantize import QUANT_MODES, quantize_model  # noqa: E402
 from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote stays lazy)
     AdapterDisabled,
     Frozen,
@@ -55,6 +62,12 @@ __all__ = [
     "StoreMiss",
     "Unauthorized",
     "TokenLogprobs",
+    "ModelRegistry",
+    "QUANT_MODES",
+    "ReferenceModelCache",
+    "get_global_reference_cache",
+    "load_reference_model",
+    "quantize_model",
     "fingerprint",
     "model_logprobs",
     "naive_token_logprobs",

@@ -54,5 +54,36 @@ def bench_cmd(quick: bool) -> None:
     run_logprob_benchmark(quick=quick)
 
 
+@main.command("quantize-report")
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Local model directory (safetensors weights).")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSONL preference pairs with prompt / chosen / rejected.")
+@click.option("--max-pairs", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Pairs to score (each gives a chosen and a rejected sequence).")
+@click.option("--modes", default=",".join(("int8", "int4", "bnb-int8", "bnb-nf4")), show_default=True,
+              help="Comma-separated quantization modes to compare with the unquantized reference.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--dtype", default=None, help="Load dtype (default: as stored), e.g. bfloat16.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
+def quantize_report_cmd(model_path, data_path, max_pairs, modes, batch_size, dtype, device, as_json) -> None:
+    """Per-token |delta log p|, KL, memory and speed of each quantization mode vs the reference."""
+    import json
+
+    from .bench import provenance
+    from .quantize_report import format_report, quantize_report
+
+    wanted = tuple(m.strip() for m in modes.split(",") if m.strip())
+    rows = quantize_report(model_path, data_path, max_pairs=max_pairs, modes=wanted, batch_size=batch_size,
+                           dtype=dtype, device=device)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"# quantize-report: model={model_path} data={data_path} pairs<={max_pairs}")
+    click.echo(f"# {provenance()}")
+    click.echo(format_report(rows))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
