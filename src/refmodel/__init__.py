@@ -25,6 +25,8 @@ from .errors import (  # noqa: E402
 from .fingerprint import fingerprint  # noqa: E402
 from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
 from .logprobs import model_logprobs  # noqa: E402
+from .precompute import precompute  # noqa: E402
+from .store import LogprobStore, key_of  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -43,6 +45,9 @@ __all__ = [
     "StoreMiss",
     "Unauthorized",
     "TokenLogprobs",
+    "LogprobStore",
+    "key_of",
+    "precompute",
     "fingerprint",
     "model_logprobs",
     "naive_token_logprobs",
