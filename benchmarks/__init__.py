@@ -1,0 +1,14 @@
+"""Benchmarks, run from the repository root as ``python -m benchmarks.NAME``.
+
+Without an installed refmodel, this checkout's ``src`` is put on the path (also for the subprocesses).
+"""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+if importlib.util.find_spec("refmodel") is None:
+    _src = str(Path(__file__).resolve().parents[1] / "src")
+    sys.path.insert(0, _src)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_src, os.environ.get("PYTHONPATH")) if p)

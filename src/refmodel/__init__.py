@@ -32,6 +32,7 @@ from .errors import (  # noqa: E402
 from .fingerprint import fingerprint  # noqa: E402
 from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
 from .logprobs import model_logprobs  # noqa: E402
+from .precompute import precompute  # noqa: E402
 from .quantize import QUANT_MODES, quantize_model  # noqa: E402
 from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote stays lazy)
     AdapterDisabled,
@@ -42,6 +43,7 @@ from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote s
     ReferenceFree,
     Synced,
 )
+from .store import LogprobStore, key_of  # noqa: E402
 
 __all__ = [
     "kl",
@@ -68,6 +70,9 @@ __all__ = [
     "get_global_reference_cache",
     "load_reference_model",
     "quantize_model",
+    "LogprobStore",
+    "key_of",
+    "precompute",
     "fingerprint",
     "model_logprobs",
     "naive_token_logprobs",

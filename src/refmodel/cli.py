@@ -85,5 +85,75 @@ def quantize_report_cmd(model_path, data_path, max_pairs, modes, batch_size, dty
     click.echo(format_report(rows))
 
 
+_DTYPES = click.Choice(["float32", "bfloat16", "float16"])
+
+
+@main.command("precompute")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Reference model folder.")
+@click.option("--data", required=True, type=click.Path(exists=True), help=".jsonl, .parquet or HF dataset folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder to create (or resume).")
+@click.option("--dtype", type=_DTYPES, default="bfloat16", show_default=True, help="Storage dtype.")
+@click.option("--max-tokens-per-batch", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Padded tokens per forward batch.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run into the same --out.")
+@click.option("--shard-examples", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Examples per shard (the unit of crash recovery).")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Log-probs of logits / T.")
+def precompute_cmd(**kwargs) -> None:
+    """Compute reference log-probs of a dataset into a log-prob store."""
+    from .store_cli import precompute_command
+
+    precompute_command(**kwargs)
+
+
+@main.group("store")
+def store_group() -> None:
+    """Inspect, verify, export and import log-prob stores."""
+
+
+@store_group.command("info")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def store_info_cmd(path: str) -> None:
+    """Print a store's fingerprint, dtype, entries, tokens and size as JSON."""
+    from .store_cli import info_command
+
+    info_command(path)
+
+
+@store_group.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def store_verify_cmd(path: str) -> None:
+    """Check every shard's checksums; exits non-zero on corruption."""
+    from .store_cli import verify_command
+
+    verify_command(path)
+
+
+@store_group.command("export-trl")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True), help="The preference data the store covers.")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Reference model (tokenizer + fingerprint check).")
+@click.option("--out", required=True, type=click.Path(), help=".jsonl, .parquet or a folder (HF save_to_disk).")
+def store_export_trl_cmd(path: str, data: str, model: str, out: str) -> None:
+    """Write DATA with TRL's ref_chosen_logps / ref_rejected_logps columns from the store."""
+    from .store_cli import export_trl_command
+
+    export_trl_command(path, data, model, out)
+
+
+@store_group.command("import-halos")
+@click.argument("pkl", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The reference model the cache was computed with (for its fingerprint).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder to create.")
+@click.option("--dtype", type=_DTYPES, default="bfloat16", show_default=True, help="Storage dtype.")
+def store_import_halos_cmd(pkl: str, model: str, out: str, dtype: str) -> None:
+    """Import a HALOs cached_reference_logprobs.pkl (plain data only; no code is run)."""
+    from .store_cli import import_halos_command
+
+    import_halos_command(pkl, model, out, dtype)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

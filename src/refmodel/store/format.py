@@ -111,6 +111,18 @@ class Entry:
     total: float  # sum of the scored log-probs (float32 input, summed in float64)
 
 
+def make_entry(ids: np.ndarray, logps: np.ndarray, mask: np.ndarray) -> Entry:
+    """Entry of one sequence: int64 ids [T], float32 log-probs [T], bool score mask [T].
+
+    Keeps the span from the first to the last scored position (unscored positions inside it as 0).
+    """
+    scored = np.flatnonzero(mask)
+    start = int(scored[0]) if scored.size else 0
+    stop = int(scored[-1]) + 1 if scored.size else 0
+    values = np.where(mask[start:stop], logps[start:stop], 0.0).astype(np.float32)
+    return Entry(key_bytes(ids), int(ids.shape[0]), start, values, float(values.astype(np.float64).sum()))
+
+
 def write_shard(path: Path, entries: list[Entry], *, fingerprint: str, dtype: str) -> tuple[int, str]:
     """Write ``entries`` (sorted by key here) atomically to ``path``; returns (bytes, file blake2b hex).
 

@@ -34,6 +34,7 @@ from .format import (
     atomic_write,
     ids_array,
     key_bytes,
+    make_entry,
     normalize_dtype,
     write_shard,
 )
@@ -132,6 +133,11 @@ class LogprobStore:
     def job(self) -> dict | None:
         """Description of the precompute job that fills this store (None for hand-filled stores)."""
         return self._manifest.get("job")
+
+    @property
+    def shard_files(self) -> list[str]:
+        """Names of the committed shard files, in order."""
+        return [s["file"] for s in self._manifest["shards"]]
 
     def __len__(self) -> int:
         return sum(s["entries"] for s in self._manifest["shards"]) + len(self._pending)
@@ -255,11 +261,7 @@ class LogprobStore:
         key = key_bytes(ids)
         if key in self._pending or self._locate([key])[0] is not None:
             return False
-        scored = np.flatnonzero(mask)
-        start = int(scored[0]) if scored.size else 0
-        stop = int(scored[-1]) + 1 if scored.size else 0
-        values = np.where(mask[start:stop], logps[start:stop], 0.0).astype(np.float32)
-        self._pending[key] = Entry(key, ids.shape[0], start, values, float(values.astype(np.float64).sum()))
+        self._pending[key] = make_entry(ids, logps, mask)
         if len(self._pending) >= self._shard_entries:
             self.flush()
         return True
