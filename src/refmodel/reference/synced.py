@@ -138,7 +138,10 @@ class Synced:
             if policy is not self.policy:
                 raise ConfigError("Synced(PEFT) keeps its reference adapter on the policy it was built with; "
                                   "pass that same policy object to on_step")
-            self.lora.hard_copy() if self.alpha == 1.0 else self.lora.mix(self.alpha)
+            if self.alpha == 1.0:
+                self.lora.hard_copy()
+            else:
+                self.lora.mix(self.alpha)
         else:
             self._sync_full(policy)
             self.frozen._fingerprint = None
