@@ -22,9 +22,16 @@ from .errors import (  # noqa: E402
     StoreMiss,
     Unauthorized,
 )
+from .cache import (  # noqa: E402
+    ModelRegistry,
+    ReferenceModelCache,
+    get_global_reference_cache,
+    load_reference_model,
+)
 from .fingerprint import fingerprint  # noqa: E402
 from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
 from .logprobs import model_logprobs  # noqa: E402
+from .quantize import QUANT_MODES, quantize_model  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -43,6 +50,12 @@ __all__ = [
     "StoreMiss",
     "Unauthorized",
     "TokenLogprobs",
+    "ModelRegistry",
+    "QUANT_MODES",
+    "ReferenceModelCache",
+    "get_global_reference_cache",
+    "load_reference_model",
+    "quantize_model",
     "fingerprint",
     "model_logprobs",
     "naive_token_logprobs",
