@@ -6,6 +6,12 @@ imported on first use.
 
 __version__ = "0.1.0"
 
+from .cache import (  # noqa: E402
+    ModelRegistry,
+    ReferenceModelCache,
+    get_global_reference_cache,
+    load_reference_model,
+)
 from .errors import (  # noqa: E402
     ConfigError,
     DataFormatError,
@@ -22,12 +28,6 @@ from .errors import (  # noqa: E402
     StoreMiss,
     Unauthorized,
 )
-from .cache import (  # noqa: E402
-    ModelRegistry,
-    ReferenceModelCache,
-    get_global_reference_cache,
-    load_reference_model,
-)
 from .fingerprint import fingerprint  # noqa: E402
 from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
 from .logprobs import model_logprobs  # noqa: E402
@@ -35,6 +35,7 @@ from .quantize import QUANT_MODES, quantize_model  # noqa: E402
 
 __all__ = [
     "__version__",
+    "ReferenceClient",
     "ConfigError",
     "DataFormatError",
     "FingerprintMismatch",
@@ -61,3 +62,12 @@ __all__ = [
     "naive_token_logprobs",
     "token_logprobs",
 ]
+
+
+def __getattr__(name: str):
+    # ReferenceClient needs httpx (extra "serve"): import it on first use, not with the package.
+    if name == "ReferenceClient":
+        from .client import ReferenceClient
+
+        return ReferenceClient
+    raise AttributeError(f"module 'refmodel' has no attribute {name!r}")

@@ -167,11 +167,17 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid body"}
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid body"}
+        if first.get("type") == "json_invalid":
+            return _error(422, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                          "body")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        field = loc[0] if loc else "body"
-        where = ".".join(loc) or "body"
-        return _error(422, f"{where}: {first.get('msg')} ({len(exc.errors())} problem(s) in the body)", field)
+        if not loc:
+            return _error(422, f"the body must be a JSON object (send Content-Type: application/json): "
+                               f"{first.get('msg')}", "body")
+        where = loc[0] + "".join(f"[{p}]" for p in loc[1:])
+        return _error(422, f"{where}: {first.get('msg')} ({len(errors)} problem(s) in the body)", loc[0])
 
     @app.exception_handler(RefModelError)
     async def _refmodel_error(request: Request, exc: RefModelError):

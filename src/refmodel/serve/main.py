@@ -47,3 +47,21 @@ def run_server(settings: ServeSettings) -> None:
 
 
 __all__ = ["load_all", "run_server"]
+
+
+def serve_from_flags(models: tuple[str, ...], reward_models: tuple[str, ...], **flags) -> None:
+    """Build :class:`ServeSettings` from CLI flags (``None`` = use the environment/default) and serve."""
+    from .settings import parse_named_paths
+
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if models:
+        overrides["models"] = parse_named_paths(models, "--model")
+    if reward_models:
+        overrides["reward_models"] = parse_named_paths(reward_models, "--reward-model")
+    try:
+        settings = ServeSettings(**overrides)
+    except ValueError as exc:  # pydantic ValidationError: say which setting is wrong
+        from ..errors import ConfigError
+
+        raise ConfigError(f"invalid serve settings: {exc}") from exc
+    run_server(settings)
