@@ -73,9 +73,13 @@ def bench_cmd(quick: bool) -> None:
 @click.option("--batching/--no-batching", default=None, help="Merge concurrent requests. [default: on]")
 def serve_cmd(models, reward_models, **flags) -> None:
     """Serve reference log-probs (and reward scores) over HTTP with dynamic batching."""
+    from .errors import RefModelError
     from .serve.main import serve_from_flags
 
-    serve_from_flags(models, reward_models, **flags)
+    try:
+        serve_from_flags(models, reward_models, **flags)
+    except RefModelError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 if __name__ == "__main__":  # pragma: no cover

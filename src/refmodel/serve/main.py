@@ -58,10 +58,4 @@ def serve_from_flags(models: tuple[str, ...], reward_models: tuple[str, ...], **
         overrides["models"] = parse_named_paths(models, "--model")
     if reward_models:
         overrides["reward_models"] = parse_named_paths(reward_models, "--reward-model")
-    try:
-        settings = ServeSettings(**overrides)
-    except ValueError as exc:  # pydantic ValidationError: say which setting is wrong
-        from ..errors import ConfigError
-
-        raise ConfigError(f"invalid serve settings: {exc}") from exc
-    run_server(settings)
+    run_server(ServeSettings(**overrides))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..errors import ConfigError
@@ -35,6 +35,13 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = Field(16 * 2**20, ge=64, description="request body limit (413 above it)")
     batching: bool = Field(True, description="False: every request runs as its own batch (baseline)")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful-shutdown drain limit")
+
+    def __init__(self, **values):
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:  # one refmodel error type, naming each bad setting
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid serve settings: {problems}") from None
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:

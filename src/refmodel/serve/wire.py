@@ -45,6 +45,12 @@ FLAG_SCORE = 2
 CONTENT_TYPE = "application/octet-stream"
 
 
+def _invalid(field: str, message: str) -> InvalidBatch:
+    exc = InvalidBatch(f"{field}: {message}" if field == "body" else message)
+    exc.field = field  # the app reports it beside the message
+    return exc
+
+
 @dataclass
 class BinaryRequest:
     """A decoded request: ``input_ids`` int32 ``[B, T]``; masks uint8 ``[B, T]`` or None."""
@@ -76,23 +82,23 @@ def encode_request(model: str, input_ids: np.ndarray, attention_mask: np.ndarray
 def decode_request(body: bytes) -> BinaryRequest:
     """Unpack a request; a malformed body raises InvalidBatch naming the part that is wrong."""
     if len(body) < _REQ.size:
-        raise InvalidBatch(f"body: a binary request needs a {_REQ.size}-byte header, got {len(body)} bytes")
+        raise _invalid("body", f"a binary request needs a {_REQ.size}-byte header, got {len(body)} bytes")
     magic, flags, _, name_len, batch, length = _REQ.unpack_from(body)
     if magic != REQUEST_MAGIC:
-        raise InvalidBatch(f"body: bad magic {magic!r}, expected {REQUEST_MAGIC!r}")
+        raise _invalid("body", f"bad magic {magic!r}, expected {REQUEST_MAGIC!r}")
     if flags & ~(FLAG_ATTENTION | FLAG_SCORE):
-        raise InvalidBatch(f"body: unknown flags {flags:#x}; only bits 0 and 1 are defined")
+        raise _invalid("body", f"unknown flags {flags:#x}; only bits 0 and 1 are defined")
     n = batch * length
     masks = bin(flags).count("1")
     expected = _REQ.size + name_len + 4 * n + masks * n
     if len(body) != expected:
-        raise InvalidBatch(f"body: header says B={batch}, T={length}, {masks} mask(s) and a {name_len}-byte "
+        raise _invalid("body", f"header says B={batch}, T={length}, {masks} mask(s) and a {name_len}-byte "
                            f"name, i.e. {expected} bytes, but the body has {len(body)}")
     offset = _REQ.size
     try:
         model = body[offset:offset + name_len].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidBatch("model: the model name is not valid UTF-8") from exc
+        raise _invalid("model", "the model name is not valid UTF-8") from exc
     offset += name_len
     ids = np.frombuffer(body, dtype="<i4", count=n, offset=offset).reshape(batch, length)
     offset += 4 * n
