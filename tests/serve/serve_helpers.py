@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from conftest import subprocess_env
 
@@ -70,15 +69,13 @@ class ServerProcess:
         self._log.close()
 
 
-@pytest.fixture(scope="session")
-def tiny_reward_dir(tmp_path_factory) -> Path:
+def make_tiny_reward_model(path: Path) -> Path:
     """A tiny Llama sequence-classification model (one label), saved with save_pretrained."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from refmodel.testing import make_tokenizer, tiny_config
 
-    path = tmp_path_factory.mktemp("tiny_reward")
     tok = make_tokenizer()
     cfg = tiny_config("llama", len(tok), num_labels=1)
     with torch.random.fork_rng(devices=[]):
@@ -89,16 +86,12 @@ def tiny_reward_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dirs, tiny_reward_dir, tmp_path_factory):
+def start_main_server(llama_dir: Path, reward_dir: Path, root: Path) -> ServerProcess:
     """The main test server: llama as "tiny", a reward model "rm", auth on, small limits."""
-    root = tmp_path_factory.mktemp("server")
     token_file = root / "token"
     token_file.write_text(TOKEN + "\n")
     os.chmod(token_file, 0o600)
-    proc = ServerProcess(["--model", f"tiny={tiny_model_dirs['llama']}", "--reward-model", f"rm={tiny_reward_dir}",
+    return ServerProcess(["--model", f"tiny={llama_dir}", "--reward-model", f"rm={reward_dir}",
                           "--token-file", token_file, "--max-seq-len", 64, "--max-batch-tokens", 1024,
                           "--max-body-bytes", 65536, "--max-sequences", 64, "--max-wait-ms", 20],
                          root / "server.log", token=TOKEN)
-    yield proc
-    proc.stop()

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from serve_helpers import TOKEN, server, tiny_reward_dir  # noqa: F401  (fixtures)
+from serve_helpers import TOKEN, make_tiny_reward_model, start_main_server
 
 from refmodel import InvalidBatch, ModelNotAllowed, ReferenceClient, RequestTooLarge, Unauthorized
 from refmodel import fingerprint as model_fingerprint
@@ -25,6 +25,18 @@ from refmodel.testing import load_tiny
 
 pytestmark = pytest.mark.integration
 ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_dir(tmp_path_factory):
+    return make_tiny_reward_model(tmp_path_factory.mktemp("tiny_reward"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dirs, tiny_reward_dir, tmp_path_factory):
+    proc = start_main_server(tiny_model_dirs["llama"], tiny_reward_dir, tmp_path_factory.mktemp("server"))
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
