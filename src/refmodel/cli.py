@@ -70,6 +70,7 @@ def bench_cmd(quick: bool) -> None:
 @click.option("--max-sequences", type=int, default=None, help="Sequences per request. [default: 1024]")
 @click.option("--max-queue", type=int, default=None, help="Admitted sequences per model before 429. [default: 1024]")
 @click.option("--max-body-bytes", type=int, default=None, help="Request body limit (413). [default: 16 MiB]")
+@click.option("--torch-threads", type=int, default=None, help="torch intra-op threads. [default: torch's]")
 @click.option("--batching/--no-batching", default=None, help="Merge concurrent requests. [default: on]")
 def serve_cmd(models, reward_models, **flags) -> None:
     """Serve reference log-probs (and reward scores) over HTTP with dynamic batching."""

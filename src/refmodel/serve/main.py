@@ -35,6 +35,10 @@ def run_server(settings: ServeSettings) -> None:
 
     if not settings.models and not settings.reward_models:
         raise ConfigError("nothing to serve: give at least one --model NAME=PATH or --reward-model NAME=PATH")
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     cache, served = load_all(settings)
     app = create_app(settings, served)
     app.state.refmodel.cache = cache  # keeps the cache (and its pins) alive while serving

@@ -34,6 +34,7 @@ class ServeSettings(BaseSettings):
     max_queue: int = Field(1024, ge=1, description="sequences admitted (waiting or running) per model")
     max_body_bytes: int = Field(16 * 2**20, ge=64, description="request body limit (413 above it)")
     batching: bool = Field(True, description="False: every request runs as its own batch (baseline)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful-shutdown drain limit")
 
     def __init__(self, **values):
