@@ -43,6 +43,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -109,9 +116,11 @@ def bench_load(model_dir: Path, clients: int, requests: int, seq_len: int, max_w
         server = Server(model_dir, *flags)
         try:
             asyncio.run(_load(server.url, clients, min(200, requests), rows))  # warm-up
-            rss_before = _rss_mib(server.proc.pid)
+            rss_before, cpu_before, own_before = _rss_mib(server.proc.pid), _cpu_s(server.proc.pid), time.process_time()
             res = asyncio.run(_load(server.url, clients, requests, rows))
             res["rss_before_mib"], res["rss_after_mib"] = rss_before, _rss_mib(server.proc.pid)
+            res["server_cpu_ms"] = 1e3 * (_cpu_s(server.proc.pid) - cpu_before) / requests
+            res["client_cpu_ms"] = 1e3 * (time.process_time() - own_before) / requests
             metrics = httpx.get(server.url + "/metrics").text
             size = {k: float(line.split()[-1]) for line in metrics.splitlines()
                     for k in ("sum", "count") if line.startswith(f'refmodel_batch_size_{k}{{')}
@@ -121,10 +130,13 @@ def bench_load(model_dir: Path, clients: int, requests: int, seq_len: int, max_w
         results[name] = res
         print(f"{name:<12} clients={clients} requests={requests} T={seq_len}: {res['rps']:8.1f} req/s  "
               f"p50 {res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:6.1f} ms  errors {res['errors']}  "
-              f"mean batch {res['mean_batch']:5.1f}  server RSS {res['rss_before_mib']:.0f} -> "
+              f"mean batch {res['mean_batch']:5.1f}  CPU/request server {res['server_cpu_ms']:.2f} ms "
+              f"client {res['client_cpu_ms']:.2f} ms  server RSS {res['rss_before_mib']:.0f} -> "
               f"{res['rss_after_mib']:.0f} MiB", flush=True)
     ratio = results["batching"]["rps"] / results["no-batching"]["rps"]
-    print(f"throughput ratio batching / no-batching: {ratio:.2f}x (target >= 4x)", flush=True)
+    cpu_ratio = results["no-batching"]["server_cpu_ms"] / results["batching"]["server_cpu_ms"]
+    print(f"throughput ratio batching / no-batching: {ratio:.2f}x (target >= 4x); server CPU per request "
+          f"ratio no-batching / batching: {cpu_ratio:.2f}x", flush=True)
     return results
 
 
@@ -145,8 +157,11 @@ def bench_overhead(model_dir: Path, seq_len: int, batches: tuple[int, ...], reps
 
                 for fn in (local, remote):
                     fn()
-                t_local = statistics.median(time_fn(local, reps))
-                t_remote = statistics.median(time_fn(remote, reps))
+                times = {local: [], remote: []}
+                for _ in range(reps):  # interleaved, so both see the same machine load
+                    for fn in (local, remote):
+                        times[fn] += time_fn(fn, 1)
+                t_local, t_remote = statistics.median(times[local]), statistics.median(times[remote])
                 print(f"overhead B={batch:<3} T={seq_len}: in-process {1e3 * t_local:7.2f} ms  service "
                       f"{1e3 * t_remote:7.2f} ms  overhead {100 * (t_remote / t_local - 1):+6.1f}% "
                       "(target < 20% at B >= 8)", flush=True)
