@@ -49,6 +49,7 @@ __all__ = [
     "kl",
     "losses",
     "__version__",
+    "ReferenceClient",
     "ConfigError",
     "DataFormatError",
     "FingerprintMismatch",
@@ -85,3 +86,12 @@ __all__ = [
     "ReferenceFree",
     "Synced",
 ]
+
+
+def __getattr__(name: str):
+    # ReferenceClient needs httpx (extra "serve"): import it on first use, not with the package.
+    if name == "ReferenceClient":
+        from .client import ReferenceClient
+
+        return ReferenceClient
+    raise AttributeError(f"module 'refmodel' has no attribute {name!r}")

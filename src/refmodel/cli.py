@@ -155,5 +155,34 @@ def store_import_halos_cmd(pkl: str, model: str, out: str, dtype: str) -> None:
     import_halos_command(pkl, model, out, dtype)
 
 
+@main.command("serve")
+@click.option("--model", "models", multiple=True, metavar="NAME=PATH",
+              help="Allow-listed causal LM to serve (repeatable). Env: REFMODEL_MODELS (JSON).")
+@click.option("--reward-model", "reward_models", multiple=True, metavar="NAME=PATH",
+              help="Allow-listed sequence-classification reward model (repeatable).")
+@click.option("--host", default=None, help="Interface to bind. [default: 127.0.0.1]")
+@click.option("--port", type=int, default=None, help="Port. [default: 8000]")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="File holding the bearer token clients must send (or env REFMODEL_TOKEN).")
+@click.option("--device", default=None, help="Where the models run. [default: cpu]")
+@click.option("--max-batch-tokens", type=int, default=None, help="Padded tokens per model call. [default: 8192]")
+@click.option("--max-wait-ms", type=float, default=None, help="How long a batch waits for more requests. [default: 5]")
+@click.option("--max-seq-len", type=int, default=None, help="Tokens per sequence. [default: 2048]")
+@click.option("--max-sequences", type=int, default=None, help="Sequences per request. [default: 1024]")
+@click.option("--max-queue", type=int, default=None, help="Admitted sequences per model before 429. [default: 1024]")
+@click.option("--max-body-bytes", type=int, default=None, help="Request body limit (413). [default: 16 MiB]")
+@click.option("--torch-threads", type=int, default=None, help="torch intra-op threads. [default: torch's]")
+@click.option("--batching/--no-batching", default=None, help="Merge concurrent requests. [default: on]")
+def serve_cmd(models, reward_models, **flags) -> None:
+    """Serve reference log-probs (and reward scores) over HTTP with dynamic batching."""
+    from .errors import RefModelError
+    from .serve.main import serve_from_flags
+
+    try:
+        serve_from_flags(models, reward_models, **flags)
+    except RefModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -15,12 +15,12 @@ from .synced import Synced
 
 
 def __getattr__(name: str):
-    if name == "Remote":
-        from .remote import Remote
+    if name in ("Remote", "choose_placement"):
+        from . import remote
 
-        return Remote
+        return getattr(remote, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["AdapterDisabled", "Frozen", "Precomputed", "Reference", "ReferenceConfig", "ReferenceFree",
-           "Remote", "Synced", "auto"]
+           "Remote", "Synced", "auto", "choose_placement"]

@@ -1,0 +1,194 @@
+"""Reference-service benchmark on loopback: dynamic batching vs none, and service vs in-process.
+
+    python -m benchmarks.bench_service [--requests 2000] [--clients 32] [--seq-len 32] [--quick]
+
+1. Load: ``--clients`` concurrent async clients each send single-sequence requests (binary form)
+   until ``--requests`` are done, against a server with dynamic batching and against one with
+   ``--no-batching``; prints throughput, p50/p99 latency, errors and the server's RSS before/after.
+2. Overhead: the same ``[B, T]`` batch (B = 8 and 32) through ``ReferenceClient`` vs
+   ``model_logprobs`` in this process (median of repeats); the ratio is the service's overhead.
+
+Both ratios come from the same run and machine (printed provenance line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from refmodel import ReferenceClient, model_logprobs
+from refmodel.bench import provenance, time_fn
+from refmodel.cache import load_reference_model
+from refmodel.testing import make_tiny_model
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    def __init__(self, model_dir: Path, *flags: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+        cmd = [sys.executable, "-m", "refmodel", "serve", "--model", f"tiny={model_dir}", "--port",
+               str(self.port), "--max-queue", "100000", "--torch-threads", str(torch.get_num_threads()), *flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def _rows(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(95) for _ in range(length)] for _ in range(n)]
+
+
+async def _load(url: str, clients: int, requests: int, rows: list[list[int]]) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    counter = iter(range(requests))
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        async with ReferenceClient(url, timeout_s=60, max_retries=0) as client:
+            for k in counter:
+                start = time.perf_counter()
+                try:
+                    await client.acompute_log_probs("tiny", [rows[k % len(rows)]])
+                except Exception:  # noqa: BLE001 - counted, the benchmark reports errors
+                    errors += 1
+                latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(clients)))
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return {"rps": requests / wall, "p50_ms": 1e3 * latencies[len(latencies) // 2],
+            "p99_ms": 1e3 * latencies[int(len(latencies) * 0.99) - 1], "errors": errors}
+
+
+def bench_load(model_dir: Path, clients: int, requests: int, seq_len: int, max_wait_ms: float) -> dict:
+    rows = _rows(256, seq_len)
+    results = {}
+    for name, flags in (("batching", ["--max-wait-ms", str(max_wait_ms)]), ("no-batching", ["--no-batching"])):
+        server = Server(model_dir, *flags)
+        try:
+            asyncio.run(_load(server.url, clients, min(200, requests), rows))  # warm-up
+            rss_before, cpu_before, own_before = _rss_mib(server.proc.pid), _cpu_s(server.proc.pid), time.process_time()
+            res = asyncio.run(_load(server.url, clients, requests, rows))
+            res["rss_before_mib"], res["rss_after_mib"] = rss_before, _rss_mib(server.proc.pid)
+            res["server_cpu_ms"] = 1e3 * (_cpu_s(server.proc.pid) - cpu_before) / requests
+            res["client_cpu_ms"] = 1e3 * (time.process_time() - own_before) / requests
+            metrics = httpx.get(server.url + "/metrics").text
+            size = {k: float(line.split()[-1]) for line in metrics.splitlines()
+                    for k in ("sum", "count") if line.startswith(f'refmodel_batch_size_{k}{{')}
+            res["mean_batch"] = size["sum"] / size["count"]
+        finally:
+            server.stop()
+        results[name] = res
+        print(f"{name:<12} clients={clients} requests={requests} T={seq_len}: {res['rps']:8.1f} req/s  "
+              f"p50 {res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:6.1f} ms  errors {res['errors']}  "
+              f"mean batch {res['mean_batch']:5.1f}  CPU/request server {res['server_cpu_ms']:.2f} ms "
+              f"client {res['client_cpu_ms']:.2f} ms  server RSS {res['rss_before_mib']:.0f} -> "
+              f"{res['rss_after_mib']:.0f} MiB", flush=True)
+    ratio = results["batching"]["rps"] / results["no-batching"]["rps"]
+    cpu_ratio = results["no-batching"]["server_cpu_ms"] / results["batching"]["server_cpu_ms"]
+    print(f"throughput ratio batching / no-batching: {ratio:.2f}x (target >= 4x); server CPU per request "
+          f"ratio no-batching / batching: {cpu_ratio:.2f}x", flush=True)
+    return results
+
+
+def bench_overhead(model_dir: Path, seq_len: int, batches: tuple[int, ...], reps: int) -> None:
+    model = load_reference_model(model_dir)
+    server = Server(model_dir, "--max-wait-ms", "0")
+    try:
+        with ReferenceClient(server.url, timeout_s=60) as client:
+            for batch in batches:
+                ids = torch.tensor(_rows(batch, seq_len, seed=batch))
+
+                def local(ids=ids):
+                    with torch.inference_mode():
+                        return model_logprobs(model, ids)
+
+                def remote(ids=ids):
+                    return client.compute_log_probs("tiny", ids)
+
+                for fn in (local, remote):
+                    fn()
+                times = {local: [], remote: []}
+                for _ in range(reps):  # interleaved, so both see the same machine load
+                    for fn in (local, remote):
+                        times[fn] += time_fn(fn, 1)
+                t_local, t_remote = statistics.median(times[local]), statistics.median(times[remote])
+                print(f"overhead B={batch:<3} T={seq_len}: in-process {1e3 * t_local:7.2f} ms  service "
+                      f"{1e3 * t_remote:7.2f} ms  overhead {100 * (t_remote / t_local - 1):+6.1f}% "
+                      "(target < 20% at B >= 8)", flush=True)
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--overhead-seq-len", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server")
+    parser.add_argument("--quick", action="store_true", help="300 requests, 5 repeats")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.requests, args.reps = 300, 5
+    print(f"# reference service benchmark; {provenance()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_tiny_model("llama", Path(tmp) / "llama")
+        bench_load(model_dir, args.clients, args.requests, args.seq_len, args.max_wait_ms)
+        bench_overhead(model_dir, args.overhead_seq_len, (8, 32), args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The ``Remote`` reference strategy (log-probs from a ``refmodel serve`` service) and hybrid placement.
+
+``Remote(url, model)`` implements the ``Reference`` protocol through :class:`refmodel.ReferenceClient`:
+it holds no weights (``memory_bytes == 0``), its fingerprint is the served model's, and every answer
+is checked against that fingerprint, so a server restarted with other weights cannot slip in silently.
+
+:func:`choose_placement` is the rule ``auto`` applies with ``ReferenceConfig(remote_url=...,
+max_local_bytes=...)``: keep the reference in-process (through the model cache) when its weights fit
+the local budget, route it to the service when they do not; the decision is logged with the sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+
+from ..errors import ConfigError, FingerprintMismatch
+
+log = logging.getLogger(__name__)
+
+Placement = Literal["local", "remote"]
+
+
+def choose_placement(model_bytes: int, max_local_bytes: int | None, *, name: str = "reference",
+                     remote_url: str | None = None) -> Placement:
+    """``"local"`` when ``model_bytes <= max_local_bytes`` (or no budget), else ``"remote"``.
+
+    Raises :class:`ConfigError` when the model does not fit and no ``remote_url`` is known (pass
+    ``remote_url`` to get that check; ``None`` skips it).
+    """
+    if model_bytes < 0:
+        raise ConfigError(f"model_bytes must be >= 0, got {model_bytes}")
+    if max_local_bytes is None or model_bytes <= max_local_bytes:
+        log.info("placing %s in-process: %.1f MiB fits the local budget of %s", name, model_bytes / 2**20,
+                 "unlimited" if max_local_bytes is None else f"{max_local_bytes / 2**20:.1f} MiB")
+        return "local"
+    log.info("placing %s on the reference service %s: %.1f MiB exceeds the local budget of %.1f MiB",
+             name, remote_url or "", model_bytes / 2**20, max_local_bytes / 2**20)
+    return "remote"
+
+
+class Remote:
+    """Reference log-probs from a reference service.
+
+    Args:
+        url: the service, e.g. ``http://127.0.0.1:8000``; model: a name on its allow-list.
+        token: bearer token; timeout_s: per-attempt HTTP timeout in seconds.
+    """
+
+    memory_bytes = 0
+
+    def __init__(self, url: str, model: str, *, token: str | None = None, timeout_s: float = 30.0,
+                 max_retries: int = 3):
+        from ..client import ReferenceClient
+
+        self.url, self.model = url, model
+        self.client = ReferenceClient(url, token=token, timeout_s=timeout_s, max_retries=max_retries)
+        self.fingerprint: str = self.client.fingerprint(model)
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 score_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T]`` float32 log-probs, aligned as ``model_logprobs``, on ``input_ids.device``."""
+        fp, rows = self.client.logprobs_with_fingerprint(self.model, input_ids, attention_mask, score_mask)
+        if fp != self.fingerprint:
+            raise FingerprintMismatch(f"the service at {self.url} now serves {self.model!r} with fingerprint "
+                                      f"{fp}, but this Remote was bound to {self.fingerprint}; the server's "
+                                      "weights changed — restart the run or rebind the reference")
+        out = torch.stack(rows) if rows else torch.zeros(input_ids.shape, dtype=torch.float32)
+        return out.to(input_ids.device)
+
+    def on_step(self, step: int, policy=None) -> None:
+        """A served reference is frozen: nothing to do."""
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __repr__(self) -> str:
+        return f"Remote(url={self.url!r}, model={self.model!r}, fingerprint={self.fingerprint!r})"
+
+
+__all__ = ["Placement", "Remote", "choose_placement"]

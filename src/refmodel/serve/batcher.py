@@ -1,0 +1,179 @@
+"""Dynamic batching: concurrent requests' sequences merge into token-budgeted batches.
+
+Each model has one :class:`Batcher`. ``submit`` admits a request's sequences (or raises
+:class:`~refmodel.ServiceOverloaded` when ``max_queue`` would be exceeded) and awaits their results.
+A single loop forms batches in arrival order: a batch closes when adding the next sequence would
+exceed ``max_batch_tokens`` padded tokens (rows x longest row) or when its oldest sequence has waited
+``max_wait_s``. The model runs in a worker thread, so the event loop keeps accepting, validating and
+answering requests while a batch computes; the next batch forms meanwhile.
+
+With ``batching=False`` every request runs as its own batch (the baseline of the benchmark).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from ..errors import ServiceOverloaded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    payload: object
+    tokens: int
+    request: int
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Merge sequences from concurrent requests into batches for ``run_batch(payloads) -> results``.
+
+    ``run_batch`` is called in ``executor`` with a list of payloads and must return one result per
+    payload, in order. ``observe(batch_size, tokens, seconds)`` is called after each batch (metrics).
+    """
+
+    def __init__(self, name: str, run_batch: Callable[[list], Sequence], executor: Executor, *,
+                 max_batch_tokens: int, max_wait_s: float, max_queue: int, batching: bool = True,
+                 observe: Callable[[int, int, float], None] | None = None,
+                 on_depth: Callable[[int], None] | None = None):
+        self.name = name
+        self._run_batch = run_batch
+        self._executor = executor
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.batching = batching
+        self._observe = observe
+        self._on_depth = on_depth
+        self._pending: deque[_Item] = deque()
+        self._admitted = 0  # sequences waiting or running
+        self._next_request = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._recent_tokens_per_s = 0.0
+
+    @property
+    def depth(self) -> int:
+        """Sequences admitted and not yet answered."""
+        return self._admitted
+
+    def start(self) -> None:
+        """Start the batch loop on the running event loop."""
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop the loop (call after in-flight requests have drained)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def retry_after_s(self) -> int:
+        """A hint for 429 responses: seconds to drain what is admitted at the recent token rate."""
+        if self._recent_tokens_per_s <= 0:
+            return 1
+        queued = sum(item.tokens for item in self._pending)
+        return max(1, min(30, math.ceil(queued / self._recent_tokens_per_s)))
+
+    async def submit(self, payloads: list, tokens: list[int]) -> list:
+        """Admit one request's sequences (``tokens[i]`` = length of sequence i) and await their results."""
+        if self._task is None or self._task.done():
+            raise ServiceOverloaded(f"model {self.name!r} is not accepting requests (shutting down)", status=503)
+        if self._admitted + len(payloads) > self.max_queue:
+            raise ServiceOverloaded(
+                f"the queue of model {self.name!r} is full ({self._admitted} of {self.max_queue} sequences "
+                f"admitted, this request adds {len(payloads)}); retry later", status=429)
+        loop = asyncio.get_running_loop()
+        request = self._next_request
+        self._next_request += 1
+        items = [_Item(p, n, request, loop.create_future()) for p, n in zip(payloads, tokens, strict=True)]
+        self._pending.extend(items)
+        self._set_admitted(self._admitted + len(items))
+        self._wake.set()
+        try:
+            return await asyncio.gather(*(item.future for item in items))
+        finally:
+            self._set_admitted(self._admitted - len(items))
+
+    def _set_admitted(self, value: int) -> None:
+        self._admitted = value
+        if self._on_depth is not None:
+            self._on_depth(value)
+
+    def _fits(self, batch: list[_Item], item: _Item) -> bool:
+        longest = max([item.tokens] + [b.tokens for b in batch])
+        return (len(batch) + 1) * longest <= self.max_batch_tokens
+
+    async def _collect(self) -> list[_Item]:
+        while not self._pending:
+            self._wake.clear()
+            await self._wake.wait()
+        if not self.batching:
+            first = self._pending.popleft()
+            batch = [first]
+            while self._pending and self._pending[0].request == first.request:
+                batch.append(self._pending.popleft())
+            return batch
+        batch = [self._pending.popleft()]
+        deadline = batch[0].arrived + self.max_wait_s
+        while True:
+            while self._pending and self._fits(batch, self._pending[0]):
+                batch.append(self._pending.popleft())
+            if self._pending:  # the next sequence does not fit: the batch is full
+                return batch
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return batch
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            live = [item for item in batch if not item.future.done()]  # skip cancelled requests
+            if not live:
+                continue
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch,
+                                                     [item.payload for item in live])
+            except asyncio.CancelledError:
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(ServiceOverloaded("the server is shutting down", status=503))
+                raise
+            except Exception as exc:  # a bug in the model run: fail this batch, keep serving
+                log.exception("batch of %d sequences for %s failed", len(live), self.name)
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            seconds = time.perf_counter() - start
+            tokens = sum(item.tokens for item in live)
+            self._recent_tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+            if self._observe is not None:
+                self._observe(len(live), tokens, seconds)
+            for item, result in zip(live, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+
+
+__all__ = ["Batcher"]

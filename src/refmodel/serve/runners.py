@@ -1,0 +1,126 @@
+"""Load the allow-listed models at start-up and run padded batches of checked sequences.
+
+Causal LMs come through the model cache (:class:`refmodel.cache.ReferenceModelCache`), whose registry
+is exactly the server's allow-list; reward models (sequence classification, one label) load with
+``from_pretrained(use_safetensors=True)``. No path or hub id ever comes from a request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..fingerprint import fingerprint
+from ..logprobs import model_logprobs, position_ids_from_mask
+from .validate import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """A loaded model and what ``GET /v1/models`` says about it."""
+
+    name: str
+    kind: str  # "logprobs" | "rewards"
+    model: torch.nn.Module
+    fingerprint: str
+    vocab_size: int
+    dtype: str
+    parameters: int
+    device: torch.device
+
+    def run(self, seqs: list[Sequence]) -> list:
+        """Run one batch: per-sequence float32 log-prob arrays, or per-sequence float scores."""
+        return run_logprobs(self, seqs) if self.kind == "logprobs" else run_rewards(self, seqs)
+
+
+def _pad(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row: ids 0, masks False there (positions come from the mask)."""
+    length = max(s.ids.numel() for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    attn = torch.zeros(len(seqs), length, dtype=torch.bool)
+    score = torch.zeros(len(seqs), length, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        n = s.ids.numel()
+        ids[i, :n], attn[i, :n], score[i, :n] = s.ids, s.attn, s.score
+    return ids.to(device), attn.to(device), score.to(device)
+
+
+def run_logprobs(served: ServedModel, seqs: list[Sequence]) -> list[np.ndarray]:
+    """``model_logprobs`` of a padded batch, cut back to each sequence's own length (float32)."""
+    ids, attn, score = _pad(seqs, served.device)
+    with torch.inference_mode():
+        out = model_logprobs(served.model, ids, attn, score).float().cpu().numpy()
+    return [out[i, :s.ids.numel()].copy() for i, s in enumerate(seqs)]
+
+
+def run_rewards(served: ServedModel, seqs: list[Sequence]) -> list[float]:
+    """The reward head's output at each sequence's last real token (float)."""
+    ids, attn, _ = _pad(seqs, served.device)
+    model = served.model
+    with torch.inference_mode():
+        hidden = model.base_model(input_ids=ids, attention_mask=attn.long(),
+                                  position_ids=position_ids_from_mask(attn), use_cache=False)[0]
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        last = (positions * attn).argmax(dim=1)
+        rows = hidden[torch.arange(len(seqs), device=ids.device), last]
+        scores = model.score(rows)[:, 0].float().cpu()
+    return scores.tolist()
+
+
+def _describe(name: str, kind: str, model: torch.nn.Module, device) -> ServedModel:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    first = next(model.parameters())
+    return ServedModel(name=name, kind=kind, model=model, fingerprint=fingerprint(model),
+                       vocab_size=int(cfg.vocab_size), dtype=str(first.dtype).removeprefix("torch."),
+                       parameters=sum(p.numel() for p in model.parameters()), device=first.device)
+
+
+def load_logprob_models(models: dict[str, str], device: str) -> tuple[Any, dict[str, ServedModel]]:
+    """Load every allow-listed causal LM through the model cache; returns ``(cache, {name: model})``."""
+    if not models:
+        return None, {}
+    from ..cache import ReferenceModelCache
+
+    cache = ReferenceModelCache(max_models=len(models), device=device, registry=dict(models))
+    served = {}
+    for name in models:
+        model = cache.get_or_load(name)
+        served[name] = _describe(name, "logprobs", model, device)
+        log.info("serving %s from %s: %s, %d parameters, fingerprint %s", name, models[name],
+                 served[name].dtype, served[name].parameters, served[name].fingerprint)
+    return cache, served
+
+
+def load_reward_model(name: str, path: str, device: str) -> ServedModel:
+    """Load a one-label sequence-classification model from a local safetensors checkpoint."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load reward model {name!r} from {path}: {exc}") from exc
+    if model.config.num_labels != 1 or not hasattr(model, "score"):
+        raise ConfigError(f"reward model {name!r} must be a *ForSequenceClassification with num_labels=1 "
+                          f"and a `score` head, got {type(model).__name__} with {model.config.num_labels} labels")
+    model.to(device).eval().requires_grad_(False)
+    served = _describe(name, "rewards", model, device)
+    log.info("serving reward model %s from %s, fingerprint %s", name, path, served.fingerprint)
+    return served
+
+
+def warm_up(served: ServedModel) -> None:
+    """One small batch so that the first request does not pay for lazy initialisation."""
+    n = min(4, served.vocab_size)
+    seq = Sequence(torch.arange(n), torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool))
+    served.run([seq, seq])
+
+
+__all__ = ["ServedModel", "load_logprob_models", "load_reward_model", "run_logprobs", "run_rewards", "warm_up"]

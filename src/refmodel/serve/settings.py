@@ -1,0 +1,85 @@
+"""Server settings: flags override the environment (``REFMODEL_*``), which overrides the defaults.
+
+``REFMODEL_MODELS='{"tiny": "/models/tiny"}'`` (JSON) is the allow-list of causal LMs,
+``REFMODEL_REWARD_MODELS`` the one of sequence-classification reward models, ``REFMODEL_TOKEN`` or
+``REFMODEL_TOKEN_FILE`` the bearer token. Clients can only name models from these allow-lists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..errors import ConfigError
+
+
+class ServeSettings(BaseSettings):
+    """Every knob of ``refmodel serve`` (see ``refmodel serve --help``)."""
+
+    model_config = SettingsConfigDict(env_prefix="REFMODEL_", frozen=True, extra="forbid")
+
+    models: dict[str, str] = Field(default_factory=dict, description="causal LM allow-list: name -> local path")
+    reward_models: dict[str, str] = Field(default_factory=dict, description="reward model allow-list")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    device: str = "cpu"
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens (rows x longest row) per model call")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
+    max_seq_len: int = Field(2048, ge=2, description="tokens per sequence")
+    max_sequences: int = Field(1024, ge=1, description="sequences per request")
+    max_queue: int = Field(1024, ge=1, description="sequences admitted (waiting or running) per model")
+    max_body_bytes: int = Field(16 * 2**20, ge=64, description="request body limit (413 above it)")
+    batching: bool = Field(True, description="False: every request runs as its own batch (baseline)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful-shutdown drain limit")
+
+    def __init__(self, **values):
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:  # one refmodel error type, naming each bad setting
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid serve settings: {problems}") from None
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeSettings:
+        if self.max_batch_tokens < self.max_seq_len:
+            raise ConfigError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_seq_len "
+                              f"({self.max_seq_len}) so that every accepted sequence fits in a batch")
+        if self.token is not None and self.token_file is not None:
+            raise ConfigError("give either a token or a token file, not both")
+        clash = set(self.models) & set(self.reward_models)
+        if clash:
+            raise ConfigError(f"model names must be unique across --model and --reward-model: {sorted(clash)}")
+        return self
+
+    def bearer_token(self) -> str | None:
+        """The configured token (stripped file contents or the value), or None when auth is off."""
+        if self.token_file is not None:
+            try:
+                value = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the token file {self.token_file}: {exc}") from exc
+            if not value:
+                raise ConfigError(f"the token file {self.token_file} is empty")
+            return value
+        return self.token.get_secret_value() if self.token is not None else None
+
+
+def parse_named_paths(values: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:
+    """``["a=/p/a", "b=/p/b"]`` -> ``{"a": "/p/a", ...}``; a malformed or repeated entry is a ConfigError."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"{flag} expects NAME=PATH, got {value!r}")
+        if name in out:
+            raise ConfigError(f"{flag} names {name!r} twice")
+        out[name] = path
+    return out
+
+
+__all__ = ["ServeSettings", "parse_named_paths"]

@@ -1,0 +1,120 @@
+"""Turn a request (JSON rows or a binary ``[B, T]`` block) into checked per-sequence tensors.
+
+Every rejection is a :class:`FieldError` (an :class:`~refmodel.InvalidBatch`, HTTP 422) whose
+message names the field and row, e.g. ``input_ids[3][7] = 99999 is outside the vocabulary [0, 64)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..errors import InvalidBatch
+
+
+class FieldError(InvalidBatch):
+    """A request field is malformed; ``field`` names it (``input_ids``, ``score_mask`` ...)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class Sequence(NamedTuple):
+    """One checked sequence: ``ids`` long ``[L]`` (0 at padding), ``attn`` and ``score`` bool ``[L]``."""
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    score: torch.Tensor
+
+
+class Limits(NamedTuple):
+    vocab_size: int
+    max_seq_len: int
+    max_sequences: int
+
+
+def _as_tensor(field: str, row: list, index: int, dtype=torch.long) -> torch.Tensor:
+    try:
+        return torch.tensor(row, dtype=dtype)
+    except (OverflowError, RuntimeError, TypeError, ValueError) as exc:
+        raise FieldError(field, f"{field}[{index}] holds a value that is not a 64-bit integer: {exc}") from exc
+
+
+def _mask_rows(field: str, rows, ids_rows: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    if rows is None:
+        return None
+    if len(rows) != len(ids_rows):
+        raise FieldError(field, f"{field} has {len(rows)} rows but input_ids has {len(ids_rows)}; "
+                                "give one mask row per sequence")
+    out = []
+    for i, (row, ids) in enumerate(zip(rows, ids_rows, strict=True)):
+        mask = row if isinstance(row, torch.Tensor) else _as_tensor(field, row, i)
+        if mask.numel() != ids.numel():
+            raise FieldError(field, f"{field}[{i}] has {mask.numel()} entries but input_ids[{i}] has "
+                                    f"{ids.numel()}; masks must match their sequence position by position")
+        if ((mask != 0) & (mask != 1)).any():
+            bad = mask[(mask != 0) & (mask != 1)][0].item()
+            raise FieldError(field, f"{field}[{i}] holds {bad}; masks hold only 0 and 1")
+        out.append(mask.bool())
+    return out
+
+
+def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=None,
+                    score_start: int | list[int] | None = None) -> list[Sequence]:
+    """Check rows of ids and masks (lists or 1-D tensors) against the vocabulary and the limits."""
+    if len(input_ids) == 0:
+        raise FieldError("input_ids", "input_ids is empty; send at least one sequence")
+    if len(input_ids) > limits.max_sequences:
+        raise FieldError("input_ids", f"input_ids has {len(input_ids)} sequences; this server accepts at most "
+                                      f"{limits.max_sequences} per request (split the batch)")
+    ids_rows = []
+    for i, row in enumerate(input_ids):
+        ids = row.long() if isinstance(row, torch.Tensor) else _as_tensor("input_ids", row, i)
+        if ids.numel() == 0:
+            raise FieldError("input_ids", f"input_ids[{i}] is empty; every sequence needs at least one token")
+        if ids.numel() > limits.max_seq_len:
+            raise FieldError("input_ids", f"input_ids[{i}] has {ids.numel()} tokens, more than this server's "
+                                          f"max_seq_len={limits.max_seq_len}")
+        ids_rows.append(ids)
+    attn_rows = _mask_rows("attention_mask", attention_mask, ids_rows)
+    score_rows = _mask_rows("score_mask", score_mask, ids_rows)
+    if score_start is not None and score_rows is not None:
+        raise FieldError("score_start", "give score_mask or score_start, not both")
+    starts = None
+    if score_start is not None:
+        starts = [score_start] * len(ids_rows) if isinstance(score_start, int) else list(score_start)
+        if len(starts) != len(ids_rows):
+            raise FieldError("score_start", f"score_start has {len(starts)} entries but input_ids has "
+                                            f"{len(ids_rows)} sequences; give one int or one per sequence")
+    out = []
+    for i, ids in enumerate(ids_rows):
+        attn = attn_rows[i] if attn_rows is not None else torch.ones_like(ids, dtype=torch.bool)
+        if not attn.any():
+            raise FieldError("attention_mask", f"attention_mask[{i}] is all 0: input_ids[{i}] has no real "
+                                               "tokens (empty sequence)")
+        real = ids[attn]
+        bad = (real < 0) | (real >= limits.vocab_size)
+        if bad.any():
+            pos = attn.nonzero().squeeze(1)[bad.nonzero()[0, 0]].item()
+            raise FieldError("input_ids", f"input_ids[{i}][{pos}] = {ids[pos].item()} is outside the "
+                                          f"vocabulary [0, {limits.vocab_size})")
+        if score_rows is not None:
+            score = score_rows[i]
+            if (score & ~attn).any():
+                raise FieldError("score_mask", f"score_mask[{i}] marks padded positions (attention_mask 0); "
+                                               "only real tokens can be scored")
+        elif starts is not None:
+            start = starts[i]
+            if not 0 <= start <= ids.numel():
+                raise FieldError("score_start", f"score_start for sequence {i} is {start}; expected "
+                                                f"0 <= score_start <= {ids.numel()} (its length)")
+            score = attn & (torch.arange(ids.numel()) >= start)
+        else:
+            score = attn.clone()
+        out.append(Sequence(torch.where(attn, ids, 0), attn, score))
+    return out
+
+
+__all__ = ["FieldError", "Limits", "Sequence", "check_sequences"]

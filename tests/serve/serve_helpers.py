@@ -1,0 +1,97 @@
+"""A real ``refmodel serve`` subprocess on a free loopback port, and a tiny reward model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from conftest import subprocess_env
+
+TOKEN = "s3cret-token"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m refmodel serve ARGS`` on 127.0.0.1:port; logs go to ``log_path``."""
+
+    def __init__(self, args: list, log_path: Path, token: str | None = None, startup_s: float = 120.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = token
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        cmd = [sys.executable, "-m", "refmodel", "serve", "--port", str(self.port), *map(str, args)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=subprocess_env())
+        deadline = time.monotonic() + startup_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start within {startup_s} s:\n{self.log()}")
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def make_tiny_reward_model(path: Path) -> Path:
+    """A tiny Llama sequence-classification model (one label), saved with save_pretrained."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from refmodel.testing import make_tokenizer, tiny_config
+
+    tok = make_tokenizer()
+    cfg = tiny_config("llama", len(tok), num_labels=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def start_main_server(llama_dir: Path, reward_dir: Path, root: Path) -> ServerProcess:
+    """The main test server: llama as "tiny", a reward model "rm", auth on, small limits."""
+    token_file = root / "token"
+    token_file.write_text(TOKEN + "\n")
+    os.chmod(token_file, 0o600)
+    return ServerProcess(["--model", f"tiny={llama_dir}", "--reward-model", f"rm={reward_dir}",
+                          "--token-file", token_file, "--max-seq-len", 64, "--max-batch-tokens", 1024,
+                          "--max-body-bytes", 65536, "--max-sequences", 64, "--max-wait-ms", 20],
+                         root / "server.log", token=TOKEN)

@@ -1,0 +1,121 @@
+"""Parts of the service without a server: wire format, batcher policy, settings, placement rule."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from refmodel import ConfigError, InvalidBatch, ServiceOverloaded
+from refmodel.reference import choose_placement
+from refmodel.serve import wire
+from refmodel.serve.batcher import Batcher
+from refmodel.serve.settings import ServeSettings, parse_named_paths
+
+
+def test_wire_round_trip():
+    ids = np.array([[2, 5, 6], [7, 8, 0]], dtype=np.int32)
+    attn = np.array([[1, 1, 1], [1, 1, 0]])
+    req = wire.decode_request(wire.encode_request("tiny", ids, attn, None))
+    assert req.model == "tiny" and req.score_mask is None
+    np.testing.assert_array_equal(req.input_ids, ids)
+    np.testing.assert_array_equal(req.attention_mask, attn)
+    out = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    fp, back = wire.decode_response(wire.encode_response("rm1-abc", out))
+    assert fp == "rm1-abc" and back.dtype == np.float32
+    np.testing.assert_array_equal(back, out)
+    with pytest.raises(InvalidBatch, match="shape of input_ids"):
+        wire.encode_request("tiny", ids, attn[:, :2])
+    with pytest.raises(InvalidBatch, match="unknown flags"):
+        wire.decode_request(b"RMB1\x08" + bytes(11))
+
+
+def _run_batches(batching: bool, lengths_per_request: list[list[int]], max_batch_tokens=16, max_wait_s=0.05):
+    seen = []
+
+    def run(payloads):
+        seen.append(list(payloads))
+        time.sleep(0.01)
+        return [p * 10 for p in payloads]
+
+    async def main():
+        batcher = Batcher("m", run, ThreadPoolExecutor(1), max_batch_tokens=max_batch_tokens,
+                          max_wait_s=max_wait_s, max_queue=100, batching=batching)
+        batcher.start()
+        n = 0
+        calls = []
+        for lengths in lengths_per_request:
+            payloads = list(range(n, n + len(lengths)))
+            n += len(lengths)
+            calls.append(batcher.submit(payloads, lengths))
+        results = await asyncio.gather(*calls)
+        await batcher.stop()
+        return results
+
+    return asyncio.run(main()), seen
+
+
+def test_batcher_merges_under_the_token_budget():
+    requests = [[4], [4], [4], [4], [8], [2, 2]]
+    results, batches = _run_batches(True, requests)
+    assert results == [[0], [10], [20], [30], [40], [50, 60]]
+    assert batches[0] == [0, 1, 2, 3]  # 4 x 4 tokens = the budget of 16
+    for batch in batches:  # padded tokens: rows x longest row
+        longest = max(sum(requests, [])[i] for i in batch)
+        assert len(batch) * longest <= 16
+    assert sorted(sum(batches, [])) == list(range(7))
+
+
+def test_batcher_without_batching_runs_each_request_alone():
+    requests = [[4], [4], [2, 2], [4]]
+    results, batches = _run_batches(False, requests)
+    assert batches == [[0], [1], [2, 3], [4]]
+    assert results[2] == [20, 30]
+
+
+def test_batcher_rejects_when_the_queue_is_full():
+    async def main():
+        batcher = Batcher("m", lambda p: p, ThreadPoolExecutor(1), max_batch_tokens=8, max_wait_s=0.2,
+                          max_queue=2)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([1, 2], [1, 1]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ServiceOverloaded, match="queue of model 'm' is full"):
+            await batcher.submit([3], [1])
+        assert await first == [1, 2] and batcher.depth == 0
+        await batcher.stop()
+        with pytest.raises(ServiceOverloaded, match="shutting down"):
+            await batcher.submit([3], [1])
+    asyncio.run(main())
+
+
+def test_settings_from_environment_and_checks(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFMODEL_MODELS", '{"tiny": "/m/tiny"}')
+    monkeypatch.setenv("REFMODEL_MAX_WAIT_MS", "7")
+    s = ServeSettings(port=9000)
+    assert s.models == {"tiny": "/m/tiny"} and s.max_wait_ms == 7 and s.port == 9000
+    assert s.bearer_token() is None
+    with pytest.raises(ConfigError, match="max_batch_tokens"):
+        ServeSettings(max_batch_tokens=10, max_seq_len=20)
+    token = tmp_path / "t"
+    token.write_text("abc\n")
+    assert ServeSettings(token_file=token).bearer_token() == "abc"
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        ServeSettings(token_file=tmp_path / "empty").bearer_token()
+    assert parse_named_paths(["a=/x", "b=/y=z"], "--model") == {"a": "/x", "b": "/y=z"}
+    with pytest.raises(ConfigError, match="NAME=PATH"):
+        parse_named_paths(["oops"], "--model")
+
+
+def test_choose_placement(caplog):
+    caplog.set_level("INFO", logger="refmodel.reference.remote")
+    assert choose_placement(100, None) == "local"
+    assert choose_placement(100, 100) == "local"
+    assert choose_placement(2 * 2**20, 2**20, name="ref", remote_url="http://svc") == "remote"
+    assert "2.0 MiB exceeds the local budget of 1.0 MiB" in caplog.text
+    with pytest.raises(ConfigError):
+        choose_placement(-1, 10)
