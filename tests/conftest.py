@@ -30,24 +30,3 @@ def tiny(tiny_model_dirs, family):
 def _seed():
     torch.manual_seed(0)
 
-
-SRC = __import__("pathlib").Path(__file__).resolve().parents[1] / "src"
-
-
-def subprocess_env(**extra) -> dict:
-    """Environment for child processes that import this checkout's ``refmodel`` (not an installed one)."""
-    import os
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run_cli(*args, check=True, timeout=600, **env):
-    """Run ``python -m refmodel ARGS`` against this checkout; returns the CompletedProcess."""
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "refmodel", *map(str, args)], capture_output=True, text=True,
-                          check=check, timeout=timeout, env=subprocess_env(**env))

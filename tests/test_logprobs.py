@@ -160,3 +160,14 @@ def test_empty_and_single_token_batches(tiny_model_dirs):
     model, _ = load_tiny(tiny_model_dirs["gpt2"])
     assert model_logprobs(model, torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5)
     assert torch.equal(model_logprobs(model, torch.tensor([[7]])), torch.zeros(1, 1))
+
+
+@torch.no_grad()
+def test_padded_positions_may_hold_any_id(tiny_model_dirs):
+    model, tok = load_tiny(tiny_model_dirs["llama"])
+    ids = _ids(tok, 2, 8)
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    clean = model_logprobs(model, ids.masked_fill(mask == 0, tok.pad_token_id), mask)
+    for filler in (-100, len(tok) + 7):
+        torch.testing.assert_close(model_logprobs(model, ids.masked_fill(mask == 0, filler), mask), clean)

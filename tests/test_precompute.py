@@ -17,12 +17,11 @@ import time
 import pytest
 import torch
 
-from conftest import run_cli, subprocess_env
 from refmodel import ConfigError, fingerprint, model_logprobs
 from refmodel.data import load_examples
 from refmodel.precompute import precompute
 from refmodel.store import LogprobStore
-from refmodel.testing import load_tiny, preference_pairs, write_jsonl
+from refmodel.testing import load_tiny, preference_pairs, run_cli, subprocess_env, write_jsonl
 
 ATOL = 1e-5
 

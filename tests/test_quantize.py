@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
 from refmodel import (
     QUANT_MODES,
     ConfigError,
@@ -19,7 +18,7 @@ from refmodel import (
 )
 from refmodel.quantize import model_nbytes, tensor_nbytes
 from refmodel.quantize_report import read_pairs
-from refmodel.testing import builtin_dataset_path, load_tiny
+from refmodel.testing import builtin_dataset_path, load_tiny, run_cli
 
 # Max |Δ log p| per scored token against fp32, measured on these random tiny models (worst family:
 # llama, whose head is scaled x8 so logits are large): int8 <= 0.03, int4 / nf4 <= 0.33 nats.

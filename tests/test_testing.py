@@ -7,7 +7,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import refmodel
-from conftest import run_cli, subprocess_env
 from refmodel import errors
 from refmodel.testing import (
     BUILTIN_DATASET_SIZE,
@@ -15,6 +14,8 @@ from refmodel.testing import (
     make_tiny_model,
     make_tokenizer,
     preference_pairs,
+    run_cli,
+    subprocess_env,
 )
 
 

@@ -178,6 +178,8 @@ def model_logprobs(
         zeros = torch.zeros(batch, length, dtype=torch.float32, device=input_ids.device)
         return TokenLogprobs(zeros, zeros.clone()) if return_entropy else zeros
     position_ids = position_ids_from_mask(attn)
+    # Padded positions may hold anything (-100, ids >= vocab): they are masked, but still embedded.
+    input_ids = torch.where(attn, input_ids, torch.zeros_like(input_ids))
     targets = torch.where(score[:, 1:], input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
 
     if not use_fused_linear_logprobs:

@@ -191,6 +191,26 @@ def load_tiny(path: str | Path):
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def subprocess_env(**extra) -> dict:
+    """Environment for child processes that import *this* ``refmodel`` (its source tree first on PYTHONPATH)."""
+    import os
+
+    src = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(*args, check: bool = True, timeout: float = 600, **env):
+    """Run ``python -m refmodel ARGS`` in a child process; returns the ``CompletedProcess`` (text)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "refmodel", *map(str, args)], capture_output=True, text=True,
+                          check=check, timeout=timeout, env=subprocess_env(**env))
+
+
 __all__ = [
     "FAMILIES",
     "builtin_dataset_path",
@@ -199,6 +219,8 @@ __all__ = [
     "make_tiny_model",
     "make_tokenizer",
     "preference_pairs",
+    "run_cli",
+    "subprocess_env",
     "task_vocabulary",
     "tiny_config",
     "write_jsonl",

@@ -11,9 +11,9 @@ import copy
 
 import pytest
 import torch
+from ref_helpers import ListStore, lora_policy, make_batch, perturb_adapter
 
 import refmodel
-from conftest import ListStore, lora_policy, make_batch, perturb_adapter
 from refmodel import model_logprobs
 from refmodel.errors import ConfigError, FingerprintMismatch, MissingDependency, StoreMiss
 from refmodel.reference import AdapterDisabled, Frozen, Precomputed, Reference, ReferenceFree, Synced

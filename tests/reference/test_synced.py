@@ -15,8 +15,8 @@ import copy
 
 import pytest
 import torch
+from ref_helpers import lora_policy, perturb_adapter
 
-from conftest import lora_policy, perturb_adapter
 from refmodel import model_logprobs
 from refmodel.errors import ConfigError
 from refmodel.reference import Synced

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import subprocess_env
+from refmodel.testing import subprocess_env
 
 TOKEN = "s3cret-token"
 

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from conftest import subprocess_env
+from refmodel.testing import subprocess_env
 
 N, SHARD = 60, 5
 

@@ -1,0 +1,70 @@
+"""Fixtures for the reference-strategy tests: real tiny models, real PEFT, a padded preference batch."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from refmodel.errors import StoreMiss
+from refmodel.testing import preference_pairs
+
+
+def make_batch(tok, n: int = 4, seed: int = 0):
+    """Right-padded ``(input_ids, attention_mask, score_mask)`` of prompt+chosen; completion scored."""
+    rows, scores = [], []
+    for pair in preference_pairs(n, seed=seed):
+        prompt = tok(pair["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tok(pair["chosen"], add_special_tokens=False)["input_ids"]
+        rows.append(prompt + completion)
+        scores.append([0] * len(prompt) + [1] * len(completion))
+    length = max(map(len, rows))
+    ids = torch.full((n, length), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros(n, length, dtype=torch.long)
+    score = torch.zeros(n, length, dtype=torch.bool)
+    for i, (row, sc) in enumerate(zip(rows, scores, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        attn[i, : len(row)] = 1
+        score[i, : len(row)] = torch.tensor(sc, dtype=torch.bool)
+    return ids, attn, score
+
+
+def lora_policy(model, *, r: int = 4, seed: int = 1, **cfg):
+    """A real PEFT LoRA policy on a deep copy of ``model`` with non-zero (random) B, so it differs from the base."""
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
+                                                             lora_dropout=0.1, **cfg))
+    perturb_adapter(policy, seed=seed)
+    return policy
+
+
+@torch.no_grad()
+def perturb_adapter(policy, seed: int = 1, scale: float = 0.2, adapter: str = "default"):
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in policy.named_parameters():
+        if f".{adapter}." in name and ("lora_B" in name or "modules_to_save" in name):
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+class ListStore:
+    """Test double of ``refmodel.store.LogprobStore`` (that branch has not landed yet): only ``fingerprint``
+    and ``get_batch``, over log-probs that a real model computed. Keyed by the exact real token ids."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+        self.rows: dict[tuple, torch.Tensor] = {}
+
+    def add(self, input_ids, attention_mask, logprobs):
+        for ids, mask, lp in zip(input_ids, attention_mask.bool(), logprobs, strict=True):
+            self.rows[tuple(ids[mask].tolist())] = lp[mask].clone()
+
+    def get_batch(self, input_ids, attention_mask=None):
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        out = torch.zeros(input_ids.shape, dtype=torch.float32)
+        for b, (ids, m) in enumerate(zip(input_ids, mask, strict=True)):
+            key = tuple(ids[m].tolist())
+            if key not in self.rows:
+                raise StoreMiss(f"no stored log-probs for sequence {b} ({len(key)} tokens)")
+            out[b, m] = self.rows[key]
+        return out
