@@ -56,7 +56,7 @@ def run_case(size: str, strategy: str, root: str) -> dict:
     from refmodel.testing import load_tiny, make_tiny_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reference"))
-    from conftest import ListStore, make_batch
+    from ref_helpers import ListStore, make_batch
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # the CI machine is shared: one thread gives steadier medians

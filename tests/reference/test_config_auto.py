@@ -6,8 +6,8 @@ import copy
 import logging
 
 import pytest
+from ref_helpers import lora_policy
 
-from conftest import lora_policy
 from refmodel.errors import ConfigError, MissingDependency
 from refmodel.reference import AdapterDisabled, Frozen, ReferenceConfig, ReferenceFree, Synced, auto
 from refmodel.reference.base import module_bytes

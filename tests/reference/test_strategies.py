@@ -11,14 +11,21 @@ import copy
 
 import pytest
 import torch
+from ref_helpers import ListStore, lora_policy, make_batch, perturb_adapter
 
 import refmodel
-from conftest import ListStore, lora_policy, make_batch, perturb_adapter
 from refmodel import model_logprobs
 from refmodel.errors import ConfigError, FingerprintMismatch, MissingDependency, StoreMiss
 from refmodel.reference import AdapterDisabled, Frozen, Precomputed, Reference, ReferenceFree, Synced
 
 TOL = dict(atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def batch(tiny):
+    """4 right-padded prompt+chosen rows of the built-in data; completion scored (see ref_helpers)."""
+    return make_batch(tiny[1])
+
 
 
 def _expected(model, batch):

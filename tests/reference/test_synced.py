@@ -15,12 +15,19 @@ import copy
 
 import pytest
 import torch
+from ref_helpers import lora_policy, make_batch, perturb_adapter
 
-from conftest import lora_policy, perturb_adapter
 from refmodel import model_logprobs
 from refmodel.errors import ConfigError
 from refmodel.reference import Synced
 from refmodel.reference._peft import lora_layers
+
+
+@pytest.fixture
+def batch(tiny):
+    """4 right-padded prompt+chosen rows of the built-in data; completion scored (see ref_helpers)."""
+    return make_batch(tiny[1])
+
 
 
 def _move(policy, seed):

@@ -1,10 +1,12 @@
-"""Fixtures for the reference-strategy tests: real tiny models, real PEFT, a padded preference batch."""
+"""Helpers for the reference-strategy tests: real tiny models, real PEFT, a padded preference batch.
+
+(Not named conftest: ``from conftest import`` would clash with tests/conftest.py.)
+"""
 
 from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from refmodel.errors import StoreMiss
@@ -28,11 +30,6 @@ def make_batch(tok, n: int = 4, seed: int = 0):
         attn[i, : len(row)] = 1
         score[i, : len(row)] = torch.tensor(sc, dtype=torch.bool)
     return ids, attn, score
-
-
-@pytest.fixture
-def batch(tiny):
-    return make_batch(tiny[1])
 
 
 def lora_policy(model, *, r: int = 4, seed: int = 1, **cfg):
