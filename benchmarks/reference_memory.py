@@ -1,8 +1,8 @@
-"""Extra memory and extra compute of each reference strategy, measured (``make bench`` runs it too).
+"""Extra memory and extra compute of each reference strategy, measured.
 
 Each (model size, strategy) case runs in a fresh process: load the policy, build the strategy, and
 report ``memory_bytes`` next to the resident-memory growth that building it caused (``/proc`` RSS,
-after ``gc``), then the median time of one reference call and of one policy forward+backward on
+after ``gc``; anonymous memory only, so the model file's mapped pages do not count), then the median time of one reference call and of one policy forward+backward on
 the same batch (8 sequences of the built-in data), and for ``Synced`` the time of one sync.
 
     python benchmarks/reference_memory.py            # all cases, a table on stdout
@@ -33,8 +33,12 @@ STRATEGIES = ("frozen", "frozen_bf16", "adapter_disabled", "synced_full", "synce
 
 
 def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """Anonymous resident bytes: excludes the safetensors file pages that loading maps (and copying reads)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 def _median_ms(fn, reps=9) -> float:
@@ -52,7 +56,7 @@ def run_case(size: str, strategy: str, root: str) -> dict:
     from refmodel.testing import load_tiny, make_tiny_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reference"))
-    from conftest import ListStore, make_batch
+    from ref_helpers import ListStore, make_batch
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # the CI machine is shared: one thread gives steadier medians
@@ -131,7 +135,7 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
     if not args.json:
         print(provenance())
-        print("| size | strategy | policy bytes | memory_bytes | RSS growth | ref call ms | policy fwd+bwd ms "
+        print("| size | strategy | policy bytes | memory_bytes | RssAnon growth | ref call ms | policy fwd+bwd ms "
               "| ref / policy | sync ms | memory_bytes after 10 syncs |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:

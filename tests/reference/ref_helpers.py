@@ -1,4 +1,7 @@
-"""Fixtures for the reference-strategy tests: real tiny models, real PEFT, a padded preference batch."""
+"""Helpers for the reference-strategy tests: real tiny models, real PEFT, a padded preference batch.
+
+(Not named conftest: ``from conftest import`` would clash with tests/conftest.py.)
+"""
 
 from __future__ import annotations
 

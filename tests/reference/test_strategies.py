@@ -21,6 +21,13 @@ from refmodel.reference import AdapterDisabled, Frozen, Precomputed, Reference, 
 TOL = dict(atol=1e-5, rtol=0)
 
 
+@pytest.fixture
+def batch(tiny):
+    """4 right-padded prompt+chosen rows of the built-in data; completion scored (see ref_helpers)."""
+    return make_batch(tiny[1])
+
+
+
 def _expected(model, batch):
     with torch.no_grad():
         return model_logprobs(model, *batch)

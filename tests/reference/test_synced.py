@@ -15,12 +15,19 @@ import copy
 
 import pytest
 import torch
-from ref_helpers import lora_policy, perturb_adapter
+from ref_helpers import lora_policy, make_batch, perturb_adapter
 
 from refmodel import model_logprobs
 from refmodel.errors import ConfigError
 from refmodel.reference import Synced
 from refmodel.reference._peft import lora_layers
+
+
+@pytest.fixture
+def batch(tiny):
+    """4 right-padded prompt+chosen rows of the built-in data; completion scored (see ref_helpers)."""
+    return make_batch(tiny[1])
+
 
 
 def _move(policy, seed):
@@ -101,7 +108,7 @@ def test_lora_hard_sync_copies_bit_for_bit(tiny):
 def test_lora_max_rank_is_best_rank_k(tiny, batch):
     model, _ = tiny
     if not hasattr(model, "lm_head") or model.config.model_type != "llama":
-        pytest.skip("delta check reads nn.Linear weights (gpt2 uses transposed Conv1D)")
+        pytest.skip("weight-level check on llama only (the rule is family-independent; gpt2 Conv1D is transposed)")
     k = 6
     policy, bounded, full_ref = _twins(model, 0.6, max_rank=k)
     # One soft sync (rank 4 + 4 -> 6): after several, each truncation builds on the last, so only the
