@@ -14,7 +14,6 @@ q8_0 mean KL ~0.0014 nats, q4_K_M ~0.031, q4_0 ~0.072.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -34,22 +33,17 @@ PUBLISHED = "llama.cpp, Llama-3-8B vs 16-bit: mean KL q8_0 ~0.0014, q4_K_M ~0.03
 
 
 def read_pairs(path: str | Path, max_pairs: int | None = None) -> list[dict[str, str]]:
-    """``{"prompt", "chosen", "rejected"}`` rows of a JSONL file (the built-in format)."""
+    """``{"prompt", "chosen", "rejected"}`` rows of a data file (JSONL, Parquet or an HF dataset folder)."""
+    from .data import load_records  # JSONL / Parquet / HF folder, with FILE:LINE locations
+
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
-                raise DataFormatError(f"{path}:{lineno}: expected an object with string fields "
-                                      f"'prompt', 'chosen' and 'rejected'")
-            rows.append(row)
-            if max_pairs is not None and len(rows) >= max_pairs:
-                break
+    for where, row in load_records(path):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise DataFormatError(f"{where}: expected an object with string fields "
+                                  f"'prompt', 'chosen' and 'rejected'")
+        rows.append(row)
+        if max_pairs is not None and len(rows) >= max_pairs:
+            break
     if not rows:
         raise DataFormatError(f"{path}: no preference pairs found")
     return rows
