@@ -127,15 +127,19 @@ class _RowStats(NamedTuple):
     logp: torch.Tensor  # [M]
     lse: torch.Tensor  # [M]
     entropy: torch.Tensor | None  # [M]
-    expected: torch.Tensor | None  # [M, H]  sum_j p_j f'_j W_j
-    expected_ent: torch.Tensor | None  # [M, H]  sum_j p_j (z_j - E_p z) f'_j W_j
     deriv_y: torch.Tensor  # [M]
 
 
-def _row_block_forward(hb, w, bias, y, tf, fp32, cols, need_dh, want_entropy, buf) -> _RowStats:
-    """Online log-sum-exp over vocab tiles; the [M, H] accumulators are rescaled as the max moves."""
+def _row_block_forward(hb, w, bias, y, tf, fp32, cols, want_entropy, buf, expected, expected_ent) -> _RowStats:
+    """Online log-sum-exp over vocab tiles of one row block.
+
+    When ``expected`` (``[M, H]``, a view of the saved tensor) is given, it receives ``sum_j p_j f'_j W_j``
+    and ``expected_ent`` receives ``sum_j p_j (z_j - E_p z) f'_j W_j``; both are accumulated in place
+    (rescaled as the running max moves) so the block allocates no ``[M, H]`` temporaries.
+    """
     vocab = w.shape[0]
-    m = s = z_y = deriv_y = t_acc = expected = a_acc = None
+    need_dh = expected is not None
+    m = s = z_y = deriv_y = t_acc = None
     for v0 in range(0, vocab, cols):
         v1 = min(v0 + cols, vocab)
         z, deriv = _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
@@ -153,78 +157,96 @@ def _row_block_forward(hb, w, bias, y, tf, fp32, cols, need_dh, want_entropy, bu
         tile_sum = e.sum(dim=1)
         if want_entropy:
             tile_t = (e * zcopy).sum(dim=1)
-        coef = None
-        if need_dh:
-            coef = e.mul_(deriv) if deriv is not None else (
-                e.mul_(tf.const_deriv) if tf.const_deriv != 1.0 else e)
-            tile_e = _coef_matmul(coef, w[v0:v1])
-            tile_a = _coef_matmul(zcopy.mul_(coef), w[v0:v1]) if want_entropy else None
-        if m is None:
-            s = tile_sum
-            t_acc = tile_t if want_entropy else None
-            if need_dh:
-                expected, a_acc = tile_e, tile_a
-        else:
+        first = m is None
+        if not first:
             alpha, shift = torch.exp(m - m_new), m - m_new
             if want_entropy:  # T' = alpha (T + (m - m_new) S) + tile
                 t_acc = alpha * (t_acc + shift * s) + tile_t
-            if need_dh:
-                if want_entropy:
-                    a_acc = (a_acc + shift[:, None] * expected).mul_(alpha[:, None]).add_(tile_a)
-                expected = expected.mul_(alpha[:, None]).add_(tile_e)
             s = alpha * s + tile_sum
+            if need_dh:
+                if want_entropy:  # A' = alpha (A + (m - m_new) E) + tile, before E moves
+                    expected_ent.addcmul_(expected, shift[:, None]).mul_(alpha[:, None])
+                expected.mul_(alpha[:, None])
+        else:
+            s, t_acc = tile_sum, (tile_t if want_entropy else None)
+        if need_dh:
+            coef = e.mul_(deriv) if deriv is not None else (
+                e.mul_(tf.const_deriv) if tf.const_deriv != 1.0 else e)
+            _coef_matmul_into(coef, w[v0:v1], expected, accumulate=not first)
+            if want_entropy:
+                _coef_matmul_into(zcopy.mul_(coef), w[v0:v1], expected_ent, accumulate=not first)
         m = m_new
     log_s = s.log()
     lse = m + log_s
     logp = z_y - lse
-    entropy = expected_ent = None
+    entropy = None
     if want_entropy:
         mean_shift = t_acc / s  # E_p[z] - m
         entropy = log_s - mean_shift
     if need_dh:
-        expected = expected.div_(s[:, None])
+        expected.div_(s[:, None])
         if want_entropy:
-            expected_ent = a_acc.div_(s[:, None]).sub_(mean_shift[:, None] * expected)
-    return _RowStats(logp, lse, entropy, expected, expected_ent, deriv_y)
+            expected_ent.div_(s[:, None]).addcmul_(expected, -mean_shift[:, None])
+    return _RowStats(logp, lse, entropy, deriv_y)
+
+
+class _Forward(NamedTuple):
+    logp: torch.Tensor  # [n]
+    lse: torch.Tensor  # [n]
+    deriv_y: torch.Tensor  # [n]
+    entropy: torch.Tensor | None  # [n]
+    expected: torch.Tensor | None  # [n, H]
+    expected_ent: torch.Tensor | None  # [n, H]
+
+
+def _forward_rows(h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy, need_dh) -> _Forward:
+    """Every row block's statistics; the ``[n, H]`` expected embeddings only when ``need_dh``."""
+    n, hidden_size = y.shape[0], h.shape[1]
+    cpu_upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
+    w = weight.float() if cpu_upcast else weight
+    acc_dtype = _acc_dtype(h)
+    acc = dict(dtype=acc_dtype, device=h.device)
+    rows, cols = tiles
+    logp, lse, deriv_y = (torch.empty(n, **acc) for _ in range(3))
+    entropy = torch.empty(n, **acc) if want_entropy else None
+    expected = torch.empty(n, hidden_size, **acc) if need_dh else None
+    expected_ent = torch.empty(n, hidden_size, **acc) if need_dh and want_entropy else None
+    buf = _workspace(rows, cols, w, acc_dtype)
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        hb = _row_block(h, rows_idx, sl, cpu_upcast)
+        st = _row_block_forward(hb, w, bias, y[sl], tf, fp32, cols, want_entropy, buf,
+                                expected[sl] if need_dh else None,
+                                expected_ent[sl] if expected_ent is not None else None)
+        logp[sl], lse[sl], deriv_y[sl] = st.logp, st.lse, st.deriv_y
+        if want_entropy:
+            entropy[sl] = st.entropy
+    return _Forward(logp, lse, deriv_y, entropy, expected, expected_ent)
 
 
 class _FusedTokenLogprobs(torch.autograd.Function):
-    """Custom autograd over compacted rows: ``h [N, H]``, ``weight [V, H]``, ``y [N]`` -> ``[N]``, ``[N]``."""
+    """Custom autograd over compacted rows: ``h [N, H]``, ``weight [V, H]``, ``y [N]`` -> ``[N]``, ``[N]``.
+
+    The ``[n, H]`` expected embeddings are kept on ``ctx`` rather than saved, so the backward can turn
+    them into ``dh`` in place (the head's extra memory is then one ``[n, H]`` tensor, not two); a second
+    backward through a retained graph finds them consumed and recomputes them (one more forward sweep).
+    """
 
     @staticmethod
     def forward(ctx, h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy):
-        n, hidden_size = y.shape[0], h.shape[1]
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-        cpu_upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
-        w = weight.float() if cpu_upcast else weight
-        acc_dtype = _acc_dtype(h)
-        acc = dict(dtype=acc_dtype, device=h.device)
-        rows, cols = _tiles(n, weight.shape[0], *tiles)
-        logp, lse, deriv_y = (torch.empty(n, **acc) for _ in range(3))
-        entropy = torch.empty(n, **acc) if want_entropy else None
-        expected = torch.empty(n, hidden_size, **acc) if need_dh else None
-        expected_ent = torch.empty(n, hidden_size, **acc) if need_dh and want_entropy else None
-        buf = _workspace(rows, cols, w, acc_dtype)
-        for start in range(0, n, rows):
-            sl = slice(start, min(start + rows, n))
-            hb = _row_block(h, rows_idx, sl, cpu_upcast)
-            st = _row_block_forward(hb, w, bias, y[sl], tf, fp32, cols, need_dh, want_entropy, buf)
-            logp[sl], lse[sl], deriv_y[sl] = st.logp, st.lse, st.deriv_y
-            if want_entropy:
-                entropy[sl] = st.entropy
-            if need_dh:
-                expected[sl] = st.expected
-                if want_entropy:
-                    expected_ent[sl] = st.expected_ent
-        ctx.tf, ctx.tiles, ctx.fp32, ctx.want_entropy, ctx.need_dw = tf, (rows, cols), fp32, want_entropy, need_dw
-        ctx.save_for_backward(h, weight, bias, rows_idx, y, deriv_y, lse, entropy, expected, expected_ent)
+        tiles = _tiles(y.shape[0], weight.shape[0], *tiles)
+        fw = _forward_rows(h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy, need_dh)
+        ctx.tf, ctx.tiles, ctx.fp32, ctx.want_entropy, ctx.need_dw = tf, tiles, fp32, want_entropy, need_dw
+        ctx.expected = (fw.expected, fw.expected_ent) if need_dh else None
+        ctx.save_for_backward(h, weight, bias, rows_idx, y, fw.deriv_y, fw.lse, fw.entropy)
         ctx.mark_non_differentiable(y)
-        return logp, (entropy if entropy is not None else logp.new_zeros(0))
+        return fw.logp, (fw.entropy if fw.entropy is not None else fw.logp.new_zeros(0))
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, weight, bias, rows_idx, y, deriv_y, lse, entropy, expected, expected_ent = ctx.saved_tensors
+        h, weight, bias, rows_idx, y, deriv_y, lse, entropy = ctx.saved_tensors
         acc = deriv_y.dtype
         g_logp = g_logp.to(acc) if g_logp is not None else torch.zeros_like(deriv_y)
         use_ent = ctx.want_entropy and g_ent is not None and g_ent.numel() > 0
@@ -236,20 +258,49 @@ class _FusedTokenLogprobs(torch.autograd.Function):
             if not ctx.needs_input_grad[1]:
                 dw = None
         if ctx.needs_input_grad[0]:
-            # d logp_i / d h_i = s (f'_iy W_y - E_i): no vocabulary matmul in the backward. Built block by
-            # block so the only [N, H] tensor allocated is dh itself.
-            dh = torch.zeros_like(h) if rows_idx is not None else torch.empty_like(h)
-            rows = ctx.tiles[0]
-            for start in range(0, y.shape[0], rows):
-                sl = slice(start, min(start + rows, y.shape[0]))
-                blk = (deriv_y[sl, None] * weight[y[sl]].to(acc)).sub_(expected[sl]).mul_(g_logp[sl, None])
-                if use_ent:
-                    blk.sub_(expected_ent[sl] * g_ent[sl, None])
-                if rows_idx is None:
-                    dh[sl] = blk
-                else:
-                    dh.index_copy_(0, rows_idx[sl], blk.to(h.dtype))
+            if ctx.expected is None:  # consumed by an earlier backward of a retained graph
+                fw = _forward_rows(h, weight, bias, rows_idx, y, ctx.tf, ctx.tiles, ctx.fp32, ctx.want_entropy,
+                                   need_dh=True)
+                expected, expected_ent = fw.expected, fw.expected_ent
+            else:
+                (expected, expected_ent), ctx.expected = ctx.expected, None
+            dh = _hidden_grad(h, weight, rows_idx, y, deriv_y, expected, expected_ent, g_logp,
+                              g_ent if use_ent else None)
         return dh, dw, db, None, None, None, None, None, None
+
+
+def _hidden_grad(h, weight, rows_idx, y, deriv_y, expected, expected_ent, g_logp, g_ent) -> torch.Tensor:
+    """``dh_i = g_i (f'_iy W_y - E_i) - g^ent_i A_i``, written over ``expected`` (which it consumes).
+
+    No vocabulary matmul: only the target rows of ``W`` are gathered, in small blocks.
+    """
+    block = 256
+    for start in range(0, y.shape[0], block):
+        sl = slice(start, min(start + block, y.shape[0]))
+        g = g_logp[sl, None]
+        blk = expected[sl].mul_(-g).addcmul_(weight[y[sl]].to(expected.dtype), deriv_y[sl, None] * g)
+        if g_ent is not None:
+            blk.addcmul_(expected_ent[sl], g_ent[sl, None], value=-1.0)
+    if rows_idx is None and expected.dtype == h.dtype:
+        return expected
+    dh = torch.zeros_like(h) if rows_idx is not None else torch.empty_like(h)
+    if rows_idx is None:
+        return dh.copy_(expected)
+    return dh.index_copy_(0, rows_idx, expected.to(h.dtype))
+
+
+def _coef_matmul_into(coef: torch.Tensor, w: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= coef [M, K] @ w [K, H]`` in ``out``'s float32/float64, without an ``[M, H]`` temporary
+    where the operands allow it."""
+    if w.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(coef.to(w.dtype), w)
+        else:
+            torch.mm(coef.to(w.dtype), w, out=out)
+    elif accumulate:
+        out.add_(_coef_matmul(coef, w))
+    else:
+        out.copy_(_coef_matmul(coef, w))
 
 
 def _coef_matmul(coef: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
