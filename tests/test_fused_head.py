@@ -174,11 +174,22 @@ def test_all_rows_scored_and_partly_scored_agree_in_grads():
         torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
 
 
-def test_backward_twice_with_retain_graph_gives_the_same_gradient():
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("ignored", [False, True])
+def test_backward_twice_with_retain_graph_gives_the_same_gradient(entropy, ignored):
+    # The first backward consumes the expected embeddings (they become dh in place); the second must
+    # recompute them and give the same gradient.
     hidden, weight, targets, _ = _inputs(6, 8, 20)
+    if ignored:
+        targets[::3] = -100
     h = hidden.clone().requires_grad_()
-    out = token_logprobs(h, weight, targets, chunk_size=2).sum()
+    res = token_logprobs(h, weight, targets, chunk_size=2, vocab_chunk_size=7, return_entropy=entropy)
+    out = (res.logprobs.sum() + 0.5 * res.entropy.sum()) if entropy else res.sum()
     out.backward(retain_graph=True)
     first = h.grad.clone()
     out.backward()
     torch.testing.assert_close(h.grad, 2 * first)
+    h64 = hidden.double().requires_grad_()
+    ref = naive_token_logprobs(h64, weight.double(), targets, return_entropy=entropy)
+    ((ref.logprobs.sum() + 0.5 * ref.entropy.sum()) if entropy else ref.sum()).backward()
+    torch.testing.assert_close(first, h64.grad.float(), atol=1e-5, rtol=1e-4)

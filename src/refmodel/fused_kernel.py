@@ -1,0 +1,334 @@
+"""The tile kernels and autograd function behind :func:`refmodel.token_logprobs`.
+
+Rows are processed in blocks and the vocabulary in tiles of ~``DEFAULT_CHUNK_ELEMENTS`` logits, with an
+online log-sum-exp across tiles. The forward also accumulates the expected embedding
+``E_i = sum_j p_ij f'_ij W_j`` (a second matmul), after which the gradient with respect to the hidden
+state needs no vocabulary work at all:
+
+    d logp_i / d h_i = s * (f'_iy W_y - E_i)
+
+so a frozen-head (LoRA) policy pass costs 2 matmuls instead of 3, and the reference pass (no grad)
+costs exactly 1. A trainable head adds a recompute and the ``dW`` matmul in the backward (4 total).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Logits budget of one [rows, vocab-tile] tile (elements): 8 MiB in fp32. Temporaries are a small multiple
+# of it, far below the full logits, while tiles stay large enough for an efficient GEMM.
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 accumulation, or float64 for float64 inputs (so float64 gradcheck is meaningful)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _logits_fp32(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, fp32: bool,
+                 out: torch.Tensor | None) -> torch.Tensor:
+    """``h @ weight_t (+ bias)`` as float32 (float64 for float64 inputs) ``[M, V]``, into ``out`` if given."""
+    if h.dtype in (torch.float32, torch.float64):
+        z = torch.mm(h, weight_t, out=out) if out is not None else h @ weight_t
+    elif fp32 and h.is_cuda:
+        z = torch.mm(h, weight_t, out_dtype=torch.float32)
+    else:  # without fp32 accumulation the logits are rounded to the operand dtype first
+        z = (h @ weight_t).float()
+    if bias is not None:
+        z += bias.to(z.dtype)
+    return z
+
+
+class LogitTransform(NamedTuple):
+    logit_scale: float
+    softcap: float | None
+    temperature: float
+
+    def apply_(self, a: torch.Tensor) -> torch.Tensor | None:
+        """Transform fp32 logits ``a`` in place; return ``dz/da`` ``[M, V]``, or None when it is constant."""
+        if self.logit_scale != 1.0:
+            a.mul_(self.logit_scale)
+        deriv = None
+        if self.softcap is not None:
+            a.div_(self.softcap).tanh_()
+            deriv = torch.mul(a, a).neg_().add_(1.0).mul_(self.logit_scale / self.temperature)
+            a.mul_(self.softcap)
+        if self.temperature != 1.0:
+            a.div_(self.temperature)
+        return deriv
+
+    @property
+    def const_deriv(self) -> float:
+        return self.logit_scale / self.temperature
+
+
+def _tiles(n: int, vocab: int, chunk: int | None, vocab_chunk: int | None) -> tuple[int, int]:
+    """``(rows per block, vocab columns per tile)`` for a logits tile of ~``DEFAULT_CHUNK_ELEMENTS``.
+
+    Every row block re-reads the whole weight and every vocab tile re-reads the row block, so the
+    memory traffic is ~``N*V*H*(1/rows + 1/cols)``: square-ish tiles minimise it for a fixed budget.
+    """
+    rows = chunk or min(n, 1 << (DEFAULT_CHUNK_ELEMENTS.bit_length() // 2))
+    cols = vocab_chunk or max(128, DEFAULT_CHUNK_ELEMENTS // max(rows, 1))
+    return max(1, min(rows, n)), min(cols, vocab)
+
+
+def _workspace(rows: int, cols: int, w: torch.Tensor, acc: torch.dtype) -> torch.Tensor | None:
+    """A reusable ``[rows, cols]`` logits buffer on CPU (fresh pages per tile cost more than the math)."""
+    if rows == 0 or w.is_cuda or w.dtype != acc:
+        return None  # the CUDA caching allocator already reuses blocks
+    return torch.empty(rows, cols, dtype=acc, device=w.device)
+
+
+def _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf):
+    """Transformed fp32 logits of one tile ``[M, v1 - v0]`` and their derivative (None if constant)."""
+    out = buf[: hb.shape[0], : v1 - v0] if buf is not None else None
+    z = _logits_fp32(hb, w[v0:v1].t(), bias[v0:v1] if bias is not None else None, fp32, out)
+    return z, tf.apply_(z)
+
+
+def _gather_in_tile(z, y, v0, v1, into):
+    """``into[i] = z[i, y_i - v0]`` for the rows whose target lies in ``[v0, v1)``."""
+    inside = (y >= v0) & (y < v1)
+    vals = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+    return torch.where(inside, vals, into)
+
+
+class _RowStats(NamedTuple):
+    logp: torch.Tensor  # [M]
+    lse: torch.Tensor  # [M]
+    entropy: torch.Tensor | None  # [M]
+    deriv_y: torch.Tensor  # [M]
+
+
+def _row_block_forward(hb, w, bias, y, tf, fp32, cols, want_entropy, buf, expected, expected_ent) -> _RowStats:
+    """Online log-sum-exp over vocab tiles of one row block.
+
+    When ``expected`` (``[M, H]``, a view of the saved tensor) is given, it receives ``sum_j p_j f'_j W_j``
+    and ``expected_ent`` receives ``sum_j p_j (z_j - E_p z) f'_j W_j``; both are accumulated in place
+    (rescaled as the running max moves) so the block allocates no ``[M, H]`` temporaries.
+    """
+    vocab = w.shape[0]
+    need_dh = expected is not None
+    m = s = z_y = deriv_y = t_acc = None
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        z, deriv = _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
+        if z_y is None:
+            z_y = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+            deriv_y = torch.full_like(z_y, tf.const_deriv)
+        z_y = _gather_in_tile(z, y, v0, v1, z_y)
+        if deriv is not None:
+            deriv_y = _gather_in_tile(deriv, y, v0, v1, deriv_y)
+        tile_max = z.amax(dim=1)
+        m_new = tile_max if m is None else torch.maximum(m, tile_max)
+        zs = z.sub_(m_new[:, None])  # z - m_new, in place
+        zcopy = zs.clone() if want_entropy else None
+        e = zs.exp_()  # exp(z - m_new), in place
+        tile_sum = e.sum(dim=1)
+        if want_entropy:
+            tile_t = (e * zcopy).sum(dim=1)
+        first = m is None
+        if not first:
+            alpha, shift = torch.exp(m - m_new), m - m_new
+            if want_entropy:  # T' = alpha (T + (m - m_new) S) + tile
+                t_acc = alpha * (t_acc + shift * s) + tile_t
+            s = alpha * s + tile_sum
+            if need_dh:
+                if want_entropy:  # A' = alpha (A + (m - m_new) E) + tile, before E moves
+                    expected_ent.addcmul_(expected, shift[:, None]).mul_(alpha[:, None])
+                expected.mul_(alpha[:, None])
+        else:
+            s, t_acc = tile_sum, (tile_t if want_entropy else None)
+        if need_dh:
+            coef = e.mul_(deriv) if deriv is not None else (
+                e.mul_(tf.const_deriv) if tf.const_deriv != 1.0 else e)
+            _coef_matmul_into(coef, w[v0:v1], expected, accumulate=not first)
+            if want_entropy:
+                _coef_matmul_into(zcopy.mul_(coef), w[v0:v1], expected_ent, accumulate=not first)
+        m = m_new
+    log_s = s.log()
+    lse = m + log_s
+    logp = z_y - lse
+    entropy = None
+    if want_entropy:
+        mean_shift = t_acc / s  # E_p[z] - m
+        entropy = log_s - mean_shift
+    if need_dh:
+        expected.div_(s[:, None])
+        if want_entropy:
+            expected_ent.div_(s[:, None]).addcmul_(expected, -mean_shift[:, None])
+    return _RowStats(logp, lse, entropy, deriv_y)
+
+
+class _Forward(NamedTuple):
+    logp: torch.Tensor  # [n]
+    lse: torch.Tensor  # [n]
+    deriv_y: torch.Tensor  # [n]
+    entropy: torch.Tensor | None  # [n]
+    expected: torch.Tensor | None  # [n, H]
+    expected_ent: torch.Tensor | None  # [n, H]
+
+
+def _forward_rows(h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy, need_dh) -> _Forward:
+    """Every row block's statistics; the ``[n, H]`` expected embeddings only when ``need_dh``."""
+    n, hidden_size = y.shape[0], h.shape[1]
+    cpu_upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
+    w = weight.float() if cpu_upcast else weight
+    acc_dtype = _acc_dtype(h)
+    acc = dict(dtype=acc_dtype, device=h.device)
+    rows, cols = tiles
+    logp, lse, deriv_y = (torch.empty(n, **acc) for _ in range(3))
+    entropy = torch.empty(n, **acc) if want_entropy else None
+    expected = torch.empty(n, hidden_size, **acc) if need_dh else None
+    expected_ent = torch.empty(n, hidden_size, **acc) if need_dh and want_entropy else None
+    buf = _workspace(rows, cols, w, acc_dtype)
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        hb = _row_block(h, rows_idx, sl, cpu_upcast)
+        st = _row_block_forward(hb, w, bias, y[sl], tf, fp32, cols, want_entropy, buf,
+                                expected[sl] if need_dh else None,
+                                expected_ent[sl] if expected_ent is not None else None)
+        logp[sl], lse[sl], deriv_y[sl] = st.logp, st.lse, st.deriv_y
+        if want_entropy:
+            entropy[sl] = st.entropy
+    return _Forward(logp, lse, deriv_y, entropy, expected, expected_ent)
+
+
+class FusedTokenLogprobs(torch.autograd.Function):
+    """Custom autograd over compacted rows: ``h [N, H]``, ``weight [V, H]``, ``y [N]`` -> ``[N]``, ``[N]``.
+
+    The ``[n, H]`` expected embeddings are kept on ``ctx`` rather than saved, so the backward can turn
+    them into ``dh`` in place (the head's extra memory is then one ``[n, H]`` tensor, not two); a second
+    backward through a retained graph finds them consumed and recomputes them (one more forward sweep).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy):
+        need_dh = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        tiles = _tiles(y.shape[0], weight.shape[0], *tiles)
+        fw = _forward_rows(h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy, need_dh)
+        ctx.tf, ctx.tiles, ctx.fp32, ctx.want_entropy, ctx.need_dw = tf, tiles, fp32, want_entropy, need_dw
+        ctx.expected = (fw.expected, fw.expected_ent) if need_dh else None
+        ctx.save_for_backward(h, weight, bias, rows_idx, y, fw.deriv_y, fw.lse, fw.entropy)
+        ctx.mark_non_differentiable(y)
+        return fw.logp, (fw.entropy if fw.entropy is not None else fw.logp.new_zeros(0))
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, weight, bias, rows_idx, y, deriv_y, lse, entropy = ctx.saved_tensors
+        acc = deriv_y.dtype
+        g_logp = g_logp.to(acc) if g_logp is not None else torch.zeros_like(deriv_y)
+        use_ent = ctx.want_entropy and g_ent is not None and g_ent.numel() > 0
+        g_ent = g_ent.to(acc) if use_ent else None
+        dh = dw = db = None
+        if ctx.need_dw:
+            dw, db = _weight_grads(h, weight, bias, rows_idx, y, ctx.tf, ctx.tiles, ctx.fp32, lse,
+                                   entropy if use_ent else None, g_logp, g_ent)
+            if not ctx.needs_input_grad[1]:
+                dw = None
+        if ctx.needs_input_grad[0]:
+            if ctx.expected is None:  # consumed by an earlier backward of a retained graph
+                fw = _forward_rows(h, weight, bias, rows_idx, y, ctx.tf, ctx.tiles, ctx.fp32, ctx.want_entropy,
+                                   need_dh=True)
+                expected, expected_ent = fw.expected, fw.expected_ent
+            else:
+                (expected, expected_ent), ctx.expected = ctx.expected, None
+            dh = _hidden_grad(h, weight, rows_idx, y, deriv_y, expected, expected_ent, g_logp,
+                              g_ent if use_ent else None)
+        return dh, dw, db, None, None, None, None, None, None
+
+
+def _hidden_grad(h, weight, rows_idx, y, deriv_y, expected, expected_ent, g_logp, g_ent) -> torch.Tensor:
+    """``dh_i = g_i (f'_iy W_y - E_i) - g^ent_i A_i``, written over ``expected`` (which it consumes).
+
+    No vocabulary matmul: only the target rows of ``W`` are gathered, in small blocks.
+    """
+    block = 256
+    for start in range(0, y.shape[0], block):
+        sl = slice(start, min(start + block, y.shape[0]))
+        g = g_logp[sl, None]
+        blk = expected[sl].mul_(-g).addcmul_(weight[y[sl]].to(expected.dtype), deriv_y[sl, None] * g)
+        if g_ent is not None:
+            blk.addcmul_(expected_ent[sl], g_ent[sl, None], value=-1.0)
+    if rows_idx is None and expected.dtype == h.dtype:
+        return expected
+    dh = torch.zeros_like(h) if rows_idx is not None else torch.empty_like(h)
+    if rows_idx is None:
+        return dh.copy_(expected)
+    return dh.index_copy_(0, rows_idx, expected.to(h.dtype))
+
+
+def _coef_matmul_into(coef: torch.Tensor, w: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= coef [M, K] @ w [K, H]`` in ``out``'s float32/float64, without an ``[M, H]`` temporary
+    where the operands allow it."""
+    if w.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(coef.to(w.dtype), w)
+        else:
+            torch.mm(coef.to(w.dtype), w, out=out)
+    elif accumulate:
+        out.add_(_coef_matmul(coef, w))
+    else:
+        out.copy_(_coef_matmul(coef, w))
+
+
+def _coef_matmul(coef: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``coef [M, K] @ w [K, H]`` with float32 accumulation (coef cast to w's dtype on CUDA)."""
+    if w.dtype in (torch.float32, torch.float64):
+        return coef.to(w.dtype) @ w
+    if w.is_cuda:
+        return torch.mm(coef.to(w.dtype), w, out_dtype=torch.float32)
+    return coef @ w.float()
+
+
+def _row_block(h: torch.Tensor, rows_idx: torch.Tensor | None, sl: slice, upcast: bool) -> torch.Tensor:
+    """Rows ``sl`` of the scored rows: a view when every row is scored, else a per-block gather."""
+    hb = h[sl] if rows_idx is None else h.index_select(0, rows_idx[sl])
+    return hb.float() if upcast else hb
+
+
+def _weight_grads(h, weight, bias, rows_idx, y, tf, tiles, fp32, lse, entropy, g_logp, g_ent):
+    """Recompute each tile's probabilities from the saved log-sum-exp; accumulate ``dW``, ``db`` in fp32."""
+    n = y.shape[0]
+    rows, cols = tiles
+    cpu_upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
+    w = weight.float() if cpu_upcast else weight
+    acc_dtype = _acc_dtype(weight)
+    dw = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+    db = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if bias is not None else None
+    buf = _workspace(rows, cols, w, acc_dtype)
+    with torch.no_grad():
+        for start in range(0, n, rows):
+            sl = slice(start, min(start + rows, n))
+            hb = _row_block(h, rows_idx, sl, cpu_upcast)
+            for v0 in range(0, weight.shape[0], cols):
+                v1 = min(v0 + cols, weight.shape[0])
+                z, deriv = _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
+                # dlogp/da_j = f'_y [j == y] - p_j f'_j ;  d ent/da_j = -p_j (z_j - E_p z) f'_j
+                zcopy = z.clone() if g_ent is not None else None
+                p = z.sub_(lse[sl, None]).exp_()
+                grad_a = p.mul_(deriv) if deriv is not None else p.mul_(tf.const_deriv)  # p f'
+                if g_ent is not None:
+                    mean_z = lse[sl] - entropy[sl]
+                    grad_a_ent = zcopy.sub_(mean_z[:, None]).mul_(grad_a).mul_(g_ent[sl, None])
+                grad_a.mul_(-g_logp[sl, None])
+                if g_ent is not None:
+                    grad_a.sub_(grad_a_ent)
+                yb = y[sl]
+                inside = ((yb >= v0) & (yb < v1)).nonzero().squeeze(1)
+                grad_a[inside, yb[inside] - v0] += g_logp[sl][inside] * _deriv_at(deriv, tf, inside, yb - v0)
+                dw[v0:v1] += _coef_matmul(grad_a.t(), hb)
+                if db is not None:
+                    db[v0:v1] += grad_a.sum(0)
+    return dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
+
+
+def _deriv_at(deriv, tf, rows, cols):
+    if deriv is None:
+        return tf.const_deriv
+    return deriv[rows, cols[rows]]
