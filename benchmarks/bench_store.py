@@ -116,16 +116,18 @@ def main() -> None:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_store", "--measure", kind, str(root),
                                    str(args.n)], capture_output=True, text=True, check=True)
             res[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
-    tok = sizes["scored_tokens"]
-    res["store"]["bytes_per_token"] = sizes["store_bytes"] / tok
-    res["halos"]["bytes_per_token"] = sizes["halos_bytes"] / tok
-    print(f"{'format':<8}{'bytes/scored tok':>18}{'open ms':>10}{'RSS after open MiB':>20}{'batch-64 read ms':>18}")
+    for kind in ("store", "halos"):
+        res[kind]["bytes_per_token"] = sizes[f"{kind}_bytes"] / sizes["scored_tokens"]
+        res[kind]["bytes_per_seq_token"] = sizes[f"{kind}_bytes"] / sizes["seq_tokens"]
+    print(f"{'format':<8}{'B/scored tok':>14}{'B/seq tok':>11}{'open ms':>10}{'RSS after open MiB':>20}"
+          f"{'batch-64 read ms':>18}")
     for kind in ("store", "halos"):
         r = res[kind]
-        print(f"{kind:<8}{r['bytes_per_token']:>18.2f}{r['open_s'] * 1e3:>10.2f}{r['rss_after_open'] / 2**20:>20.1f}"
-              f"{r['batch64_s'] * 1e3:>18.3f}")
+        print(f"{kind:<8}{r['bytes_per_token']:>14.2f}{r['bytes_per_seq_token']:>11.2f}{r['open_s'] * 1e3:>10.2f}"
+              f"{r['rss_after_open'] / 2**20:>20.1f}{r['batch64_s'] * 1e3:>18.3f}")
+    print(f"store index: {(sizes['store_bytes'] - 2 * sizes['scored_tokens']) / args.n:.0f} B per entry "
+          "(key 16 + meta 20 + sum 4 + file header), values 2 B per scored token")
     s, h = res["store"], res["halos"]
-    print(f"store bytes per sequence token (prompt + completion): {sizes['store_bytes'] / sizes['seq_tokens']:.2f}")
     print(f"ratios halos/store: bytes {h['bytes_per_token'] / s['bytes_per_token']:.1f}x, open "
           f"{h['open_s'] / s['open_s']:.0f}x, RSS {h['rss_after_open'] / max(s['rss_after_open'], 4096):.0f}x, "
           f"batch read {h['batch64_s'] / s['batch64_s']:.2f}x")

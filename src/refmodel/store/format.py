@@ -4,7 +4,7 @@ A shard holds ``N`` entries sorted by key and these tensors (readable with ``saf
 or any safetensors reader, no refmodel needed):
 
     keys    U8  [N, 16]  blake2b-128 of the exact token ids (int64 little-endian), see :func:`key_of`
-    meta    I64 [N, 5]   (offset into values, count, start, seq_len, crc32) per entry
+    meta    U32 [N, 5]   (offset into values, count, start, seq_len, crc32) per entry (I64 in version 1)
     sums    F32 [N]      per-sequence sum of the scored log-probs, taken before the storage cast
     values  F32|BF16|F16 [M]  token log-probs of each entry's scored span, positions start..start+count-1
 
@@ -33,13 +33,14 @@ import torch
 from ..errors import InvalidInput, StoreCorrupt
 
 FORMAT = "refmodel-logprob-store"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 differs only in an I64 meta tensor
 KEY_BYTES = 16
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
             "half": "float16", "float": "float32"}
-_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "U8": 1}
-_NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I64": np.int64, "U8": np.uint8}
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "U32": 4, "U8": 1}
+_NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I64": np.int64, "U32": np.uint32, "U8": np.uint8}
 
 
 def normalize_dtype(dtype) -> str:
@@ -133,15 +134,18 @@ def write_shard(path: Path, entries: list[Entry], *, fingerprint: str, dtype: st
     n = len(entries)
     keys = np.frombuffer(b"".join(e.key for e in entries), dtype=np.uint8).reshape(n, KEY_BYTES)
     stored = [encode_values(e.values, dtype) for e in entries]
-    meta = np.zeros((n, 5), dtype=np.int64)
+    meta = np.zeros((n, 5), dtype=np.uint32)
     offset = 0
     for i, (e, s) in enumerate(zip(entries, stored, strict=True)):
+        if offset + s.size >= 2**32 or e.seq_len >= 2**32:
+            raise InvalidInput(f"a shard holds at most 2**32 values and sequences of < 2**32 tokens; "
+                               f"got {offset + s.size} values / seq_len {e.seq_len}: use smaller shards")
         meta[i] = (offset, s.size, e.start, e.seq_len, entry_crc(e.key, s.size, e.start, e.seq_len, s.tobytes()))
         offset += s.size
     values = np.concatenate(stored) if stored else np.zeros(0, dtype=_NP[DTYPES[dtype]])
     sums = np.array([e.total for e in entries], dtype=np.float32)
-    # Widest items first: safetensors allows no gaps, and this order keeps every tensor naturally aligned.
-    tensors = [("meta", "I64", meta), ("keys", "U8", keys), ("sums", "F32", sums), ("values", DTYPES[dtype], values)]
+    # 4-byte items first: safetensors allows no gaps, and this order keeps every tensor naturally aligned.
+    tensors = [("meta", "U32", meta), ("sums", "F32", sums), ("keys", "U8", keys), ("values", DTYPES[dtype], values)]
     header, blobs, pos = {}, [], 0
     for name, code, arr in tensors:
         data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()

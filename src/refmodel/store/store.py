@@ -28,6 +28,7 @@ import torch
 from ..errors import ConfigError, FingerprintMismatch, InvalidInput, StoreCorrupt, StoreMiss
 from .format import (
     FORMAT,
+    READABLE_VERSIONS,
     VERSION,
     Entry,
     Shard,
@@ -415,7 +416,7 @@ def _read_manifest(path: Path) -> dict:
         manifest = json.loads(file.read_bytes())
     except (OSError, ValueError) as exc:
         raise StoreCorrupt(f"the manifest {file} is unreadable or not JSON ({exc})") from exc
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
         raise StoreCorrupt(f"{file} is not a {FORMAT} v{VERSION} manifest "
                            f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
     return manifest
