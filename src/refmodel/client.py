@@ -131,26 +131,40 @@ class ReferenceClient:
                 wait = max(wait, float(retry_after))
         return min(wait, _MAX_SLEEP_S)
 
+    def _transport_errors(self) -> tuple[type[Exception], ...]:
+        h = self._httpx
+        return (h.ConnectError, h.RemoteProtocolError, h.ReadError, h.TimeoutException)
+
+    def _settle(self, attempt: int, path: str, response=None, exc: Exception | None = None) -> float | None:
+        """After one attempt: ``None`` when ``response`` is final (error statuses raised), else the
+        seconds to wait before the next attempt. Shared by the sync and async transports."""
+        if exc is not None:
+            if isinstance(exc, self._httpx.TimeoutException):
+                raise ServiceError(f"the reference service at {self.url} did not answer {path} within "
+                                   f"{self.timeout.read} s") from exc
+            if attempt == self.max_retries:
+                raise ServiceError(f"cannot reach the reference service at {self.url}: {exc}") from exc
+        elif response.status_code not in _RETRY_STATUSES or attempt == self.max_retries:
+            _raise_for(response)
+            return None
+        wait = self._sleep_for(attempt, response)
+        log.info("reference service busy (%s); retry %d/%d in %.2f s",
+                 response.status_code if response is not None else "unreachable", attempt + 1,
+                 self.max_retries, wait)
+        return wait
+
     def _request(self, method: str, path: str, **kwargs):
         if self._client is None:
             self._client = self._httpx.Client(timeout=self.timeout, headers=self.headers)
         for attempt in range(self.max_retries + 1):
-            response = None
             try:
                 response = self._client.request(method, self.url + path, **kwargs)
-            except (self._httpx.ConnectError, self._httpx.RemoteProtocolError, self._httpx.ReadError) as exc:
-                if attempt == self.max_retries:
-                    raise ServiceError(f"cannot reach the reference service at {self.url}: {exc}") from exc
-            except self._httpx.TimeoutException as exc:
-                raise ServiceError(f"the reference service at {self.url} did not answer {path} within "
-                                   f"{self.timeout.read} s") from exc
-            if response is not None and (response.status_code not in _RETRY_STATUSES or attempt == self.max_retries):
-                _raise_for(response)
-                return response
-            wait = self._sleep_for(attempt, response)
-            log.info("reference service busy (%s); retry %d/%d in %.2f s",
-                     response.status_code if response is not None else "unreachable", attempt + 1,
-                     self.max_retries, wait)
+            except self._transport_errors() as exc:
+                wait = self._settle(attempt, path, exc=exc)
+            else:
+                wait = self._settle(attempt, path, response)
+                if wait is None:
+                    return response
             time.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -158,19 +172,15 @@ class ReferenceClient:
         if self._aclient is None:
             self._aclient = self._httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
         for attempt in range(self.max_retries + 1):
-            response = None
             try:
                 response = await self._aclient.request(method, self.url + path, **kwargs)
-            except (self._httpx.ConnectError, self._httpx.RemoteProtocolError, self._httpx.ReadError) as exc:
-                if attempt == self.max_retries:
-                    raise ServiceError(f"cannot reach the reference service at {self.url}: {exc}") from exc
-            except self._httpx.TimeoutException as exc:
-                raise ServiceError(f"the reference service at {self.url} did not answer {path} within "
-                                   f"{self.timeout.read} s") from exc
-            if response is not None and (response.status_code not in _RETRY_STATUSES or attempt == self.max_retries):
-                _raise_for(response)
-                return response
-            await asyncio.sleep(self._sleep_for(attempt, response))
+            except self._transport_errors() as exc:
+                wait = self._settle(attempt, path, exc=exc)
+            else:
+                wait = self._settle(attempt, path, response)
+                if wait is None:
+                    return response
+            await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------------------ the API
