@@ -87,7 +87,7 @@ def test_auto_follows_the_rules(caplog, tiny_model_dirs):
     size = module_bytes(policy)
     cfg = ReferenceConfig(remote_url="http://127.0.0.1:9", remote_model="tiny", max_local_bytes=size)
     ref, line = _choose(caplog, policy, cfg)
-    assert isinstance(ref, Frozen) and f"({size} bytes) fits max_local_bytes={size}" in line
+    assert isinstance(ref, Frozen) and f"({size} <= {size} bytes)" in line and "stays local" in line
 
 
 def test_auto_without_store_module_says_so(tiny):

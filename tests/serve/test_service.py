@@ -276,3 +276,21 @@ def test_remote_reference(server, llama):
     torch.testing.assert_close(remote.logprobs(ids), want, atol=ATOL, rtol=0)
     remote.on_step(1, None)
     remote.close()
+
+
+def test_auto_places_a_reference_too_big_for_the_budget_on_the_service(server, llama, tiny_model_dirs, caplog):
+    # Hybrid placement: the same config stays local when the weights fit and goes remote when they do not.
+    import logging
+
+    from refmodel.reference import Frozen, ReferenceConfig, auto
+
+    path = str(tiny_model_dirs["llama"])
+    common = dict(ref_model_path=path, remote_url=server.url, remote_model="tiny", remote_token=TOKEN)
+    with caplog.at_level(logging.INFO, logger="refmodel.reference"):
+        remote = auto(llama, ReferenceConfig(max_local_bytes=1024, **common))
+    assert isinstance(remote, Remote) and "exceeds the local budget" in caplog.text
+    assert isinstance(auto(llama, ReferenceConfig(max_local_bytes=2**40, **common)), Frozen)
+    ids = torch.tensor(random_rows(2, seed=8, lo=7, hi=7))
+    with torch.no_grad():
+        torch.testing.assert_close(remote.logprobs(ids), model_logprobs(llama, ids), atol=ATOL, rtol=0)
+    remote.close()

@@ -62,19 +62,21 @@ def _live(policy, cfg: ReferenceConfig):
         return (AdapterDisabled(policy, adapter_name=cfg.ref_adapter_name, **logp),
                 f"the policy is a PEFT model ({what}; no extra weights)")
     if cfg.remote_url:
+        from .remote import Remote, placement_rule
+
         size = _path_bytes(cfg.ref_model_path) if cfg.ref_model_path else module_bytes(policy)
-        if cfg.max_local_bytes is not None and size is not None and size <= cfg.max_local_bytes:
+        if size is None:
+            placement, why = "remote", "its size is unknown (not a local model folder)"
+        elif cfg.max_local_bytes is None:
+            placement, why = "remote", "max_local_bytes is not set"
+        else:
+            placement, why = placement_rule(size, cfg.max_local_bytes)
+        if placement == "local":
             ref = Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)) if cfg.ref_model_path \
                 else Frozen.from_policy(policy, **_frozen_kwargs(cfg))
-            return ref, (f"remote_url is set but the reference ({size} bytes) fits max_local_bytes="
-                         f"{cfg.max_local_bytes}, so it stays local")
-        from .remote import Remote
-
+            return ref, f"remote_url is set but the reference stays local: {why}"
         ref = Remote(cfg.remote_url, cfg.remote_model, token=cfg.remote_token)
-        fits = "max_local_bytes is not set" if cfg.max_local_bytes is None else \
-            f"the reference ({size if size is not None else 'unknown'} bytes) exceeds max_local_bytes=" \
-            f"{cfg.max_local_bytes}"
-        return ref, f"remote_url is set and {fits}; model {cfg.remote_model!r} at {cfg.remote_url}"
+        return ref, f"remote_url is set and the reference goes remote: {why}; model {cfg.remote_model!r} at {cfg.remote_url}"
     if cfg.ref_model_path:
         return Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)), f"ref_model_path={cfg.ref_model_path!r}"
     return Frozen.from_policy(policy, **_frozen_kwargs(cfg)), "default: a frozen copy of the policy"

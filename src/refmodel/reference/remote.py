@@ -23,22 +23,26 @@ log = logging.getLogger(__name__)
 Placement = Literal["local", "remote"]
 
 
-def choose_placement(model_bytes: int, max_local_bytes: int | None, *, name: str = "reference",
-                     remote_url: str | None = None) -> Placement:
-    """``"local"`` when ``model_bytes <= max_local_bytes`` (or no budget), else ``"remote"``.
-
-    Raises :class:`ConfigError` when the model does not fit and no ``remote_url`` is known (pass
-    ``remote_url`` to get that check; ``None`` skips it).
-    """
+def placement_rule(model_bytes: int, max_local_bytes: int | None) -> tuple[Placement, str]:
+    """The hybrid rule without side effects: ``(placement, reason)``; ``"local"`` when the weights fit."""
     if model_bytes < 0:
         raise ConfigError(f"model_bytes must be >= 0, got {model_bytes}")
-    if max_local_bytes is None or model_bytes <= max_local_bytes:
-        log.info("placing %s in-process: %.1f MiB fits the local budget of %s", name, model_bytes / 2**20,
-                 "unlimited" if max_local_bytes is None else f"{max_local_bytes / 2**20:.1f} MiB")
-        return "local"
-    log.info("placing %s on the reference service %s: %.1f MiB exceeds the local budget of %.1f MiB",
-             name, remote_url or "", model_bytes / 2**20, max_local_bytes / 2**20)
-    return "remote"
+    size = f"{model_bytes / 2**20:.1f} MiB"
+    if max_local_bytes is None:
+        return "local", f"{size} and no local budget (max_local_bytes unset)"
+    budget = f"{max_local_bytes / 2**20:.1f} MiB"
+    if model_bytes <= max_local_bytes:
+        return "local", f"{size} fits the local budget of {budget} ({model_bytes} <= {max_local_bytes} bytes)"
+    return "remote", f"{size} exceeds the local budget of {budget} ({model_bytes} > {max_local_bytes} bytes)"
+
+
+def choose_placement(model_bytes: int, max_local_bytes: int | None, *, name: str = "reference",
+                     remote_url: str | None = None) -> Placement:
+    """``"local"`` when ``model_bytes <= max_local_bytes`` (or no budget), else ``"remote"``; logged."""
+    placement, reason = placement_rule(model_bytes, max_local_bytes)
+    where = "in-process" if placement == "local" else f"on the reference service {remote_url or ''}".rstrip()
+    log.info("placing %s %s: %s", name, where, reason)
+    return placement
 
 
 class Remote:
@@ -80,4 +84,4 @@ class Remote:
         return f"Remote(url={self.url!r}, model={self.model!r}, fingerprint={self.fingerprint!r})"
 
 
-__all__ = ["Placement", "Remote", "choose_placement"]
+__all__ = ["Placement", "Remote", "choose_placement", "placement_rule"]
