@@ -16,7 +16,6 @@ writer appends; a reader picks up new shards when it misses a key.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -28,7 +27,6 @@ import torch
 from ..errors import ConfigError, FingerprintMismatch, InvalidInput, StoreCorrupt, StoreMiss
 from .format import (
     FORMAT,
-    READABLE_VERSIONS,
     VERSION,
     Entry,
     Shard,
@@ -39,9 +37,9 @@ from .format import (
     normalize_dtype,
     write_shard,
 )
+from .manifest import MANIFEST, dump_manifest, lock_writer, read_manifest, remove_orphans
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 DEFAULT_SHARD_ENTRIES = 4096
 
 
@@ -87,10 +85,10 @@ class LogprobStore:
         if path.exists() and any(p.name != "writer.lock" for p in path.iterdir()):
             raise ConfigError(f"{path} exists and is not an empty folder or a log-prob store")
         path.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock(path)
+        lock_fd = lock_writer(path)
         manifest = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "dtype": dtype,
                     "shards": [], "job": None}
-        atomic_write(path / MANIFEST, _dump(manifest))
+        atomic_write(path / MANIFEST, dump_manifest(manifest))
         return cls(path, manifest, writable=True, lock_fd=lock_fd, shard_entries=shard_entries)
 
     @classmethod
@@ -104,7 +102,7 @@ class LogprobStore:
         if mode not in ("r", "a"):
             raise InvalidInput(f"mode must be 'r' (read) or 'a' (append), got {mode!r}")
         path = Path(path)
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
         if fingerprint is not None and fingerprint != manifest["fingerprint"]:
             raise FingerprintMismatch(
                 f"store {path} holds log-probs of reference {manifest['fingerprint']}, but reference "
@@ -112,9 +110,9 @@ class LogprobStore:
                 "or open it with the model it was made with")
         lock_fd = None
         if mode == "a":
-            lock_fd = _lock(path)
-            manifest = _read_manifest(path)  # re-read under the lock
-            _remove_orphans(path, manifest)
+            lock_fd = lock_writer(path)
+            manifest = read_manifest(path)  # re-read under the lock
+            remove_orphans(path, manifest)
         store = cls(path, manifest, writable=mode == "a", lock_fd=lock_fd, shard_entries=shard_entries)
         if verify:
             store.verify()
@@ -238,7 +236,7 @@ class LogprobStore:
         stamp = self._manifest_stamp()
         if stamp == self._stamp:
             return False
-        self._manifest = _read_manifest(self.path)
+        self._manifest = read_manifest(self.path)
         self._stamp = stamp
         return True
 
@@ -308,7 +306,7 @@ class LogprobStore:
 
     # ---------------------------------------------------------------- internals
     def _commit(self, manifest: dict) -> None:
-        atomic_write(self.path / MANIFEST, _dump(manifest))
+        atomic_write(self.path / MANIFEST, dump_manifest(manifest))
         self._manifest = manifest
         self._stamp = self._manifest_stamp()
 
@@ -401,42 +399,3 @@ class LogprobStore:
         for i, hit in zip(lookup, hits, strict=True):
             results[i] = self._read(hit, rows[i].shape[0])
         return results
-
-
-def _dump(manifest: dict) -> bytes:
-    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-
-
-def _read_manifest(path: Path) -> dict:
-    file = path / MANIFEST
-    if not file.exists():
-        raise InvalidInput(f"{path} is not a log-prob store (no {MANIFEST}); create one with "
-                           "LogprobStore.create or `refmodel precompute`")
-    try:
-        manifest = json.loads(file.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise StoreCorrupt(f"the manifest {file} is unreadable or not JSON ({exc})") from exc
-    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
-        raise StoreCorrupt(f"{file} is not a {FORMAT} v{VERSION} manifest "
-                           f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
-    return manifest
-
-
-def _lock(path: Path) -> int:
-    fd = os.open(path / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"store {path} is being written by another process (writer.lock is held); "
-                          "only one writer at a time, readers may open it with mode='r'") from None
-    return fd
-
-
-def _remove_orphans(path: Path, manifest: dict) -> None:
-    """Delete temp files and shard files no manifest lists (left by a crash); only the writer does this."""
-    listed = {s["file"] for s in manifest["shards"]}
-    for file in path.iterdir():
-        if ".tmp-" in file.name or (file.name.startswith("shard-") and file.name not in listed):
-            log.info("removing %s left by an interrupted write", file)
-            file.unlink(missing_ok=True)
