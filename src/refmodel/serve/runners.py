@@ -55,8 +55,11 @@ def _pad(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torc
 def run_logprobs(served: ServedModel, seqs: list[Sequence]) -> list[np.ndarray]:
     """``model_logprobs`` of a padded batch, cut back to each sequence's own length (float32)."""
     ids, attn, score = _pad(seqs, served.device)
+    # Without padding the masks say nothing: dropping them keeps attention on its causal fast path.
+    attn_arg = None if bool(attn.all()) else attn
+    score_arg = None if attn_arg is None and bool(score.all()) else score
     with torch.inference_mode():
-        out = model_logprobs(served.model, ids, attn, score).float().cpu().numpy()
+        out = model_logprobs(served.model, ids, attn_arg, score_arg).float().cpu().numpy()
     return [out[i, :s.ids.numel()].copy() for i, s in enumerate(seqs)]
 
 
