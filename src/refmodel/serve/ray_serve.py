@@ -206,6 +206,8 @@ def run_ray_server(settings: ServeSettings, *, replicas: int = 1, address: str |
         if missing:
             raise ConfigError(f"model folder(s) not found: {missing}; --model takes NAME=LOCAL_FOLDER")
         ray.init(include_dashboard=False)
+        # a local cluster cannot grow: shrink each replica's CPU share so that all of them get placed
+        num_cpus = min(num_cpus, ray.cluster_resources().get("CPU", 1.0) / replicas)
     else:
         ray.init(address=address)
     stop = threading.Event()
