@@ -19,9 +19,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import httpx
 import torch
 
-from benchmarks.bench_service import SRC, Server, _free_port, _load, _rows
+from benchmarks.bench_service import SRC, Server, _cpu_s, _free_port, _load, _rows
 from refmodel.bench import provenance
 from refmodel.testing import make_tiny_model
 
@@ -29,7 +30,39 @@ from refmodel.testing import make_tiny_model
 def _line(name: str, res: dict, base: float | None) -> str:
     ratio = f"{res['rps'] / base:5.2f}x" if base else "    - "
     return (f"{name:<18} {res['rps']:8.1f} req/s  ratio {ratio}  p50 {res['p50_ms']:6.1f} ms  "
-            f"p99 {res['p99_ms']:6.1f} ms  errors {res['errors']}")
+            f"p99 {res['p99_ms']:6.1f} ms  errors {res['errors']}  mean batch {res['mean_batch']:5.1f}  "
+            f"server CPU/request {res['cpu_ms']:.2f} ms (HTTP proxy {res['proxy_ms']:.2f} ms)")
+
+
+def _pids_titled(marker: bytes) -> list[int]:
+    """Processes whose command line holds ``marker`` (Ray names its actor processes ``ray::Class``)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in title:
+            pids.append(int(pid))
+    return pids
+
+
+def _mean_batch(url: str) -> float:
+    """Mean sequences per model call from one server's (or one replica's) /metrics."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    size = {k: float(line.split()[-1]) for line in text.splitlines()
+            for k in ("sum", "count") if line.startswith(f'refmodel_batch_size_{k}{{')}
+    return size["sum"] / size["count"] if size.get("count") else float("nan")
+
+
+def _cpu_total(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += _cpu_s(pid)
+        except OSError:
+            pass
+    return total
 
 
 def bench(model_dir: Path, clients: int, requests: int, seq_len: int, max_wait_ms: float, threads: int,
@@ -37,13 +70,18 @@ def bench(model_dir: Path, clients: int, requests: int, seq_len: int, max_wait_m
     rows = _rows(256, seq_len)
     results: dict[str, dict] = {}
 
-    def run_load(url: str) -> dict:
+    def run_load(url: str, pids: list[int], proxy_pids: list[int]) -> dict:
         asyncio.run(_load(url, clients, min(200, requests), rows))  # warm-up
-        return asyncio.run(_load(url, clients, requests, rows))
+        before, proxy_before = _cpu_total(pids), _cpu_total(proxy_pids)
+        res = asyncio.run(_load(url, clients, requests, rows))
+        res["cpu_ms"] = 1e3 * (_cpu_total(pids) - before) / requests
+        res["proxy_ms"] = 1e3 * (_cpu_total(proxy_pids) - proxy_before) / requests
+        res["mean_batch"] = _mean_batch(url)
+        return res
 
     server = Server(model_dir, "--max-wait-ms", str(max_wait_ms))
     try:
-        results["refmodel serve"] = run_load(server.url)
+        results["refmodel serve"] = run_load(server.url, [server.proc.pid], [])
     finally:
         server.stop()
     base = results["refmodel serve"]["rps"]
@@ -66,7 +104,9 @@ def bench(model_dir: Path, clients: int, requests: int, seq_len: int, max_wait_m
         for replicas in replica_counts:
             deploy(settings, replicas=replicas, num_cpus=min(1.0, os.cpu_count() / replicas))
             name = f"ray, {replicas} replica{'s' if replicas > 1 else ''}"
-            results[name] = run_load(f"http://127.0.0.1:{port}")
+            proxy = _pids_titled(b"ProxyActor")
+            results[name] = run_load(f"http://127.0.0.1:{port}", proxy + _pids_titled(b"ServeReplica:refmodel"),
+                                     proxy)
             print(_line(name, results[name], base), flush=True)
     finally:
         serve.shutdown()

@@ -5,8 +5,9 @@ runs the very FastAPI app of :func:`refmodel.serve.app.create_app` (``@serve.ing
 built inside the replica by ``__serve_build_asgi_app__``) and the same model runner
 (:meth:`ServedModel.run`). Only the request merger differs: :class:`RayBatcher` hands each sequence to
 a ``@serve.batch`` queue whose ``batch_size_fn`` counts *padded tokens* (rows x longest row), so
-Ray itself closes a batch at ``max_batch_tokens`` (Ray >= 2.52 has ``batch_size_fn``; no home-made
-token budget on top). Models load inside each replica from the allow-list only.
+Ray itself closes a batch at ``max_batch_tokens`` (``batch_size_fn`` arrived with ray PR #59059, Dec
+2025; tested with Ray 2.60; no home-made token budget on top). Models load inside each replica from the
+allow-list only.
 
 Ray Serve's HTTP proxy spreads requests over the replicas (power of two choices on queue length);
 ``max_queue`` (429) and ``/metrics`` are per replica.
@@ -15,6 +16,7 @@ Ray Serve's HTTP proxy spreads requests over the replicas (power of two choices 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import signal
@@ -27,11 +29,23 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from .._optional import require
-from ..errors import ConfigError, ServiceOverloaded
+from ..errors import ConfigError, MissingDependency, ServiceOverloaded
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
 APP_NAME = "refmodel"
+
+
+def _require_serve():
+    """``ray.serve`` with the two features this module relies on, else MissingDependency."""
+    serve = require("ray.serve", "ray")
+    if "batch_size_fn" not in inspect.signature(serve.batch).parameters:
+        import ray
+
+        raise MissingDependency(f"refmodel serve --ray needs a Ray whose serve.batch takes batch_size_fn "
+                                f"(ray PR #59059, releases after Dec 2025; tested with 2.60), but ray "
+                                f"{ray.__version__} is installed: pip install -U 'refmodel[ray]'")
+    return serve
 
 
 def padded_tokens(seqs: list) -> int:
@@ -52,7 +66,7 @@ class RayBatcher:
                  max_batch_tokens: int, max_wait_s: float, max_queue: int, batching: bool = True,
                  observe: Callable[[int, int, float], None] | None = None,
                  on_depth: Callable[[int], None] | None = None):
-        serve = require("ray.serve", "ray")
+        serve = _require_serve()
         self.name = name
         self._run_batch = run_batch
         self._executor = executor
@@ -161,7 +175,7 @@ def build_application(settings: ServeSettings, *, replicas: int = 1, num_cpus: f
     ``settings.device`` is CUDA, else 0). ``max_ongoing_requests`` (HTTP requests per replica) defaults
     to ``max_queue`` so that a full queue answers 429 here instead of waiting unseen in Ray's router.
     """
-    serve = require("ray.serve", "ray")
+    serve = _require_serve()
     if not settings.models and not settings.reward_models:
         raise ConfigError("nothing to serve: give at least one --model NAME=PATH or --reward-model NAME=PATH")
     if replicas < 1:
