@@ -5,7 +5,8 @@
 The same load (``--clients`` async clients sending single-sequence binary requests until
 ``--requests`` are done; a warm-up run first) against: the plain ``refmodel serve`` process (uvicorn,
 dynamic batching), then a local Ray cluster with Serve and 1, then 2 replicas of the same model
-(``@serve.batch`` token budget). Every replica and the plain server use ``--threads`` torch threads.
+(``@serve.batch`` token budget), and the largest count again with refmodel's own ``Batcher`` in
+the replicas (same token budget, batches closed when the model is free). Every replica and the plain server use ``--threads`` torch threads.
 One line per case with throughput, p50/p99 latency, errors and the ratio to the plain server, all from
 the same run; the provenance line names the machine. On a box with few cores the clients, Ray's
 HTTP proxy and the replicas share them, so this measures overhead more than scale-out.
@@ -29,7 +30,7 @@ from refmodel.testing import make_tiny_model
 
 def _line(name: str, res: dict, base: float | None) -> str:
     ratio = f"{res['rps'] / base:5.2f}x" if base else "    - "
-    return (f"{name:<18} {res['rps']:8.1f} req/s  ratio {ratio}  p50 {res['p50_ms']:6.1f} ms  "
+    return (f"{name:<27} {res['rps']:8.1f} req/s  ratio {ratio}  p50 {res['p50_ms']:6.1f} ms  "
             f"p99 {res['p99_ms']:6.1f} ms  errors {res['errors']}  mean batch {res['mean_batch']:5.1f}  "
             f"server CPU/request {res['cpu_ms']:.2f} ms (HTTP proxy {res['proxy_ms']:.2f} ms)")
 
@@ -101,9 +102,10 @@ def bench(model_dir: Path, clients: int, requests: int, seq_len: int, max_wait_m
     settings = ServeSettings(models={"tiny": str(model_dir)}, max_wait_ms=max_wait_ms, max_queue=100000,
                              torch_threads=threads)
     try:
-        for replicas in replica_counts:
-            deploy(settings, replicas=replicas, num_cpus=min(1.0, os.cpu_count() / replicas))
-            name = f"ray, {replicas} replica{'s' if replicas > 1 else ''}"
+        cases = [(n, True) for n in replica_counts] + [(max(replica_counts), False)]
+        for replicas, serve_batch in cases:
+            deploy(settings, replicas=replicas, num_cpus=min(1.0, os.cpu_count() / replicas), serve_batch=serve_batch)
+            name = f"ray, {replicas} replica{'s' if replicas > 1 else ''}" + ("" if serve_batch else ", Batcher")
             proxy = _pids_titled(b"ProxyActor")
             results[name] = run_load(f"http://127.0.0.1:{port}", proxy + _pids_titled(b"ServeReplica:refmodel"),
                                      proxy)

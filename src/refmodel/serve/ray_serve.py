@@ -30,6 +30,7 @@ from pydantic import SecretStr
 
 from .._optional import require
 from ..errors import ConfigError, MissingDependency, ServiceOverloaded
+from .batcher import Batcher
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ class RayBatcher:
 class ReferenceReplica:
     """One Ray Serve replica: loads the allow-listed models, then serves the shared FastAPI app."""
 
-    def __init__(self, settings: ServeSettings):
+    def __init__(self, settings: ServeSettings, serve_batch: bool = True):
+        self.batcher_cls = RayBatcher if serve_batch else Batcher
         if settings.torch_threads is not None:
             import torch
 
@@ -156,7 +158,7 @@ class ReferenceReplica:
     def __serve_build_asgi_app__(self):
         from .app import create_app
 
-        app = create_app(self.settings, self.served, batcher_cls=RayBatcher)
+        app = create_app(self.settings, self.served, batcher_cls=self.batcher_cls)
         app.state.refmodel.cache = self.cache
         return app
 
@@ -168,8 +170,13 @@ def _replica_settings(settings: ServeSettings) -> ServeSettings:
 
 
 def build_application(settings: ServeSettings, *, replicas: int = 1, num_cpus: float = 1.0,
-                      num_gpus: float | None = None, max_ongoing_requests: int | None = None):
+                      num_gpus: float | None = None, max_ongoing_requests: int | None = None,
+                      serve_batch: bool = True):
     """The bound Ray Serve application (pass to ``serve.run``).
+
+    ``serve_batch=False`` merges requests with refmodel's own :class:`Batcher` instead of
+    ``@serve.batch`` (same token budget; it closes a batch when the model becomes free rather than
+    ``max_wait_ms`` after the batch's first arrival, which gives larger batches under load).
 
     ``num_cpus``/``num_gpus`` are each replica's Ray resources (``num_gpus`` defaults to 1 when
     ``settings.device`` is CUDA, else 0). ``max_ongoing_requests`` (HTTP requests per replica) defaults
@@ -189,7 +196,7 @@ def build_application(settings: ServeSettings, *, replicas: int = 1, num_cpus: f
         graceful_shutdown_timeout_s=settings.shutdown_timeout_s,
         max_constructor_retry_count=3,
     )(serve.ingress()(ReferenceReplica))
-    return deployment.bind(_replica_settings(settings))
+    return deployment.bind(_replica_settings(settings), serve_batch)
 
 
 def deploy(settings: ServeSettings, *, name: str = APP_NAME, **options):
