@@ -173,13 +173,29 @@ def store_import_halos_cmd(pkl: str, model: str, out: str, dtype: str) -> None:
 @click.option("--max-body-bytes", type=int, default=None, help="Request body limit (413). [default: 16 MiB]")
 @click.option("--torch-threads", type=int, default=None, help="torch intra-op threads. [default: torch's]")
 @click.option("--batching/--no-batching", default=None, help="Merge concurrent requests. [default: on]")
-def serve_cmd(models, reward_models, **flags) -> None:
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve as a Ray Serve deployment (replicas, @serve.batch token budget). Needs refmodel[ray].")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="With --ray: replicas, each holding its own copy of the models. [default: 1]")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --ray: join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a "
+                   "local one. Model paths must exist on every node.")
+def serve_cmd(models, reward_models, use_ray, replicas, ray_address, **flags) -> None:
     """Serve reference log-probs (and reward scores) over HTTP with dynamic batching."""
     from .errors import RefModelError
-    from .serve.main import serve_from_flags
 
+    if not use_ray and (replicas is not None or ray_address is not None):
+        given = "--replicas" if replicas is not None else "--ray-address"
+        raise click.UsageError(f"{given} needs --ray (replicas and clusters are Ray Serve features)")
     try:
-        serve_from_flags(models, reward_models, **flags)
+        if use_ray:
+            from .serve.ray_serve import serve_from_flags as serve_on_ray
+
+            serve_on_ray(models, reward_models, replicas=replicas or 1, ray_address=ray_address, **flags)
+        else:
+            from .serve.main import serve_from_flags
+
+            serve_from_flags(models, reward_models, **flags)
     except RefModelError as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -86,12 +86,31 @@ def make_tiny_reward_model(path: Path) -> Path:
     return path
 
 
-def start_main_server(llama_dir: Path, reward_dir: Path, root: Path) -> ServerProcess:
-    """The main test server: llama as "tiny", a reward model "rm", auth on, small limits."""
+# The limits of the main test server (the checks in service_checks.py rely on them).
+MAIN_LIMITS = {"max_seq_len": 64, "max_batch_tokens": 1024, "max_body_bytes": 65536, "max_sequences": 64,
+               "max_wait_ms": 20}
+
+
+def write_token_file(root: Path) -> Path:
     token_file = root / "token"
     token_file.write_text(TOKEN + "\n")
     os.chmod(token_file, 0o600)
+    return token_file
+
+
+def start_main_server(llama_dir: Path, reward_dir: Path, root: Path) -> ServerProcess:
+    """The main test server: llama as "tiny", a reward model "rm", auth on, small limits."""
+    limits = [x for k, v in MAIN_LIMITS.items() for x in ("--" + k.replace("_", "-"), v)]
     return ServerProcess(["--model", f"tiny={llama_dir}", "--reward-model", f"rm={reward_dir}",
-                          "--token-file", token_file, "--max-seq-len", 64, "--max-batch-tokens", 1024,
-                          "--max-body-bytes", 65536, "--max-sequences", 64, "--max-wait-ms", 20],
-                         root / "server.log", token=TOKEN)
+                          "--token-file", write_token_file(root), *limits], root / "server.log", token=TOKEN)
+
+
+class Endpoint:
+    """A running service at ``url`` (e.g. a Ray Serve proxy): what the shared checks need."""
+
+    def __init__(self, url: str, token: str | None = None):
+        self.url, self.token = url, token
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}

@@ -115,8 +115,14 @@ class _State:
         self.cache = None
 
 
-def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = None) -> FastAPI:
-    """The app; ``served`` are already-loaded models (else the allow-lists are loaded at start-up)."""
+def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = None, *,
+               batcher_cls: type = Batcher) -> FastAPI:
+    """The app; ``served`` are already-loaded models (else the allow-lists are loaded at start-up).
+
+    ``batcher_cls`` builds each model's request merger; it takes :class:`Batcher`'s constructor
+    arguments and offers its ``start/stop/submit/depth/retry_after_s`` (the Ray Serve deployment
+    passes one built on ``@serve.batch``, see :mod:`refmodel.serve.ray_serve`).
+    """
     state = _State(settings, served)
 
     @asynccontextmanager
@@ -129,10 +135,10 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
                 warm_up(model)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refmodel-model")
         for name, model in state.served.items():
-            batcher = Batcher(name, model.run, executor, max_batch_tokens=settings.max_batch_tokens,
-                              max_wait_s=settings.max_wait_ms / 1000, max_queue=settings.max_queue,
-                              batching=settings.batching, observe=state.metrics.observer(name),
-                              on_depth=state.metrics.depth_setter(name))
+            batcher = batcher_cls(name, model.run, executor, max_batch_tokens=settings.max_batch_tokens,
+                                  max_wait_s=settings.max_wait_ms / 1000, max_queue=settings.max_queue,
+                                  batching=settings.batching, observe=state.metrics.observer(name),
+                                  on_depth=state.metrics.depth_setter(name))
             batcher.start()
             state.batchers[name] = batcher
         log.info("serving %s (batching=%s, max_batch_tokens=%d, max_wait_ms=%g)", sorted(state.served),

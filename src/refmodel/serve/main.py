@@ -53,8 +53,8 @@ def run_server(settings: ServeSettings) -> None:
 __all__ = ["load_all", "run_server"]
 
 
-def serve_from_flags(models: tuple[str, ...], reward_models: tuple[str, ...], **flags) -> None:
-    """Build :class:`ServeSettings` from CLI flags (``None`` = use the environment/default) and serve."""
+def settings_from_flags(models: tuple[str, ...], reward_models: tuple[str, ...], **flags) -> ServeSettings:
+    """Build :class:`ServeSettings` from CLI flags (``None`` = use the environment/default)."""
     from .settings import parse_named_paths
 
     overrides = {k: v for k, v in flags.items() if v is not None}
@@ -62,4 +62,9 @@ def serve_from_flags(models: tuple[str, ...], reward_models: tuple[str, ...], **
         overrides["models"] = parse_named_paths(models, "--model")
     if reward_models:
         overrides["reward_models"] = parse_named_paths(reward_models, "--reward-model")
-    run_server(ServeSettings(**overrides))
+    return ServeSettings(**overrides)
+
+
+def serve_from_flags(models: tuple[str, ...], reward_models: tuple[str, ...], **flags) -> None:
+    """Build :class:`ServeSettings` from CLI flags and serve (blocking)."""
+    run_server(settings_from_flags(models, reward_models, **flags))

@@ -1,0 +1,265 @@
+"""``refmodel serve --ray``: the reference service as a Ray Serve deployment with replicas.
+
+Same HTTP API, wire formats, status codes, error bodies and auth as ``refmodel serve``: each replica
+runs the very FastAPI app of :func:`refmodel.serve.app.create_app` (``@serve.ingress`` with the app
+built inside the replica by ``__serve_build_asgi_app__``) and the same model runner
+(:meth:`ServedModel.run`). Only the request merger differs: :class:`RayBatcher` hands each sequence to
+a ``@serve.batch`` queue whose ``batch_size_fn`` counts *padded tokens* (rows x longest row), so
+Ray itself closes a batch at ``max_batch_tokens`` (``batch_size_fn`` arrived with ray PR #59059, Dec
+2025; tested with Ray 2.60; no home-made token budget on top). Models load inside each replica from the
+allow-list only.
+
+Ray Serve's HTTP proxy spreads requests over the replicas (power of two choices on queue length);
+``max_queue`` (429) and ``/metrics`` are per replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from .._optional import require
+from ..errors import ConfigError, MissingDependency, ServiceOverloaded
+from .batcher import Batcher
+from .settings import ServeSettings
+
+log = logging.getLogger(__name__)
+APP_NAME = "refmodel"
+
+
+def _require_serve():
+    """``ray.serve`` with the two features this module relies on, else MissingDependency."""
+    serve = require("ray.serve", "ray")
+    if "batch_size_fn" not in inspect.signature(serve.batch).parameters:
+        import ray
+
+        raise MissingDependency(f"refmodel serve --ray needs a Ray whose serve.batch takes batch_size_fn "
+                                f"(ray PR #59059, releases after Dec 2025; tested with 2.60), but ray "
+                                f"{ray.__version__} is installed: pip install -U 'refmodel[ray]'")
+    return serve
+
+
+def padded_tokens(seqs: list) -> int:
+    """Ray's batch size of a list of :class:`~refmodel.serve.validate.Sequence`: rows x longest row."""
+    return len(seqs) * max((s.ids.numel() for s in seqs), default=0)
+
+
+class RayBatcher:
+    """The :class:`~refmodel.serve.batcher.Batcher` interface on top of ``ray.serve.batch``.
+
+    ``submit`` admits a request's sequences (429 past ``max_queue``, 503 once stopped) and awaits one
+    ``@serve.batch`` call per sequence; Ray merges the sequences of all concurrent requests of this
+    replica into batches of at most ``max_batch_tokens`` padded tokens, waiting at most ``max_wait_s``
+    for company. ``run_batch`` runs in ``executor`` so the replica's event loop keeps serving.
+    """
+
+    def __init__(self, name: str, run_batch: Callable[[list], Sequence], executor: Executor, *,
+                 max_batch_tokens: int, max_wait_s: float, max_queue: int, batching: bool = True,
+                 observe: Callable[[int, int, float], None] | None = None,
+                 on_depth: Callable[[int], None] | None = None):
+        serve = _require_serve()
+        self.name = name
+        self._run_batch = run_batch
+        self._executor = executor
+        self.max_queue = max_queue
+        self.batching = batching
+        self._observe = observe
+        self._on_depth = on_depth
+        self._admitted = 0
+        self._queued_tokens = 0
+        self._recent_tokens_per_s = 0.0
+        self._running = False
+
+        async def refmodel_token_batch(payloads: list) -> list:
+            return await self._run(payloads)
+
+        # Ray reorders a sequence that does not fit behind later arrivals (FIFO otherwise); results
+        # do not depend on it because every sequence scores the same in any batch.
+        self._batched = serve.batch(max_batch_size=max_batch_tokens, batch_wait_timeout_s=max_wait_s,
+                                    batch_size_fn=padded_tokens)(refmodel_token_batch)
+
+    @property
+    def depth(self) -> int:
+        """Sequences admitted and not yet answered (this replica)."""
+        return self._admitted
+
+    def start(self) -> None:
+        self._running = True
+
+    async def stop(self) -> None:
+        """Refuse new requests; Ray has drained the in-flight ones before the app's lifespan ends."""
+        self._running = False
+
+    def retry_after_s(self) -> int:
+        """Seconds to drain what is admitted at the recent token rate (1..30)."""
+        if self._recent_tokens_per_s <= 0:
+            return 1
+        return max(1, min(30, math.ceil(self._queued_tokens / self._recent_tokens_per_s)))
+
+    async def submit(self, payloads: list, tokens: list[int]) -> list:
+        """Admit one request's sequences and await their results, in order."""
+        if not self._running:
+            raise ServiceOverloaded(f"model {self.name!r} is not accepting requests (shutting down)", status=503)
+        if self._admitted + len(payloads) > self.max_queue:
+            raise ServiceOverloaded(
+                f"the queue of model {self.name!r} is full ({self._admitted} of {self.max_queue} sequences "
+                f"admitted on this replica, this request adds {len(payloads)}); retry later", status=429)
+        total = sum(tokens)
+        self._set_admitted(self._admitted + len(payloads), total)
+        try:
+            if not self.batching:  # baseline: the request is its own batch
+                return await self._run(list(payloads))
+            return list(await asyncio.gather(*(self._batched(p) for p in payloads)))
+        finally:
+            self._set_admitted(self._admitted - len(payloads), -total)
+
+    def _set_admitted(self, value: int, tokens: int) -> None:
+        self._admitted = value
+        self._queued_tokens += tokens
+        if self._on_depth is not None:
+            self._on_depth(value)
+
+    async def _run(self, payloads: list) -> list:
+        start = time.perf_counter()
+        results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, payloads)
+        seconds = time.perf_counter() - start
+        tokens = sum(p.ids.numel() for p in payloads)
+        self._recent_tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        if self._observe is not None:
+            self._observe(len(payloads), tokens, seconds)
+        return list(results)
+
+
+class ReferenceReplica:
+    """One Ray Serve replica: loads the allow-listed models, then serves the shared FastAPI app."""
+
+    def __init__(self, settings: ServeSettings, serve_batch: bool = True):
+        self.batcher_cls = RayBatcher if serve_batch else Batcher
+        if settings.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        from .main import load_all
+
+        self.settings = settings
+        self.cache, self.served = load_all(settings)  # the cache keeps its models pinned while serving
+        log.info("replica ready: %s", sorted(self.served))
+
+    def __serve_build_asgi_app__(self):
+        from .app import create_app
+
+        app = create_app(self.settings, self.served, batcher_cls=self.batcher_cls)
+        app.state.refmodel.cache = self.cache
+        return app
+
+
+def _replica_settings(settings: ServeSettings) -> ServeSettings:
+    """Settings for the replicas: the token read here, so replicas on other nodes need no token file."""
+    token = settings.bearer_token()
+    return settings.model_copy(update={"token": None if token is None else SecretStr(token), "token_file": None})
+
+
+def build_application(settings: ServeSettings, *, replicas: int = 1, num_cpus: float = 1.0,
+                      num_gpus: float | None = None, max_ongoing_requests: int | None = None,
+                      serve_batch: bool = True):
+    """The bound Ray Serve application (pass to ``serve.run``).
+
+    ``serve_batch=False`` merges requests with refmodel's own :class:`Batcher` instead of
+    ``@serve.batch`` (same token budget; it closes a batch when the model becomes free rather than
+    ``max_wait_ms`` after the batch's first arrival, which gives larger batches under load).
+
+    ``num_cpus``/``num_gpus`` are each replica's Ray resources (``num_gpus`` defaults to 1 when
+    ``settings.device`` is CUDA, else 0). ``max_ongoing_requests`` (HTTP requests per replica) defaults
+    to ``max_queue`` so that a full queue answers 429 here instead of waiting unseen in Ray's router.
+    """
+    serve = _require_serve()
+    if not settings.models and not settings.reward_models:
+        raise ConfigError("nothing to serve: give at least one --model NAME=PATH or --reward-model NAME=PATH")
+    if replicas < 1:
+        raise ConfigError(f"replicas must be >= 1, got {replicas}")
+    if num_gpus is None:
+        num_gpus = 1.0 if settings.device.startswith("cuda") else 0.0
+    deployment = serve.deployment(
+        name="ReferenceService", num_replicas=replicas,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        max_ongoing_requests=max_ongoing_requests or settings.max_queue,
+        graceful_shutdown_timeout_s=settings.shutdown_timeout_s,
+        max_constructor_retry_count=3,
+    )(serve.ingress()(ReferenceReplica))
+    return deployment.bind(_replica_settings(settings), serve_batch)
+
+
+def deploy(settings: ServeSettings, *, name: str = APP_NAME, **options):
+    """Deploy on the connected Ray cluster (Serve already started); returns the deployment handle.
+
+    Blocks until every replica has loaded its models. ``options`` go to :func:`build_application`.
+    """
+    serve = require("ray.serve", "ray")
+    app = build_application(settings, **options)
+    try:
+        return serve.run(app, name=name, route_prefix="/")
+    except RuntimeError as exc:  # a replica could not start: bad model path, out of memory, ...
+        raise ConfigError(f"the Ray Serve deployment {name!r} failed to start: {exc}") from exc
+
+
+def run_ray_server(settings: ServeSettings, *, replicas: int = 1, address: str | None = None,
+                   num_cpus: float = 1.0, num_gpus: float | None = None) -> None:
+    """Serve on Ray until SIGINT/SIGTERM (blocking), then shut the deployment down.
+
+    Without ``address`` a local Ray cluster is started (and stopped at the end) and ``serve.shutdown()``
+    runs; with one (``ray://host:10001`` or ``host:6379`` or ``auto``) only this application is deleted,
+    leaving the cluster's other Serve applications alone. Model paths must exist on every node.
+    """
+    ray = require("ray", "ray")
+    serve = require("ray.serve", "ray")
+    if address is None:
+        missing = [p for p in {**settings.models, **settings.reward_models}.values() if not Path(p).is_dir()]
+        if missing:
+            raise ConfigError(f"model folder(s) not found: {missing}; --model takes NAME=LOCAL_FOLDER")
+        ray.init(include_dashboard=False)
+        # a local cluster cannot grow: shrink each replica's CPU share so that all of them get placed
+        num_cpus = min(num_cpus, ray.cluster_resources().get("CPU", 1.0) / replicas)
+    else:
+        ray.init(address=address)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        deploy(settings, replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus)
+        log.info("refmodel serve --ray on http://%s:%d: %d replica(s) of %s (auth %s)", settings.host,
+                 settings.port, replicas, sorted({**settings.models, **settings.reward_models}),
+                 "on" if settings.bearer_token() else "off")
+        stop.wait()
+        log.info("stopping: draining in-flight requests")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if address is None:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    log.info("reference service on Ray stopped")
+
+
+def serve_from_flags(models: tuple[str, ...], reward_models: tuple[str, ...], *, replicas: int = 1,
+                     ray_address: str | None = None, **flags) -> None:
+    """``refmodel serve --ray``: settings from flags/environment, then :func:`run_ray_server`."""
+    from .main import settings_from_flags
+
+    settings = settings_from_flags(models, reward_models, **flags)
+    run_ray_server(settings, replicas=replicas, address=ray_address)
+
+
+__all__ = ["RayBatcher", "ReferenceReplica", "build_application", "deploy", "padded_tokens", "run_ray_server",
+           "serve_from_flags"]
