@@ -153,7 +153,8 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
     app = FastAPI(title="refmodel reference service", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.refmodel = state
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
+        # async on purpose: FastAPI runs a sync dependency in a worker thread, a hop on every request.
         if state.token is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
