@@ -142,15 +142,17 @@ def _connect(ray, address: str | None) -> bool:
         log.info("precompute: using the Ray connection already open in this process")
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # Ship this very refmodel package to the workers (Ray uploads it once per job): the actors then run the
+    # driver's code, which byte-identical results need, whether or not refmodel is installed on the cluster.
+    import refmodel
+
+    runtime_env = {"py_modules": [refmodel]}
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         else:
-            # A local cluster: its workers must import this refmodel even when it runs from a source tree.
-            root = str(Path(__file__).resolve().parents[1])
-            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                     logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": path}})
+                     logging_level=logging.WARNING, runtime_env=runtime_env)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"cannot connect to the Ray cluster at {address or 'a new local cluster'}: {exc}; "
                           "check --ray-address / RAY_ADDRESS (e.g. 'ray://head:10001' or 'head:6379')") from exc
