@@ -2,6 +2,8 @@
 
 Equality is exact (bytes): the actors run the same plan_batches / score_units calls on the same model, so
 every stored array must equal the single-process run's, and so must the shard files and the manifest.
+A CPU actor (num_cpus=1) runs torch on one thread, so the single-process reference runs on one thread too
+(CPU GEMMs split their sums by thread count; with more threads the bits may differ in the last place).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 import refmodel
@@ -47,8 +50,18 @@ def job(tiny_model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray_job")
     data = write_jsonl(preference_pairs(120, seed=4), root / "pairs.jsonl")
     ref = root / "single"
-    precompute(tiny_model_dirs["llama"], data, ref, dtype="float32", progress=False, **SETTINGS).close()
+    _single(tiny_model_dirs["llama"], data, ref, dtype="float32", **SETTINGS)
     return tiny_model_dirs["llama"], data, ref
+
+
+def _single(model_dir, data, out, **settings) -> None:
+    """The single-process job on one torch thread, like a 1-CPU actor."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        precompute(model_dir, data, out, progress=False, **settings).close()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -131,13 +144,18 @@ def test_driver_killed_then_resume(ray_address, job, tmp_path):
     args = ["precompute", "--model", model_dir, "--data", data, "--max-tokens-per-batch", "256",
             "--shard-examples", "8", "--ray", "--num-workers", "2"]
     want = tmp_path / "single"
-    precompute(model_dir, data, want, dtype="bfloat16", progress=False, max_tokens_per_batch=256, shard_examples=8)
+    _single(model_dir, data, want, dtype="bfloat16", max_tokens_per_batch=256, shard_examples=8)
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "refmodel", *map(str, args), "--ray-address", ray_address,
                              "--out", str(out)], env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("shard-*.safetensors")):
+    while time.time() < deadline and proc.poll() is None:  # until the first shard is committed
+        try:
+            if json.loads((out / "manifest.json").read_text())["shards"]:
+                break
+        except (OSError, ValueError):
+            pass
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL

@@ -10,7 +10,9 @@ byte columns and the driver, the only writer, commits ``shard-{i:05d}.safetensor
 in. Hence:
 
 * same batches and same model => the same floats, so every entry is byte-identical to a single-process
-  run on the same device type, and the manifest's job is the same, so ``resume`` works across modes;
+  run on the same kind of device (on CPU: with the same torch thread count, ``cpus_per_worker`` per
+  actor, since CPU GEMMs split their sums by thread), and the manifest's job is the same, so
+  ``resume`` works across modes;
 * a killed actor is restarted by Ray and its shard retried (``max_restarts``/``max_task_retries``);
   a shard is written once, only when all of it has arrived, and its keys are checked against the plan,
   so nothing is lost or duplicated;
@@ -102,7 +104,10 @@ class ShardScorer:
     """
 
     def __init__(self, model_path: str, *, max_tokens_per_batch: int, temperature: float, share_prompt: bool,
-                 pad_id: int, device: str = "cpu", model_kwargs: dict | None = None):
+                 pad_id: int, device: str = "cpu", model_kwargs: dict | None = None, torch_threads: int | None = None):
+        if torch_threads:
+            # CPU GEMMs split their reductions by thread count, so the bits depend on it: fix it explicitly.
+            torch.set_num_threads(torch_threads)
         self.model, _ = _load_model(model_path, None, model_kwargs)
         self.model.to(device)
         self.max_tokens_per_batch = max_tokens_per_batch
@@ -191,8 +196,9 @@ def precompute_on_ray(model_path, data, out, *, ray_address: str | None = None, 
         ray_address: cluster to join (else ``RAY_ADDRESS``, else a new local cluster on this machine's
             cores). A connection already open in this process is used as is.
         num_workers: actors, one model each (default: as many as the cluster's GPUs or CPUs allow).
-        gpus_per_worker / cpus_per_worker: resources of one actor (a CPU actor runs torch on that many
-            threads). GPU actors score on ``cuda``.
+        gpus_per_worker / cpus_per_worker: resources of one actor. GPU actors score on ``cuda``; a CPU
+            actor runs torch on ``int(cpus_per_worker)`` threads, and its bits equal a single-process
+            run's on that many threads (``torch.set_num_threads``).
         max_task_retries: retries of a shard whose actor died (actors themselves restart without limit).
         scorer_cls: the actor class, :class:`ShardScorer` or a subclass.
     """
@@ -221,7 +227,8 @@ def precompute_on_ray(model_path, data, out, *, ray_address: str | None = None, 
             if todo:
                 scorer_kwargs = {"model_path": model_path, "max_tokens_per_batch": max_tokens_per_batch,
                                  "temperature": temperature, "share_prompt": share_prompt, "pad_id": pad_id,
-                                 "device": "cuda" if gpus_per_worker > 0 else "cpu", "model_kwargs": model_kwargs}
+                                 "device": "cuda" if gpus_per_worker > 0 else "cpu", "model_kwargs": model_kwargs,
+                                 "torch_threads": None if gpus_per_worker > 0 else max(1, int(cpus_per_worker))}
                 _run(ray, store, shards, todo, scorer_cls, scorer_kwargs, workers=min(workers, len(todo)),
                      gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                      max_task_retries=max_task_retries, progress=progress)
