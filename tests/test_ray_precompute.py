@@ -195,6 +195,9 @@ def test_flag_errors(ray_address, job, tmp_path):
     res = run_cli(*base, "--ray", "--num-workers", "0", check=False)
     assert res.returncode == 2 and "--num-workers" in res.stderr
     assert not (tmp_path / "s").exists()
+    res = run_cli(*base, "--ray", "--ray-address", "127.0.0.1:1", check=False, timeout=60)  # nothing listens
+    assert res.returncode == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in res.stderr, res.stderr
+    assert not (tmp_path / "s").exists()
 
     if ray.cluster_resources().get("GPU", 0) == 0:
         with pytest.raises(ConfigError, match=r"--gpus-per-worker 1 asks for GPUs, but the Ray cluster has 0 GPU"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -141,6 +142,24 @@ class ShardScorer:
 
 
 # ------------------------------------------------------------------ the driver
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """ConfigError now, when nothing listens at a ``host:port`` / ``ray://host:port`` address.
+
+    ``ray.init`` would retry an unreachable head for minutes; a TCP connect says the same in seconds.
+    """
+    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # not host:port: let ray.init judge it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {exc}; is the head node up (ray start "
+                          "--head) and is --ray-address / RAY_ADDRESS its GCS 'host:port' or 'ray://host:10001'?"
+                          ) from exc
+
+
 def _connect(ray, address: str | None) -> bool:
     """Connect to Ray; returns True when this call started the connection (and should shut it down)."""
     if ray.is_initialized():
@@ -154,6 +173,7 @@ def _connect(ray, address: str | None) -> bool:
     runtime_env = {"py_modules": [refmodel]}
     try:
         if address:
+            _check_reachable(address)
             ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         else:
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
