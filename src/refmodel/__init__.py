@@ -34,6 +34,7 @@ from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # n
 from .logprobs import model_logprobs  # noqa: E402
 from .precompute import precompute  # noqa: E402
 from .quantize import QUANT_MODES, quantize_model  # noqa: E402
+from .ray_precompute import precompute_on_ray  # noqa: E402  (imports ray only when called)
 from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote stays lazy)
     AdapterDisabled,
     Frozen,
@@ -74,6 +75,7 @@ __all__ = [
     "LogprobStore",
     "key_of",
     "precompute",
+    "precompute_on_ray",
     "fingerprint",
     "model_logprobs",
     "naive_token_logprobs",

@@ -99,11 +99,28 @@ _DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 @click.option("--shard-examples", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Examples per shard (the unit of crash recovery).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Log-probs of logits / T.")
-def precompute_cmd(**kwargs) -> None:
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Score on a Ray cluster: an actor pool of scorers, one model each (extra 'ray').")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="Ray cluster to join (needs --ray). [default: env RAY_ADDRESS, else a new local cluster]")
+@click.option("--num-workers", type=click.IntRange(min=1), default=None,
+              help="Scorer actors, one model each (needs --ray). [default: the cluster's GPUs or CPUs]")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+              help="GPUs per scorer actor; > 0 scores on CUDA (needs --ray). [default: 0]")
+def precompute_cmd(use_ray, ray_address, num_workers, gpus_per_worker, **kwargs) -> None:
     """Compute reference log-probs of a dataset into a log-prob store."""
-    from .store_cli import precompute_command
+    from .store_cli import precompute_command, ray_precompute_command
 
-    precompute_command(**kwargs)
+    if not use_ray:
+        given = [flag for flag, value in (("--ray-address", ray_address), ("--num-workers", num_workers),
+                                          ("--gpus-per-worker", gpus_per_worker)) if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: only used with --ray; add --ray to score on a Ray "
+                                   "cluster, or drop them")
+        precompute_command(**kwargs)
+        return
+    ray_precompute_command(ray_address=ray_address, num_workers=num_workers,
+                           gpus_per_worker=gpus_per_worker or 0.0, **kwargs)
 
 
 @main.group("store")

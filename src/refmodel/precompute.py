@@ -87,6 +87,55 @@ def plan_batches(units: list[Unit], max_tokens: int) -> list[list[Unit]]:
     return batches
 
 
+def shard_name(index: int) -> str:
+    """File name of the job's shard ``index`` (the same in every run mode, so resume works across them)."""
+    return f"shard-{index:05d}.safetensors"
+
+
+def plan_job(examples: list[Example], *, max_tokens_per_batch: int, shard_examples: int, share_prompt: bool,
+             temperature: float) -> tuple[list[list[Unit]], dict]:
+    """The job's shards (lists of units, ``shard_examples`` each) and its description for the manifest.
+
+    A pure function of the tokenized data and the settings; the description carries a hash of the plan so
+    that resuming with other data or settings is refused.
+    """
+    if max_tokens_per_batch < 1 or shard_examples < 1:
+        raise InvalidInput("max_tokens_per_batch and shard_examples must be >= 1")
+    units = plan_units(examples)
+    shards = [units[i:i + shard_examples] for i in range(0, len(units), shard_examples)]
+    plan = hashlib.blake2b(digest_size=16)
+    for i, shard in enumerate(shards):
+        plan.update(f"{i}|".encode() + b"".join(k for u in shard for k in u.keys))
+    job = {"kind": "precompute", "plan_blake2b": plan.hexdigest(), "shards": len(shards),
+           "sequences": sum(len(u.keys) for u in units), "max_tokens_per_batch": max_tokens_per_batch,
+           "shard_examples": shard_examples, "share_prompt": share_prompt, "temperature": temperature}
+    return shards, job
+
+
+def open_or_create_store(out, fp: str, dtype: str, job: dict, *, resume: bool) -> LogprobStore:
+    """A writable store at ``out`` for ``job``: new, or (``resume=True``) the same job's unfinished one."""
+    out = Path(out)
+    if (out / "manifest.json").exists():
+        if not resume:
+            raise ConfigError(f"{out} already holds a store; pass resume=True (--resume) to finish it, "
+                              "or choose an empty folder")
+        store = LogprobStore.open(out, fp, mode="a")
+        if store.job != job or store.dtype != dtype:
+            store.close()
+            raise ConfigError(f"{out} was filled by another job (data, dtype or settings differ: stored "
+                              f"{json.dumps(store.job)}, dtype {store.dtype}); resume needs the same ones")
+        return store
+    store = LogprobStore.create(out, fp, dtype=dtype)
+    store.set_job(job)
+    return store
+
+
+def pending_shards(store: LogprobStore, n_shards: int) -> list[int]:
+    """Indices of the job's shards not yet committed to ``store``."""
+    done = set(store.shard_files)
+    return [i for i in range(n_shards) if shard_name(i) not in done]
+
+
 @torch.no_grad()
 def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float = 1.0,
                 share_prompt: bool = True) -> list[Entry]:
@@ -187,30 +236,13 @@ def precompute(model, data, out, *, tokenizer=None, dtype="bfloat16", max_tokens
     dtype = normalize_dtype(dtype)
     model, tokenizer = _load_model(model, tokenizer, model_kwargs)
     fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
-    units = plan_units(load_examples(data, tokenizer))
-    shards = [units[i:i + shard_examples] for i in range(0, len(units), shard_examples)]
-    plan = hashlib.blake2b(digest_size=16)
-    for i, shard in enumerate(shards):
-        plan.update(f"{i}|".encode() + b"".join(k for u in shard for k in u.keys))
-    job = {"kind": "precompute", "plan_blake2b": plan.hexdigest(), "shards": len(shards),
-           "sequences": sum(len(u.keys) for u in units), "max_tokens_per_batch": max_tokens_per_batch,
-           "shard_examples": shard_examples, "share_prompt": share_prompt, "temperature": temperature}
+    shards, job = plan_job(load_examples(data, tokenizer), max_tokens_per_batch=max_tokens_per_batch,
+                           shard_examples=shard_examples, share_prompt=share_prompt, temperature=temperature)
+    units = [u for shard in shards for u in shard]
+    store = open_or_create_store(out, fp, dtype, job, resume=resume)
     out = Path(out)
-    if (out / "manifest.json").exists():
-        if not resume:
-            raise ConfigError(f"{out} already holds a store; pass resume=True (--resume) to finish it, "
-                              "or choose an empty folder")
-        store = LogprobStore.open(out, fp, mode="a")
-        if store.job != job or store.dtype != dtype:
-            store.close()
-            raise ConfigError(f"{out} was filled by another job (data, dtype or settings differ: stored "
-                              f"{json.dumps(store.job)}, dtype {store.dtype}); resume needs the same ones")
-    else:
-        store = LogprobStore.create(out, fp, dtype=dtype)
-        store.set_job(job)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    done = set(store.shard_files)
-    todo = [i for i in range(len(shards)) if f"shard-{i:05d}.safetensors" not in done]
+    todo = pending_shards(store, len(shards))
     total = sum(u.tokens for u in units)
     left = sum(u.tokens for i in todo for u in shards[i])
     log.info("precompute: %d sequences in %d shards (%d to do), %d tokens, fingerprint %s",
@@ -224,11 +256,12 @@ def precompute(model, data, out, *, tokenizer=None, dtype="bfloat16", max_tokens
                 entries += score_units(model, batch, pad_id=pad_id, temperature=temperature,
                                        share_prompt=share_prompt)
                 bar.update(sum(u.tokens for u in batch))
-            store.write_shard(f"shard-{i:05d}.safetensors", entries)
+            store.write_shard(shard_name(i), entries)
     elapsed = time.perf_counter() - start
     log.info("precompute: %d tokens in %.2fs (%.0f tokens/s)", left, elapsed, left / max(elapsed, 1e-9))
     store.close()
     return LogprobStore.open(out, fp)
 
 
-__all__ = ["precompute", "plan_units", "plan_batches", "score_units", "Unit"]
+__all__ = ["precompute", "plan_units", "plan_batches", "plan_job", "open_or_create_store", "pending_shards",
+           "score_units", "shard_name", "Unit"]
