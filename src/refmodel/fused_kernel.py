@@ -322,7 +322,7 @@ def _weight_grads(h, weight, bias, rows_idx, y, tf, tiles, fp32, lse, entropy, g
                 yb = y[sl]
                 inside = ((yb >= v0) & (yb < v1)).nonzero().squeeze(1)
                 grad_a[inside, yb[inside] - v0] += g_logp[sl][inside] * _deriv_at(deriv, tf, inside, yb - v0)
-                dw[v0:v1] += _coef_matmul(grad_a.t(), hb)
+                _coef_matmul_into(grad_a.t(), hb, dw[v0:v1], accumulate=True)
                 if db is not None:
                     db[v0:v1] += grad_a.sum(0)
     return dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
