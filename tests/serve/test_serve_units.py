@@ -8,12 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
 from refmodel import ConfigError, InvalidBatch, ServiceOverloaded
 from refmodel.reference import choose_placement
 from refmodel.serve import wire
 from refmodel.serve.batcher import Batcher
 from refmodel.serve.settings import ServeSettings, parse_named_paths
+from refmodel.serve.validate import FieldError, Limits
 
 
 def test_wire_round_trip():
@@ -119,3 +121,58 @@ def test_choose_placement(caplog):
     assert "2.0 MiB exceeds the local budget of 1.0 MiB" in caplog.text
     with pytest.raises(ConfigError):
         choose_placement(-1, 10)
+
+
+def _both(ids, attn=None, score=None, limits=Limits(50, 16, 8)):
+    """check_block and check_sequences on the same block: results, or (type, message) of the error."""
+    from refmodel.serve.validate import check_block, check_sequences
+
+    def run(fn):
+        try:
+            return fn()
+        except InvalidBatch as exc:
+            return type(exc), exc.field, str(exc)
+    rows = lambda m: None if m is None else list(torch.from_numpy(m.astype(np.int64)))  # noqa: E731
+    block = run(lambda: check_block(ids, limits, attn, score))
+    per_row = run(lambda: check_sequences(list(torch.from_numpy(ids.astype(np.int64))), limits, rows(attn),
+                                          rows(score)))
+    return block, per_row
+
+
+def test_vectorized_block_check_equals_the_per_row_check():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        b, t = int(rng.integers(1, 6)), int(rng.integers(1, 10))
+        ids = rng.integers(0, 50, (b, t)).astype(np.int32)
+        attn = (rng.random((b, t)) < 0.8).astype(np.uint8) if trial % 2 else None
+        if attn is not None:
+            attn[:, 0] = 1
+        score = ((rng.random((b, t)) < 0.5) & (attn.astype(bool) if attn is not None else True)).astype(np.uint8) \
+            if trial % 3 == 0 else None
+        block, per_row = _both(ids, attn, score)
+        assert len(block) == len(per_row) == b
+        for x, y in zip(block, per_row, strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(x, y, strict=True))
+
+
+@pytest.mark.parametrize("case", ["vocab", "mask_value", "empty_row", "score_on_padding", "too_long", "too_many"])
+def test_vectorized_block_check_raises_like_the_per_row_check(case):
+    ids = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int32)
+    attn = np.array([[1, 1, 1], [1, 1, 0]], dtype=np.uint8)
+    score = None
+    if case == "vocab":
+        ids[1, 1] = 50
+    elif case == "mask_value":
+        attn[1, 2] = 3
+    elif case == "empty_row":
+        attn[1] = 0
+    elif case == "score_on_padding":
+        score = np.array([[0, 1, 1], [0, 1, 1]], dtype=np.uint8)
+    elif case == "too_long":
+        ids = np.ones((1, 17), dtype=np.int32)
+        attn = None
+    elif case == "too_many":
+        ids = np.ones((9, 2), dtype=np.int32)
+        attn = None
+    block, per_row = _both(ids, attn, score)
+    assert block == per_row and block[0] is FieldError

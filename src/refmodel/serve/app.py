@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import numpy as np
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -28,7 +27,7 @@ from .metrics import Metrics
 from .runners import ServedModel, load_logprob_models, load_reward_model, warm_up
 from .schemas import LogprobsRequest, ModelInfo, ModelsResponse, RewardsRequest
 from .settings import ServeSettings
-from .validate import FieldError, Limits, check_sequences
+from .validate import Limits, check_block, check_sequences
 
 log = logging.getLogger(__name__)
 _ENDPOINTS = {"/v1/logprobs", "/v1/logprobs:binary", "/v1/rewards", "/v1/models", "/healthz", "/metrics"}
@@ -231,13 +230,7 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
     async def logprobs_binary(request: Request):
         decoded = wire.decode_request(await request.body())
         model = lookup(decoded.model, "logprobs")
-        if decoded.input_ids.shape[1] == 0:
-            raise FieldError("input_ids", "input_ids has T=0 tokens per sequence; send at least one token")
-        ids = torch.from_numpy(decoded.input_ids.astype(np.int64))
-        masks = [None if m is None else torch.from_numpy(m.astype(np.int64)) for m in
-                 (decoded.attention_mask, decoded.score_mask)]
-        seqs = check_sequences(list(ids), limits(model), None if masks[0] is None else list(masks[0]),
-                               None if masks[1] is None else list(masks[1]))
+        seqs = check_block(decoded.input_ids, limits(model), decoded.attention_mask, decoded.score_mask)
         rows = await state.batchers[decoded.model].submit(seqs, [s.ids.numel() for s in seqs])
         out = np.stack(rows) if rows else np.zeros(decoded.input_ids.shape, np.float32)
         return Response(wire.encode_response(model.fingerprint, out), media_type=wire.CONTENT_TYPE,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..errors import InvalidBatch
@@ -117,4 +118,56 @@ def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=N
     return out
 
 
-__all__ = ["FieldError", "Limits", "Sequence", "check_sequences"]
+def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarray | None = None,
+                score_mask: np.ndarray | None = None) -> list[Sequence]:
+    """:func:`check_sequences` for a binary ``[B, T]`` block, vectorized (same rules, same messages).
+
+    The binary endpoint is the throughput path, so the checks run once over the block in numpy instead
+    of a dozen small torch ops per row.
+    """
+    batch, length = input_ids.shape
+    if batch == 0:
+        raise FieldError("input_ids", "input_ids is empty; send at least one sequence")
+    if length == 0:
+        raise FieldError("input_ids", "input_ids has T=0 tokens per sequence; send at least one token")
+    if batch > limits.max_sequences:
+        raise FieldError("input_ids", f"input_ids has {batch} sequences; this server accepts at most "
+                                      f"{limits.max_sequences} per request (split the batch)")
+    if length > limits.max_seq_len:
+        raise FieldError("input_ids", f"input_ids[0] has {length} tokens, more than this server's "
+                                      f"max_seq_len={limits.max_seq_len}")
+    masks = []
+    for field, mask in (("attention_mask", attention_mask), ("score_mask", score_mask)):
+        if mask is not None:
+            bad = mask > 1
+            if bad.any():
+                i, j = np.argwhere(bad)[0]
+                raise FieldError(field, f"{field}[{i}] holds {mask[i, j]}; masks hold only 0 and 1")
+            mask = mask.astype(bool)
+        masks.append(mask)
+    attn, score = masks
+    if attn is None:
+        attn = np.ones((batch, length), dtype=bool)
+    else:
+        empty = ~attn.any(axis=1)
+        if empty.any():
+            i = int(np.argmax(empty))
+            raise FieldError("attention_mask", f"attention_mask[{i}] is all 0: input_ids[{i}] has no real "
+                                               "tokens (empty sequence)")
+    bad = attn & ((input_ids < 0) | (input_ids >= limits.vocab_size))
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise FieldError("input_ids", f"input_ids[{i}][{j}] = {input_ids[i, j]} is outside the "
+                                      f"vocabulary [0, {limits.vocab_size})")
+    if score is None:
+        score = attn
+    elif (score & ~attn).any():
+        i = int(np.argmax((score & ~attn).any(axis=1)))
+        raise FieldError("score_mask", f"score_mask[{i}] marks padded positions (attention_mask 0); "
+                                       "only real tokens can be scored")
+    ids = torch.from_numpy(np.where(attn, input_ids, 0).astype(np.int64))
+    attn_t, score_t = torch.from_numpy(attn.copy()), torch.from_numpy(score.copy())
+    return [Sequence(ids[i], attn_t[i], score_t[i]) for i in range(batch)]
+
+
+__all__ = ["FieldError", "Limits", "Sequence", "check_block", "check_sequences"]
