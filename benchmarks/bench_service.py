@@ -161,12 +161,12 @@ def bench_load(model_dir: Path, clients: int, requests: int, seq_len: int, max_w
     return results
 
 
-def bench_overhead(model_dir: Path, seq_len: int, batches: tuple[int, ...], reps: int) -> None:
+def bench_overhead(model_dir: Path, seq_lens: tuple[int, ...], batches: tuple[int, ...], reps: int) -> None:
     model = load_reference_model(model_dir)
     server = Server(model_dir, "--max-wait-ms", "0")
     try:
         with ReferenceClient(server.url, timeout_s=60) as client:
-            for batch in batches:
+            for seq_len, batch in ((t, b) for t in seq_lens for b in batches):
                 ids = torch.tensor(_rows(batch, seq_len, seed=batch))
 
                 def local(ids=ids):
@@ -196,7 +196,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--overhead-seq-len", type=int, default=128)
+    parser.add_argument("--overhead-seq-lens", default="128,512",
+                        help="comma-separated sequence lengths of the overhead comparison")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server")
     parser.add_argument("--quick", action="store_true", help="300 requests, 5 repeats")
@@ -208,7 +209,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_model("llama", Path(tmp) / "llama")
         bench_load(model_dir, args.clients, args.requests, args.seq_len, args.max_wait_ms)
-        bench_overhead(model_dir, args.overhead_seq_len, (8, 32), args.reps)
+        bench_overhead(model_dir, tuple(int(t) for t in args.overhead_seq_lens.split(",")), (8, 32), args.reps)
 
 
 if __name__ == "__main__":
