@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="the batching server's --max-wait-ms (its default)")
     parser.add_argument("--overhead-seq-lens", default="128,512",
                         help="comma-separated sequence lengths of the overhead comparison")
     parser.add_argument("--reps", type=int, default=20)

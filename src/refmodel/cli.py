@@ -183,7 +183,7 @@ def store_import_halos_cmd(pkl: str, model: str, out: str, dtype: str) -> None:
               help="File holding the bearer token clients must send (or env REFMODEL_TOKEN).")
 @click.option("--device", default=None, help="Where the models run. [default: cpu]")
 @click.option("--max-batch-tokens", type=int, default=None, help="Padded tokens per model call. [default: 8192]")
-@click.option("--max-wait-ms", type=float, default=None, help="How long a batch waits for more requests. [default: 5]")
+@click.option("--max-wait-ms", type=float, default=None, help="How long a batch waits for more requests (a closed loop of clients pays it every round, so keep it short). [default: 2]")
 @click.option("--max-seq-len", type=int, default=None, help="Tokens per sequence. [default: 2048]")
 @click.option("--max-sequences", type=int, default=None, help="Sequences per request. [default: 1024]")
 @click.option("--max-queue", type=int, default=None, help="Admitted sequences per model before 429. [default: 1024]")

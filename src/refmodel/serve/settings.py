@@ -28,7 +28,7 @@ class ServeSettings(BaseSettings):
     token_file: Path | None = None
     device: str = "cpu"
     max_batch_tokens: int = Field(8192, ge=1, description="padded tokens (rows x longest row) per model call")
-    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
     max_seq_len: int = Field(2048, ge=2, description="tokens per sequence")
     max_sequences: int = Field(1024, ge=1, description="sequences per request")
     max_queue: int = Field(1024, ge=1, description="sequences admitted (waiting or running) per model")
