@@ -171,3 +171,36 @@ def test_padded_positions_may_hold_any_id(tiny_model_dirs):
     clean = model_logprobs(model, ids.masked_fill(mask == 0, tok.pad_token_id), mask)
     for filler in (-100, len(tok) + 7):
         torch.testing.assert_close(model_logprobs(model, ids.masked_fill(mask == 0, filler), mask), clean)
+
+
+@torch.no_grad()
+def test_use_liger_without_cuda_falls_back_to_the_fused_op_and_says_so(tiny, caplog):
+    import logging
+
+    import refmodel.liger
+
+    model, tok = tiny
+    ids = _ids(tok, 2, 8)
+    refmodel.liger._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="refmodel.liger"):
+        out = model_logprobs(model, ids, use_liger=True)
+    torch.testing.assert_close(out, model_logprobs(model, ids), atol=0, rtol=0)
+    if not torch.cuda.is_available():
+        assert "Liger needs CUDA" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_liger_on_gpu_matches_the_naive_log_softmax():
+    pytest.importorskip("liger_kernel")
+    from refmodel import naive_token_logprobs
+    from refmodel.liger import liger_token_logprobs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(64, 128, device="cuda", generator=g)
+    w = torch.randn(1000, 128, device="cuda", generator=g) / 128**0.5
+    t = torch.randint(0, 1000, (64,), device="cuda", generator=g)
+    t[::7] = -100
+    for kwargs in ({}, {"temperature": 0.7, "logit_scale": 1.3}, {"softcap": 5.0}):
+        torch.testing.assert_close(liger_token_logprobs(h, w, t, **kwargs), naive_token_logprobs(h, w, t, **kwargs),
+                                   atol=1e-4, rtol=1e-4)
