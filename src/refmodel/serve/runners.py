@@ -43,6 +43,8 @@ class ServedModel:
 def _pad(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad to the longest row: ids 0, masks False there (positions come from the mask)."""
     length = max(s.ids.numel() for s in seqs)
+    if all(s.ids.numel() == length for s in seqs):  # e.g. one binary block: three stacks, no row copies
+        return tuple(torch.stack([getattr(s, f) for s in seqs]).to(device) for f in ("ids", "attn", "score"))
     ids = torch.zeros(len(seqs), length, dtype=torch.long)
     attn = torch.zeros(len(seqs), length, dtype=torch.bool)
     score = torch.zeros(len(seqs), length, dtype=torch.bool)
