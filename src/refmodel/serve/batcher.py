@@ -26,6 +26,24 @@ from ..errors import ServiceOverloaded
 log = logging.getLogger(__name__)
 
 
+def check_admission(name: str, accepting: bool, admitted: int, adding: int, max_queue: int,
+                    where: str = "") -> None:
+    """Raise 503 when ``name`` is not accepting, 429 when ``adding`` more sequences exceed ``max_queue``."""
+    if not accepting:
+        raise ServiceOverloaded(f"model {name!r} is not accepting requests (shutting down)", status=503)
+    if admitted + adding > max_queue:
+        raise ServiceOverloaded(
+            f"the queue of model {name!r} is full ({admitted} of {max_queue} sequences "
+            f"admitted{where}, this request adds {adding}); retry later", status=429)
+
+
+def drain_seconds(queued_tokens: int, tokens_per_s: float) -> int:
+    """A ``Retry-After`` hint: seconds to drain ``queued_tokens`` at the recent rate, clamped to 1..30."""
+    if tokens_per_s <= 0:
+        return 1
+    return max(1, min(30, math.ceil(queued_tokens / tokens_per_s)))
+
+
 @dataclass
 class _Item:
     payload: object
@@ -84,19 +102,12 @@ class Batcher:
 
     def retry_after_s(self) -> int:
         """A hint for 429 responses: seconds to drain what is admitted at the recent token rate."""
-        if self._recent_tokens_per_s <= 0:
-            return 1
-        queued = sum(item.tokens for item in self._pending)
-        return max(1, min(30, math.ceil(queued / self._recent_tokens_per_s)))
+        return drain_seconds(sum(item.tokens for item in self._pending), self._recent_tokens_per_s)
 
     async def submit(self, payloads: list, tokens: list[int]) -> list:
         """Admit one request's sequences (``tokens[i]`` = length of sequence i) and await their results."""
-        if self._task is None or self._task.done():
-            raise ServiceOverloaded(f"model {self.name!r} is not accepting requests (shutting down)", status=503)
-        if self._admitted + len(payloads) > self.max_queue:
-            raise ServiceOverloaded(
-                f"the queue of model {self.name!r} is full ({self._admitted} of {self.max_queue} sequences "
-                f"admitted, this request adds {len(payloads)}); retry later", status=429)
+        check_admission(self.name, self._task is not None and not self._task.done(), self._admitted,
+                        len(payloads), self.max_queue)
         loop = asyncio.get_running_loop()
         request = self._next_request
         self._next_request += 1

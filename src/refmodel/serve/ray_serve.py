@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 import signal
 import threading
 import time
@@ -29,8 +28,8 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from .._optional import require
-from ..errors import ConfigError, MissingDependency, ServiceOverloaded
-from .batcher import Batcher
+from ..errors import ConfigError, MissingDependency
+from .batcher import Batcher, check_admission, drain_seconds
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -102,18 +101,12 @@ class RayBatcher:
 
     def retry_after_s(self) -> int:
         """Seconds to drain what is admitted at the recent token rate (1..30)."""
-        if self._recent_tokens_per_s <= 0:
-            return 1
-        return max(1, min(30, math.ceil(self._queued_tokens / self._recent_tokens_per_s)))
+        return drain_seconds(self._queued_tokens, self._recent_tokens_per_s)
 
     async def submit(self, payloads: list, tokens: list[int]) -> list:
         """Admit one request's sequences and await their results, in order."""
-        if not self._running:
-            raise ServiceOverloaded(f"model {self.name!r} is not accepting requests (shutting down)", status=503)
-        if self._admitted + len(payloads) > self.max_queue:
-            raise ServiceOverloaded(
-                f"the queue of model {self.name!r} is full ({self._admitted} of {self.max_queue} sequences "
-                f"admitted on this replica, this request adds {len(payloads)}); retry later", status=429)
+        check_admission(self.name, self._running, self._admitted, len(payloads), self.max_queue,
+                        where=" on this replica")
         total = sum(tokens)
         self._set_admitted(self._admitted + len(payloads), total)
         try:
