@@ -9,19 +9,16 @@ from __future__ import annotations
 import json
 import pickle
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
+from precompute_helpers import kill_after_shards
 from refmodel import ConfigError, fingerprint, model_logprobs
 from refmodel.data import load_examples
 from refmodel.precompute import precompute
 from refmodel.store import LogprobStore
-from refmodel.testing import load_tiny, preference_pairs, run_cli, subprocess_env, write_jsonl
+from refmodel.testing import load_tiny, preference_pairs, run_cli, write_jsonl
 
 ATOL = 1e-5
 
@@ -95,19 +92,7 @@ def test_kill_9_then_resume_gives_identical_bytes(tiny_model_dirs, tmp_path):
     assert shards >= 10
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "refmodel", *map(str, args), "--out", str(out)],
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 3:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    done = len(json.loads((out / "manifest.json").read_text())["shards"])
+    done = kill_after_shards(args, out, at_least=3)
     assert 3 <= done < shards, done  # killed mid-run
     run_cli(*args, "--out", out, "--resume")
     assert _files(out) == _files(tmp_path / "full")

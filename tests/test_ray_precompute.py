@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,11 +20,12 @@ import torch
 from safetensors.numpy import load_file
 
 import refmodel
+from precompute_helpers import kill_after_shards
 from refmodel import ConfigError
 from refmodel.precompute import precompute
 from refmodel.ray_precompute import ShardScorer, precompute_on_ray
 from refmodel.store import LogprobStore
-from refmodel.testing import preference_pairs, run_cli, subprocess_env, write_jsonl
+from refmodel.testing import preference_pairs, run_cli, write_jsonl
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -146,20 +144,7 @@ def test_driver_killed_then_resume(ray_address, job, tmp_path):
     want = tmp_path / "single"
     _single(model_dir, data, want, dtype="bfloat16", max_tokens_per_batch=256, shard_examples=8)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "refmodel", *map(str, args), "--ray-address", ray_address,
-                             "--out", str(out)], env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # until the first shard is committed
-        try:
-            if json.loads((out / "manifest.json").read_text())["shards"]:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    done = len(json.loads((out / "manifest.json").read_text())["shards"])
+    done = kill_after_shards([*args, "--ray-address", ray_address], out, at_least=1)
     assert 1 <= done < 15, done  # killed mid-job
 
     # Resume with Ray again (this time through RAY_ADDRESS) and the same settings: the same bytes.
