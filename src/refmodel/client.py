@@ -1,5 +1,7 @@
-"""``ReferenceClient``: sync and async access to a ``refmodel serve`` reference service (httpx).
+"""``ReferenceClient``: sync and async access to a ``refmodel serve`` reference service.
 
+The sync methods use pooled keep-alive ``http.client`` connections (:mod:`refmodel._http`, the
+lower fixed cost per request) and may be called from several threads; the async methods use httpx.
 Log-probs travel in the binary form (``refmodel.serve.wire``: int32 ids in, float32 out); rewards as
 JSON. Every call has an explicit timeout; 429 and 503 answers (and connection failures) are retried
 with exponential backoff and jitter, honouring ``Retry-After``. Errors map to refmodel exceptions:
@@ -11,6 +13,7 @@ with exponential backoff and jitter, honouring ``Retry-After``. Errors map to re
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ._http import TRANSPORT_ERRORS, SyncTransport
 from ._optional import require
 from .errors import (
     InvalidBatch,
@@ -112,13 +116,13 @@ class ReferenceClient:
 
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0, max_retries: int = 3,
                  backoff_s: float = 0.1):
-        self._httpx = require("httpx", "serve")
         self.url = url.rstrip("/")
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self.timeout = self._httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
+        self.timeout_s = timeout_s
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = None
+        self._transport = SyncTransport(self.url, timeout_s=timeout_s, connect_timeout_s=min(timeout_s, 10.0),
+                                        headers=self.headers)
         self._aclient = None
         self._fingerprints: dict[str, str] = {}
 
@@ -131,17 +135,14 @@ class ReferenceClient:
                 wait = max(wait, float(retry_after))
         return min(wait, _MAX_SLEEP_S)
 
-    def _transport_errors(self) -> tuple[type[Exception], ...]:
-        h = self._httpx
-        return (h.ConnectError, h.RemoteProtocolError, h.ReadError, h.TimeoutException)
-
-    def _settle(self, attempt: int, path: str, response=None, exc: Exception | None = None) -> float | None:
+    def _settle(self, attempt: int, path: str, response=None, exc: Exception | None = None,
+                timed_out: bool = False) -> float | None:
         """After one attempt: ``None`` when ``response`` is final (error statuses raised), else the
         seconds to wait before the next attempt. Shared by the sync and async transports."""
         if exc is not None:
-            if isinstance(exc, self._httpx.TimeoutException):
+            if timed_out:
                 raise ServiceError(f"the reference service at {self.url} did not answer {path} within "
-                                   f"{self.timeout.read} s") from exc
+                                   f"{self.timeout_s} s") from exc
             if attempt == self.max_retries:
                 raise ServiceError(f"cannot reach the reference service at {self.url}: {exc}") from exc
         elif response.status_code not in _RETRY_STATUSES or attempt == self.max_retries:
@@ -153,14 +154,12 @@ class ReferenceClient:
                  self.max_retries, wait)
         return wait
 
-    def _request(self, method: str, path: str, **kwargs):
-        if self._client is None:
-            self._client = self._httpx.Client(timeout=self.timeout, headers=self.headers)
+    def _request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None):
         for attempt in range(self.max_retries + 1):
             try:
-                response = self._client.request(method, self.url + path, **kwargs)
-            except self._transport_errors() as exc:
-                wait = self._settle(attempt, path, exc=exc)
+                response = self._transport.request(method, path, body, content_type)
+            except TRANSPORT_ERRORS as exc:
+                wait = self._settle(attempt, path, exc=exc, timed_out=isinstance(exc, TimeoutError))
             else:
                 wait = self._settle(attempt, path, response)
                 if wait is None:
@@ -168,14 +167,18 @@ class ReferenceClient:
             time.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _arequest(self, method: str, path: str, **kwargs):
+    async def _arequest(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None):
+        httpx = require("httpx", "serve")
         if self._aclient is None:
-            self._aclient = self._httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
+            timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
+            self._aclient = httpx.AsyncClient(timeout=timeout, headers=self.headers)
+        headers = {"Content-Type": content_type} if content_type else None
+        errors = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.TimeoutException)
         for attempt in range(self.max_retries + 1):
             try:
-                response = await self._aclient.request(method, self.url + path, **kwargs)
-            except self._transport_errors() as exc:
-                wait = self._settle(attempt, path, exc=exc)
+                response = await self._aclient.request(method, self.url + path, content=body, headers=headers)
+            except errors as exc:
+                wait = self._settle(attempt, path, exc=exc, timed_out=isinstance(exc, httpx.TimeoutException))
             else:
                 wait = self._settle(attempt, path, response)
                 if wait is None:
@@ -188,8 +191,7 @@ class ReferenceClient:
         from .serve import wire
 
         ids, attn, score, lengths = _batch_arrays(input_ids, attention_mask, score_mask)
-        body = wire.encode_request(model, ids, attn, score)
-        return dict(content=body, headers={"Content-Type": wire.CONTENT_TYPE}), lengths
+        return (wire.encode_request(model, ids, attn, score), wire.CONTENT_TYPE), lengths
 
     def _logprobs_result(self, model, response, lengths) -> tuple[str, list[torch.Tensor]]:
         from .serve import wire
@@ -200,8 +202,8 @@ class ReferenceClient:
 
     def logprobs_with_fingerprint(self, model: str, input_ids, attention_mask=None, score_mask=None):
         """``(fingerprint, [float32 [L_b] tensor per sequence])`` (see :meth:`compute_log_probs`)."""
-        kwargs, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask)
-        return self._logprobs_result(model, self._request("POST", "/v1/logprobs:binary", **kwargs), lengths)
+        payload, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask)
+        return self._logprobs_result(model, self._request("POST", "/v1/logprobs:binary", *payload), lengths)
 
     def compute_log_probs(self, model: str, input_ids, attention_mask=None, score_mask=None) -> list[torch.Tensor]:
         """One float32 tensor per sequence: ``out[t] = log p(ids[t] | ids[:t])``, 0 at t=0 and where unscored.
@@ -214,8 +216,8 @@ class ReferenceClient:
     async def acompute_log_probs(self, model: str, input_ids, attention_mask=None,
                                  score_mask=None) -> list[torch.Tensor]:
         """Async :meth:`compute_log_probs`."""
-        kwargs, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask)
-        response = await self._arequest("POST", "/v1/logprobs:binary", **kwargs)
+        payload, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask)
+        response = await self._arequest("POST", "/v1/logprobs:binary", *payload)
         return self._logprobs_result(model, response, lengths)[1]
 
     @staticmethod
@@ -224,17 +226,16 @@ class ReferenceClient:
         body = {"model": model, "input_ids": [row[:n].tolist() for row, n in zip(ids, lengths, strict=True)]}
         if attn is not None:
             body["attention_mask"] = [row[:n].tolist() for row, n in zip(attn, lengths, strict=True)]
-        return body
+        return json.dumps(body).encode(), "application/json"
 
     def compute_rewards(self, model: str, input_ids, attention_mask=None) -> torch.Tensor:
         """``[B]`` float32 scores of a reward model, read at each sequence's last real token."""
-        response = self._request("POST", "/v1/rewards", json=self._rewards_body(model, input_ids, attention_mask))
+        response = self._request("POST", "/v1/rewards", *self._rewards_body(model, input_ids, attention_mask))
         return torch.tensor(response.json()["scores"], dtype=torch.float32)
 
     async def acompute_rewards(self, model: str, input_ids, attention_mask=None) -> torch.Tensor:
         """Async :meth:`compute_rewards`."""
-        response = await self._arequest("POST", "/v1/rewards",
-                                        json=self._rewards_body(model, input_ids, attention_mask))
+        response = await self._arequest("POST", "/v1/rewards", *self._rewards_body(model, input_ids, attention_mask))
         return torch.tensor(response.json()["scores"], dtype=torch.float32)
 
     def models(self) -> list[dict]:
@@ -254,9 +255,7 @@ class ReferenceClient:
         return self._request("GET", "/healthz").json()
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._transport.close()
 
     async def aclose(self) -> None:
         if self._aclient is not None:

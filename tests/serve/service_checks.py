@@ -131,6 +131,16 @@ class ServiceClientChecks:
         torch.testing.assert_close(alone, expected(llama, rows[0]), atol=ATOL, rtol=0)
 
 
+    def test_one_sync_client_shared_by_threads(self, server, llama):
+        from concurrent.futures import ThreadPoolExecutor
+
+        rows = random_rows(24, seed=11)
+        with ReferenceClient(server.url, token=TOKEN) as client:
+            with ThreadPoolExecutor(6) as pool:
+                got = list(pool.map(lambda r: client.compute_log_probs("tiny", [r])[0], rows))
+        for row, out in zip(rows, got, strict=True):
+            torch.testing.assert_close(out, expected(llama, row).float(), atol=ATOL, rtol=0)
+
     def test_thirty_two_concurrent_clients(self, server, llama):
         rows = random_rows(32, seed=4)
 

@@ -94,6 +94,48 @@ def test_batcher_rejects_when_the_queue_is_full():
     asyncio.run(main())
 
 
+def test_a_failing_batch_fails_its_requests_only_and_the_batcher_keeps_serving():
+    def run(payloads):
+        if "bad" in payloads:
+            raise RuntimeError("model exploded")
+        return [p.upper() for p in payloads]
+
+    async def main():
+        batcher = Batcher("m", run, ThreadPoolExecutor(1), max_batch_tokens=100, max_wait_s=0.05, max_queue=10)
+        batcher.start()
+        first = await asyncio.gather(batcher.submit(["a", "bad"], [1, 1]), batcher.submit(["b"], [1]),
+                                     return_exceptions=True)
+        later = await batcher.submit(["c", "d"], [1, 1])
+        await batcher.stop()
+        return first, later, batcher.depth
+
+    (failed, merged), later, depth = asyncio.run(main())
+    assert isinstance(failed, RuntimeError) and isinstance(merged, RuntimeError)  # same batch, same fate
+    assert later == ["C", "D"] and depth == 0
+
+
+def test_a_cancelled_request_does_not_disturb_the_others():
+    def run(payloads):
+        time.sleep(0.05)
+        return [p * 2 for p in payloads]
+
+    async def main():
+        batcher = Batcher("m", run, ThreadPoolExecutor(1), max_batch_tokens=100, max_wait_s=0.01, max_queue=10)
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit([1], [1]))  # occupies the model thread
+        await asyncio.sleep(0.02)
+        gone = asyncio.ensure_future(batcher.submit([2, 3], [1, 1]))
+        kept = asyncio.ensure_future(batcher.submit([4], [1]))
+        await asyncio.sleep(0.005)
+        gone.cancel()  # a client that hung up while queued
+        results = await busy, await kept
+        await batcher.stop()
+        return results, gone.cancelled(), batcher.depth
+
+    (busy, kept), cancelled, depth = asyncio.run(main())
+    assert busy == [2] and kept == [8] and cancelled and depth == 0
+
+
 def test_settings_from_environment_and_checks(monkeypatch, tmp_path):
     monkeypatch.setenv("REFMODEL_MODELS", '{"tiny": "/m/tiny"}')
     monkeypatch.setenv("REFMODEL_MAX_WAIT_MS", "7")
@@ -152,7 +194,7 @@ def test_vectorized_block_check_equals_the_per_row_check():
         block, per_row = _both(ids, attn, score)
         assert len(block) == len(per_row) == b
         for x, y in zip(block, per_row, strict=True):
-            assert all(torch.equal(u, v) for u, v in zip(x, y, strict=True))
+            assert all((u is None and v is None) or torch.equal(u, v) for u, v in zip(x, y, strict=True))
 
 
 @pytest.mark.parametrize("case", ["vocab", "mask_value", "empty_row", "score_on_padding", "too_long", "too_many"])

@@ -57,10 +57,15 @@ def _too_large(limit: int) -> JSONResponse:
 
 
 class _Guard:
-    """ASGI middleware: enforce the body limit before anything reads the body; time every request."""
+    """ASGI middleware: enforce the body limit before anything reads the body; time every request.
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
+    ``fast_routes`` maps ``(method, path)`` to a raw ASGI handler called here directly, past FastAPI's
+    middleware and routing layers (~0.1 ms per request, which matters on the binary throughput path).
+    """
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics, fast_routes: dict | None = None):
         self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+        self.fast_routes = fast_routes or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -98,7 +103,8 @@ class _Guard:
                         sent[0] = True
                         return {"type": "http.request", "body": body, "more_body": False}
                     return {"type": "http.disconnect"}
-            await self.app(scope, receive, send_status)
+            handler = self.fast_routes.get((scope["method"], scope["path"]), self.app)
+            await handler(scope, receive, send_status)
         finally:
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)
             self.metrics.requests.labels(path, str(status[0])).inc()
@@ -185,8 +191,7 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
         where = loc[0] + "".join(f"[{p}]" for p in loc[1:])
         return _error(422, f"{where}: {first.get('msg')} ({len(errors)} problem(s) in the body)", loc[0])
 
-    @app.exception_handler(RefModelError)
-    async def _refmodel_error(request: Request, exc: RefModelError):
+    def error_response(exc: RefModelError) -> JSONResponse:
         status = _status_of(exc)
         headers = None
         if status == 429:
@@ -198,10 +203,17 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
             log.error("unexpected %s: %s", type(exc).__name__, exc)
         return _error(status, str(exc), getattr(exc, "field", None), headers)
 
+    def unexpected_response(path: str, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s", path, exc_info=exc)
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    @app.exception_handler(RefModelError)
+    async def _refmodel_error(request: Request, exc: RefModelError):
+        return error_response(exc)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+        return unexpected_response(request.url.path, exc)
 
     @app.get("/healthz")
     async def healthz():
@@ -236,8 +248,16 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
         return Response(wire.encode_response(model.fingerprint, out), media_type=wire.CONTENT_TYPE,
                         headers={"X-Refmodel-Fingerprint": model.fingerprint})
 
-    # A plain Starlette route: the throughput path skips FastAPI's dependency solving (auth is called
-    # directly); the app's exception handlers still map errors to status codes.
+    async def logprobs_binary_asgi(scope, receive, send):
+        try:
+            response = await logprobs_binary(Request(scope, receive))
+        except RefModelError as exc:
+            response = error_response(exc)
+        except Exception as exc:
+            response = unexpected_response(scope["path"], exc)
+        await response(scope, receive, send)
+
+    # Registered as a route (405 for other methods) but served by _Guard directly, see there.
     app.add_route("/v1/logprobs:binary", logprobs_binary, methods=["POST"], include_in_schema=False)
 
     @app.post("/v1/rewards", dependencies=[Depends(authorize)])
@@ -247,7 +267,8 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
         scores = await state.batchers[req.model].submit(seqs, [s.ids.numel() for s in seqs])
         return {"model": req.model, "fingerprint": model.fingerprint, "scores": scores}
 
-    app.add_middleware(_Guard, max_body_bytes=settings.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(_Guard, max_body_bytes=settings.max_body_bytes, metrics=state.metrics,
+                       fast_routes={("POST", "/v1/logprobs:binary"): logprobs_binary_asgi})
     return app
 
 

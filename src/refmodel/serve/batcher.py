@@ -5,7 +5,9 @@ Each model has one :class:`Batcher`. ``submit`` admits a request's sequences (or
 A single loop forms batches in arrival order: a batch closes when adding the next sequence would
 exceed ``max_batch_tokens`` padded tokens (rows x longest row) or when its oldest sequence has waited
 ``max_wait_s``. The model runs in a worker thread, so the event loop keeps accepting, validating and
-answering requests while a batch computes; the next batch forms meanwhile.
+answering requests while a batch computes; the next batch forms meanwhile. The worker hands a
+finished batch back with one ``call_soon_threadsafe``, which answers every request it completes and
+frees the loop for the next batch in the same event-loop turn (no future chaining, no ``gather``).
 
 With ``batching=False`` every request runs as its own batch (the baseline of the benchmark).
 """
@@ -45,11 +47,20 @@ def drain_seconds(queued_tokens: int, tokens_per_s: float) -> int:
 
 
 @dataclass
+class _Request:
+    """One request's sequences: ``future`` gets the list of results when the last one is done."""
+
+    future: asyncio.Future
+    results: list
+    remaining: int
+
+
+@dataclass
 class _Item:
     payload: object
     tokens: int
-    request: int
-    future: asyncio.Future
+    request: _Request
+    index: int  # position in the request
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -75,7 +86,6 @@ class Batcher:
         self._on_depth = on_depth
         self._pending: deque[_Item] = deque()
         self._admitted = 0  # sequences waiting or running
-        self._next_request = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._recent_tokens_per_s = 0.0
@@ -108,15 +118,15 @@ class Batcher:
         """Admit one request's sequences (``tokens[i]`` = length of sequence i) and await their results."""
         check_admission(self.name, self._task is not None and not self._task.done(), self._admitted,
                         len(payloads), self.max_queue)
-        loop = asyncio.get_running_loop()
-        request = self._next_request
-        self._next_request += 1
-        items = [_Item(p, n, request, loop.create_future()) for p, n in zip(payloads, tokens, strict=True)]
+        if not payloads:
+            return []
+        request = _Request(asyncio.get_running_loop().create_future(), [None] * len(payloads), len(payloads))
+        items = [_Item(p, n, request, i) for i, (p, n) in enumerate(zip(payloads, tokens, strict=True))]
         self._pending.extend(items)
         self._set_admitted(self._admitted + len(items))
         self._wake.set()
         try:
-            return await asyncio.gather(*(item.future for item in items))
+            return await request.future
         finally:
             self._set_admitted(self._admitted - len(items))
 
@@ -136,7 +146,7 @@ class Batcher:
         if not self.batching:
             first = self._pending.popleft()
             batch = [first]
-            while self._pending and self._pending[0].request == first.request:
+            while self._pending and self._pending[0].request is first.request:
                 batch.append(self._pending.popleft())
             return batch
         batch = [self._pending.popleft()]
@@ -159,32 +169,51 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            live = [item for item in batch if not item.future.done()]  # skip cancelled requests
+            live = [item for item in batch if not item.request.future.done()]  # skip cancelled requests
             if not live:
                 continue
+            freed = loop.create_future()  # set when the worker is free for the next batch
             start = time.perf_counter()
+
+            def hand_back(job, live=live, freed=freed, start=start):  # runs in the worker thread
+                try:
+                    loop.call_soon_threadsafe(self._deliver, live, job, start, freed)
+                except RuntimeError:  # the loop has closed (shutdown): nobody is waiting any more
+                    pass
+
+            self._executor.submit(self._run_batch, [item.payload for item in live]).add_done_callback(hand_back)
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch,
-                                                     [item.payload for item in live])
+                await freed
             except asyncio.CancelledError:
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(ServiceOverloaded("the server is shutting down", status=503))
+                _fail(live, ServiceOverloaded("the server is shutting down", status=503))
                 raise
-            except Exception as exc:  # a bug in the model run: fail this batch, keep serving
-                log.exception("batch of %d sequences for %s failed", len(live), self.name)
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            seconds = time.perf_counter() - start
-            tokens = sum(item.tokens for item in live)
-            self._recent_tokens_per_s = tokens / seconds if seconds > 0 else 0.0
-            if self._observe is not None:
-                self._observe(len(live), tokens, seconds)
-            for item, result in zip(live, results, strict=True):
-                if not item.future.done():
-                    item.future.set_result(result)
+
+    def _deliver(self, live: list[_Item], job, start: float, freed: asyncio.Future) -> None:
+        """On the event loop: answer the batch's sequences and let the loop form the next batch."""
+        if not freed.done():
+            freed.set_result(None)
+        exc = job.exception()
+        if exc is not None:  # a bug in the model run: fail this batch, keep serving
+            log.error("batch of %d sequences for %s failed", len(live), self.name, exc_info=exc)
+            _fail(live, exc)
+            return
+        seconds = time.perf_counter() - start
+        tokens = sum(item.tokens for item in live)
+        self._recent_tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        if self._observe is not None:
+            self._observe(len(live), tokens, seconds)
+        for item, result in zip(live, job.result(), strict=True):
+            request = item.request
+            request.results[item.index] = result
+            request.remaining -= 1
+            if request.remaining == 0 and not request.future.done():
+                request.future.set_result(request.results)
+
+
+def _fail(items: list[_Item], exc: BaseException) -> None:
+    for item in items:
+        if not item.request.future.done():
+            item.request.future.set_exception(exc)
 
 
 __all__ = ["Batcher"]

@@ -40,34 +40,42 @@ class ServedModel:
         return run_logprobs(self, seqs) if self.kind == "logprobs" else run_rewards(self, seqs)
 
 
-def _pad(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row: ids 0, masks False there (positions come from the mask)."""
+def _pad(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Right-pad to the longest row: ids 0, masks False there (positions come from the mask).
+
+    Masks are None when no row needs them (same length, no masks): the model then stays on its
+    causal fast path.
+    """
     length = max(s.ids.numel() for s in seqs)
-    if all(s.ids.numel() == length for s in seqs):  # e.g. one binary block: three stacks, no row copies
-        return tuple(torch.stack([getattr(s, f) for s in seqs]).to(device) for f in ("ids", "attn", "score"))
+    same_length = all(s.ids.numel() == length for s in seqs)
+    if same_length and all(s.attn is None and s.score is None for s in seqs):
+        return torch.stack([s.ids for s in seqs]).to(device), None, None
     ids = torch.zeros(len(seqs), length, dtype=torch.long)
     attn = torch.zeros(len(seqs), length, dtype=torch.bool)
     score = torch.zeros(len(seqs), length, dtype=torch.bool)
     for i, s in enumerate(seqs):
         n = s.ids.numel()
-        ids[i, :n], attn[i, :n], score[i, :n] = s.ids, s.attn, s.score
+        ids[i, :n] = s.ids
+        attn[i, :n] = True if s.attn is None else s.attn
+        score[i, :n] = attn[i, :n] if s.score is None else s.score
     return ids.to(device), attn.to(device), score.to(device)
 
 
 def run_logprobs(served: ServedModel, seqs: list[Sequence]) -> list[np.ndarray]:
     """``model_logprobs`` of a padded batch, cut back to each sequence's own length (float32)."""
     ids, attn, score = _pad(seqs, served.device)
-    # Without padding the masks say nothing: dropping them keeps attention on its causal fast path.
-    attn_arg = None if bool(attn.all()) else attn
-    score_arg = None if attn_arg is None and bool(score.all()) else score
+    if attn is not None and bool(attn.all()):  # all-ones masks sent explicitly: same fast path
+        attn, score = None, None if bool(score.all()) else score
     with torch.inference_mode():
-        out = model_logprobs(served.model, ids, attn_arg, score_arg).float().cpu().numpy()
-    return [out[i, :s.ids.numel()].copy() for i, s in enumerate(seqs)]
+        out = model_logprobs(served.model, ids, attn, score).float().cpu().numpy()
+    return [out[i, :s.ids.numel()] for i, s in enumerate(seqs)]
 
 
 def run_rewards(served: ServedModel, seqs: list[Sequence]) -> list[float]:
     """The reward head's output at each sequence's last real token (float)."""
     ids, attn, _ = _pad(seqs, served.device)
+    if attn is None:
+        attn = torch.ones_like(ids, dtype=torch.bool)
     model = served.model
     with torch.inference_mode():
         hidden = model.base_model(input_ids=ids, attention_mask=attn.long(),
@@ -124,8 +132,7 @@ def load_reward_model(name: str, path: str, device: str) -> ServedModel:
 def warm_up(served: ServedModel) -> None:
     """One small batch so that the first request does not pay for lazy initialisation."""
     n = min(4, served.vocab_size)
-    seq = Sequence(torch.arange(n), torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool))
-    served.run([seq, seq])
+    served.run([Sequence(torch.arange(n)), Sequence(torch.arange(n))])
 
 
 __all__ = ["ServedModel", "load_logprob_models", "load_reward_model", "run_logprobs", "run_rewards", "warm_up"]

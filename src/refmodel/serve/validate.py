@@ -23,11 +23,15 @@ class FieldError(InvalidBatch):
 
 
 class Sequence(NamedTuple):
-    """One checked sequence: ``ids`` long ``[L]`` (0 at padding), ``attn`` and ``score`` bool ``[L]``."""
+    """One checked sequence: ``ids`` long ``[L]`` (0 at padding), ``attn`` and ``score`` bool ``[L]``.
+
+    ``attn`` None: every token is real; ``score`` None: every real token is scored. The common case
+    (no masks) then costs no mask tensors and lets a batch run without masks.
+    """
 
     ids: torch.Tensor
-    attn: torch.Tensor
-    score: torch.Tensor
+    attn: torch.Tensor | None = None
+    score: torch.Tensor | None = None
 
 
 class Limits(NamedTuple):
@@ -91,6 +95,14 @@ def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=N
                                             f"{len(ids_rows)} sequences; give one int or one per sequence")
     out = []
     for i, ids in enumerate(ids_rows):
+        if attn_rows is None and score_rows is None and starts is None:
+            bad = (ids < 0) | (ids >= limits.vocab_size)
+            if bad.any():
+                pos = int(bad.nonzero()[0, 0])
+                raise FieldError("input_ids", f"input_ids[{i}][{pos}] = {ids[pos].item()} is outside the "
+                                              f"vocabulary [0, {limits.vocab_size})")
+            out.append(Sequence(ids))
+            continue
         attn = attn_rows[i] if attn_rows is not None else torch.ones_like(ids, dtype=torch.bool)
         if not attn.any():
             raise FieldError("attention_mask", f"attention_mask[{i}] is all 0: input_ids[{i}] has no real "
@@ -136,6 +148,14 @@ def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarra
     if length > limits.max_seq_len:
         raise FieldError("input_ids", f"input_ids[0] has {length} tokens, more than this server's "
                                       f"max_seq_len={limits.max_seq_len}")
+    if attention_mask is None and score_mask is None:
+        bad = (input_ids < 0) | (input_ids >= limits.vocab_size)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise FieldError("input_ids", f"input_ids[{i}][{j}] = {input_ids[i, j]} is outside the "
+                                          f"vocabulary [0, {limits.vocab_size})")
+        ids = torch.from_numpy(input_ids.astype(np.int64))
+        return [Sequence(row) for row in ids]
     masks = []
     for field, mask in (("attention_mask", attention_mask), ("score_mask", score_mask)):
         if mask is not None:

@@ -1,0 +1,142 @@
+"""A small thread-safe keep-alive HTTP/1.1 transport for the sync client (stdlib only).
+
+Why not httpx (or ``http.client.HTTPConnection``) here: both send the request head and body in two
+``send`` calls, so the server wakes twice per request, and httpx adds its own header handling; on
+loopback that is ~0.45 ms more per request than one write, a tenth of a few-millisecond batch. The
+request is written in one piece; the answer is parsed by ``http.client.HTTPResponse``. The async
+client keeps httpx.
+
+Connections are pooled (one per concurrent caller). A pooled connection the server has closed in
+the meantime (uvicorn drops idle keep-alive connections after 5 s) is replaced and the request
+resent once; every endpoint of the service is a pure computation, so resending is safe.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import socket
+import ssl
+import threading
+import urllib.parse
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+# What a dropped connection raises: reset/refused/broken pipe (OSError subclasses) and a server
+# that closed without answering (RemoteDisconnected is a ConnectionResetError).
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (OSError, http.client.HTTPException)
+
+
+@dataclass
+class Reply:
+    """A fully read answer; the subset of ``httpx.Response`` the client uses."""
+
+    status_code: int
+    headers: dict[str, str]  # lower-case names
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.content)
+
+
+class SyncTransport:
+    """Send requests to ``base_url`` over pooled keep-alive connections (safe to share across threads)."""
+
+    def __init__(self, base_url: str, *, timeout_s: float, connect_timeout_s: float, headers: dict[str, str]):
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"the reference service URL must be http(s)://host[:port], got {base_url!r}")
+        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._tls else 80)
+        self._prefix = parts.path.rstrip("/")
+        self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
+        self._head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": parts.netloc, **headers}.items())
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                content_type: str | None = None) -> Reply:
+        """One request; raises ``TimeoutError`` or another of ``TRANSPORT_ERRORS`` when the transport fails."""
+        head = f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._head}"
+        if content_type is not None:
+            head += f"Content-Type: {content_type}\r\n"
+        body = body or b""
+        if body or method in ("POST", "PUT", "PATCH"):
+            head += f"Content-Length: {len(body)}\r\n"
+        # One write for head and body: the server wakes once, and no Nagle/delayed-ACK stall.
+        message = head.encode("latin-1") + b"\r\n" + body
+        sock, reused = self._checkout()
+        try:
+            try:
+                return self._exchange(sock, method, message)
+            except TimeoutError:
+                raise
+            except TRANSPORT_ERRORS:
+                if not reused:
+                    raise
+                sock.close()  # the server dropped an idle connection: one fresh attempt
+                sock = self._connect()
+                return self._exchange(sock, method, message)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _exchange(self, sock: socket.socket, method: str, message: bytes) -> Reply:
+        sock.sendall(message)
+        response = http.client.HTTPResponse(sock, method=method)  # the stdlib's parser (lengths, chunks)
+        response.begin()
+        content = response.read()
+        reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, content)
+        if response.will_close:
+            sock.close()
+        else:
+            with self._lock:
+                self._idle.append(sock)
+        return reply
+
+    def _checkout(self) -> tuple[socket.socket, bool]:
+        while True:
+            with self._lock:
+                sock = self._idle.pop() if self._idle else None
+            if sock is None:
+                return self._connect(), False
+            if not _closed_by_peer(sock):
+                return sock, True
+            sock.close()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self._host, self._port), timeout=self.connect_timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self._host)
+            sock.settimeout(self.timeout_s)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+
+def _closed_by_peer(sock) -> bool:
+    """An idle keep-alive socket is readable only when the server closed it (or sent garbage)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+__all__ = ["Reply", "SyncTransport", "TRANSPORT_ERRORS"]
