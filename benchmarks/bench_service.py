@@ -176,16 +176,17 @@ def bench_overhead(model_dir: Path, seq_lens: tuple[int, ...], batches: tuple[in
                 def remote(ids=ids):
                     return client.compute_log_probs("tiny", ids)
 
-                for fn in (local, remote):
-                    fn()
+                warm = {fn: time_fn(fn, 3) for fn in (local, remote)}
+                # At least `reps` pairs, more for cheap batches (~4 s per case): tighter medians.
+                pairs = max(reps, int(4.0 / (min(warm[local]) + min(warm[remote]))))
                 times = {local: [], remote: []}
-                for _ in range(reps):  # interleaved, so both see the same machine load
+                for _ in range(pairs):  # interleaved, so both see the same machine load
                     for fn in (local, remote):
                         times[fn] += time_fn(fn, 1)
                 t_local, t_remote = statistics.median(times[local]), statistics.median(times[remote])
                 # The minimum is the noise-free cost (load only ever adds time); both are printed.
                 m_local, m_remote = min(times[local]), min(times[remote])
-                print(f"overhead B={batch:<3} T={seq_len}: in-process {1e3 * t_local:7.2f} ms  service "
+                print(f"overhead B={batch:<3} T={seq_len} ({pairs} pairs): in-process {1e3 * t_local:7.2f} ms  service "
                       f"{1e3 * t_remote:7.2f} ms  overhead {100 * (t_remote / t_local - 1):+6.1f}% (medians), "
                       f"{100 * (m_remote / m_local - 1):+6.1f}% (minima: {1e3 * m_local:.2f} vs "
                       f"{1e3 * m_remote:.2f} ms)  (target < 20% at B >= 8)", flush=True)
@@ -201,7 +202,8 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="the batching server's --max-wait-ms (its default)")
     parser.add_argument("--overhead-seq-lens", default="128,512",
                         help="comma-separated sequence lengths of the overhead comparison")
-    parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--reps", type=int, default=40,
+                        help="minimum interleaved repeats per overhead case (cheap cases get more, ~4 s each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server")
     parser.add_argument("--quick", action="store_true", help="300 requests, 5 repeats")
     args = parser.parse_args()
