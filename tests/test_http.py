@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import http.server
 import json
 import socket
@@ -11,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from refmodel import ConfigError
-from refmodel._http import SyncTransport
+from refmodel._http import SyncTransport, read_reply
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -133,3 +134,46 @@ def test_a_silent_server_times_out():
 def test_bad_urls_are_refused(url):
     with pytest.raises(ConfigError, match="http"):
         _transport(url)
+
+
+def _parse(raw: bytes, method: str = "POST", close: bool = True):
+    """``read_reply`` on a socket pair whose far end wrote ``raw`` (and hung up if ``close``)."""
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(raw)
+        if close:
+            theirs.close()
+        return read_reply(ours, method)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_read_reply_framings():
+    reply, keep = _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A:  b \r\n\r\nabc", close=False)
+    assert (reply.status_code, reply.headers["x-a"], reply.content, keep) == (200, "b", b"abc", True)
+    reply, keep = _parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: x\r\n\r\n", close=False)
+    assert (reply.content, keep) == (b"abcde", True)
+    reply, keep = _parse(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nto the end")
+    assert (reply.content, keep) == (b"to the end", False)
+    reply, keep = _parse(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n"
+                         b"Connection: close\r\n\r\n{}")
+    assert (reply.status_code, reply.json(), keep) == (404, {}, False)
+    reply, keep = _parse(b"HTTP/1.1 204 No Content\r\n\r\n", close=False)
+    assert (reply.content, keep) == (b"", True)
+    # Bytes past the answer: the connection is out of step and must not be reused.
+    assert _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab", close=False)[1] is False
+
+
+@pytest.mark.parametrize("raw, error", [
+    (b"SSH-2.0-OpenSSH\r\n\r\n", "SSH-2.0"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n", "malformed answer"),
+    (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "closed the connection"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed answer"),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000, "within 65536 bytes"),
+])
+def test_read_reply_refuses_broken_answers(raw, error):
+    with pytest.raises(http.client.HTTPException, match=error):
+        _parse(raw)

@@ -3,8 +3,8 @@
 Why not httpx (or ``http.client.HTTPConnection``) here: both send the request head and body in two
 ``send`` calls, so the server wakes twice per request, and httpx adds its own header handling; on
 loopback that is ~0.45 ms more per request than one write, a tenth of a few-millisecond batch. The
-request is written in one piece; the answer is parsed by ``http.client.HTTPResponse``. The async
-client keeps httpx.
+request is written in one piece and the answer read by :func:`read_reply`. The async client keeps
+httpx.
 
 Connections are pooled (one per concurrent caller). A pooled connection the server has closed in
 the meantime (uvicorn drops idle keep-alive connections after 5 s) is replaced and the request
@@ -90,11 +90,8 @@ class SyncTransport:
 
     def _exchange(self, sock: socket.socket, method: str, message: bytes) -> Reply:
         sock.sendall(message)
-        response = http.client.HTTPResponse(sock, method=method)  # the stdlib's parser (lengths, chunks)
-        response.begin()
-        content = response.read()
-        reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, content)
-        if response.will_close:
+        reply, keep_alive = read_reply(sock, method)
+        if not keep_alive:
             sock.close()
         else:
             with self._lock:
@@ -130,6 +127,90 @@ class SyncTransport:
             sock.close()
 
 
+_MAX_HEAD_BYTES = 64 * 1024
+
+
+class _Incoming:
+    """The bytes of one answer, received as they are needed."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buf = sock, bytearray()
+
+    def _receive(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise http.client.RemoteDisconnected("the server closed the connection before a complete answer")
+        self.buf += chunk
+
+    def until(self, mark: bytes) -> bytes:
+        while (end := self.buf.find(mark)) < 0:
+            if len(self.buf) > _MAX_HEAD_BYTES:
+                raise http.client.HTTPException(f"no {mark!r} within {_MAX_HEAD_BYTES} bytes of the answer")
+            self._receive()
+        out = bytes(self.buf[:end])
+        del self.buf[:end + len(mark)]
+        return out
+
+    def exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._receive()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def to_end(self) -> bytes:
+        while chunk := self.sock.recv(65536):
+            self.buf += chunk
+        out = bytes(self.buf)
+        self.buf.clear()
+        return out
+
+
+def read_reply(sock: socket.socket, method: str) -> tuple[Reply, bool]:
+    """Read one HTTP/1.x answer: ``(reply, keep_alive)``.
+
+    Bodies framed by Content-Length, chunked transfer coding, or the end of the connection; 1xx
+    interim answers are skipped. This replaces ``http.client.HTTPResponse``, whose file object and
+    email-based header parser cost ~35 us per answer, a tenth of this transport's own cost.
+    """
+    incoming = _Incoming(sock)
+    try:
+        while True:
+            lines = incoming.until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+            version, _, rest = lines[0].partition(" ")
+            if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
+                raise http.client.BadStatusLine(lines[0])
+            status = int(rest[:3])
+            if status >= 200:
+                break
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise http.client.HTTPException(f"malformed header line in the answer: {line!r}")
+            headers[name.strip().lower()] = value.strip()
+        connection = headers.get("connection", "").lower()
+        keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+        if method == "HEAD" or status in (204, 304):
+            content = b""
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            parts = []
+            while size := int(incoming.until(b"\r\n").split(b";")[0], 16):
+                parts.append(incoming.exactly(size))
+                incoming.exactly(2)  # the CRLF after each chunk
+            while incoming.until(b"\r\n"):  # trailers, up to the empty line
+                pass
+            content = b"".join(parts)
+        elif "content-length" in headers:
+            content = incoming.exactly(int(headers["content-length"]))
+        else:
+            content, keep_alive = incoming.to_end(), False
+    except ValueError as exc:  # a length that is not a number
+        raise http.client.HTTPException(f"malformed answer: {exc}") from exc
+    # Bytes past the answer mean the stream is out of step: never reuse it.
+    return Reply(status, headers, content), keep_alive and not incoming.buf
+
+
 def _closed_by_peer(sock) -> bool:
     """An idle keep-alive socket is readable only when the server closed it (or sent garbage)."""
     try:
@@ -139,4 +220,4 @@ def _closed_by_peer(sock) -> bool:
     return bool(readable)
 
 
-__all__ = ["Reply", "SyncTransport", "TRANSPORT_ERRORS"]
+__all__ = ["Reply", "SyncTransport", "TRANSPORT_ERRORS", "read_reply"]

@@ -106,8 +106,7 @@ class _Guard:
             handler = self.fast_routes.get((scope["method"], scope["path"]), self.app)
             await handler(scope, receive, send_status)
         finally:
-            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
-            self.metrics.requests.labels(path, str(status[0])).inc()
+            self.metrics.request_done(path, status[0], time.perf_counter() - start)
 
 
 class _State:

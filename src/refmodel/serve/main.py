@@ -44,7 +44,7 @@ def run_server(settings: ServeSettings) -> None:
     app.state.refmodel.cache = cache  # keeps the cache (and its pins) alive while serving
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=settings.shutdown_timeout_s, access_log=False,
-                            lifespan="on")
+                            lifespan="on", proxy_headers=False)  # client addresses are not used
     log.info("refmodel serve on http://%s:%d (auth %s)", settings.host, settings.port,
              "on" if settings.bearer_token() else "off")
     uvicorn.Server(config).run()

@@ -32,16 +32,30 @@ class Metrics:
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.requests = Counter("refmodel_requests", "Requests by endpoint and status", ["endpoint", "status"],
                                 registry=r)
+        self._request_children: dict[tuple[str, int], tuple] = {}
 
     def observer(self, model: str):
         """``observe(batch_size, tokens, seconds)`` for a model's batcher."""
+        size_h, seconds_h = self.batch_size.labels(model), self.batch_seconds.labels(model)
+        tokens_c, rate_g = self.tokens.labels(model), self.tokens_per_second.labels(model)
+
         def observe(size: int, tokens: int, seconds: float) -> None:
-            self.batch_size.labels(model).observe(size)
-            self.batch_seconds.labels(model).observe(seconds)
-            self.tokens.labels(model).inc(tokens)
+            size_h.observe(size)
+            seconds_h.observe(seconds)
+            tokens_c.inc(tokens)
             if seconds > 0:
-                self.tokens_per_second.labels(model).set(tokens / seconds)
+                rate_g.set(tokens / seconds)
         return observe
+
+    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count one answered request and its latency (labelled children cached: this runs per request)."""
+        key = (endpoint, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (self.latency.labels(endpoint),
+                                                       self.requests.labels(endpoint, str(status)))
+        children[0].observe(seconds)
+        children[1].inc()
 
     def depth_setter(self, model: str):
         gauge = self.queue_depth.labels(model)
