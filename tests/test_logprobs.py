@@ -7,7 +7,9 @@ padded batches running different matmul shapes).
 import pytest
 import torch
 
-from refmodel import InvalidBatch, model_logprobs
+from refmodel import InvalidBatch, head_logprobs, model_logprobs
+from refmodel.fused_head import naive_token_logprobs
+from refmodel.logprobs import logit_transform
 from refmodel.testing import load_tiny
 
 ATOL = 1e-5
@@ -204,3 +206,39 @@ def test_liger_on_gpu_matches_the_naive_log_softmax():
     for kwargs in ({}, {"temperature": 0.7, "logit_scale": 1.3}, {"softcap": 5.0}):
         torch.testing.assert_close(liger_token_logprobs(h, w, t, **kwargs), naive_token_logprobs(h, w, t, **kwargs),
                                    atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama"])
+def test_head_that_is_not_a_linear_map_runs_as_a_module_with_the_logit_transform(tiny_model_dirs, family):
+    """DoRA on the head cannot be folded into one matrix: the head runs as a module on scored rows,
+    and gemma2's final soft-cap (5.0) must still apply."""
+    peft = pytest.importorskip("peft")
+    model, tok = load_tiny(tiny_model_dirs[family])
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], use_dora=True, lora_dropout=0.0)
+    policy = peft.get_peft_model(model, cfg).eval()
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    ids = _ids(tok, 2, 9)
+    score = torch.ones_like(ids, dtype=torch.bool)
+    score[0, :5] = False
+    with torch.no_grad():
+        expected = _reference(policy, ids) * score
+        torch.testing.assert_close(model_logprobs(policy, ids, score_mask=score), expected, atol=ATOL, rtol=0)
+        out = model_logprobs(policy, ids, score_mask=score, temperature=0.7, return_entropy=True)
+        torch.testing.assert_close(out.logprobs, _reference(policy, ids, temperature=0.7) * score,
+                                   atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_head_logprobs_applies_the_models_own_head_and_transform(tiny):
+    model, tok = tiny
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    targets = torch.randint(0, len(tok), (2, 5))
+    targets[1, 2:] = -100
+    head, tf = model.get_output_embeddings(), logit_transform(model.config)
+    expected = naive_token_logprobs(hidden, head.weight, targets, bias=head.bias, temperature=0.8,
+                                    logit_scale=tf.logit_scale, softcap=tf.softcap)
+    out = head_logprobs(model, hidden, targets, temperature=0.8)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    assert (out[1, 2:] == 0).all()

@@ -31,7 +31,7 @@ from .errors import (  # noqa: E402
 )
 from .fingerprint import fingerprint  # noqa: E402
 from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
-from .logprobs import model_logprobs  # noqa: E402
+from .logprobs import head_logprobs, model_logprobs  # noqa: E402
 from .precompute import precompute  # noqa: E402
 from .quantize import QUANT_MODES, quantize_model  # noqa: E402
 from .ray_precompute import precompute_on_ray  # noqa: E402  (imports ray only when called)
@@ -77,6 +77,7 @@ __all__ = [
     "precompute",
     "precompute_on_ray",
     "fingerprint",
+    "head_logprobs",
     "model_logprobs",
     "naive_token_logprobs",
     "token_logprobs",

@@ -173,7 +173,6 @@ def model_logprobs(
     vocab = head_module.weight.shape[0] if getattr(head_module, "weight", None) is not None else None
     attn, score = validate_batch(input_ids, attention_mask, score_mask, vocab)
     batch, length = input_ids.shape
-    tf = logit_transform(causal.config)
     if batch == 0 or length < 2 or not score.any():
         zeros = torch.zeros(batch, length, dtype=torch.float32, device=input_ids.device)
         return TokenLogprobs(zeros, zeros.clone()) if return_entropy else zeros
@@ -190,27 +189,51 @@ def model_logprobs(
     backbone = causal.base_model if causal.base_model is not causal else causal.model
     hidden = backbone(input_ids=input_ids, attention_mask=attn.long(), position_ids=position_ids,
                       use_cache=False)[0][:, :-1]
-    head = _resolve_head(head_module)
-    if head.module is not None:  # fallback: the head's own forward on scored rows only
+    return _pad_first(head_logprobs(causal, hidden, targets, temperature=temperature, chunk_size=chunk_size,
+                                    fp32_accumulation=cast_logprobs_to_fp32, use_liger=use_liger,
+                                    return_entropy=return_entropy))
+
+
+def head_logprobs(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    fp32_accumulation: bool = True,
+    use_liger: bool = False,
+    return_entropy: bool = False,
+):
+    """Log-probs of ``targets`` ``[B, T]`` (-100 = skip, 0 there) from final hidden states ``[B, T, H]``.
+
+    Goes through ``model``'s LM head the way its own forward would: PEFT adapters on the head folded in
+    exactly, the config's logit scale and final soft-cap applied; the ``[B, T, V]`` logits are never
+    built. A head that is not a linear map (DoRA, a quantized layer) runs as a module on the scored
+    rows only. Returns ``[B, T]`` float32 (or :class:`~refmodel.TokenLogprobs` with entropy), in nats.
+    """
+    causal = unwrap_causal_lm(model)
+    head = _resolve_head(causal.get_output_embeddings())
+    tf = logit_transform(causal.config)
+    if head.module is not None:
         rows = targets != -100
-        logits = head.module(hidden[rows])
+        logits = head.module(hidden[rows]).float() * tf.logit_scale
+        if tf.softcap is not None:
+            logits = tf.softcap * torch.tanh(logits / tf.softcap)
         scored = _from_logits(logits.unsqueeze(0), targets[rows].unsqueeze(0), temperature, return_entropy)
-        return _pad_first(_scatter_rows(scored, rows))
+        return _scatter_rows(scored, rows)
     kwargs = dict(bias=head.bias, temperature=temperature, logit_scale=tf.logit_scale, softcap=tf.softcap,
-                  chunk_size=chunk_size, return_entropy=return_entropy,
-                  fp32_accumulation=cast_logprobs_to_fp32)
+                  chunk_size=chunk_size, return_entropy=return_entropy, fp32_accumulation=fp32_accumulation)
     hidden = _extend_hidden(hidden, head.extra)
     if use_liger:
         from .liger import liger_token_logprobs
 
-        out = liger_token_logprobs(hidden, head.weight, targets, **kwargs)
-    else:
-        out = token_logprobs(hidden, head.weight, targets, **kwargs)
-    return _pad_first(out)
+        return liger_token_logprobs(hidden, head.weight, targets, **kwargs)
+    return token_logprobs(hidden, head.weight, targets, **kwargs)
 
 
 def _from_logits(logits, targets, temperature, return_entropy):
-    """log_softmax of model logits (which already include the model's own scale / soft-cap)."""
+    """log_softmax of logits that already include the model's own scale / soft-cap."""
     log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
     keep = targets != -100
     out = log_p.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1) * keep
@@ -245,6 +268,7 @@ def liger_available() -> bool:
 
 __all__ = [
     "LogitTransform",
+    "head_logprobs",
     "logit_transform",
     "model_logprobs",
     "position_ids_from_mask",

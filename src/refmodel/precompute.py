@@ -29,8 +29,7 @@ from tqdm.auto import tqdm
 from .data import Example, load_examples
 from .errors import ConfigError, InvalidInput
 from .fingerprint import fingerprint as model_fingerprint
-from .fused_head import token_logprobs
-from .logprobs import _extend_hidden, _resolve_head, logit_transform, model_logprobs, unwrap_causal_lm
+from .logprobs import head_logprobs, model_logprobs, unwrap_causal_lm
 from .store import LogprobStore
 from .store.format import Entry, key_bytes, make_entry, normalize_dtype
 
@@ -140,10 +139,9 @@ def pending_shards(store: LogprobStore, n_shards: int) -> list[int]:
 def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float = 1.0,
                 share_prompt: bool = True) -> list[Entry]:
     """Store entries of every (prompt + completion) of ``units`` (all with the same completion count)."""
-    causal = unwrap_causal_lm(model)
-    head = _resolve_head(causal.get_output_embeddings())
-    if not share_prompt or head.module is not None:
+    if not share_prompt:
         return _score_full(model, units, pad_id, temperature)
+    causal = unwrap_causal_lm(model)
     device = next(model.parameters()).device
     k = len(units[0].completions)
     if any(len(u.completions) != k for u in units):
@@ -175,9 +173,7 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     # Completion token j is predicted from the state before it: the prompt's last for j = 0.
     pred = torch.cat([last.repeat_interleave(k, 0)[:, None], hidden[:, :-1]], 1)
     targets = torch.where(scored.to(device), comp.to(device), -100)
-    tf = logit_transform(causal.config)
-    logps = token_logprobs(_extend_hidden(pred, head.extra), head.weight, targets, bias=head.bias,
-                           temperature=temperature, logit_scale=tf.logit_scale, softcap=tf.softcap).cpu().numpy()
+    logps = head_logprobs(causal, pred, targets, temperature=temperature).cpu().numpy()
     entries = []
     for i, u in enumerate(units):
         for j, (c, m) in enumerate(zip(u.completions, u.masks, strict=True)):
