@@ -140,7 +140,7 @@ def test_worker_killed_mid_shard_is_retried(ray_address, job, tmp_path):
 def test_driver_killed_then_resume(ray_address, job, tmp_path):
     model_dir, data, _ = job
     args = ["precompute", "--model", model_dir, "--data", data, "--max-tokens-per-batch", "256",
-            "--shard-examples", "8", "--ray", "--num-workers", "2"]
+            "--shard-examples", "8", "--ray", "--num-workers", "2", "--cpus-per-worker", "1"]
     want = tmp_path / "single"
     _single(model_dir, data, want, dtype="bfloat16", max_tokens_per_batch=256, shard_examples=8)
     out = tmp_path / "killed"
@@ -174,11 +174,14 @@ def test_resume_across_modes(ray_address, job, tmp_path):
 def test_flag_errors(ray_address, job, tmp_path):
     model_dir, data, _ = job
     base = ["precompute", "--model", model_dir, "--data", data, "--out", tmp_path / "s"]
-    for flags in (["--num-workers", "2"], ["--gpus-per-worker", "1"], ["--ray-address", ray_address]):
+    for flags in (["--num-workers", "2"], ["--gpus-per-worker", "1"], ["--cpus-per-worker", "2"],
+                  ["--ray-address", ray_address]):
         res = run_cli(*base, *flags, check=False)
         assert res.returncode == 2 and f"{flags[0]}: only used with --ray" in res.stderr, res.stderr
     res = run_cli(*base, "--ray", "--num-workers", "0", check=False)
     assert res.returncode == 2 and "--num-workers" in res.stderr
+    res = run_cli(*base, "--ray", "--cpus-per-worker", "0", check=False)
+    assert res.returncode == 2 and "--cpus-per-worker" in res.stderr
     assert not (tmp_path / "s").exists()
     res = run_cli(*base, "--ray", "--ray-address", "127.0.0.1:1", check=False, timeout=60)  # nothing listens
     assert res.returncode == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in res.stderr, res.stderr

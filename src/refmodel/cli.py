@@ -107,20 +107,24 @@ _DTYPES = click.Choice(["float32", "bfloat16", "float16"])
               help="Scorer actors, one model each (needs --ray). [default: the cluster's GPUs or CPUs]")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
               help="GPUs per scorer actor; > 0 scores on CUDA (needs --ray). [default: 0]")
-def precompute_cmd(use_ray, ray_address, num_workers, gpus_per_worker, **kwargs) -> None:
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPUs per scorer actor; a CPU actor runs torch on that many threads, and its store bytes "
+                   "equal a single-process run's on as many threads (needs --ray). [default: 1]")
+def precompute_cmd(use_ray, ray_address, num_workers, gpus_per_worker, cpus_per_worker, **kwargs) -> None:
     """Compute reference log-probs of a dataset into a log-prob store."""
     from .store_cli import precompute_command, ray_precompute_command
 
     if not use_ray:
         given = [flag for flag, value in (("--ray-address", ray_address), ("--num-workers", num_workers),
-                                          ("--gpus-per-worker", gpus_per_worker)) if value is not None]
+                                          ("--gpus-per-worker", gpus_per_worker),
+                                          ("--cpus-per-worker", cpus_per_worker)) if value is not None]
         if given:
             raise click.UsageError(f"{', '.join(given)}: only used with --ray; add --ray to score on a Ray "
                                    "cluster, or drop them")
         precompute_command(**kwargs)
         return
     ray_precompute_command(ray_address=ray_address, num_workers=num_workers,
-                           gpus_per_worker=gpus_per_worker or 0.0, **kwargs)
+                           gpus_per_worker=gpus_per_worker or 0.0, cpus_per_worker=cpus_per_worker or 1.0, **kwargs)
 
 
 @main.group("store")

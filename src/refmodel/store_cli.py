@@ -35,11 +35,11 @@ def precompute_command(model: str, data: str, out: str, dtype: str, max_tokens_p
 @_user_errors
 def ray_precompute_command(model: str, data: str, out: str, dtype: str, max_tokens_per_batch: int, resume: bool,
                            shard_examples: int, temperature: float, ray_address: str | None,
-                           num_workers: int | None, gpus_per_worker: float) -> None:
+                           num_workers: int | None, gpus_per_worker: float, cpus_per_worker: float) -> None:
     from .ray_precompute import precompute_on_ray
 
     store = precompute_on_ray(model, data, out, ray_address=ray_address, num_workers=num_workers,
-                              gpus_per_worker=gpus_per_worker, dtype=dtype,
+                              gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, dtype=dtype,
                               max_tokens_per_batch=max_tokens_per_batch, resume=resume,
                               shard_examples=shard_examples, temperature=temperature)
     click.echo(json.dumps(store.info(), indent=1))
