@@ -1,7 +1,7 @@
 """``ReferenceClient``: sync and async access to a ``refmodel serve`` reference service.
 
-The sync methods use pooled keep-alive ``http.client`` connections (:mod:`refmodel._http`, the
-lower fixed cost per request) and may be called from several threads; the async methods use httpx.
+The sync methods use pooled keep-alive connections on the standard library (:mod:`refmodel._http`,
+the lower fixed cost per request) and may be called from several threads; the async methods use httpx.
 Log-probs travel in the binary form (``refmodel.serve.wire``: int32 ids in, float32 out); rewards as
 JSON. Every call has an explicit timeout; 429 and 503 answers (and connection failures) are retried
 with exponential backoff and jitter, honouring ``Retry-After``. Errors map to refmodel exceptions:

@@ -98,6 +98,8 @@ def test_a_failing_batch_fails_its_requests_only_and_the_batcher_keeps_serving()
     def run(payloads):
         if "bad" in payloads:
             raise RuntimeError("model exploded")
+        if "short" in payloads:
+            return []
         return [p.upper() for p in payloads]
 
     async def main():
@@ -105,6 +107,8 @@ def test_a_failing_batch_fails_its_requests_only_and_the_batcher_keeps_serving()
         batcher.start()
         first = await asyncio.gather(batcher.submit(["a", "bad"], [1, 1]), batcher.submit(["b"], [1]),
                                      return_exceptions=True)
+        with pytest.raises(RuntimeError, match="returned 0 results for 1 sequences"):
+            await batcher.submit(["short"], [1])
         later = await batcher.submit(["c", "d"], [1, 1])
         await batcher.stop()
         return first, later, batcher.depth

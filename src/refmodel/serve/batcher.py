@@ -193,6 +193,9 @@ class Batcher:
         if not freed.done():
             freed.set_result(None)
         exc = job.exception()
+        results = job.result() if exc is None else None
+        if exc is None and len(results) != len(live):
+            exc = RuntimeError(f"run_batch returned {len(results)} results for {len(live)} sequences")
         if exc is not None:  # a bug in the model run: fail this batch, keep serving
             log.error("batch of %d sequences for %s failed", len(live), self.name, exc_info=exc)
             _fail(live, exc)
@@ -202,7 +205,7 @@ class Batcher:
         self._recent_tokens_per_s = tokens / seconds if seconds > 0 else 0.0
         if self._observe is not None:
             self._observe(len(live), tokens, seconds)
-        for item, result in zip(live, job.result(), strict=True):
+        for item, result in zip(live, results, strict=True):
             request = item.request
             request.results[item.index] = result
             request.remaining -= 1

@@ -95,24 +95,21 @@ def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=N
                                             f"{len(ids_rows)} sequences; give one int or one per sequence")
     out = []
     for i, ids in enumerate(ids_rows):
-        if attn_rows is None and score_rows is None and starts is None:
-            bad = (ids < 0) | (ids >= limits.vocab_size)
-            if bad.any():
-                pos = int(bad.nonzero()[0, 0])
-                raise FieldError("input_ids", f"input_ids[{i}][{pos}] = {ids[pos].item()} is outside the "
-                                              f"vocabulary [0, {limits.vocab_size})")
-            out.append(Sequence(ids))
-            continue
-        attn = attn_rows[i] if attn_rows is not None else torch.ones_like(ids, dtype=torch.bool)
-        if not attn.any():
+        attn = attn_rows[i] if attn_rows is not None else None
+        if attn is not None and not attn.any():
             raise FieldError("attention_mask", f"attention_mask[{i}] is all 0: input_ids[{i}] has no real "
                                                "tokens (empty sequence)")
-        real = ids[attn]
-        bad = (real < 0) | (real >= limits.vocab_size)
+        bad = (ids < 0) | (ids >= limits.vocab_size)
+        if attn is not None:
+            bad &= attn  # padding may hold anything
         if bad.any():
-            pos = attn.nonzero().squeeze(1)[bad.nonzero()[0, 0]].item()
+            pos = int(bad.nonzero()[0, 0])
             raise FieldError("input_ids", f"input_ids[{i}][{pos}] = {ids[pos].item()} is outside the "
                                           f"vocabulary [0, {limits.vocab_size})")
+        if attn is None and score_rows is None and starts is None:
+            out.append(Sequence(ids))
+            continue
+        attn = attn if attn is not None else torch.ones_like(ids, dtype=torch.bool)
         if score_rows is not None:
             score = score_rows[i]
             if (score & ~attn).any():
@@ -148,14 +145,6 @@ def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarra
     if length > limits.max_seq_len:
         raise FieldError("input_ids", f"input_ids[0] has {length} tokens, more than this server's "
                                       f"max_seq_len={limits.max_seq_len}")
-    if attention_mask is None and score_mask is None:
-        bad = (input_ids < 0) | (input_ids >= limits.vocab_size)
-        if bad.any():
-            i, j = np.argwhere(bad)[0]
-            raise FieldError("input_ids", f"input_ids[{i}][{j}] = {input_ids[i, j]} is outside the "
-                                          f"vocabulary [0, {limits.vocab_size})")
-        ids = torch.from_numpy(input_ids.astype(np.int64))
-        return [Sequence(row) for row in ids]
     masks = []
     for field, mask in (("attention_mask", attention_mask), ("score_mask", score_mask)):
         if mask is not None:
@@ -166,19 +155,23 @@ def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarra
             mask = mask.astype(bool)
         masks.append(mask)
     attn, score = masks
-    if attn is None:
-        attn = np.ones((batch, length), dtype=bool)
-    else:
+    if attn is not None:
         empty = ~attn.any(axis=1)
         if empty.any():
             i = int(np.argmax(empty))
             raise FieldError("attention_mask", f"attention_mask[{i}] is all 0: input_ids[{i}] has no real "
                                                "tokens (empty sequence)")
-    bad = attn & ((input_ids < 0) | (input_ids >= limits.vocab_size))
+    bad = (input_ids < 0) | (input_ids >= limits.vocab_size)
+    if attn is not None:
+        bad &= attn  # padding may hold anything
     if bad.any():
         i, j = np.argwhere(bad)[0]
         raise FieldError("input_ids", f"input_ids[{i}][{j}] = {input_ids[i, j]} is outside the "
                                       f"vocabulary [0, {limits.vocab_size})")
+    if attn is None and score is None:  # the common case: no mask tensors at all
+        return [Sequence(row) for row in torch.from_numpy(input_ids.astype(np.int64))]
+    if attn is None:
+        attn = np.ones((batch, length), dtype=bool)
     if score is None:
         score = attn
     elif (score & ~attn).any():
