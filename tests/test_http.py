@@ -130,10 +130,15 @@ def test_a_silent_server_times_out():
         listener.close()
 
 
-@pytest.mark.parametrize("url", ["ftp://host", "127.0.0.1:8000", "http://"])
+@pytest.mark.parametrize("url", ["ftp://host", "127.0.0.1:8000", "http://", "http://host:port", "http://h:99999"])
 def test_bad_urls_are_refused(url):
     with pytest.raises(ConfigError, match="http"):
         _transport(url)
+
+
+def test_a_header_that_would_split_the_request_is_refused():
+    with pytest.raises(ConfigError, match="line break"):
+        _transport("http://127.0.0.1:1", headers={"Authorization": "Bearer abc\r\nX-Evil: 1"})
 
 
 def _parse(raw: bytes, method: str = "POST", close: bool = True):
