@@ -39,6 +39,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             return
         answer = json.dumps({"path": self.path, "body": body.decode(), "port": self.client_address[1],
+                             "host": self.headers.get("Host"),
                              "auth": self.headers.get("Authorization"),
                              "type": self.headers.get("Content-Type")}).encode()
         self.send_response(201)
@@ -69,11 +70,12 @@ def _transport(url: str, **kw) -> SyncTransport:
 
 
 def test_reply_carries_status_headers_and_body(server):
-    t = _transport(server.url + "/base", headers={"Authorization": "Bearer s3cret"})
+    port = server.server_address[1]
+    t = _transport(f"http://user:pw@127.0.0.1:{port}/base", headers={"Authorization": "Bearer s3cret"})
     reply = t.request("POST", "/v1/x", b"hello", "text/plain")
     assert reply.status_code == 201 and reply.headers["x-seen"] == "1"
     assert reply.json() == {"path": "/base/v1/x", "body": "hello", "port": reply.json()["port"],
-                            "auth": "Bearer s3cret", "type": "text/plain"}
+                            "host": f"127.0.0.1:{port}", "auth": "Bearer s3cret", "type": "text/plain"}
     assert t.request("POST", "/chunked", b"").content == b"abcde"  # chunked answers are decoded
 
 

@@ -64,7 +64,9 @@ class SyncTransport:
         self._port = port or (443 if self._tls else 80)
         self._prefix = parts.path.rstrip("/")
         self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
-        self._head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": parts.netloc, **headers}.items())
+        host = f"[{self._host}]" if ":" in self._host else self._host  # IPv6 literals keep their brackets
+        host_header = f"{host}:{port}" if port else host  # never the URL's user:password@
+        self._head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": host_header, **headers}.items())
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
