@@ -40,6 +40,21 @@ class Limits(NamedTuple):
     max_sequences: int
 
 
+# The per-row and the vectorized check raise the same errors, built here once.
+def _empty_row(i: int) -> FieldError:
+    return FieldError("attention_mask", f"attention_mask[{i}] is all 0: input_ids[{i}] has no real tokens "
+                                        "(empty sequence)")
+
+
+def _outside_vocab(i: int, j: int, value: int, vocab_size: int) -> FieldError:
+    return FieldError("input_ids", f"input_ids[{i}][{j}] = {value} is outside the vocabulary [0, {vocab_size})")
+
+
+def _scores_padding(i: int) -> FieldError:
+    return FieldError("score_mask", f"score_mask[{i}] marks padded positions (attention_mask 0); "
+                                    "only real tokens can be scored")
+
+
 def _as_tensor(field: str, row: list, index: int, dtype=torch.long) -> torch.Tensor:
     try:
         return torch.tensor(row, dtype=dtype)
@@ -97,15 +112,13 @@ def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=N
     for i, ids in enumerate(ids_rows):
         attn = attn_rows[i] if attn_rows is not None else None
         if attn is not None and not attn.any():
-            raise FieldError("attention_mask", f"attention_mask[{i}] is all 0: input_ids[{i}] has no real "
-                                               "tokens (empty sequence)")
+            raise _empty_row(i)
         bad = (ids < 0) | (ids >= limits.vocab_size)
         if attn is not None:
             bad &= attn  # padding may hold anything
         if bad.any():
             pos = int(bad.nonzero()[0, 0])
-            raise FieldError("input_ids", f"input_ids[{i}][{pos}] = {ids[pos].item()} is outside the "
-                                          f"vocabulary [0, {limits.vocab_size})")
+            raise _outside_vocab(i, pos, ids[pos].item(), limits.vocab_size)
         if attn is None and score_rows is None and starts is None:
             out.append(Sequence(ids))
             continue
@@ -113,8 +126,7 @@ def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=N
         if score_rows is not None:
             score = score_rows[i]
             if (score & ~attn).any():
-                raise FieldError("score_mask", f"score_mask[{i}] marks padded positions (attention_mask 0); "
-                                               "only real tokens can be scored")
+                raise _scores_padding(i)
         elif starts is not None:
             start = starts[i]
             if not 0 <= start <= ids.numel():
@@ -158,16 +170,13 @@ def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarra
     if attn is not None:
         empty = ~attn.any(axis=1)
         if empty.any():
-            i = int(np.argmax(empty))
-            raise FieldError("attention_mask", f"attention_mask[{i}] is all 0: input_ids[{i}] has no real "
-                                               "tokens (empty sequence)")
+            raise _empty_row(int(np.argmax(empty)))
     bad = (input_ids < 0) | (input_ids >= limits.vocab_size)
     if attn is not None:
         bad &= attn  # padding may hold anything
     if bad.any():
         i, j = np.argwhere(bad)[0]
-        raise FieldError("input_ids", f"input_ids[{i}][{j}] = {input_ids[i, j]} is outside the "
-                                      f"vocabulary [0, {limits.vocab_size})")
+        raise _outside_vocab(i, j, input_ids[i, j], limits.vocab_size)
     if attn is None and score is None:  # the common case: no mask tensors at all
         return [Sequence(row) for row in torch.from_numpy(input_ids.astype(np.int64))]
     if attn is None:
@@ -175,9 +184,7 @@ def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarra
     if score is None:
         score = attn
     elif (score & ~attn).any():
-        i = int(np.argmax((score & ~attn).any(axis=1)))
-        raise FieldError("score_mask", f"score_mask[{i}] marks padded positions (attention_mask 0); "
-                                       "only real tokens can be scored")
+        raise _scores_padding(int(np.argmax((score & ~attn).any(axis=1))))
     ids = torch.from_numpy(np.where(attn, input_ids, 0).astype(np.int64))
     attn_t, score_t = torch.from_numpy(attn.copy()), torch.from_numpy(score.copy())
     return [Sequence(ids[i], attn_t[i], score_t[i]) for i in range(batch)]
