@@ -168,17 +168,18 @@ class ReferenceClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _arequest(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None):
-        httpx = require("httpx", "serve")
-        if self._aclient is None:
+        if self._aclient is None:  # httpx is needed (and imported) only by the async methods
+            httpx = require("httpx", "serve")
             timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
             self._aclient = httpx.AsyncClient(timeout=timeout, headers=self.headers)
+            self._aerrors = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.TimeoutException)
+            self._atimeout = httpx.TimeoutException
         headers = {"Content-Type": content_type} if content_type else None
-        errors = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.TimeoutException)
         for attempt in range(self.max_retries + 1):
             try:
                 response = await self._aclient.request(method, self.url + path, content=body, headers=headers)
-            except errors as exc:
-                wait = self._settle(attempt, path, exc=exc, timed_out=isinstance(exc, httpx.TimeoutException))
+            except self._aerrors as exc:
+                wait = self._settle(attempt, path, exc=exc, timed_out=isinstance(exc, self._atimeout))
             else:
                 wait = self._settle(attempt, path, response)
                 if wait is None:
