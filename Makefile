@@ -32,7 +32,7 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/mypy src/refmodel/__init__.py src/refmodel/logprobs.py
+	$(BIN)/mypy src/refmodel/__init__.py src/refmodel/logprobs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from refmodel import QUANT_MODES, ReferenceModelCache
-from refmodel.bench import provenance
 from refmodel.testing import make_tiny_model
+from refmodel.tools.bench import provenance
 
 
 def main() -> None:

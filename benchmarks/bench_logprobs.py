@@ -5,7 +5,7 @@
 
 import argparse
 
-from refmodel.bench import run_logprob_benchmark
+from refmodel.tools.bench import run_logprob_benchmark
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

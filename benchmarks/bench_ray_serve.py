@@ -24,8 +24,8 @@ import httpx
 import torch
 
 from benchmarks.bench_service import SRC, Server, _cpu_s, _free_port, _load, _rows
-from refmodel.bench import provenance
 from refmodel.testing import make_tiny_model
+from refmodel.tools.bench import provenance
 
 
 def _line(name: str, res: dict, base: float | None) -> str:

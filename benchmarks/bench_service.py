@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from refmodel import ReferenceClient, model_logprobs
-from refmodel.bench import provenance
-from refmodel.cache import load_reference_model
-from refmodel.serve import wire
+from refmodel.models.cache import load_reference_model
+from refmodel.remote import wire
 from refmodel.testing import make_tiny_model
+from refmodel.tools.bench import provenance
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refmodel.bench import provenance
+from refmodel.tools.bench import provenance
 
 
 def _rss() -> int:

@@ -42,7 +42,7 @@ def _rss() -> int:
 
 
 def _median_ms(fn, reps=9) -> float:
-    from refmodel.bench import time_fn
+    from refmodel.tools.bench import time_fn
 
     fn()
     return 1e3 * statistics.median(time_fn(fn, reps))
@@ -120,7 +120,7 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(*args.case)))
         return
-    from refmodel.bench import provenance
+    from refmodel.tools.bench import provenance
 
     rows = []
     with tempfile.TemporaryDirectory() as root:

@@ -4,15 +4,8 @@
 imported on first use.
 """
 
-__version__ = "0.1.0"
-
-from . import kl, losses  # noqa: E402  (torch only)
-from .cache import (  # noqa: E402
-    ModelRegistry,
-    ReferenceModelCache,
-    get_global_reference_cache,
-    load_reference_model,
-)
+from . import losses  # noqa: E402  (torch only)
+from ._version import __version__
 from .errors import (  # noqa: E402
     ConfigError,
     DataFormatError,
@@ -29,12 +22,19 @@ from .errors import (  # noqa: E402
     StoreMiss,
     Unauthorized,
 )
-from .fingerprint import fingerprint  # noqa: E402
-from .fused_head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
-from .logprobs import head_logprobs, model_logprobs  # noqa: E402
-from .precompute import precompute  # noqa: E402
-from .quantize import QUANT_MODES, quantize_model  # noqa: E402
-from .ray_precompute import precompute_on_ray  # noqa: E402  (imports ray only when called)
+from .logprobs.head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
+from .logprobs.model import head_logprobs, model_logprobs  # noqa: E402
+from .losses import kl  # noqa: E402
+from .models.cache import (  # noqa: E402
+    ModelRegistry,
+    ReferenceModelCache,
+    get_global_reference_cache,
+    load_reference_model,
+)
+from .models.fingerprint import fingerprint  # noqa: E402
+from .models.quantize import QUANT_MODES, quantize_model  # noqa: E402
+from .precompute.job import precompute  # noqa: E402
+from .precompute.ray import precompute_on_ray  # noqa: E402  (imports ray only when called)
 from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote stays lazy)
     AdapterDisabled,
     Frozen,
@@ -94,7 +94,7 @@ __all__ = [
 def __getattr__(name: str):
     # ReferenceClient needs httpx (extra "serve"): import it on first use, not with the package.
     if name == "ReferenceClient":
-        from .client import ReferenceClient
+        from .remote.client import ReferenceClient
 
         return ReferenceClient
     raise AttributeError(f"module 'refmodel' has no attribute {name!r}")

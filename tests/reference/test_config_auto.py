@@ -8,7 +8,7 @@ import logging
 import pytest
 from ref_helpers import lora_policy
 
-from refmodel.errors import ConfigError, MissingDependency
+from refmodel.errors import ConfigError
 from refmodel.reference import AdapterDisabled, Frozen, ReferenceConfig, ReferenceFree, Synced, auto
 from refmodel.reference.base import module_bytes
 
@@ -90,11 +90,3 @@ def test_auto_follows_the_rules(caplog, tiny_model_dirs):
     assert isinstance(ref, Frozen) and f"({size} <= {size} bytes)" in line and "stays local" in line
 
 
-def test_auto_without_store_module_says_so(tiny):
-    try:
-        import refmodel.store  # noqa: F401
-    except ModuleNotFoundError:
-        with pytest.raises(MissingDependency, match="refmodel.store"):
-            auto(tiny[0], ReferenceConfig(load_reference_logprobs="/nonexistent"))
-    else:
-        pytest.skip("refmodel.store is installed; test_auto_store covers it")

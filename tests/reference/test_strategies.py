@@ -15,7 +15,7 @@ from ref_helpers import ListStore, lora_policy, make_batch, perturb_adapter
 
 import refmodel
 from refmodel import model_logprobs
-from refmodel.errors import ConfigError, FingerprintMismatch, MissingDependency, StoreMiss
+from refmodel.errors import ConfigError, FingerprintMismatch, StoreMiss
 from refmodel.reference import AdapterDisabled, Frozen, Precomputed, Reference, ReferenceFree, Synced
 
 TOL = dict(atol=1e-5, rtol=0)
@@ -200,16 +200,6 @@ def test_frozen_dtype_and_temperature(tiny, batch):
         want = model_logprobs(model, *batch, temperature=2.0)
     torch.testing.assert_close(hot.logprobs(*batch), want, **TOL)
     assert hot.fingerprint == refmodel.fingerprint(model, temperature=2.0)
-
-
-def test_quantize_needs_the_quantize_module(tiny):
-    try:
-        import refmodel.quantize  # noqa: F401
-    except ModuleNotFoundError:
-        with pytest.raises(MissingDependency, match="refmodel.quantize"):
-            Frozen.from_policy(tiny[0], quantize="int8")
-    else:
-        pytest.skip("refmodel.quantize is installed; its own tests cover quantized references")
 
 
 @pytest.mark.gpu

@@ -21,9 +21,9 @@ from serve_helpers import TOKEN
 
 from refmodel import InvalidBatch, ModelNotAllowed, ReferenceClient, RequestTooLarge, Unauthorized
 from refmodel import fingerprint as model_fingerprint
-from refmodel.logprobs import model_logprobs
+from refmodel.logprobs.model import model_logprobs
 from refmodel.reference import Remote
-from refmodel.serve import wire
+from refmodel.remote import wire
 
 ATOL = 1e-5
 

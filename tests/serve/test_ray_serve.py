@@ -22,7 +22,7 @@ from serve_helpers import MAIN_LIMITS, TOKEN, Endpoint, free_port, make_tiny_rew
 from service_checks import ServiceClientChecks, random_rows
 
 from refmodel import ReferenceClient, ServiceOverloaded
-from refmodel.logprobs import model_logprobs
+from refmodel.logprobs.model import model_logprobs
 from refmodel.testing import load_tiny, run_cli, subprocess_env
 
 ray = pytest.importorskip("ray")

@@ -12,7 +12,7 @@ import torch
 
 from refmodel import ConfigError, InvalidBatch, ServiceOverloaded
 from refmodel.reference import choose_placement
-from refmodel.serve import wire
+from refmodel.remote import wire
 from refmodel.serve.batcher import Batcher
 from refmodel.serve.settings import ServeSettings, parse_named_paths
 from refmodel.serve.validate import FieldError, Limits

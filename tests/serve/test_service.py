@@ -12,7 +12,7 @@ import torch
 from serve_helpers import TOKEN, make_tiny_reward_model, start_main_server
 from service_checks import ATOL, ServiceClientChecks, random_rows
 
-from refmodel.logprobs import model_logprobs
+from refmodel.logprobs.model import model_logprobs
 from refmodel.reference import Frozen, ReferenceConfig, Remote, auto
 from refmodel.testing import load_tiny
 

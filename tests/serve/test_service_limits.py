@@ -12,7 +12,7 @@ import torch
 from serve_helpers import ServerProcess
 
 from refmodel import ReferenceClient
-from refmodel.logprobs import model_logprobs
+from refmodel.logprobs.model import model_logprobs
 from refmodel.testing import load_tiny
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import FingerprintMismatch, MissingDependency
+from ..errors import FingerprintMismatch
 from ._peft import is_peft_model
 from .adapter import AdapterDisabled
 from .base import module_bytes
@@ -83,13 +83,8 @@ def _live(policy, cfg: ReferenceConfig):
 
 
 def _open_store(path: str):
-    try:
-        from ..store import LogprobStore
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not exc.name.endswith("refmodel.store"):
-            raise
-        raise MissingDependency("load_reference_logprobs needs refmodel.store (the log-prob store), which this "
-                                "install does not have; drop load_reference_logprobs or upgrade refmodel") from exc
+    from ..store import LogprobStore
+
     return LogprobStore.open(path)
 
 

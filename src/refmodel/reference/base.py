@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..fingerprint import fingerprint as _fingerprint
+from ..models.fingerprint import fingerprint as _fingerprint
 
 
 @runtime_checkable

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError, MissingDependency
-from ..logprobs import model_logprobs
+from ..errors import ConfigError
+from ..logprobs.model import model_logprobs
 from .base import module_bytes, settings_fingerprint
 
 log = logging.getLogger(__name__)
@@ -35,15 +35,8 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
 
 
 def _quantize(model: nn.Module, mode: str) -> nn.Module:
-    try:
-        from ..quantize import quantize_model
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("refmodel.quantize", f"{__package__.rsplit('.', 1)[0]}.quantize"):
-            raise
-        raise MissingDependency(
-            f"quantize={mode!r} needs refmodel.quantize (the quantization feature), which this install "
-            "does not have; use quantize=None, or install a refmodel version with refmodel[quant]"
-        ) from exc
+    from ..models.quantize import quantize_model
+
     return quantize_model(model, mode)
 
 

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from ..errors import FingerprintMismatch, InvalidBatch, StoreMiss
-from ..logprobs import validate_batch
+from ..logprobs.model import validate_batch
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ class Remote:
 
     def __init__(self, url: str, model: str, *, token: str | None = None, timeout_s: float = 30.0,
                  max_retries: int = 3):
-        from ..client import ReferenceClient
+        from ..remote.client import ReferenceClient
 
         self.url, self.model = url, model
         self.client = ReferenceClient(url, token=token, timeout_s=timeout_s, max_retries=max_retries)

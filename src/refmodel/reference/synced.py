@@ -15,8 +15,8 @@ import logging
 import torch
 
 from ..errors import ConfigError
-from ..fingerprint import fingerprint_tensors
-from ..logprobs import model_logprobs
+from ..logprobs.model import model_logprobs
+from ..models.fingerprint import fingerprint_tensors
 from ._peft import (
     adapter_state_items,
     base_state_items,

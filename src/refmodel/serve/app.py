@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from ..errors import ModelNotAllowed, RefModelError, RequestTooLarge, ServiceOverloaded, Unauthorized
-from . import wire
+from ..remote import wire
 from .batcher import Batcher
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics

@@ -1,6 +1,6 @@
 """Load the allow-listed models at start-up and run padded batches of checked sequences.
 
-Causal LMs come through the model cache (:class:`refmodel.cache.ReferenceModelCache`), whose registry
+Causal LMs come through the model cache (:class:`refmodel.models.cache.ReferenceModelCache`), whose registry
 is exactly the server's allow-list; reward models (sequence classification, one label) load with
 ``from_pretrained(use_safetensors=True)``. No path or hub id ever comes from a request.
 """
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..fingerprint import fingerprint
-from ..logprobs import model_logprobs, position_ids_from_mask
+from ..logprobs.model import model_logprobs, position_ids_from_mask
+from ..models.fingerprint import fingerprint
 from .validate import Sequence
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def load_logprob_models(models: dict[str, str], device: str) -> tuple[Any, dict[
     """Load every allow-listed causal LM through the model cache; returns ``(cache, {name: model})``."""
     if not models:
         return None, {}
-    from ..cache import ReferenceModelCache
+    from ..models.cache import ReferenceModelCache
 
     cache = ReferenceModelCache(max_models=len(models), device=device, registry=dict(models))
     served = {}

@@ -1,0 +1,225 @@
+"""The ``refmodel`` command line. Each feature module contributes its own command(s) here."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from .._version import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="refmodel")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug). Default: warnings only.")
+def main(verbose: int) -> None:
+    """refmodel: the reference model for LLM preference and RL training.
+
+    Fused token log-probs, reference strategies, a persistent log-prob store, a model cache and an
+    HTTP reference service. Run `refmodel COMMAND --help` for each command's flags.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("refmodel").setLevel(logging.INFO if verbose == 0 else level)
+
+
+@main.command("make-tiny-model")
+@click.argument("path", type=click.Path(file_okay=False))
+@click.option("--family", type=click.Choice(["llama", "gpt2", "gemma2"]), default="llama", show_default=True,
+              help="Architecture of the tiny random model.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+def make_tiny_model_cmd(path: str, family: str, seed: int) -> None:
+    """Save a tiny random causal LM and its tokenizer to PATH (for tests and trying things out)."""
+    from ..testing import make_tiny_model
+
+    click.echo(str(make_tiny_model(family, path, seed=seed)))
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
+              help="Folder for the tiny model, the store, metrics and the plot.")
+def demo_cmd(out: str) -> None:
+    """Run the end-to-end demo on the built-in tiny model and preference data."""
+    from ..recipes.demo import run_demo
+
+    run_demo(out)
+
+
+@main.command("bench")
+@click.option("--quick", is_flag=True, help="Smaller shapes (seconds instead of minutes).")
+def bench_cmd(quick: bool) -> None:
+    """Run the fused log-prob benchmark and print ratios against the baselines."""
+    from ..tools.bench import run_logprob_benchmark
+
+    run_logprob_benchmark(quick=quick)
+
+
+@main.command("quantize-report")
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Local model directory (safetensors weights).")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSONL preference pairs with prompt / chosen / rejected.")
+@click.option("--max-pairs", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Pairs to score (each gives a chosen and a rejected sequence).")
+@click.option("--modes", default=",".join(("int8", "int4", "bnb-int8", "bnb-nf4")), show_default=True,
+              help="Comma-separated quantization modes to compare with the unquantized reference.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--dtype", default=None, help="Load dtype (default: as stored), e.g. bfloat16.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
+def quantize_report_cmd(model_path, data_path, max_pairs, modes, batch_size, dtype, device, as_json) -> None:
+    """Per-token |delta log p|, KL, memory and speed of each quantization mode vs the reference."""
+    import json
+
+    from ..tools.bench import provenance
+    from ..tools.quantize_report import format_report, quantize_report
+
+    wanted = tuple(m.strip() for m in modes.split(",") if m.strip())
+    rows = quantize_report(model_path, data_path, max_pairs=max_pairs, modes=wanted, batch_size=batch_size,
+                           dtype=dtype, device=device)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"# quantize-report: model={model_path} data={data_path} pairs<={max_pairs}")
+    click.echo(f"# {provenance()}")
+    click.echo(format_report(rows))
+
+
+_DTYPES = click.Choice(["float32", "bfloat16", "float16"])
+
+
+@main.command("precompute")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Reference model folder.")
+@click.option("--data", required=True, type=click.Path(exists=True), help=".jsonl, .parquet or HF dataset folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder to create (or resume).")
+@click.option("--dtype", type=_DTYPES, default="bfloat16", show_default=True, help="Storage dtype.")
+@click.option("--max-tokens-per-batch", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Padded tokens per forward batch.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run into the same --out.")
+@click.option("--shard-examples", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Examples per shard (the unit of crash recovery).")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Log-probs of logits / T.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Score on a Ray cluster: an actor pool of scorers, one model each (extra 'ray').")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="Ray cluster to join (needs --ray). [default: env RAY_ADDRESS, else a new local cluster]")
+@click.option("--num-workers", type=click.IntRange(min=1), default=None,
+              help="Scorer actors, one model each (needs --ray). [default: the cluster's GPUs or CPUs]")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+              help="GPUs per scorer actor; > 0 scores on CUDA (needs --ray). [default: 0]")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPUs per scorer actor; a CPU actor runs torch on that many threads, and its store bytes "
+                   "equal a single-process run's on as many threads (needs --ray). [default: 1]")
+def precompute_cmd(use_ray, ray_address, num_workers, gpus_per_worker, cpus_per_worker, **kwargs) -> None:
+    """Compute reference log-probs of a dataset into a log-prob store."""
+    from .store import precompute_command, ray_precompute_command
+
+    if not use_ray:
+        given = [flag for flag, value in (("--ray-address", ray_address), ("--num-workers", num_workers),
+                                          ("--gpus-per-worker", gpus_per_worker),
+                                          ("--cpus-per-worker", cpus_per_worker)) if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: only used with --ray; add --ray to score on a Ray "
+                                   "cluster, or drop them")
+        precompute_command(**kwargs)
+        return
+    ray_precompute_command(ray_address=ray_address, num_workers=num_workers,
+                           gpus_per_worker=gpus_per_worker or 0.0, cpus_per_worker=cpus_per_worker or 1.0, **kwargs)
+
+
+@main.group("store")
+def store_group() -> None:
+    """Inspect, verify, export and import log-prob stores."""
+
+
+@store_group.command("info")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def store_info_cmd(path: str) -> None:
+    """Print a store's fingerprint, dtype, entries, tokens and size as JSON."""
+    from .store import info_command
+
+    info_command(path)
+
+
+@store_group.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def store_verify_cmd(path: str) -> None:
+    """Check every shard's checksums; exits non-zero on corruption."""
+    from .store import verify_command
+
+    verify_command(path)
+
+
+@store_group.command("export-trl")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True), help="The preference data the store covers.")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Reference model (tokenizer + fingerprint check).")
+@click.option("--out", required=True, type=click.Path(), help=".jsonl, .parquet or a folder (HF save_to_disk).")
+def store_export_trl_cmd(path: str, data: str, model: str, out: str) -> None:
+    """Write DATA with TRL's ref_chosen_logps / ref_rejected_logps columns from the store."""
+    from .store import export_trl_command
+
+    export_trl_command(path, data, model, out)
+
+
+@store_group.command("import-halos")
+@click.argument("pkl", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The reference model the cache was computed with (for its fingerprint).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder to create.")
+@click.option("--dtype", type=_DTYPES, default="bfloat16", show_default=True, help="Storage dtype.")
+def store_import_halos_cmd(pkl: str, model: str, out: str, dtype: str) -> None:
+    """Import a HALOs cached_reference_logprobs.pkl (plain data only; no code is run)."""
+    from .store import import_halos_command
+
+    import_halos_command(pkl, model, out, dtype)
+
+
+@main.command("serve")
+@click.option("--model", "models", multiple=True, metavar="NAME=PATH",
+              help="Allow-listed causal LM to serve (repeatable). Env: REFMODEL_MODELS (JSON).")
+@click.option("--reward-model", "reward_models", multiple=True, metavar="NAME=PATH",
+              help="Allow-listed sequence-classification reward model (repeatable).")
+@click.option("--host", default=None, help="Interface to bind. [default: 127.0.0.1]")
+@click.option("--port", type=int, default=None, help="Port. [default: 8000]")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="File holding the bearer token clients must send (or env REFMODEL_TOKEN).")
+@click.option("--device", default=None, help="Where the models run. [default: cpu]")
+@click.option("--max-batch-tokens", type=int, default=None, help="Padded tokens per model call. [default: 8192]")
+@click.option("--max-wait-ms", type=float, default=None, help="How long a batch waits for more requests (a closed loop of clients pays it every round, so keep it short). [default: 2]")
+@click.option("--max-seq-len", type=int, default=None, help="Tokens per sequence. [default: 2048]")
+@click.option("--max-sequences", type=int, default=None, help="Sequences per request. [default: 1024]")
+@click.option("--max-queue", type=int, default=None, help="Admitted sequences per model before 429. [default: 1024]")
+@click.option("--max-body-bytes", type=int, default=None, help="Request body limit (413). [default: 16 MiB]")
+@click.option("--torch-threads", type=int, default=None, help="torch intra-op threads. [default: torch's]")
+@click.option("--batching/--no-batching", default=None, help="Merge concurrent requests. [default: on]")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve as a Ray Serve deployment (replicas, @serve.batch token budget). Needs refmodel[ray].")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="With --ray: replicas, each holding its own copy of the models. [default: 1]")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --ray: join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a "
+                   "local one. Model paths must exist on every node.")
+def serve_cmd(models, reward_models, use_ray, replicas, ray_address, **flags) -> None:
+    """Serve reference log-probs (and reward scores) over HTTP with dynamic batching."""
+    from ..errors import RefModelError
+
+    if not use_ray and (replicas is not None or ray_address is not None):
+        given = "--replicas" if replicas is not None else "--ray-address"
+        raise click.UsageError(f"{given} needs --ray (replicas and clusters are Ray Serve features)")
+    try:
+        if use_ray:
+            from ..serve.ray_serve import serve_from_flags as serve_on_ray
+
+            serve_on_ray(models, reward_models, replicas=replicas or 1, ray_address=ray_address, **flags)
+        else:
+            from ..serve.main import serve_from_flags
+
+            serve_from_flags(models, reward_models, **flags)
+    except RefModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

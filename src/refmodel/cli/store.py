@@ -1,0 +1,106 @@
+"""Bodies of the ``refmodel precompute`` and ``refmodel store ...`` commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import RefModelError
+
+
+def _user_errors(fn):
+    """Show refmodel's own errors as a one-line CLI error (exit 1), not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RefModelError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    return wrapper
+
+
+@_user_errors
+def precompute_command(model: str, data: str, out: str, dtype: str, max_tokens_per_batch: int, resume: bool,
+                       shard_examples: int, temperature: float) -> None:
+    from ..precompute.job import precompute
+
+    store = precompute(model, data, out, dtype=dtype, max_tokens_per_batch=max_tokens_per_batch, resume=resume,
+                       shard_examples=shard_examples, temperature=temperature)
+    click.echo(json.dumps(store.info(), indent=1))
+
+
+@_user_errors
+def ray_precompute_command(model: str, data: str, out: str, dtype: str, max_tokens_per_batch: int, resume: bool,
+                           shard_examples: int, temperature: float, ray_address: str | None,
+                           num_workers: int | None, gpus_per_worker: float, cpus_per_worker: float) -> None:
+    from ..precompute.ray import precompute_on_ray
+
+    store = precompute_on_ray(model, data, out, ray_address=ray_address, num_workers=num_workers,
+                              gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, dtype=dtype,
+                              max_tokens_per_batch=max_tokens_per_batch, resume=resume,
+                              shard_examples=shard_examples, temperature=temperature)
+    click.echo(json.dumps(store.info(), indent=1))
+
+
+@_user_errors
+def info_command(path: str) -> None:
+    from ..store import LogprobStore
+
+    click.echo(json.dumps(LogprobStore.open(path).info(), indent=1))
+
+
+@_user_errors
+def verify_command(path: str) -> None:
+    from ..store import LogprobStore
+
+    info = LogprobStore.open(path).verify()
+    click.echo(f"ok: {info['shards']} shards, {info['entries']} entries, {info['tokens']} tokens verified")
+
+
+def _fingerprint_of(model: str) -> tuple[object, object, str]:
+    from ..models.fingerprint import fingerprint
+    from ..precompute.job import _load_model
+
+    loaded, tok = _load_model(model, None, None)
+    return loaded, tok, fingerprint(loaded)
+
+
+@_user_errors
+def export_trl_command(path: str, data: str, model: str, out: str) -> None:
+    from ..data.records import load_examples, load_records
+    from ..store import LogprobStore
+    from ..store.interop import trl_columns
+
+    _, tok, fp = _fingerprint_of(model)
+    store = LogprobStore.open(path, fp)
+    cols = trl_columns(store, load_examples(data, tok))
+    rows = [dict(r) for _, r in load_records(data)]
+    for row, c, r in zip(rows, cols["ref_chosen_logps"], cols["ref_rejected_logps"], strict=True):
+        row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r
+    out_path = Path(out)
+    if out_path.suffix == ".jsonl":
+        from ..testing import write_jsonl
+
+        write_jsonl(rows, out_path)
+    elif out_path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), out_path)
+    else:
+        from .._optional import require
+
+        require("datasets", "trl").Dataset.from_list(rows).save_to_disk(str(out_path))
+    click.echo(f"wrote {len(rows)} rows with ref_chosen_logps / ref_rejected_logps to {out_path}")
+
+
+@_user_errors
+def import_halos_command(pkl: str, model: str, out: str, dtype: str) -> None:
+    from ..store.interop import import_halos
+
+    _, _, fp = _fingerprint_of(model)
+    store = import_halos(pkl, out, fp, dtype=dtype)
+    click.echo(json.dumps(store.info(), indent=1))

@@ -1,0 +1,1 @@
+"""Records (JSONL, Parquet, ``datasets``) and their tokenization (:mod:`.records`)."""

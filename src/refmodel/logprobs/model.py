@@ -1,0 +1,278 @@
+"""Token log-probs of a Hugging Face causal LM, aligned as in DESIGN.md.
+
+``model_logprobs(model, input_ids, attention_mask, score_mask)`` runs the model's backbone, then the
+fused head (:func:`refmodel.token_logprobs`) on the scored positions only:
+
+    out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])   (nats, float32, [B, T])
+
+``out[:, 0] = 0``, and so is every position outside ``score_mask`` and every sequence's first real
+token (it has no prefix). Position ids are derived from the attention mask, so a sequence's
+log-probs do not depend on its padding side or on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._optional import available
+from ..errors import InvalidBatch
+from .head import TokenLogprobs, token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to ``hidden @ W.T`` before its softmax (read from its config)."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+def logit_transform(config) -> LogitTransform:
+    """The logit scale and final soft-cap that ``config``'s model applies (Gemma-2, Cohere, Granite)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
+    granite = getattr(cfg, "logits_scaling", None)  # Granite divides
+    if granite:
+        scale /= float(granite)
+    return LogitTransform(scale, float(softcap) if softcap else None)
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` module inside a PEFT wrapper (or ``model`` itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        return get_base()
+    return model
+
+
+@dataclass
+class _Head:
+    """The head as ``hidden' @ weight.T + bias`` where ``hidden' = extend(hidden)``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    extra: list  # [(lora_A, dropout, scaling)] appended to hidden as extra columns
+    module: nn.Module | None = None  # set when the head can only be run as a module (fallback)
+
+
+def _resolve_head(head: nn.Module) -> _Head:
+    """Express ``head`` as a plain linear map; PEFT adapters are folded in exactly, never dropped."""
+    if type(head) is nn.Linear:
+        return _Head(head.weight, head.bias, [])
+    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):  # PEFT ModulesToSaveWrapper
+        active = getattr(head, "active_adapters", None) or [getattr(head, "active_adapter", None)]
+        name = active[0] if active else None
+        use_copy = not getattr(head, "disable_adapters", False) and name in head.modules_to_save
+        return _resolve_head(head.modules_to_save[name] if use_copy else head.original_module)
+    if hasattr(head, "lora_A") and hasattr(head, "base_layer"):  # PEFT LoRA layer
+        base = _resolve_head(head.base_layer)
+        if base.module is not None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+            return base
+        extra, weights, bias = [], [base.weight], base.bias
+        for name in head.active_adapters:
+            if name not in head.lora_A:
+                continue
+            if head.use_dora.get(name, False) or type(head.lora_B[name]) is not nn.Linear:
+                return _Head(base.weight, None, [], module=head)
+            # x W^T + s * (drop(x) A^T) B^T  ==  [x, s * drop(x) A^T] @ [W, B]^T : exact rank concatenation
+            extra.append((head.lora_A[name], head.lora_dropout[name], head.scaling[name]))
+            weights.append(head.lora_B[name].weight)
+            if head.lora_B[name].bias is not None:
+                bias = head.lora_B[name].bias if bias is None else bias + head.lora_B[name].bias
+        if not extra:
+            return base
+        return _Head(torch.cat(weights, dim=1), bias, extra)
+    weight = getattr(head, "weight", None)
+    log.info("LM head %s is not a plain linear layer; running it as a module on the scored rows only",
+             type(head).__name__)
+    return _Head(weight, None, [], module=head)
+
+
+def _extend_hidden(h: torch.Tensor, extra: list) -> torch.Tensor:
+    if not extra:
+        return h
+    cols = [h] + [scaling * lora_a(dropout(h.to(lora_a.weight.dtype))).to(h.dtype)
+                  for lora_a, dropout, scaling in extra]
+    return torch.cat(cols, dim=-1)
+
+
+def validate_batch(input_ids, attention_mask=None, score_mask=None, vocab_size: int | None = None):
+    """Check shapes, dtypes and id ranges; return ``(attention_mask, score_mask)`` as bool ``[B, T]``."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise InvalidBatch(f"input_ids must be a [B, T] integer tensor, got {shape}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise InvalidBatch(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    masks = []
+    for name, mask in (("attention_mask", attention_mask), ("score_mask", score_mask)):
+        if mask is None:
+            masks.append(None)
+            continue
+        if tuple(mask.shape) != tuple(input_ids.shape):
+            raise InvalidBatch(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                               f"got {tuple(mask.shape)}")
+        if not mask.dtype == torch.bool and ((mask != 0) & (mask != 1)).any():
+            raise InvalidBatch(f"{name} must hold only 0/1 (or booleans)")
+        masks.append(mask.bool())
+    attn, score = masks
+    attn = torch.ones_like(input_ids, dtype=torch.bool) if attn is None else attn
+    if vocab_size is not None and input_ids.numel():
+        real = input_ids[attn]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab_size):
+            bad = real[(real < 0) | (real >= vocab_size)][0].item()
+            raise InvalidBatch(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+    if score is None:
+        score = attn.clone()
+    elif (score & ~attn).any():
+        raise InvalidBatch("score_mask marks padded positions (attention_mask == 0); "
+                           "scored positions must be real tokens")
+    # A sequence's first real token has no prefix: it is never scored.
+    score = score & (attn.long().cumsum(1) >= 2)
+    return attn, score
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` positions counting real tokens only, so left and right padding give the same result."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def model_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    score_mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    use_fused_linear_logprobs: bool = True,
+    cast_logprobs_to_fp32: bool = True,
+    use_liger: bool = False,
+    return_entropy: bool = False,
+):
+    """``[B, T]`` float32 log-probs of ``input_ids`` under ``model`` (see module docstring).
+
+    Args:
+        model: any Hugging Face ``*ForCausalLM``, also wrapped in PEFT (LoRA on the head included).
+        input_ids: ``[B, T]`` token ids; attention_mask / score_mask: ``[B, T]`` 0/1 or bool.
+            ``score_mask`` defaults to every real token.
+        temperature: sampling temperature the log-probs should match (logits / temperature).
+        use_fused_linear_logprobs: False runs the model's own head and ``log_softmax`` (full logits).
+        cast_logprobs_to_fp32: float32 logits and accumulation whatever the compute dtype.
+        use_liger: use Liger's fused kernel when installed and on CUDA (else the built-in op).
+        return_entropy: return a :class:`~refmodel.TokenLogprobs` with per-position entropy too.
+    """
+    causal = unwrap_causal_lm(model)
+    head_module = causal.get_output_embeddings()
+    vocab = head_module.weight.shape[0] if getattr(head_module, "weight", None) is not None else None
+    attn, score = validate_batch(input_ids, attention_mask, score_mask, vocab)
+    batch, length = input_ids.shape
+    if batch == 0 or length < 2 or not score.any():
+        zeros = torch.zeros(batch, length, dtype=torch.float32, device=input_ids.device)
+        return TokenLogprobs(zeros, zeros.clone()) if return_entropy else zeros
+    position_ids = position_ids_from_mask(attn)
+    # Padded positions may hold anything (-100, ids >= vocab): they are masked, but still embedded.
+    input_ids = torch.where(attn, input_ids, torch.zeros_like(input_ids))
+    targets = torch.where(score[:, 1:], input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
+
+    if not use_fused_linear_logprobs:
+        logits = model(input_ids=input_ids, attention_mask=attn.long(), position_ids=position_ids,
+                       use_cache=False).logits[:, :-1]
+        return _pad_first(_from_logits(logits, targets, temperature, return_entropy))
+
+    backbone = causal.base_model if causal.base_model is not causal else causal.model
+    hidden = backbone(input_ids=input_ids, attention_mask=attn.long(), position_ids=position_ids,
+                      use_cache=False)[0][:, :-1]
+    return _pad_first(head_logprobs(causal, hidden, targets, temperature=temperature, chunk_size=chunk_size,
+                                    fp32_accumulation=cast_logprobs_to_fp32, use_liger=use_liger,
+                                    return_entropy=return_entropy))
+
+
+def head_logprobs(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    fp32_accumulation: bool = True,
+    use_liger: bool = False,
+    return_entropy: bool = False,
+):
+    """Log-probs of ``targets`` ``[B, T]`` (-100 = skip, 0 there) from final hidden states ``[B, T, H]``.
+
+    Goes through ``model``'s LM head the way its own forward would: PEFT adapters on the head folded in
+    exactly, the config's logit scale and final soft-cap applied; the ``[B, T, V]`` logits are never
+    built. A head that is not a linear map (DoRA, a quantized layer) runs as a module on the scored
+    rows only. Returns ``[B, T]`` float32 (or :class:`~refmodel.TokenLogprobs` with entropy), in nats.
+    """
+    causal = unwrap_causal_lm(model)
+    head = _resolve_head(causal.get_output_embeddings())
+    tf = logit_transform(causal.config)
+    if head.module is not None:
+        rows = targets != -100
+        logits = head.module(hidden[rows]).float() * tf.logit_scale
+        if tf.softcap is not None:
+            logits = tf.softcap * torch.tanh(logits / tf.softcap)
+        scored = _from_logits(logits.unsqueeze(0), targets[rows].unsqueeze(0), temperature, return_entropy)
+        return _scatter_rows(scored, rows)
+    kwargs = dict(bias=head.bias, temperature=temperature, logit_scale=tf.logit_scale, softcap=tf.softcap,
+                  chunk_size=chunk_size, return_entropy=return_entropy, fp32_accumulation=fp32_accumulation)
+    hidden = _extend_hidden(hidden, head.extra)
+    if use_liger:
+        from .liger import liger_token_logprobs
+
+        return liger_token_logprobs(hidden, head.weight, targets, **kwargs)
+    return token_logprobs(hidden, head.weight, targets, **kwargs)
+
+
+def _from_logits(logits, targets, temperature, return_entropy):
+    """log_softmax of logits that already include the model's own scale / soft-cap."""
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    keep = targets != -100
+    out = log_p.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1) * keep
+    if not return_entropy:
+        return out
+    return TokenLogprobs(out, -(log_p.exp() * log_p).sum(-1) * keep)
+
+
+def _scatter_rows(scored, rows):
+    def place(vals):
+        return vals.new_zeros(rows.shape).index_put((rows.nonzero(as_tuple=True)), vals[0])
+
+    if isinstance(scored, torch.Tensor):
+        return place(scored)
+    return type(scored)(*(place(v) for v in scored))
+
+
+def _pad_first(out):
+    """Prepend the column for position 0 (no prefix: log-prob 0)."""
+    def pad(t):
+        return torch.nn.functional.pad(t, (1, 0))
+
+    if isinstance(out, torch.Tensor):
+        return pad(out)
+    return type(out)(*(pad(t) for t in out))
+
+
+def liger_available() -> bool:
+    """True when Liger's kernels are installed and a CUDA device is present."""
+    return torch.cuda.is_available() and available("liger_kernel")
+
+
+__all__ = [
+    "LogitTransform",
+    "head_logprobs",
+    "logit_transform",
+    "model_logprobs",
+    "position_ids_from_mask",
+    "unwrap_causal_lm",
+    "validate_batch",
+    "liger_available",
+]

@@ -1,0 +1,263 @@
+"""The precompute job: reference log-probs of a dataset into a :class:`~refmodel.store.LogprobStore`.
+
+Plan (a pure function of the tokenized data and the settings, so a resumed run redoes exactly the
+same work): every distinct sequence once; examples sorted by (completions, length, key) so batches
+hold similar lengths; cut into shards of ``shard_examples`` examples; inside a shard, greedy batches
+under ``max_tokens_per_batch`` padded tokens. Shard ``i`` is written as ``shard-{i:05d}`` when all its
+batches are done, so a killed run loses at most one shard and ``resume=True`` gives the same bytes.
+
+Scoring one batch: the prompts (left-padded) run through the backbone once with a KV cache; the cache
+is repeated for each completion (chosen and rejected) and the completions (right-padded, so real
+tokens stay contiguous and position ids continue from each prompt's length) run on top of it. Only
+scored completion positions reach the head, through :func:`refmodel.token_logprobs`. The result equals
+``model_logprobs`` on the full sequences up to float32 summation order (see tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.records import Example, load_examples
+from ..errors import ConfigError, InvalidInput
+from ..logprobs.model import head_logprobs, model_logprobs, unwrap_causal_lm
+from ..models.fingerprint import fingerprint as model_fingerprint
+from ..store import LogprobStore
+from ..store.format import Entry, key_bytes, make_entry, normalize_dtype
+
+log = logging.getLogger(__name__)
+DEFAULT_SHARD_EXAMPLES = 2048
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One prompt and the completions of it still to score."""
+
+    prompt: tuple[int, ...]
+    completions: tuple[tuple[int, ...], ...]
+    masks: tuple[tuple[bool, ...], ...]
+    keys: tuple[bytes, ...]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prompt) + sum(len(c) for c in self.completions)
+
+
+def plan_units(examples: list[Example]) -> list[Unit]:
+    """Distinct sequences grouped by shared prompt, in canonical order (completions, length, key)."""
+    seen: set[bytes] = set()
+    units = []
+    for ex in examples:
+        comps, masks, keys = [], [], []
+        for comp, mask in zip(ex.completions, ex.completion_masks, strict=True):
+            key = key_bytes(np.asarray(ex.prompt_ids + comp, dtype=np.int64))
+            if key not in seen and comp:
+                seen.add(key)
+                comps.append(comp)
+                masks.append(mask)
+                keys.append(key)
+        if comps:
+            units.append(Unit(ex.prompt_ids, tuple(comps), tuple(masks), tuple(keys)))
+    units.sort(key=lambda u: (len(u.completions), len(u.prompt) + max(map(len, u.completions)), u.keys[0]))
+    return units
+
+
+def plan_batches(units: list[Unit], max_tokens: int) -> list[list[Unit]]:
+    """Greedy batches of consecutive units (same completion count) whose padded size stays under ``max_tokens``."""
+    batches, cur, p_max, c_max = [], [], 0, 0
+    for u in units:
+        p, c = max(p_max, len(u.prompt)), max(c_max, max(map(len, u.completions)))
+        k = len(u.completions)
+        if cur and (len(cur[0].completions) != k or (len(cur) + 1) * (p + k * c) > max_tokens):
+            batches.append(cur)
+            cur, p, c = [], len(u.prompt), max(map(len, u.completions))
+        cur.append(u)
+        p_max, c_max = p, c
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def shard_name(index: int) -> str:
+    """File name of the job's shard ``index`` (the same in every run mode, so resume works across them)."""
+    return f"shard-{index:05d}.safetensors"
+
+
+def plan_job(examples: list[Example], *, max_tokens_per_batch: int, shard_examples: int, share_prompt: bool,
+             temperature: float) -> tuple[list[list[Unit]], dict]:
+    """The job's shards (lists of units, ``shard_examples`` each) and its description for the manifest.
+
+    A pure function of the tokenized data and the settings; the description carries a hash of the plan so
+    that resuming with other data or settings is refused.
+    """
+    if max_tokens_per_batch < 1 or shard_examples < 1:
+        raise InvalidInput("max_tokens_per_batch and shard_examples must be >= 1")
+    units = plan_units(examples)
+    shards = [units[i:i + shard_examples] for i in range(0, len(units), shard_examples)]
+    plan = hashlib.blake2b(digest_size=16)
+    for i, shard in enumerate(shards):
+        plan.update(f"{i}|".encode() + b"".join(k for u in shard for k in u.keys))
+    job = {"kind": "precompute", "plan_blake2b": plan.hexdigest(), "shards": len(shards),
+           "sequences": sum(len(u.keys) for u in units), "max_tokens_per_batch": max_tokens_per_batch,
+           "shard_examples": shard_examples, "share_prompt": share_prompt, "temperature": temperature}
+    return shards, job
+
+
+def open_or_create_store(out, fp: str, dtype: str, job: dict, *, resume: bool) -> LogprobStore:
+    """A writable store at ``out`` for ``job``: new, or (``resume=True``) the same job's unfinished one."""
+    out = Path(out)
+    if (out / "manifest.json").exists():
+        if not resume:
+            raise ConfigError(f"{out} already holds a store; pass resume=True (--resume) to finish it, "
+                              "or choose an empty folder")
+        store = LogprobStore.open(out, fp, mode="a")
+        if store.job != job or store.dtype != dtype:
+            store.close()
+            raise ConfigError(f"{out} was filled by another job (data, dtype or settings differ: stored "
+                              f"{json.dumps(store.job)}, dtype {store.dtype}); resume needs the same ones")
+        return store
+    store = LogprobStore.create(out, fp, dtype=dtype)
+    store.set_job(job)
+    return store
+
+
+def pending_shards(store: LogprobStore, n_shards: int) -> list[int]:
+    """Indices of the job's shards not yet committed to ``store``."""
+    done = set(store.shard_files)
+    return [i for i in range(n_shards) if shard_name(i) not in done]
+
+
+@torch.no_grad()
+def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float = 1.0,
+                share_prompt: bool = True) -> list[Entry]:
+    """Store entries of every (prompt + completion) of ``units`` (all with the same completion count)."""
+    if not share_prompt:
+        return _score_full(model, units, pad_id, temperature)
+    causal = unwrap_causal_lm(model)
+    device = next(model.parameters()).device
+    k = len(units[0].completions)
+    if any(len(u.completions) != k for u in units):
+        raise ValueError("units of one batch must have the same number of completions")
+    b, p_len, c_len = len(units), max(len(u.prompt) for u in units), max(len(c) for u in units for c in u.completions)
+    prompt = torch.full((b, p_len), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros(b, p_len, dtype=torch.long)
+    comp = torch.full((b * k, c_len), pad_id, dtype=torch.long)
+    comp_mask = torch.zeros(b * k, c_len, dtype=torch.long)
+    scored = torch.zeros(b * k, c_len, dtype=torch.bool)
+    for i, u in enumerate(units):
+        prompt[i, p_len - len(u.prompt):] = torch.tensor(u.prompt)
+        prompt_mask[i, p_len - len(u.prompt):] = 1
+        for j, (c, m) in enumerate(zip(u.completions, u.masks, strict=True)):
+            comp[i * k + j, :len(c)] = torch.tensor(c)
+            comp_mask[i * k + j, :len(c)] = 1
+            scored[i * k + j, :len(c)] = torch.tensor(m, dtype=torch.bool)
+    prompt_len = prompt_mask.sum(1)
+    backbone = causal.base_model if causal.base_model is not causal else causal.model
+    out = backbone(input_ids=prompt.to(device), attention_mask=prompt_mask.to(device),
+                   position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0).to(device), use_cache=True)
+    cache, last = out.past_key_values, out.last_hidden_state[:, -1]
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+    full_mask = torch.cat([prompt_mask.repeat_interleave(k, 0), comp_mask], 1)
+    positions = prompt_len.repeat_interleave(k)[:, None] + torch.arange(c_len)[None]
+    hidden = backbone(input_ids=comp.to(device), attention_mask=full_mask.to(device),
+                      position_ids=positions.to(device), past_key_values=cache, use_cache=True).last_hidden_state
+    # Completion token j is predicted from the state before it: the prompt's last for j = 0.
+    pred = torch.cat([last.repeat_interleave(k, 0)[:, None], hidden[:, :-1]], 1)
+    targets = torch.where(scored.to(device), comp.to(device), -100)
+    logps = head_logprobs(causal, pred, targets, temperature=temperature).cpu().numpy()
+    entries = []
+    for i, u in enumerate(units):
+        for j, (c, m) in enumerate(zip(u.completions, u.masks, strict=True)):
+            ids = np.asarray(u.prompt + c, dtype=np.int64)
+            values = np.concatenate([np.zeros(len(u.prompt), np.float32), logps[i * k + j, :len(c)]])
+            entries.append(make_entry(ids, values, np.asarray((False,) * len(u.prompt) + m)))
+    return entries
+
+
+def _score_full(model, units: list[Unit], pad_id: int, temperature: float) -> list[Entry]:
+    """Fallback without prefix sharing: ``model_logprobs`` on the right-padded full sequences."""
+    device = next(model.parameters()).device
+    seqs = [(u.prompt + c, (False,) * len(u.prompt) + m) for u in units for c, m in zip(u.completions, u.masks,
+                                                                                         strict=True)]
+    t = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(seqs), t, dtype=torch.bool)
+    score = torch.zeros(len(seqs), t, dtype=torch.bool)
+    for r, (s, m) in enumerate(seqs):
+        ids[r, :len(s)], attn[r, :len(s)], score[r, :len(s)] = torch.tensor(s), True, torch.tensor(m)
+    logps = model_logprobs(model, ids.to(device), attn.to(device), score.to(device), temperature=temperature).cpu()
+    return [make_entry(np.asarray(s, dtype=np.int64), logps[r, :len(s)].numpy(), np.asarray(m))
+            for r, (s, m) in enumerate(seqs)]
+
+
+def _load_model(model, tokenizer, model_kwargs):
+    if isinstance(model, (str, Path)):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(model)
+        if not (path / "config.json").exists():
+            raise InvalidInput(f"--model {path} is not a local model folder (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(path, **(model_kwargs or {}))
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+    model.eval()
+    return model, tokenizer
+
+
+def precompute(model, data, out, *, tokenizer=None, dtype="bfloat16", max_tokens_per_batch: int = 4096,
+               resume: bool = False, temperature: float = 1.0, share_prompt: bool = True,
+               shard_examples: int = DEFAULT_SHARD_EXAMPLES, progress: bool = True,
+               model_kwargs: dict | None = None) -> LogprobStore:
+    """Reference log-probs of every sequence in ``data`` into a store at ``out`` (returned, read-only).
+
+    Args:
+        model: a loaded ``*ForCausalLM`` or a local model folder (loaded with ``model_kwargs``).
+        data: a data path (see :mod:`refmodel.data.records`) or a list of records.
+        dtype: storage dtype, ``float32`` / ``bfloat16`` / ``float16``.
+        max_tokens_per_batch: padded-token budget of one batch (prompt + completions).
+        resume: finish an interrupted run into the same ``out`` (same data and settings required).
+        temperature: log-probs of ``logits / temperature``; part of the fingerprint when != 1.
+        share_prompt: run each prompt once with a KV cache for all its completions.
+    """
+    if max_tokens_per_batch < 1 or shard_examples < 1:
+        raise InvalidInput("max_tokens_per_batch and shard_examples must be >= 1")
+    dtype = normalize_dtype(dtype)
+    model, tokenizer = _load_model(model, tokenizer, model_kwargs)
+    fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
+    shards, job = plan_job(load_examples(data, tokenizer), max_tokens_per_batch=max_tokens_per_batch,
+                           shard_examples=shard_examples, share_prompt=share_prompt, temperature=temperature)
+    units = [u for shard in shards for u in shard]
+    store = open_or_create_store(out, fp, dtype, job, resume=resume)
+    out = Path(out)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    todo = pending_shards(store, len(shards))
+    total = sum(u.tokens for u in units)
+    left = sum(u.tokens for i in todo for u in shards[i])
+    log.info("precompute: %d sequences in %d shards (%d to do), %d tokens, fingerprint %s",
+             job["sequences"], len(shards), len(todo), total, fp)
+    start = time.perf_counter()
+    with tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="reference log-probs",
+              disable=not progress) as bar:
+        for i in todo:
+            entries = []
+            for batch in plan_batches(shards[i], max_tokens_per_batch):
+                entries += score_units(model, batch, pad_id=pad_id, temperature=temperature,
+                                       share_prompt=share_prompt)
+                bar.update(sum(u.tokens for u in batch))
+            store.write_shard(shard_name(i), entries)
+    elapsed = time.perf_counter() - start
+    log.info("precompute: %d tokens in %.2fs (%.0f tokens/s)", left, elapsed, left / max(elapsed, 1e-9))
+    store.close()
+    return LogprobStore.open(out, fp)
+
+
+__all__ = ["precompute", "plan_units", "plan_batches", "plan_job", "open_or_create_store", "pending_shards",
+           "score_units", "shard_name", "Unit"]

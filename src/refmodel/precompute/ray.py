@@ -1,0 +1,306 @@
+"""The precompute job on a Ray cluster: Ray Data hands the job's shards to an actor pool of scorers.
+
+The driver does what :func:`refmodel.precompute` does up to the scoring: it loads the model once to
+fingerprint it, tokenizes the data and plans the job with :func:`~refmodel.precompute.job.plan_job` (same
+units, same shards, same job description in the manifest). Each shard still to do becomes one row of
+a Ray Dataset; ``map_batches`` runs :class:`ShardScorer` (one model per actor, loaded once) over those
+rows with ``concurrency=num_workers``, and each actor scores its shard with the very same
+``plan_batches`` / ``score_units`` calls as the single-process job. The entries come back as plain
+byte columns and the driver, the only writer, commits ``shard-{i:05d}.safetensors`` as results stream
+in. Hence:
+
+* same batches and same model => the same floats, so every entry is byte-identical to a single-process
+  run on the same kind of device (on CPU: with the same torch thread count, ``cpus_per_worker`` per
+  actor, since CPU GEMMs split their sums by thread), and the manifest's job is the same, so
+  ``resume`` works across modes;
+* a killed actor is restarted by Ray and its shard retried (``max_restarts``/``max_task_retries``);
+  a shard is written once, only when all of it has arrived, and its keys are checked against the plan,
+  so nothing is lost or duplicated;
+* a killed driver loses at most the shards in flight; ``resume=True`` finishes the job.
+
+Why shards and not single batches as Ray rows: a shard is the store's unit of atomic commit, and
+whole-shard results keep the driver's work to one file write per row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._optional import require
+from ..data.records import load_examples
+from ..errors import ConfigError, InvalidInput, RefModelError
+from ..models.fingerprint import fingerprint as model_fingerprint
+from ..store import LogprobStore
+from ..store.format import KEY_BYTES, Entry, normalize_dtype
+from .job import (
+    DEFAULT_SHARD_EXAMPLES,
+    Unit,
+    _load_model,
+    open_or_create_store,
+    pending_shards,
+    plan_batches,
+    plan_job,
+    score_units,
+    shard_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ wire format (plain data only)
+def encode_units(units: list[Unit]) -> str:
+    """One shard's units as JSON (token ids, 0/1 masks, hex keys)."""
+    return json.dumps([[list(u.prompt), [list(c) for c in u.completions], [[int(b) for b in m] for m in u.masks],
+                        [k.hex() for k in u.keys]] for u in units], separators=(",", ":"))
+
+
+def decode_units(text: str) -> list[Unit]:
+    """Inverse of :func:`encode_units`."""
+    return [Unit(tuple(p), tuple(tuple(c) for c in cs), tuple(tuple(bool(b) for b in m) for m in ms),
+                 tuple(bytes.fromhex(k) for k in ks)) for p, cs, ms, ks in json.loads(text)]
+
+
+def pack_entries(entries: list[Entry]) -> dict[str, bytes]:
+    """Entries as four byte strings: keys [N*16], meta int64 [N, 3] (seq_len, start, count), float32 values,
+    float64 totals. Bit-exact: the driver rebuilds the very same entries."""
+    meta = np.array([(e.seq_len, e.start, e.values.shape[0]) for e in entries], dtype="<i8").reshape(-1, 3)
+    values = np.concatenate([e.values for e in entries]) if entries else np.zeros(0, np.float32)
+    return {"keys": b"".join(e.key for e in entries), "meta": meta.tobytes(),
+            "values": values.astype("<f4", copy=False).tobytes(),
+            "totals": np.array([e.total for e in entries], dtype="<f8").tobytes()}
+
+
+def unpack_entries(keys: bytes, meta: bytes, values: bytes, totals: bytes) -> list[Entry]:
+    """Inverse of :func:`pack_entries`."""
+    meta_arr = np.frombuffer(meta, dtype="<i8").reshape(-1, 3)
+    vals = np.frombuffer(values, dtype="<f4").astype(np.float32)
+    tots = np.frombuffer(totals, dtype="<f8")
+    if len(keys) != KEY_BYTES * len(meta_arr) or len(tots) != len(meta_arr) or int(meta_arr[:, 2].sum()) != len(vals):
+        raise RefModelError("a Ray worker returned a malformed shard result (sizes disagree)")
+    entries, offset = [], 0
+    for i, (seq_len, start, count) in enumerate(meta_arr.tolist()):
+        entries.append(Entry(keys[i * KEY_BYTES:(i + 1) * KEY_BYTES], seq_len, start,
+                             vals[offset:offset + count].copy(), float(tots[i])))
+        offset += count
+    return entries
+
+
+# ------------------------------------------------------------------ the actor
+class ShardScorer:
+    """Ray Data callable class: holds one reference model (loaded once per actor) and scores whole shards.
+
+    Input batch: ``shard`` int64 [B], ``plan`` str [B] (:func:`encode_units`). Output: ``shard`` and the
+    byte columns of :func:`pack_entries`, one row per shard. Subclass it to change how the model is
+    loaded or to observe shards; pass the subclass as ``scorer_cls``.
+    """
+
+    def __init__(self, model_path: str, *, max_tokens_per_batch: int, temperature: float, share_prompt: bool,
+                 pad_id: int, device: str = "cpu", model_kwargs: dict | None = None, torch_threads: int | None = None):
+        if torch_threads:
+            # CPU GEMMs split their reductions by thread count, so the bits depend on it: fix it explicitly.
+            torch.set_num_threads(torch_threads)
+        self.model, _ = _load_model(model_path, None, model_kwargs)
+        self.model.to(device)
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.temperature = temperature
+        self.share_prompt = share_prompt
+        self.pad_id = pad_id
+        log.info("scorer pid %d: loaded %s on %s (%d torch threads)", os.getpid(), model_path, device,
+                 torch.get_num_threads())
+
+    def score_shard(self, index: int, units: list[Unit]) -> list[Entry]:
+        """Entries of one shard, batch by batch exactly as the single-process job does it."""
+        entries = []
+        for batch in plan_batches(units, self.max_tokens_per_batch):
+            entries += score_units(self.model, batch, pad_id=self.pad_id, temperature=self.temperature,
+                                   share_prompt=self.share_prompt)
+        return entries
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows: dict[str, list] = {"shard": [], "keys": [], "meta": [], "values": [], "totals": []}
+        for index, plan in zip(batch["shard"].tolist(), batch["plan"].tolist(), strict=True):
+            packed = pack_entries(self.score_shard(int(index), decode_units(plan)))
+            rows["shard"].append(int(index))
+            for name, blob in packed.items():
+                rows[name].append(blob)
+        out = {"shard": np.array(rows["shard"], dtype=np.int64)}
+        for name in ("keys", "meta", "values", "totals"):
+            col = np.empty(len(rows[name]), dtype=object)
+            col[:] = rows[name]
+            out[name] = col
+        return out
+
+
+# ------------------------------------------------------------------ the driver
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """ConfigError now, when nothing listens at a ``host:port`` / ``ray://host:port`` address.
+
+    ``ray.init`` would retry an unreachable head for minutes; a TCP connect says the same in seconds.
+    """
+    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # not host:port: let ray.init judge it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {exc}; is the head node up (ray start "
+                          "--head) and is --ray-address / RAY_ADDRESS its GCS 'host:port' or 'ray://host:10001'?"
+                          ) from exc
+
+
+def _connect(ray, address: str | None) -> bool:
+    """Connect to Ray; returns True when this call started the connection (and should shut it down)."""
+    if ray.is_initialized():
+        log.info("precompute: using the Ray connection already open in this process")
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # Ship this very refmodel package to the workers (Ray uploads it once per job): the actors then run the
+    # driver's code, which byte-identical results need, whether or not refmodel is installed on the cluster.
+    package_dir = str(Path(__file__).resolve().parents[1])  # the refmodel package folder
+    runtime_env = {"py_modules": [package_dir]}
+    try:
+        if address:
+            _check_reachable(address)
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+        else:
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                     logging_level=logging.WARNING, runtime_env=runtime_env)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"cannot connect to the Ray cluster at {address or 'a new local cluster'}: {exc}; "
+                          "check --ray-address / RAY_ADDRESS (e.g. 'ray://head:10001' or 'head:6379')") from exc
+    return True
+
+
+def _pool_size(ray, num_workers: int | None, gpus_per_worker: float, cpus_per_worker: float, todo: int) -> int:
+    """Number of actors: ``num_workers`` or what the cluster holds; ConfigError when GPUs are asked for but absent."""
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    if gpus_per_worker > 0 and gpus < gpus_per_worker:
+        raise ConfigError(f"--gpus-per-worker {gpus_per_worker:g} asks for GPUs, but the Ray cluster has "
+                          f"{gpus:g} GPU(s) (CPU={cpus:g}); run without --gpus-per-worker to score on CPUs, "
+                          "or connect to a cluster with GPUs (--ray-address)")
+    if num_workers is None:
+        num_workers = int(gpus // gpus_per_worker) if gpus_per_worker > 0 else int(cpus // max(cpus_per_worker, 1e-9))
+    if num_workers * gpus_per_worker > gpus or num_workers * cpus_per_worker > cpus:
+        log.warning("precompute: %d workers x (%g CPU, %g GPU) exceed the cluster's %g CPU / %g GPU; the pool "
+                    "waits for resources (or an autoscaler)", num_workers, cpus_per_worker, gpus_per_worker,
+                    cpus, gpus)
+    return max(1, min(num_workers, todo))
+
+
+def precompute_on_ray(model_path, data, out, *, ray_address: str | None = None, num_workers: int | None = None,
+                      gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, dtype="bfloat16",
+                      max_tokens_per_batch: int = 4096, shard_examples: int = DEFAULT_SHARD_EXAMPLES,
+                      resume: bool = False, temperature: float = 1.0, share_prompt: bool = True,
+                      progress: bool = True, model_kwargs: dict | None = None, max_task_retries: int = 3,
+                      scorer_cls: type = ShardScorer) -> LogprobStore:
+    """:func:`refmodel.precompute` with the scoring spread over a Ray actor pool; returns the store (read-only).
+
+    Args:
+        model_path: local model folder, readable at the same path on every Ray node.
+        data, out, dtype, max_tokens_per_batch, shard_examples, resume, temperature, share_prompt,
+            model_kwargs: as for :func:`refmodel.precompute`; the same values give the same store bytes.
+        ray_address: cluster to join (else ``RAY_ADDRESS``, else a new local cluster on this machine's
+            cores). A connection already open in this process is used as is.
+        num_workers: actors, one model each (default: as many as the cluster's GPUs or CPUs allow).
+        gpus_per_worker / cpus_per_worker: resources of one actor. GPU actors score on ``cuda``; a CPU
+            actor runs torch on ``int(cpus_per_worker)`` threads, and its bits equal a single-process
+            run's on that many threads (``torch.set_num_threads``).
+        max_task_retries: retries of a shard whose actor died (actors themselves restart without limit).
+        scorer_cls: the actor class, :class:`ShardScorer` or a subclass.
+    """
+    ray = require("ray", "ray")
+    if num_workers is not None and num_workers < 1:
+        raise InvalidInput(f"num_workers must be >= 1, got {num_workers}")
+    if gpus_per_worker < 0 or cpus_per_worker <= 0:
+        raise InvalidInput(f"gpus_per_worker must be >= 0 and cpus_per_worker > 0, got {gpus_per_worker}, "
+                           f"{cpus_per_worker}")
+    dtype = normalize_dtype(dtype)
+    model_path = str(Path(model_path).resolve())
+    model, tokenizer = _load_model(model_path, None, model_kwargs)
+    fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
+    del model  # the actors hold the model; the driver only needed its fingerprint
+    shards, job = plan_job(load_examples(data, tokenizer), max_tokens_per_batch=max_tokens_per_batch,
+                           shard_examples=shard_examples, share_prompt=share_prompt, temperature=temperature)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    started = _connect(ray, ray_address)
+    try:
+        workers = _pool_size(ray, num_workers, gpus_per_worker, cpus_per_worker, max(len(shards), 1))
+        store = open_or_create_store(out, fp, dtype, job, resume=resume)
+        try:
+            todo = pending_shards(store, len(shards))
+            log.info("precompute on Ray: %d sequences in %d shards (%d to do) on %d worker(s), fingerprint %s",
+                     job["sequences"], len(shards), len(todo), workers, fp)
+            if todo:
+                scorer_kwargs = {"model_path": model_path, "max_tokens_per_batch": max_tokens_per_batch,
+                                 "temperature": temperature, "share_prompt": share_prompt, "pad_id": pad_id,
+                                 "device": "cuda" if gpus_per_worker > 0 else "cpu", "model_kwargs": model_kwargs,
+                                 "torch_threads": None if gpus_per_worker > 0 else max(1, int(cpus_per_worker))}
+                _run(ray, store, shards, todo, scorer_cls, scorer_kwargs, workers=min(workers, len(todo)),
+                     gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                     max_task_retries=max_task_retries, progress=progress)
+        finally:
+            store.close()
+    finally:
+        if started:
+            ray.shutdown()
+    return LogprobStore.open(out, fp)
+
+
+def _run(ray, store: LogprobStore, shards: list[list[Unit]], todo: list[int], scorer_cls: type,
+         scorer_kwargs: dict, *, workers: int, gpus_per_worker: float, cpus_per_worker: float,
+         max_task_retries: int, progress: bool) -> None:
+    """Stream the ``todo`` shards through the actor pool; write each result as it arrives."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours (tokens/s) is on the driver
+    rows = [{"shard": i, "plan": encode_units(shards[i])} for i in todo]
+    with warnings.catch_warnings():
+        # max_restarts / max_task_retries have no named parameter in map_batches, so they go through
+        # **ray_remote_args, which Ray >= 2.60 flags as deprecated. Actors restart without limit (a lost
+        # node); a shard whose actor keeps dying fails the job after max_task_retries retries.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            scorer_cls, fn_constructor_kwargs=scorer_kwargs, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
+            num_gpus=gpus_per_worker or None, max_restarts=-1, max_task_retries=max_task_retries)
+    tokens = {i: sum(u.tokens for u in shards[i]) for i in todo}
+    total = sum(u.tokens for s in shards for u in s)
+    left = sum(tokens.values())
+    written: set[int] = set()
+    start = time.perf_counter()
+    with tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="reference log-probs (ray)",
+              disable=not progress) as bar:
+        for row in ds.iter_rows():
+            index = int(row["shard"])
+            if index in written:  # a retried task whose first result also arrived: the shard is already on disk
+                log.warning("precompute: shard %d arrived twice; keeping the first copy", index)
+                continue
+            entries = unpack_entries(row["keys"], row["meta"], row["values"], row["totals"])
+            want = sorted(k for u in shards[index] for k in u.keys)
+            if sorted(e.key for e in entries) != want:
+                raise RefModelError(f"shard {index} came back from Ray with {len(entries)} entries that do not "
+                                    f"match its plan ({len(want)} sequences); nothing was written for it")
+            store.write_shard(shard_name(index), entries)
+            written.add(index)
+            bar.update(tokens[index])
+    missing = sorted(set(todo) - written)
+    if missing:
+        raise RefModelError(f"the Ray job ended without shards {missing[:10]}; run again with resume=True (--resume)")
+    elapsed = time.perf_counter() - start
+    log.info("precompute on Ray: %d tokens in %.2fs (%.0f tokens/s) on %d worker(s)", left, elapsed,
+             left / max(elapsed, 1e-9), workers)
+
+
+__all__ = ["ShardScorer", "precompute_on_ray", "encode_units", "decode_units", "pack_entries", "unpack_entries"]

@@ -1,0 +1,364 @@
+"""A small, readable DPO-family training loop over a Hugging Face causal LM (full or LoRA).
+
+It is a demonstration and a test bed, not a replacement for TRL. One optimizer step:
+
+1. split the step's pairs into ``grad_accum_steps`` micro-batches (sizes may differ by one);
+2. per micro-batch, stack ``[chosen; rejected]`` into one ``[2b, T]`` batch, score the completion
+   tokens with the policy (:func:`refmodel.model_logprobs`, fused head) and the reference
+   (``reference.logprobs``, no gradient), sum them per sequence;
+3. backpropagate ``sum(per-pair losses) / pairs_in_step`` (+ token-weighted NLL terms divided by the
+   step's *global* token count), so the accumulated gradient equals the full batch's gradient
+   whatever the micro-batch sizes (a mean per micro-batch would weight small micro-batches up);
+4. clip, step, ``reference.on_step(step, policy)``, log metrics (JSONL) and update the progress bar.
+
+The logged ``kl`` is ``kl_estimator`` (default k2) per token over the chosen completions, a proxy:
+the k-estimators assume tokens sampled from the policy, and offline preference data is not; k3 is
+unbounded there (exp of the drop in a token's log-prob), k2 grows only quadratically.
+
+At the end the curves are plotted to PNG (matplotlib, Agg backend).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, InvalidInput
+from ..logprobs.model import model_logprobs
+from ..losses import kl as kl_mod
+from ..losses import preference as losses
+
+log = logging.getLogger(__name__)
+
+LOSSES: tuple[str, ...] = (*losses.DPO_LOSS_TYPES, "simpo", "orpo")
+REFERENCE_FREE: tuple[str, ...] = ("simpo", "orpo")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the loop needs; ``batch_size`` is pairs per optimizer step."""
+
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust (DPO family), simpo, orpo
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_steps: int = 100
+    max_length: int = 128
+    seed: int = 0
+    kl_estimator: str = "k2"  # on offline data k3 explodes where the policy drops a token (see docstring)
+    kl_threshold: float | None = None
+    lora_r: int = 0  # > 0 wraps the policy in a PEFT LoRA adapter on every linear layer
+    lora_alpha: int = 16
+    output_dir: str | None = None  # metrics.jsonl and curves.png go here
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown loss {self.loss!r}; expected one of {list(LOSSES)}")
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grad_accum_steps > self.batch_size:
+            raise ConfigError(f"grad_accum_steps ({self.grad_accum_steps}) cannot exceed batch_size "
+                              f"({self.batch_size}): every micro-batch needs at least one pair")
+        if not self.beta > 0 or not self.learning_rate > 0:
+            raise ConfigError(f"beta and learning_rate must be > 0, got {self.beta} and {self.learning_rate}")
+        if self.kl_estimator not in kl_mod.ESTIMATORS:
+            raise ConfigError(f"unknown kl_estimator {self.kl_estimator!r}; expected one of {list(kl_mod.ESTIMATORS)}")
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one preference pair; the completions are scored, the prompt is not."""
+
+    prompt: tuple[int, ...]
+    chosen: tuple[int, ...]
+    rejected: tuple[int, ...]
+
+
+def tokenize_pairs(pairs: Sequence[dict], tokenizer, max_length: int = 128) -> list[TokenizedPair]:
+    """Tokenize ``{"prompt", "chosen", "rejected"}`` rows (prompt tokens + completion tokens)."""
+    out = []
+    for i, row in enumerate(pairs):
+        missing = {"prompt", "chosen", "rejected"} - set(row)
+        if missing:
+            raise InvalidInput(f"pair {i} lacks {sorted(missing)}; every pair needs prompt, chosen, rejected")
+        ids = [tuple(tokenizer(row[k], add_special_tokens=False)["input_ids"]) for k in ("prompt", "chosen", "rejected")]
+        if not ids[1] or not ids[2]:
+            raise InvalidInput(f"pair {i} has an empty completion")
+        if len(ids[0]) + max(len(ids[1]), len(ids[2])) > max_length:
+            raise InvalidInput(f"pair {i} is longer than max_length={max_length} tokens; raise max_length")
+        out.append(TokenizedPair(*ids))
+    return out
+
+
+def collate(pairs: Sequence[TokenizedPair], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask``, ``score_mask`` of shape ``[2b, T]``: chosen rows, then rejected.
+
+    Right padding; ``score_mask`` marks the completion tokens.
+    """
+    seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    width = max(len(a) + len(b) for a, b in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(seqs), width, dtype=torch.bool)
+    score = torch.zeros_like(attn)
+    for row, (prompt, completion) in enumerate(seqs):
+        n = len(prompt) + len(completion)
+        ids[row, :n] = torch.tensor(prompt + completion)
+        attn[row, :n] = True
+        score[row, len(prompt):n] = True
+    return {"input_ids": ids, "attention_mask": attn, "score_mask": score}
+
+
+def pair_logps(policy: nn.Module, reference, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-sequence sums ``[2b]`` (policy with grad, reference without) and the token-level values."""
+    ids, attn, score = batch["input_ids"], batch["attention_mask"], batch["score_mask"]
+    tok = model_logprobs(policy, ids, attn, score)
+    with torch.no_grad():
+        ref_tok = reference.logprobs(ids, attn, score).to(tok.device, torch.float32)
+    return {"logps": tok.sum(1), "ref_logps": ref_tok.sum(1), "tok": tok, "ref_tok": ref_tok,
+            "lengths": score.sum(1)}
+
+
+def _loss_terms(cfg: TrainConfig, out: dict[str, torch.Tensor], n_pairs: int) -> tuple[losses.PreferenceLoss, torch.Tensor]:
+    """The loss output and the *sum* to backpropagate (per-pair losses summed; NLL summed over tokens)."""
+    b = n_pairs
+    pc, pr = out["logps"][:b], out["logps"][b:]
+    lc, lr = out["lengths"][:b], out["lengths"][b:]
+    if cfg.loss == "simpo":
+        res = losses.simpo(pc, pr, chosen_lengths=lc, rejected_lengths=lr, beta=cfg.beta, gamma=cfg.simpo_gamma,
+                           label_smoothing=cfg.label_smoothing)
+    elif cfg.loss == "orpo":
+        res = losses.orpo(pc, pr, chosen_lengths=lc, rejected_lengths=lr, beta=cfg.beta)
+    else:
+        rc, rr = out["ref_logps"][:b], out["ref_logps"][b:]
+        res = losses.dpo(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
+                         chosen_lengths=lc if cfg.loss == "ipo" else None,
+                         rejected_lengths=lr if cfg.loss == "ipo" else None)
+    return res, res.losses.sum()
+
+
+def accumulate_gradients(policy: nn.Module, reference, pairs: Sequence[TokenizedPair], cfg: TrainConfig,
+                         pad_id: int = 0) -> dict[str, float]:
+    """Forward + backward over ``pairs`` in ``cfg.grad_accum_steps`` micro-batches; gradients add up
+    to those of the whole batch. Returns the step's metrics (batch means). Does not step or zero.
+    """
+    n = len(pairs)
+    bounds = [round(i * n / cfg.grad_accum_steps) for i in range(cfg.grad_accum_steps + 1)]
+    chosen_tokens = sum(len(p.chosen) for p in pairs)
+    sums = {"loss": 0.0, "chosen_rewards": 0.0, "rejected_rewards": 0.0, "margin": 0.0, "accuracy": 0.0,
+            "kl": 0.0}
+    kl_tokens = 0
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        batch = {k: v.to(_device(policy)) for k, v in collate(pairs[lo:hi], pad_id).items()}
+        out = pair_logps(policy, reference, batch)
+        k = hi - lo
+        res, loss_sum = _loss_terms(cfg, out, k)
+        total = loss_sum / n
+        if cfg.loss == "orpo":  # the NLL term is token-weighted over the whole step's chosen tokens
+            total = total - out["logps"][: hi - lo].sum() / chosen_tokens
+        total.backward()
+        sums["loss"] += float(total.detach()) * n
+        sums["chosen_rewards"] += float(res.chosen_rewards.sum())
+        sums["rejected_rewards"] += float(res.rejected_rewards.sum())
+        sums["margin"] += float(res.margin) * k
+        sums["accuracy"] += float(res.accuracy) * k
+        if cfg.loss not in REFERENCE_FREE:
+            # KL proxy on the *chosen* completions: dataset tokens are not samples of the policy, and on
+            # rejected completions (pushed far down by DPO) k3's exp(-log ratio) term explodes.
+            mask = batch["score_mask"].clone()
+            mask[k:] = False
+            kl_tok = kl_mod.estimate(out["tok"].detach(), out["ref_tok"], cfg.kl_estimator, mask=mask)
+            sums["kl"] += float(kl_tok.sum())
+            kl_tokens += int(mask.sum())
+    metrics = {k: v / n for k, v in sums.items()}
+    metrics["kl"] = sums["kl"] / max(kl_tokens, 1) if cfg.loss not in REFERENCE_FREE else float("nan")
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(policy: nn.Module, reference, pairs: Sequence[TokenizedPair], cfg: TrainConfig, pad_id: int = 0,
+             batch_size: int = 64) -> dict[str, float]:
+    """Reward accuracy, margin and loss on held-out ``pairs`` (policy in eval mode, no gradient)."""
+    was_training = policy.training
+    policy.eval()
+    acc = margin = loss = 0.0
+    try:
+        for lo in range(0, len(pairs), batch_size):
+            chunk = pairs[lo:lo + batch_size]
+            batch = {k: v.to(_device(policy)) for k, v in collate(chunk, pad_id).items()}
+            res, _ = _loss_terms(cfg, pair_logps(policy, reference, batch), len(chunk))
+            acc += float(res.accuracy) * len(chunk)
+            margin += float(res.margin) * len(chunk)
+            loss += float(res.loss) * len(chunk)
+    finally:
+        policy.train(was_training)
+    n = max(len(pairs), 1)
+    return {"eval_accuracy": acc / n, "eval_margin": margin / n, "eval_loss": loss / n}
+
+
+@dataclass
+class TrainResult:
+    policy: nn.Module
+    history: list[dict] = field(default_factory=list)
+    metrics_path: Path | None = None
+    plot_path: Path | None = None
+    final_eval: dict[str, float] = field(default_factory=dict)
+    kl_monitor: kl_mod.KLMonitor | None = None
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, seed: int = 0) -> nn.Module:
+    """Wrap ``model`` in a fresh PEFT LoRA adapter on every linear layer (B = 0: the policy starts at the base)."""
+    from .._optional import require
+
+    peft = require("peft", "peft")
+    torch.manual_seed(seed)
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def resolve_reference(policy: nn.Module, reference):
+    """A ready reference: ``reference`` itself if it has ``logprobs``, else ``refmodel.reference.auto``
+    on it (a ``ReferenceConfig``) or on the default config when it is ``None``."""
+    if reference is not None and hasattr(reference, "logprobs"):
+        return reference
+    from ..reference import ReferenceConfig, auto
+
+    return auto(policy, reference if reference is not None else ReferenceConfig())
+
+
+def train(policy: nn.Module, tokenizer, train_pairs: Sequence[dict], cfg: TrainConfig = TrainConfig(), *,
+          reference=None, eval_pairs: Sequence[dict] | None = None) -> TrainResult:
+    """Train ``policy`` on ``train_pairs`` with ``cfg``; see the module docstring for one step.
+
+    ``reference`` is a Reference object, a ``ReferenceConfig`` (resolved with ``refmodel.reference.auto``)
+    or ``None`` (the default config). Reference-free losses (simpo, orpo) ignore it.
+    """
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.lora_r > 0 and not hasattr(policy, "peft_config"):
+        policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.seed)
+    if cfg.loss in REFERENCE_FREE:
+        reference = _NoReference()
+    else:
+        reference = resolve_reference(policy, reference)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    data = tokenize_pairs(train_pairs, tokenizer, cfg.max_length)
+    held_out = tokenize_pairs(eval_pairs, tokenizer, cfg.max_length) if eval_pairs else []
+    if len(data) < cfg.batch_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} but only {len(data)} training pairs")
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    monitor = kl_mod.KLMonitor(threshold=cfg.kl_threshold)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    metrics_file = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(out_dir / "metrics.jsonl", "w", encoding="utf-8")
+        (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    result = TrainResult(policy=policy, kl_monitor=monitor)
+    order, cursor = [], 0
+    rng = random.Random(cfg.seed)
+    from tqdm.auto import tqdm
+
+    policy.train()
+    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"train {cfg.loss}", disable=not cfg.progress, unit="step")
+    try:
+        for step in bar:
+            if cursor + cfg.batch_size > len(order):  # new epoch: reshuffle
+                order, cursor = list(range(len(data))), 0
+                rng.shuffle(order)
+            batch = [data[i] for i in order[cursor:cursor + cfg.batch_size]]
+            cursor += cfg.batch_size
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            metrics = accumulate_gradients(policy, reference, batch, cfg, pad_id)
+            if cfg.max_grad_norm is not None:
+                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            reference.on_step(step, policy)
+            metrics.update(step=step, step_time_s=time.perf_counter() - start,
+                           peak_memory_bytes=_peak_memory_bytes(_device(policy)))
+            if not math.isnan(metrics["kl"]):
+                monitor.update(metrics["kl"], step)
+            result.history.append(metrics)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(metrics) + "\n")
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    if held_out:
+        result.final_eval = evaluate(policy, reference, held_out, cfg, pad_id)
+    if out_dir is not None:
+        result.metrics_path = out_dir / "metrics.jsonl"
+        result.plot_path = plot_metrics(result.history, out_dir / "curves.png")
+    return result
+
+
+class _NoReference:
+    """Zero reference log-probs for the reference-free losses (they never read them)."""
+
+    fingerprint, memory_bytes = "reference-free", 0
+
+    def logprobs(self, input_ids, attention_mask=None, score_mask=None):
+        return torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+
+    def on_step(self, step, policy):
+        return None
+
+
+def plot_metrics(history: Sequence[dict], path: str | Path) -> Path:
+    """Plot loss, rewards, margin, accuracy, KL and step time against the step into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    steps = [h["step"] for h in history]
+    panels = [("loss", ["loss"]), ("rewards", ["chosen_rewards", "rejected_rewards"]), ("margin", ["margin"]),
+              ("reward accuracy", ["accuracy"]), ("KL (nats/token)", ["kl"]), ("step time (s)", ["step_time_s"])]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (title, keys) in zip(axes.flat, panels, strict=True):
+        for key in keys:
+            ax.plot(steps, [h.get(key, float("nan")) for h in history], label=key, linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["LOSSES", "TokenizedPair", "TrainConfig", "TrainResult", "accumulate_gradients", "add_lora", "collate",
+           "evaluate", "pair_logps", "plot_metrics", "resolve_reference", "tokenize_pairs", "train"]

@@ -1,0 +1,284 @@
+"""``ReferenceClient``: sync and async access to a ``refmodel serve`` reference service.
+
+The sync methods use pooled keep-alive connections on the standard library (:mod:`refmodel._http`,
+the lower fixed cost per request) and may be called from several threads; the async methods use httpx.
+Log-probs travel in the binary form (``refmodel.remote.wire``: int32 ids in, float32 out); rewards as
+JSON. Every call has an explicit timeout; 429 and 503 answers (and connection failures) are retried
+with exponential backoff and jitter, honouring ``Retry-After``. Errors map to refmodel exceptions:
+401 :class:`Unauthorized`, 404 :class:`ModelNotAllowed`, 413 :class:`RequestTooLarge`, 422
+:class:`InvalidBatch`, 429/503 after the retries :class:`ServiceOverloaded`, anything else
+:class:`ServiceError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .._optional import require
+from ..errors import (
+    InvalidBatch,
+    ModelNotAllowed,
+    RequestTooLarge,
+    ServiceError,
+    ServiceOverloaded,
+    Unauthorized,
+)
+from ._http import TRANSPORT_ERRORS, SyncTransport
+
+log = logging.getLogger(__name__)
+_RETRY_STATUSES = (429, 503)
+_MAX_SLEEP_S = 30.0
+
+
+def _batch_arrays(input_ids, attention_mask=None, score_mask=None):
+    """``[B, T]`` int32 ids, uint8 masks (or None) and each row's length to cut the answer back to.
+
+    ``input_ids`` is a ``[B, T]`` tensor/array (rows keep length T) or a list of int lists (rows keep
+    their own length; the client pads with attention 0).
+    """
+    if isinstance(input_ids, (torch.Tensor, np.ndarray)):
+        ids = np.asarray(input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else input_ids)
+        if ids.ndim != 2:
+            raise InvalidBatch(f"input_ids must be [B, T], got shape {ids.shape}")
+        if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
+            raise InvalidBatch("input_ids holds values outside int32; token ids must fit in 32 bits")
+        masks = [None if m is None else np.asarray(m.detach().cpu() if isinstance(m, torch.Tensor) else m)
+                 for m in (attention_mask, score_mask)]
+        return ids.astype(np.int32), masks[0], masks[1], [ids.shape[1]] * ids.shape[0]
+    rows = [list(r) for r in input_ids]
+    lengths = [len(r) for r in rows]
+    width = max(lengths, default=0)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    pad = np.zeros((len(rows), width), dtype=np.uint8)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        pad[i, :len(r)] = 1
+    if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
+        raise InvalidBatch("input_ids holds values outside int32; token ids must fit in 32 bits")
+
+    def widen(name, mask):
+        if mask is None:
+            return None
+        mask_rows = [list(m) for m in mask]
+        if len(mask_rows) != len(rows) or any(len(m) != n for m, n in zip(mask_rows, lengths, strict=False)):
+            raise InvalidBatch(f"{name} must have one row per sequence, each as long as its sequence")
+        out = np.zeros_like(pad)
+        for i, m in enumerate(mask_rows):
+            out[i, :len(m)] = m
+        return out
+
+    attn = widen("attention_mask", attention_mask)
+    ragged = any(n != width for n in lengths)
+    attn = attn if attn is not None else (pad if ragged else None)
+    return ids.astype(np.int32), attn, widen("score_mask", score_mask), lengths
+
+
+def _raise_for(response) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text[:500]
+    message = f"reference service answered {status}: {detail}"
+    if status == 401:
+        raise Unauthorized(message, status=status)
+    if status == 404:
+        raise ModelNotAllowed(message)
+    if status == 413:
+        raise RequestTooLarge(message, status=status)
+    if status == 422:
+        raise InvalidBatch(message)
+    if status in _RETRY_STATUSES:
+        raise ServiceOverloaded(message, status=status)
+    raise ServiceError(message, status=status)
+
+
+class ReferenceClient:
+    """Client of a reference service at ``url`` (e.g. ``http://127.0.0.1:8000``).
+
+    Args:
+        token: bearer token, if the server was started with one.
+        timeout_s: limit for each HTTP attempt (connect, write, read), in seconds.
+        max_retries: extra attempts after a 429/503 answer or a connection failure.
+        backoff_s: first backoff; doubles per attempt, with jitter, capped at 30 s (``Retry-After`` wins
+            when larger).
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0, max_retries: int = 3,
+                 backoff_s: float = 0.1):
+        self.url = url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._transport = SyncTransport(self.url, timeout_s=timeout_s, connect_timeout_s=min(timeout_s, 10.0),
+                                        headers=self.headers)
+        self._aclient = None
+        self._fingerprints: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ transport with retries
+    def _sleep_for(self, attempt: int, response) -> float:
+        wait = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
+        if response is not None:
+            retry_after = response.headers.get("retry-after", "")
+            if retry_after.replace(".", "", 1).isdigit():
+                wait = max(wait, float(retry_after))
+        return min(wait, _MAX_SLEEP_S)
+
+    def _settle(self, attempt: int, path: str, response=None, exc: Exception | None = None,
+                timed_out: bool = False) -> float | None:
+        """After one attempt: ``None`` when ``response`` is final (error statuses raised), else the
+        seconds to wait before the next attempt. Shared by the sync and async transports."""
+        if exc is not None:
+            if timed_out:
+                raise ServiceError(f"the reference service at {self.url} did not answer {path} within "
+                                   f"{self.timeout_s} s") from exc
+            if attempt == self.max_retries:
+                raise ServiceError(f"cannot reach the reference service at {self.url}: {exc}") from exc
+        elif response.status_code not in _RETRY_STATUSES or attempt == self.max_retries:
+            _raise_for(response)
+            return None
+        wait = self._sleep_for(attempt, response)
+        log.info("reference service busy (%s); retry %d/%d in %.2f s",
+                 response.status_code if response is not None else "unreachable", attempt + 1,
+                 self.max_retries, wait)
+        return wait
+
+    def _request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None):
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._transport.request(method, path, body, content_type)
+            except TRANSPORT_ERRORS as exc:
+                wait = self._settle(attempt, path, exc=exc, timed_out=isinstance(exc, TimeoutError))
+            else:
+                wait = self._settle(attempt, path, response)
+                if wait is None:
+                    return response
+            time.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _arequest(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None):
+        if self._aclient is None:  # httpx is needed (and imported) only by the async methods
+            httpx = require("httpx", "serve")
+            timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
+            self._aclient = httpx.AsyncClient(timeout=timeout, headers=self.headers)
+            self._aerrors = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.TimeoutException)
+            self._atimeout = httpx.TimeoutException
+        headers = {"Content-Type": content_type} if content_type else None
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = await self._aclient.request(method, self.url + path, content=body, headers=headers)
+            except self._aerrors as exc:
+                wait = self._settle(attempt, path, exc=exc, timed_out=isinstance(exc, self._atimeout))
+            else:
+                wait = self._settle(attempt, path, response)
+                if wait is None:
+                    return response
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ------------------------------------------------------------------------------ the API
+    def _logprobs_request(self, model, input_ids, attention_mask, score_mask):
+        from . import wire
+
+        ids, attn, score, lengths = _batch_arrays(input_ids, attention_mask, score_mask)
+        return (wire.encode_request(model, ids, attn, score), wire.CONTENT_TYPE), lengths
+
+    def _logprobs_result(self, model, response, lengths) -> tuple[str, list[torch.Tensor]]:
+        from . import wire
+
+        fp, out = wire.decode_response(response.content)
+        self._fingerprints[model] = fp
+        return fp, [torch.from_numpy(out[i, :n].copy()) for i, n in enumerate(lengths)]
+
+    def logprobs_with_fingerprint(self, model: str, input_ids, attention_mask=None, score_mask=None):
+        """``(fingerprint, [float32 [L_b] tensor per sequence])`` (see :meth:`compute_log_probs`)."""
+        payload, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask)
+        return self._logprobs_result(model, self._request("POST", "/v1/logprobs:binary", *payload), lengths)
+
+    def compute_log_probs(self, model: str, input_ids, attention_mask=None, score_mask=None) -> list[torch.Tensor]:
+        """One float32 tensor per sequence: ``out[t] = log p(ids[t] | ids[:t])``, 0 at t=0 and where unscored.
+
+        ``input_ids``: ``[B, T]`` tensor (each result has length T) or a list of int lists (each result
+        has its row's length). Masks: same shape, 0/1.
+        """
+        return self.logprobs_with_fingerprint(model, input_ids, attention_mask, score_mask)[1]
+
+    async def acompute_log_probs(self, model: str, input_ids, attention_mask=None,
+                                 score_mask=None) -> list[torch.Tensor]:
+        """Async :meth:`compute_log_probs`."""
+        payload, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask)
+        response = await self._arequest("POST", "/v1/logprobs:binary", *payload)
+        return self._logprobs_result(model, response, lengths)[1]
+
+    @staticmethod
+    def _rewards_body(model, input_ids, attention_mask):
+        ids, attn, _, lengths = _batch_arrays(input_ids, attention_mask)
+        body = {"model": model, "input_ids": [row[:n].tolist() for row, n in zip(ids, lengths, strict=True)]}
+        if attn is not None:
+            body["attention_mask"] = [row[:n].tolist() for row, n in zip(attn, lengths, strict=True)]
+        return json.dumps(body).encode(), "application/json"
+
+    def compute_rewards(self, model: str, input_ids, attention_mask=None) -> torch.Tensor:
+        """``[B]`` float32 scores of a reward model, read at each sequence's last real token."""
+        response = self._request("POST", "/v1/rewards", *self._rewards_body(model, input_ids, attention_mask))
+        return torch.tensor(response.json()["scores"], dtype=torch.float32)
+
+    async def acompute_rewards(self, model: str, input_ids, attention_mask=None) -> torch.Tensor:
+        """Async :meth:`compute_rewards`."""
+        response = await self._arequest("POST", "/v1/rewards", *self._rewards_body(model, input_ids, attention_mask))
+        return torch.tensor(response.json()["scores"], dtype=torch.float32)
+
+    def models(self) -> list[dict]:
+        """``GET /v1/models``: name, kind, fingerprint, vocab_size, dtype, parameters of each model."""
+        return self._request("GET", "/v1/models").json()["models"]
+
+    def fingerprint(self, model: str) -> str:
+        """The served model's fingerprint (asked once, then remembered)."""
+        if model not in self._fingerprints:
+            for info in self.models():
+                self._fingerprints[info["name"]] = info["fingerprint"]
+        if model not in self._fingerprints:
+            raise ModelNotAllowed(f"the reference service at {self.url} does not serve {model!r}")
+        return self._fingerprints[model]
+
+    def health(self) -> dict:
+        return self._request("GET", "/healthz").json()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    async def aclose(self) -> None:
+        if self._aclient is not None:
+            await self._aclient.aclose()
+            self._aclient = None
+
+    def __enter__(self) -> ReferenceClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self) -> ReferenceClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
+def as_rows(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack equal-length per-sequence results into ``[B, T]``."""
+    return torch.stack(list(values)) if values else torch.zeros(0, 0)
+
+
+__all__ = ["ReferenceClient", "as_rows"]

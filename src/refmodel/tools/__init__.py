@@ -1,0 +1,1 @@
+"""Tools: the benchmark harness (:mod:`.bench`) and ``quantize-report``."""

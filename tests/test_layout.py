@@ -1,0 +1,123 @@
+"""The package layout's one rule: data flows one way, so a lower room never imports a higher one.
+
+Rooms are ranked along the data flow (data -> planner -> model/head -> store/reference -> losses ->
+recipes, DESIGN.md); a module may import its own room and any room of a lower or equal rank. The
+test parses every module's imports (also those inside functions: a lazy import is still a dependency).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import refmodel
+
+PACKAGE = Path(refmodel.__file__).parent
+
+# Rank of each top-level room (a subpackage or a root module). Equal ranks may import each other only
+# within the same room.
+RANKS = {
+    "_version": 0,
+    "errors": 0,
+    "_optional": 1,
+    "data": 2,
+    "logprobs": 3,
+    "models": 4,
+    "store": 5,
+    "remote": 5,
+    "reference": 6,
+    "losses": 6,
+    "precompute": 7,
+    "serve": 7,
+    "rl": 7,
+    "integrations": 8,
+    "testing": 8,
+    "recipes": 9,
+    "tools": 9,
+    "cli": 10,
+    "__init__": 11,
+    "__main__": 11,
+}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    assert parts[0] == "refmodel", module
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _module_name(path: Path) -> tuple[str, bool]:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    is_pkg = parts[-1] == "__init__"
+    if is_pkg:
+        parts = parts[:-1]
+    return ".".join(parts), is_pkg
+
+
+def _imports(source: str, name: str, is_pkg: bool) -> list[tuple[int, str]]:
+    package = name if is_pkg else name.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "refmodel"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "refmodel":
+                continue
+            if target == "refmodel":  # `from refmodel import x`: the room is x
+                found += [(node.lineno, f"refmodel.{a.name}") for a in node.names]
+            else:
+                found.append((node.lineno, target))
+    return found
+
+
+def _violations(modules: list[tuple[str, str, bool]]) -> list[str]:
+    """``modules``: (source, dotted name, is a package) of each module; returns one line per bad import."""
+    bad = []
+    for source, name, is_pkg in modules:
+        here = _room(name)
+        for line, target in _imports(source, name, is_pkg):
+            there = _room(target)
+            if there == here:
+                continue
+            if there not in RANKS or here not in RANKS:
+                bad.append(f"{name}:{line}: room {there if there not in RANKS else here!r} "
+                           "has no rank; add it to RANKS")
+            elif RANKS[there] >= RANKS[here] and RANKS[here] < RANKS["__init__"]:
+                bad.append(f"{name}:{line}: {here} (rank {RANKS[here]}) imports "
+                           f"{target} ({there}, rank {RANKS[there]})")
+    return bad
+
+
+def _package_modules() -> list[tuple[str, str, bool]]:
+    return [(path.read_text(), *_module_name(path)) for path in sorted(PACKAGE.rglob("*.py"))]
+
+
+def test_every_room_is_ranked():
+    rooms = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    rooms |= {p.stem for p in PACKAGE.glob("*.py")}
+    assert rooms <= set(RANKS), f"unranked rooms: {sorted(rooms - set(RANKS))}"
+
+
+def test_no_room_imports_a_higher_one():
+    assert _violations(_package_modules()) == []
+
+
+def test_the_checker_sees_upward_imports():
+    # The rule must be able to fail: relative, absolute and function-local upward imports are reported.
+    probe = [
+        ("from ..recipes import train\n", "refmodel.store.probe", False),
+        ("def f():\n    from refmodel.serve import app\n", "refmodel.logprobs.probe", False),
+        ("from .. import testing\n", "refmodel.precompute", True),
+        ("from ..errors import StoreMiss\nfrom .format import key_of\n", "refmodel.store.ok", False),
+    ]
+    assert _violations(probe) == [
+        "refmodel.store.probe:1: store (rank 5) imports refmodel.recipes (recipes, rank 9)",
+        "refmodel.logprobs.probe:2: logprobs (rank 3) imports refmodel.serve (serve, rank 7)",
+        "refmodel.precompute:1: precompute (rank 7) imports refmodel.testing (testing, rank 8)",
+    ]
