@@ -61,11 +61,12 @@ def verify_command(path: str) -> None:
 
 
 def _fingerprint_of(model: str) -> tuple[object, object, str]:
+    """``(model, tokenizer, fingerprint)`` of a local model folder, through the one safe loader."""
     from ..models.fingerprint import fingerprint
-    from ..precompute.job import _load_model
+    from ..models.loading import load_model, load_tokenizer
 
-    loaded, tok = _load_model(model, None, None)
-    return loaded, tok, fingerprint(loaded)
+    loaded = load_model(model, what="--model")
+    return loaded, load_tokenizer(model), fingerprint(loaded)
 
 
 @_user_errors

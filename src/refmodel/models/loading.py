@@ -1,19 +1,36 @@
 """The allow-list of reference models and the one safe way to load them.
 
-A :class:`ModelRegistry` maps names to local folders; :func:`load_reference_model` reads only local
-safetensors weights with ``trust_remote_code=False`` and no network, optionally quantized.
+A :class:`ModelRegistry` maps names to local folders. :func:`load_model` is the loader every entry
+point goes through (the model cache, the service's causal LMs and reward models, precompute and its
+Ray workers, ``Frozen(path)``, ``quantize-report``, ``store import-halos`` / ``export-trl``), and
+:func:`load_tokenizer` its tokenizer twin. The policy, checked on the folder *before* transformers
+reads it:
+
+- local folders only (``local_files_only=True``: no hub ids, no network);
+- safetensors weights only; pickled weights (``pytorch_model.bin``, ``*.pt``, ...) only when the caller
+  passes ``allow_pickle=True`` explicitly (even then transformers unpickles with ``weights_only``);
+- never the folder's own Python code: a ``config.json`` or ``tokenizer_config.json`` with an
+  ``auto_map`` is refused, and ``trust_remote_code=False`` is passed to every ``from_pretrained``
+  (so transformers never asks "Do you wish to run the custom code? [y/N]" in a terminal).
+
+A refusal is a :class:`~refmodel.errors.ModelNotAllowed` naming the file; a folder that is not a
+model folder is an :class:`~refmodel.errors.InvalidInput`.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelNotAllowed
+from .._optional import import_quietly
+from ..errors import ConfigError, InvalidInput, ModelNotAllowed
+from .dtypes import parse_dtype
 from .quantize import BNB_MODES, check_mode, quantize_model
 
 
@@ -28,14 +45,8 @@ class ModelRegistry:
 
     @classmethod
     def from_pairs(cls, pairs: Iterable[str]) -> ModelRegistry:
-        """Build from ``["name=path", ...]`` (CLI / environment style)."""
-        models = {}
-        for pair in pairs:
-            name, sep, path = pair.partition("=")
-            if not sep or not name.strip() or not path.strip():
-                raise ConfigError(f"model entry {pair!r} must look like NAME=PATH")
-            models[name.strip()] = path.strip()
-        return cls(models)
+        """Build from ``["name=path", ...]`` (CLI / environment style, :func:`parse_named_paths`)."""
+        return cls(parse_named_paths(pairs))
 
     def add(self, name: str, path: str | Path) -> None:
         """Allow ``name``, served from the local directory ``path``."""
@@ -62,7 +73,8 @@ class ModelRegistry:
             return name in self._models
 
 
-def as_registry(registry) -> ModelRegistry:
+def as_registry(registry: Any) -> ModelRegistry:
+    """``registry`` as a :class:`ModelRegistry` (``None``: empty; a dict; or any object with ``resolve``/``names``)."""
     if registry is None:
         return ModelRegistry()
     if isinstance(registry, ModelRegistry):
@@ -74,41 +86,139 @@ def as_registry(registry) -> ModelRegistry:
     raise ConfigError(f"registry must be a ModelRegistry or a {{name: path}} dict, got {type(registry).__name__}")
 
 
-def _resolve_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).replace("torch.", ""), None)
-    if not isinstance(value, torch.dtype):
-        raise ConfigError(f"unknown dtype {dtype!r}; expected e.g. 'float32', 'bfloat16', 'float16'")
-    return value
+
+def parse_named_paths(values: Iterable[str], flag: str = "model entry") -> dict[str, str]:
+    """``["a=/p/a", "b=/p/b"]`` -> ``{"a": "/p/a", ...}`` (CLI / environment style ``NAME=PATH`` pairs).
+
+    Names and paths are stripped; a malformed or repeated entry is a :class:`ConfigError` naming ``flag``.
+    """
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = str(value).partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ConfigError(f"{flag} expects NAME=PATH, got {value!r}")
+        if name in out:
+            raise ConfigError(f"{flag} names {name!r} twice")
+        out[name] = path
+    return out
 
 
-def load_reference_model(path: str | Path, dtype=None, device: str | torch.device = "cpu",
-                         quantize: str | None = None) -> nn.Module:
-    """Load a frozen causal LM from a local directory: safetensors only, no remote code, no network.
+# Weight files that torch / transformers read with pickle.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+Task = Literal["causal-lm", "sequence-classification"]
+# from_pretrained options that would undo the policy; the policy's own arguments say how to relax it.
+_POLICY_KWARGS = ("trust_remote_code", "use_safetensors", "local_files_only", "weights_only", "code_revision")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"cannot read {path}: {type(exc).__name__}: {exc}; expected a JSON object") from exc
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _refuse_remote_code(path: Path) -> None:
+    """ModelNotAllowed when a config in the folder points transformers at the folder's own code."""
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        data = _read_json(file)
+        nested = [data] + [v for v in data.values() if isinstance(v, dict)]  # e.g. text_config of a VLM
+        auto_map = next((d["auto_map"] for d in nested if d.get("auto_map")), None)
+        if auto_map:
+            raise ModelNotAllowed(
+                f"{file} has an auto_map ({json.dumps(auto_map)[:200]}): loading it would run the folder's "
+                "own Python code (trust_remote_code), which refmodel never does. Use a model whose "
+                "architecture ships with transformers; if it does (model_type "
+                f"{data.get('model_type', '?')!r}), delete the auto_map entry from {file.name}.")
+
+
+def check_model_folder(path: str | Path, *, allow_pickle: bool = False, what: str = "model") -> Path:
+    """Check ``path`` against the loading policy (module docstring) without loading anything; returns it.
+
+    Raises:
+        InvalidInput: not a local folder with a ``config.json``, or no weight files at all.
+        ModelNotAllowed: an ``auto_map`` (custom code) in a config, or only pickled weights while
+            ``allow_pickle`` is False; the message names the file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise InvalidInput(f"{what} path {str(path)!r} is not a local model folder with a config.json; "
+                           "refmodel loads models from local folders only (no hub ids: download them first, "
+                           "e.g. `hf download NAME --local-dir DIR`)")
+    _refuse_remote_code(path)
+    if any(path.glob("*.safetensors")):
+        return path
+    pickled = sorted(f for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if not pickled:
+        raise InvalidInput(f"{what} folder {str(path)!r} holds no weights (no *.safetensors file)")
+    if not allow_pickle:
+        raise ModelNotAllowed(
+            f"no *.safetensors weights in {str(path)!r}, only pickled ones ({pickled[0]}); refmodel never "
+            "loads pickled (.bin/.pt) weights unless you pass allow_pickle=True. Convert them with "
+            "save_pretrained(dir, safe_serialization=True) in a process you trust.")
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local model folder: ``trust_remote_code=False``, no network.
+
+    Raises :class:`ModelNotAllowed` when ``tokenizer_config.json`` (or ``config.json``) has an ``auto_map``.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise InvalidInput(f"tokenizer path {str(path)!r} is not a local folder")
+    _refuse_remote_code(path)
+    transformers = import_quietly("transformers")
+    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+
+
+def load_model(path: str | Path, *, task: Task = "causal-lm", dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None, quantize: str | None = None, allow_pickle: bool = False,
+               attn_implementation: str | None = None, what: str = "model", **from_pretrained_kwargs: Any) -> nn.Module:
+    """Load a frozen model from a local folder under the loading policy (module docstring).
 
     Args:
-        path: directory with ``config.json`` and ``*.safetensors`` weights.
-        dtype: ``torch.dtype`` or name; ``None`` keeps the stored dtype.
-        device: where the model lives.
+        path: folder with ``config.json`` and ``*.safetensors`` weights.
+        task: ``"causal-lm"`` (``AutoModelForCausalLM``) or ``"sequence-classification"`` (reward models).
+        dtype: ``torch.dtype`` or name (see :func:`refmodel.models.dtypes.parse_dtype`); ``None`` keeps the
+            stored dtype.
+        device: where the model lives (``None``: where transformers puts it, the CPU).
         quantize: ``None`` or a mode of :data:`refmodel.models.quantize.QUANT_MODES`. bitsandbytes modes
             quantize while loading (``load_in_8bit`` / ``load_in_4bit``), torchao modes right after.
+        allow_pickle: also accept pickled weights (``pytorch_model.bin``) when there are no safetensors.
+        attn_implementation: passed to ``from_pretrained`` (e.g. ``"eager"``).
+        what: how error messages name the model (``"--model"``, ``"reward model 'rm'"``).
+        from_pretrained_kwargs: more ``from_pretrained`` options; none that would relax the policy.
     Returns:
         the model in eval mode with ``requires_grad`` off on every parameter.
     """
     check_mode(quantize)
-    path = Path(path)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ConfigError(f"reference model path {str(path)!r} is not a directory with a config.json")
-    if not any(path.glob("*.safetensors")):
-        raise ConfigError(f"no *.safetensors weights in {str(path)!r}; refmodel never loads pickled "
-                          "(.bin/.pt) weights. Convert them with save_pretrained(safe_serialization=True).")
+    if task not in ("causal-lm", "sequence-classification"):
+        raise ConfigError(f"task must be 'causal-lm' or 'sequence-classification', got {task!r}")
+    relaxing = sorted(k for k in from_pretrained_kwargs if k in _POLICY_KWARGS)
+    if relaxing:
+        raise ConfigError(f"{relaxing} cannot be passed to the refmodel loader: it never runs a model folder's "
+                          "code and loads pickled weights only with allow_pickle=True")
+    path = check_model_folder(path, allow_pickle=allow_pickle, what=what)
+    torch_dtype = parse_dtype(dtype, what=f"{what} dtype")
+    kwargs: dict[str, Any] = dict(from_pretrained_kwargs, trust_remote_code=False, local_files_only=True,
+                                  use_safetensors=None if allow_pickle else True)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     # transformers 5.23's from_pretrained is not thread-safe: two concurrent loads of tied-embedding
     # models (GPT-2, Gemma-2) left lm_head "MISSING ... newly initialized" (random!) in our runs, and
     # the lazy `transformers` module raised ImportError on a concurrent first import. So the
     # from_pretrained step runs under a process-wide lock; quantization and the rest run in parallel.
     with _FROM_PRETRAINED_LOCK:
-        model = _from_pretrained(path, dtype, device, quantize)
+        model = _from_pretrained(path, task, kwargs, device, quantize)
     if quantize is not None and quantize not in BNB_MODES:
         quantize_model(model, quantize)
     model.eval()
@@ -116,22 +226,35 @@ def load_reference_model(path: str | Path, dtype=None, device: str | torch.devic
     return model
 
 
+def load_reference_model(path: str | Path, dtype: str | torch.dtype | None = None,
+                         device: str | torch.device = "cpu", quantize: str | None = None,
+                         allow_pickle: bool = False) -> nn.Module:
+    """A frozen causal LM from a local folder: :func:`load_model` with ``task="causal-lm"``.
+
+    Kept as the model cache's loader (``ReferenceModelCache.loader``) and for the public API.
+    """
+    return load_model(path, dtype=dtype, device=device, quantize=quantize, allow_pickle=allow_pickle,
+                      what="reference model")
+
+
 _FROM_PRETRAINED_LOCK = threading.Lock()
 
 
-def _from_pretrained(path: Path, dtype, device, quantize: str | None) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def _from_pretrained(path: Path, task: Task, kwargs: dict[str, Any], device, quantize: str | None) -> nn.Module:
+    import_quietly("transformers.modeling_utils")  # imports torchao when installed: see refmodel._optional
+    import transformers
 
-    kwargs = dict(use_safetensors=True, trust_remote_code=False, local_files_only=True)
-    torch_dtype = _resolve_dtype(dtype)
-    if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype
+    auto = (transformers.AutoModelForCausalLM if task == "causal-lm"
+            else transformers.AutoModelForSequenceClassification)
     if quantize in BNB_MODES:
-        from transformers import BitsAndBytesConfig
+        compute = kwargs.get("dtype") or torch.float32
+        qconfig = (transformers.BitsAndBytesConfig(load_in_8bit=True) if quantize == "bnb-int8" else
+                   transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=compute))
+        return auto.from_pretrained(path, quantization_config=qconfig, device_map=str(device or "cpu"), **kwargs)
+    model = auto.from_pretrained(path, **kwargs)
+    return model.to(device) if device is not None else model
 
-        compute = torch_dtype or torch.float32
-        qconfig = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "bnb-int8" else
-                   BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, device_map=str(device),
-                                                    **kwargs)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+
+__all__ = ["ModelRegistry", "PICKLE_SUFFIXES", "as_registry", "check_model_folder", "load_model",
+           "load_reference_model", "load_tokenizer", "parse_named_paths"]

@@ -27,6 +27,7 @@ Quantization changes log-probs, so it belongs in the fingerprint:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -146,30 +147,54 @@ def _quantize_bnb(model: nn.Module, mode: str) -> None:
     log.info("bitsandbytes %s: quantized %d linear layers", mode, len(targets))
 
 
-def tensor_nbytes(t: torch.Tensor) -> int:
-    """Bytes really held by ``t``: the inner tensors of a quantized tensor subclass, recursively."""
+def _storage_key(t: torch.Tensor) -> tuple:
+    """What identifies the memory behind plain tensor ``t``: its storage, so tied or viewed weights count once."""
+    if t.device.type == "meta":
+        return ("id", id(t))
+    try:
+        return (t.device.type, t.untyped_storage().data_ptr())
+    except RuntimeError:  # a wrapper without storage of its own that does not flatten: count it by object
+        return ("id", id(t))
+
+
+def tensor_nbytes(t: torch.Tensor, seen: set | None = None) -> int:
+    """Bytes really held by ``t``: the inner tensors of a quantized tensor subclass, recursively.
+
+    A torchao weight (``Int8Tensor``, ...) is a wrapper whose own "storage" is not real memory, so asking
+    for its data pointer raises; its ``__tensor_flatten__`` names the plain tensors that hold the bytes
+    (int8 data, scales). bitsandbytes 4-bit weights add their quantization constants (absmax, code).
+    ``seen``: storage keys already counted (shared across calls to count each storage once).
+    """
+    seen = set() if seen is None else seen
     flatten = getattr(t, "__tensor_flatten__", None)
     if type(t) not in (torch.Tensor, nn.Parameter) and callable(flatten):
         names, _ = flatten()
-        return sum(tensor_nbytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+        return sum(tensor_nbytes(getattr(t, n), seen) for n in names if getattr(t, n, None) is not None)
+    key = _storage_key(t)
+    if key in seen:
+        return 0
+    seen.add(key)
     total = t.numel() * t.element_size()
     state = getattr(t, "quant_state", None)  # bitsandbytes 4-bit constants (absmax, code)
     for extra in (getattr(state, "absmax", None), getattr(state, "code", None)):
         if isinstance(extra, torch.Tensor):
-            total += extra.numel() * extra.element_size()
+            total += tensor_nbytes(extra, seen)
     return total
+
+
+def tensors_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes held by ``tensors`` together, each storage counted once (see :func:`tensor_nbytes`)."""
+    seen: set = set()
+    return sum(tensor_nbytes(t, seen) for t in tensors)
 
 
 def model_nbytes(model: nn.Module) -> int:
-    """Parameter + buffer bytes of ``model`` as stored (packed sizes for quantized weights); shared tensors once."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += tensor_nbytes(t)
-    return total
+    """Parameter + buffer bytes of ``model`` as stored (packed sizes for quantized weights); shared storage once.
+
+    The one byte counter: the model cache's budget, ``quantize-report``'s memory column and every
+    reference strategy's ``memory_bytes`` (:func:`refmodel.reference.base.module_bytes` is this function).
+    """
+    return tensors_nbytes(list(model.parameters()) + list(model.buffers()))
 
 
-__all__ = ["QUANT_MODES", "check_mode", "model_nbytes", "quantize_model", "tensor_nbytes"]
+__all__ = ["QUANT_MODES", "check_mode", "model_nbytes", "quantize_model", "tensor_nbytes", "tensors_nbytes"]

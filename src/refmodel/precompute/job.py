@@ -200,14 +200,13 @@ def _score_full(model, units: list[Unit], pad_id: int, temperature: float) -> li
 
 
 def _load_model(model, tokenizer, model_kwargs):
+    """``(model, tokenizer)``: a loaded model as is, or a local folder through the one safe loader."""
     if isinstance(model, (str, Path)):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from ..models.loading import load_model, load_tokenizer
 
-        path = Path(model)
-        if not (path / "config.json").exists():
-            raise InvalidInput(f"--model {path} is not a local model folder (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(path, **(model_kwargs or {}))
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        path = model
+        model = load_model(path, what="--model", **(model_kwargs or {}))
+        tokenizer = tokenizer or load_tokenizer(path)
     model.eval()
     return model, tokenizer
 
@@ -219,7 +218,9 @@ def precompute(model, data, out, *, tokenizer=None, dtype="bfloat16", max_tokens
     """Reference log-probs of every sequence in ``data`` into a store at ``out`` (returned, read-only).
 
     Args:
-        model: a loaded ``*ForCausalLM`` or a local model folder (loaded with ``model_kwargs``).
+        model: a loaded ``*ForCausalLM`` or a local model folder, loaded by
+            :func:`refmodel.models.loading.load_model` with ``model_kwargs`` (e.g. ``dtype``; safetensors only
+            unless ``model_kwargs={"allow_pickle": True}``; never the folder's own code).
         data: a data path (see :mod:`refmodel.data.records`) or a list of records.
         dtype: storage dtype, ``float32`` / ``bfloat16`` / ``float16``.
         max_tokens_per_batch: padded-token budget of one batch (prompt + completions).

@@ -12,6 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..models.fingerprint import fingerprint_tensors
+from ..models.quantize import tensors_nbytes
 from ._peft import (
     adapter_state_items,
     base_state_items,
@@ -73,8 +74,7 @@ class AdapterDisabled:
         if self.adapter_name is None:
             return 0
         causal = self.policy.get_base_model()
-        return sum(t.numel() * t.element_size() for n, t in causal.named_parameters()
-                   if f".{self.adapter_name}." in n)
+        return tensors_nbytes(t for n, t in causal.named_parameters() if f".{self.adapter_name}." in n)
 
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..models.fingerprint import fingerprint as _fingerprint
+from ..models.quantize import model_nbytes as module_bytes  # the one byte counter (quantized weights too)
 
 
 @runtime_checkable
@@ -40,19 +41,6 @@ class Reference(Protocol):
     def on_step(self, step: int, policy) -> None:
         """Called after every optimizer step with the global step (1-based) and the policy."""
         ...
-
-
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s parameters and buffers, each storage counted once (tied weights)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
 
 
 def settings_fingerprint(model: nn.Module, *, temperature: float = 1.0, quantization: str | None = None) -> str:

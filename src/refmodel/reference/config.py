@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .frozen import QUANTIZE_MODES, _resolve_dtype
+from ..models.dtypes import parse_dtype
+from .frozen import QUANTIZE_MODES
 from .synced import check_sync_settings
 
 
@@ -61,7 +62,7 @@ class ReferenceConfig:
 
     def __post_init__(self) -> None:
         check_sync_settings(self.ref_model_sync_steps, self.ref_model_mixup_alpha, self.max_rank)
-        _resolve_dtype(self.dtype)
+        parse_dtype(self.dtype)
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise ConfigError(f"quantize must be one of {QUANTIZE_MODES} or None, got {self.quantize!r}")
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:

@@ -17,21 +17,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
+from ..models.dtypes import parse_dtype
 from .base import module_bytes, settings_fingerprint
 
 log = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("int8", "int4")
-
-
-def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if str(dtype) not in names:
-        raise ConfigError(f"dtype {dtype!r} is not supported; expected one of {sorted(names)} or a torch.dtype")
-    return names[str(dtype)]
 
 
 def _quantize(model: nn.Module, mode: str) -> nn.Module:
@@ -44,33 +35,33 @@ class Frozen:
     """A frozen reference model of its own: ``[B, T]`` float32 log-probs under no_grad.
 
     Args:
-        model_or_path: a causal LM (frozen *in place*, not copied) or a directory / hub id for
-            ``AutoModelForCausalLM.from_pretrained`` (never with ``trust_remote_code``).
+        model_or_path: a causal LM (frozen *in place*, not copied) or a local model folder, loaded by
+            :func:`refmodel.models.loading.load_model`: safetensors only unless ``allow_pickle=True``,
+            never the folder's own code, no hub ids.
             Use :meth:`from_policy` to freeze a deep copy of the policy instead.
         dtype: compute dtype of the reference weights (e.g. ``torch.bfloat16``); ``None`` keeps them.
         offload_to_cpu: keep the weights on the CPU between calls; move them to the batch's device
             for each call. Saves accelerator memory, costs a host-device copy per call.
-        quantize: ``"int8"`` or ``"int4"`` weight quantization via ``refmodel.quantize``.
+        quantize: ``"int8"`` or ``"int4"`` weight quantization via :mod:`refmodel.models.quantize`.
         temperature: the sampling temperature the log-probs must match (logits / temperature).
         attn_implementation: passed to ``from_pretrained`` when loading from a path.
+        allow_pickle: accept a folder whose only weights are pickled (``pytorch_model.bin``).
     """
 
     def __init__(self, model_or_path, *, dtype=None, offload_to_cpu: bool = False, quantize: str | None = None,
                  temperature: float = 1.0, attn_implementation: str | None = None,
                  use_fused_linear_logprobs: bool = True, cast_logprobs_to_fp32: bool = True,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, allow_pickle: bool = False):
         if quantize is not None and quantize not in QUANTIZE_MODES:
             raise ConfigError(f"quantize must be one of {QUANTIZE_MODES} or None, got {quantize!r}")
         if not temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {temperature!r}")
-        torch_dtype = _resolve_dtype(dtype)
+        torch_dtype = parse_dtype(dtype)
         if isinstance(model_or_path, (str, Path)):
-            from transformers import AutoModelForCausalLM
+            from ..models.loading import load_model
 
-            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            if torch_dtype is not None:
-                kwargs["dtype"] = torch_dtype
-            model = AutoModelForCausalLM.from_pretrained(str(model_or_path), trust_remote_code=False, **kwargs)
+            model = load_model(model_or_path, dtype=torch_dtype, attn_implementation=attn_implementation,
+                               allow_pickle=allow_pickle, what="Frozen")
         elif isinstance(model_or_path, nn.Module):
             model = model_or_path
         else:

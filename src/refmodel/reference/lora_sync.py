@@ -24,6 +24,7 @@ import math
 import torch
 
 from ..errors import ConfigError
+from ..models.quantize import tensors_nbytes
 from ._peft import lora_layers, modules_to_save
 from .base import restore_requires_grad
 
@@ -166,8 +167,7 @@ class LoraReference:
 
     @property
     def bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for n, p in self.policy.named_parameters()
-                   if f".{self.ref_name}." in n)
+        return tensors_nbytes(p for n, p in self.policy.named_parameters() if f".{self.ref_name}." in n)
 
 
 __all__ = ["LoraReference", "check_lora_supported"]

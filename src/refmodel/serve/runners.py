@@ -1,8 +1,9 @@
 """Load the allow-listed models at start-up and run padded batches of checked sequences.
 
 Causal LMs come through the model cache (:class:`refmodel.models.cache.ReferenceModelCache`), whose registry
-is exactly the server's allow-list; reward models (sequence classification, one label) load with
-``from_pretrained(use_safetensors=True)``. No path or hub id ever comes from a request.
+is exactly the server's allow-list; reward models (sequence classification, one label) load through the
+same safe loader (:func:`refmodel.models.loading.load_model`: safetensors only, never the folder's own
+code). No path or hub id ever comes from a request.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RefModelError
 from ..logprobs.model import model_logprobs, position_ids_from_mask
 from ..models.fingerprint import fingerprint
 from .validate import Sequence
@@ -113,17 +114,17 @@ def load_logprob_models(models: dict[str, str], device: str) -> tuple[Any, dict[
 
 def load_reward_model(name: str, path: str, device: str) -> ServedModel:
     """Load a one-label sequence-classification model from a local safetensors checkpoint."""
-    from transformers import AutoModelForSequenceClassification
+    from ..models.loading import load_model
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=False, local_files_only=True)
+        model = load_model(path, task="sequence-classification", device=device, what=f"reward model {name!r}")
     except (OSError, ValueError) as exc:
+        if isinstance(exc, RefModelError):
+            raise
         raise ConfigError(f"cannot load reward model {name!r} from {path}: {exc}") from exc
     if model.config.num_labels != 1 or not hasattr(model, "score"):
         raise ConfigError(f"reward model {name!r} must be a *ForSequenceClassification with num_labels=1 "
                           f"and a `score` head, got {type(model).__name__} with {model.config.num_labels} labels")
-    model.to(device).eval().requires_grad_(False)
     served = _describe(name, "rewards", model, device)
     log.info("serving reward model %s from %s, fingerprint %s", name, path, served.fingerprint)
     return served

@@ -31,25 +31,23 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInput, StoreCorrupt
+from ..models.dtypes import dtype_name, parse_dtype
 
 FORMAT = "refmodel-logprob-store"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 differs only in an I64 meta tensor
 KEY_BYTES = 16
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
-            "half": "float16", "float": "float32"}
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "U32": 4, "U8": 1}
 _NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I64": np.int64, "U32": np.uint32, "U8": np.uint8}
 
 
 def normalize_dtype(dtype) -> str:
-    """``"float32" | "bfloat16" | "float16"`` from a name, alias or torch dtype."""
-    name = str(dtype).replace("torch.", "").lower()
-    name = _ALIASES.get(name, name)
-    if name not in DTYPES:
-        raise InvalidInput(f"storage dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
-    return name
+    """``"float32" | "bfloat16" | "float16"`` from a name, alias or torch dtype (one parser: ``models.dtypes``)."""
+    parsed = parse_dtype(dtype, allowed=tuple(DTYPES), what="storage dtype")
+    if parsed is None:
+        raise InvalidInput(f"a storage dtype is required; expected one of {sorted(DTYPES)}")
+    return dtype_name(parsed)
 
 
 def ids_array(input_ids) -> np.ndarray:

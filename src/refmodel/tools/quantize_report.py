@@ -8,6 +8,19 @@ For each mode, against the unquantized reference loaded from the same directory,
   models' own logits, so soft-capping and logit scales are included;
 - model bytes (parameters + buffers as stored) and scoring time of ``model_logprobs`` over the data.
 
+How the speed column is measured, so that it says the same thing from run to run (it used to swing
+from 0.85x to 71x: one cold pass of the reference, page-faulting its memory-mapped weights, against
+warm passes of the quantized model, on a machine shared with other jobs):
+
+- each model first makes ``warmup`` full passes over the data (lazy init, page faults, kernel choice);
+- then ``repeats`` rounds, each timing one full pass of the reference and one of the quantized model
+  back to back (alternating which goes first), so both see the same machine load;
+- ``speed_vs_ref`` is the median over rounds of ``t_ref / t_quantized``; ``seconds`` is the median pass
+  time. The reference row's ``seconds`` is its median over its own ``repeats`` passes.
+
+Models load through the one safe loader (:func:`refmodel.models.loading.load_model`): safetensors
+only, never the folder's own code.
+
 Published points to compare with (llama.cpp perplexity README, Llama-3-8B, KL vs the 16-bit model):
 q8_0 mean KL ~0.0014 nats, q4_K_M ~0.031, q4_0 ~0.072.
 """
@@ -22,9 +35,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import DataFormatError, MissingDependency
+from ..errors import ConfigError, DataFormatError, MissingDependency
 from ..logprobs.model import model_logprobs
-from ..models.cache import load_reference_model
+from ..models.loading import load_reference_model, load_tokenizer
 from ..models.quantize import QUANT_MODES, check_mode, model_nbytes
 
 log = logging.getLogger(__name__)
@@ -81,32 +94,45 @@ def _scored_log_dist(model, input_ids, attn, score) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _score(model, batches, device, repeats: int = 3) -> tuple[list[torch.Tensor], float]:
-    """Log-probs of every batch and the median wall time of one pass over them (seconds)."""
-    times = []
-    for _ in range(repeats):
-        out, start = [], time.perf_counter()
-        for ids, attn, score in batches:
-            out.append(model_logprobs(model, ids.to(device), attn.to(device), score.to(device)).cpu())
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return out, statistics.median(times)
+def _score(model, batches, device) -> tuple[list[torch.Tensor], float]:
+    """Log-probs of every batch and the wall time of one pass over them (seconds)."""
+    out, start = [], time.perf_counter()
+    for ids, attn, score in batches:
+        out.append(model_logprobs(model, ids.to(device), attn.to(device), score.to(device)).cpu())
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def _paired_speed(ref, model, batches, device, repeats: int) -> tuple[float, float]:
+    """``(median seconds of the quantized pass, median of t_ref / t_quantized)`` over ``repeats`` rounds."""
+    q_times, ratios = [], []
+    for r in range(repeats):
+        order = (ref, model) if r % 2 == 0 else (model, ref)  # alternate, so drift does not favour one
+        times = {id(m): _score(m, batches, device)[1] for m in order}
+        q_times.append(times[id(model)])
+        ratios.append(times[id(ref)] / max(times[id(model)], 1e-12))
+    return statistics.median(q_times), statistics.median(ratios)
 
 
 def quantize_report(model_path: str | Path, data_path: str | Path, max_pairs: int = 64,
                     modes: tuple[str, ...] = QUANT_MODES, batch_size: int = 8, dtype=None,
-                    device: str = "cpu") -> list[dict]:
-    """Measure each quantization mode against the unquantized reference; returns one dict per mode."""
-    from transformers import AutoTokenizer
+                    device: str = "cpu", repeats: int = 5, warmup: int = 1) -> list[dict]:
+    """Measure each quantization mode against the unquantized reference; returns one dict per mode.
 
+    ``repeats`` paired timing rounds after ``warmup`` full passes per model (see the module docstring).
+    """
     for mode in modes:
         check_mode(mode)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    tokenizer = load_tokenizer(model_path)
     batches = build_batches(tokenizer, read_pairs(data_path, max_pairs), batch_size)
     ref = load_reference_model(model_path, dtype=dtype, device=device)
-    _score(ref, batches[:1], device, 1)  # warm-up
-    ref_lp, ref_s = _score(ref, batches, device)
+    for _ in range(warmup):
+        _score(ref, batches, device)
+    ref_lp, _ = _score(ref, batches, device)
+    ref_s = statistics.median(_score(ref, batches, device)[1] for _ in range(repeats))
     ref_bytes = model_nbytes(ref)
     rows = [{"mode": "none", "bytes": ref_bytes, "mem_ratio": 1.0, "mean_abs_dlogp": 0.0, "p99_abs_dlogp": 0.0,
              "max_abs_dlogp": 0.0, "mean_kl": 0.0, "seconds": ref_s, "speed_vs_ref": 1.0}]
@@ -116,8 +142,10 @@ def quantize_report(model_path: str | Path, data_path: str | Path, max_pairs: in
         except (MissingDependency, RuntimeError, NotImplementedError, ImportError) as exc:
             rows.append({"mode": mode, "error": f"{type(exc).__name__}: {exc}"})
             continue
-        _score(model, batches[:1], device, 1)
-        q_lp, q_s = _score(model, batches, device)
+        for _ in range(warmup):
+            _score(model, batches, device)
+        q_lp, _ = _score(model, batches, device)
+        q_s, speed = _paired_speed(ref, model, batches, device, repeats)
         deltas, kls = [], []
         for (ids, attn, score), a, b in zip(batches, ref_lp, q_lp, strict=True):
             deltas.append((a - b).abs()[score & (attn.long().cumsum(1) >= 2)])
@@ -129,7 +157,7 @@ def quantize_report(model_path: str | Path, data_path: str | Path, max_pairs: in
         rows.append({"mode": mode, "bytes": nbytes, "mem_ratio": nbytes / ref_bytes,
                      "mean_abs_dlogp": delta.mean().item(), "p99_abs_dlogp": torch.quantile(delta, 0.99).item(),
                      "max_abs_dlogp": delta.max().item(), "mean_kl": kl.mean().item(),
-                     "seconds": q_s, "speed_vs_ref": ref_s / q_s, "scored_tokens": delta.numel()})
+                     "seconds": q_s, "speed_vs_ref": speed, "scored_tokens": delta.numel()})
         del model
     return rows
 
