@@ -43,9 +43,16 @@ def _logits_fp32(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | N
 
 
 class LogitTransform(NamedTuple):
-    logit_scale: float
-    softcap: float | None
-    temperature: float
+    """What happens to ``hidden @ W.T`` before the softmax: ``softcap * tanh(scale * z / softcap) / temperature``.
+
+    ``logit_scale`` and ``softcap`` are the model's (read from its config by
+    :func:`refmodel.logprobs.model.logit_transform`: Cohere, Granite, Gemma-2); ``temperature`` is the
+    caller's sampling temperature.
+    """
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
 
     def apply_(self, a: torch.Tensor) -> torch.Tensor | None:
         """Transform fp32 logits ``a`` in place; return ``dz/da`` ``[M, V]``, or None when it is constant."""

@@ -21,20 +21,16 @@ from torch import nn
 from .._optional import available
 from ..errors import InvalidBatch
 from .head import TokenLogprobs, token_logprobs
+from .kernel import LogitTransform
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LogitTransform:
-    """What a model does to ``hidden @ W.T`` before its softmax (read from its config)."""
-
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-
 def logit_transform(config) -> LogitTransform:
-    """The logit scale and final soft-cap that ``config``'s model applies (Gemma-2, Cohere, Granite)."""
+    """The logit scale and final soft-cap that ``config``'s model applies (Gemma-2, Cohere, Granite).
+
+    Temperature is not the model's: it stays 1.0 here and the caller passes its own.
+    """
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = getattr(cfg, "final_logit_softcapping", None)
     scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
@@ -50,6 +46,15 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     if callable(get_base) and hasattr(model, "peft_config"):
         return get_base()
     return model
+
+
+def backbone_of(causal: nn.Module) -> nn.Module:
+    """The transformer under a ``*ForCausalLM``'s head (``model.model``, ``transformer``, ...).
+
+    ``base_model`` is transformers' name for it (``base_model_prefix``); some classes leave the prefix
+    unset, so ``base_model`` is the causal LM itself and the backbone sits at ``.model``.
+    """
+    return causal.base_model if causal.base_model is not causal else causal.model
 
 
 @dataclass
@@ -186,8 +191,7 @@ def model_logprobs(
                        use_cache=False).logits[:, :-1]
         return _pad_first(_from_logits(logits, targets, temperature, return_entropy))
 
-    backbone = causal.base_model if causal.base_model is not causal else causal.model
-    hidden = backbone(input_ids=input_ids, attention_mask=attn.long(), position_ids=position_ids,
+    hidden = backbone_of(causal)(input_ids=input_ids, attention_mask=attn.long(), position_ids=position_ids,
                       use_cache=False)[0][:, :-1]
     return _pad_first(head_logprobs(causal, hidden, targets, temperature=temperature, chunk_size=chunk_size,
                                     fp32_accumulation=cast_logprobs_to_fp32, use_liger=use_liger,
@@ -268,6 +272,7 @@ def liger_available() -> bool:
 
 __all__ = [
     "LogitTransform",
+    "backbone_of",
     "head_logprobs",
     "logit_transform",
     "model_logprobs",

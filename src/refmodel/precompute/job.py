@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 
 from ..data.records import Example, load_examples
 from ..errors import ConfigError, InvalidInput
-from ..logprobs.model import head_logprobs, model_logprobs, unwrap_causal_lm
+from ..logprobs.model import (
+    backbone_of,
+    head_logprobs,
+    model_logprobs,
+    position_ids_from_mask,
+    unwrap_causal_lm,
+)
 from ..models.fingerprint import fingerprint as model_fingerprint
 from ..store import LogprobStore
 from ..store.format import Entry, key_bytes, make_entry, normalize_dtype
@@ -160,9 +166,9 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
             comp_mask[i * k + j, :len(c)] = 1
             scored[i * k + j, :len(c)] = torch.tensor(m, dtype=torch.bool)
     prompt_len = prompt_mask.sum(1)
-    backbone = causal.base_model if causal.base_model is not causal else causal.model
+    backbone = backbone_of(causal)
     out = backbone(input_ids=prompt.to(device), attention_mask=prompt_mask.to(device),
-                   position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0).to(device), use_cache=True)
+                   position_ids=position_ids_from_mask(prompt_mask).to(device), use_cache=True)
     cache, last = out.past_key_values, out.last_hidden_state[:, -1]
     if k > 1:
         cache.batch_repeat_interleave(k)

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..errors import ConfigError
+from ..models.loading import parse_named_paths  # the one NAME=PATH parser; re-exported here
 
 
 class ServeSettings(BaseSettings):
@@ -67,19 +68,6 @@ class ServeSettings(BaseSettings):
                 raise ConfigError(f"the token file {self.token_file} is empty")
             return value
         return self.token.get_secret_value() if self.token is not None else None
-
-
-def parse_named_paths(values: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:
-    """``["a=/p/a", "b=/p/b"]`` -> ``{"a": "/p/a", ...}``; a malformed or repeated entry is a ConfigError."""
-    out: dict[str, str] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"{flag} expects NAME=PATH, got {value!r}")
-        if name in out:
-            raise ConfigError(f"{flag} names {name!r} twice")
-        out[name] = path
-    return out
 
 
 __all__ = ["ServeSettings", "parse_named_paths"]
