@@ -18,9 +18,23 @@ def main(verbose: int) -> None:
     Fused token log-probs, reference strategies, a persistent log-prob store, a model cache and an
     HTTP reference service. Run `refmodel COMMAND --help` for each command's flags.
     """
+    configure_logging(verbose)
+
+
+def configure_logging(verbose: int) -> None:
+    """Warnings only by default, INFO with ``-v``, DEBUG with ``-vv`` (refmodel's loggers and the root).
+
+    Below ``-vv`` the optional extras' import-time notices about kernels this machine lacks (torchao's
+    ``Failed to load ... _C_mxfp8`` / ``Detected no triton``, bitsandbytes', torch pytree deprecations
+    for torchao's enums) are hidden: they are not about the user's command.
+    """
+    from .._optional import IMPORT_NOISE_LOGGERS
+
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("refmodel").setLevel(logging.INFO if verbose == 0 else level)
+    logging.getLogger("refmodel").setLevel(level)
+    for name in IMPORT_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if verbose < 2 else logging.NOTSET)
 
 
 @main.command("make-tiny-model")
@@ -74,9 +88,14 @@ def quantize_report_cmd(model_path, data_path, max_pairs, modes, batch_size, dty
     from ..tools.bench import provenance
     from ..tools.quantize_report import format_report, quantize_report
 
+    from ..errors import RefModelError
+
     wanted = tuple(m.strip() for m in modes.split(",") if m.strip())
-    rows = quantize_report(model_path, data_path, max_pairs=max_pairs, modes=wanted, batch_size=batch_size,
-                           dtype=dtype, device=device)
+    try:
+        rows = quantize_report(model_path, data_path, max_pairs=max_pairs, modes=wanted, batch_size=batch_size,
+                               dtype=dtype, device=device)
+    except RefModelError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -121,10 +140,19 @@ def precompute_cmd(use_ray, ray_address, num_workers, gpus_per_worker, cpus_per_
         if given:
             raise click.UsageError(f"{', '.join(given)}: only used with --ray; add --ray to score on a Ray "
                                    "cluster, or drop them")
-        precompute_command(**kwargs)
-        return
-    ray_precompute_command(ray_address=ray_address, num_workers=num_workers,
-                           gpus_per_worker=gpus_per_worker or 0.0, cpus_per_worker=cpus_per_worker or 1.0, **kwargs)
+    try:
+        if not use_ray:
+            precompute_command(**kwargs)
+            return
+        ray_precompute_command(ray_address=ray_address, num_workers=num_workers,
+                               gpus_per_worker=gpus_per_worker or 0.0, cpus_per_worker=cpus_per_worker or 1.0,
+                               **kwargs)
+    except KeyboardInterrupt:
+        # Shards are committed atomically, so everything finished so far is kept: say how to go on
+        # (click alone would print a bare "Aborted!").
+        click.echo(f"\nInterrupted. Every finished shard is saved in {kwargs['out']}; run the same command "
+                   "with --resume to score the rest.", err=True)
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
 
 
 @main.group("store")

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, DataFormatError, MissingDependency
 from ..logprobs.model import model_logprobs
-from ..models.loading import load_reference_model, load_tokenizer
+from ..models.loading import check_model_folder, load_reference_model, load_tokenizer
 from ..models.quantize import QUANT_MODES, check_mode, model_nbytes
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ def quantize_report(model_path: str | Path, data_path: str | Path, max_pairs: in
         check_mode(mode)
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    check_model_folder(model_path)  # refuse an unsafe folder before spending time on the data
     tokenizer = load_tokenizer(model_path)
     batches = build_batches(tokenizer, read_pairs(data_path, max_pairs), batch_size)
     ref = load_reference_model(model_path, dtype=dtype, device=device)

@@ -1,0 +1,79 @@
+"""The command line's habits: no optional-extra noise, warnings-only logging by default, a Ctrl-C that says
+how to resume. Real subprocesses, no terminal."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from refmodel.testing import preference_pairs, subprocess_env, write_jsonl
+
+# What the optional extras print when imported eagerly on a CPU-only machine (torchao's missing CUDA
+# kernels and Triton, torch's pytree deprecations for torchao's enums, bitsandbytes' CPU kernels),
+# and any line naming Ray or FastAPI.
+NOISE = re.compile(r"torchao|bitsandbytes|triton|_C_mxfp8|_pytree|gemm_4bit|\bray\b|fastapi|uvicorn", re.I)
+INFO_LINE = re.compile(r"^\S+ \S+ INFO ", re.M)
+
+
+def _run(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=300, env=subprocess_env(), **kwargs)
+
+
+def test_import_and_help_print_nothing_on_stderr():
+    for args in (("-c", "import refmodel"), ("-m", "refmodel", "--help"), ("-m", "refmodel", "precompute", "--help")):
+        proc = _run(*args)
+        assert proc.returncode == 0 and proc.stderr == "", (args, proc.stderr)
+    assert "warnings only" in _run("-m", "refmodel", "--help").stdout
+
+
+def test_loading_a_model_and_peft_prints_no_extra_noise(tiny_model_dirs):
+    # transformers imports torchao (installed here) with its modeling code, and peft imports
+    # bitsandbytes: through refmodel's loader and `require`, their import-time notices stay quiet.
+    code = ("import sys; from refmodel.models.loading import load_model, load_tokenizer; "
+            "from refmodel._optional import require; "
+            f"load_model(sys.argv[1]); load_tokenizer(sys.argv[1]); require('peft', 'peft')")
+    proc = _run("-c", code, tiny_model_dirs["llama"])
+    assert proc.returncode == 0, proc.stderr
+    assert NOISE.search(proc.stderr) is None, proc.stderr
+
+
+def test_the_checker_sees_the_noise():
+    proc = _run("-c", "import transformers.modeling_utils")  # torchao's notices, unfiltered
+    if "torchao" not in proc.stderr:
+        pytest.skip("torchao is not installed (or prints nothing here): nothing to filter")
+    assert NOISE.search(proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_precompute_logs_warnings_only_and_ctrl_c_says_resume(tiny_model_dirs, tmp_path):
+    data = write_jsonl(preference_pairs(100), tmp_path / "pairs.jsonl")
+    out = tmp_path / "store"
+    args = ["-m", "refmodel", "precompute", "--model", tiny_model_dirs["llama"], "--data", data, "--out", out,
+            "--shard-examples", 2, "--max-tokens-per-batch", 256, "--dtype", "float32"]
+    proc = subprocess.Popen([sys.executable, *map(str, args)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    deadline = time.monotonic() + 120
+    while not list(out.glob("shard-*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "precompute finished before it could be interrupted: give it more work"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Interrupted. Every finished shard is saved in" in stderr and "--resume" in stderr, stderr
+    assert "Aborted!" not in stderr and "Traceback" not in stderr, stderr
+    assert INFO_LINE.search(stderr) is None, stderr  # default: warnings only
+    assert NOISE.search(stderr) is None, stderr
+    # The advice works; with -v the INFO lines appear.
+    resumed = _run("-m", "refmodel", "-v", *args[2:], "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert INFO_LINE.search(resumed.stderr) and "INFO refmodel.precompute" in resumed.stderr
+    info = json.loads(resumed.stdout)
+    assert info["pending"] == 0 and info["entries"] == info["job"]["sequences"] > 0, info
