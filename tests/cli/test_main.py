@@ -38,7 +38,7 @@ def test_loading_a_model_and_peft_prints_no_extra_noise(tiny_model_dirs):
     # bitsandbytes: through refmodel's loader and `require`, their import-time notices stay quiet.
     code = ("import sys; from refmodel.models.loading import load_model, load_tokenizer; "
             "from refmodel._optional import require; "
-            f"load_model(sys.argv[1]); load_tokenizer(sys.argv[1]); require('peft', 'peft')")
+            "load_model(sys.argv[1]); load_tokenizer(sys.argv[1]); require('peft', 'peft')")
     proc = _run("-c", code, tiny_model_dirs["llama"])
     assert proc.returncode == 0, proc.stderr
     assert NOISE.search(proc.stderr) is None, proc.stderr

@@ -85,10 +85,9 @@ def quantize_report_cmd(model_path, data_path, max_pairs, modes, batch_size, dty
     """Per-token |delta log p|, KL, memory and speed of each quantization mode vs the reference."""
     import json
 
+    from ..errors import RefModelError
     from ..tools.bench import provenance
     from ..tools.quantize_report import format_report, quantize_report
-
-    from ..errors import RefModelError
 
     wanted = tuple(m.strip() for m in modes.split(",") if m.strip())
     try:
