@@ -103,12 +103,12 @@ def test_read_pairs_reports_bad_lines(tmp_path):
 
 def test_quantize_report_cli(tiny_model_dirs):
     proc = run_cli("quantize-report", "--model", tiny_model_dirs["llama"], "--data", builtin_dataset_path(),
-                   "--max-pairs", 6, "--modes", "int8,bnb-nf4", "--json")
+                   "--max-pairs", 6, "--modes", "int8,bnb-nf4", "--repeats", 1, "--json")
     rows = {r["mode"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
     assert set(rows) == {"none", "int8", "bnb-nf4"}
     assert 0 < rows["int8"]["mean_kl"] < rows["bnb-nf4"]["mean_kl"] < 0.1
     assert rows["int8"]["mean_abs_dlogp"] <= rows["int8"]["p99_abs_dlogp"] <= rows["int8"]["max_abs_dlogp"]
     assert rows["bnb-nf4"]["mem_ratio"] < rows["int8"]["mem_ratio"] < 1
     table = run_cli("quantize-report", "--model", tiny_model_dirs["llama"], "--data", builtin_dataset_path(),
-                    "--max-pairs", 2, "--modes", "int8").stdout
+                    "--max-pairs", 2, "--modes", "int8", "--repeats", 1).stdout
     assert "mean KL" in table and "published" in table and "\nint8 " in table

@@ -80,8 +80,11 @@ def bench_cmd(quick: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--dtype", default=None, help="Load dtype (default: as stored), e.g. bfloat16.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Paired timing rounds (reference and quantized pass back to back); speed is their median.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
-def quantize_report_cmd(model_path, data_path, max_pairs, modes, batch_size, dtype, device, as_json) -> None:
+def quantize_report_cmd(model_path, data_path, max_pairs, modes, batch_size, dtype, device, repeats,
+                        as_json) -> None:
     """Per-token |delta log p|, KL, memory and speed of each quantization mode vs the reference."""
     import json
 
@@ -92,7 +95,7 @@ def quantize_report_cmd(model_path, data_path, max_pairs, modes, batch_size, dty
     wanted = tuple(m.strip() for m in modes.split(",") if m.strip())
     try:
         rows = quantize_report(model_path, data_path, max_pairs=max_pairs, modes=wanted, batch_size=batch_size,
-                               dtype=dtype, device=device)
+                               dtype=dtype, device=device, repeats=repeats)
     except RefModelError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     if as_json:

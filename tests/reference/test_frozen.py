@@ -1,0 +1,73 @@
+"""``Frozen`` with quantized weights, and ``auto`` building one: memory, log-probs, fingerprint (issue 19, 10).
+
+Quantized weights are torchao tensor subclasses whose "storage" is not real memory (asking for its
+data pointer raises "Attempted to access the data pointer on an invalid python storage"); the one byte
+counter (``refmodel.models.quantize.model_nbytes``) counts their inner tensors instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from ref_helpers import make_batch
+from torch import nn
+
+import refmodel
+from refmodel import Frozen, ReferenceConfig, model_logprobs
+from refmodel.models.quantize import model_nbytes, quantize_model
+from refmodel.reference import auto
+from refmodel.reference.base import module_bytes
+from refmodel.testing import load_tiny
+
+pytest.importorskip("torchao")
+
+# Max |Δ log p| per scored token against fp32 on the tiny models (as in tests/models/test_quantize.py).
+MAX_ABS = {"int8": 0.1, "int4": 1.0}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_frozen_quantized_memory_logprobs_and_fingerprint(tiny_model_dirs, family, mode):
+    model, tok = load_tiny(tiny_model_dirs[family])
+    batch = make_batch(tok)
+    with torch.no_grad():
+        want = model_logprobs(model, *batch)
+    full = Frozen.from_policy(model)
+    ref = Frozen.from_policy(model, quantize=mode)
+    assert 0 < ref.memory_bytes < full.memory_bytes == model_nbytes(model)
+    assert ref.memory_bytes == model_nbytes(ref.model)
+    delta = (ref.logprobs(*batch) - want).abs()
+    assert 1e-7 < delta.max() < MAX_ABS[mode], delta.max()  # changed, but only by quantization error
+    assert ref.fingerprint == refmodel.fingerprint(ref.model, quantization=mode) != full.fingerprint
+    assert f"quantize={mode}" in repr(ref)
+
+
+def test_auto_builds_quantized_references(caplog, tiny_model_dirs):
+    caplog.set_level(logging.INFO, logger="refmodel.reference")
+    policy, _ = load_tiny(tiny_model_dirs["llama"])
+    ref = auto(policy, ReferenceConfig(quantize="int8"))
+    assert isinstance(ref, Frozen) and ref.quantize == "int8"
+    assert f"extra memory {ref.memory_bytes} bytes" in caplog.text  # the line that used to crash
+    from_path = auto(policy, ReferenceConfig(ref_model_path=str(tiny_model_dirs["gpt2"]), quantize="int8"))
+    assert type(from_path.model).__name__.startswith("GPT2") and 0 < from_path.memory_bytes < model_nbytes(
+        load_tiny(tiny_model_dirs["gpt2"])[0])
+
+
+def test_byte_counter_counts_inner_tensors_and_shared_storage_once():
+    lin = nn.Linear(64, 32)
+    plain = module_bytes(nn.Sequential(lin))
+    assert plain == (64 * 32 + 32) * 4
+    quantized = quantize_model(nn.Sequential(nn.Linear(64, 32)), "int8")
+    weight = quantized[0].weight
+    assert type(weight) is not nn.Parameter  # a torchao subclass, no storage of its own
+    names, _ = weight.__tensor_flatten__()
+    inner = sum(getattr(weight, n).numel() * getattr(weight, n).element_size() for n in names)
+    assert module_bytes(quantized) == inner + 32 * 4  # inner int8 data and scales, plus the float bias
+    assert 64 * 32 <= inner < 64 * 32 * 2  # one byte a weight plus per-row scales
+    tied = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    view = nn.Module()
+    view.register_buffer("a", tied[0].weight.detach()[:5])  # a view of the same storage
+    tied.add_module("view", view)
+    assert module_bytes(tied) == 10 * 8 * 4
