@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import click
 
 from .._version import __version__
+
+if TYPE_CHECKING:
+    from ..testing import Family
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -42,7 +46,7 @@ def configure_logging(verbose: int) -> None:
 @click.option("--family", type=click.Choice(["llama", "gpt2", "gemma2"]), default="llama", show_default=True,
               help="Architecture of the tiny random model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
-def make_tiny_model_cmd(path: str, family: str, seed: int) -> None:
+def make_tiny_model_cmd(path: str, family: Family, seed: int) -> None:
     """Save a tiny random causal LM and its tokenizer to PATH (for tests and trying things out)."""
     from ..testing import make_tiny_model
 

@@ -13,7 +13,7 @@ costs exactly 1. A trainable head adds a recompute and the ``dW`` matmul in the 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 
@@ -120,7 +120,9 @@ def _row_block_forward(hb, w, bias, y, tf, fp32, cols, want_entropy, buf, expect
     """
     vocab = w.shape[0]
     need_dh = expected is not None
-    m = s = z_y = deriv_y = t_acc = None
+    m: torch.Tensor | None = None  # the running max; None until the first tile
+    # Set by the first tile (a vocabulary is never empty): typed as tensors so their uses are checked.
+    s = z_y = deriv_y = t_acc = cast(torch.Tensor, None)
     for v0 in range(0, vocab, cols):
         v1 = min(v0 + cols, vocab)
         z, deriv = _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
@@ -133,13 +135,13 @@ def _row_block_forward(hb, w, bias, y, tf, fp32, cols, want_entropy, buf, expect
         tile_max = z.amax(dim=1)
         m_new = tile_max if m is None else torch.maximum(m, tile_max)
         zs = z.sub_(m_new[:, None])  # z - m_new, in place
-        zcopy = zs.clone() if want_entropy else None
+        zcopy = zs.clone() if want_entropy else zs  # read only when want_entropy
         e = zs.exp_()  # exp(z - m_new), in place
         tile_sum = e.sum(dim=1)
         if want_entropy:
             tile_t = (e * zcopy).sum(dim=1)
         first = m is None
-        if not first:
+        if m is not None:
             alpha, shift = torch.exp(m - m_new), m - m_new
             if want_entropy:  # T' = alpha (T + (m - m_new) S) + tile
                 t_acc = alpha * (t_acc + shift * s) + tile_t
@@ -149,7 +151,9 @@ def _row_block_forward(hb, w, bias, y, tf, fp32, cols, want_entropy, buf, expect
                     expected_ent.addcmul_(expected, shift[:, None]).mul_(alpha[:, None])
                 expected.mul_(alpha[:, None])
         else:
-            s, t_acc = tile_sum, (tile_t if want_entropy else None)
+            s = tile_sum
+            if want_entropy:
+                t_acc = tile_t
         if need_dh:
             coef = e.mul_(deriv) if deriv is not None else (
                 e.mul_(tf.const_deriv) if tf.const_deriv != 1.0 else e)
@@ -157,6 +161,7 @@ def _row_block_forward(hb, w, bias, y, tf, fp32, cols, want_entropy, buf, expect
             if want_entropy:
                 _coef_matmul_into(zcopy.mul_(coef), w[v0:v1], expected_ent, accumulate=not first)
         m = m_new
+    assert m is not None  # the vocabulary is never empty, so the loop ran
     log_s = s.log()
     lse = m + log_s
     logp = z_y - lse
@@ -197,10 +202,10 @@ def _forward_rows(h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy, n
         sl = slice(start, min(start + rows, n))
         hb = _row_block(h, rows_idx, sl, cpu_upcast)
         st = _row_block_forward(hb, w, bias, y[sl], tf, fp32, cols, want_entropy, buf,
-                                expected[sl] if need_dh else None,
+                                expected[sl] if expected is not None else None,
                                 expected_ent[sl] if expected_ent is not None else None)
         logp[sl], lse[sl], deriv_y[sl] = st.logp, st.lse, st.deriv_y
-        if want_entropy:
+        if entropy is not None and st.entropy is not None:
             entropy[sl] = st.entropy
     return _Forward(logp, lse, deriv_y, entropy, expected, expected_ent)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,10 @@ from .head import TokenLogprobs, token_logprobs
 from .kernel import LogitTransform
 
 log = logging.getLogger(__name__)
+
+# A transformers model or PEFT wrapper (or one of their layers): its submodules (``lm_head``, ``lora_A``,
+# ...) are dynamic attributes, which ``nn.Module.__getattr__`` types as ``Tensor | Module``; so ``Any``.
+HFModule = Any
 
 
 def logit_transform(config) -> LogitTransform:
@@ -40,7 +45,7 @@ def logit_transform(config) -> LogitTransform:
     return LogitTransform(scale, float(softcap) if softcap else None)
 
 
-def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+def unwrap_causal_lm(model: HFModule) -> HFModule:
     """The ``*ForCausalLM`` module inside a PEFT wrapper (or ``model`` itself)."""
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and hasattr(model, "peft_config"):
@@ -48,7 +53,7 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
-def backbone_of(causal: nn.Module) -> nn.Module:
+def backbone_of(causal: HFModule) -> HFModule:
     """The transformer under a ``*ForCausalLM``'s head (``model.model``, ``transformer``, ...).
 
     ``base_model`` is transformers' name for it (``base_model_prefix``); some classes leave the prefix
@@ -67,7 +72,7 @@ class _Head:
     module: nn.Module | None = None  # set when the head can only be run as a module (fallback)
 
 
-def _resolve_head(head: nn.Module) -> _Head:
+def _resolve_head(head: HFModule) -> _Head:
     """Express ``head`` as a plain linear map; PEFT adapters are folded in exactly, never dropped."""
     if type(head) is nn.Linear:
         return _Head(head.weight, head.bias, [])
@@ -80,7 +85,8 @@ def _resolve_head(head: nn.Module) -> _Head:
         base = _resolve_head(head.base_layer)
         if base.module is not None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
             return base
-        extra, weights, bias = [], [base.weight], base.bias
+        extra: list = []
+        weights, bias = [base.weight], base.bias
         for name in head.active_adapters:
             if name not in head.lora_A:
                 continue
@@ -94,7 +100,7 @@ def _resolve_head(head: nn.Module) -> _Head:
         if not extra:
             return base
         return _Head(torch.cat(weights, dim=1), bias, extra)
-    weight = getattr(head, "weight", None)
+    weight: Any = getattr(head, "weight", None)  # unused: the module runs itself
     log.info("LM head %s is not a plain linear layer; running it as a module on the scored rows only",
              type(head).__name__)
     return _Head(weight, None, [], module=head)
@@ -115,7 +121,7 @@ def validate_batch(input_ids, attention_mask=None, score_mask=None, vocab_size: 
         raise InvalidBatch(f"input_ids must be a [B, T] integer tensor, got {shape}")
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise InvalidBatch(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    masks = []
+    masks: list[torch.Tensor | None] = []
     for name, mask in (("attention_mask", attention_mask), ("score_mask", score_mask)):
         if mask is None:
             masks.append(None)
@@ -226,7 +232,7 @@ def head_logprobs(
             logits = tf.softcap * torch.tanh(logits / tf.softcap)
         scored = _from_logits(logits.unsqueeze(0), targets[rows].unsqueeze(0), temperature, return_entropy)
         return _scatter_rows(scored, rows)
-    kwargs = dict(bias=head.bias, temperature=temperature, logit_scale=tf.logit_scale, softcap=tf.softcap,
+    kwargs: dict[str, Any] = dict(bias=head.bias, temperature=temperature, logit_scale=tf.logit_scale, softcap=tf.softcap,
                   chunk_size=chunk_size, return_entropy=return_entropy, fp32_accumulation=fp32_accumulation)
     hidden = _extend_hidden(hidden, head.extra)
     if use_liger:

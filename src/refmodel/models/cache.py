@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -148,7 +149,7 @@ class ReferenceModelCache:
                 self._stats.misses += 1
                 future = self._stats.inflight.get(key)
                 owner = future is None
-                if owner:
+                if future is None:
                     future = self._stats.inflight[key] = Future()
                     evicted = self._make_room(extra=1)  # evict before loading: peak <= max_models
             if owner:
@@ -310,7 +311,7 @@ def _trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-_MALLOC_TRIM = None
+_MALLOC_TRIM: Any = None  # libc's malloc_trim, False where there is none, None until looked up
 
 
 def _idle_sweeper(cache_ref, stop: threading.Event, timeout_s: float) -> None:

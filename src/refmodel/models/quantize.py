@@ -119,7 +119,9 @@ def _quantize_torchao(model: nn.Module, mode: str) -> None:
     if mode == "int8":
         config = Int8WeightOnlyConfig()
     else:
-        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP_SIZE))
+        # torch.int4 exists at run time (torch >= 2.3) but not in torch's type stubs
+        config = IntxWeightOnlyConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
+                                      granularity=PerGroup(INT4_GROUP_SIZE))
     quantize_(model, config, filter_fn=lambda mod, fqn: id(mod) in chosen)
     log.info("torchao %s: quantized %d linear layers", mode, len(chosen))
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from ..errors import FingerprintMismatch
 from ._peft import is_peft_model
 from .adapter import AdapterDisabled
-from .base import module_bytes
+from .base import Reference, module_bytes
 from .config import ReferenceConfig
 from .free import ReferenceFree
 from .frozen import Frozen
@@ -47,15 +48,15 @@ def _path_bytes(path: str) -> int | None:
     return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
 
 
-def _live(policy, cfg: ReferenceConfig):
+def _live(policy, cfg: ReferenceConfig) -> tuple[Reference, str]:
     """Rules 3-6: ``(reference, reason)``."""
-    logp = dict(temperature=cfg.temperature, use_fused_linear_logprobs=cfg.use_fused_linear_logprobs,
+    logp: dict[str, Any] = dict(temperature=cfg.temperature, use_fused_linear_logprobs=cfg.use_fused_linear_logprobs,
                 cast_logprobs_to_fp32=cfg.cast_logprobs_to_fp32)
     if cfg.sync_ref_model:
-        ref = Synced(policy, ref_model_sync_steps=cfg.ref_model_sync_steps,
+        synced = Synced(policy, ref_model_sync_steps=cfg.ref_model_sync_steps,
                      ref_model_mixup_alpha=cfg.ref_model_mixup_alpha, max_rank=cfg.max_rank, **logp)
-        kind = "a LoRA reference adapter" if ref.lora is not None else "a full copy"
-        return ref, (f"sync_ref_model=True (TR-DPO: every {cfg.ref_model_sync_steps} steps, "
+        kind = "a LoRA reference adapter" if synced.lora is not None else "a full copy"
+        return synced, (f"sync_ref_model=True (TR-DPO: every {cfg.ref_model_sync_steps} steps, "
                      f"alpha={cfg.ref_model_mixup_alpha}; {kind})")
     if is_peft_model(policy) and not cfg.ref_model_path:
         what = f"adapter {cfg.ref_adapter_name!r}" if cfg.ref_adapter_name else "the base model, adapters off"
@@ -72,11 +73,11 @@ def _live(policy, cfg: ReferenceConfig):
         else:
             placement, why = placement_rule(size, cfg.max_local_bytes)
         if placement == "local":
-            ref = Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)) if cfg.ref_model_path \
+            local = Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)) if cfg.ref_model_path \
                 else Frozen.from_policy(policy, **_frozen_kwargs(cfg))
-            return ref, f"remote_url is set but the reference stays local: {why}"
-        ref = Remote(cfg.remote_url, cfg.remote_model, token=cfg.remote_token)
-        return ref, f"remote_url is set and the reference goes remote: {why}; model {cfg.remote_model!r} at {cfg.remote_url}"
+            return local, f"remote_url is set but the reference stays local: {why}"
+        remote = Remote(cfg.remote_url, str(cfg.remote_model), token=cfg.remote_token)  # config: set with remote_url
+        return remote, f"remote_url is set and the reference goes remote: {why}; model {cfg.remote_model!r} at {cfg.remote_url}"
     if cfg.ref_model_path:
         return Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)), f"ref_model_path={cfg.ref_model_path!r}"
     return Frozen.from_policy(policy, **_frozen_kwargs(cfg)), "default: a frozen copy of the policy"
@@ -88,9 +89,10 @@ def _open_store(path: str):
     return LogprobStore.open(path)
 
 
-def auto(policy, config: ReferenceConfig | None = None):
+def auto(policy, config: ReferenceConfig | None = None) -> Reference:
     """Build the :class:`~refmodel.reference.Reference` that ``config`` asks for (see module rules)."""
     cfg = config if config is not None else ReferenceConfig()
+    ref: Reference
     if cfg.reference_free:
         ref, reason = ReferenceFree(), "reference_free=True (ORPO/SimPO need no pi_ref)"
     elif cfg.load_reference_logprobs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ class Frozen:
         self.model = model
         self.temperature = float(temperature)
         self.quantize = quantize
-        self._kwargs = dict(use_fused_linear_logprobs=use_fused_linear_logprobs,
+        self._kwargs: dict[str, Any] = dict(use_fused_linear_logprobs=use_fused_linear_logprobs,
                             cast_logprobs_to_fp32=cast_logprobs_to_fp32, chunk_size=chunk_size)
         self._fingerprint: str | None = None
 
