@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,13 +102,13 @@ def reference_view(model, adapter_name: str | None) -> Iterator[None]:
             model.set_adapter(previous)
 
 
-def lora_layers(model) -> list[tuple[str, nn.Module]]:
+def lora_layers(model) -> list[tuple[str, Any]]:  # PEFT layers: adapters are dynamic attributes
     """``(name, layer)`` of every LoRA layer (modules holding ``lora_A`` / ``lora_B`` dicts)."""
     return [(n, m) for n, m in model.get_base_model().named_modules()
             if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and hasattr(m, "scaling")]
 
 
-def modules_to_save(model) -> list[tuple[str, nn.Module]]:
+def modules_to_save(model) -> list[tuple[str, Any]]:
     """``(name, wrapper)`` of every PEFT ``ModulesToSaveWrapper`` (fully trained copies, e.g. a head)."""
     return [(n, m) for n, m in model.get_base_model().named_modules()
             if isinstance(getattr(m, "modules_to_save", None), nn.ModuleDict) and hasattr(m, "original_module")]

@@ -68,7 +68,8 @@ class Precomputed:
 
     def _with_fallback(self, input_ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Row by row: stored rows from the store, missing rows from the fallback (one batched call)."""
-        rows, missing = [], []
+        rows: list[torch.Tensor | None] = []
+        missing: list[int] = []
         for b in range(input_ids.shape[0]):
             try:
                 rows.append(torch.as_tensor(self.store.get_batch(input_ids[b:b + 1], attn[b:b + 1].long()),
@@ -83,7 +84,7 @@ class Precomputed:
         self.misses += len(missing)
         log.debug("precomputed reference: %d of %d rows missed the store, computed by %r",
                   len(missing), input_ids.shape[0], self.fallback)
-        return torch.stack(rows)
+        return torch.stack([r for r in rows if r is not None])  # every None was filled just above
 
     def on_step(self, step: int, policy) -> None:
         """Stored log-probs never change."""

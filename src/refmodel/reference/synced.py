@@ -103,6 +103,7 @@ class Synced:
     def fingerprint(self) -> str:
         if self.frozen is not None:
             return self.frozen.fingerprint
+        assert self.lora is not None  # exactly one of frozen / lora is set
         if self._fingerprint is None:
             items = base_state_items(self.policy) + adapter_state_items(self.policy, self.lora.ref_name)
             temp = None if self.temperature == 1.0 else self.temperature
@@ -112,7 +113,10 @@ class Synced:
     @property
     def memory_bytes(self) -> int:
         """The full copy's bytes, or the reference adapter's bytes (grows with its rank) for PEFT."""
-        return self.frozen.memory_bytes if self.frozen is not None else self.lora.bytes
+        if self.frozen is not None:
+            return self.frozen.memory_bytes
+        assert self.lora is not None  # exactly one of frozen / lora is set
+        return self.lora.bytes
 
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -120,6 +124,7 @@ class Synced:
         """``[B, T]`` float32 log-probs under the current reference."""
         if self.frozen is not None:
             return self.frozen.logprobs(input_ids, attention_mask, score_mask)
+        assert self.lora is not None  # exactly one of frozen / lora is set
         with reference_view(self.policy, self.lora.ref_name):
             return model_logprobs(self.policy, input_ids, attention_mask, score_mask,
                                   temperature=self.temperature, **self._kwargs)
@@ -144,13 +149,14 @@ class Synced:
                 self.lora.mix(self.alpha)
         else:
             self._sync_full(policy)
-            self.frozen._fingerprint = None
         self._fingerprint = None
         self.syncs += 1
         log.debug("synced reference (%d): alpha=%s%s", self.syncs, self.alpha,
                   f", adapter rank {self.lora.rank}" if self.lora is not None else "")
 
     def _sync_full(self, policy) -> None:
+        assert self.frozen is not None  # exactly one of frozen / lora is set
+        self.frozen._fingerprint = None
         if self.frozen.model is policy:
             raise ConfigError("the synced reference is the policy object itself; build Synced(policy) once")
         src = dict(policy.named_parameters())
