@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -15,6 +16,11 @@ def test_demo_cli_learns_and_strategies_agree(tmp_path):
     out = tmp_path / "demo"
     proc = run_cli("demo", "--out", out, timeout=600)
     assert "held-out reward accuracy" in proc.stdout and "curves:" in proc.stdout
+    # The demo quantizes nothing and uses no service: no notice from torchao, bitsandbytes, Ray or FastAPI
+    # (they used to print "Failed to load ... _C_mxfp8" and "Detected no triton"), no INFO lines.
+    noise = re.compile(r"torchao|bitsandbytes|triton|_C_mxfp8|_pytree|gemm_4bit|\bray\b|fastapi|uvicorn", re.I)
+    assert noise.search(proc.stderr) is None, proc.stderr
+    assert re.search(r"^\S+ \S+ INFO ", proc.stderr, re.M) is None, proc.stderr
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["eval_accuracy_after"] > 0.75  # chance is 0.5; measured 0.87
     assert summary["first_batch_loss_max_abs_diff"] < 1e-5  # float32 store: same numbers as live
