@@ -183,12 +183,14 @@ def make_tiny_model(family: Family, path: str | Path, seed: int = 0, **config_ov
 
 
 def load_tiny(path: str | Path):
-    """``(model, tokenizer)`` loaded from ``path`` with eager attention, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` loaded from ``path`` with eager attention, in eval mode, trainable.
 
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    Through the safe loader (:func:`refmodel.models.loading.load_model`: safetensors only, no remote code).
+    """
+    from .models.loading import load_model, load_tokenizer
+
+    model = load_model(path, attn_implementation="eager", freeze=False)
+    return model, load_tokenizer(path)
 
 
 def subprocess_env(**extra) -> dict:

@@ -226,6 +226,8 @@ def test_loaded_model_is_frozen_in_eval_mode(tiny_model_dirs):
     model = load_model(tiny_model_dirs["llama"], dtype="bf16")
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert next(model.parameters()).dtype == torch.bfloat16
+    policy = load_model(tiny_model_dirs["llama"], freeze=False)  # e.g. refmodel.testing.load_tiny
+    assert not policy.training and all(p.requires_grad for p in policy.parameters())
 
 
 def test_parse_named_paths():

@@ -180,7 +180,8 @@ def load_tokenizer(path: str | Path):
 
 def load_model(path: str | Path, *, task: Task = "causal-lm", dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None, quantize: str | None = None, allow_pickle: bool = False,
-               attn_implementation: str | None = None, what: str = "model", **from_pretrained_kwargs: Any) -> nn.Module:
+               attn_implementation: str | None = None, what: str = "model", freeze: bool = True,
+               **from_pretrained_kwargs: Any) -> nn.Module:
     """Load a frozen model from a local folder under the loading policy (module docstring).
 
     Args:
@@ -194,9 +195,10 @@ def load_model(path: str | Path, *, task: Task = "causal-lm", dtype: str | torch
         allow_pickle: also accept pickled weights (``pytorch_model.bin``) when there are no safetensors.
         attn_implementation: passed to ``from_pretrained`` (e.g. ``"eager"``).
         what: how error messages name the model (``"--model"``, ``"reward model 'rm'"``).
+        freeze: turn ``requires_grad`` off on every parameter (``False`` for a policy to train).
         from_pretrained_kwargs: more ``from_pretrained`` options; none that would relax the policy.
     Returns:
-        the model in eval mode with ``requires_grad`` off on every parameter.
+        the model in eval mode (with ``requires_grad`` off unless ``freeze=False``).
     """
     check_mode(quantize)
     if task not in ("causal-lm", "sequence-classification"):
@@ -222,7 +224,8 @@ def load_model(path: str | Path, *, task: Task = "causal-lm", dtype: str | torch
     if quantize is not None and quantize not in BNB_MODES:
         quantize_model(model, quantize)
     model.eval()
-    model.requires_grad_(False)
+    if freeze:
+        model.requires_grad_(False)
     return model
 
 
