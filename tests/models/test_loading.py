@@ -281,3 +281,22 @@ def test_cli_refuses_without_running_anything(hostile, kind, command, tmp_path):
     assert "Traceback" not in proc.stderr and "[y/N]" not in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.jsonl").exists()
     assert _untouched(folder) and _untouched(rm_folder)
+
+
+def test_only_the_loader_calls_from_pretrained():
+    # One loader for every entry point: a new `X.from_pretrained(...)` elsewhere in the package would
+    # bypass the policy. Load through refmodel.models.loading.load_model / load_tokenizer instead.
+    import ast
+
+    import refmodel
+
+    package = Path(refmodel.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path == package / "models" / "loading.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("from_pretrained", "load") \
+                    and (node.func.attr == "from_pretrained" or getattr(node.func.value, "id", None) == "torch"):
+                found.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert found == [], f"model loading outside refmodel.models.loading: {found}"
