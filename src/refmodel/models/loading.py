@@ -86,7 +86,6 @@ def as_registry(registry: Any) -> ModelRegistry:
     raise ConfigError(f"registry must be a ModelRegistry or a {{name: path}} dict, got {type(registry).__name__}")
 
 
-
 def parse_named_paths(values: Iterable[str], flag: str = "model entry") -> dict[str, str]:
     """``["a=/p/a", "b=/p/b"]`` -> ``{"a": "/p/a", ...}`` (CLI / environment style ``NAME=PATH`` pairs).
 
