@@ -300,3 +300,32 @@ def test_only_the_loader_calls_from_pretrained():
                     and (node.func.attr == "from_pretrained" or getattr(node.func.value, "id", None) == "torch"):
                 found.append(f"{path.relative_to(package)}:{node.lineno}")
     assert found == [], f"model loading outside refmodel.models.loading: {found}"
+
+
+@pytest.mark.integration
+def test_in_a_terminal_answering_yes_still_runs_no_code(hostile, tmp_path):
+    # Issue 19: in a terminal transformers asked "Do you wish to run the custom code? [y/N]" and "y" ran
+    # the folder's code. Under a pseudo-terminal with "y" typed ahead, nothing is asked and nothing runs.
+    import pty
+
+    folder = hostile["code", "lm"]
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "refmodel", "precompute", "--model", str(folder), "--data",
+                             str(builtin_dataset_path()), "--out", str(tmp_path / "out")],
+                            stdin=child, stdout=child, stderr=child, env=subprocess_env(), close_fds=True)
+    os.close(child)
+    os.write(main, b"y\ny\n")
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert proc.wait(timeout=120) == 1
+    text = output.decode(errors="replace")
+    assert re.search(REFUSAL["code"], text.replace("\r\n", " ").replace("\n", " ")), text
+    assert "[y/N]" not in text and _untouched(folder) and not (tmp_path / "out").exists()
