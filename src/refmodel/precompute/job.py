@@ -27,11 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.records import Example, load_examples
-from ..errors import ConfigError, InvalidInput
+from ..errors import ConfigError, InvalidInput, StoreCorrupt
 from ..logprobs.model import head_logprobs, model_logprobs, unwrap_causal_lm
 from ..models.fingerprint import fingerprint as model_fingerprint
 from ..store import LogprobStore
 from ..store.format import Entry, key_bytes, make_entry, normalize_dtype
+from ..store.manifest import shard_name
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_EXAMPLES = 2048
@@ -86,11 +87,6 @@ def plan_batches(units: list[Unit], max_tokens: int) -> list[list[Unit]]:
     return batches
 
 
-def shard_name(index: int) -> str:
-    """File name of the job's shard ``index`` (the same in every run mode, so resume works across them)."""
-    return f"shard-{index:05d}.safetensors"
-
-
 def plan_job(examples: list[Example], *, max_tokens_per_batch: int, shard_examples: int, share_prompt: bool,
              temperature: float) -> tuple[list[list[Unit]], dict]:
     """The job's shards (lists of units, ``shard_examples`` each) and its description for the manifest.
@@ -112,7 +108,11 @@ def plan_job(examples: list[Example], *, max_tokens_per_batch: int, shard_exampl
 
 
 def open_or_create_store(out, fp: str, dtype: str, job: dict, *, resume: bool) -> LogprobStore:
-    """A writable store at ``out`` for ``job``: new, or (``resume=True``) the same job's unfinished one."""
+    """A writable store at ``out`` for ``job``: new, or (``resume=True``) the same job's unfinished one.
+
+    Resuming first checks every committed shard and drops the damaged ones (missing, corrupt, edited),
+    so they are scored again with the missing ones: a resumed store is whole, not just finished.
+    """
     out = Path(out)
     if (out / "manifest.json").exists():
         if not resume:
@@ -123,6 +123,14 @@ def open_or_create_store(out, fp: str, dtype: str, job: dict, *, resume: bool) -
             store.close()
             raise ConfigError(f"{out} was filled by another job (data, dtype or settings differ: stored "
                               f"{json.dumps(store.job)}, dtype {store.dtype}); resume needs the same ones")
+        listed = set(store.shard_files)
+        try:
+            damaged = [p for p in store.discard_damaged() if p.file in listed]
+        except BaseException:
+            store.close()
+            raise
+        for p in damaged:
+            log.warning("precompute: %s is damaged and will be scored again (%s)", p.file, p.reason)
         return store
     store = LogprobStore.create(out, fp, dtype=dtype)
     store.set_job(job)
@@ -259,5 +267,30 @@ def precompute(model, data, out, *, tokenizer=None, dtype="bfloat16", max_tokens
     return LogprobStore.open(out, fp)
 
 
-__all__ = ["precompute", "plan_units", "plan_batches", "plan_job", "open_or_create_store", "pending_shards",
+def repair(model, data, path, *, tokenizer=None, progress: bool = True,
+           model_kwargs: dict | None = None) -> LogprobStore:
+    """Make the precompute store at ``path`` whole again: rescore its missing and damaged shards.
+
+    Needs the model and data the store was made from; the settings (storage dtype, batch budget,
+    shard size, prompt sharing, temperature) come from the job in the manifest, so the repaired store
+    is byte-identical to an uninterrupted run. Another model gives FingerprintMismatch, other data a
+    ConfigError, both before anything is changed. What ``refmodel store repair --model --data`` runs.
+    """
+    with LogprobStore.open(path) as store:
+        job, dtype = store.job, store.dtype
+    if not isinstance(job, dict) or job.get("kind") != "precompute":
+        raise ConfigError(f"store {path} was not made by `refmodel precompute` (no job in its manifest), so it "
+                          f"cannot be rescored; `refmodel store repair {path} --drop` removes its damaged shards")
+    settings = {}
+    for field, kind in (("max_tokens_per_batch", int), ("shard_examples", int), ("share_prompt", bool),
+                        ("temperature", (int, float))):
+        if not isinstance(job.get(field), kind):
+            raise StoreCorrupt(f"the manifest of {path} is invalid: job.{field} is {job.get(field)!r}; recompute "
+                               "the store (refmodel precompute into an empty folder)")
+        settings[field] = job[field]
+    return precompute(model, data, path, tokenizer=tokenizer, dtype=dtype, resume=True, progress=progress,
+                      model_kwargs=model_kwargs, **settings)
+
+
+__all__ = ["precompute", "repair", "plan_units", "plan_batches", "plan_job", "open_or_create_store", "pending_shards",
            "score_units", "shard_name", "Unit"]
