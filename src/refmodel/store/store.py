@@ -392,18 +392,24 @@ class LogprobStore:
         self._check_writable()
         self._commit({**self._manifest, "job": job})
 
-    def close(self) -> None:
-        """Flush (if writable), unmap shards and release the writer lock."""
-        if self._writable:
-            self.flush()
-        for shard in self._shards.values():
-            shard.close()
-        self._shards.clear()
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
-        self._writable = False
+    def close(self, flush: bool = True) -> None:
+        """Flush (if writable and ``flush``), unmap shards and release the writer lock.
+
+        The lock is released even when the flush fails (disk full); ``flush=False`` drops what is buffered.
+        """
+        try:
+            if self._writable and flush:
+                self.flush()
+        finally:
+            self._pending.clear()
+            for shard in self._shards.values():
+                shard.close()
+            self._shards.clear()
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self._writable = False
 
     # ---------------------------------------------------------------- internals
     def _commit(self, manifest: dict) -> None:
