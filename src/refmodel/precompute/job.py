@@ -30,6 +30,7 @@ from ..data.records import Example, load_examples
 from ..errors import ConfigError, InvalidInput, StoreCorrupt
 from ..logprobs.model import head_logprobs, model_logprobs, unwrap_causal_lm
 from ..models.fingerprint import fingerprint as model_fingerprint
+from ..models.limits import position_limit
 from ..store import LogprobStore
 from ..store.format import Entry, key_bytes, make_entry, normalize_dtype
 from ..store.manifest import shard_name
@@ -50,6 +51,27 @@ class Unit:
     @property
     def tokens(self) -> int:
         return len(self.prompt) + sum(len(c) for c in self.completions)
+
+
+def check_position_limit(model, examples: list[Example]) -> None:
+    """Refuse data with a sequence longer than the model's position limit, before any store is made.
+
+    Raises InvalidInput naming the first offending row (file and line), its length and the limit, and
+    how many rows exceed it. Models whose config names no limit are not checked.
+    """
+    found = position_limit(model)
+    if found is None:
+        return
+    limit, field = found
+    over = [(ex, name, len(ex.prompt_ids) + len(comp)) for ex in examples
+            for comp, name in zip(ex.completions, ex.names, strict=True) if len(ex.prompt_ids) + len(comp) > limit]
+    if over:
+        ex, name, length = over[0]
+        rows = len({id(e) for e, _, _ in over})
+        raise InvalidInput(f"{ex.where or 'a record'}: the {name} sequence has {length} tokens (prompt "
+                           f"{len(ex.prompt_ids)} + {name} {length - len(ex.prompt_ids)}), more than the model's "
+                           f"position limit of {limit} (config.{field}); {rows} of {len(examples)} rows are too long. "
+                           "Shorten or drop them, or truncate them with the data's max_length setting")
 
 
 def plan_units(examples: list[Example]) -> list[Unit]:
@@ -175,7 +197,10 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     if k > 1:
         cache.batch_repeat_interleave(k)
     full_mask = torch.cat([prompt_mask.repeat_interleave(k, 0), comp_mask], 1)
-    positions = prompt_len.repeat_interleave(k)[:, None] + torch.arange(c_len)[None]
+    # Padding after a short completion keeps its row's last real position: arange(c_len) alone would push
+    # a short prompt + long batch-mate past the model's position limit (an IndexError in GPT-2's table).
+    steps = torch.minimum(torch.arange(c_len)[None], (comp_mask.sum(1) - 1).clamp(min=0)[:, None])
+    positions = prompt_len.repeat_interleave(k)[:, None] + steps
     hidden = backbone(input_ids=comp.to(device), attention_mask=full_mask.to(device),
                       position_ids=positions.to(device), past_key_values=cache, use_cache=True).last_hidden_state
     # Completion token j is predicted from the state before it: the prompt's last for j = 0.
@@ -240,7 +265,9 @@ def precompute(model, data, out, *, tokenizer=None, dtype="bfloat16", max_tokens
     dtype = normalize_dtype(dtype)
     model, tokenizer = _load_model(model, tokenizer, model_kwargs)
     fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
-    shards, job = plan_job(load_examples(data, tokenizer), max_tokens_per_batch=max_tokens_per_batch,
+    examples = load_examples(data, tokenizer)
+    check_position_limit(model, examples)
+    shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch,
                            shard_examples=shard_examples, share_prompt=share_prompt, temperature=temperature)
     units = [u for shard in shards for u in shard]
     store = open_or_create_store(out, fp, dtype, job, resume=resume)
@@ -292,5 +319,5 @@ def repair(model, data, path, *, tokenizer=None, progress: bool = True,
                       model_kwargs=model_kwargs, **settings)
 
 
-__all__ = ["precompute", "repair", "plan_units", "plan_batches", "plan_job", "open_or_create_store", "pending_shards",
+__all__ = ["precompute", "repair", "check_position_limit", "plan_units", "plan_batches", "plan_job", "open_or_create_store", "pending_shards",
            "score_units", "shard_name", "Unit"]
