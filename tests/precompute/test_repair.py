@@ -10,7 +10,7 @@ import torch
 
 from refmodel import ConfigError, FingerprintMismatch, StoreCorrupt
 from refmodel.data.records import load_examples
-from refmodel.precompute.job import precompute, repair
+from refmodel.precompute.job import precompute, repair_store
 from refmodel.store import LogprobStore
 from refmodel.testing import load_tiny, preference_pairs, run_cli, write_jsonl
 
@@ -65,11 +65,11 @@ def test_repair_refuses_another_model_or_data_and_changes_nothing(made, tiny_mod
     _damage(broken)
     before = _files(broken)
     with pytest.raises(FingerprintMismatch):
-        repair(tiny_model_dirs["llama"], data, broken, progress=False)
+        repair_store(tiny_model_dirs["llama"], data, broken, progress=False)
     with pytest.raises(ConfigError, match="another job"):
-        repair(model_dir, pairs[:10], broken, progress=False)
+        repair_store(model_dir, pairs[:10], broken, progress=False)
     assert _files(broken) == before
-    assert _files(repair(model_dir, data, broken, progress=False).path) == _files(full)
+    assert _files(repair_store(model_dir, data, broken, progress=False).path) == _files(full)
 
 
 @pytest.mark.integration

@@ -74,9 +74,9 @@ def repair_command(path: str, model: str | None, data: str | None, drop: bool) -
             for p in store.discard_damaged(forget_job=True):
                 click.echo(f"dropped {p.file}: {p.reason}", err=True)
     else:
-        from ..precompute.job import repair
+        from ..precompute.job import repair_store
 
-        repair(model, data, path, progress=False).close()
+        repair_store(model, data, path, progress=False).close()
     info = LogprobStore.open(path).verify()
     click.echo(f"repaired, ok: {info['shards']} shards, {info['entries']} entries, {info['tokens']} tokens verified")
 

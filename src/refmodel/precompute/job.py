@@ -294,7 +294,7 @@ def precompute(model, data, out, *, tokenizer=None, dtype="bfloat16", max_tokens
     return LogprobStore.open(out, fp)
 
 
-def repair(model, data, path, *, tokenizer=None, progress: bool = True,
+def repair_store(model, data, path, *, tokenizer=None, progress: bool = True,
            model_kwargs: dict | None = None) -> LogprobStore:
     """Make the precompute store at ``path`` whole again: rescore its missing and damaged shards.
 
@@ -319,5 +319,5 @@ def repair(model, data, path, *, tokenizer=None, progress: bool = True,
                       model_kwargs=model_kwargs, **settings)
 
 
-__all__ = ["precompute", "repair", "check_position_limit", "plan_units", "plan_batches", "plan_job", "open_or_create_store", "pending_shards",
-           "score_units", "shard_name", "Unit"]
+__all__ = ["precompute", "repair_store", "check_position_limit", "plan_units", "plan_batches", "plan_job",
+           "open_or_create_store", "pending_shards", "score_units", "shard_name", "Unit"]
