@@ -17,8 +17,10 @@ import torch
 from safetensors.numpy import save_file
 
 from refmodel import StoreCorrupt
+from refmodel.data.records import Example
 from refmodel.store import LogprobStore, key_of
 from refmodel.store.format import SUM_IN_CRC, VERSION
+from refmodel.store.interop import trl_columns
 
 
 def _seqs(n=9, seed=0):
@@ -101,6 +103,8 @@ def test_old_versions_are_read_and_verified(tmp_path, version):
     with LogprobStore.open(tmp_path / "s", mode="a") as store:
         for s in extra:
             assert store.put(*s)
+    # ... and the manifest now says version 3, so an older refmodel refuses it by version, not as "corrupt".
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["version"] == VERSION
     with LogprobStore.open(tmp_path / "s") as store:
         assert store.verify()["entries"] == len(seqs) + len(extra)
         assert all(ids in store for ids, _, _ in seqs + extra)
@@ -134,6 +138,11 @@ def test_corrupted_sum_is_caught_on_every_read_path(tmp_path):
         store.get_sums(victim[0][None])
     with pytest.raises(StoreCorrupt, match="crc32"):
         list(store.entries())
+    ids = tuple(victim[0].tolist())
+    pair = Example(ids[:1], (ids[1:], ids[1:-1]), ((True,) * (len(ids) - 1), (True,) * (len(ids) - 2)),
+                   ("chosen", "rejected"), "row 0")
+    with pytest.raises(StoreCorrupt, match="crc32"):  # what `store export-trl` writes
+        trl_columns(store, [pair])
     with pytest.raises(StoreCorrupt, match="shard-00001"):
         store.verify()
     for ids, logps, mask in seqs:  # every other entry still reads, sum included

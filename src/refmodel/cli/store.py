@@ -19,6 +19,11 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except RefModelError as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+        except OSError as exc:  # a file outside the store (the data, an export): the same one-line error
+            from ..store.format import storage_error
+
+            err = storage_error(exc.filename or "a file", exc, "read or write")
+            raise click.ClickException(f"{type(err).__name__}: {err}") from exc
     return wrapper
 
 

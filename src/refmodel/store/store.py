@@ -231,7 +231,8 @@ class LogprobStore:
     def info(self) -> dict:
         """Summary: path, fingerprint, dtype, entries, stored tokens, shards, bytes, job."""
         shards = self._manifest["shards"]
-        return {"path": str(self.path), "format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint,
+        return {"path": str(self.path), "format": FORMAT, "version": self._manifest["version"],
+                "fingerprint": self.fingerprint,
                 "dtype": self.dtype, "entries": len(self), "tokens": sum(s["tokens"] for s in shards),
                 "shards": len(shards), "bytes": sum(s["bytes"] for s in shards), "job": self.job,
                 "pending": len(self._pending)}
@@ -413,6 +414,9 @@ class LogprobStore:
 
     # ---------------------------------------------------------------- internals
     def _commit(self, manifest: dict) -> None:
+        # Whatever this code commits may list version-3 shards, so the manifest says so: an older refmodel
+        # then refuses the store by its version instead of calling the new shards corrupt.
+        manifest = {**manifest, "version": VERSION}
         atomic_write(self.path / MANIFEST, dump_manifest(manifest))
         self._manifest = manifest
         self._stamp = self._manifest_stamp()
