@@ -93,7 +93,7 @@ def entry_crc(key: bytes, count: int, start: int, seq_len: int, value_bytes, tot
     pass None (their crc leaves the sum out).
     """
     crc = zlib.crc32(value_bytes, zlib.crc32(key + struct.pack("<qqq", count, start, seq_len)))
-    return crc if total is None else zlib.crc32(np.float32(total).astype("<f4").tobytes(), crc)
+    return crc if total is None else zlib.crc32(struct.pack("<f", total), crc)  # exact for a float32 value
 
 
 def repair_hint(root) -> str:
