@@ -144,7 +144,7 @@ def store_info_cmd(path: str) -> None:
 @store_group.command("verify")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 def store_verify_cmd(path: str) -> None:
-    """Check every shard's checksums; exits non-zero on corruption."""
+    """Check every shard (checksums, sizes, counts) and the job's shard list; exits non-zero on any damage."""
     from .store import verify_command
 
     verify_command(path)

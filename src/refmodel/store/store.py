@@ -11,6 +11,11 @@ manifest (also written atomically) updated to list it. Readers see the shards of
 read, so they never see a partial shard; a shard file that no manifest lists (a crash between the two
 renames) is deleted by the next writer. Many readers (DataLoader workers) can open a store while one
 writer appends; a reader picks up new shards when it misses a key.
+
+Damage stays local: a missing, truncated or corrupt shard fails only the lookups of rows that may be
+in it (StoreCorrupt naming the shard and the repair), never the rows of the other shards.
+:meth:`LogprobStore.problems` lists every damaged shard, :meth:`LogprobStore.verify` raises on any,
+and ``refmodel store repair`` (or ``precompute --resume``) rescores them.
 """
 
 from __future__ import annotations
@@ -419,6 +424,7 @@ class LogprobStore:
         manifest = {**manifest, "version": VERSION}
         atomic_write(self.path / MANIFEST, dump_manifest(manifest))
         self._manifest = manifest
+        self._bad.clear()
         self._stamp = self._manifest_stamp()
 
     def _check_writable(self) -> None:
