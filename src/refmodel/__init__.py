@@ -18,6 +18,7 @@ from .errors import (  # noqa: E402
     RequestTooLarge,
     ServiceError,
     ServiceOverloaded,
+    StorageError,
     StoreCorrupt,
     StoreMiss,
     Unauthorized,
@@ -32,8 +33,9 @@ from .models.cache import (  # noqa: E402
     load_reference_model,
 )
 from .models.fingerprint import fingerprint  # noqa: E402
+from .models.limits import position_limit  # noqa: E402
 from .models.quantize import QUANT_MODES, quantize_model  # noqa: E402
-from .precompute.job import precompute  # noqa: E402
+from .precompute.job import precompute, repair_store  # noqa: E402
 from .precompute.ray import precompute_on_ray  # noqa: E402  (imports ray only when called)
 from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote stays lazy)
     AdapterDisabled,
@@ -63,6 +65,7 @@ __all__ = [
     "ServiceError",
     "ServiceOverloaded",
     "StoreCorrupt",
+    "StorageError",
     "StoreMiss",
     "Unauthorized",
     "TokenLogprobs",
@@ -75,6 +78,8 @@ __all__ = [
     "LogprobStore",
     "key_of",
     "precompute",
+    "repair_store",
+    "position_limit",
     "precompute_on_ray",
     "fingerprint",
     "head_logprobs",

@@ -36,6 +36,14 @@ class StoreCorrupt(RefModelError):
     """A store file failed its checksum or is structurally invalid."""
 
 
+class StorageError(RefModelError, OSError):
+    """Reading or writing a file failed (disk full, no permission, read-only filesystem).
+
+    The message names the path and the cause; the store is left as it was before the write (the temp
+    file is removed), so the same command can be rerun once the cause is fixed.
+    """
+
+
 class StoreMiss(RefModelError, KeyError):
     """The store holds no entry for these exact token ids."""
 
@@ -79,6 +87,7 @@ __all__ = [
     "DataFormatError",
     "FingerprintMismatch",
     "StoreCorrupt",
+    "StorageError",
     "StoreMiss",
     "ModelNotAllowed",
     "MissingDependency",

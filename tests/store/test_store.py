@@ -164,35 +164,3 @@ def test_readable_without_refmodel(tmp_path):
     offset, count, start, seq_len, _ = tensors["meta"][0]
     assert bytes(tensors["keys"][0]).hex() == key_of(ids) and seq_len == len(ids)
     np.testing.assert_array_equal(tensors["values"][offset:offset + count], lp[start:].numpy())
-
-
-def test_version_1_shards_with_int64_meta_are_still_read(tmp_path):
-    # Stores written before the U32 index (format version 1, I64 meta) must stay readable and verifiable.
-    import hashlib
-
-    from safetensors.numpy import load_file, save_file
-
-    seqs = _seqs(3)
-    with LogprobStore.create(tmp_path / "s", "fp", dtype="float16") as store:
-        for ids, lp, m in seqs:
-            store.put(ids, lp, m)
-    manifest_path = tmp_path / "s" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    spec = manifest["shards"][0]
-    shard = tmp_path / "s" / spec["file"]
-    tensors = load_file(shard)
-    assert tensors["meta"].dtype == np.uint32
-    tensors["meta"] = tensors["meta"].astype(np.int64)
-    save_file(tensors, shard)
-    body = shard.read_bytes()[8 + int.from_bytes(shard.read_bytes()[:8], "little"):]
-    save_file(tensors, shard, metadata={"format": "refmodel-logprob-store", "version": "1", "fingerprint": "fp",
-                                        "dtype": "float16", "entries": "3",
-                                        "data_blake2b": hashlib.blake2b(body, digest_size=16).hexdigest()})
-    blob = shard.read_bytes()
-    spec.update(bytes=len(blob), blake2b=hashlib.blake2b(blob, digest_size=16).hexdigest())
-    manifest["version"] = 1
-    manifest_path.write_text(json.dumps(manifest))
-    with LogprobStore.open(tmp_path / "s", "fp") as store:
-        store.verify()
-        for ids, lp, m in seqs:
-            np.testing.assert_allclose(store.get(ids).numpy(), (lp * m).numpy(), rtol=2**-10, atol=0)

@@ -178,10 +178,23 @@ def store_info_cmd(path: str) -> None:
 @store_group.command("verify")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 def store_verify_cmd(path: str) -> None:
-    """Check every shard's checksums; exits non-zero on corruption."""
+    """Check every shard (checksums, sizes, counts) and the job's shard list; exits non-zero on any damage."""
     from .store import verify_command
 
     verify_command(path)
+
+
+@store_group.command("repair")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", default=None, type=click.Path(exists=True, file_okay=False),
+              help="The reference model the store was made from (rescores the damaged shards).")
+@click.option("--data", default=None, type=click.Path(exists=True), help="The data the store was made from.")
+@click.option("--drop", is_flag=True, help="Instead remove the damaged shards (their entries are lost).")
+def store_repair_cmd(path: str, model: str | None, data: str | None, drop: bool) -> None:
+    """Make a damaged store whole: rescore missing/corrupt shards (--model, --data) or --drop them."""
+    from .store import repair_command
+
+    repair_command(path, model, data, drop)
 
 
 @store_group.command("export-trl")

@@ -19,6 +19,11 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except RefModelError as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+        except OSError as exc:  # a file outside the store (the data, an export): the same one-line error
+            from ..store.format import storage_error
+
+            err = storage_error(exc.filename or "a file", exc, "read or write")
+            raise click.ClickException(f"{type(err).__name__}: {err}") from exc
     return wrapper
 
 
@@ -58,6 +63,27 @@ def verify_command(path: str) -> None:
 
     info = LogprobStore.open(path).verify()
     click.echo(f"ok: {info['shards']} shards, {info['entries']} entries, {info['tokens']} tokens verified")
+
+
+@_user_errors
+def repair_command(path: str, model: str | None, data: str | None, drop: bool) -> None:
+    from ..store import LogprobStore
+
+    if drop and (model is not None or data is not None):
+        raise click.UsageError("--drop removes the damaged shards; it takes no --model / --data")
+    if not drop and (model is None or data is None):
+        raise click.UsageError("give --model and --data (the ones the store was made from) to rescore the damaged "
+                               "shards, or --drop to remove them from the store")
+    if drop:
+        with LogprobStore.open(path, mode="a") as store:
+            for p in store.discard_damaged(forget_job=True):
+                click.echo(f"dropped {p.file}: {p.reason}", err=True)
+    else:
+        from ..precompute.job import repair_store
+
+        repair_store(model, data, path, progress=False).close()
+    info = LogprobStore.open(path).verify()
+    click.echo(f"repaired, ok: {info['shards']} shards, {info['entries']} entries, {info['tokens']} tokens verified")
 
 
 def _fingerprint_of(model: str) -> tuple[object, object, str]:

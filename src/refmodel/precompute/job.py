@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.records import Example, load_examples
-from ..errors import ConfigError, InvalidInput
+from ..errors import ConfigError, InvalidInput, StoreCorrupt
 from ..logprobs.model import (
     backbone_of,
     head_logprobs,
@@ -36,8 +36,10 @@ from ..logprobs.model import (
     unwrap_causal_lm,
 )
 from ..models.fingerprint import fingerprint as model_fingerprint
+from ..models.limits import position_limit
 from ..store import LogprobStore
 from ..store.format import Entry, key_bytes, make_entry, normalize_dtype
+from ..store.manifest import shard_name
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_EXAMPLES = 2048
@@ -55,6 +57,27 @@ class Unit:
     @property
     def tokens(self) -> int:
         return len(self.prompt) + sum(len(c) for c in self.completions)
+
+
+def check_position_limit(model, examples: list[Example]) -> None:
+    """Refuse data with a sequence longer than the model's position limit, before any store is made.
+
+    Raises InvalidInput naming the first offending row (file and line), its length and the limit, and
+    how many rows exceed it. Models whose config names no limit are not checked.
+    """
+    found = position_limit(model)
+    if found is None:
+        return
+    limit, field = found
+    over = [(ex, name, len(ex.prompt_ids) + len(comp)) for ex in examples
+            for comp, name in zip(ex.completions, ex.names, strict=True) if len(ex.prompt_ids) + len(comp) > limit]
+    if over:
+        ex, name, length = over[0]
+        rows = len({id(e) for e, _, _ in over})
+        raise InvalidInput(f"{ex.where or 'a record'}: the {name} sequence has {length} tokens (prompt "
+                           f"{len(ex.prompt_ids)} + {name} {length - len(ex.prompt_ids)}), more than the model's "
+                           f"position limit of {limit} (config.{field}); {rows} of {len(examples)} rows are too long. "
+                           "Shorten or drop them, or truncate them with the data's max_length setting")
 
 
 def plan_units(examples: list[Example]) -> list[Unit]:
@@ -92,11 +115,6 @@ def plan_batches(units: list[Unit], max_tokens: int) -> list[list[Unit]]:
     return batches
 
 
-def shard_name(index: int) -> str:
-    """File name of the job's shard ``index`` (the same in every run mode, so resume works across them)."""
-    return f"shard-{index:05d}.safetensors"
-
-
 def plan_job(examples: list[Example], *, max_tokens_per_batch: int, shard_examples: int, share_prompt: bool,
              temperature: float) -> tuple[list[list[Unit]], dict]:
     """The job's shards (lists of units, ``shard_examples`` each) and its description for the manifest.
@@ -118,7 +136,11 @@ def plan_job(examples: list[Example], *, max_tokens_per_batch: int, shard_exampl
 
 
 def open_or_create_store(out, fp: str, dtype: str, job: dict, *, resume: bool) -> LogprobStore:
-    """A writable store at ``out`` for ``job``: new, or (``resume=True``) the same job's unfinished one."""
+    """A writable store at ``out`` for ``job``: new, or (``resume=True``) the same job's unfinished one.
+
+    Resuming first checks every committed shard and drops the damaged ones (missing, corrupt, edited),
+    so they are scored again with the missing ones: a resumed store is whole, not just finished.
+    """
     out = Path(out)
     if (out / "manifest.json").exists():
         if not resume:
@@ -129,6 +151,14 @@ def open_or_create_store(out, fp: str, dtype: str, job: dict, *, resume: bool) -
             store.close()
             raise ConfigError(f"{out} was filled by another job (data, dtype or settings differ: stored "
                               f"{json.dumps(store.job)}, dtype {store.dtype}); resume needs the same ones")
+        listed = set(store.shard_files)
+        try:
+            damaged = [p for p in store.discard_damaged() if p.file in listed]
+        except BaseException:
+            store.close()
+            raise
+        for p in damaged:
+            log.warning("precompute: %s is damaged and will be scored again (%s)", p.file, p.reason)
         return store
     store = LogprobStore.create(out, fp, dtype=dtype)
     store.set_job(job)
@@ -173,7 +203,10 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     if k > 1:
         cache.batch_repeat_interleave(k)
     full_mask = torch.cat([prompt_mask.repeat_interleave(k, 0), comp_mask], 1)
-    positions = prompt_len.repeat_interleave(k)[:, None] + torch.arange(c_len)[None]
+    # Padding after a short completion keeps its row's last real position: arange(c_len) alone would push
+    # a short prompt + long batch-mate past the model's position limit (an IndexError in GPT-2's table).
+    steps = torch.minimum(torch.arange(c_len)[None], (comp_mask.sum(1) - 1).clamp(min=0)[:, None])
+    positions = prompt_len.repeat_interleave(k)[:, None] + steps
     hidden = backbone(input_ids=comp.to(device), attention_mask=full_mask.to(device),
                       position_ids=positions.to(device), past_key_values=cache, use_cache=True).last_hidden_state
     # Completion token j is predicted from the state before it: the prompt's last for j = 0.
@@ -239,7 +272,9 @@ def precompute(model, data, out, *, tokenizer=None, dtype="bfloat16", max_tokens
     dtype = normalize_dtype(dtype)
     model, tokenizer = _load_model(model, tokenizer, model_kwargs)
     fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
-    shards, job = plan_job(load_examples(data, tokenizer), max_tokens_per_batch=max_tokens_per_batch,
+    examples = load_examples(data, tokenizer)
+    check_position_limit(model, examples)
+    shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch,
                            shard_examples=shard_examples, share_prompt=share_prompt, temperature=temperature)
     units = [u for shard in shards for u in shard]
     store = open_or_create_store(out, fp, dtype, job, resume=resume)
@@ -266,5 +301,30 @@ def precompute(model, data, out, *, tokenizer=None, dtype="bfloat16", max_tokens
     return LogprobStore.open(out, fp)
 
 
-__all__ = ["precompute", "plan_units", "plan_batches", "plan_job", "open_or_create_store", "pending_shards",
-           "score_units", "shard_name", "Unit"]
+def repair_store(model, data, path, *, tokenizer=None, progress: bool = True,
+           model_kwargs: dict | None = None) -> LogprobStore:
+    """Make the precompute store at ``path`` whole again: rescore its missing and damaged shards.
+
+    Needs the model and data the store was made from; the settings (storage dtype, batch budget,
+    shard size, prompt sharing, temperature) come from the job in the manifest, so the repaired store
+    is byte-identical to an uninterrupted run. Another model gives FingerprintMismatch, other data a
+    ConfigError, both before anything is changed. What ``refmodel store repair --model --data`` runs.
+    """
+    with LogprobStore.open(path) as store:
+        job, dtype = store.job, store.dtype
+    if not isinstance(job, dict) or job.get("kind") != "precompute":
+        raise ConfigError(f"store {path} was not made by `refmodel precompute` (no job in its manifest), so it "
+                          f"cannot be rescored; `refmodel store repair {path} --drop` removes its damaged shards")
+    settings = {}
+    for field, kind in (("max_tokens_per_batch", int), ("shard_examples", int), ("share_prompt", bool),
+                        ("temperature", (int, float))):
+        if not isinstance(job.get(field), kind):
+            raise StoreCorrupt(f"the manifest of {path} is invalid: job.{field} is {job.get(field)!r}; recompute "
+                               "the store (refmodel precompute into an empty folder)")
+        settings[field] = job[field]
+    return precompute(model, data, path, tokenizer=tokenizer, dtype=dtype, resume=True, progress=progress,
+                      model_kwargs=model_kwargs, **settings)
+
+
+__all__ = ["precompute", "repair_store", "check_position_limit", "plan_units", "plan_batches", "plan_job",
+           "open_or_create_store", "pending_shards", "score_units", "shard_name", "Unit"]

@@ -46,6 +46,7 @@ from .job import (
     DEFAULT_SHARD_EXAMPLES,
     Unit,
     _load_model,
+    check_position_limit,
     open_or_create_store,
     pending_shards,
     plan_batches,
@@ -231,8 +232,10 @@ def precompute_on_ray(model_path, data, out, *, ray_address: str | None = None, 
     model_path = str(Path(model_path).resolve())
     model, tokenizer = _load_model(model_path, None, model_kwargs)
     fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
-    del model  # the actors hold the model; the driver only needed its fingerprint
-    shards, job = plan_job(load_examples(data, tokenizer), max_tokens_per_batch=max_tokens_per_batch,
+    examples = load_examples(data, tokenizer)
+    check_position_limit(model, examples)
+    del model  # the actors hold the model; the driver only needed its fingerprint and position limit
+    shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch,
                            shard_examples=shard_examples, share_prompt=share_prompt, temperature=temperature)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     started = _connect(ray, ray_address)

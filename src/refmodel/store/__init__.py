@@ -4,6 +4,6 @@ See :class:`LogprobStore` and the format description in :mod:`refmodel.store.for
 """
 
 from .format import DTYPES, FORMAT, key_of
-from .store import LogprobStore
+from .store import LogprobStore, ShardProblem
 
-__all__ = ["DTYPES", "FORMAT", "LogprobStore", "key_of"]
+__all__ = ["DTYPES", "FORMAT", "LogprobStore", "ShardProblem", "key_of"]

@@ -10,7 +10,9 @@ or any safetensors reader, no refmodel needed):
 
 ``__metadata__`` names the format, version, fingerprint, storage dtype and ``data_blake2b``, the
 checksum of every byte after the header. Each entry's ``crc32`` covers its key, count, start,
-seq_len and value bytes, so a single read checks exactly the bytes it returns.
+seq_len, value bytes and (since version 3) its float32 sum, so a single read checks exactly the bytes
+it returns. Versions 1 and 2 (whose crc leaves the sum out) are still read with their own crc rule;
+their sums are checked only by ``refmodel store verify`` (the data checksum).
 
 We write the file ourselves rather than with ``safetensors.torch.save`` so that the layout (and hence
 the bytes) is fixed by this module and the data checksum can go into the header in one pass.
@@ -18,6 +20,7 @@ the bytes) is fixed by this module and the data checksum can go into the header 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -26,16 +29,19 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ..errors import InvalidInput, StoreCorrupt
+from ..errors import InvalidInput, StorageError, StoreCorrupt
 from ..models.dtypes import dtype_name, parse_dtype
 
 FORMAT = "refmodel-logprob-store"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 differs only in an I64 meta tensor
+VERSION = 3
+# Version 1 differs from 2 only in an I64 meta tensor; version 3 adds the sum to each entry's crc.
+READABLE_VERSIONS = (1, 2, 3)
+SUM_IN_CRC = 3  # first version whose entry crc covers the per-sequence sum
 KEY_BYTES = 16
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "U32": 4, "U8": 1}
@@ -78,9 +84,37 @@ def key_of(input_ids) -> str:
     return key_bytes(ids_array(input_ids)).hex()
 
 
-def entry_crc(key: bytes, count: int, start: int, seq_len: int, value_bytes) -> int:
-    """crc32 of one entry (key, count, start, seq_len, stored value bytes)."""
-    return zlib.crc32(value_bytes, zlib.crc32(key + struct.pack("<qqq", count, start, seq_len)))
+def entry_crc(key: bytes, count: int, start: int, seq_len: int, value_bytes, total=None) -> int:
+    """crc32 of one entry: key, count, start, seq_len, stored value bytes and, when given, the sum.
+
+    ``total`` is the stored float32 sum (its 4 little-endian bytes enter the crc); version 1/2 shards
+    pass None (their crc leaves the sum out).
+    """
+    crc = zlib.crc32(value_bytes, zlib.crc32(key + struct.pack("<qqq", count, start, seq_len)))
+    return crc if total is None else zlib.crc32(struct.pack("<f", total), crc)  # exact for a float32 value
+
+
+def repair_hint(root) -> str:
+    """How to repair the store at ``root`` (the advice every corruption error ends with)."""
+    return (f"`refmodel store repair {root} --model MODEL --data DATA` rescores the damaged shards (a store "
+            f"made by `refmodel precompute`: give the model and data it was made from), "
+            f"`refmodel store repair {root} --drop` removes them (a hand-filled store)")
+
+
+def storage_error(path, exc: OSError, doing: str = "write") -> StorageError:
+    """A one-line :class:`StorageError` for an ``OSError`` on ``path``: what failed, why, what to do."""
+    name = errno.errorcode.get(exc.errno or 0, "")
+    cause = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        advice = "free some space (or choose a folder on a larger disk) and run the same command again"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        advice = "check the permissions of the folder (or choose another one)"
+    elif exc.errno == errno.EROFS:
+        advice = "the filesystem is read-only; choose a writable folder"
+    else:
+        advice = "fix the cause and run the same command again"
+    return StorageError(f"cannot {doing} {path}: {cause}{f' ({name})' if name else ''}; {advice} "
+                        "(nothing half-written is left behind)")
 
 
 def encode_values(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -133,15 +167,16 @@ def write_shard(path: Path, entries: list[Entry], *, fingerprint: str, dtype: st
     keys = np.frombuffer(b"".join(e.key for e in entries), dtype=np.uint8).reshape(n, KEY_BYTES)
     stored = [encode_values(e.values, dtype) for e in entries]
     meta = np.zeros((n, 5), dtype=np.uint32)
+    sums = np.array([e.total for e in entries], dtype=np.float32)
     offset = 0
     for i, (e, s) in enumerate(zip(entries, stored, strict=True)):
         if offset + s.size >= 2**32 or e.seq_len >= 2**32:
             raise InvalidInput(f"a shard holds at most 2**32 values and sequences of < 2**32 tokens; "
                                f"got {offset + s.size} values / seq_len {e.seq_len}: use smaller shards")
-        meta[i] = (offset, s.size, e.start, e.seq_len, entry_crc(e.key, s.size, e.start, e.seq_len, s.tobytes()))
+        meta[i] = (offset, s.size, e.start, e.seq_len,
+                   entry_crc(e.key, s.size, e.start, e.seq_len, s.tobytes(), sums[i]))
         offset += s.size
     values = np.concatenate(stored) if stored else np.zeros(0, dtype=_NP[DTYPES[dtype]])
-    sums = np.array([e.total for e in entries], dtype=np.float32)
     # 4-byte items first: safetensors allows no gaps, and this order keeps every tensor naturally aligned.
     tensors = [("meta", "U32", meta), ("sums", "F32", sums), ("keys", "U8", keys), ("values", DTYPES[dtype], values)]
     header, blobs, pos = {}, [], 0
@@ -162,18 +197,48 @@ def write_shard(path: Path, entries: list[Entry], *, fingerprint: str, dtype: st
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file, fsync and ``os.replace`` (then fsync the folder)."""
+    """Write ``data`` to ``path`` via a temp file, fsync and ``os.replace`` (then fsync the folder).
+
+    An ``OSError`` (disk full, no permission) removes the temp file and raises :class:`StorageError`
+    naming ``path`` and the cause; ``path`` itself is then untouched.
+    """
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. the folder itself is not writable: then no temp file was made either
+            pass
+        raise storage_error(path, exc) from exc
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise storage_error(path.parent, exc, "sync the folder") from exc
+
+
+class EntryView(NamedTuple):
+    """One entry as read back: its sequence length, scored-span start, float32 values and sum."""
+
+    seq_len: int
+    start: int
+    values: np.ndarray  # float32 [count], a fresh array
+    total: float  # per-sequence sum (float32 as stored)
+
+
+# (dtype, shape) each tensor must have in a shard of n entries; "values" follows the storage dtype.
+def _expected_tensors(n: int, version: int, dtype: str) -> dict[str, tuple[set[str], tuple[int, ...] | None]]:
+    meta = {"I64"} if version == 1 else {"U32"}
+    return {"keys": ({"U8"}, (n, KEY_BYTES)), "meta": (meta, (n, 5)), "sums": ({"F32"}, (n,)),
+            "values": ({DTYPES[dtype]}, None)}
 
 
 class Shard:
@@ -185,29 +250,56 @@ class Shard:
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except FileNotFoundError as exc:
+            raise StoreCorrupt(f"store shard {path} is listed in the manifest but missing; "
+                               f"{repair_hint(path.parent)}") from exc
         except OSError as exc:
-            raise StoreCorrupt(f"cannot read store shard {path}: {exc}") from exc
+            raise storage_error(path, exc, "read") from exc
         try:
+            if self._mm is None:
+                raise ValueError("the file is empty")
             (hlen,) = struct.unpack_from("<Q", self._mm, 0)
+            if hlen > size - 8:
+                raise ValueError(f"header length {hlen} runs past the end of the file ({size} bytes)")
             header = json.loads(bytes(self._mm[8:8 + hlen]))
+            if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+                raise ValueError("the header has no __metadata__ object")
             self.meta_info = header.pop("__metadata__")
-            self.body_start = 8 + hlen
-            arrays = {}
-            for name in ("keys", "meta", "sums", "values"):
-                spec = header[name]
-                begin, end = spec["data_offsets"]
-                count = int(np.prod(spec["shape"])) if spec["shape"] else 1
-                if self.body_start + begin + count * _ITEMSIZE[spec["dtype"]] > size or end < begin:
-                    raise ValueError(f"tensor {name} runs past the end of the file")
-                arrays[name] = np.frombuffer(self._mm, dtype=np.dtype(_NP[spec["dtype"]]).newbyteorder("<"),
-                                             count=count, offset=self.body_start + begin).reshape(spec["shape"])
             if self.meta_info.get("format") != FORMAT:
                 raise ValueError(f"format {self.meta_info.get('format')!r} is not {FORMAT!r}")
-        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            version = self.meta_info.get("version")
+            if version not in [str(v) for v in READABLE_VERSIONS]:
+                raise ValueError(f"format version {version!r} is not one this refmodel reads "
+                                 f"({', '.join(map(str, READABLE_VERSIONS))}); a newer refmodel wrote it?")
+            self.version = int(version)
+            self.dtype = self.meta_info.get("dtype")
+            if self.dtype not in DTYPES:
+                raise ValueError(f"storage dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+            self.body_start = 8 + hlen
+            n = header.get("keys", {}).get("shape", [None])[0] if isinstance(header.get("keys"), dict) else None
+            if not isinstance(n, int) or n < 0:
+                raise ValueError("tensor keys has no valid shape")
+            arrays = {}
+            for name, (codes, shape) in _expected_tensors(n, self.version, self.dtype).items():
+                spec = header[name]
+                code, got_shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
+                if code not in codes or not isinstance(got_shape, list) or \
+                        not all(isinstance(d, int) and d >= 0 for d in got_shape) or \
+                        (shape is not None and tuple(got_shape) != shape) or (shape is None and len(got_shape) != 1):
+                    raise ValueError(f"tensor {name} is {code} {got_shape}, expected {sorted(codes)} "
+                                     f"{list(shape) if shape else '[M]'}")
+                count = int(np.prod(got_shape)) if got_shape else 1
+                if not (isinstance(begin, int) and isinstance(end, int)) or begin < 0 or \
+                        end - begin != count * _ITEMSIZE[code] or self.body_start + end > size:
+                    raise ValueError(f"tensor {name} has data_offsets {[begin, end]} that do not fit its shape "
+                                     f"or run past the end of the file")
+                arrays[name] = np.frombuffer(self._mm, dtype=np.dtype(_NP[code]).newbyteorder("<"),
+                                             count=count, offset=self.body_start + begin).reshape(got_shape)
+        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as exc:
+            self.close()
             raise StoreCorrupt(f"store shard {path} is not a valid {FORMAT} file ({exc}); "
-                               "run `refmodel store verify` and recompute the affected shard") from exc
+                               f"{repair_hint(path.parent)}") from exc
         self.keys, self.meta, self.sums, self.values = (arrays[k] for k in ("keys", "meta", "sums", "values"))
-        self.dtype = self.meta_info["dtype"]
         self._hi: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -235,18 +327,19 @@ class Shard:
                 p += 1
         return rows
 
-    def read(self, row: int, check: bool = True) -> tuple[int, int, np.ndarray]:
-        """``(seq_len, start, float32 values)`` of ``row``; checks its crc32 unless ``check=False``."""
+    def read(self, row: int, check: bool = True) -> EntryView:
+        """Entry ``row``; checks its crc32 (which covers the sum from version 3 on) unless ``check=False``."""
         offset, count, start, seq_len, crc = (int(x) for x in self.meta[row])
         if offset < 0 or count < 0 or offset + count > self.values.shape[0]:
             raise StoreCorrupt(f"entry {row} of store shard {self.path} points outside its values; "
-                               "run `refmodel store verify` and recompute the shard")
+                               f"{repair_hint(self.path.parent)}")
         stored = self.values[offset:offset + count]
-        if check and entry_crc(self.keys[row].tobytes(), count, start, seq_len, stored.tobytes()) != crc:
+        total = self.sums[row]
+        if check and entry_crc(self.keys[row].tobytes(), count, start, seq_len, stored.tobytes(),
+                               total if self.version >= SUM_IN_CRC else None) != crc:
             raise StoreCorrupt(f"entry {row} (key {self.keys[row].tobytes().hex()}) of store shard {self.path} "
-                               "failed its crc32 check: the file is corrupt; recompute the shard "
-                               "(`refmodel precompute --resume` after deleting it)")
-        return seq_len, start, decode_values(stored, self.dtype)
+                               f"failed its crc32 check: the file is corrupt; {repair_hint(self.path.parent)}")
+        return EntryView(seq_len, start, decode_values(stored, self.dtype), float(total))
 
     def verify(self, expected_file_hash: str | None = None) -> None:
         """Full check: file hash (from the manifest), data checksum, key order and every entry's crc."""
@@ -266,7 +359,7 @@ class Shard:
 
     def close(self) -> None:
         self.keys = self.meta = self.sums = self.values = self._hi = None
-        if self._mm is not None:
+        if getattr(self, "_mm", None) is not None:
             try:
                 self._mm.close()
             except BufferError:  # a caller still holds a view; the mapping goes with it

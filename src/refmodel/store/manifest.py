@@ -1,4 +1,10 @@
-"""The store folder's manifest (read, atomic dump), its writer lock and crash-leftover cleanup."""
+"""The store folder's manifest (read and validated, atomic dump), its writer lock and crash-leftover cleanup.
+
+The manifest is the one file a reader trusts to find the shards, so :func:`read_manifest` checks every
+field it uses (types, ranges, names) and raises :class:`~refmodel.StoreCorrupt` naming the field: a
+hand-edited or damaged manifest never reaches the reader as a raw ``KeyError``/``TypeError``, and no
+shard ``file`` can point outside the store folder (``../x``, an absolute path, a symlink out of it).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,23 @@ import fcntl
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from ..errors import ConfigError, InvalidInput, StoreCorrupt
-from .format import FORMAT, READABLE_VERSIONS, VERSION
+from .format import DTYPES, FORMAT, READABLE_VERSIONS, VERSION, storage_error
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+# Shard names are plain file names in the store folder: no separators, no "..", no temp-file marker.
+_SHARD_NAME = re.compile(r"shard-[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_SHARD_FIELDS = {"file": str, "entries": int, "tokens": int, "bytes": int, "blake2b": str}
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` (precompute's shard ``i`` and a hand-filled store's ``i``-th flush)."""
+    return f"shard-{index:05d}.safetensors"
 
 
 def dump_manifest(manifest: dict) -> bytes:
@@ -20,22 +36,96 @@ def dump_manifest(manifest: dict) -> bytes:
 
 
 def read_manifest(path: Path) -> dict:
+    """The validated manifest of the store at ``path`` (see :func:`validate_manifest`)."""
     file = path / MANIFEST
     if not file.exists():
         raise InvalidInput(f"{path} is not a log-prob store (no {MANIFEST}); create one with "
                            "LogprobStore.create or `refmodel precompute`")
     try:
-        manifest = json.loads(file.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise StoreCorrupt(f"the manifest {file} is unreadable or not JSON ({exc})") from exc
-    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise storage_error(file, exc, "read") from exc
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise StoreCorrupt(f"the manifest {file} is not JSON ({exc})") from exc
+    return validate_manifest(manifest, file)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_manifest(manifest, file) -> dict:
+    """``manifest`` if every field is well formed; else StoreCorrupt naming the field, its value and the rule."""
+    def bad(field: str, value, expected: str):
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return StoreCorrupt(f"the manifest {file} is invalid: {field} is {shown}, expected {expected}; "
+                            "restore it from a backup or recompute the store (refmodel precompute)")
+
+    if not isinstance(manifest, dict):
+        raise bad("the top level", type(manifest).__name__, "a JSON object")
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS \
+            or not _is_int(manifest.get("version")):
         raise StoreCorrupt(f"{file} is not a {FORMAT} v{VERSION} manifest "
-                           f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
+                           f"(format {manifest.get('format')!r}, version {manifest.get('version')!r}; "
+                           f"this refmodel reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+    fp = manifest.get("fingerprint")
+    if not isinstance(fp, str) or not fp:
+        raise bad("fingerprint", fp, "a non-empty string")
+    if manifest.get("dtype") not in DTYPES:
+        raise bad("dtype", manifest.get("dtype"), f"one of {sorted(DTYPES)}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise bad("shards", shards, "a list of shard entries")
+    seen: set[str] = set()
+    for i, spec in enumerate(shards):
+        if not isinstance(spec, dict):
+            raise bad(f"shards[{i}]", spec, "an object with " + ", ".join(_SHARD_FIELDS))
+        for field, kind in _SHARD_FIELDS.items():
+            value = spec.get(field)
+            if kind is int and (not _is_int(value) or value < 0):
+                raise bad(f"shards[{i}].{field}", value, "an integer >= 0")
+            if kind is str and not isinstance(value, str):
+                raise bad(f"shards[{i}].{field}", value, "a string")
+        name = spec["file"]
+        if not _SHARD_NAME.fullmatch(name) or ".tmp-" in name or len(name) > 200:
+            raise bad(f"shards[{i}].file", name, "a plain file name inside the store folder "
+                      "(shard-NAME.safetensors: no '/', no '..', not absolute)")
+        if name in seen:
+            raise bad(f"shards[{i}].file", name, "a name listed once")
+        seen.add(name)
+        if not _HEX32.fullmatch(spec["blake2b"]):
+            raise bad(f"shards[{i}].blake2b", spec["blake2b"], "32 lowercase hex digits")
+    job = manifest.get("job")
+    if job is not None and not isinstance(job, dict):
+        raise bad("job", job, "null or an object")
+    if isinstance(job, dict) and job.get("kind") == "precompute":
+        for field in ("shards", "sequences"):
+            if not _is_int(job.get(field)) or job[field] < 0:
+                raise bad(f"job.{field}", job.get(field), "an integer >= 0")
     return manifest
 
 
+def shard_file(root: Path, name: str) -> Path:
+    """Path of shard ``name`` in the store at ``root``; StoreCorrupt if it (or a symlink) leads outside it."""
+    if not _SHARD_NAME.fullmatch(name):
+        raise StoreCorrupt(f"shard file name {name!r} in the manifest of {root} is not a plain file name")
+    file = root / name
+    if file.is_symlink():
+        target = file.resolve()
+        if target.parent != root.resolve():
+            raise StoreCorrupt(f"store shard {file} is a symbolic link to {target}, outside the store {root}; "
+                               "shards must be files inside the store folder")
+    return file
+
+
 def lock_writer(path: Path) -> int:
-    fd = os.open(path / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise storage_error(path / "writer.lock", exc, "create") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

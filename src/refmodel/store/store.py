@@ -11,6 +11,11 @@ manifest (also written atomically) updated to list it. Readers see the shards of
 read, so they never see a partial shard; a shard file that no manifest lists (a crash between the two
 renames) is deleted by the next writer. Many readers (DataLoader workers) can open a store while one
 writer appends; a reader picks up new shards when it misses a key.
+
+Damage stays local: a missing, truncated or corrupt shard fails only the lookups of rows that may be
+in it (StoreCorrupt naming the shard and the repair), never the rows of the other shards.
+:meth:`LogprobStore.problems` lists every damaged shard, :meth:`LogprobStore.verify` raises on any,
+and ``refmodel store repair`` (or ``precompute --resume``) rescores them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,12 +41,29 @@ from .format import (
     key_bytes,
     make_entry,
     normalize_dtype,
+    repair_hint,
+    storage_error,
     write_shard,
 )
-from .manifest import MANIFEST, dump_manifest, lock_writer, read_manifest, remove_orphans
+from .manifest import (
+    MANIFEST,
+    dump_manifest,
+    lock_writer,
+    read_manifest,
+    remove_orphans,
+    shard_file,
+    shard_name,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_ENTRIES = 4096
+
+
+class ShardProblem(NamedTuple):
+    """One thing :meth:`LogprobStore.problems` found wrong: the shard file (or ``manifest.json``) and what."""
+
+    file: str
+    reason: str
 
 
 class LogprobStore:
@@ -58,6 +81,7 @@ class LogprobStore:
         self._lock_fd = lock_fd
         self._shard_entries = shard_entries
         self._shards: dict[str, Shard] = {}
+        self._bad: dict[str, StoreCorrupt] = {}  # shards that failed to open, until the manifest changes
         self._pending: dict[bytes, Entry] = {}
         self._stamp = self._manifest_stamp()
 
@@ -84,7 +108,10 @@ class LogprobStore:
             return store
         if path.exists() and any(p.name != "writer.lock" for p in path.iterdir()):
             raise ConfigError(f"{path} exists and is not an empty folder or a log-prob store")
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(path, exc, "create the store folder") from exc
         lock_fd = lock_writer(path)
         manifest = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "dtype": dtype,
                     "shards": [], "job": None}
@@ -143,7 +170,12 @@ class LogprobStore:
 
     def __contains__(self, input_ids) -> bool:
         key = key_bytes(ids_array(input_ids))
-        return key in self._pending or self._locate([key], refresh=True)[0] is not None
+        if key in self._pending:
+            return True
+        found, bad = self._locate([key], refresh=True)
+        if found[0] is None and bad:
+            raise self._damaged(bad, 1, 1)
+        return found[0] is not None
 
     def __enter__(self) -> LogprobStore:
         return self
@@ -196,40 +228,109 @@ class LogprobStore:
         for spec in list(self._manifest["shards"]):
             shard = self._shard(spec["file"])
             for row in range(len(shard)):
-                seq_len, start, values = shard.read(row)
+                seq_len, start, values, total = shard.read(row)
                 out = np.zeros(seq_len, dtype=np.float32)
                 out[start:start + values.shape[0]] = values
-                yield shard.keys[row].tobytes().hex(), torch.from_numpy(out), float(shard.sums[row])
+                yield shard.keys[row].tobytes().hex(), torch.from_numpy(out), total
 
     def info(self) -> dict:
         """Summary: path, fingerprint, dtype, entries, stored tokens, shards, bytes, job."""
         shards = self._manifest["shards"]
-        return {"path": str(self.path), "format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint,
+        return {"path": str(self.path), "format": FORMAT, "version": self._manifest["version"],
+                "fingerprint": self.fingerprint,
                 "dtype": self.dtype, "entries": len(self), "tokens": sum(s["tokens"] for s in shards),
                 "shards": len(shards), "bytes": sum(s["bytes"] for s in shards), "job": self.job,
                 "pending": len(self._pending)}
 
-    def verify(self) -> dict:
-        """Check every committed shard (file hash, data checksum, key order, each entry's crc).
+    def problems(self) -> list[ShardProblem]:
+        """Everything wrong with the committed store; ``[]`` when it is whole. Reads every shard in full.
 
-        Raises StoreCorrupt naming the first bad shard; returns :meth:`info` when all is well.
+        Per shard: a file inside the store, its size and blake2b as the manifest says, a valid header,
+        the data checksum, key order, every entry's crc (values and, from format version 3, the sum),
+        the entry and token counts and the fingerprint and dtype. For a store filled by a precompute
+        job, also the job's shard list: each of its shards listed once, no other shard, and as many
+        entries as the job has sequences.
         """
-        listed = {s["file"] for s in self._manifest["shards"]}
+        problems = []
         for spec in self._manifest["shards"]:
-            file = self.path / spec["file"]
-            if not file.exists():
-                raise StoreCorrupt(f"store {self.path}: shard {spec['file']} is listed in the manifest but missing")
-            shard = Shard(file)
+            name = spec["file"]
             try:
-                shard.verify(spec["blake2b"])
-                if len(shard) != spec["entries"] or shard.meta_info.get("fingerprint") != self.fingerprint:
-                    raise StoreCorrupt(f"store shard {file} does not match its manifest entry "
-                                       "(entry count or fingerprint)")
-            finally:
-                shard.close()
+                file = shard_file(self.path, name)
+                if not file.exists():
+                    raise StoreCorrupt("listed in the manifest but missing")
+                size = file.stat().st_size
+                if size != spec["bytes"]:
+                    raise StoreCorrupt(f"has {size} bytes, the manifest says {spec['bytes']}")
+                shard = Shard(file)
+                try:
+                    shard.verify(spec["blake2b"])
+                    checks = (("entries", len(shard), spec["entries"]),
+                              ("tokens", int(shard.values.shape[0]), spec["tokens"]),
+                              ("fingerprint", shard.meta_info.get("fingerprint"), self.fingerprint),
+                              ("dtype", shard.dtype, self.dtype))
+                    for field, got, want in checks:
+                        if got != want:
+                            raise StoreCorrupt(f"holds {field} {got!r}, the manifest says {want!r}")
+                finally:
+                    shard.close()
+            except StoreCorrupt as exc:  # the repair advice comes once, at the end of verify's message
+                problems.append(ShardProblem(name, str(exc).replace(f"; {repair_hint(self.path)}", "")))
+        job = self.job
+        if isinstance(job, dict) and job.get("kind") == "precompute":
+            want = [shard_name(i) for i in range(job["shards"])]
+            listed = {s["file"] for s in self._manifest["shards"]}
+            problems += [ShardProblem(n, f"is shard {i} of the store's precompute job ({job['shards']} shards) but "
+                                      "is not in the manifest (dropped, or the job did not finish)")
+                         for i, n in enumerate(want) if n not in listed]
+            problems += [ShardProblem(n, "is in the manifest but not one of the precompute job's shards")
+                         for n in sorted(listed - set(want))]
+            if listed == set(want) and len(self) - len(self._pending) != job["sequences"]:
+                problems.append(ShardProblem(MANIFEST, f"lists {len(self) - len(self._pending)} entries, the job "
+                                             f"has {job['sequences']} sequences"))
+        return problems
+
+    def verify(self) -> dict:
+        """Check the whole store (see :meth:`problems`); returns :meth:`info` when all is well.
+
+        Raises StoreCorrupt listing every problem and how to repair it.
+        """
+        problems = self.problems()
+        if problems:
+            shown = "; ".join(f"{p.file}: {p.reason}" for p in problems[:10])
+            more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+            raise StoreCorrupt(f"store {self.path} failed verification, {len(problems)} problem(s): {shown}{more}. "
+                               f"Repair: {repair_hint(self.path)}")
+        listed = {s["file"] for s in self._manifest["shards"]}
         log.info("verified %d shards of %s (%d unlisted files ignored)", len(listed), self.path,
                  sum(1 for p in self.path.glob("shard-*.safetensors") if p.name not in listed))
         return self.info()
+
+    def discard_damaged(self, *, forget_job: bool = False) -> list[ShardProblem]:
+        """Drop every damaged shard from the manifest (one atomic commit) and delete its file.
+
+        Returns what :meth:`problems` found. A precompute job's missing shards are then simply pending:
+        ``precompute(..., resume=True)`` (what ``refmodel store repair --model --data`` runs) rescores
+        them. ``forget_job=True`` also clears the job, leaving a smaller, hand-filled store.
+        """
+        self._check_writable()
+        problems = self.problems()
+        damaged = {p.file for p in problems}
+        keep = [s for s in self._manifest["shards"] if s["file"] not in damaged]
+        if len(keep) != len(self._manifest["shards"]) or (forget_job and self.job is not None):
+            for name in damaged:
+                shard = self._shards.pop(name, None)
+                if shard is not None:
+                    shard.close()
+            self._commit({**self._manifest, "shards": keep, **({"job": None} if forget_job else {})})
+            for name in damaged - {MANIFEST}:
+                try:
+                    file = shard_file(self.path, name)
+                except StoreCorrupt:  # a symlink out of the store: remove the link only
+                    file = self.path / name
+                if file.is_symlink() or file.exists():
+                    file.unlink()
+            log.warning("store %s: dropped damaged shard(s) %s", self.path, ", ".join(sorted(damaged)))
+        return problems
 
     def refresh(self) -> bool:
         """Re-read the manifest if a writer committed since; True when something changed."""
@@ -238,6 +339,7 @@ class LogprobStore:
             return False
         self._manifest = read_manifest(self.path)
         self._stamp = stamp
+        self._bad.clear()
         return True
 
     # ---------------------------------------------------------------- writing
@@ -258,7 +360,12 @@ class LogprobStore:
         if not np.isfinite(logps[mask]).all():
             raise InvalidInput("token_logps holds NaN or inf at scored positions")
         key = key_bytes(ids)
-        if key in self._pending or self._locate([key])[0] is not None:
+        if key in self._pending:
+            return False
+        found, bad = self._locate([key])
+        if found[0] is None and bad:  # it may be in the damaged shard: a duplicate would hide the repair
+            raise self._damaged(bad, 1, 1)
+        if found[0] is not None:
             return False
         self._pending[key] = make_entry(ids, logps, mask)
         if len(self._pending) >= self._shard_entries:
@@ -270,9 +377,9 @@ class LogprobStore:
         if self._writable and self._pending:
             names = {s["file"] for s in self._manifest["shards"]}
             index = len(names)
-            while f"shard-{index:05d}.safetensors" in names:
+            while shard_name(index) in names:
                 index += 1
-            self.write_shard(f"shard-{index:05d}.safetensors", list(self._pending.values()))
+            self.write_shard(shard_name(index), list(self._pending.values()))
             self._pending.clear()
 
     def write_shard(self, name: str, entries: list[Entry]) -> None:
@@ -291,23 +398,33 @@ class LogprobStore:
         self._check_writable()
         self._commit({**self._manifest, "job": job})
 
-    def close(self) -> None:
-        """Flush (if writable), unmap shards and release the writer lock."""
-        if self._writable:
-            self.flush()
-        for shard in self._shards.values():
-            shard.close()
-        self._shards.clear()
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
-        self._writable = False
+    def close(self, flush: bool = True) -> None:
+        """Flush (if writable and ``flush``), unmap shards and release the writer lock.
+
+        The lock is released even when the flush fails (disk full); ``flush=False`` drops what is buffered.
+        """
+        try:
+            if self._writable and flush:
+                self.flush()
+        finally:
+            self._pending.clear()
+            for shard in self._shards.values():
+                shard.close()
+            self._shards.clear()
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self._writable = False
 
     # ---------------------------------------------------------------- internals
     def _commit(self, manifest: dict) -> None:
+        # Whatever this code commits may list version-3 shards, so the manifest says so: an older refmodel
+        # then refuses the store by its version instead of calling the new shards corrupt.
+        manifest = {**manifest, "version": VERSION}
         atomic_write(self.path / MANIFEST, dump_manifest(manifest))
         self._manifest = manifest
+        self._bad.clear()
         self._stamp = self._manifest_stamp()
 
     def _check_writable(self) -> None:
@@ -325,20 +442,42 @@ class LogprobStore:
     def _shard(self, name: str) -> Shard:
         shard = self._shards.get(name)
         if shard is None:
-            shard = self._shards[name] = Shard(self.path / name)
-            if shard.meta_info.get("fingerprint") != self.fingerprint:
-                raise StoreCorrupt(f"store shard {shard.path} was written for reference "
-                                   f"{shard.meta_info.get('fingerprint')}, the manifest says {self.fingerprint}")
+            bad = self._bad.get(name)
+            if bad is not None:
+                raise bad
+            try:
+                shard = Shard(shard_file(self.path, name))
+                if shard.meta_info.get("fingerprint") != self.fingerprint:
+                    shard.close()
+                    raise StoreCorrupt(f"store shard {shard.path} was written for reference "
+                                       f"{shard.meta_info.get('fingerprint')}, the manifest says {self.fingerprint}; "
+                                       f"{repair_hint(self.path)}")
+            except StoreCorrupt as exc:
+                self._bad[name] = exc
+                raise
+            self._shards[name] = shard
         return shard
 
-    def _locate(self, keys: list[bytes], refresh: bool = False) -> list[tuple[Shard, int] | None]:
+    def _locate(self, keys: list[bytes], refresh: bool = False
+                ) -> tuple[list[tuple[Shard, int] | None], dict[str, StoreCorrupt]]:
+        """Shard and row of each key (None where no readable shard has it), and the shards that failed to open.
+
+        A damaged shard is skipped, not fatal: keys in the other shards are still found, and the caller
+        reports a key found nowhere as possibly in a damaged shard rather than as a plain miss.
+        """
         found: list[tuple[Shard, int] | None] = [None] * len(keys)
+        bad: dict[str, StoreCorrupt] = {}
         for attempt in range(2):
             todo = [i for i, f in enumerate(found) if f is None]
+            bad = {}
             for spec in self._manifest["shards"]:
                 if not todo:
                     break
-                shard = self._shard(spec["file"])
+                try:
+                    shard = self._shard(spec["file"])
+                except StoreCorrupt as exc:
+                    bad[spec["file"]] = exc
+                    continue
                 rows = shard.find([keys[i] for i in todo])
                 for i, row in zip(todo, rows.tolist(), strict=True):
                     if row >= 0:
@@ -346,24 +485,33 @@ class LogprobStore:
                 todo = [i for i in todo if found[i] is None]
             if not todo or attempt or not refresh or not self.refresh():
                 break
-        return found
+        return found, bad
+
+    def _damaged(self, bad: dict[str, StoreCorrupt], missed: int, asked: int) -> StoreCorrupt:
+        first = next(iter(bad.values()))
+        return StoreCorrupt(f"{missed} of {asked} rows are in no readable shard of store {self.path}, and "
+                            f"{len(bad)} shard(s) cannot be read ({', '.join(sorted(bad))}), so they may be there: "
+                            f"{first}")
 
     def _fetch(self, key: bytes, seq_len: int) -> tuple[int, np.ndarray, float]:
         pending = self._pending.get(key)
         if pending is not None:
             return pending.start, pending.values, pending.total
-        hit = self._locate([key], refresh=True)[0]
-        if hit is None:
+        found, bad = self._locate([key], refresh=True)
+        if found[0] is None:
+            if bad:
+                raise self._damaged(bad, 1, 1)
             raise StoreMiss(f"no entry for these token ids (key {key.hex()}, {seq_len} tokens) in store "
                             f"{self.path}; run `refmodel precompute` on data that contains them")
-        return self._read(hit, seq_len)
+        return self._read(found[0], seq_len)
 
     def _read(self, hit: tuple[Shard, int], seq_len: int) -> tuple[int, np.ndarray, float]:
         shard, row = hit
-        stored_len, start, values = shard.read(row)
+        stored_len, start, values, total = shard.read(row)
         if stored_len != seq_len:
-            raise StoreCorrupt(f"entry {row} of {shard.path} has length {stored_len}, its key says {seq_len}")
-        return start, values, float(shard.sums[row])
+            raise StoreCorrupt(f"entry {row} of {shard.path} has length {stored_len}, its key says {seq_len}; "
+                               f"{repair_hint(self.path)}")
+        return start, values, total
 
     def _batch(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         ids = torch.as_tensor(input_ids)
@@ -390,8 +538,10 @@ class LogprobStore:
                 results[i] = (pending.start, pending.values, pending.total)
             else:
                 lookup.append(i)
-        hits = self._locate([keys[i] for i in lookup], refresh=True)
+        hits, bad = self._locate([keys[i] for i in lookup], refresh=True)
         missed = [i for i, hit in zip(lookup, hits, strict=True) if hit is None]
+        if missed and bad:
+            raise self._damaged(bad, len(missed), len(keys))
         if missed:
             raise StoreMiss(f"{len(missed)} of {len(keys)} rows are not in store {self.path} (first: row "
                             f"{missed[0]}, key {keys[missed[0]].hex()}, {rows[missed[0]].shape[0]} real tokens); "
