@@ -69,7 +69,7 @@ class ServerProcess:
         self._log.close()
 
 
-def make_tiny_reward_model(path: Path) -> Path:
+def make_tiny_reward_model(path: Path, **config_overrides) -> Path:
     """A tiny Llama sequence-classification model (one label), saved with save_pretrained."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -77,7 +77,7 @@ def make_tiny_reward_model(path: Path) -> Path:
     from refmodel.testing import make_tokenizer, tiny_config
 
     tok = make_tokenizer()
-    cfg = tiny_config("llama", len(tok), num_labels=1)
+    cfg = tiny_config("llama", len(tok), num_labels=1, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         model = AutoModelForSequenceClassification.from_config(cfg)

@@ -195,7 +195,7 @@ def store_import_halos_cmd(pkl: str, model: str, out: str, dtype: str) -> None:
 @click.option("--torch-threads", type=int, default=None, help="torch intra-op threads. [default: torch's]")
 @click.option("--batching/--no-batching", default=None, help="Merge concurrent requests. [default: on]")
 @click.option("--max-header-bytes", type=int, default=None,
-              help="Request line + headers limit in bytes (400 above). [default: 16 KiB]")
+              help="Request headers limit in bytes (431 above). [default: 16 KiB]")
 @click.option("--max-headers", type=int, default=None, help="Header fields per request (431 above). [default: 100]")
 @click.option("--header-timeout-s", type=float, default=None,
               help="A connection must send a complete request head within this, else it is closed. [default: 10]")

@@ -118,7 +118,8 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
     app.include_router(router)
     app.openapi = _openapi(app, state.token is not None)
     app.add_middleware(Guard, metrics=state.metrics, token=state.token, max_body_bytes=settings.max_body_bytes,
-                       max_headers=settings.max_headers, body_timeout_s=settings.body_timeout_s)
+                       max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes,
+                       body_timeout_s=settings.body_timeout_s)
     return app
 
 

@@ -1,7 +1,7 @@
 """The ASGI guard in front of the app: what is checked before any route reads the body.
 
 Per request, in this order, so an unauthenticated or malformed request costs the server almost
-nothing: too many header fields -> 431; bearer token (for every path but the open ones) -> 401;
+nothing: too many header fields, or more than ``max_header_bytes`` of them -> 431; bearer token (for every path but the open ones) -> 401;
 declared ``Content-Length`` over ``max_body_bytes`` -> 413; then the body is read here, counted
 (chunked bodies too) and bounded in time (``body_timeout_s`` -> 408), and replayed to the app. A
 rejection before the body is read closes the connection (``Connection: close``), so the unread body
@@ -30,10 +30,11 @@ class Guard:
     """ASGI middleware: header count, auth and body limits before the app; request metrics."""
 
     def __init__(self, app, *, metrics: Metrics, token: str | None, max_body_bytes: int, max_headers: int,
-                 body_timeout_s: float):
+                 max_header_bytes: int, body_timeout_s: float):
         self.app, self.metrics = app, metrics
         self.token = None if token is None else token.encode()
         self.max_body_bytes, self.max_headers, self.body_timeout_s = max_body_bytes, max_headers, body_timeout_s
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -68,6 +69,11 @@ class Guard:
         if len(headers) > self.max_headers:
             return error_response(431, f"the request has {len(headers)} header fields; this server accepts at "
                                        f"most {self.max_headers}", "headers", _CLOSE), receive
+        # h11 bounds an *incomplete* head (its buffer); a head that arrived whole is measured here.
+        size = sum(len(name) + len(value) + 4 for name, value in headers)
+        if size > self.max_header_bytes:
+            return error_response(431, f"the request headers are {size} bytes; this server accepts at most "
+                                       f"{self.max_header_bytes}", "headers", _CLOSE), receive
         if self.token is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
             response = unauthorized()
             response.headers.update(_CLOSE)

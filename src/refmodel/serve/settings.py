@@ -41,7 +41,7 @@ class ServeSettings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful-shutdown drain limit")
     # Connection hygiene (issue 19 item 4): what an unauthenticated or slow client can hold.
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line + headers limit, bytes (400 above)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request headers limit, bytes (431 above)")
     max_headers: int = Field(100, ge=8, description="header fields per request (431 above)")
     header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a complete request head "
                                                             "within this many seconds of its first byte")
