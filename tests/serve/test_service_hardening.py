@@ -1,9 +1,5 @@
-"""Issue 19's service hardening against a real ``refmodel serve`` process on loopback.
-
-The server here serves a GPT-2-family model with only 32 positions (``n_positions=32``) beside a
-``--max-seq-len`` of 64, a reward model with ``max_position_embeddings=32``, auth on, and short
-connection timeouts, so each limit is reached in well under a second.
-"""
+"""Issue 19's service hardening against a real ``refmodel serve`` process on loopback (the
+``hardened_server`` of ``conftest.py``: a model with 32 positions, auth on, 1 s connection timeouts)."""
 
 from __future__ import annotations
 
@@ -17,34 +13,24 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from serve_helpers import TOKEN, ServerProcess, free_port, make_tiny_reward_model, write_token_file
+from serve_helpers import HARDENED_TIMEOUT_S as TIMEOUT_S
+from serve_helpers import POSITIONS, TOKEN, free_port
 from service_checks import ATOL, expected, random_rows
 
 from refmodel.remote import wire
-from refmodel.testing import load_tiny, make_tiny_model, subprocess_env
+from refmodel.testing import load_tiny, subprocess_env
 
 pytestmark = pytest.mark.integration
-POSITIONS = 32
-TIMEOUT_S = 1.0  # header, body and keep-alive timeouts of the server
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hardening")
-    return {"gpt2": make_tiny_model("gpt2", root / "gpt2", n_positions=POSITIONS),
-            "rm": make_tiny_reward_model(root / "rm", max_position_embeddings=POSITIONS), "root": root}
+def dirs(hardened_dirs):
+    return hardened_dirs
 
 
 @pytest.fixture(scope="module")
-def server(dirs):
-    proc = ServerProcess(["--model", f"short={dirs['gpt2']}", "--reward-model", f"rm={dirs['rm']}",
-                          "--token-file", write_token_file(dirs["root"]), "--max-seq-len", 64,
-                          "--max-batch-tokens", 4096, "--max-wait-ms", 50, "--max-body-bytes", 2**20,
-                          "--max-headers", 20, "--max-header-bytes", 4096, "--header-timeout-s", TIMEOUT_S,
-                          "--body-timeout-s", TIMEOUT_S, "--keep-alive-timeout-s", TIMEOUT_S],
-                         dirs["root"] / "server.log", token=TOKEN)
-    yield proc
-    proc.stop()
+def server(hardened_server):
+    return hardened_server
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +164,15 @@ def test_idle_keep_alive_connections_close_after_the_keep_alive_timeout(server):
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     out, seconds = _raw(server, request, read_timeout=10)
     assert out.startswith(b"HTTP/1.1 200") and TIMEOUT_S * 0.8 <= seconds < TIMEOUT_S + 2
+
+
+def test_framework_errors_have_the_service_error_shape(server):
+    r = post(server, "/v1/rewards", content=b'{"model": "\xff\xfe"}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["field"] == "body" and "not valid JSON" in r.json()["detail"]
+    r = httpx.get(server.url + "/v2/nothing", headers=server.headers)
+    assert r.status_code == 404 and set(r.json()) == {"detail", "field"}
+    r = httpx.get(server.url + "/v1/logprobs", headers=server.headers)
+    assert r.status_code == 405 and set(r.json()) == {"detail", "field"}
 
 
 # --------------------------------------------------------------------------------- item 9: OpenAPI

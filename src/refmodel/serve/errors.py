@@ -13,6 +13,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import ModelNotAllowed, RefModelError, RequestTooLarge, ServiceOverloaded, Unauthorized
 from .schemas import ErrorResponse
@@ -77,6 +78,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         return _validation_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        # FastAPI's own: 400 for a body it cannot decode (not UTF-8), 404/405 for unknown routes/methods.
+        if exc.status_code == 400:
+            return error_response(422, f"the body is not valid JSON: {exc.detail} (send UTF-8 JSON)", "body")
+        return error_response(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
 
     @app.exception_handler(RefModelError)
     async def _refmodel_error(request: Request, exc: RefModelError):

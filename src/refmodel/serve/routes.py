@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import Response
 
 from ..errors import ModelNotAllowed
 from ..remote import wire
@@ -66,7 +66,7 @@ async def models(request: Request) -> ModelsResponse:
                           max_sequences=state.settings.max_sequences)
 
 
-@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics (text exposition format)",
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics (text exposition format)",
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text format 0.0.4"}, **_errors(*_AUTH)})
 async def metrics(request: Request) -> Response:
