@@ -175,8 +175,16 @@ def test_a_refused_connection_is_reported():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        url = f"http://127.0.0.1:{port}"
+        with pytest.raises(ServiceError, match="cannot reach the reference service .*Connection refused"):
+            ReferenceClient(url, max_retries=1, backoff_s=0.01).health()
+
+        async def call():
+            async with ReferenceClient(url, max_retries=1, backoff_s=0.01) as client:
+                await client.acompute_log_probs("tiny", [[1, 2]])
+
         with pytest.raises(ServiceError, match="cannot reach the reference service .*ConnectError"):
-            ReferenceClient(f"http://127.0.0.1:{port}", max_retries=1, backoff_s=0.01).health()
+            asyncio.run(call())
 
 
 @pytest.mark.parametrize("url", ["ftp://host", "127.0.0.1:8000", "http://", "http://host:port", "http://h:99999"])
