@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from ..errors import ServiceOverloaded
 
@@ -56,6 +56,7 @@ def drain_seconds(queued_tokens: int, tokens_per_s: float) -> int:
     return max(1, min(30, math.ceil(queued_tokens / tokens_per_s)))
 
 
+@runtime_checkable
 class Batcher(Protocol):
     """What the app needs of a model's request merger (built by a :data:`BatcherFactory`)."""
 
