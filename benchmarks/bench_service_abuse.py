@@ -218,7 +218,10 @@ def main() -> None:
     parser.add_argument("--unloaded-seconds", type=float, default=8.0, help="duration of the unloaded phase")
     parser.add_argument("--clients", type=int, default=8, help="valid clients")
     parser.add_argument("--slowloris", type=int, default=100, help="slowloris connections")
+    parser.add_argument("--quick", action="store_true", help="10 s of abuse, 4 s unloaded, 50 slowloris")
     args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.unloaded_seconds, args.slowloris = 10.0, 4.0, 50
     print(f"# reference service under abuse; {provenance()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_model("llama", Path(tmp) / "llama")
