@@ -24,6 +24,7 @@ import logging
 import random
 import time
 import urllib.parse
+from typing import Any
 
 import numpy as np
 import torch
@@ -172,7 +173,7 @@ class ReferenceClient:
         # work again. A refused/reset/dropped connection (or a connect timeout) is retried.
         self._sync_errors = (urllib3.exceptions.HTTPError,)
         self._answer_timeouts: tuple[type[Exception], ...] = (urllib3.exceptions.ReadTimeoutError,)
-        self._aclient = None
+        self._aclient: Any = None  # an httpx.AsyncClient, made on the first async call
         self._fingerprints: dict[str, str] = {}
 
     # ------------------------------------------------------------------ transport with retries
@@ -215,7 +216,7 @@ class ReferenceClient:
                 wait = self._settle(attempt, path, response)
                 if wait is None:
                     return response
-            time.sleep(wait)
+            time.sleep(wait or 0.0)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _arequest(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None):
@@ -226,17 +227,18 @@ class ReferenceClient:
                 limits=httpx.Limits(keepalive_expiry=_KEEPALIVE_EXPIRY_S))
             self._async_errors = (httpx.TransportError,)
             self._answer_timeouts += (httpx.ReadTimeout, httpx.WriteTimeout)
+        aclient = self._aclient
         headers = {"Content-Type": content_type} if content_type else None
         for attempt in range(self.max_retries + 1):
             try:
-                response = await self._aclient.request(method, self.url + path, content=body, headers=headers)
+                response = await aclient.request(method, self.url + path, content=body, headers=headers)
             except self._async_errors as exc:
                 wait = self._settle(attempt, path, exc=exc)
             else:
                 wait = self._settle(attempt, path, response)
                 if wait is None:
                     return response
-            await asyncio.sleep(wait)
+            await asyncio.sleep(wait or 0.0)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------ requests, built in one place

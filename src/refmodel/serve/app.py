@@ -57,14 +57,14 @@ def _lifespan(state: AppState, batcher_cls: BatcherFactory):
                 warm_up(model)
             state.set_models(served)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refmodel-model")
-        for name, model in state.served.items():
+        for name, model in (state.served or {}).items():
             batcher = batcher_cls(name, model.run, executor, max_batch_tokens=settings.max_batch_tokens,
                                   max_wait_s=settings.max_wait_ms / 1000, max_queue=settings.max_queue,
                                   batching=settings.batching, observe=state.metrics.observer(name),
                                   on_depth=state.metrics.depth_setter(name))
             batcher.start()
             state.batchers[name] = batcher
-        log.info("serving %s (batching=%s, max_batch_tokens=%d, max_wait_ms=%g)", sorted(state.served),
+        log.info("serving %s (batching=%s, max_batch_tokens=%d, max_wait_ms=%g)", sorted(state.served or {}),
                  settings.batching, settings.max_batch_tokens, settings.max_wait_ms)
         yield
         # uvicorn has stopped accepting and drained in-flight requests before lifespan shutdown runs.
@@ -116,7 +116,7 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
     app.state.refmodel = state
     install_error_handlers(app)
     app.include_router(router)
-    app.openapi = _openapi(app, state.token is not None)
+    app.openapi = _openapi(app, state.token is not None)  # type: ignore[method-assign]  # FastAPI's documented hook
     app.add_middleware(Guard, metrics=state.metrics, token=state.token, max_body_bytes=settings.max_body_bytes,
                        max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes,
                        body_timeout_s=settings.body_timeout_s)

@@ -45,7 +45,7 @@ def check_admission(name: str, accepting: bool, admitted: int, adding: int, max_
             f"admitted{where}, this request adds {adding}); retry later", status=429)
     else:
         return
-    exc.model = name  # the app's Retry-After asks this model's batcher
+    exc.model = name  # type: ignore[attr-defined]  # the app's Retry-After asks this model's batcher
     raise exc
 
 

@@ -60,7 +60,7 @@ def status_of(exc: RefModelError) -> int:
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
     """pydantic's list of problems as one message naming the first field (FastAPI's own shape differs)."""
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid body"}
+    first: dict = dict(errors[0]) if errors else {"loc": ("body",), "msg": "invalid body"}
     if first.get("type") == "json_invalid":
         return error_response(422, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                               "body")

@@ -96,6 +96,7 @@ class Guard:
         must not hold the request (and its buffer) open indefinitely.
         """
         task = asyncio.current_task()
+        assert task is not None  # an ASGI app always runs in a task
         fired = []
 
         def expire():

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pydantic import SecretStr
 
@@ -53,7 +53,7 @@ class _Queued(NamedTuple):
     """A sequence in Ray's batch queue, with the request it belongs to (for the per-request retry)."""
 
     owner: object
-    seq: object
+    seq: Any  # a refmodel.serve.validate.Sequence
 
 
 def padded_tokens(items: list) -> int:
