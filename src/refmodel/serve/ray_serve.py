@@ -10,7 +10,10 @@ Ray itself closes a batch at ``max_batch_tokens`` (``batch_size_fn`` arrived wit
 allow-list only.
 
 Ray Serve's HTTP proxy spreads requests over the replicas (power of two choices on queue length);
-``max_queue`` (429) and ``/metrics`` are per replica.
+``max_queue`` (429) and ``/metrics`` are per replica. The app's guard (auth, header count and size,
+body size and time limits) runs in each replica; the connection-level limits of ``refmodel serve``
+(the request-head deadline, h11's bounded head buffer, ``--keep-alive-timeout-s``) are those of Ray's
+own proxy here, which also receives a body before the replica's guard can refuse it.
 """
 
 from __future__ import annotations
