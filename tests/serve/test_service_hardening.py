@@ -64,6 +64,7 @@ def test_over_length_is_422_naming_the_model_limit_on_every_route(server):
     assert models == {"short": POSITIONS, "rm": POSITIONS}
 
 
+@pytest.mark.slow
 def test_bad_requests_in_the_same_batch_window_never_fail_good_ones(server, gpt2):
     good = random_rows(24, seed=21, lo=4, hi=POSITIONS)
     bad = [[5] * (POSITIONS + 1 + i) for i in range(8)]
@@ -211,6 +212,7 @@ def test_a_taken_port_is_reported_before_any_model_loads(dirs):
     assert "fingerprint" not in done.stderr + done.stdout  # no model was loaded
 
 
+@pytest.mark.slow
 def test_a_public_host_without_a_token_is_refused_unless_allowed(dirs):
     done = _serve(["--model", f"short={dirs['gpt2']}", "--host", "0.0.0.0", "--port", free_port()])
     assert done.returncode != 0 and "no bearer token is set" in done.stderr and "--allow-no-auth" in done.stderr
