@@ -17,6 +17,7 @@ from serve_helpers import HARDENED_TIMEOUT_S as TIMEOUT_S
 from serve_helpers import POSITIONS, TOKEN, free_port
 from service_checks import ATOL, expected, random_rows
 
+from refmodel import ReferenceClient, Unauthorized
 from refmodel.remote import wire
 from refmodel.testing import load_tiny, subprocess_env
 
@@ -112,6 +113,22 @@ def test_unauthenticated_requests_are_refused_before_the_body_is_sent(server):
     out, _ = _raw(server, head.replace(b"/v1/logprobs ", b"/v1/logprobs:binary ").replace(
         b"Host: x\r\n", b"Host: x\r\nAuthorization: Bearer wrong\r\n"))
     assert out.startswith(b"HTTP/1.1 401")
+
+
+def test_a_client_with_a_wrong_token_and_a_large_body_gets_unauthorized(server):
+    # The server answers 401 and closes before reading the 512 KiB body; both clients still read the answer.
+    ids = torch.ones(4000, 32, dtype=torch.long)
+    with ReferenceClient(server.url, token="wrong", max_retries=0) as client:
+        for _ in range(3):
+            with pytest.raises(Unauthorized, match="401"):
+                client.compute_log_probs("short", ids)
+
+    async def call():
+        async with ReferenceClient(server.url, token="wrong", max_retries=0) as client:
+            await client.acompute_log_probs("short", ids)
+
+    with pytest.raises(Unauthorized, match="401"):
+        asyncio.run(call())
 
 
 def test_header_size_and_count_limits(server):
