@@ -5,7 +5,7 @@
 The same load (``--clients`` async clients sending single-sequence binary requests until
 ``--requests`` are done; a warm-up run first) against: the plain ``refmodel serve`` process (uvicorn,
 dynamic batching), then a local Ray cluster with Serve and 1, then 2 replicas of the same model
-(``@serve.batch`` token budget), and the largest count again with refmodel's own ``Batcher`` in
+(``@serve.batch`` token budget), and the largest count again with refmodel's own ``LocalBatcher`` in
 the replicas (same token budget, batches closed when the model is free). Every replica and the plain server use ``--threads`` torch threads.
 One line per case with throughput, p50/p99 latency, errors and the ratio to the plain server, all from
 the same run; the provenance line names the machine. On a box with few cores the clients, Ray's
@@ -105,7 +105,7 @@ def bench(model_dir: Path, clients: int, requests: int, seq_len: int, max_wait_m
         cases = [(n, True) for n in replica_counts] + [(max(replica_counts), False)]
         for replicas, serve_batch in cases:
             deploy(settings, replicas=replicas, num_cpus=min(1.0, os.cpu_count() / replicas), serve_batch=serve_batch)
-            name = f"ray, {replicas} replica{'s' if replicas > 1 else ''}" + ("" if serve_batch else ", Batcher")
+            name = f"ray, {replicas} replica{'s' if replicas > 1 else ''}" + ("" if serve_batch else ", LocalBatcher")
             proxy = _pids_titled(b"ProxyActor")
             results[name] = run_load(f"http://127.0.0.1:{port}", proxy + _pids_titled(b"ServeReplica:refmodel"),
                                      proxy)

@@ -69,7 +69,7 @@ class ServerProcess:
         self._log.close()
 
 
-def make_tiny_reward_model(path: Path) -> Path:
+def make_tiny_reward_model(path: Path, **config_overrides) -> Path:
     """A tiny Llama sequence-classification model (one label), saved with save_pretrained."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -77,7 +77,7 @@ def make_tiny_reward_model(path: Path) -> Path:
     from refmodel.testing import make_tokenizer, tiny_config
 
     tok = make_tokenizer()
-    cfg = tiny_config("llama", len(tok), num_labels=1)
+    cfg = tiny_config("llama", len(tok), num_labels=1, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         model = AutoModelForSequenceClassification.from_config(cfg)
@@ -114,3 +114,19 @@ class Endpoint:
     @property
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+# The hardened test server (conftest.hardened_server): models with few positions, short timeouts.
+POSITIONS = 32
+HARDENED_TIMEOUT_S = 1.0  # header, body and keep-alive timeouts
+
+
+def start_hardened_server(gpt2_dir: Path, reward_dir: Path, root: Path) -> ServerProcess:
+    """GPT-2 ``n_positions=32`` as "short" beside ``--max-seq-len 64``, a reward model "rm" with 32
+    positions, auth on, small header limits and 1 s header/body/keep-alive timeouts."""
+    t = HARDENED_TIMEOUT_S
+    return ServerProcess(["--model", f"short={gpt2_dir}", "--reward-model", f"rm={reward_dir}",
+                          "--token-file", write_token_file(root), "--max-seq-len", 64,
+                          "--max-batch-tokens", 4096, "--max-wait-ms", 50, "--max-body-bytes", 2**20,
+                          "--max-headers", 20, "--max-header-bytes", 4096, "--header-timeout-s", t,
+                          "--body-timeout-s", t, "--keep-alive-timeout-s", t], root / "server.log", token=TOKEN)

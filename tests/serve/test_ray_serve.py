@@ -28,6 +28,7 @@ from refmodel.testing import load_tiny, run_cli, subprocess_env
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from refmodel.serve.batcher import Batcher  # noqa: E402
 from refmodel.serve.ray_serve import RayBatcher, deploy, padded_tokens  # noqa: E402
 from refmodel.serve.settings import ServeSettings  # noqa: E402
 from refmodel.serve.validate import Limits, check_sequences  # noqa: E402
@@ -132,6 +133,7 @@ def test_ray_batcher_admission_without_a_replica():
     with ThreadPoolExecutor(1) as pool:
         batcher = RayBatcher("tiny", lambda batch: [len(s.ids) for s in batch], pool, max_batch_tokens=64,
                              max_wait_s=0.01, max_queue=2)
+        assert isinstance(batcher, Batcher)  # the protocol the app takes
 
         async def scenario():
             with pytest.raises(ServiceOverloaded, match="shutting down") as stopped:

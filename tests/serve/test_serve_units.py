@@ -13,7 +13,7 @@ import torch
 from refmodel import ConfigError, InvalidBatch, ServiceOverloaded
 from refmodel.reference import choose_placement
 from refmodel.remote import wire
-from refmodel.serve.batcher import Batcher
+from refmodel.serve.batcher import Batcher, LocalBatcher, run_per_request
 from refmodel.serve.settings import ServeSettings, parse_named_paths
 from refmodel.serve.validate import FieldError, Limits
 
@@ -44,7 +44,7 @@ def _run_batches(batching: bool, lengths_per_request: list[list[int]], max_batch
         return [p * 10 for p in payloads]
 
     async def main():
-        batcher = Batcher("m", run, ThreadPoolExecutor(1), max_batch_tokens=max_batch_tokens,
+        batcher = LocalBatcher("m", run, ThreadPoolExecutor(1), max_batch_tokens=max_batch_tokens,
                           max_wait_s=max_wait_s, max_queue=100, batching=batching)
         batcher.start()
         n = 0
@@ -80,7 +80,7 @@ def test_batcher_without_batching_runs_each_request_alone():
 
 def test_batcher_rejects_when_the_queue_is_full():
     async def main():
-        batcher = Batcher("m", lambda p: p, ThreadPoolExecutor(1), max_batch_tokens=8, max_wait_s=0.2,
+        batcher = LocalBatcher("m", lambda p: p, ThreadPoolExecutor(1), max_batch_tokens=8, max_wait_s=0.2,
                           max_queue=2)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit([1, 2], [1, 1]))
@@ -103,7 +103,7 @@ def test_a_failing_batch_fails_its_requests_only_and_the_batcher_keeps_serving()
         return [p.upper() for p in payloads]
 
     async def main():
-        batcher = Batcher("m", run, ThreadPoolExecutor(1), max_batch_tokens=100, max_wait_s=0.05, max_queue=10)
+        batcher = LocalBatcher("m", run, ThreadPoolExecutor(1), max_batch_tokens=100, max_wait_s=0.05, max_queue=10)
         batcher.start()
         first = await asyncio.gather(batcher.submit(["a", "bad"], [1, 1]), batcher.submit(["b"], [1]),
                                      return_exceptions=True)
@@ -114,8 +114,50 @@ def test_a_failing_batch_fails_its_requests_only_and_the_batcher_keeps_serving()
         return first, later, batcher.depth
 
     (failed, merged), later, depth = asyncio.run(main())
-    assert isinstance(failed, RuntimeError) and isinstance(merged, RuntimeError)  # same batch, same fate
+    # The merged batch failed; it ran again request by request, so only the bad row's request fails.
+    assert isinstance(failed, RuntimeError) and merged == ["B"]
     assert later == ["C", "D"] and depth == 0
+
+
+def test_a_failed_batch_is_retried_per_request_with_real_threads():
+    calls = []
+
+    def run(payloads):  # a model that fails on any batch holding a poisoned row
+        calls.append(list(payloads))
+        if any(p < 0 for p in payloads):
+            raise IndexError("index out of range in self")
+        return [p + 1 for p in payloads]
+
+    async def main():
+        batcher = LocalBatcher("m", run, ThreadPoolExecutor(1), max_batch_tokens=1000, max_wait_s=0.05, max_queue=100)
+        assert isinstance(batcher, Batcher)  # the protocol the app takes
+        batcher.start()
+        requests = [[i, i + 100] if i % 4 else [i, -i - 1] for i in range(12)]  # every 4th request is bad
+        results = await asyncio.gather(*(batcher.submit(r, [1, 1]) for r in requests), return_exceptions=True)
+        await batcher.stop()
+        return requests, results
+
+    requests, results = asyncio.run(main())
+    for request, result in zip(requests, results, strict=True):
+        if min(request) < 0:
+            assert isinstance(result, IndexError)
+        else:
+            assert result == [p + 1 for p in request]
+    assert len(calls[0]) == 24  # one merged batch first, then one run per request
+    assert sorted(map(sorted, calls[1:])) == sorted(map(sorted, requests))
+
+
+def test_run_per_request_reports_each_request_alone():
+    def run(payloads):
+        if "x" in payloads:
+            raise ValueError("bad row")
+        return [p.upper() for p in payloads]
+
+    out = run_per_request(run, ["a", "x", "b", "c"], ["r1", "r1", "r2", "r3"])
+    assert [type(o).__name__ for o in out[:2]] == ["Failed", "Failed"] and out[2:] == ["B", "C"]
+    assert str(out[0].error) == "bad row"
+    single = run_per_request(run, ["a", "x"], ["r1", "r1"])  # one request: no second run
+    assert all(type(o).__name__ == "Failed" for o in single)
 
 
 def test_a_cancelled_request_does_not_disturb_the_others():
@@ -124,7 +166,7 @@ def test_a_cancelled_request_does_not_disturb_the_others():
         return [p * 2 for p in payloads]
 
     async def main():
-        batcher = Batcher("m", run, ThreadPoolExecutor(1), max_batch_tokens=100, max_wait_s=0.01, max_queue=10)
+        batcher = LocalBatcher("m", run, ThreadPoolExecutor(1), max_batch_tokens=100, max_wait_s=0.01, max_queue=10)
         batcher.start()
         busy = asyncio.ensure_future(batcher.submit([1], [1]))  # occupies the model thread
         await asyncio.sleep(0.02)

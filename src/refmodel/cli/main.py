@@ -241,6 +241,17 @@ def store_import_halos_cmd(pkl: str, model: str, out: str, dtype: str) -> None:
 @click.option("--max-body-bytes", type=int, default=None, help="Request body limit (413). [default: 16 MiB]")
 @click.option("--torch-threads", type=int, default=None, help="torch intra-op threads. [default: torch's]")
 @click.option("--batching/--no-batching", default=None, help="Merge concurrent requests. [default: on]")
+@click.option("--max-header-bytes", type=int, default=None,
+              help="Request headers limit in bytes (431 above). [default: 16 KiB]")
+@click.option("--max-headers", type=int, default=None, help="Header fields per request (431 above). [default: 100]")
+@click.option("--header-timeout-s", type=float, default=None,
+              help="A connection must send a complete request head within this, else it is closed. [default: 10]")
+@click.option("--body-timeout-s", type=float, default=None,
+              help="The whole request body must arrive within this (408). [default: 30]")
+@click.option("--keep-alive-timeout-s", type=float, default=None,
+              help="Idle keep-alive connections close after this. [default: 5]")
+@click.option("--allow-no-auth", is_flag=True, default=None,
+              help="Allow a non-loopback --host without a token (logs a WARNING); refused otherwise.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Serve as a Ray Serve deployment (replicas, @serve.batch token budget). Needs refmodel[ray].")
 @click.option("--replicas", type=click.IntRange(min=1), default=None,

@@ -1,9 +1,12 @@
 """The reference-model service: ``refmodel serve`` (FastAPI + uvicorn) with dynamic batching.
 
-Submodules: :mod:`.settings` (pydantic-settings, env prefix ``REFMODEL_``), :mod:`.wire` (the binary
-format, importable without FastAPI), :mod:`.validate` (request checks that name the offending field),
-:mod:`.batcher` (asyncio request merging), :mod:`.runners` (model loading and batch execution),
-:mod:`.metrics` (Prometheus), :mod:`.app` (the FastAPI app) and :mod:`.main` (uvicorn start-up).
+Submodules: :mod:`.settings` (pydantic-settings, env prefix ``REFMODEL_``), :mod:`.validate` (request
+checks that name the offending field), :mod:`.batcher` (the ``Batcher`` protocol and asyncio request
+merging), :mod:`.runners` (model loading and batch execution), :mod:`.metrics` (Prometheus),
+:mod:`.app` (the FastAPI factory and lifespan), :mod:`.routes`, :mod:`.errors` (one error shape),
+:mod:`.guard` (auth and limits before the body is read), :mod:`.connection` (the request-head
+deadline under uvicorn), :mod:`.main` (bind, load, run uvicorn) and :mod:`.ray_serve`. The binary
+wire format is :mod:`refmodel.remote.wire` (shared with the client).
 
 Nothing here is imported by ``import refmodel``; FastAPI is imported only by :mod:`.app`.
 """

@@ -10,6 +10,11 @@ finished batch back with one ``call_soon_threadsafe``, which answers every reque
 frees the loop for the next batch in the same event-loop turn (no future chaining, no ``gather``).
 
 With ``batching=False`` every request runs as its own batch (the baseline of the benchmark).
+
+A merged batch that fails is run again request by request (:func:`run_per_request`), so one bad row
+fails only the request that sent it, never the others that happened to share its batch.
+:class:`Batcher` is the protocol that both :class:`LocalBatcher` and the Ray Serve batcher
+(:class:`refmodel.serve.ray_serve.RayBatcher`) satisfy; the app takes either.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from ..errors import ServiceOverloaded
 
@@ -32,11 +38,15 @@ def check_admission(name: str, accepting: bool, admitted: int, adding: int, max_
                     where: str = "") -> None:
     """Raise 503 when ``name`` is not accepting, 429 when ``adding`` more sequences exceed ``max_queue``."""
     if not accepting:
-        raise ServiceOverloaded(f"model {name!r} is not accepting requests (shutting down)", status=503)
-    if admitted + adding > max_queue:
-        raise ServiceOverloaded(
+        exc = ServiceOverloaded(f"model {name!r} is not accepting requests (shutting down)", status=503)
+    elif admitted + adding > max_queue:
+        exc = ServiceOverloaded(
             f"the queue of model {name!r} is full ({admitted} of {max_queue} sequences "
             f"admitted{where}, this request adds {adding}); retry later", status=429)
+    else:
+        return
+    exc.model = name  # type: ignore[attr-defined]  # the app's Retry-After asks this model's batcher
+    raise exc
 
 
 def drain_seconds(queued_tokens: int, tokens_per_s: float) -> int:
@@ -44,6 +54,88 @@ def drain_seconds(queued_tokens: int, tokens_per_s: float) -> int:
     if tokens_per_s <= 0:
         return 1
     return max(1, min(30, math.ceil(queued_tokens / tokens_per_s)))
+
+
+@runtime_checkable
+class Batcher(Protocol):
+    """What the app needs of a model's request merger (built by a :data:`BatcherFactory`)."""
+
+    name: str
+
+    @property
+    def depth(self) -> int:
+        """Sequences admitted and not yet answered."""
+        ...
+
+    def start(self) -> None:
+        """Begin accepting (called on the running event loop, in the app's lifespan)."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop accepting (called after uvicorn has drained in-flight requests)."""
+        ...
+
+    def retry_after_s(self) -> int:
+        """Seconds a client should wait after a 429."""
+        ...
+
+    async def submit(self, payloads: list, tokens: list[int]) -> list:
+        """Admit one request's sequences (``tokens[i]``: length of sequence i); their results, in order.
+
+        Raises :class:`~refmodel.ServiceOverloaded` (429/503) when not admitted, or the error of the
+        model run that failed on this request's own rows.
+        """
+        ...
+
+
+# The constructor both batchers share: name, run_batch, executor and the keyword-only knobs
+# max_batch_tokens, max_wait_s, max_queue, batching, observe, on_depth.
+BatcherFactory = Callable[..., Batcher]
+
+
+class Failed(NamedTuple):
+    """A per-sequence result slot holding the error of the model run that covered it."""
+
+    error: BaseException
+
+
+def _run_checked(run_batch: Callable[[list], Sequence], payloads: list) -> list:
+    results = list(run_batch(payloads))
+    if len(results) != len(payloads):
+        raise RuntimeError(f"run_batch returned {len(results)} results for {len(payloads)} sequences")
+    return results
+
+
+def run_per_request(run_batch: Callable[[list], Sequence], payloads: list, owners: Sequence[Hashable],
+                    name: str = "") -> list:
+    """``run_batch(payloads)``; if that raises and the batch holds rows of several requests (``owners[i]``
+    names the request of ``payloads[i]``), each request's rows run again on their own.
+
+    Returns one entry per payload: its result, or :class:`Failed` with the error of the run that
+    covered it. Every sequence scores the same alone or in a batch, so the retried results equal what
+    the merged run would have given; the cost is paid only when a batch fails.
+    """
+    try:
+        return _run_checked(run_batch, payloads)
+    except Exception as exc:  # noqa: BLE001 - reported per request below
+        groups: dict[Hashable, list[int]] = {}
+        for i, owner in enumerate(owners):
+            groups.setdefault(owner, []).append(i)
+        if len(groups) == 1:
+            log.error("batch of %d sequences for %s failed", len(payloads), name, exc_info=exc)
+            return [Failed(exc)] * len(payloads)
+        log.warning("batch of %d sequences from %d requests for %s failed (%s: %s); running each request "
+                    "alone", len(payloads), len(groups), name, type(exc).__name__, exc)
+    out: list = [None] * len(payloads)
+    for indices in groups.values():
+        try:
+            results = _run_checked(run_batch, [payloads[i] for i in indices])
+        except Exception as exc:  # noqa: BLE001 - this request's own failure
+            log.error("a request of %d sequences for %s failed", len(indices), name, exc_info=exc)
+            results = [Failed(exc)] * len(indices)
+        for i, result in zip(indices, results, strict=True):
+            out[i] = result
+    return out
 
 
 @dataclass
@@ -64,7 +156,7 @@ class _Item:
     arrived: float = field(default_factory=time.monotonic)
 
 
-class Batcher:
+class LocalBatcher:
     """Merge sequences from concurrent requests into batches for ``run_batch(payloads) -> results``.
 
     ``run_batch`` is called in ``executor`` with a list of payloads and must return one result per
@@ -181,7 +273,8 @@ class Batcher:
                 except RuntimeError:  # the loop has closed (shutdown): nobody is waiting any more
                     pass
 
-            self._executor.submit(self._run_batch, [item.payload for item in live]).add_done_callback(hand_back)
+            self._executor.submit(run_per_request, self._run_batch, [item.payload for item in live],
+                                  [id(item.request) for item in live], self.name).add_done_callback(hand_back)
             try:
                 await freed
             except asyncio.CancelledError:
@@ -193,13 +286,11 @@ class Batcher:
         if not freed.done():
             freed.set_result(None)
         exc = job.exception()
-        results = job.result() if exc is None else None
-        if exc is None and len(results) != len(live):
-            exc = RuntimeError(f"run_batch returned {len(results)} results for {len(live)} sequences")
-        if exc is not None:  # a bug in the model run: fail this batch, keep serving
+        if exc is not None:  # run_per_request itself failed (a bug): fail this batch, keep serving
             log.error("batch of %d sequences for %s failed", len(live), self.name, exc_info=exc)
             _fail(live, exc)
             return
+        results = job.result()
         seconds = time.perf_counter() - start
         tokens = sum(item.tokens for item in live)
         self._recent_tokens_per_s = tokens / seconds if seconds > 0 else 0.0
@@ -207,9 +298,14 @@ class Batcher:
             self._observe(len(live), tokens, seconds)
         for item, result in zip(live, results, strict=True):
             request = item.request
+            if request.future.done():
+                continue
+            if isinstance(result, Failed):
+                request.future.set_exception(result.error)
+                continue
             request.results[item.index] = result
             request.remaining -= 1
-            if request.remaining == 0 and not request.future.done():
+            if request.remaining == 0:
                 request.future.set_result(request.results)
 
 
@@ -219,4 +315,5 @@ def _fail(items: list[_Item], exc: BaseException) -> None:
             item.request.future.set_exception(exc)
 
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "BatcherFactory", "Failed", "LocalBatcher", "check_admission", "drain_seconds",
+           "run_per_request"]

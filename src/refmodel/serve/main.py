@@ -1,4 +1,8 @@
-"""Start-up of ``refmodel serve``: resolve settings, load the allow-listed models, run uvicorn.
+"""Start-up of ``refmodel serve``: resolve settings, bind the port, load the allow-listed models, run uvicorn.
+
+The port is bound before any model loads, so a taken port is a one-line error in a second rather
+than after minutes of loading; the bound socket is the one uvicorn serves on (no race in between).
+A non-loopback ``--host`` without a token is refused unless ``--allow-no-auth`` (then a WARNING).
 
 SIGTERM / SIGINT: uvicorn stops accepting connections, lets in-flight requests finish (up to
 ``shutdown_timeout_s``), then the app stops its batchers; no admitted request is dropped.
@@ -7,6 +11,7 @@ SIGTERM / SIGINT: uvicorn stops accepting connections, lets in-flight requests f
 from __future__ import annotations
 
 import logging
+import socket
 
 from .._optional import require
 from .settings import ServeSettings
@@ -26,8 +31,41 @@ def load_all(settings: ServeSettings) -> tuple[object, dict]:
     return cache, served
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not yet listening), or a ConfigError saying why not."""
+    from ..errors import ConfigError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve --host {host!r}: {exc}") from exc
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only; a listener still clashes
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; another server may be using "
+                          "it: stop it or pick another --port") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_config(app, settings: ServeSettings):
+    """The uvicorn settings of the service: the h11 protocol with its head limits, graceful shutdown."""
+    uvicorn = require("uvicorn", "serve")
+    from .connection import guarded_protocol
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                          timeout_graceful_shutdown=settings.shutdown_timeout_s, access_log=False,
+                          lifespan="on", proxy_headers=False,  # client addresses are not used
+                          http=guarded_protocol(settings.header_timeout_s),
+                          h11_max_incomplete_event_size=settings.max_header_bytes,
+                          timeout_keep_alive=settings.keep_alive_timeout_s)
+
+
 def run_server(settings: ServeSettings) -> None:
-    """Load the models, then serve until SIGTERM/SIGINT (blocking)."""
+    """Bind the port, load the models, then serve until SIGTERM/SIGINT (blocking)."""
     uvicorn = require("uvicorn", "serve")
     require("fastapi", "serve")
     from ..errors import ConfigError
@@ -35,22 +73,25 @@ def run_server(settings: ServeSettings) -> None:
 
     if not settings.models and not settings.reward_models:
         raise ConfigError("nothing to serve: give at least one --model NAME=PATH or --reward-model NAME=PATH")
-    if settings.torch_threads is not None:
-        import torch
+    settings.check_exposure()
+    token = settings.bearer_token()  # a bad token file fails here, before the models load
+    sock = bind(settings.host, settings.port)
+    try:
+        if settings.torch_threads is not None:
+            import torch
 
-        torch.set_num_threads(settings.torch_threads)
-    cache, served = load_all(settings)
-    app = create_app(settings, served)
-    app.state.refmodel.cache = cache  # keeps the cache (and its pins) alive while serving
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s, access_log=False,
-                            lifespan="on", proxy_headers=False)  # client addresses are not used
-    log.info("refmodel serve on http://%s:%d (auth %s)", settings.host, settings.port,
-             "on" if settings.bearer_token() else "off")
-    uvicorn.Server(config).run()
+            torch.set_num_threads(settings.torch_threads)
+        cache, served = load_all(settings)
+        app = create_app(settings, served)
+        app.state.refmodel.cache = cache  # keeps the cache (and its pins) alive while serving
+        host, port = sock.getsockname()[:2]
+        log.info("refmodel serve on http://%s:%d (auth %s)", host, port, "on" if token else "off")
+        uvicorn.Server(uvicorn_config(app, settings)).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
-__all__ = ["load_all", "run_server"]
+__all__ = ["bind", "load_all", "run_server", "uvicorn_config"]
 
 
 def settings_from_flags(models: tuple[str, ...], reward_models: tuple[str, ...], **flags) -> ServeSettings:

@@ -10,7 +10,10 @@ Ray itself closes a batch at ``max_batch_tokens`` (``batch_size_fn`` arrived wit
 allow-list only.
 
 Ray Serve's HTTP proxy spreads requests over the replicas (power of two choices on queue length);
-``max_queue`` (429) and ``/metrics`` are per replica.
+``max_queue`` (429) and ``/metrics`` are per replica. The app's guard (auth, header count and size,
+body size and time limits) runs in each replica; the connection-level limits of ``refmodel serve``
+(the request-head deadline, h11's bounded head buffer, ``--keep-alive-timeout-s``) are those of Ray's
+own proxy here, which also receives a body before the replica's guard can refuse it.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from pydantic import SecretStr
 
 from .._optional import require
 from ..errors import ConfigError, MissingDependency
-from .batcher import Batcher, check_admission, drain_seconds
+from .batcher import Failed, LocalBatcher, check_admission, drain_seconds, run_per_request
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -48,13 +52,22 @@ def _require_serve():
     return serve
 
 
-def padded_tokens(seqs: list) -> int:
-    """Ray's batch size of a list of :class:`~refmodel.serve.validate.Sequence`: rows x longest row."""
+class _Queued(NamedTuple):
+    """A sequence in Ray's batch queue, with the request it belongs to (for the per-request retry)."""
+
+    owner: object
+    seq: Any  # a refmodel.serve.validate.Sequence
+
+
+def padded_tokens(items: list) -> int:
+    """Ray's batch size of a list of :class:`~refmodel.serve.validate.Sequence` (or of the ``_Queued``
+    sequences :class:`RayBatcher` hands to Ray): rows x longest row."""
+    seqs = [item.seq if isinstance(item, _Queued) else item for item in items]
     return len(seqs) * max((s.ids.numel() for s in seqs), default=0)
 
 
 class RayBatcher:
-    """The :class:`~refmodel.serve.batcher.Batcher` interface on top of ``ray.serve.batch``.
+    """The :class:`~refmodel.serve.batcher.Batcher` protocol on top of ``ray.serve.batch``.
 
     ``submit`` admits a request's sequences (429 past ``max_queue``, 503 once stopped) and awaits one
     ``@serve.batch`` call per sequence; Ray merges the sequences of all concurrent requests of this
@@ -79,8 +92,9 @@ class RayBatcher:
         self._recent_tokens_per_s = 0.0
         self._running = False
 
-        async def refmodel_token_batch(payloads: list) -> list:
-            return await self._run(payloads)
+        async def refmodel_token_batch(items: list) -> list:
+            # items: (request id, sequence); a failed merged batch reruns request by request
+            return await self._run([item.seq for item in items], [item.owner for item in items])
 
         # Ray reorders a sequence that does not fit behind later arrivals (FIFO otherwise); results
         # do not depend on it because every sequence scores the same in any batch.
@@ -111,10 +125,16 @@ class RayBatcher:
         self._set_admitted(self._admitted + len(payloads), total)
         try:
             if not self.batching:  # baseline: the request is its own batch
-                return await self._run(list(payloads))
-            return list(await asyncio.gather(*(self._batched(p) for p in payloads)))
+                results = await self._run(list(payloads), [0] * len(payloads))
+            else:
+                owner = object()
+                results = list(await asyncio.gather(*(self._batched(_Queued(owner, p)) for p in payloads)))
         finally:
             self._set_admitted(self._admitted - len(payloads), -total)
+        for result in results:
+            if isinstance(result, Failed):
+                raise result.error
+        return results
 
     def _set_admitted(self, value: int, tokens: int) -> None:
         self._admitted = value
@@ -122,9 +142,10 @@ class RayBatcher:
         if self._on_depth is not None:
             self._on_depth(value)
 
-    async def _run(self, payloads: list) -> list:
+    async def _run(self, payloads: list, owners: list) -> list:
         start = time.perf_counter()
-        results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, payloads)
+        results = await asyncio.get_running_loop().run_in_executor(
+            self._executor, run_per_request, self._run_batch, payloads, owners, self.name)
         seconds = time.perf_counter() - start
         tokens = sum(p.ids.numel() for p in payloads)
         self._recent_tokens_per_s = tokens / seconds if seconds > 0 else 0.0
@@ -137,7 +158,7 @@ class ReferenceReplica:
     """One Ray Serve replica: loads the allow-listed models, then serves the shared FastAPI app."""
 
     def __init__(self, settings: ServeSettings, serve_batch: bool = True):
-        self.batcher_cls = RayBatcher if serve_batch else Batcher
+        self.batcher_cls = RayBatcher if serve_batch else LocalBatcher
         if settings.torch_threads is not None:
             import torch
 
@@ -167,7 +188,7 @@ def build_application(settings: ServeSettings, *, replicas: int = 1, num_cpus: f
                       serve_batch: bool = True):
     """The bound Ray Serve application (pass to ``serve.run``).
 
-    ``serve_batch=False`` merges requests with refmodel's own :class:`Batcher` instead of
+    ``serve_batch=False`` merges requests with refmodel's own :class:`LocalBatcher` instead of
     ``@serve.batch`` (same token budget; it closes a batch when the model becomes free rather than
     ``max_wait_ms`` after the batch's first arrival, which gives larger batches under load).
 
@@ -215,6 +236,7 @@ def run_ray_server(settings: ServeSettings, *, replicas: int = 1, address: str |
     """
     ray = require("ray", "ray")
     serve = require("ray.serve", "ray")
+    settings.check_exposure()
     if address is None:
         missing = [p for p in {**settings.models, **settings.reward_models}.values() if not Path(p).is_dir()]
         if missing:

@@ -35,6 +35,8 @@ class ServedModel:
     dtype: str
     parameters: int
     device: torch.device
+    # (config attribute, value), e.g. ("max_position_embeddings", 256); None when the config has none
+    position_limit: tuple[str, int] | None = None
 
     def run(self, seqs: list[Sequence]) -> list:
         """Run one batch: per-sequence float32 log-prob arrays, or per-sequence float scores."""
@@ -88,12 +90,24 @@ def run_rewards(served: ServedModel, seqs: list[Sequence]) -> list[float]:
     return scores.tolist()
 
 
+def position_limit(config) -> tuple[str, int] | None:
+    """The longest sequence a model's config allows: ``(attribute, value)`` of ``n_positions`` (GPT-2
+    family) or ``max_position_embeddings`` (most others), or None when it names neither."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return attr, value
+    return None
+
+
 def _describe(name: str, kind: str, model: torch.nn.Module, device) -> ServedModel:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     first = next(model.parameters())
     return ServedModel(name=name, kind=kind, model=model, fingerprint=fingerprint(model),
                        vocab_size=int(cfg.vocab_size), dtype=str(first.dtype).removeprefix("torch."),
-                       parameters=sum(p.numel() for p in model.parameters()), device=first.device)
+                       parameters=sum(p.numel() for p in model.parameters()), device=first.device,
+                       position_limit=position_limit(model.config))
 
 
 def load_logprob_models(models: dict[str, str], device: str) -> tuple[Any, dict[str, ServedModel]]:
@@ -136,4 +150,5 @@ def warm_up(served: ServedModel) -> None:
     served.run([Sequence(torch.arange(n)), Sequence(torch.arange(n))])
 
 
-__all__ = ["ServedModel", "load_logprob_models", "load_reward_model", "run_logprobs", "run_rewards", "warm_up"]
+__all__ = ["ServedModel", "load_logprob_models", "load_reward_model", "position_limit", "run_logprobs", "run_rewards",
+           "warm_up"]

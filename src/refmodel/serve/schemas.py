@@ -57,6 +57,7 @@ class ModelInfo(_Body):
     vocab_size: int
     dtype: str
     parameters: int
+    max_seq_len: int  # min(the server's max_seq_len, the model's position limit)
 
 
 class ModelsResponse(_Body):
@@ -66,7 +67,11 @@ class ModelsResponse(_Body):
 
 
 class ErrorResponse(_Body):
-    """Every error: a message saying what was wrong and what was expected, and the field if any."""
+    """Every error: a message saying what was wrong and what was expected, and the field if any.
+
+    ``field`` names the offending request part (``input_ids``, ``score_mask``, ``body``, ``headers``...)
+    or is null when the error concerns no single field (auth, unknown model, queue full).
+    """
 
     detail: str
     field: str | None = None

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -14,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..errors import ConfigError
 from ..models.loading import parse_named_paths  # the one NAME=PATH parser; re-exported here
+
+log = logging.getLogger(__name__)
 
 
 class ServeSettings(BaseSettings):
@@ -37,6 +41,14 @@ class ServeSettings(BaseSettings):
     batching: bool = Field(True, description="False: every request runs as its own batch (baseline)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful-shutdown drain limit")
+    # Connection hygiene (issue 19 item 4): what an unauthenticated or slow client can hold.
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request headers limit, bytes (431 above)")
+    max_headers: int = Field(100, ge=8, description="header fields per request (431 above)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a complete request head "
+                                                            "within this many seconds of its first byte")
+    body_timeout_s: float = Field(30.0, gt=0, description="the whole request body must arrive within this (408)")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+    allow_no_auth: bool = Field(False, description="allow a non-loopback --host without a bearer token")
 
     def __init__(self, **values):
         try:
@@ -57,6 +69,20 @@ class ServeSettings(BaseSettings):
             raise ConfigError(f"model names must be unique across --model and --reward-model: {sorted(clash)}")
         return self
 
+    def check_exposure(self) -> None:
+        """Refuse to listen beyond loopback without a token unless ``allow_no_auth`` says so (then WARN).
+
+        Anyone who reaches an open port can make the server compute; on loopback that is only this
+        machine's users, on ``0.0.0.0`` it is the network.
+        """
+        if _is_loopback(self.host) or self.token is not None or self.token_file is not None:
+            return
+        if not self.allow_no_auth:
+            raise ConfigError(f"--host {self.host} listens beyond this machine but no bearer token is set; give "
+                              "--token-file (or REFMODEL_TOKEN), or pass --allow-no-auth to serve it open")
+        log.warning("serving on %s WITHOUT authentication (--allow-no-auth): anyone who can reach port %d can "
+                    "use this server", self.host, self.port)
+
     def bearer_token(self) -> str | None:
         """The configured token (stripped file contents or the value), or None when auth is off."""
         if self.token_file is not None:
@@ -68,6 +94,15 @@ class ServeSettings(BaseSettings):
                 raise ConfigError(f"the token file {self.token_file} is empty")
             return value
         return self.token.get_secret_value() if self.token is not None else None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 __all__ = ["ServeSettings", "parse_named_paths"]

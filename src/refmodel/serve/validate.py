@@ -35,9 +35,32 @@ class Sequence(NamedTuple):
 
 
 class Limits(NamedTuple):
+    """A model's request limits. ``max_seq_len`` is the effective one, min(the server's ``max_seq_len``,
+    the model's position limit); ``max_seq_len_name`` says which of the two it is, for the message."""
+
     vocab_size: int
     max_seq_len: int
     max_sequences: int
+    max_seq_len_name: str = "this server's max_seq_len"
+
+
+def model_limits(vocab_size: int, server_max_seq_len: int, max_sequences: int, model_name: str,
+                 position_limit: tuple[str, int] | None) -> Limits:
+    """The limits of one served model: its position limit (``(config attribute, value)``, e.g.
+    ``("n_positions", 1024)``) wins over the server's ``max_seq_len`` when it is smaller.
+
+    Past its position limit a model with learned positions (GPT-2) raises ``IndexError`` and one with
+    rotary positions (Llama) silently scores out of its training range; both are refused here (422).
+    """
+    if position_limit is not None and position_limit[1] < server_max_seq_len:
+        attr, value = position_limit
+        return Limits(vocab_size, value, max_sequences, f"model {model_name!r}'s position limit ({attr})")
+    return Limits(vocab_size, server_max_seq_len, max_sequences)
+
+
+def _too_long(i: int, length: int, limits: Limits) -> FieldError:
+    return FieldError("input_ids", f"input_ids[{i}] has {length} tokens, more than {limits.max_seq_len_name}="
+                                   f"{limits.max_seq_len}; shorten or split the sequence")
 
 
 # The per-row and the vectorized check raise the same errors, built here once.
@@ -95,8 +118,7 @@ def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=N
         if ids.numel() == 0:
             raise FieldError("input_ids", f"input_ids[{i}] is empty; every sequence needs at least one token")
         if ids.numel() > limits.max_seq_len:
-            raise FieldError("input_ids", f"input_ids[{i}] has {ids.numel()} tokens, more than this server's "
-                                          f"max_seq_len={limits.max_seq_len}")
+            raise _too_long(i, ids.numel(), limits)
         ids_rows.append(ids)
     attn_rows = _mask_rows("attention_mask", attention_mask, ids_rows)
     score_rows = _mask_rows("score_mask", score_mask, ids_rows)
@@ -155,8 +177,7 @@ def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarra
         raise FieldError("input_ids", f"input_ids has {batch} sequences; this server accepts at most "
                                       f"{limits.max_sequences} per request (split the batch)")
     if length > limits.max_seq_len:
-        raise FieldError("input_ids", f"input_ids[0] has {length} tokens, more than this server's "
-                                      f"max_seq_len={limits.max_seq_len}")
+        raise _too_long(0, length, limits)
     masks = []
     for field, mask in (("attention_mask", attention_mask), ("score_mask", score_mask)):
         if mask is not None:
@@ -190,4 +211,4 @@ def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarra
     return [Sequence(ids[i], attn_t[i], score_t[i]) for i in range(batch)]
 
 
-__all__ = ["FieldError", "Limits", "Sequence", "check_block", "check_sequences"]
+__all__ = ["FieldError", "Limits", "Sequence", "check_block", "check_sequences", "model_limits"]

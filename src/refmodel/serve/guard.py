@@ -1,0 +1,149 @@
+"""The ASGI guard in front of the app: what is checked before any route reads the body.
+
+Per request, in this order, so an unauthenticated or malformed request costs the server almost
+nothing: too many header fields, or more than ``max_header_bytes`` of them -> 431; bearer token (for every path but the open ones) -> 401;
+declared ``Content-Length`` over ``max_body_bytes`` -> 413; then the body is read here, counted
+(chunked bodies too) and bounded in time (``body_timeout_s`` -> 408), and replayed to the app. A
+rejection before the body is read closes the connection (``Connection: close``), so the unread body
+is never received into memory. Every request is timed for ``/metrics``.
+
+The request head itself (its size, and how long it may take to arrive) is bounded one layer lower, in
+:mod:`refmodel.serve.connection`, because the ASGI app sees a request only once its head is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+
+from .errors import error_response, unauthorized
+from .metrics import Metrics
+
+ENDPOINTS = frozenset({"/v1/logprobs", "/v1/logprobs:binary", "/v1/rewards", "/v1/models", "/healthz",
+                       "/metrics", "/openapi.json"})
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})  # answered without a token
+_CLOSE = {"Connection": "close"}
+
+
+class Guard:
+    """ASGI middleware: header count, auth and body limits before the app; request metrics."""
+
+    def __init__(self, app, *, metrics: Metrics, token: str | None, max_body_bytes: int, max_headers: int,
+                 max_header_bytes: int, body_timeout_s: float):
+        self.app, self.metrics = app, metrics
+        self.token = None if token is None else token.encode()
+        self.max_body_bytes, self.max_headers, self.body_timeout_s = max_body_bytes, max_headers, body_timeout_s
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+        path = scope["path"] if scope["path"] in ENDPOINTS else "other"
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            rejection, receive = await self._check(scope, receive)
+            if rejection is not None:
+                return await rejection(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.request_done(path, status[0], time.perf_counter() - start)
+
+    def _authorized(self, headers: list) -> bool:
+        for name, value in headers:
+            if name == b"authorization":
+                scheme, _, given = value.partition(b" ")
+                # constant-time: the comparison time says nothing about how much of the token matched
+                return scheme.lower() == b"bearer" and hmac.compare_digest(given, self.token)
+        return False
+
+    async def _check(self, scope, receive):
+        """``(rejection or None, receive)``: the receive that replays a body read (and bounded) here."""
+        headers = scope["headers"]
+        if len(headers) > self.max_headers:
+            return error_response(431, f"the request has {len(headers)} header fields; this server accepts at "
+                                       f"most {self.max_headers}", "headers", _CLOSE), receive
+        # h11 bounds an *incomplete* head (its buffer); a head that arrived whole is measured here.
+        size = sum(len(name) + len(value) + 4 for name, value in headers)
+        if size > self.max_header_bytes:
+            return error_response(431, f"the request headers are {size} bytes; this server accepts at most "
+                                       f"{self.max_header_bytes}", "headers", _CLOSE), receive
+        if self.token is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+            response = unauthorized()
+            response.headers.update(_CLOSE)
+            return response, receive
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return None, receive
+        limit = self.max_body_bytes
+        for name, value in headers:
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                return _too_large(limit), receive
+        body = await self._read_body(receive, limit)
+        if isinstance(body, bytes):
+            return None, _replay(body, receive)
+        return body, receive
+
+    async def _read_body(self, receive, limit: int):
+        """The whole body, or the error answer (413 over ``limit``, 408 past ``body_timeout_s``).
+
+        One timer for the whole body rather than one per chunk: a client trickling a byte a second
+        must not hold the request (and its buffer) open indefinitely.
+        """
+        task = asyncio.current_task()
+        assert task is not None  # an ASGI app always runs in a task
+        fired = []
+
+        def expire():
+            fired.append(True)
+            task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.body_timeout_s, expire)
+        chunks, size = [], 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client went away
+                    return error_response(400, "the client disconnected before sending the whole body", "body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    return _too_large(limit)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        except asyncio.CancelledError:
+            if not fired:
+                raise
+            if hasattr(task, "uncancel"):  # Python >= 3.11: this cancellation is handled here
+                task.uncancel()
+            return error_response(408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                       f"({size} bytes received)", "body", _CLOSE)
+        finally:
+            timer.cancel()
+
+
+def _too_large(limit: int):
+    return error_response(413, f"the request body exceeds this server's limit of {limit} bytes; split the batch",
+                          "body", _CLOSE)
+
+
+def _replay(body: bytes, receive):
+    """The app's ``receive``: the body read by the guard, then the server's own (for disconnects)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay
+
+
+__all__ = ["ENDPOINTS", "OPEN_PATHS", "Guard"]
