@@ -70,7 +70,7 @@ def _fingerprint_of(model: str) -> tuple[object, object, str]:
 
 @_user_errors
 def export_trl_command(path: str, data: str, model: str, out: str) -> None:
-    from ..data.records import load_examples, load_records
+    from ..data import load_examples, load_records
     from ..store import LogprobStore
     from ..store.interop import trl_columns
 

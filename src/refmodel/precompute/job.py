@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.records import Example, load_examples
+from ..data import Example, load_examples
 from ..errors import ConfigError, InvalidInput
 from ..logprobs.model import head_logprobs, model_logprobs, unwrap_causal_lm
 from ..models.fingerprint import fingerprint as model_fingerprint

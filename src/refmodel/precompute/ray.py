@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._optional import require
-from ..data.records import load_examples
+from ..data import load_examples
 from ..errors import ConfigError, InvalidInput, RefModelError
 from ..models.fingerprint import fingerprint as model_fingerprint
 from ..store import LogprobStore
