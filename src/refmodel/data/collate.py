@@ -18,7 +18,8 @@ from .tokenize import Example
 
 def pad(rows: Sequence[Sequence], value=0, *, side: str = "right", dtype: torch.dtype = torch.long,
         width: int | None = None, pad_to_multiple_of: int | None = None) -> torch.Tensor:
-    """``[B, T]`` tensor of ``rows`` padded with ``value`` to the longest row (or ``width``).
+    """``[B, T]`` tensor of ``rows`` (sequences or 1-D tensors) padded with ``value`` to the longest row
+    (or ``width``).
 
     ``pad_to_multiple_of`` rounds ``T`` up (tensor-core friendly shapes), as TRL's ``pad`` does.
     """
@@ -35,7 +36,7 @@ def pad(rows: Sequence[Sequence], value=0, *, side: str = "right", dtype: torch.
         n = len(row)
         if n:
             cols = slice(0, n) if side == "right" else slice(t - n, t)
-            out[i, cols] = torch.as_tensor(list(row), dtype=dtype)
+            out[i, cols] = row.to(dtype) if isinstance(row, torch.Tensor) else torch.as_tensor(list(row), dtype=dtype)
     return out
 
 
