@@ -240,6 +240,7 @@ def precompute(model, data, out, config: PrecomputeConfig | None = None, *, toke
     examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
     shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch, shard_examples=cfg.shard_examples,
                            share_prompt=share_prompt, temperature=temperature)
+    job["tokenization"] = {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode}  # for export-trl
     units = [u for shard in shards for u in shard]
     store = open_or_create_store(out, fp, dtype, job, resume=resume)
     out = Path(out)

@@ -234,6 +234,7 @@ def precompute_on_ray(model_path, data, out, config: PrecomputeConfig | None = N
     examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
     shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch, shard_examples=cfg.shard_examples,
                            share_prompt=share_prompt, temperature=temperature)
+    job["tokenization"] = {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode}  # for export-trl
     pad_id = pad_id_of(tokenizer)
     started = _connect(ray, cfg.ray_address)
     try:
