@@ -50,10 +50,10 @@ def collate(sequences: Sequence[tuple[Sequence[int], Sequence[bool] | None]], pa
     for i, (s, m) in enumerate(zip(ids, masks, strict=True)):
         if len(s) != len(m):
             raise InvalidInput(f"row {i}: score_mask has {len(m)} values for {len(s)} tokens")
-    kw = dict(side=side, pad_to_multiple_of=pad_to_multiple_of)
-    return {"input_ids": pad(ids, pad_id, **kw),
-            "attention_mask": pad([[1] * len(s) for s in ids], 0, **kw),
-            "score_mask": pad(masks, False, dtype=torch.bool, **kw)}
+    multiple = pad_to_multiple_of
+    return {"input_ids": pad(ids, pad_id, side=side, pad_to_multiple_of=multiple),
+            "attention_mask": pad([[1] * len(s) for s in ids], 0, side=side, pad_to_multiple_of=multiple),
+            "score_mask": pad(masks, False, side=side, dtype=torch.bool, pad_to_multiple_of=multiple)}
 
 
 def collate_examples(examples: Sequence[Example], pad_id: int = 0, *,
