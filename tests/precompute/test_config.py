@@ -54,3 +54,14 @@ def test_model_dtype_and_device(tiny_model_dirs, tmp_path):
     model, _ = load_tiny(tiny_model_dirs["llama"])
     assert store.fingerprint == fingerprint(model.to(torch.bfloat16)) != fingerprint(model.float())
     assert dataclasses.replace(PrecomputeConfig(), device="auto").resolved_device() in ("cpu", "cuda")
+
+
+def test_sequences_past_the_position_limit_are_refused_before_any_store(tiny_model_dirs, tmp_path):
+    long = [{"prompt": "so " * 300 + "what is 1 plus 1 ?", "chosen": " 2 .", "rejected": " 3 ."}]  # > 256 positions
+    with pytest.raises(ConfigError, match=r"record 0: a sequence of \d+ tokens is longer than the model's "
+                                          r"max_position_embeddings=256; set max_length"):
+        precompute(tiny_model_dirs["llama"], long, tmp_path / "s", max_length=None, progress=False)
+    assert not (tmp_path / "s").exists()
+    store = precompute(tiny_model_dirs["llama"], long, tmp_path / "t", max_length=256, truncation_mode="keep_end",
+                       progress=False)
+    assert len(store) == 2

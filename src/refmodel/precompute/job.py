@@ -192,6 +192,22 @@ def _score_full(model, units: list[Unit], pad_id: int, temperature: float) -> li
             for r, (s, m) in enumerate(seqs)]
 
 
+def check_positions(config, examples: list[Example]) -> None:
+    """ConfigError (before any store exists) when a sequence is longer than the model's position limit.
+
+    Some models would fail, others (Llama) silently score past the positions they were trained on.
+    """
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for ex in examples:
+        longest = len(ex.prompt_ids) + max((len(c) for c in ex.completions), default=0)
+        if longest > limit:
+            raise ConfigError(f"{ex.where}: a sequence of {longest} tokens is longer than the model's "
+                              f"max_position_embeddings={limit}; set max_length (--max-length) <= {limit} to "
+                              "truncate as TRL does, or drop the long records")
+
+
 def _load_model(model, tokenizer, model_kwargs):
     if isinstance(model, (str, Path)):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -227,6 +243,7 @@ def precompute(model, data, out, config: PrecomputeConfig | None = None, *, toke
     share_prompt, resume, progress = cfg.share_prompt, cfg.resume, cfg.progress
     fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
     examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+    check_positions(getattr(model, "config", None), examples)
     shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch, shard_examples=cfg.shard_examples,
                            share_prompt=share_prompt, temperature=temperature)
     job["tokenization"] = {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode}  # for export-trl
@@ -256,4 +273,4 @@ def precompute(model, data, out, config: PrecomputeConfig | None = None, *, toke
 
 
 __all__ = ["precompute", "plan_units", "plan_batches", "plan_job", "open_or_create_store", "pending_shards",
-           "score_units", "shard_name", "Unit"]
+           "score_units", "shard_name", "Unit", "check_positions"]
