@@ -28,25 +28,21 @@ def _user_errors(fn):
 
 
 @_user_errors
-def precompute_command(model: str, data: str, out: str, dtype: str, max_tokens_per_batch: int, resume: bool,
-                       shard_examples: int, temperature: float) -> None:
-    from ..precompute.job import precompute
+def precompute_command(model: str, data: str, out: str, *, use_ray: bool = False, **settings) -> None:
+    """``refmodel precompute``: ``settings`` are :class:`~refmodel.precompute.config.PrecomputeConfig` fields."""
+    from ..precompute.config import PrecomputeConfig
 
-    store = precompute(model, data, out, dtype=dtype, max_tokens_per_batch=max_tokens_per_batch, resume=resume,
-                       shard_examples=shard_examples, temperature=temperature)
-    click.echo(json.dumps(store.info(), indent=1))
+    cfg = PrecomputeConfig(**settings)
+    click.echo("# " + json.dumps({k: v for k, v in cfg.__dict__.items() if use_ray or not k.startswith(
+        ("ray_", "num_workers", "gpus_", "cpus_", "max_task"))}), err=True)  # the resolved config
+    if use_ray:
+        from ..precompute.ray import precompute_on_ray
 
+        store = precompute_on_ray(model, data, out, cfg)
+    else:
+        from ..precompute.job import precompute
 
-@_user_errors
-def ray_precompute_command(model: str, data: str, out: str, dtype: str, max_tokens_per_batch: int, resume: bool,
-                           shard_examples: int, temperature: float, ray_address: str | None,
-                           num_workers: int | None, gpus_per_worker: float, cpus_per_worker: float) -> None:
-    from ..precompute.ray import precompute_on_ray
-
-    store = precompute_on_ray(model, data, out, ray_address=ray_address, num_workers=num_workers,
-                              gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, dtype=dtype,
-                              max_tokens_per_batch=max_tokens_per_batch, resume=resume,
-                              shard_examples=shard_examples, temperature=temperature)
+        store = precompute(model, data, out, cfg)
     click.echo(json.dumps(store.info(), indent=1))
 
 
@@ -96,17 +92,39 @@ def _fingerprint_of(model: str) -> tuple[object, object, str]:
 
 
 @_user_errors
-def export_trl_command(path: str, data: str, model: str, out: str) -> None:
-    from ..data.records import load_examples, load_records
+def export_trl_command(path: str, data: str, model: str, out: str, max_length: int | None = None,
+                       truncation_mode: str | None = None) -> None:
+    """Write DATA with TRL's reference columns, each record tokenized by :mod:`refmodel.data` with the
+    store's own tokenization settings (recorded by ``refmodel precompute``) unless given.
+
+    Preference records get ``ref_chosen_logps`` / ``ref_rejected_logps``, unpaired (KTO) records
+    ``ref_logps``: the stored float32 sequence sums. Records TRL drops get null columns.
+    """
+    from ..data import load_records, tokenize_record
+    from ..errors import DataFormatError
+    from ..precompute.config import PrecomputeConfig
     from ..store import LogprobStore
-    from ..store.interop import trl_columns
 
     _, tok, fp = _fingerprint_of(model)
     store = LogprobStore.open(path, fp)
-    cols = trl_columns(store, load_examples(data, tok))
-    rows = [dict(r) for _, r in load_records(data)]
-    for row, c, r in zip(rows, cols["ref_chosen_logps"], cols["ref_rejected_logps"], strict=True):
-        row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r
+    recorded = (store.job or {}).get("tokenization", {})
+    default = PrecomputeConfig()
+    settings = {"max_length": recorded.get("max_length", default.max_length) if max_length is None else
+                (max_length or None),
+                "truncation_mode": truncation_mode or recorded.get("truncation_mode", default.truncation_mode)}
+    rows, dropped = [], 0
+    for where, record in load_records(data):
+        ex = tokenize_record(record, tok, where, **settings)
+        row = dict(record)
+        if ex is not None and ex.names not in (("chosen", "rejected"), ("completion",)):
+            raise DataFormatError(f"{where}: export-trl writes preference or unpaired (KTO) records, not {ex.kind}")
+        names = ex.names if ex is not None else (
+            ("chosen", "rejected") if "chosen" in record else ("completion",))
+        sums = [None] * len(names) if ex is None else [store.get_sum(ids) for ids, _ in ex.sequences()]
+        dropped += ex is None
+        for name, value in zip(names, sums, strict=True):
+            row["ref_logps" if name == "completion" else f"ref_{name}_logps"] = value
+        rows.append(row)
     out_path = Path(out)
     if out_path.suffix == ".jsonl":
         from ..testing import write_jsonl
@@ -121,7 +139,8 @@ def export_trl_command(path: str, data: str, model: str, out: str) -> None:
         from .._optional import require
 
         require("datasets", "trl").Dataset.from_list(rows).save_to_disk(str(out_path))
-    click.echo(f"wrote {len(rows)} rows with ref_chosen_logps / ref_rejected_logps to {out_path}")
+    click.echo(f"wrote {len(rows)} rows with TRL's reference log-prob columns to {out_path} ({dropped} rows that "
+               f"TRL drops at max_length={settings['max_length']} have null columns)")
 
 
 @_user_errors

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.records import Example, load_examples
+from ..data import Example, collate, load_examples, pad_id_of
 from ..errors import ConfigError, InvalidInput, StoreCorrupt
 from ..logprobs.model import (
     backbone_of,
@@ -40,9 +40,9 @@ from ..models.limits import position_limit
 from ..store import LogprobStore
 from ..store.format import Entry, key_bytes, make_entry, normalize_dtype
 from ..store.manifest import shard_name
+from .config import PrecomputeConfig
 
 log = logging.getLogger(__name__)
-DEFAULT_SHARD_EXAMPLES = 2048
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def check_position_limit(model, examples: list[Example]) -> None:
         raise InvalidInput(f"{ex.where or 'a record'}: the {name} sequence has {length} tokens (prompt "
                            f"{len(ex.prompt_ids)} + {name} {length - len(ex.prompt_ids)}), more than the model's "
                            f"position limit of {limit} (config.{field}); {rows} of {len(examples)} rows are too long. "
-                           "Shorten or drop them, or truncate them with the data's max_length setting")
+                           "Shorten or drop them, or truncate them as TRL does with max_length (--max-length)")
 
 
 def plan_units(examples: list[Example]) -> list[Unit]:
@@ -85,16 +85,20 @@ def plan_units(examples: list[Example]) -> list[Unit]:
     seen: set[bytes] = set()
     units = []
     for ex in examples:
-        comps, masks, keys = [], [], []
-        for comp, mask in zip(ex.completions, ex.completion_masks, strict=True):
-            key = key_bytes(np.asarray(ex.prompt_ids + comp, dtype=np.int64))
-            if key not in seen and comp:
-                seen.add(key)
-                comps.append(comp)
-                masks.append(mask)
-                keys.append(key)
-        if comps:
-            units.append(Unit(ex.prompt_ids, tuple(comps), tuple(masks), tuple(keys)))
+        groups = [(ex.prompt_ids, list(zip(ex.completions, ex.completion_masks, strict=True)))]
+        if not ex.prompt_ids:  # no shared prefix (e.g. keep_end truncation cut the prompt): one unit per row
+            groups = [(c[:1], [(c[1:], m[1:])]) for c, m in groups[0][1] if c]
+        for prompt, rows in groups:
+            comps, masks, keys = [], [], []
+            for comp, mask in rows:
+                key = key_bytes(np.asarray(prompt + comp, dtype=np.int64))
+                if key not in seen and comp:
+                    seen.add(key)
+                    comps.append(comp)
+                    masks.append(mask)
+                    keys.append(key)
+            if comps:
+                units.append(Unit(prompt, tuple(comps), tuple(masks), tuple(keys)))
     units.sort(key=lambda u: (len(u.completions), len(u.prompt) + max(map(len, u.completions)), u.keys[0]))
     return units
 
@@ -182,19 +186,12 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     k = len(units[0].completions)
     if any(len(u.completions) != k for u in units):
         raise ValueError("units of one batch must have the same number of completions")
-    b, p_len, c_len = len(units), max(len(u.prompt) for u in units), max(len(c) for u in units for c in u.completions)
-    prompt = torch.full((b, p_len), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros(b, p_len, dtype=torch.long)
-    comp = torch.full((b * k, c_len), pad_id, dtype=torch.long)
-    comp_mask = torch.zeros(b * k, c_len, dtype=torch.long)
-    scored = torch.zeros(b * k, c_len, dtype=torch.bool)
-    for i, u in enumerate(units):
-        prompt[i, p_len - len(u.prompt):] = torch.tensor(u.prompt)
-        prompt_mask[i, p_len - len(u.prompt):] = 1
-        for j, (c, m) in enumerate(zip(u.completions, u.masks, strict=True)):
-            comp[i * k + j, :len(c)] = torch.tensor(c)
-            comp_mask[i * k + j, :len(c)] = 1
-            scored[i * k + j, :len(c)] = torch.tensor(m, dtype=torch.bool)
+    # Prompts left-padded (their last tokens line up for the cache), completions right-padded.
+    prompts = collate([(u.prompt, None) for u in units], pad_id, side="left")
+    prompt, prompt_mask = prompts["input_ids"], prompts["attention_mask"]
+    comps = collate([(c, m) for u in units for c, m in zip(u.completions, u.masks, strict=True)], pad_id)
+    comp, comp_mask, scored = comps["input_ids"], comps["attention_mask"], comps["score_mask"]
+    c_len = comp.shape[1]
     prompt_len = prompt_mask.sum(1)
     backbone = backbone_of(causal)
     out = backbone(input_ids=prompt.to(device), attention_mask=prompt_mask.to(device),
@@ -227,12 +224,8 @@ def _score_full(model, units: list[Unit], pad_id: int, temperature: float) -> li
     device = next(model.parameters()).device
     seqs = [(u.prompt + c, (False,) * len(u.prompt) + m) for u in units for c, m in zip(u.completions, u.masks,
                                                                                          strict=True)]
-    t = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(seqs), t, dtype=torch.bool)
-    score = torch.zeros(len(seqs), t, dtype=torch.bool)
-    for r, (s, m) in enumerate(seqs):
-        ids[r, :len(s)], attn[r, :len(s)], score[r, :len(s)] = torch.tensor(s), True, torch.tensor(m)
+    batch = collate(seqs, pad_id)
+    ids, attn, score = batch["input_ids"], batch["attention_mask"], batch["score_mask"]
     logps = model_logprobs(model, ids.to(device), attn.to(device), score.to(device), temperature=temperature).cpu()
     return [make_entry(np.asarray(s, dtype=np.int64), logps[r, :len(s)].numpy(), np.asarray(m))
             for r, (s, m) in enumerate(seqs)]
@@ -250,36 +243,37 @@ def _load_model(model, tokenizer, model_kwargs):
     return model, tokenizer
 
 
-def precompute(model, data, out, *, tokenizer=None, dtype="bfloat16", max_tokens_per_batch: int = 4096,
-               resume: bool = False, temperature: float = 1.0, share_prompt: bool = True,
-               shard_examples: int = DEFAULT_SHARD_EXAMPLES, progress: bool = True,
-               model_kwargs: dict | None = None) -> LogprobStore:
+def precompute(model, data, out, config: PrecomputeConfig | None = None, *, tokenizer=None,
+               model_kwargs: dict | None = None, **settings) -> LogprobStore:
     """Reference log-probs of every sequence in ``data`` into a store at ``out`` (returned, read-only).
 
     Args:
         model: a loaded ``*ForCausalLM`` or a local model folder, loaded by
-            :func:`refmodel.models.loading.load_model` with ``model_kwargs`` (e.g. ``dtype``; safetensors only
-            unless ``model_kwargs={"allow_pickle": True}``; never the folder's own code).
-        data: a data path (see :mod:`refmodel.data.records`) or a list of records.
-        dtype: storage dtype, ``float32`` / ``bfloat16`` / ``float16``.
-        max_tokens_per_batch: padded-token budget of one batch (prompt + completions).
-        resume: finish an interrupted run into the same ``out`` (same data and settings required).
-        temperature: log-probs of ``logits / temperature``; part of the fingerprint when != 1.
-        share_prompt: run each prompt once with a KV cache for all its completions.
+            :func:`refmodel.models.loading.load_model` with ``model_kwargs`` and ``config.model_dtype``
+            (safetensors only unless ``model_kwargs={"allow_pickle": True}``; never the folder's own code).
+        data: a data path, a ``datasets.Dataset`` or a list of records (see :mod:`refmodel.data`),
+            tokenized with TRL's rule and ``config.max_length`` / ``config.truncation_mode``.
+        out: the store folder to create (or, with ``resume``, to finish).
+        config: a :class:`PrecomputeConfig` (default: its defaults); ``**settings`` override its fields
+            by name (``dtype="float32"``, ``max_tokens_per_batch=...``, ``resume=True``, ...).
     """
-    if max_tokens_per_batch < 1 or shard_examples < 1:
-        raise InvalidInput("max_tokens_per_batch and shard_examples must be >= 1")
-    dtype = normalize_dtype(dtype)
-    model, tokenizer = _load_model(model, tokenizer, model_kwargs)
+    cfg = (config or PrecomputeConfig()).with_overrides(**settings)
+    from_path = isinstance(model, (str, Path))
+    model, tokenizer = _load_model(model, tokenizer, {**cfg.model_kwargs(), **(model_kwargs or {})})
+    if from_path or cfg.device != "auto":  # "auto" leaves a model the caller placed where it is
+        model.to(cfg.resolved_device())
+    dtype, temperature, max_tokens_per_batch = normalize_dtype(cfg.dtype), cfg.temperature, cfg.max_tokens_per_batch
+    share_prompt, resume, progress = cfg.share_prompt, cfg.resume, cfg.progress
     fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
-    examples = load_examples(data, tokenizer)
+    examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
     check_position_limit(model, examples)
-    shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch,
-                           shard_examples=shard_examples, share_prompt=share_prompt, temperature=temperature)
+    shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch, shard_examples=cfg.shard_examples,
+                           share_prompt=share_prompt, temperature=temperature)
+    job["tokenization"] = {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode}  # for export-trl
     units = [u for shard in shards for u in shard]
     store = open_or_create_store(out, fp, dtype, job, resume=resume)
     out = Path(out)
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    pad_id = pad_id_of(tokenizer)
     todo = pending_shards(store, len(shards))
     total = sum(u.tokens for u in units)
     left = sum(u.tokens for i in todo for u in shards[i])
@@ -322,6 +316,14 @@ def repair_store(model, data, path, *, tokenizer=None, progress: bool = True,
             raise StoreCorrupt(f"the manifest of {path} is invalid: job.{field} is {job.get(field)!r}; recompute "
                                "the store (refmodel precompute into an empty folder)")
         settings[field] = job[field]
+    # The tokenization settings too, so that the rescored shards hold the same keys; stores made before
+    # they were recorded were not truncated.
+    tokenization = job.get("tokenization")
+    if isinstance(tokenization, dict):
+        settings["max_length"] = tokenization.get("max_length")
+        settings["truncation_mode"] = tokenization.get("truncation_mode", PrecomputeConfig.truncation_mode)
+    else:
+        settings["max_length"] = None
     return precompute(model, data, path, tokenizer=tokenizer, dtype=dtype, resume=True, progress=progress,
                       model_kwargs=model_kwargs, **settings)
 
