@@ -330,6 +330,8 @@ def kl_penalized_rewards(
     return KLPenalizedRewards(out, seq_kl, coef)
 
 
+from .kl_exact import LMHead, exact, naive_exact  # noqa: E402  (kl_exact needs nothing from this module)
+
 __all__ = ["ESTIMATORS", "ESTIMATOR_ALIASES", "REDUCTIONS", "AdaptiveKLController", "FixedKLController",
-           "KLController", "KLMonitor", "KLPenalizedRewards", "canonical_estimator", "coefficient",
-           "estimate", "kl_penalized_rewards", "per_token_kl"]
+           "KLController", "KLMonitor", "KLPenalizedRewards", "LMHead", "canonical_estimator", "coefficient",
+           "estimate", "exact", "kl_penalized_rewards", "naive_exact", "per_token_kl"]
