@@ -140,3 +140,11 @@ def test_bad_input():
         fused_policy_loss(h, w, bad, old, adv, mask2)
     with pytest.raises(InvalidInput, match="ref_logps is None"):
         fused_policy_loss(h, w, y, old, adv, mask, beta=0.1)
+
+
+def test_second_backward_through_the_same_graph_is_a_clear_error():
+    h, w, b, y, mask, old, ref, _, adv = _setup(seed=7)
+    out = fused_policy_loss(h, w, y, old, adv, mask, head_bias=b)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.loss.backward()

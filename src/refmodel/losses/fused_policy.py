@@ -14,7 +14,7 @@ trainable head 3 (``token_logprobs`` + autograd needs 2 and 4; naive full logits
 Why row blocks over the *whole* vocabulary rather than online vocabulary tiles (as ``token_logprobs``):
 ``g_i`` depends on ``logp_i``, which is final only after the last tile, so an online sweep would have to
 recompute the logits for ``dW`` (4 units). A block holds ``rows x V`` logits with ``rows = budget / V``
-(default budget ``2**23`` elements, 32 MiB fp32; at least 16 rows), so memory stays flat in V; ``dW`` and
+(default budget ``2**22`` elements, 16 MiB fp32; at least 16 rows), so memory stays flat in V; ``dW`` and
 ``dh`` are the only ``O(V H)``/``O(N H)`` buffers, as in any backward. Why not Liger's
 ``LigerFusedLinearGRPOLoss``: its chunks are whole sequences (``[chunk, T, V]`` fp32 logits), it
 recomputes the log-probs' gradient with ``torch.autograd.grad`` over the chunk's graph, it zeroes the KL
@@ -49,7 +49,7 @@ from .policy import (
     token_losses,
 )
 
-DEFAULT_BLOCK_ELEMENTS = 1 << 23
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
 MIN_BLOCK_ROWS = 16
 
 
@@ -126,15 +126,21 @@ class _FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_logp):
         (rows_idx,) = ctx.saved_tensors
-        dh_rows, dw, db = ctx.grads
+        if ctx.grads is None:
+            raise RuntimeError("fused_policy_loss: backward ran twice through the same graph; its gradients are "
+                               "produced in the forward and handed out (scaled in place) once. Call it again.")
+        (dh_rows, dw, db), ctx.grads = ctx.grads, None
         h_shape, h_dtype, w_dtype, b_dtype = ctx.shapes
-        g = g_loss
         dh = None
+        # Scale in place and hand the buffers over: no second [N, H] / [V, H] copy at the backward's peak.
         if dh_rows is not None:
-            dh = torch.zeros(h_shape, dtype=h_dtype, device=dh_rows.device)
-            dh.index_copy_(0, rows_idx, (dh_rows * g).to(h_dtype))
-        dw = (dw * g).to(w_dtype) if dw is not None else None
-        db = (db * g).to(b_dtype) if db is not None else None
+            dh_rows = dh_rows.mul_(g_loss).to(h_dtype)
+            if rows_idx.numel() == h_shape[0]:  # every row scored (rows_idx is sorted): no scatter
+                dh = dh_rows
+            else:
+                dh = torch.zeros(h_shape, dtype=h_dtype, device=dh_rows.device).index_copy_(0, rows_idx, dh_rows)
+        dw = dw.mul_(g_loss).to(w_dtype) if dw is not None else None
+        db = db.mul_(g_loss).to(b_dtype) if db is not None else None
         return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
 
 
@@ -162,7 +168,7 @@ def fused_policy_loss(
         targets: ``[B, T]`` sampled token ids; only positions in ``mask`` are read (others may hold -100).
         old_logps, advantages, mask: as :func:`refmodel.policy_loss`.
         temperature, logit_scale, softcap: the logit transform (as ``token_logprobs``; the sampling temperature).
-        chunk_size: rows per block (default ``max(16, 2**23 // V)``).
+        chunk_size: rows per block (default ``max(16, 2**22 // V)``: 131 rows at V = 32000).
         **options: every keyword of :func:`refmodel.policy_loss` (``loss_type``, ``epsilon``, ``ref_logps``,
             ``beta``, ``kl_estimator``, ``rollout_logps``, ...).
 
