@@ -114,7 +114,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 if need_dh:
                     _coef_matmul_into(grad_a, w, dh_rows[sl], accumulate=False)
                 if need_dw:
-                    _coef_matmul_into(grad_a.t(), hb, dw, accumulate=True)
+                    _accumulate_dw(grad_a, hb, dw)
                 if need_db:
                     db += grad_a.sum(0)
         ctx.save_for_backward(rows_idx)
@@ -142,6 +142,16 @@ class _FusedPolicyLoss(torch.autograd.Function):
         dw = dw.mul_(g_loss).to(w_dtype) if dw is not None else None
         db = db.mul_(g_loss).to(b_dtype) if db is not None else None
         return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _accumulate_dw(grad_a: torch.Tensor, hb: torch.Tensor, dw: torch.Tensor, cols: int = 8192) -> None:
+    """``dw += grad_a.T @ hb`` in fp32; in place when the dtypes match, else in vocabulary slices so a
+    low-precision head never allocates a second ``[V, H]`` fp32 temporary per block."""
+    if hb.dtype == dw.dtype:
+        dw.addmm_(grad_a.t(), hb)
+        return
+    for v0 in range(0, dw.shape[0], cols):
+        _coef_matmul_into(grad_a[:, v0:v0 + cols].t(), hb, dw[v0:v0 + cols], accumulate=True)
 
 
 def fused_policy_loss(

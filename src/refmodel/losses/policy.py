@@ -214,7 +214,7 @@ def check_inputs(logps, old_logps, advantages, mask, ref_logps=None, rollout_log
 
 def check_kl_inputs(opts: _Options, ref_logps, full_kl) -> None:
     if opts.kl_estimator == "full":
-        if full_kl is None:
+        if full_kl is None and opts.beta != 0:
             raise ConfigError("kl_estimator='full' needs full_kl=refmodel.kl.exact(policy_hidden, policy_head, "
                               "ref_hidden, ref_head, mask) (the [B, T] exact KL with its gradient)")
     elif opts.beta != 0 and ref_logps is None:
