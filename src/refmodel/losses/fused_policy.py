@@ -36,16 +36,14 @@ import torch
 from ..errors import InvalidInput
 from ..logprobs.head import token_logprobs
 from ..logprobs.kernel import _HALF, LogitTransform, _acc_dtype, _coef_matmul_into, _logits_fp32
-from .policy import (
-    PolicyLoss,
+from .policy import PolicyLoss, policy_loss, statistics
+from .policy_terms import (
     aggregation_weights,
     check_inputs,
     check_kl_inputs,
     log_importance_weights,
-    policy_loss,
     resolve_options,
     rollout_is_weights,
-    statistics,
     token_losses,
 )
 
