@@ -88,7 +88,6 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 p = z.sub_(m).exp_()
                 s = p.sum(1, keepdim=True)
                 lp = z_y - (m + s.log()).squeeze(1)
-                p.div_(s)
                 logp[sl] = lp
                 # g_i = w_i dl_i/dlogp_i through the shared per-token loss (a [rows] graph, no vocabulary)
                 with torch.enable_grad():
@@ -102,8 +101,9 @@ class _FusedPolicyLoss(torch.autograd.Function):
                     total = (w_agg[sl] * per_tok).sum()
                     (g,) = torch.autograd.grad(total, lp_leaf)
                 loss += total.detach()
-                # d logp / d a_j = f'_j (onehot_y - p_j): written over p, then chained through the transform
-                grad_a = p.mul_(-g[:, None])
+                # d logp / d a_j = f'_j (onehot_y - p_j): written over the unnormalized exp (one pass folds the
+                # softmax's 1/s and -g), then chained through the transform
+                grad_a = p.mul_((-g / s.squeeze(1))[:, None])
                 grad_a.scatter_add_(1, yb, g[:, None])
                 if deriv is not None:
                     grad_a.mul_(deriv)
