@@ -1,0 +1,21 @@
+"""RL with a reference: rollouts, old/reference log-probs once per rollout batch, ``forward_backward``.
+
+``policy_loss_fn`` / ``group_advantages`` are the policy-gradient losses the RL loop uses.
+"""
+
+from ._losses import group_advantages
+from ._losses import policy_loss as policy_loss_fn
+from .rollout import Rollouts, SamplingConfig, generate_rollouts, tokenize_prompts
+from .scoring import (
+    ScoredRollouts,
+    exact_kl,
+    needs_old_logps,
+    policy_logps,
+    reference_drift,
+    reference_logps,
+    score_rollouts,
+)
+
+__all__ = ["Rollouts", "SamplingConfig", "ScoredRollouts", "exact_kl", "generate_rollouts", "group_advantages",
+           "needs_old_logps", "policy_logps", "policy_loss_fn", "reference_drift", "reference_logps",
+           "score_rollouts", "tokenize_prompts"]
