@@ -45,10 +45,12 @@ from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote s
     Synced,
 )
 from .store import LogprobStore, key_of  # noqa: E402
+from . import rl  # noqa: E402  (rollouts, scoring, forward_backward; torch only)
 
 __all__ = [
     "kl",
     "losses",
+    "rl",
     "__version__",
     "ReferenceClient",
     "ConfigError",

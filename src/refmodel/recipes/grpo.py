@@ -270,7 +270,7 @@ def grpo(policy: nn.Module, tokenizer, prompts: Sequence, reward_funcs: Sequence
     result = GRPOResult(policy=policy, reference=reference, kl_monitor=monitor)
     rng = random.Random(cfg.seed)
     order: list[int] = []
-    global_step = 0
+    global_step, epoch = 0, 0
     from tqdm.auto import tqdm
 
     bar = tqdm(range(1, cfg.max_steps + 1), desc=f"grpo {cfg.loss_type}", disable=not cfg.progress, unit="step")
@@ -278,6 +278,9 @@ def grpo(policy: nn.Module, tokenizer, prompts: Sequence, reward_funcs: Sequence
         for step in bar:
             start = time.perf_counter()
             while len(order) < cfg.prompts_per_step:  # epochs of shuffled prompts
+                if step > 1 and reference is not None and hasattr(reference, "on_epoch_end"):
+                    epoch += 1
+                    reference.on_epoch_end(epoch, policy)  # a per-epoch Synced reference copies the policy
                 more = list(range(len(prompts)))
                 rng.shuffle(more)
                 order += more

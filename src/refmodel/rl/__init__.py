@@ -5,6 +5,7 @@
 
 from ._losses import group_advantages
 from ._losses import policy_loss as policy_loss_fn
+from .forward_backward import ForwardBackwardOutput, configure_reference_service, forward_backward, kl_monitor
 from .rollout import Rollouts, SamplingConfig, generate_rollouts, tokenize_prompts
 from .scoring import (
     ScoredRollouts,
@@ -16,6 +17,6 @@ from .scoring import (
     score_rollouts,
 )
 
-__all__ = ["Rollouts", "SamplingConfig", "ScoredRollouts", "exact_kl", "generate_rollouts", "group_advantages",
+__all__ = ["ForwardBackwardOutput", "configure_reference_service", "forward_backward", "kl_monitor", "Rollouts", "SamplingConfig", "ScoredRollouts", "exact_kl", "generate_rollouts", "group_advantages",
            "needs_old_logps", "policy_logps", "policy_loss_fn", "reference_drift", "reference_logps",
            "score_rollouts", "tokenize_prompts"]
