@@ -25,6 +25,10 @@ from .errors import (  # noqa: E402
 from .logprobs.head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
 from .logprobs.model import head_logprobs, model_logprobs  # noqa: E402
 from .losses import kl  # noqa: E402
+from .losses.advantages import GAE, gae_advantages, group_advantages, rloo_advantages  # noqa: E402
+from .losses.fused_policy import fused_policy_loss  # noqa: E402
+from .losses.kl import AdaptiveKLController, FixedKLController, KLPenalizedRewards, kl_penalized_rewards  # noqa: E402
+from .losses.policy import PolicyLoss, policy_loss  # noqa: E402
 from .models.cache import (  # noqa: E402
     ModelRegistry,
     ReferenceModelCache,
@@ -90,6 +94,17 @@ __all__ = [
     "ReferenceConfig",
     "ReferenceFree",
     "Synced",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "GAE",
+    "KLPenalizedRewards",
+    "PolicyLoss",
+    "fused_policy_loss",
+    "gae_advantages",
+    "group_advantages",
+    "kl_penalized_rewards",
+    "policy_loss",
+    "rloo_advantages",
 ]
 
 

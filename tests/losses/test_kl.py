@@ -90,7 +90,7 @@ def test_masks_and_reductions():
 
 def test_estimate_rejects_bad_input():
     x = torch.zeros(2, 3)
-    with pytest.raises(InvalidInput, match=r"expected one of \['k1', 'k2', 'k3', 'k1\+', 'k3\+'\]"):
+    with pytest.raises(InvalidInput, match=r"expected one of \['k1', 'k2', 'k3', 'abs', 'k1\+', 'k3\+', 'abs\+'\]"):
         estimate(x, x, "k4")
     with pytest.raises(InvalidInput, match="reduction"):
         estimate(x, x, reduction="mean")

@@ -10,6 +10,16 @@ With tokens sampled from the policy ``q`` and ``log r = log p_ref - log q`` per 
 Used as a *loss*, the gradient of k3 (and of k1, whose expected gradient is 0) is not the gradient of
 the KL; the gradient of k2 is (on-policy). The ``k1+`` and ``k3+`` variants report the value of k1/k3
 but carry k2's gradient (straight-through: ``value + k2 - k2.detach()``).
+
+verl's and OpenRLHF's names are accepted as aliases (:data:`ESTIMATOR_ALIASES`): ``kl`` = ``k1``,
+``mse`` = ``k2``, ``low_var_kl`` = ``k3``, and ``abs`` (``|log q - log p_ref|``, verl); any of them may
+carry the ``+`` suffix (verl PR #2953: the value of the estimator, the gradient of k2). The log-ratio is
+masked *before* any ``exp`` so padding can never produce ``inf * 0 = nan`` (ms-swift PR #9767).
+
+KL controllers (:class:`FixedKLController`, :class:`AdaptiveKLController`) hold the coefficient for
+either placement: pass one as ``beta`` to :func:`refmodel.policy_loss` (KL in the loss) or as
+``kl_coef`` to :func:`kl_penalized_rewards` (KL in the reward), and feed the measured KL to
+``update``. :func:`exact` is the full-vocabulary KL computed from hidden states.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -24,8 +35,25 @@ from ..errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
-ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "k1+", "k3+")
+ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 REDUCTIONS: tuple[str, ...] = ("token", "sequence", "batch")
+# verl (kl_penalty) and OpenRLHF (--algo.kl.estimator) names -> ours.
+ESTIMATOR_ALIASES: dict[str, str] = {"kl": "k1", "mse": "k2", "low_var_kl": "k3", "k2+": "k2", "mse+": "k2"}
+
+
+def canonical_estimator(name: str) -> str:
+    """Our name for a KL estimator given by its refmodel, verl or OpenRLHF name (``low_var_kl+`` -> ``k3+``)."""
+    if not isinstance(name, str):
+        raise InvalidInput(f"KL estimator must be a string, got {type(name).__name__}")
+    if name in ESTIMATOR_ALIASES:
+        return ESTIMATOR_ALIASES[name]
+    base, plus = (name[:-1], "+") if name.endswith("+") else (name, "")
+    canon = ESTIMATOR_ALIASES.get(base, base) + plus
+    canon = "k2" if canon == "k2+" else canon
+    if canon not in ESTIMATORS:
+        raise InvalidInput(f"unknown KL estimator {name!r}; expected one of {list(ESTIMATORS)} or the aliases "
+                           f"{sorted(ESTIMATOR_ALIASES)} (verl/OpenRLHF names, '+' = straight-through k2 gradient)")
+    return canon
 
 
 def _per_token(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -35,11 +63,43 @@ def _per_token(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
         return k2
     if estimator.startswith("k1"):
         value = log_ratio
+    elif estimator.startswith("abs"):
+        value = log_ratio.abs()
     else:  # k3 = (r - 1) - log r with log r = -log_ratio; expm1 keeps it exact near 0
         value = torch.expm1(-log_ratio) + log_ratio
     if estimator.endswith("+"):
         return value.detach() + (k2 - k2.detach())
     return value
+
+
+def per_token_kl(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    estimator: str = "k3",
+    *,
+    log_ratio_clamp: float | None = None,
+    kl_clamp: float | None = None,
+) -> torch.Tensor:
+    """Per-token KL estimate ``[B, T]`` (nats), 0 outside ``mask``, with verl's optional clamps.
+
+    The log-ratio ``logps - ref_logps`` is zeroed outside the mask *before* the estimator (so no ``exp``
+    ever sees padding), then clamped to ``[-log_ratio_clamp, log_ratio_clamp]`` (verl: 20 for k3) and the
+    estimate to ``[-kl_clamp, kl_clamp]`` (verl: 10 for k3, OpenRLHF: 10 for every estimator). ``None``
+    disables a clamp (TRL's behaviour). A clamp that is active stops the gradient at that token.
+    """
+    estimator = canonical_estimator(estimator)
+    log_ratio = logps - ref_logps.to(logps.dtype)
+    if mask is not None:
+        log_ratio = torch.where(mask.bool(), log_ratio, log_ratio.new_zeros(()))
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    kl = _per_token(log_ratio, estimator)
+    if kl_clamp is not None:
+        kl = kl.clamp(-kl_clamp, kl_clamp)
+    if mask is not None:
+        kl = torch.where(mask.bool(), kl, kl.new_zeros(()))
+    return kl
 
 
 def estimate(
@@ -54,7 +114,7 @@ def estimate(
     Args:
         logps, ref_logps: ``[B, T]`` (or any equal shape) per-token log-probs (nats) of the policy and
             the reference at the same tokens.
-        estimator: one of ``k1, k2, k3, k1+, k3+`` (see module docstring).
+        estimator: one of ``k1, k2, k3, abs, k1+, k3+, abs+`` or an alias (see module docstring).
         mask: bool/0-1 tensor of the same shape; positions outside it count as 0 and are left out of
             the ``batch`` mean. ``None`` counts every position.
         reduction: ``token`` -> per-token ``[B, T]`` (zeros outside the mask); ``sequence`` -> ``[B]``,
@@ -63,8 +123,7 @@ def estimate(
     Returns:
         float tensor in nats with the gradient w.r.t. ``logps`` that the estimator implies.
     """
-    if estimator not in ESTIMATORS:
-        raise InvalidInput(f"unknown KL estimator {estimator!r}; expected one of {list(ESTIMATORS)}")
+    estimator = canonical_estimator(estimator)
     if reduction not in REDUCTIONS:
         raise InvalidInput(f"unknown reduction {reduction!r}; expected one of {list(REDUCTIONS)}")
     if not isinstance(logps, torch.Tensor) or not isinstance(ref_logps, torch.Tensor):
@@ -74,13 +133,11 @@ def estimate(
                            "same shape")
     if reduction == "sequence" and logps.dim() < 1:
         raise InvalidInput("reduction='sequence' needs at least a [B, T] (or [T]) tensor")
-    log_ratio = logps.float() - ref_logps.float()
-    kl = _per_token(log_ratio, estimator)
     if mask is not None:
         if mask.shape != logps.shape:
             raise InvalidInput(f"mask must have the shape of logps {tuple(logps.shape)}, got {tuple(mask.shape)}")
         mask = mask.bool()
-        kl = torch.where(mask, kl, kl.new_zeros(()))
+    kl = per_token_kl(logps.float(), ref_logps.float(), mask, estimator)
     if reduction == "token":
         return kl
     if reduction == "sequence":
@@ -141,10 +198,38 @@ class KLMonitor:
                 "last": self.last}
 
 
+class FixedKLController:
+    """A constant KL coefficient (verl ``kl_ctrl.type: fixed``, OpenRLHF without ``--algo.kl.target``).
+
+    ``value`` is the coefficient; :meth:`update` accepts the measured KL and changes nothing, so code
+    written for :class:`AdaptiveKLController` runs unchanged. Usable in both placements (``beta`` of
+    :func:`refmodel.policy_loss`, ``kl_coef`` of :func:`kl_penalized_rewards`).
+    """
+
+    def __init__(self, kl_coef: float):
+        if not (isinstance(kl_coef, (int, float)) and math.isfinite(kl_coef) and kl_coef >= 0):
+            raise InvalidInput(f"FixedKLController kl_coef must be a finite number >= 0, got {kl_coef!r}")
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """No-op; returns the (constant) coefficient."""
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"FixedKLController(kl_coef={self.value})"
+
+
 class AdaptiveKLController:
     """Proportional controller of the KL coefficient, Ziegler et al. 2019 ("Fine-Tuning Language Models
     from Human Preferences"), Sec. 2.2: with ``e = clip(KL / target - 1, -0.2, 0.2)``, each update
-    multiplies the coefficient by ``1 + e * n_steps / horizon``.
+    multiplies the coefficient by ``1 + e * n_steps / horizon`` (verl ``kl_ctrl.type: adaptive``,
+    ``target_kl``, ``horizon``; OpenRLHF ``--algo.kl.target``, ``--algo.kl.horizon``).
+
+    Usable for *both* placements, unlike verl's (in-reward only) and OpenRLHF's (a TODO for the loss):
+    the coefficient is ``value``; pass the controller itself as ``beta`` of :func:`refmodel.policy_loss`
+    and feed ``PolicyLoss.kl`` to :meth:`update`, or as ``kl_coef`` of :func:`kl_penalized_rewards` and
+    feed the batch mean of its per-sequence ``kl``. ``n_steps`` is the number of samples (verl passes the
+    batch size) or steps the KL was measured over, in the unit ``horizon`` counts.
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
@@ -155,11 +240,98 @@ class AdaptiveKLController:
         self.target = float(target)
         self.horizon = horizon
 
-    def update(self, current_kl: float, n_steps: int) -> float:
+    def update(self, current_kl: float | torch.Tensor, n_steps: int) -> float:
         """Update with the KL measured over the last ``n_steps`` samples/steps; return the new coefficient."""
-        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        current_kl = float(current_kl.detach().double().mean()) if isinstance(current_kl, torch.Tensor) \
+            else float(current_kl)
+        if not math.isfinite(current_kl):
+            raise InvalidInput(f"AdaptiveKLController.update got a non-finite KL {current_kl!r}; check the "
+                               "log-probs (a NaN here would poison the coefficient for the rest of training)")
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
 
+    def __repr__(self) -> str:
+        return f"AdaptiveKLController(value={self.value}, target={self.target}, horizon={self.horizon})"
 
-__all__ = ["ESTIMATORS", "REDUCTIONS", "AdaptiveKLController", "KLMonitor", "estimate"]
+
+KLController = FixedKLController | AdaptiveKLController
+
+
+def coefficient(coef: float | FixedKLController | AdaptiveKLController, name: str) -> float:
+    """The current value of a KL coefficient given as a number or a controller."""
+    value = coef.value if isinstance(coef, (FixedKLController, AdaptiveKLController)) else coef
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(f"{name} must be a finite number or a FixedKLController/AdaptiveKLController, "
+                           f"got {coef!r}")
+    return float(value)
+
+
+class KLPenalizedRewards(NamedTuple):
+    """Result of :func:`kl_penalized_rewards`.
+
+    ``rewards``: the penalized rewards, ``[B]`` for sequence rewards or ``[B, T]`` for token rewards
+    (0 outside the mask), float, detached. ``kl``: ``[B]`` per-sequence masked *mean* of the per-token
+    estimate (nats/token), detached; its batch mean is verl's ``current_kl`` for the controller.
+    ``kl_coef``: the coefficient used (float).
+    """
+
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    kl_coef: float
+
+
+def kl_penalized_rewards(
+    rewards: torch.Tensor,
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float | FixedKLController | AdaptiveKLController,
+    estimator: str = "k1",
+    *,
+    log_ratio_clamp: float | None = None,
+    kl_clamp: float | None = None,
+) -> KLPenalizedRewards:
+    """KL in the reward (PPO, RLOO, REINFORCE++): ``r <- score - kl_coef * KL``, the KL detached.
+
+    Args:
+        rewards: ``[B]`` sequence scores or ``[B, T]`` per-token scores (e.g. the score at the last token).
+        logps: ``[B, T]`` log-probs of the sampled tokens under the policy that sampled them (the old
+            policy; verl uses ``old_log_probs``), nats. ref_logps: ``[B, T]`` the reference's.
+        mask: ``[B, T]`` completion mask.
+        kl_coef: a number or a :class:`FixedKLController` / :class:`AdaptiveKLController` (its ``value``).
+        estimator: ``k1`` by default (TRL RLOO/PPO, OpenRLHF, AgileRL REINFORCE; "A Comedy of Estimators",
+            arXiv 2512.21852, argues k1 is the unbiased choice in the reward); any name of :func:`estimate`.
+
+    Returns:
+        :class:`KLPenalizedRewards`. For ``[B]`` rewards: ``score - coef * sum_t KL_t`` (TRL RLOO); for
+        ``[B, T]``: ``score_t - coef * KL_t`` per token (verl ``apply_kl_penalty``, OpenRLHF ``compute_reward``).
+    """
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() not in (1, 2):
+        raise InvalidInput("rewards must be a [B] (sequence) or [B, T] (per-token) tensor, got "
+                           f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}")
+    for name, t in (("logps", logps), ("ref_logps", ref_logps), ("mask", mask)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape != logps.shape:
+            raise InvalidInput(f"{name} must be a [B, T] tensor of the shape of logps {tuple(logps.shape)}")
+    if rewards.shape[0] != logps.shape[0] or (rewards.dim() == 2 and rewards.shape != logps.shape):
+        raise InvalidInput(f"rewards {tuple(rewards.shape)} must be [B] or [B, T] with B, T of logps "
+                           f"{tuple(logps.shape)}")
+    coef = coefficient(kl_coef, "kl_coef")
+    dtype = torch.promote_types(torch.promote_types(logps.dtype, rewards.dtype), torch.float32)
+    with torch.no_grad():
+        m = mask.bool()
+        kl_t = per_token_kl(logps.detach().to(dtype), ref_logps.detach().to(dtype), m, estimator,
+                            log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp)
+        seq_kl = kl_t.sum(-1) / m.sum(-1).clamp(min=1)
+        if rewards.dim() == 1:
+            out = rewards.to(dtype) - coef * kl_t.sum(-1)
+        else:
+            out = torch.where(m, rewards.to(dtype) - coef * kl_t, 0.0)
+    return KLPenalizedRewards(out, seq_kl, coef)
+
+
+from .kl_exact import LMHead, exact, naive_exact  # noqa: E402  (kl_exact needs nothing from this module)
+
+__all__ = ["ESTIMATORS", "ESTIMATOR_ALIASES", "REDUCTIONS", "AdaptiveKLController", "FixedKLController",
+           "KLController", "KLMonitor", "KLPenalizedRewards", "LMHead", "canonical_estimator", "coefficient",
+           "estimate", "exact", "kl_penalized_rewards", "naive_exact", "per_token_kl"]

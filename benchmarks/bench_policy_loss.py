@@ -1,0 +1,158 @@
+"""Fused policy loss (refmodel.fused_policy_loss) vs token_logprobs + policy_loss, naive full logits + autograd,
+and Liger's LigerFusedLinearGRPOLoss(compiled=False), fwd+bwd, frozen and trainable head.
+
+    python benchmarks/bench_policy_loss.py [--quick] [--reps N] [--impls fused,naive,...]
+
+Shape: B x T = N completion tokens (default B=4, T=1024, N=4096; H=1024, V=32000, float32), every token
+scored; loss: DAPO (token-mean) with k3 KL in the loss (beta=0.04), old and reference log-probs given.
+Each case runs in a fresh subprocess (its own peak memory: VmHWM on CPU, max_memory_allocated on CUDA,
+measured on the warm-up call above the inputs); times are medians of ``reps`` calls after it, in "matmul
+units" (one ``h @ W.T`` of the same shape, timed in the same run). Liger is skipped with a message when
+``liger-kernel`` is not installed (``pip install liger-kernel``; it is not a refmodel dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+import torch
+
+from refmodel import fused_policy_loss, naive_token_logprobs, policy_loss, token_logprobs
+from refmodel.tools.bench import _rss_bytes, peak_rss_bytes, provenance, reset_peak_rss, time_fn
+
+IMPLS = ("fused", "unfused", "naive", "liger")
+MODES = ("frozen", "trainable")
+BETA = 0.04
+
+
+def _inputs(b, t, hidden, vocab, mode, device):
+    torch.manual_seed(0)
+    h = (torch.randn(b, t, hidden, device=device) * 0.5).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device) / hidden**0.5).requires_grad_(mode == "trainable")
+    y = torch.randint(0, vocab, (b, t), device=device)
+    mask = torch.ones(b, t, dtype=torch.bool, device=device)
+    with torch.no_grad():  # realistic ratios: old/ref near the current policy
+        lp = token_logprobs(h, w, y)
+    old = lp + 0.05 * torch.randn_like(lp)
+    ref = lp + 0.05 * torch.randn_like(lp)
+    adv = torch.randn(b, device=device)
+    return h, w, y, mask, old, ref, adv
+
+
+def _impl_fn(impl, h, w, y, mask, old, ref, adv):
+    kw = dict(loss_type="dapo", ref_logps=ref, beta=BETA)
+    if impl == "matmul":
+        flat = h.detach().reshape(-1, h.shape[-1])
+
+        def mm():
+            with torch.no_grad():
+                return flat @ w.detach().T
+        return mm
+    if impl == "fused":
+        def loss():
+            return fused_policy_loss(h, w, y, old, adv, mask, **kw).loss
+    elif impl == "unfused":
+        def loss():
+            return policy_loss(token_logprobs(h, w, y), old, adv, mask, **kw).loss
+    elif impl == "naive":
+        def loss():
+            return policy_loss(naive_token_logprobs(h, w, y), old, adv, mask, **kw).loss
+    elif impl == "liger":
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        except ImportError:
+            return None
+        fn = LigerFusedLinearGRPOLoss(beta=BETA, compiled=False, loss_type="dapo", use_ref_model=True)
+
+        def loss():
+            return fn(h, w, y, mask.long(), adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
+    else:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+
+    def call():
+        h.grad = w.grad = None
+        out = loss()
+        out.backward()
+        return out.detach()
+    return call
+
+
+def run_case(impl, mode, b, t, hidden, vocab, reps) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fn = _impl_fn(impl, *_inputs(2, 8, 16, 64, mode, device))  # page the code in at a tiny shape
+    if fn is None:
+        return {"impl": impl, "mode": mode, "skipped": "liger-kernel is not installed (pip install liger-kernel)"}
+    fn()
+    inputs = _inputs(b, t, hidden, vocab, mode, device)
+    fn = _impl_fn(impl, *inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        reset_peak_rss()
+        base = _rss_bytes()
+    out = fn()  # warm-up; its peak is the case's
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = peak_rss_bytes() - base
+    times = time_fn(fn, reps)
+    loss = float(out) if isinstance(out, torch.Tensor) and out.dim() == 0 else None
+    return {"impl": impl, "mode": mode, "seconds": statistics.median(times), "peak_extra_bytes": max(peak, 0),
+            "loss": loss}
+
+
+def _subprocess(impl, mode, shape, reps) -> dict:
+    cmd = [sys.executable, __file__, "--case", impl, mode, *map(str, shape), str(reps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"impl": impl, "mode": mode, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool, reps: int | None, impls: tuple[str, ...]) -> list[dict]:
+    shape = (4, 256, 512, 8000) if quick else (4, 1024, 1024, 32000)
+    reps = reps or (3 if quick else 2)
+    b, t, hidden, vocab = shape
+    print(f"# policy loss fwd+bwd: N={b * t} (B={b}, T={t}) H={hidden} V={vocab} float32, dapo + k3 KL, reps={reps}")
+    print(f"# {provenance()}")
+    unit = _subprocess("matmul", "frozen", shape, reps)["seconds"]
+    print(f"# matmul unit (h @ W.T): {unit * 1e3:.1f} ms")
+    print(f"{'head':<11}{'impl':<9}{'ms':>10}{'matmul units':>14}{'peak extra MiB':>16}{'mem / liger':>13}"
+          f"{'mem / naive':>13}{'loss':>12}")
+    rows = []
+    for mode in MODES:
+        results = [_subprocess(i, mode, shape, reps) for i in impls]
+        base = {r["impl"]: r for r in results if "seconds" in r}
+        for r in results:
+            if "seconds" not in r:
+                print(f"{mode:<11}{r['impl']:<9}  skipped: {r.get('skipped') or r.get('error')}")
+                continue
+            r["matmul_units"] = r["seconds"] / unit
+            mem = r["peak_extra_bytes"]
+            vs = {k: (mem / base[k]["peak_extra_bytes"] if k in base and base[k]["peak_extra_bytes"] else float("nan"))
+                  for k in ("liger", "naive")}
+            print(f"{mode:<11}{r['impl']:<9}{r['seconds'] * 1e3:>10.1f}{r['matmul_units']:>14.2f}{mem / 2**20:>16.1f}"
+                  f"{vs['liger']:>13.3f}{vs['naive']:>13.3f}{r['loss']:>12.6f}")
+            rows.append(r)
+    return rows
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--case":
+        impl, mode, *nums = sys.argv[2:]
+        b, t, hidden, vocab, reps = map(int, nums)
+        print(json.dumps(run_case(impl, mode, b, t, hidden, vocab, reps)))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="B=4, T=256, H=512, V=8000 instead of 4/1024/1024/32000")
+    parser.add_argument("--reps", type=int, default=None, help="timed repeats per case (median reported)")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    args = parser.parse_args()
+    run(args.quick, args.reps, tuple(args.impls.split(",")))

@@ -1,0 +1,256 @@
+"""The policy loss fused into the LM head: hidden states -> loss, gradients produced in the forward.
+
+``fused_policy_loss(hidden, head_weight, targets, old_logps, advantages, mask, ...)`` equals
+``policy_loss(token_logprobs(hidden, head_weight, targets), old_logps, advantages, mask, ...)`` but never
+builds ``[B, T, V]`` logits and needs no recompute. A *token-level* loss ``L = sum_i w_i l_i(logp_i)`` knows
+each token's ``g_i = w_i dl_i/dlogp_i`` as soon as that row's log-prob is final, so for each block of
+rows the forward computes the block's logits over the whole vocabulary (1 matmul), its log-softmax, ``g``
+(by autograd on the ``[rows]`` log-probs through the very same :func:`~refmodel.losses.policy.token_losses`
+that ``policy_loss`` uses, so the two cannot drift apart), the logit gradient ``g f' (onehot(y) - p)``,
+and from it ``dh`` (1 matmul) and, for a trainable head, ``dW``/``db`` (1 matmul). The backward only
+scales the stored gradients by the upstream scalar. Cost: a frozen head (LoRA) 2 matmul units, a
+trainable head 3 (``token_logprobs`` + autograd needs 2 and 4; naive full logits 3 plus ``[N, V]``).
+
+Why row blocks over the *whole* vocabulary rather than online vocabulary tiles (as ``token_logprobs``):
+``g_i`` depends on ``logp_i``, which is final only after the last tile, so an online sweep would have to
+recompute the logits for ``dW`` (4 units). A block holds ``rows x V`` logits with ``rows = budget / V``
+(default budget ``2**22`` elements, 16 MiB fp32; at least 16 rows), so memory stays flat in V; ``dW`` and
+``dh`` are the only ``O(V H)``/``O(N H)`` buffers, as in any backward. Why not Liger's
+``LigerFusedLinearGRPOLoss``: its chunks are whole sequences (``[chunk, T, V]`` fp32 logits), it
+recomputes the log-probs' gradient with ``torch.autograd.grad`` over the chunk's graph, it zeroes the KL
+silently without a reference, and it has no dual-clip, verl aggregations or truncated IS modes.
+
+Fallbacks to ``token_logprobs`` + ``policy_loss`` (same result, the unfused cost; ``PolicyLoss`` is the
+same): ``importance_sampling_level`` ``sequence``/``sequence_token`` (the ratio needs the whole sequence's
+log-probs first) and ``rollout_logps`` with ``old_logps=None`` (the IS weight needs the current log-probs
+of the whole sequence). ``kl_estimator="full"`` is fused for the policy term; the ``full_kl`` term keeps its
+own graph (from :func:`refmodel.kl.exact`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InvalidInput
+from ..logprobs.head import token_logprobs
+from ..logprobs.kernel import _HALF, LogitTransform, _acc_dtype, _coef_matmul_into, _logits_fp32
+from .policy import (
+    PolicyLoss,
+    aggregation_weights,
+    check_inputs,
+    check_kl_inputs,
+    log_importance_weights,
+    policy_loss,
+    resolve_options,
+    rollout_is_weights,
+    statistics,
+    token_losses,
+)
+
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
+MIN_BLOCK_ROWS = 16
+
+
+def _block_rows(n: int, vocab: int, chunk_size: int | None) -> int:
+    rows = chunk_size or max(MIN_BLOCK_ROWS, DEFAULT_BLOCK_ELEMENTS // max(vocab, 1))
+    return max(1, min(rows, n))
+
+
+class _FusedPolicyLoss(torch.autograd.Function):
+    """``(h_flat [N, H], W [V, H], b, rows [n], y [n], per-row inputs) -> (loss, logp [n])``; grads in forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, rows_idx, y, opts, tf, block, fp32, old, adv, ref, rho, w_agg):
+        need_dh = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        n, vocab = y.shape[0], weight.shape[0]
+        acc = _acc_dtype(h)
+        upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
+        w = weight.float() if upcast else weight
+        logp = torch.empty(n, dtype=acc, device=h.device)
+        dh_rows = torch.empty(n, h.shape[1], dtype=acc, device=h.device) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device) if need_dw else None
+        db = torch.zeros(vocab, dtype=_acc_dtype(weight), device=weight.device) if need_db else None
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        buf = torch.empty(block, vocab, dtype=acc, device=h.device) if not h.is_cuda and w.dtype == acc else None
+        ones = torch.ones(1, dtype=torch.bool, device=h.device)
+        with torch.no_grad():
+            for start in range(0, n, block):
+                sl = slice(start, min(start + block, n))
+                hb = h.index_select(0, rows_idx[sl])
+                hb = hb.float() if upcast else hb
+                z = _logits_fp32(hb, w.t(), bias, fp32, buf[: hb.shape[0]] if buf is not None else None)
+                deriv = tf.apply_(z)
+                yb = y[sl, None]
+                z_y = z.gather(1, yb).squeeze(1)
+                m = z.amax(1, keepdim=True)
+                p = z.sub_(m).exp_()
+                s = p.sum(1, keepdim=True)
+                lp = z_y - (m + s.log()).squeeze(1)
+                p.div_(s)
+                logp[sl] = lp
+                # g_i = w_i dl_i/dlogp_i through the shared per-token loss (a [rows] graph, no vocabulary)
+                with torch.enable_grad():
+                    lp_leaf = lp.detach().requires_grad_()
+                    mask_b = ones.expand(lp.shape[0])
+                    log_w, _ = log_importance_weights(lp_leaf, None if old is None else old[sl], mask_b,
+                                                      "token", opts.log_ratio_clamp)
+                    per_tok, _, _, _ = token_losses(opts, lp_leaf, log_w, adv[sl], mask_b,
+                                                    None if ref is None else ref[sl],
+                                                    None if rho is None else rho[sl])
+                    total = (w_agg[sl] * per_tok).sum()
+                    (g,) = torch.autograd.grad(total, lp_leaf)
+                loss += total.detach()
+                # d logp / d a_j = f'_j (onehot_y - p_j): written over p, then chained through the transform
+                grad_a = p.mul_(-g[:, None])
+                grad_a.scatter_add_(1, yb, g[:, None])
+                if deriv is not None:
+                    grad_a.mul_(deriv)
+                elif tf.const_deriv != 1.0:
+                    grad_a.mul_(tf.const_deriv)
+                if need_dh:
+                    _coef_matmul_into(grad_a, w, dh_rows[sl], accumulate=False)
+                if need_dw:
+                    _coef_matmul_into(grad_a.t(), hb, dw, accumulate=True)
+                if need_db:
+                    db += grad_a.sum(0)
+        ctx.save_for_backward(rows_idx)
+        ctx.grads = (dh_rows, dw, db)
+        ctx.shapes = (h.shape, h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_logp):
+        (rows_idx,) = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("fused_policy_loss: backward ran twice through the same graph; its gradients are "
+                               "produced in the forward and handed out (scaled in place) once. Call it again.")
+        (dh_rows, dw, db), ctx.grads = ctx.grads, None
+        h_shape, h_dtype, w_dtype, b_dtype = ctx.shapes
+        dh = None
+        # Scale in place and hand the buffers over: no second [N, H] / [V, H] copy at the backward's peak.
+        if dh_rows is not None:
+            dh_rows = dh_rows.mul_(g_loss).to(h_dtype)
+            if rows_idx.numel() == h_shape[0]:  # every row scored (rows_idx is sorted): no scatter
+                dh = dh_rows
+            else:
+                dh = torch.zeros(h_shape, dtype=h_dtype, device=dh_rows.device).index_copy_(0, rows_idx, dh_rows)
+        dw = dw.mul_(g_loss).to(w_dtype) if dw is not None else None
+        db = db.mul_(g_loss).to(b_dtype) if db is not None else None
+        return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
+
+
+def fused_policy_loss(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    head_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    fp32_accumulation: bool = True,
+    **options,
+) -> PolicyLoss:
+    """:func:`refmodel.policy_loss` computed from hidden states with the LM head fused in (module docstring).
+
+    Args:
+        hidden: ``[B, T, H]`` final hidden states, position ``t`` predicting ``targets[:, t]`` (shift as for
+            :func:`refmodel.token_logprobs`). head_weight: ``[V, H]`` (frozen or trainable); head_bias ``[V]``.
+        targets: ``[B, T]`` sampled token ids; only positions in ``mask`` are read (others may hold -100).
+        old_logps, advantages, mask: as :func:`refmodel.policy_loss`.
+        temperature, logit_scale, softcap: the logit transform (as ``token_logprobs``; the sampling temperature).
+        chunk_size: rows per block (default ``max(16, 2**22 // V)``: 131 rows at V = 32000).
+        **options: every keyword of :func:`refmodel.policy_loss` (``loss_type``, ``epsilon``, ``ref_logps``,
+            ``beta``, ``kl_estimator``, ``rollout_logps``, ...).
+
+    Returns:
+        :class:`PolicyLoss` with the same values as the unfused path; ``per_token_loss`` is detached here
+        (the gradient flows through ``loss`` only).
+    """
+    unknown = set(options) - set(policy_loss.__kwdefaults__)
+    if unknown:
+        raise InvalidInput(f"unknown option(s) {sorted(unknown)}; fused_policy_loss takes the keywords of "
+                           f"policy_loss: {sorted(policy_loss.__kwdefaults__)}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or not isinstance(head_weight, torch.Tensor) or \
+            head_weight.dim() != 2 or hidden.shape[-1] != head_weight.shape[1]:
+        raise InvalidInput("hidden must be [B, T, H] and head_weight [V, H] with the same H, got "
+                           f"{getattr(hidden, 'shape', None)} and {getattr(head_weight, 'shape', None)}")
+    if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(hidden.shape[:2]) or \
+            targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise InvalidInput(f"targets must be an integer [B, T] = {tuple(hidden.shape[:2])} tensor of token ids, got "
+                           f"{getattr(targets, 'shape', None)} {getattr(targets, 'dtype', '')}")
+    if head_bias is not None and tuple(head_bias.shape) != (head_weight.shape[0],):
+        raise InvalidInput(f"head_bias must be [V] = [{head_weight.shape[0]}], got {tuple(head_bias.shape)}")
+    for name, value in (("temperature", temperature), ("logit_scale", logit_scale)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise InvalidInput(f"{name} must be a positive finite number, got {value!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise InvalidInput(f"softcap must be None or a positive finite number, got {softcap!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InvalidInput(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    kw = {**policy_loss.__kwdefaults__, **options}
+    head_kw = dict(bias=head_bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                   chunk_size=chunk_size, fp32_accumulation=fp32_accumulation)
+    level, rollout_logps = kw["importance_sampling_level"], kw["rollout_logps"]
+    bmask = mask.bool() if isinstance(mask, torch.Tensor) else mask
+    if level != "token" or (rollout_logps is not None and old_logps is None):
+        safe = torch.where(bmask, targets, torch.full_like(targets, -100)) if isinstance(bmask, torch.Tensor) \
+            else targets
+        return policy_loss(token_logprobs(hidden, head_weight, safe, **head_kw), old_logps, advantages, mask, **kw)
+
+    opts = resolve_options(kw["loss_type"], kw["epsilon"], kw["epsilon_high"], kw["delta"], kw["dual_clip"], level,
+                           kw["loss_agg_mode"], kw["beta"], kw["kl_estimator"], kw["use_bias_correction_kl"],
+                           kw["log_ratio_clamp"], kw["kl_log_ratio_clamp"], kw["kl_clamp"],
+                           kw["vllm_importance_sampling_mode"], kw["vllm_importance_sampling_clip_max"],
+                           kw["vllm_importance_sampling_clip_min"])
+    ref_logps, full_kl = kw["ref_logps"], kw["full_kl"]
+    acc = _acc_dtype(hidden) if hidden.dtype == head_weight.dtype else \
+        _acc_dtype(torch.empty(0, dtype=torch.promote_types(hidden.dtype, head_weight.dtype)))
+    probe = torch.empty(hidden.shape[:2], dtype=acc, device=hidden.device)
+    bmask, adv = check_inputs(probe, old_logps, advantages, mask, ref_logps, rollout_logps, full_kl)
+    check_kl_inputs(opts, ref_logps, full_kl)
+    rows = bmask.reshape(-1).nonzero().squeeze(1)
+    y = targets.reshape(-1)[rows].long()
+    vocab = head_weight.shape[0]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= vocab):
+        bad = y[(y < 0) | (y >= vocab)][0].item()
+        raise InvalidInput(f"target id {bad} at a masked-in position is outside the vocabulary [0, {vocab})")
+    rho = invalid = None
+    if rollout_logps is not None:
+        rho, invalid = rollout_is_weights(old_logps.to(acc), rollout_logps, bmask, opts)
+
+    def per_row(t):
+        return None if t is None else torch.broadcast_to(t, bmask.shape).reshape(-1)[rows].detach().to(acc)
+
+    weights = aggregation_weights(bmask, opts.agg, acc, kw["num_items_in_batch"], kw["max_completion_length"])
+    h, w, b = hidden.reshape(-1, hidden.shape[-1]), head_weight, head_bias
+    if h.dtype != w.dtype:  # as token_logprobs: compute in the wider type
+        wide = torch.promote_types(h.dtype, w.dtype)
+        h, w, b = h.to(wide), w.to(wide), (b.to(wide) if b is not None else None)
+    tf = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
+    loss, logp_rows = _FusedPolicyLoss.apply(h, w, b, rows, y, opts, tf, _block_rows(y.numel(), vocab, chunk_size),
+                                             fp32_accumulation, per_row(old_logps), per_row(adv), per_row(ref_logps),
+                                             per_row(rho), per_row(weights))
+    logps = logp_rows.new_zeros(bmask.numel()).index_put((rows,), logp_rows).reshape(bmask.shape)
+    kl_graph = None
+    if opts.kl_estimator == "full" and opts.beta != 0:
+        kl_graph = opts.beta * (weights * torch.where(bmask, full_kl.to(acc), 0.0)).sum()
+        loss = loss + kl_graph
+    with torch.no_grad():  # the statistics from the final log-probs, through the same code as policy_loss
+        log_w, _ = log_importance_weights(logps, old_logps, bmask, "token", opts.log_ratio_clamp)
+        per_tok, pg, kl_t, coef_1 = token_losses(opts, logps, log_w, adv, bmask, ref_logps, rho,
+                                                 None if full_kl is None else full_kl.detach())
+    rollout = None if rho is None else (rho, invalid, rollout_logps.to(acc))
+    return statistics(opts, loss, per_tok, pg, kl_t, coef_1, adv, bmask, weights, logps, old_logps, rollout)
+
+
+__all__ = ["fused_policy_loss"]

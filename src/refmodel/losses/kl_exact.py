@@ -1,0 +1,270 @@
+"""The exact KL(pi || pi_ref) over the full vocabulary, from hidden states, in vocabulary tiles.
+
+Sampled estimators (k1/k2/k3) see one token per position; this is the whole sum
+
+    KL_i = sum_j p_ij (log p_ij - log q_ij),   p = softmax(z_pol), q = softmax(z_ref)
+
+at every scored position ``i``, with ``z = f(h @ W.T + b)`` and ``f`` the logit transform of
+:class:`refmodel.logprobs.kernel.LogitTransform` (logit scale, soft-cap, temperature). No anchor offers it
+(verl's ``kl_penalty="full"`` raises ``NotImplementedError``).
+
+It never holds ``[B, T, V]``: rows go in blocks and the vocabulary in tiles, with an online log-sum-exp for
+both distributions and, with ``d_j = z_pol_j - z_ref_j`` and ``e_j = exp(z_pol_j - m)`` for the running max
+``m``, the online sums ``s = sum e_j``, ``S = sum e_j d_j`` (so ``KL = S/s - lse_pol + lse_ref``). For the
+policy's hidden-state gradient, ``dKL/dz_pol_j = p_j (d_j - mu)`` with ``mu = S/s``, hence
+
+    dKL_i/dh_i = (A_i - mu_i E_i) / s_i,   E = sum_j e_j f'_j W_j,  A = sum_j e_j d_j f'_j W_j
+
+accumulated in the forward (rescaled as ``m`` moves), so the backward of ``dh`` needs no vocabulary work:
+2 logit matmuls + 2 accumulation matmuls forward, none backward. A trainable policy head recomputes the
+two logit tiles and adds the ``dW`` matmul in the backward. The reference side gets no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError, InvalidInput
+from ..logprobs.kernel import (
+    _HALF,
+    LogitTransform,
+    _acc_dtype,
+    _coef_matmul_into,
+    _tile_logits,
+    _tiles,
+    _workspace,
+)
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """An LM head as ``z = f(h @ weight.T + bias)``: ``weight [V, H]``, optional ``bias [V]``, and the model's
+    own transform (``logit_scale``, final-logit ``softcap``; Gemma-2, Cohere, Granite). Temperature is
+    not part of the head: it is the sampling temperature, passed to :func:`exact`."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> LMHead:
+        """The head of a Hugging Face causal LM (tied, biased and soft-capped heads included)."""
+        from ..logprobs.model import _resolve_head, logit_transform, unwrap_causal_lm
+
+        lm = unwrap_causal_lm(model)
+        head = _resolve_head(lm.get_output_embeddings())
+        if head.module is not None or head.extra:
+            raise ConfigError("the model's LM head carries an adapter or is not a plain linear layer; merge the "
+                              "adapter (model.merge_and_unload()) or pass LMHead(weight, bias) explicitly")
+        tf = logit_transform(lm.config)
+        return cls(head.weight, head.bias, tf.logit_scale, tf.softcap)
+
+
+def _as_head(head, name: str) -> LMHead:
+    if isinstance(head, LMHead):
+        return head
+    if isinstance(head, torch.Tensor):
+        return LMHead(head)
+    raise InvalidInput(f"{name} must be an LMHead or a [V, H] weight tensor, got {type(head).__name__}")
+
+
+def _block_forward(hp, wp, bp, tfp, hr, wr, br, tfr, cols, buf_p, buf_r, acc_e, acc_a):
+    """Online sweep of one row block; returns ``(kl, lse_p, mu)`` ``[M]``; writes ``dKL/dh`` into ``acc_a``."""
+    vocab = wp.shape[0]
+    need_dh = acc_a is not None
+    m = s = big_s = m_r = s_r = None
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        zp, deriv = _tile_logits(hp, wp, bp, v0, v1, tfp, True, buf_p)
+        zr, _ = _tile_logits(hr, wr, br, v0, v1, tfr, True, buf_r)
+        tile_max_r = zr.amax(1)
+        m_r_new = tile_max_r if m_r is None else torch.maximum(m_r, tile_max_r)
+        d = zr.neg_().add_(zp)  # d = z_pol - z_ref, in the ref buffer; z_ref = z_pol - d below
+        tile_max = zp.amax(1)
+        m_new = tile_max if m is None else torch.maximum(m, tile_max)
+        # the reference's log-sum-exp: exp(z_ref - m_r) = exp((z_pol - m_r) - d), before z_pol is overwritten
+        tile_sum_r = (zp - m_r_new[:, None] - d).exp_().sum(1)
+        e = zp.sub_(m_new[:, None]).exp_()
+        tile_s, tile_big = e.sum(1), (e * d).sum(1)
+        first = m is None
+        if first:
+            s, big_s, s_r = tile_s, tile_big, tile_sum_r
+        else:
+            alpha, alpha_r = torch.exp(m - m_new), torch.exp(m_r - m_r_new)
+            s, big_s = alpha * s + tile_s, alpha * big_s + tile_big
+            s_r = alpha_r * s_r + tile_sum_r
+            if need_dh:
+                acc_e.mul_(alpha[:, None])
+                acc_a.mul_(alpha[:, None])
+        if need_dh:
+            coef = e.mul_(deriv) if deriv is not None else e.mul_(tfp.const_deriv)  # e f'
+            _coef_matmul_into(d.mul_(coef), wp[v0:v1], acc_a, accumulate=not first)  # e d f'
+            _coef_matmul_into(coef, wp[v0:v1], acc_e, accumulate=not first)
+        m, m_r = m_new, m_r_new
+    lse_p, lse_r = m + s.log(), m_r + s_r.log()
+    mu = big_s / s
+    if need_dh:  # dKL/dh = (A - mu E) / s
+        acc_a.addcmul_(acc_e, -mu[:, None]).div_(s[:, None])
+    return mu - lse_p + lse_r, lse_p, mu
+
+
+def _upcast(w: torch.Tensor, h: torch.Tensor) -> bool:
+    return not h.is_cuda and w.dtype in _HALF  # CPU has no mm(out_dtype=float32): upcast once per call
+
+
+class _ExactKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hp, wp, bp, hr, wr, br, tfp, tfr, tiles):
+        need_dh = ctx.needs_input_grad[0]
+        n, acc_dtype = hp.shape[0], _acc_dtype(hp)
+        rows, cols = _tiles(n, wp.shape[0], *tiles)
+        up_p, up_r = _upcast(wp, hp), _upcast(wr, hr)
+        wpf, wrf = (wp.float() if up_p else wp), (wr.float() if up_r else wr)
+        acc = dict(dtype=acc_dtype, device=hp.device)
+        kl, lse, mu = (torch.empty(n, **acc) for _ in range(3))
+        grad_h = torch.empty(n, hp.shape[1], **acc) if need_dh else None
+        acc_e = torch.empty(min(rows, n), hp.shape[1], **acc) if need_dh else None
+        buf_p, buf_r = _workspace(rows, cols, wpf, acc_dtype), _workspace(rows, cols, wrf, _acc_dtype(hr))
+        with torch.no_grad():
+            for start in range(0, n, rows):
+                sl = slice(start, min(start + rows, n))
+                hpb = hp[sl].float() if up_p else hp[sl]
+                hrb = hr[sl].float() if up_r else hr[sl]
+                kl[sl], lse[sl], mu[sl] = _block_forward(
+                    hpb, wpf, bp, tfp, hrb, wrf, br, tfr, cols, buf_p, buf_r,
+                    acc_e[: sl.stop - sl.start] if need_dh else None, grad_h[sl] if need_dh else None)
+        ctx.tfp, ctx.tfr, ctx.tiles = tfp, tfr, (rows, cols)
+        ctx.grad_h = grad_h
+        ctx.save_for_backward(hp, wp, bp, hr, wr, br, lse, mu)
+        return kl
+
+    @staticmethod
+    def backward(ctx, g):
+        hp, wp, bp, hr, wr, br, lse, mu = ctx.saved_tensors
+        g = g.to(lse.dtype)
+        dh = dw = db = None
+        if ctx.needs_input_grad[0]:
+            # not in place: a retained graph (gradcheck, a second loss) may run this backward again
+            dh = (ctx.grad_h * g[:, None]).to(hp.dtype)
+        if ctx.needs_input_grad[1] or (bp is not None and ctx.needs_input_grad[2]):
+            dw, db = _weight_grads(hp, wp, bp, hr, wr, br, ctx.tfp, ctx.tfr, ctx.tiles, lse, mu, g)
+            dw = dw if ctx.needs_input_grad[1] else None
+        return dh, dw, db, None, None, None, None, None, None
+
+
+def _weight_grads(hp, wp, bp, hr, wr, br, tfp, tfr, tiles, lse, mu, g):
+    """Recompute both tiles; ``dKL/da_j = p_j (d_j - mu) f'_j``; accumulate ``dW``, ``db`` in fp32."""
+    rows, cols = tiles
+    up_p, up_r = _upcast(wp, hp), _upcast(wr, hr)
+    wpf, wrf = (wp.float() if up_p else wp), (wr.float() if up_r else wr)
+    acc_dtype = _acc_dtype(wp)
+    dw = torch.zeros(wp.shape, dtype=acc_dtype, device=wp.device)
+    db = torch.zeros(wp.shape[0], dtype=acc_dtype, device=wp.device) if bp is not None else None
+    with torch.no_grad():
+        for start in range(0, hp.shape[0], rows):
+            sl = slice(start, min(start + rows, hp.shape[0]))
+            hpb = hp[sl].float() if up_p else hp[sl]
+            hrb = hr[sl].float() if up_r else hr[sl]
+            for v0 in range(0, wp.shape[0], cols):
+                v1 = min(v0 + cols, wp.shape[0])
+                zp, deriv = _tile_logits(hpb, wpf, bp, v0, v1, tfp, True, None)
+                zr, _ = _tile_logits(hrb, wrf, br, v0, v1, tfr, True, None)
+                d = zr.neg_().add_(zp).sub_(mu[sl, None])
+                p = zp.sub_(lse[sl, None]).exp_()
+                grad_a = p.mul_(d).mul_(g[sl, None])
+                grad_a = grad_a.mul_(deriv) if deriv is not None else grad_a.mul_(tfp.const_deriv)
+                _coef_matmul_into(grad_a.t(), hpb, dw[v0:v1], accumulate=True)
+                if db is not None:
+                    db[v0:v1] += grad_a.sum(0)
+    return dw.to(wp.dtype), (db.to(bp.dtype) if db is not None else None)
+
+
+def exact(
+    policy_hidden: torch.Tensor,
+    policy_head: LMHead | torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_head: LMHead | torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The exact ``KL(pi || pi_ref)`` (nats) of the next-token distributions at every scored position.
+
+    Args:
+        policy_hidden: ``[B, T, H]`` (or ``[N, H]``) the policy's final hidden states, aligned so that position
+            ``t`` predicts the token scored at ``t`` (as for :func:`refmodel.token_logprobs`).
+        policy_head, ref_head: :class:`LMHead` (``LMHead.from_model(model)``) or a bare ``[V, H]`` weight; the
+            vocabularies must match, the hidden sizes may differ.
+        ref_hidden: ``[B, T, H_ref]`` the reference's hidden states at the same positions (no gradient).
+        mask: ``[B, T]`` (or ``[N]``) bool, the positions to score; ``None`` scores all. Unscored positions cost
+            nothing and are 0.
+        temperature: the sampling temperature, applied to both distributions (as at sampling).
+        chunk_size, vocab_chunk_size: rows per block and vocabulary columns per tile (defaults as the fused head).
+
+    Returns:
+        ``[B, T]`` (or ``[N]``) float32 (float64 for float64 inputs), >= 0 up to rounding, differentiable with
+        respect to ``policy_hidden`` and the policy head (weight, bias). Use it as ``full_kl`` of
+        :func:`refmodel.policy_loss` (``kl_estimator="full"``) or, detached, as the true KL to monitor.
+    """
+    ph, rh = _as_head(policy_head, "policy_head"), _as_head(ref_head, "ref_head")
+    for name, hidden, head in (("policy", policy_hidden, ph), ("ref", ref_hidden, rh)):
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3) or head.weight.dim() != 2 or \
+                hidden.shape[-1] != head.weight.shape[1]:
+            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise InvalidInput(f"{name}_hidden must be [B, T, H] or [N, H] with H = its head's weight.shape[1] "
+                               f"({tuple(head.weight.shape)}), got {got}")
+        if head.bias is not None and tuple(head.bias.shape) != (head.weight.shape[0],):
+            raise InvalidInput(f"{name} head bias must be [V] = [{head.weight.shape[0]}], got {tuple(head.bias.shape)}")
+    if ph.weight.shape[0] != rh.weight.shape[0]:
+        raise InvalidInput(f"policy and reference vocabularies differ ({ph.weight.shape[0]} vs "
+                           f"{rh.weight.shape[0]}); the exact KL needs the same token space")
+    if policy_hidden.shape[:-1] != ref_hidden.shape[:-1]:
+        raise InvalidInput(f"policy_hidden {tuple(policy_hidden.shape)} and ref_hidden {tuple(ref_hidden.shape)} "
+                           "must have the same leading (position) shape")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise InvalidInput(f"temperature must be a positive finite number, got {temperature!r}")
+    lead = policy_hidden.shape[:-1]
+    if mask is None:
+        mask = torch.ones(lead, dtype=torch.bool, device=policy_hidden.device)
+    if tuple(mask.shape) != tuple(lead):
+        raise InvalidInput(f"mask must have shape {tuple(lead)} (the hidden states without H), got {tuple(mask.shape)}")
+    rows = mask.reshape(-1).bool().nonzero().squeeze(1)
+    hp = policy_hidden.reshape(-1, policy_hidden.shape[-1]).index_select(0, rows)
+    hr = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]).index_select(0, rows)
+    wp, bp = ph.weight, ph.bias
+    if hp.dtype != wp.dtype:  # compute in the wider type, as token_logprobs does
+        wide = torch.promote_types(hp.dtype, wp.dtype)
+        hp, wp, bp = hp.to(wide), wp.to(wide), (bp.to(wide) if bp is not None else None)
+    wr, br = rh.weight.detach(), (rh.bias.detach() if rh.bias is not None else None)
+    if hr.dtype != wr.dtype:
+        wide = torch.promote_types(hr.dtype, wr.dtype)
+        hr, wr, br = hr.to(wide), wr.to(wide), (br.to(wide) if br is not None else None)
+    tfp = LogitTransform(float(ph.logit_scale), None if ph.softcap is None else float(ph.softcap), float(temperature))
+    tfr = LogitTransform(float(rh.logit_scale), None if rh.softcap is None else float(rh.softcap), float(temperature))
+    kl_rows = _ExactKL.apply(hp, wp, bp, hr, wr, br, tfp, tfr, (chunk_size, vocab_chunk_size))
+    out = kl_rows.new_zeros(mask.numel()).index_put((rows,), kl_rows)
+    return out.reshape(lead)
+
+
+def naive_exact(policy_hidden, policy_head, ref_hidden, ref_head, mask=None, *, temperature: float = 1.0):
+    """Full ``[..., V]`` softmaxes; the test and benchmark baseline of :func:`exact` (same contract)."""
+    out = []
+    for hidden, head in ((policy_hidden, _as_head(policy_head, "policy_head")),
+                         (ref_hidden.detach(), _as_head(ref_head, "ref_head"))):
+        z = torch.nn.functional.linear(hidden, head.weight, head.bias)
+        z = z.to(torch.promote_types(z.dtype, torch.float32)) * head.logit_scale
+        if head.softcap is not None:
+            z = head.softcap * torch.tanh(z / head.softcap)
+        out.append(torch.log_softmax(z / temperature, dim=-1))
+    logp, logq = out
+    kl = (logp.exp() * (logp - logq.detach())).sum(-1)
+    return kl if mask is None else kl * mask
+
+
+__all__ = ["LMHead", "exact", "naive_exact"]

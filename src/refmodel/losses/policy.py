@@ -1,0 +1,441 @@
+"""Policy-gradient losses (GRPO / DAPO / Dr. GRPO / CISPO / GSPO / PPO) with the reference KL in the loss.
+
+Notation per completion token ``t`` of sequence ``i`` (all ``[B, T]``, nats): ``logps`` = log pi_theta
+(with gradient), ``old_logps`` = log pi_old (the PPO anchor), ``ref_logps`` = log pi_ref,
+``rollout_logps`` = the sampler's log-probs (vLLM/SGLang), ``m`` = the completion mask, ``A`` = advantage.
+Everything below follows TRL's ``GRPOTrainer._compute_loss`` (1.16) line for line unless marked (verl):
+
+    log_ratio = where(m, logps - old_logps, 0)          # masked *before* any exp
+    log_w     = log_ratio                                  importance_sampling_level="token"
+              = sum_t log_ratio / |o_i|        [B, 1]      "sequence" (GSPO, arXiv 2507.18071)
+              = logps - sg(logps) + sg(sum_t log_ratio / |o_i|)   "sequence_token" (GSPO-token, verl gspo)
+    r         = exp(log_w)
+    clipped:  L_t = -min(min(r, delta) * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)
+              dual_clip c (verl clip_ratio_c): L_t = min(L_t, -c * A) where A < 0
+    cispo:    L_t = -sg(min(r, epsilon_high)) * A * logps          (MiniMax-M1, arXiv 2506.13585)
+    L_t      *= rho_t                    truncated/masked IS weight against rollout_logps (TRL vLLM correction)
+    L_t      += beta * KL_t               KL_t = estimator(logps, ref_logps) [* r if use_bias_correction_kl]
+    loss      = sum_{i,t} w_{i,t} * L_{i,t}    with the aggregation weights w of ``loss_agg_mode``
+
+k3 is ``exp(ref - logp) - (ref - logp) - 1`` (the orientation AgileRL swapped, d99c1c3b).
+
+Aggregation, TRL ``loss_type`` <-> verl ``loss_agg_mode`` (``loss_agg_mode`` overrides the type's own):
+
+    ==========  =============================  ==========================================================
+    loss_type   loss_agg_mode                  loss
+    ==========  =============================  ==========================================================
+    grpo        seq-mean-token-mean            mean_i (sum_t L m / |o_i|)  (DeepSeekMath)
+    bnpo        token-mean                     sum L m / sum m             (local batch)
+    dr_grpo     seq-mean-token-sum-norm        sum L m / (B * max_completion_length)  (arXiv 2503.20783)
+    dapo        token-mean                     sum L m / num_items_in_batch (global token count; DAPO)
+    cispo       token-mean                     as dapo
+    ppo         token-mean                     verl ``vanilla`` (its default aggregation)
+    --          token-sum                      sum L m
+    --          seq-mean-token-sum             mean_i (sum_t L m)
+    ==========  =============================  ==========================================================
+
+Other names: TRL ``epsilon``/``epsilon_high`` = verl ``clip_ratio_low``/``clip_ratio_high`` = OpenRLHF
+``eps_clip_low_high``; ``dual_clip`` = verl ``clip_ratio_c`` = OpenRLHF ``--actor.dual_clip``; ``beta`` = verl
+``kl_loss_coef``; ``kl_estimator`` = verl ``kl_loss_type``; ``importance_sampling_level="sequence"`` = verl
+``loss_mode=gspo`` (verl's gspo is our ``sequence_token``); TRL ``cispo`` clips from above only (verl's clips
+both sides); ``vllm_importance_sampling_*`` = verl ``rollout_is``/``rollout_is_threshold``. Not done here (and
+not silently either): the gradient-accumulation and world-size scaling of the trainers (pass
+``num_items_in_batch``), sapo/luspo/vespo and verl's covariance/DPPO modes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError, InvalidInput
+from . import kl as kl_mod
+
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "ppo")
+IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence", "sequence_token")
+LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                                   "seq-mean-token-sum-norm")
+ROLLOUT_IS_MODES: tuple[str, ...] = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+DEFAULT_AGG_MODE: dict[str, str] = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean",
+                                    "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean",
+                                    "cispo": "token-mean", "ppo": "token-mean"}
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """The result of :func:`policy_loss` and :func:`refmodel.fused_policy_loss`.
+
+    Every field except ``loss`` and ``per_token_loss`` is detached. Scalars are 0-dim float tensors (no
+    device sync; ``float(x)`` to log them); ``None`` where the quantity does not apply.
+
+    Attributes:
+        loss: scalar, the value to ``backward()`` (policy term + ``beta`` * KL term, aggregated).
+        per_token_loss: ``[B, T]`` the per-token ``L_t`` before aggregation, 0 outside the mask.
+        pg_loss: scalar, the aggregated policy-gradient term alone.
+        kl_loss: scalar, the aggregated ``beta * KL`` term (0 when ``beta == 0``).
+        kl: scalar, masked mean per token of the KL estimate (nats/token); ``None`` without a reference.
+        seq_kl: ``[B]`` per-sequence masked mean of the KL estimate; ``None`` without a reference.
+        clip_fraction_low, clip_fraction_high, clip_fraction: fraction of masked tokens whose ratio is
+            clipped from below (``r < 1 - epsilon`` and ``A < 0``), above (``r > 1 + epsilon_high`` and
+            ``A > 0``; for cispo ``r > epsilon_high`` and ``A > 0``), either (TRL's ``clip_ratio/*``).
+        dual_clip_fraction: fraction of masked tokens where the dual clip is active (0 without it).
+        ratio_mean, ratio_min, ratio_max: of ``r`` over masked tokens (over sequences at sequence level).
+        ppo_kl: masked mean of ``old_logps - logps`` (verl ``actor/ppo_kl``).
+        is_weight_mean, is_weight_min, is_weight_max: of the rollout IS weight ``rho`` (masked tokens, or
+            sequences at sequence level); is_masked_fraction: fraction zeroed by a ``*_mask`` mode;
+            rollout_logp_diff_mean, rollout_logp_diff_max: of ``|old_logps - rollout_logps|`` (TRL's
+            ``sampling/sampling_logp_difference``). All ``None`` without ``rollout_logps``.
+    """
+
+    loss: torch.Tensor
+    per_token_loss: torch.Tensor
+    pg_loss: torch.Tensor
+    kl_loss: torch.Tensor
+    kl: torch.Tensor | None
+    seq_kl: torch.Tensor | None
+    clip_fraction_low: torch.Tensor
+    clip_fraction_high: torch.Tensor
+    clip_fraction: torch.Tensor
+    dual_clip_fraction: torch.Tensor
+    ratio_mean: torch.Tensor
+    ratio_min: torch.Tensor
+    ratio_max: torch.Tensor
+    ppo_kl: torch.Tensor
+    is_weight_mean: torch.Tensor | None = None
+    is_weight_min: torch.Tensor | None = None
+    is_weight_max: torch.Tensor | None = None
+    is_masked_fraction: torch.Tensor | None = None
+    rollout_logp_diff_mean: torch.Tensor | None = None
+    rollout_logp_diff_max: torch.Tensor | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Every scalar statistic as a float (one device sync), for logging."""
+        skip = ("loss", "per_token_loss", "seq_kl")
+        return {k: float(v) for k, v in self.__dict__.items() if k not in skip and v is not None}
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The validated options, shared by :func:`policy_loss` and the fused head."""
+
+    loss_type: str
+    epsilon: float
+    epsilon_high: float
+    delta: float | None
+    dual_clip: float | None
+    level: str
+    agg: str
+    beta: float
+    kl_estimator: str
+    use_bias_correction_kl: bool
+    log_ratio_clamp: float | None
+    kl_log_ratio_clamp: float | None
+    kl_clamp: float | None
+    rollout_mode: str
+    rollout_clip_min: float | None
+    rollout_clip_max: float | None
+
+
+def _positive(name: str, value, allow_none: bool = True, above: float = 0.0) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= above:
+        raise ConfigError(f"{name} must be a finite number > {above:g}{' or None' if allow_none else ''}, "
+                          f"got {value!r}")
+
+
+def resolve_options(loss_type="dapo", epsilon=0.2, epsilon_high=None, delta=None, dual_clip=None,
+                    importance_sampling_level="token", loss_agg_mode=None, beta=0.0, kl_estimator="k3",
+                    use_bias_correction_kl=False, log_ratio_clamp=None, kl_log_ratio_clamp=None, kl_clamp=None,
+                    vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_max=3.0,
+                    vllm_importance_sampling_clip_min=None) -> _Options:
+    """Validate every option once; refuse the combinations that TRL/verl accept and silently mis-train."""
+    for name, value, allowed in (("loss_type", loss_type, LOSS_TYPES),
+                                 ("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS),
+                                 ("vllm_importance_sampling_mode", vllm_importance_sampling_mode, ROLLOUT_IS_MODES)):
+        if value not in allowed:
+            raise ConfigError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
+    if loss_agg_mode is not None and loss_agg_mode not in LOSS_AGG_MODES:
+        raise ConfigError(f"unknown loss_agg_mode {loss_agg_mode!r}; expected None (the loss_type's own) or one "
+                          f"of {list(LOSS_AGG_MODES)}")
+    _positive("epsilon", epsilon, allow_none=False)
+    _positive("epsilon_high", epsilon_high)
+    if loss_type == "cispo":
+        if epsilon_high is None:
+            raise ConfigError("loss_type='cispo' caps the ratio at the *absolute* epsilon_high (MiniMax-M1; TRL "
+                              "recommends 5.0); falling back to epsilon=0.2 would cap every ratio at 0.2. Pass "
+                              "epsilon_high=5.0 (or your cap).")
+        if delta is not None or dual_clip is not None:
+            raise ConfigError("delta and dual_clip apply to the clipped surrogate, not to loss_type='cispo' "
+                              "(whose ratio is already capped at epsilon_high); drop them")
+    _positive("delta", delta, above=1.0)
+    _positive("dual_clip", dual_clip, above=1.0)
+    for name, value in (("log_ratio_clamp", log_ratio_clamp), ("kl_log_ratio_clamp", kl_log_ratio_clamp),
+                        ("kl_clamp", kl_clamp), ("vllm_importance_sampling_clip_max", vllm_importance_sampling_clip_max),
+                        ("vllm_importance_sampling_clip_min", vllm_importance_sampling_clip_min)):
+        _positive(name, value)
+    beta_value = kl_mod.coefficient(beta, "beta")
+    if beta_value < 0:
+        raise ConfigError(f"beta must be >= 0, got {beta_value}")
+    estimator = "full" if kl_estimator == "full" else kl_mod.canonical_estimator(kl_estimator)
+    if estimator == "full" and use_bias_correction_kl:
+        raise ConfigError("use_bias_correction_kl reweights a sampled KL estimate by r; kl_estimator='full' is "
+                          "the exact KL over the vocabulary and needs no importance weight; drop one of them")
+    return _Options(loss_type, float(epsilon), float(epsilon if epsilon_high is None else epsilon_high),
+                    delta, dual_clip, importance_sampling_level, loss_agg_mode or DEFAULT_AGG_MODE[loss_type],
+                    beta_value, estimator, bool(use_bias_correction_kl), log_ratio_clamp, kl_log_ratio_clamp,
+                    kl_clamp, vllm_importance_sampling_mode, vllm_importance_sampling_clip_min,
+                    vllm_importance_sampling_clip_max)
+
+
+def check_inputs(logps, old_logps, advantages, mask, ref_logps=None, rollout_logps=None, full_kl=None):
+    """Shapes and dtypes at the boundary; returns ``(mask as bool, advantages as [B, 1] or [B, T])``."""
+    if not isinstance(logps, torch.Tensor) or logps.dim() != 2 or not logps.dtype.is_floating_point:
+        raise InvalidInput("logps must be a float [B, T] tensor of per-token log-probs, got "
+                           f"{tuple(logps.shape) if isinstance(logps, torch.Tensor) else type(logps).__name__}")
+    shape = tuple(logps.shape)
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps), ("rollout_logps", rollout_logps),
+                    ("full_kl", full_kl), ("mask", mask)):
+        if t is None and name != "mask":
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InvalidInput(f"{name} must be a [B, T] tensor of the shape of logps {shape}, got {got}")
+    if not isinstance(advantages, torch.Tensor) or advantages.dim() not in (1, 2) or \
+            advantages.shape[0] != shape[0] or (advantages.dim() == 2 and advantages.shape[1] not in (1, shape[1])):
+        got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        raise InvalidInput(f"advantages must be [B] (one per sequence) or [B, T] (per token) with B, T = {shape}, "
+                           f"got {got}")
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    return mask.bool(), adv.to(logps.dtype)
+
+
+def check_kl_inputs(opts: _Options, ref_logps, full_kl) -> None:
+    if opts.kl_estimator == "full":
+        if full_kl is None:
+            raise ConfigError("kl_estimator='full' needs full_kl=refmodel.kl.exact(policy_hidden, policy_head, "
+                              "ref_hidden, ref_head, mask) (the [B, T] exact KL with its gradient)")
+    elif opts.beta != 0 and ref_logps is None:
+        raise ConfigError(f"beta={opts.beta} puts beta * KL(policy || reference) in the loss, but ref_logps is None. "
+                          "Pass ref_logps ([B, T] reference log-probs of the same tokens, e.g. "
+                          "Reference.logps(batch)), or set beta=0.0 to train without a KL term (no reference "
+                          "needed).")
+
+
+def aggregation_weights(mask: torch.Tensor, agg: str, dtype: torch.dtype, num_items_in_batch=None,
+                        max_completion_length: int | None = None) -> torch.Tensor:
+    """``w [B, T]`` with ``loss = sum(w * L)`` for ``agg`` (0 outside the mask); depends on the mask only."""
+    m = mask.to(dtype)
+    batch = max(mask.shape[0], 1)
+    if agg == "token-mean":
+        count = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=dtype,
+                                                                              device=m.device)
+        return m / count.clamp(min=1.0)
+    if agg == "token-sum":
+        return m
+    if agg == "seq-mean-token-sum":
+        return m / batch
+    if agg == "seq-mean-token-mean":
+        return m / (batch * m.sum(-1, keepdim=True).clamp(min=1.0))
+    length = mask.shape[1] if max_completion_length is None else max_completion_length
+    _positive("max_completion_length", length, allow_none=False)
+    return m / (batch * length)
+
+
+def log_importance_weights(logps, old_logps, mask, level, clamp=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_w, log_ratio)``: ``log_w`` is ``[B, T]`` (token, sequence_token) or ``[B, 1]`` (sequence)."""
+    old = logps.detach() if old_logps is None else old_logps.to(logps.dtype)
+    log_ratio = torch.where(mask, logps - old, logps.new_zeros(()))
+    if level == "token":
+        log_w = log_ratio
+    else:
+        seq = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        log_w = seq if level == "sequence" else logps - logps.detach() + seq.detach()
+    if clamp is not None:  # verl clamps the log-ratio to +-20 before exp
+        log_w = log_w.clamp(-clamp, clamp)
+    return log_w, log_ratio
+
+
+def rollout_is_weights(old_logps, rollout_logps, mask, opts: _Options) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's vLLM IS correction ``rho`` (``[B, T]`` or ``[B, 1]``, detached) and where it was masked to 0."""
+    diff = torch.where(mask, old_logps.detach() - rollout_logps.to(old_logps.dtype), 0.0)
+    diff = torch.nan_to_num(diff, nan=0.0)  # a missing sampler log-prob gives ratio 1, as in TRL
+    if opts.rollout_mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    rho = torch.exp(diff)
+    if opts.rollout_mode.endswith("truncate"):
+        return rho.clamp(min=opts.rollout_clip_min, max=opts.rollout_clip_max), torch.zeros_like(rho, dtype=torch.bool)
+    lo = -math.inf if opts.rollout_clip_min is None else opts.rollout_clip_min
+    hi = math.inf if opts.rollout_clip_max is None else opts.rollout_clip_max
+    invalid = (rho < lo) | (rho > hi)
+    return rho.masked_fill(invalid, 0.0), invalid
+
+
+def token_losses(opts: _Options, logps, log_w, advantages, mask, ref_logps=None, rho=None, full_kl=None):
+    """``(L [B, T], pg [B, T], kl [B, T] or None, r)`` per token, before aggregation (works on any equal shape)."""
+    coef_1 = torch.exp(log_w)
+    if opts.loss_type == "cispo":
+        pg = -torch.clamp(coef_1, max=opts.epsilon_high).detach() * advantages * logps
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - opts.epsilon, 1 + opts.epsilon_high)
+        unclipped = coef_1 if opts.delta is None else torch.clamp(coef_1, max=opts.delta)
+        pg = -torch.min(unclipped * advantages, coef_2 * advantages)
+        if opts.dual_clip is not None:  # verl vanilla: bound the loss of negative-advantage tokens by -c*A
+            pg = torch.where(advantages < 0, torch.min(pg, -opts.dual_clip * advantages), pg)
+    if rho is not None:
+        pg = pg * rho
+    kl_t = None
+    if opts.kl_estimator == "full" and full_kl is not None:
+        kl_t = full_kl.to(logps.dtype)
+    elif ref_logps is not None:
+        kl_t = kl_mod.per_token_kl(logps, ref_logps, mask, opts.kl_estimator,
+                                   log_ratio_clamp=opts.kl_log_ratio_clamp, kl_clamp=opts.kl_clamp)
+        if opts.use_bias_correction_kl:  # DeepSeek-V3.2: k3 * pi_theta / pi_old (TRL, Liger)
+            kl_t = kl_t * coef_1
+    loss = pg if kl_t is None or opts.beta == 0 else pg + opts.beta * kl_t
+    zero = loss.new_zeros(())
+    return torch.where(mask, loss, zero), torch.where(mask, pg, zero), kl_t, coef_1
+
+
+def _masked_stats(x: torch.Tensor, mask: torch.Tensor):
+    """``(mean, min, max)`` of ``x`` (``[B, T]`` with ``mask``, or ``[B, 1]`` per sequence), detached."""
+    x = x.detach()
+    sel = x[mask] if x.shape == mask.shape else x.reshape(-1)
+    if sel.numel() == 0:
+        z = x.new_zeros(())
+        return z, z, z
+    return sel.mean(), sel.min(), sel.max()
+
+
+def statistics(opts: _Options, loss, per_token, pg, kl_t, coef_1, advantages, mask, weights, logps, old_logps,
+               rollout=None) -> PolicyLoss:
+    """Assemble :class:`PolicyLoss` (all detached but ``loss``/``per_token_loss``)."""
+    with torch.no_grad():
+        m = mask.to(logps.dtype)
+        n = m.sum().clamp(min=1)
+
+        def frac(cond):
+            return (torch.broadcast_to(cond, mask.shape) & mask).to(logps.dtype).sum() / n
+
+        adv, r = advantages.detach(), coef_1.detach()
+        if opts.loss_type == "cispo":
+            low, high = torch.zeros((), dtype=logps.dtype, device=logps.device), frac((r > opts.epsilon_high) & (adv > 0))
+            region = high
+        else:
+            low_c, high_c = (r < 1 - opts.epsilon) & (adv < 0), (r > 1 + opts.epsilon_high) & (adv > 0)
+            low, high, region = frac(low_c), frac(high_c), frac(low_c | high_c)
+        dual = torch.zeros((), dtype=logps.dtype, device=logps.device)
+        if opts.dual_clip is not None:  # active where |A| * max(min(r, delta), clip(r)) exceeds c * |A|
+            unclipped = r if opts.delta is None else r.clamp(max=opts.delta)
+            worst = torch.maximum(unclipped, r.clamp(1 - opts.epsilon, 1 + opts.epsilon_high))
+            dual = frac((adv < 0) & (worst > opts.dual_clip))
+        pg_loss = (weights * pg.detach()).sum()
+        kl_loss, kl_mean, seq_kl = torch.zeros_like(pg_loss), None, None
+        if kl_t is not None:
+            kd = torch.where(mask, kl_t.detach(), 0.0)
+            kl_loss = opts.beta * (weights * kd).sum()
+            kl_mean = kd.sum() / n
+            seq_kl = kd.sum(-1) / mask.sum(-1).clamp(min=1)
+        old = logps.detach() if old_logps is None else old_logps
+        ppo_kl = (torch.where(mask, old - logps.detach(), 0.0)).sum() / n
+        ratio = _masked_stats(r, mask)
+        extra = {}
+        if rollout is not None:
+            rho, invalid, rollout_logps = rollout
+            diff = torch.where(mask, (old - rollout_logps).abs(), 0.0)
+            w_mean, w_min, w_max = _masked_stats(rho, mask)
+            masked = invalid & mask if invalid.shape == mask.shape else invalid
+            extra = dict(is_weight_mean=w_mean, is_weight_min=w_min, is_weight_max=w_max,
+                         is_masked_fraction=masked.to(logps.dtype).sum() / (n if invalid.shape == mask.shape
+                                                                             else max(invalid.numel(), 1)),
+                         rollout_logp_diff_mean=diff.sum() / n, rollout_logp_diff_max=diff.max())
+    return PolicyLoss(loss, per_token, pg_loss, kl_loss, kl_mean, seq_kl, low, high, region, dual, *ratio, ppo_kl,
+                      **extra)
+
+
+def policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    importance_sampling_level: str = "token",
+    loss_agg_mode: str | None = None,
+    ref_logps: torch.Tensor | None = None,
+    beta: float | kl_mod.FixedKLController | kl_mod.AdaptiveKLController = 0.0,
+    kl_estimator: str = "k3",
+    use_bias_correction_kl: bool = False,
+    full_kl: torch.Tensor | None = None,
+    log_ratio_clamp: float | None = None,
+    kl_log_ratio_clamp: float | None = None,
+    kl_clamp: float | None = None,
+    rollout_logps: torch.Tensor | None = None,
+    vllm_importance_sampling_mode: str = "sequence_mask",
+    vllm_importance_sampling_clip_max: float | None = 3.0,
+    vllm_importance_sampling_clip_min: float | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+) -> PolicyLoss:
+    """The clipped policy-gradient loss with the reference KL, from per-token log-probs (see the module docstring).
+
+    Args:
+        logps: ``[B, T]`` policy log-probs of the sampled tokens (nats, with gradient).
+        old_logps: ``[B, T]`` log-probs under pi_old, or ``None`` for on-policy (ratio 1 with the gradient of
+            ``logps``, TRL's ``per_token_logps.detach()``).
+        advantages: ``[B]`` per sequence or ``[B, T]`` per token. mask: ``[B, T]`` completion mask (bool/0-1).
+        loss_type: TRL's ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo`` (default), ``cispo``; ``ppo`` is the plain
+            clipped surrogate with token-mean aggregation (verl ``vanilla``).
+        epsilon, epsilon_high: clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high=None`` ->
+            ``epsilon``; DAPO's clip-higher uses 0.28). For ``cispo``, ``epsilon_high`` is the absolute cap
+            (required). delta: TRL's upper bound on the unclipped ratio (INTELLECT-2), > 1. dual_clip: verl's
+            ``clip_ratio_c`` (3.0 there), > 1.
+        importance_sampling_level: ``token``, ``sequence`` (GSPO) or ``sequence_token`` (GSPO-token).
+        loss_agg_mode: a verl aggregation overriding the loss type's (table in the module docstring).
+        ref_logps: ``[B, T]`` reference log-probs; needed when ``beta != 0`` (an error otherwise) and reported
+            as the ``kl`` statistic whenever given. beta: the KL coefficient, a number or a KL controller.
+        kl_estimator: ``k1``/``kl``, ``k2``/``mse``, ``k3``/``low_var_kl`` (default, TRL's), ``abs``, with a ``+``
+            suffix for k2's straight-through gradient, or ``full``: the exact KL passed as ``full_kl`` (``[B, T]``
+            from :func:`refmodel.kl.exact`, with its gradient).
+        use_bias_correction_kl: multiply the KL by the ratio r (DeepSeek-V3.2; TRL, Liger).
+        log_ratio_clamp: clamp ``log r`` before exp (verl: 20; default None as in TRL).
+        kl_log_ratio_clamp, kl_clamp: clamps of the KL log-ratio and value (verl k3: 20 and 10; OpenRLHF value
+            10); None (default, TRL) disables them.
+        rollout_logps: ``[B, T]`` the sampler's log-probs; enables TRL's IS correction ``rho = exp(old - rollout)``
+            per token or summed per sequence, truncated to ``[clip_min, clip_max]`` (``*_truncate``) or set to 0
+            outside it (``*_mask``); ``vllm_importance_sampling_mode`` default ``sequence_mask``, cap 3.0 (TRL).
+            It multiplies the policy term only, not the KL (as TRL).
+        num_items_in_batch: the token count ``token-mean`` divides by (the global count across processes and
+            accumulation for dapo/cispo); default the local ``mask.sum()``.
+        max_completion_length: Dr. GRPO's constant normalizer (default ``T``).
+
+    Returns:
+        :class:`PolicyLoss`.
+    """
+    opts = resolve_options(loss_type, epsilon, epsilon_high, delta, dual_clip, importance_sampling_level,
+                           loss_agg_mode, beta, kl_estimator, use_bias_correction_kl, log_ratio_clamp,
+                           kl_log_ratio_clamp, kl_clamp, vllm_importance_sampling_mode,
+                           vllm_importance_sampling_clip_max, vllm_importance_sampling_clip_min)
+    mask, adv = check_inputs(logps, old_logps, advantages, mask, ref_logps, rollout_logps, full_kl)
+    check_kl_inputs(opts, ref_logps, full_kl)
+    log_w, _ = log_importance_weights(logps, old_logps, mask, opts.level, opts.log_ratio_clamp)
+    rollout = None
+    if rollout_logps is not None:
+        rho, invalid = rollout_is_weights(logps.detach() if old_logps is None else old_logps, rollout_logps, mask,
+                                          opts)
+        rollout = (rho, invalid, rollout_logps.to(logps.dtype))
+    per_token, pg, kl_t, coef_1 = token_losses(opts, logps, log_w, adv, mask, ref_logps,
+                                               rollout[0] if rollout else None, full_kl)
+    weights = aggregation_weights(mask, opts.agg, logps.dtype, num_items_in_batch, max_completion_length)
+    loss = (weights * per_token).sum()
+    return statistics(opts, loss, per_token, pg, kl_t, coef_1, adv, mask, weights, logps, old_logps, rollout)
+
+
+__all__ = ["DEFAULT_AGG_MODE", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_AGG_MODES", "LOSS_TYPES", "ROLLOUT_IS_MODES",
+           "PolicyLoss", "policy_loss"]

@@ -1,0 +1,150 @@
+"""fused_policy_loss == policy_loss(token_logprobs(...)): values, statistics and gradients (hidden, head, bias).
+
+Tolerances: float64 1e-11 relative / 1e-12 absolute (only the summation order differs); float32 1e-5
+relative / 1e-6 absolute on the loss and 1e-4 / 1e-6 on the gradients (fp32 logits and log-sum-exp in
+both paths, different blocking).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refmodel import InvalidInput, fused_policy_loss, policy_loss, token_logprobs
+from refmodel.losses.kl import LMHead, exact
+from refmodel.losses.policy import LOSS_AGG_MODES, LOSS_TYPES
+
+F64 = dict(rtol=1e-11, atol=1e-12)
+B, T, H, V = 3, 7, 16, 101
+
+
+def _setup(dtype=torch.float64, seed=0, trainable=True, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g, dtype=dtype).requires_grad_()
+    w = (0.5 * torch.randn(V, H, generator=g, dtype=dtype)).requires_grad_(trainable)
+    b = torch.randn(V, generator=g, dtype=dtype).requires_grad_(trainable) if bias else None
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[1] = False  # an empty completion
+    mask[1, 0] = True
+    y = torch.where(mask, y, torch.full_like(y, -100))  # padding ids are never read
+    with torch.no_grad():
+        lp = token_logprobs(h, w, y, bias=b)
+    old = (lp + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)).to(dtype)
+    ref = (lp + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)).to(dtype)
+    rollout = old + 0.1 * torch.randn(B, T, generator=g, dtype=dtype)
+    adv = torch.randn(B, generator=g, dtype=dtype)
+    return h, w, b, y, mask, old, ref, rollout, adv
+
+
+def _compare(h, w, b, y, mask, old, adv, head=None, tol=F64, grad_tol=None, **kw):
+    head = head or {}
+    fused = fused_policy_loss(h, w, y, old, adv, mask, head_bias=b, **head, **kw)
+    unfused = policy_loss(token_logprobs(h, w, y, bias=b, **head), old, adv, mask, **kw)
+    torch.testing.assert_close(fused.loss, unfused.loss, **tol)
+    fm, um = fused.metrics(), unfused.metrics()
+    assert fm.keys() == um.keys()
+    for k in fm:
+        assert fm[k] == pytest.approx(um[k], rel=1e-6, abs=1e-9), k
+    leaves = [t for t in (h, w, b) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(fused.loss, leaves)
+    want = torch.autograd.grad(unfused.loss, leaves)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, **(grad_tol or tol))
+    return fused
+
+
+@pytest.mark.parametrize("agg", [None, *LOSS_AGG_MODES])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_types_and_aggregations(loss_type, agg):
+    h, w, b, y, mask, old, ref, _, adv = _setup(seed=LOSS_TYPES.index(loss_type))
+    _compare(h, w, b, y, mask, old, adv, loss_type=loss_type, loss_agg_mode=agg, ref_logps=ref, beta=0.05,
+             epsilon_high=5.0 if loss_type == "cispo" else 0.28)
+
+
+@pytest.mark.parametrize("est", ["k1", "k2", "k3", "abs", "k3+", "low_var_kl", "mse"])
+@pytest.mark.parametrize("bias_kl", [False, True])
+def test_kl_estimators(est, bias_kl):
+    h, w, b, y, mask, old, ref, _, adv = _setup(seed=1)
+    _compare(h, w, b, y, mask, old, adv, ref_logps=ref, beta=0.2, kl_estimator=est, use_bias_correction_kl=bias_kl,
+             dual_clip=2.0, delta=1.5)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])  # the sequence levels fall back
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_levels_rollout_is_and_on_policy(level, mode, on_policy):
+    h, w, b, y, mask, old, ref, rollout, adv = _setup(seed=2)
+    _compare(h, w, b, y, mask, None if on_policy else old, adv, importance_sampling_level=level, ref_logps=ref,
+             beta=0.1, rollout_logps=rollout, vllm_importance_sampling_mode=mode,
+             vllm_importance_sampling_clip_max=1.5, vllm_importance_sampling_clip_min=0.5)
+
+
+@pytest.mark.parametrize("trainable,bias", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("head", [dict(), dict(temperature=0.7), dict(softcap=3.0, logit_scale=1.3, temperature=0.8)])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_frozen_trainable_bias_and_logit_transform(trainable, bias, head, chunk_size):
+    h, w, b, y, mask, old, ref, _, adv = _setup(seed=3, trainable=trainable, bias=bias)
+    _compare(h, w, b, y, mask, old, adv, head=dict(head, chunk_size=chunk_size), loss_type="grpo", ref_logps=ref,
+             beta=0.04)
+
+
+def test_float32_tolerances():
+    h, w, b, y, mask, old, ref, _, adv = _setup(dtype=torch.float32, seed=4)
+    _compare(h, w, b, y, mask, old, adv, tol=dict(rtol=1e-5, atol=1e-6), grad_tol=dict(rtol=1e-4, atol=1e-6),
+             ref_logps=ref, beta=0.1, head=dict(softcap=5.0))
+
+
+def test_full_kl_term_keeps_its_gradient():
+    h, w, b, y, mask, old, ref, _, adv = _setup(seed=5)
+    hr = torch.randn(B, T, 8, dtype=torch.float64)
+    wr = torch.randn(V, 8, dtype=torch.float64)
+    fused = fused_policy_loss(h, w, y, old, adv, mask, head_bias=b, beta=0.1, kl_estimator="full",
+                              full_kl=exact(h, LMHead(w, b), hr, wr, mask))
+    unfused = policy_loss(token_logprobs(h, w, y, bias=b), old, adv, mask, beta=0.1, kl_estimator="full",
+                          full_kl=exact(h, LMHead(w, b), hr, wr, mask))
+    torch.testing.assert_close(fused.loss, unfused.loss, **F64)
+    for a, e in zip(torch.autograd.grad(fused.loss, [h, w, b]), torch.autograd.grad(unfused.loss, [h, w, b]),
+                    strict=True):
+        torch.testing.assert_close(a, e, **F64)
+
+
+def test_tiny_family_heads(tiny, family):
+    """Real heads: llama (untied), gpt2 (tied), gemma2 (tied, soft-capped) with their config's transform."""
+    model, _ = tiny
+    head = LMHead.from_model(model)
+    g = torch.Generator().manual_seed(6)
+    vocab, hidden = head.weight.shape
+    h = torch.randn(2, 5, hidden, generator=g, requires_grad=True)
+    y = torch.randint(0, vocab, (2, 5), generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        lp = token_logprobs(h, head.weight, y, softcap=head.softcap)
+    old = lp + 0.1 * torch.randn(2, 5, generator=g)
+    _compare(h, head.weight, head.bias, y, mask, old, torch.tensor([1.0, -0.5]), head=dict(softcap=head.softcap),
+             tol=dict(rtol=1e-5, atol=1e-6), grad_tol=dict(rtol=1e-4, atol=1e-6), ref_logps=old, beta=0.1)
+
+
+def test_bad_input():
+    h, w, b, y, mask, old, ref, _, adv = _setup()
+    with pytest.raises(InvalidInput, match="unknown option"):
+        fused_policy_loss(h, w, y, old, adv, mask, loss_typ="grpo")
+    with pytest.raises(InvalidInput, match="targets"):
+        fused_policy_loss(h, w, y[:, :3], old, adv, mask)
+    with pytest.raises(InvalidInput, match="hidden"):
+        fused_policy_loss(h[0], w, y, old, adv, mask)
+    bad = y.clone()
+    bad[0, 0], mask2 = V + 3, mask.clone()
+    mask2[0, 0] = True
+    with pytest.raises(InvalidInput, match="outside the vocabulary"):
+        fused_policy_loss(h, w, bad, old, adv, mask2)
+    with pytest.raises(InvalidInput, match="ref_logps is None"):
+        fused_policy_loss(h, w, y, old, adv, mask, beta=0.1)
+
+
+def test_second_backward_through_the_same_graph_is_a_clear_error():
+    h, w, b, y, mask, old, ref, _, adv = _setup(seed=7)
+    out = fused_policy_loss(h, w, y, old, adv, mask, head_bias=b)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.loss.backward()
