@@ -4,7 +4,7 @@
 imported on first use.
 """
 
-from . import losses  # noqa: E402  (torch only)
+from . import losses, rl  # noqa: E402  (torch only; rl: rollouts, scoring, forward_backward)
 from ._version import __version__
 from .errors import (  # noqa: E402
     ConfigError,
@@ -49,7 +49,6 @@ from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote s
     Synced,
 )
 from .store import LogprobStore, key_of  # noqa: E402
-from . import rl  # noqa: E402  (rollouts, scoring, forward_backward; torch only)
 
 __all__ = [
     "kl",

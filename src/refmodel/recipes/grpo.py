@@ -50,9 +50,9 @@ RewardFn = Callable[[Sequence, Sequence[str]], "torch.Tensor | Sequence[float]"]
 class GRPOConfig:
     """Everything the loop needs; option names follow TRL's ``GRPOConfig``."""
 
-    loss_type: str = "dapo"  # TRL's names: grpo | bnpo | dr_grpo | dapo | ppo (plain clipped surrogate)
+    loss_type: str = "dapo"  # TRL's names: grpo | bnpo | dr_grpo | dapo | cispo | ppo (plain clipped surrogate)
     beta: float = 0.04  # KL-in-loss coefficient; 0 = no reference is built or asked
-    kl_estimator: str = "k3"  # the estimator logged as kl_estimated (the loss uses k3 like TRL)
+    kl_estimator: str = "k3"  # the KL estimator in the loss (TRL: k3; verl/OpenRLHF names accepted), also logged
     epsilon: float = 0.2
     epsilon_high: float | None = None
     scale_rewards: str = "group"  # group (GRPO) | batch | none (Dr. GRPO)
@@ -94,8 +94,7 @@ class GRPOConfig:
             raise ConfigError(f"beta must be >= 0 (0 = no reference), got {self.beta!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.kl_estimator not in kl_mod.ESTIMATORS:
-            raise ConfigError(f"unknown kl_estimator {self.kl_estimator!r}; expected one of {list(kl_mod.ESTIMATORS)}")
+        kl_mod.canonical_estimator(self.kl_estimator)  # unknown names raise, listing the known ones
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ConfigError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
         if not isinstance(self.exact_kl_every, int) or self.exact_kl_every < 0:
@@ -203,6 +202,7 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
         rollout_logps = ro.sampler_logps[rows_d] if cfg.importance_sampling_correction else None
         res = policy_loss_fn(out.logprobs, old, advantages[rows_d], mask, loss_type=cfg.loss_type,
                              epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, ref_logps=ref, beta=cfg.beta,
+                             kl_estimator=cfg.kl_estimator,
                              rollout_logps=rollout_logps, max_completion_length=cfg.max_new_tokens)
         (res.loss * w).backward()
         k = int(mask.sum())
@@ -210,8 +210,8 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
         sums["loss"] += float(res.loss.detach()) * w
         sums["pg_loss"] += float(res.pg_loss) * w
         for key, attr in (("kl_in_loss", "kl"), ("clip_fraction", "clip_fraction"), ("ratio_mean", "ratio_mean")):
-            value = getattr(res, attr, float("nan"))
-            sums[key] += float(value.float().mean() if isinstance(value, torch.Tensor) else value) * k
+            value = getattr(res, attr, None)
+            sums[key] += (float("nan") if value is None else float(value)) * k
         sums["entropy"] += float((out.entropy.detach() * mask).sum())
         lp = out.logprobs.detach()
         if ref is not None:  # the estimator on the sampled tokens (a Monte-Carlo estimate of the exact KL)

@@ -1,10 +1,10 @@
 """RL with a reference: rollouts, old/reference log-probs once per rollout batch, ``forward_backward``.
 
-``policy_loss_fn`` / ``group_advantages`` are the policy-gradient losses the RL loop uses.
+``policy_loss_fn`` (= :func:`refmodel.policy_loss`) and ``group_advantages`` are re-exported for the loop.
 """
 
-from ._losses import group_advantages
-from ._losses import policy_loss as policy_loss_fn
+from ..losses.advantages import group_advantages
+from ..losses.policy import policy_loss as policy_loss_fn
 from .forward_backward import ForwardBackwardOutput, configure_reference_service, forward_backward, kl_monitor
 from .rollout import Rollouts, SamplingConfig, generate_rollouts, tokenize_prompts
 from .scoring import (

@@ -32,16 +32,17 @@ from torch import nn
 from ..errors import ConfigError, InvalidBatch, ModelNotAllowed
 from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
+from ..losses.policy import LOSS_TYPES
+from ..losses.policy import policy_loss as _policy_loss
 from ..models.cache import get_global_reference_cache
-from ._losses import LOSS_TYPES
-from ._losses import policy_loss as _policy_loss
 
 log = logging.getLogger(__name__)
 
 LOSS_FNS: tuple[str, ...] = LOSS_TYPES
-_LOSS_KEYS = {"epsilon", "epsilon_high", "max_completion_length", "vllm_importance_sampling_cap"}
-_OWN_KEYS = {"reference_model", "beta", "temperature", "quantize", "kl_estimator", "kl_threshold", "remote_url",
-             "remote_token", "max_local_bytes"}
+# every option of refmodel.policy_loss except those forward_backward fills in itself
+_LOSS_KEYS = set(_policy_loss.__kwdefaults__) - {"loss_type", "ref_logps", "beta", "rollout_logps", "full_kl"}
+_OWN_KEYS = {"reference_model", "beta", "temperature", "quantize", "kl_threshold", "remote_url", "remote_token",
+             "max_local_bytes"}
 DEFAULT_KL_THRESHOLD = 1.0  # nats/token: well above healthy RL runs (verl logs 0.02-0.13, research note 9.3)
 
 
@@ -153,9 +154,9 @@ def forward_backward(policy: nn.Module, batch, loss_fn: str = "grpo", loss_kwarg
     Gradients *accumulate* into the policy's ``.grad`` (zero them yourself between steps, as with
     ``loss.backward()``). ``loss_kwargs``: ``reference_model`` (a registered name; needed when
     ``beta != 0``), ``beta`` (default 0.0), ``temperature`` (the sampling temperature, 1.0),
-    ``quantize`` (None: the cache's default), ``kl_estimator`` (for the ``kl_divergence`` metric, k3),
-    ``kl_threshold`` (nats/token, warn above; default 1.0), ``epsilon``, ``epsilon_high``,
-    ``remote_url`` / ``max_local_bytes`` / ``remote_token`` (per-call service routing).
+    ``quantize`` (None: the cache's default), ``kl_threshold`` (nats/token, warn above; default 1.0),
+    ``remote_url`` / ``max_local_bytes`` / ``remote_token`` (per-call service routing), and every option
+    of :func:`refmodel.policy_loss` (``epsilon``, ``epsilon_high``, ``kl_estimator``, ``loss_agg_mode``, ...).
     ``metrics``: ``loss``, ``pg_loss``, ``kl_divergence`` (per completion token, on the sampled tokens),
     ``clip_fraction``, ``entropy``, ``tokens``.
     """
@@ -201,6 +202,7 @@ def forward_backward(policy: nn.Module, batch, loss_fn: str = "grpo", loss_kwarg
                "entropy": float((out.entropy.detach() * mask).sum()) / max(tokens, 1)}
     if ref_logps is not None:
         kl = float(kl_mod.estimate(lp, ref_logps, kw.get("kl_estimator", "k3"), mask=mask, reduction="batch"))
+        metrics["kl_loss"] = float(res.kl_loss)
         metrics["kl_divergence"] = kl
         key = name or "<batch ref_logps>"
         with _LOCK:

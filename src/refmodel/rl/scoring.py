@@ -180,6 +180,34 @@ def _backbone_rows(model: nn.Module, ids, attn, score) -> tuple[torch.Tensor, nn
     return hidden[rows], causal
 
 
+def _plain_head(causal: nn.Module):
+    """The head as a :class:`refmodel.kl.LMHead` when it is a linear map without adapters, else ``None``."""
+    from ..logprobs.model import _resolve_head, logit_transform
+    from ..losses.kl_exact import LMHead
+
+    head = _resolve_head(causal.get_output_embeddings())
+    if head.module is not None or head.extra:
+        return None
+    tf = logit_transform(causal.config)
+    return LMHead(head.weight, head.bias, tf.logit_scale, tf.softcap)
+
+
+def _token_kl(c_pol, h_pol, c_ref, h_ref, temperature: float, row_chunk: int) -> torch.Tensor:
+    """``[N]`` KL per row: :func:`refmodel.kl.exact` (vocabulary tiles) for plain heads; a row-chunked
+    full softmax for heads with a LoRA adapter or a module fallback (DoRA, quantized)."""
+    from ..losses.kl_exact import exact
+
+    head_p, head_r = _plain_head(c_pol), _plain_head(c_ref)
+    if head_p is not None and head_r is not None:
+        return exact(h_pol, head_p, h_ref, head_r, temperature=temperature)
+    parts = []
+    for lo in range(0, h_pol.shape[0], row_chunk):
+        lp = _full_logprobs(c_pol, h_pol[lo:lo + row_chunk], temperature)
+        lq = _full_logprobs(c_ref, h_ref[lo:lo + row_chunk], temperature).to(lp.device)
+        parts.append((lp.exp() * (lp - lq)).sum(-1))
+    return torch.cat(parts) if parts else h_pol.new_zeros(0)
+
+
 def _full_logprobs(causal: nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     """``[N, V]`` float32 log-softmax of the head on ``hidden`` ``[N, H]`` (as the fused head transforms)."""
     from ..logprobs.model import _extend_hidden, _resolve_head, logit_transform
@@ -205,7 +233,8 @@ def exact_kl(policy: nn.Module, reference, rollouts: Rollouts, micro_batch_size:
     """Mean over completion tokens of the full-vocabulary ``KL(pi(.|prefix) || pi_ref(.|prefix))`` (nats).
 
     Sum over the whole vocabulary at every completion position (no estimator, no sampling noise),
-    at the rollouts' temperature, in row chunks of ``row_chunk`` (never ``[B, T, V]``). ``nan`` when
+    at the rollouts' temperature, through :func:`refmodel.kl.exact` (vocabulary tiles; never ``[B, T, V]``),
+    or row chunks of ``row_chunk`` for a head carrying an adapter. ``nan`` when
     the reference's weights are not local (Remote, Precomputed).
     """
     total, count = 0.0, 0
@@ -223,10 +252,7 @@ def exact_kl(policy: nn.Module, reference, rollouts: Rollouts, micro_batch_size:
             if ref_model is None:
                 return float("nan")
             h_ref, c_ref = _backbone_rows(ref_model, *(a.to(next(ref_model.parameters()).device) for a in args))
-            for lo in range(0, h_pol.shape[0], row_chunk):
-                lp = _full_logprobs(c_pol, h_pol[lo:lo + row_chunk], temperature)
-                lq = _full_logprobs(c_ref, h_ref[lo:lo + row_chunk], temperature).to(lp.device)
-                total += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
+            total += float(_token_kl(c_pol, h_pol, c_ref, h_ref.to(h_pol.device), temperature, row_chunk).double().sum())
         count += int(h_pol.shape[0])
     return total / max(count, 1)
 
