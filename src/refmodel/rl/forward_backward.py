@@ -210,6 +210,8 @@ def forward_backward(policy: nn.Module, batch, loss_fn: str = "grpo", loss_kwarg
             if monitor is None:
                 threshold = kw.get("kl_threshold", DEFAULT_KL_THRESHOLD)
                 monitor = _MONITORS[key] = kl_mod.KLMonitor(threshold=threshold, name=f"kl_divergence to {key}")
+            elif "kl_threshold" in kw and kw["kl_threshold"] != monitor.threshold:  # a new threshold re-arms it
+                monitor.threshold, monitor.warned = kw["kl_threshold"], False
         monitor.update(kl)
     else:
         metrics["kl_divergence"] = float("nan")
