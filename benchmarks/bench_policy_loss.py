@@ -6,9 +6,10 @@ and Liger's LigerFusedLinearGRPOLoss(compiled=False), fwd+bwd, frozen and traina
 Shape: B x T = N completion tokens (default B=4, T=1024, N=4096; H=1024, V=32000, float32), every token
 scored; loss: DAPO (token-mean) with k3 KL in the loss (beta=0.04), old and reference log-probs given.
 Each case runs in a fresh subprocess (its own peak memory: VmHWM on CPU, max_memory_allocated on CUDA,
-measured on the warm-up call above the inputs); times are medians of ``reps`` calls after it, in "matmul
-units" (one ``h @ W.T`` of the same shape, timed in the same run). Liger is skipped with a message when
-``liger-kernel`` is not installed (``pip install liger-kernel``; it is not a refmodel dependency).
+measured on the warm-up call above the inputs); times are medians of ``reps`` calls after it, and "matmul
+units" the median of each call's time over one ``h @ W.T`` of the same shape timed just before it in the
+same process (a shared machine's speed drifts between cases; the ratio of neighbours does not). Liger is
+skipped with a message when ``liger-kernel`` is not installed (``pip install liger-kernel``; it is not a refmodel dependency).
 """
 
 from __future__ import annotations
@@ -102,10 +103,18 @@ def run_case(impl, mode, b, t, hidden, vocab, reps) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = peak_rss_bytes() - base
-    times = time_fn(fn, reps)
+    # A shared, busy machine drifts by 2-10x within minutes: time one matmul unit right before every timed
+    # call, in this process, and report the median of the per-repeat ratios as the matmul units.
+    unit_fn = _impl_fn("matmul", *inputs)
+    times, ratios = [], []
+    for _ in range(reps):
+        (unit,) = time_fn(unit_fn, 1)
+        (took,) = time_fn(fn, 1)
+        times.append(took)
+        ratios.append(took / unit)
     loss = float(out) if isinstance(out, torch.Tensor) and out.dim() == 0 else None
-    return {"impl": impl, "mode": mode, "seconds": statistics.median(times), "peak_extra_bytes": max(peak, 0),
-            "loss": loss}
+    return {"impl": impl, "mode": mode, "seconds": statistics.median(times), "matmul_units": statistics.median(ratios),
+            "peak_extra_bytes": max(peak, 0), "loss": loss}
 
 
 def _subprocess(impl, mode, shape, reps) -> dict:
@@ -123,7 +132,8 @@ def run(quick: bool, reps: int | None, impls: tuple[str, ...]) -> list[dict]:
     print(f"# policy loss fwd+bwd: N={b * t} (B={b}, T={t}) H={hidden} V={vocab} float32, dapo + k3 KL, reps={reps}")
     print(f"# {provenance()}")
     unit = _subprocess("matmul", "frozen", shape, reps)["seconds"]
-    print(f"# matmul unit (h @ W.T): {unit * 1e3:.1f} ms")
+    print(f"# matmul unit (h @ W.T) at the start: {unit * 1e3:.1f} ms (units below: against a unit timed next "
+          "to each call)")
     print(f"{'head':<11}{'impl':<9}{'ms':>10}{'matmul units':>14}{'peak extra MiB':>16}{'mem / liger':>13}"
           f"{'mem / naive':>13}{'loss':>12}")
     rows = []
@@ -134,7 +144,7 @@ def run(quick: bool, reps: int | None, impls: tuple[str, ...]) -> list[dict]:
             if "seconds" not in r:
                 print(f"{mode:<11}{r['impl']:<9}  skipped: {r.get('skipped') or r.get('error')}")
                 continue
-            r["matmul_units"] = r["seconds"] / unit
+            r.setdefault("matmul_units", r["seconds"] / unit)
             mem = r["peak_extra_bytes"]
             vs = {k: (mem / base[k]["peak_extra_bytes"] if k in base and base[k]["peak_extra_bytes"] else float("nan"))
                   for k in ("liger", "naive")}

@@ -95,6 +95,15 @@ def test_float32_tolerances():
              ref_logps=ref, beta=0.1, head=dict(softcap=5.0))
 
 
+def test_bfloat16_head_and_hidden():
+    """bf16 operands (CPU: upcast once, fp32 logits in both paths): loss 1e-3, gradients 2e-2 relative."""
+    h, w, b, y, mask, old, ref, _, adv = _setup(dtype=torch.float32, seed=8, bias=False)
+    h = h.detach().bfloat16().requires_grad_()
+    w = w.detach().bfloat16().requires_grad_()
+    _compare(h, w, None, y, mask, old, adv, tol=dict(rtol=1e-3, atol=1e-4), grad_tol=dict(rtol=2e-2, atol=1e-3),
+             ref_logps=ref, beta=0.1)
+
+
 def test_full_kl_term_keeps_its_gradient():
     h, w, b, y, mask, old, ref, _, adv = _setup(seed=5)
     hr = torch.randn(B, T, 8, dtype=torch.float64)

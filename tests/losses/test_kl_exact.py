@@ -144,3 +144,27 @@ def test_refmodel_kl_exact_is_exported_and_validates():
                           num_key_value_heads=1, vocab_size=30)
         model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["lm_head"]))
         LMHead.from_model(model)
+
+
+def test_demo_heldout_exact_kl_matches_the_models_logits(tiny_model_dirs):
+    """The demo's KL panel: exact KL per completion token of held-out pairs, 0 for the reference itself."""
+    from refmodel.recipes.demo import heldout_exact_kl
+    from refmodel.recipes.train import collate, tokenize_pairs
+    from refmodel.testing import load_tiny, preference_pairs
+
+    base, tok = load_tiny(tiny_model_dirs["llama"])
+    policy = copy.deepcopy(base)
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.2 * torch.randn_like(policy.lm_head.weight))
+    batch = collate(tokenize_pairs(preference_pairs(6, seed=1), tok), tok.pad_token_id)
+    assert heldout_exact_kl(base, base, batch) == pytest.approx(0.0, abs=1e-6)
+    got = heldout_exact_kl(policy, base, batch)
+    attn, score = batch["attention_mask"], batch["score_mask"]
+    with torch.no_grad():
+        pos = (attn.long().cumsum(1) - 1).clamp(min=0)
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=attn.long(), position_ids=pos)
+        logp = torch.log_softmax(policy(**kwargs).logits[:, :-1].double(), -1)
+        logq = torch.log_softmax(base(**kwargs).logits[:, :-1].double(), -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    mask = score[:, 1:]
+    assert got == pytest.approx(float(kl[mask].mean()), rel=1e-4)

@@ -36,16 +36,14 @@ import torch
 from ..errors import InvalidInput
 from ..logprobs.head import token_logprobs
 from ..logprobs.kernel import _HALF, LogitTransform, _acc_dtype, _coef_matmul_into, _logits_fp32
-from .policy import (
-    PolicyLoss,
+from .policy import PolicyLoss, policy_loss, statistics
+from .policy_terms import (
     aggregation_weights,
     check_inputs,
     check_kl_inputs,
     log_importance_weights,
-    policy_loss,
     resolve_options,
     rollout_is_weights,
-    statistics,
     token_losses,
 )
 
@@ -90,7 +88,6 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 p = z.sub_(m).exp_()
                 s = p.sum(1, keepdim=True)
                 lp = z_y - (m + s.log()).squeeze(1)
-                p.div_(s)
                 logp[sl] = lp
                 # g_i = w_i dl_i/dlogp_i through the shared per-token loss (a [rows] graph, no vocabulary)
                 with torch.enable_grad():
@@ -104,8 +101,9 @@ class _FusedPolicyLoss(torch.autograd.Function):
                     total = (w_agg[sl] * per_tok).sum()
                     (g,) = torch.autograd.grad(total, lp_leaf)
                 loss += total.detach()
-                # d logp / d a_j = f'_j (onehot_y - p_j): written over p, then chained through the transform
-                grad_a = p.mul_(-g[:, None])
+                # d logp / d a_j = f'_j (onehot_y - p_j): written over the unnormalized exp (one pass folds the
+                # softmax's 1/s and -g), then chained through the transform
+                grad_a = p.mul_((-g / s.squeeze(1))[:, None])
                 grad_a.scatter_add_(1, yb, g[:, None])
                 if deriv is not None:
                     grad_a.mul_(deriv)
@@ -114,7 +112,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 if need_dh:
                     _coef_matmul_into(grad_a, w, dh_rows[sl], accumulate=False)
                 if need_dw:
-                    _coef_matmul_into(grad_a.t(), hb, dw, accumulate=True)
+                    _accumulate_dw(grad_a, hb, dw)
                 if need_db:
                     db += grad_a.sum(0)
         ctx.save_for_backward(rows_idx)
@@ -142,6 +140,16 @@ class _FusedPolicyLoss(torch.autograd.Function):
         dw = dw.mul_(g_loss).to(w_dtype) if dw is not None else None
         db = db.mul_(g_loss).to(b_dtype) if db is not None else None
         return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _accumulate_dw(grad_a: torch.Tensor, hb: torch.Tensor, dw: torch.Tensor, cols: int = 8192) -> None:
+    """``dw += grad_a.T @ hb`` in fp32; in place when the dtypes match, else in vocabulary slices so a
+    low-precision head never allocates a second ``[V, H]`` fp32 temporary per block."""
+    if hb.dtype == dw.dtype:
+        dw.addmm_(grad_a.t(), hb)
+        return
+    for v0 in range(0, dw.shape[0], cols):
+        _coef_matmul_into(grad_a[:, v0:v0 + cols].t(), hb, dw[v0:v0 + cols], accumulate=True)
 
 
 def fused_policy_loss(
