@@ -69,6 +69,7 @@ class GRPOConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     micro_batch_size: int = 8  # rows per no-grad scoring call (does not change the result)
     importance_sampling_correction: bool = False  # correct for the sampler/trainer gap (forces the old pass)
+    use_fused_policy_loss: bool = False  # refmodel.fused_policy_loss: the loss inside the LM head (no entropy metric)
     max_steps: int = 300  # rollout batches
     seed: int = 0
     kl_threshold: float | None = None
@@ -196,14 +197,18 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
     for rows, w in zip(chunks, weights, strict=True):
         rows_d = rows.to(ro.input_ids.device)
         ids, attn, mask = ro.input_ids[rows_d], ro.attention_mask[rows_d], ro.completion_mask[rows_d]
-        out = model_logprobs(policy, ids, attn, mask, temperature=ro.temperature, return_entropy=True)
         old = None if scored.old_logps is None else scored.old_logps[rows_d]
         ref = None if scored.ref_logps is None else scored.ref_logps[rows_d]
         rollout_logps = ro.sampler_logps[rows_d] if cfg.importance_sampling_correction else None
-        res = policy_loss_fn(out.logprobs, old, advantages[rows_d], mask, loss_type=cfg.loss_type,
-                             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, ref_logps=ref, beta=cfg.beta,
-                             kl_estimator=cfg.kl_estimator,
-                             rollout_logps=rollout_logps, max_completion_length=cfg.max_new_tokens)
+        options = dict(loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                       kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_new_tokens)
+        if cfg.use_fused_policy_loss:
+            res, out = _fused_loss(policy, ids, attn, mask, old, advantages[rows_d], ref, rollout_logps,
+                                   ro.temperature, options), None
+        else:
+            out = model_logprobs(policy, ids, attn, mask, temperature=ro.temperature, return_entropy=True)
+            res = policy_loss_fn(out.logprobs, old, advantages[rows_d], mask, ref_logps=ref,
+                                 rollout_logps=rollout_logps, **options)
         (res.loss * w).backward()
         k = int(mask.sum())
         tokens += k
@@ -212,6 +217,11 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
         for key, attr in (("kl_in_loss", "kl"), ("clip_fraction", "clip_fraction"), ("ratio_mean", "ratio_mean")):
             value = getattr(res, attr, None)
             sums[key] += (float("nan") if value is None else float(value)) * k
+        if out is None:  # fused: no per-token log-probs or entropy leave the head; the loss's own KL statistic
+            sums["entropy"] = sums["sampler_logp_diff_mean"] = sums["sampler_logp_diff_max"] = float("nan")
+            if ref is not None and res.kl is not None:
+                sums["kl_estimated"] += float(res.kl) * k
+            continue
         sums["entropy"] += float((out.entropy.detach() * mask).sum())
         lp = out.logprobs.detach()
         if ref is not None:  # the estimator on the sampled tokens (a Monte-Carlo estimate of the exact KL)
@@ -224,6 +234,36 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
     if scored.ref_logps is None:
         sums["kl_estimated"] = float("nan")
     return sums
+
+
+def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, temperature, options):
+    """:func:`refmodel.fused_policy_loss` on the policy's final hidden states (the loss fused into the head).
+
+    Everything is shifted by one position (hidden state ``t`` predicts token ``t + 1``), as in
+    :func:`refmodel.model_logprobs`.
+    """
+    from ..logprobs.model import _resolve_head, logit_transform, position_ids_from_mask, unwrap_causal_lm
+    from ..losses.fused_policy import fused_policy_loss
+
+    causal = unwrap_causal_lm(policy)
+    head = _resolve_head(causal.get_output_embeddings())
+    if head.module is not None or head.extra:
+        raise ConfigError("use_fused_policy_loss needs a plain linear LM head (no adapter on the head, no DoRA or "
+                          "quantized head); set use_fused_policy_loss=False for this policy")
+    tf = logit_transform(causal.config)
+    attn = attn.bool()
+    backbone = causal.base_model if causal.base_model is not causal else causal.model
+    hidden = backbone(input_ids=torch.where(attn, ids, torch.zeros_like(ids)), attention_mask=attn.long(),
+                      position_ids=position_ids_from_mask(attn), use_cache=False)[0][:, :-1]
+    m = mask[:, 1:]
+
+    def shift(t):
+        return None if t is None else t[:, 1:]
+
+    adv = advantages if advantages.dim() == 1 else advantages[:, 1:]
+    return fused_policy_loss(hidden, head.weight, torch.where(m, ids[:, 1:], -100), shift(old), adv, m,
+                             head_bias=head.bias, temperature=temperature, logit_scale=tf.logit_scale,
+                             softcap=tf.softcap, ref_logps=shift(ref), rollout_logps=shift(rollout_logps), **options)
 
 
 @dataclass
