@@ -62,14 +62,15 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m refmodel serve --model name=path`` on a free loopback port."""
+    """``python -m refmodel serve --model name=path [--reward-model name=path]`` on a free loopback port."""
 
-    def __init__(self, models: dict, log_path: Path, startup_s: float = 120.0):
+    def __init__(self, models: dict, log_path: Path, startup_s: float = 120.0, reward_models: dict | None = None):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [x for name, path in models.items() for x in ("--model", f"{name}={path}")]
+        args += [x for name, path in (reward_models or {}).items() for x in ("--reward-model", f"{name}={path}")]
         self._log = open(log_path, "w")
         self.log_path = log_path
         self.proc = subprocess.Popen([sys.executable, "-m", "refmodel", "serve", "--port", str(self.port), *args],
