@@ -4,7 +4,7 @@
 imported on first use.
 """
 
-from . import losses  # noqa: E402  (torch only)
+from . import losses, rl  # noqa: E402  (torch only; rl: rollouts, scoring, forward_backward)
 from ._version import __version__
 from .data import Example, collate_examples, load_examples, tokenize_record  # noqa: E402
 from .errors import (  # noqa: E402
@@ -57,6 +57,7 @@ from .store import LogprobStore, key_of  # noqa: E402
 __all__ = [
     "kl",
     "losses",
+    "rl",
     "__version__",
     "ReferenceClient",
     "ConfigError",

@@ -58,11 +58,21 @@ def make_tiny_model_cmd(path: str, family: Family, seed: int) -> None:
 @main.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
               help="Folder for the tiny model, the store, metrics and the plot.")
-def demo_cmd(out: str) -> None:
-    """Run the end-to-end demo on the built-in tiny model and preference data."""
-    from ..recipes.demo import run_demo
+@click.option("--algo", type=click.Choice(["dpo", "grpo", "both"]), default="dpo", show_default=True,
+              help="dpo: preference training with a precomputed reference; grpo: RL on the built-in verifiable "
+                   "task with a LoRA policy and the adapter-off reference; both: one after the other.")
+def demo_cmd(out: str, algo: str) -> None:
+    """Run the end-to-end demo on the built-in tiny model and data."""
+    if algo in ("dpo", "both"):
+        from ..recipes.demo import run_demo
 
-    run_demo(out)
+        run_demo(out)
+    if algo in ("grpo", "both"):
+        from pathlib import Path
+
+        from ..recipes.demo_grpo import run_grpo_demo
+
+        run_grpo_demo(Path(out) / "grpo" if algo == "both" else out)
 
 
 @main.command("bench")

@@ -6,6 +6,11 @@ real good alignment"): every ``ref_model_sync_steps`` optimizer steps,
 on every parameter; ``alpha = 1`` is a hard copy. A full policy gets a frozen copy updated in place.
 A PEFT policy gets the reference as its own LoRA adapter on the same base model (no second base
 copy), updated exactly; see :mod:`refmodel.reference.lora_sync`.
+
+For RL two schedules more: :meth:`Synced.hard_reset` copies the policy into the reference every
+``ref_reset_steps`` steps (ProRL, Liu et al. 2025, "ProRL: Prolonged Reinforcement Learning"), and
+:meth:`Synced.per_epoch` copies it at the end of every pass over the prompts (AgileRL's
+``reference`` adapter update); both with PEFT too. Every sync changes the fingerprint.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Synced:
         self.alpha = float(ref_model_mixup_alpha)
         self.temperature = float(temperature)
         self.syncs = 0
+        self.every_epoch = False  # set by per_epoch(): sync in on_epoch_end, not on_step
         self._last_step: int | None = None
         self._fingerprint: str | None = None
         self._kwargs = dict(use_fused_linear_logprobs=use_fused_linear_logprobs,
@@ -93,6 +99,23 @@ class Synced:
                                   "so leave max_rank=None")
             self.policy = None
             self.frozen = Frozen.from_policy(policy, temperature=temperature, **self._kwargs)
+
+    @classmethod
+    def hard_reset(cls, policy, ref_reset_steps: int, **kwargs) -> Synced:
+        """ProRL's reference reset: ``ref <- policy`` (a hard copy) every ``ref_reset_steps`` optimizer steps."""
+        return cls(policy, ref_model_sync_steps=ref_reset_steps, ref_model_mixup_alpha=1.0, **kwargs)
+
+    @classmethod
+    def per_epoch(cls, policy, **kwargs) -> Synced:
+        """AgileRL's schedule: ``ref <- policy`` once per epoch, when the loop calls :meth:`on_epoch_end`."""
+        ref = cls(policy, ref_model_sync_steps=1, ref_model_mixup_alpha=1.0, **kwargs)
+        ref.every_epoch = True
+        return ref
+
+    def on_epoch_end(self, epoch: int, policy) -> None:
+        """Called by a loop after each full pass over its data; syncs only for :meth:`per_epoch`."""
+        if self.every_epoch:
+            self.sync(policy)
 
     @property
     def max_truncation_error(self) -> float:
@@ -131,7 +154,7 @@ class Synced:
 
     def on_step(self, step: int, policy) -> None:
         """Sync when ``step`` (the global optimizer step, 1-based) is a multiple of the sync interval."""
-        if step <= 0 or step % self.sync_steps or step == self._last_step:
+        if self.every_epoch or step <= 0 or step % self.sync_steps or step == self._last_step:
             return
         self.sync(policy)
         self._last_step = step

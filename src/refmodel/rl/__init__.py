@@ -1,0 +1,22 @@
+"""RL with a reference: rollouts, old/reference log-probs once per rollout batch, ``forward_backward``.
+
+``policy_loss_fn`` (= :func:`refmodel.policy_loss`) and ``group_advantages`` are re-exported for the loop.
+"""
+
+from ..losses.advantages import group_advantages
+from ..losses.policy import policy_loss as policy_loss_fn
+from .forward_backward import ForwardBackwardOutput, configure_reference_service, forward_backward, kl_monitor
+from .rollout import Rollouts, SamplingConfig, generate_rollouts, tokenize_prompts
+from .scoring import (
+    ScoredRollouts,
+    exact_kl,
+    needs_old_logps,
+    policy_logps,
+    reference_drift,
+    reference_logps,
+    score_rollouts,
+)
+
+__all__ = ["ForwardBackwardOutput", "configure_reference_service", "forward_backward", "kl_monitor", "Rollouts", "SamplingConfig", "ScoredRollouts", "exact_kl", "generate_rollouts", "group_advantages",
+           "needs_old_logps", "policy_logps", "policy_loss_fn", "reference_drift", "reference_logps",
+           "score_rollouts", "tokenize_prompts"]
