@@ -75,7 +75,7 @@ def _live(policy, cfg: ReferenceConfig):
             ref = Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)) if cfg.ref_model_path \
                 else Frozen.from_policy(policy, **_frozen_kwargs(cfg))
             return ref, f"remote_url is set but the reference stays local: {why}"
-        ref = Remote(cfg.remote_url, cfg.remote_model, token=cfg.remote_token)
+        ref = Remote(cfg.remote_url, cfg.remote_model, token=cfg.remote_token, temperature=cfg.temperature)
         return ref, f"remote_url is set and the reference goes remote: {why}; model {cfg.remote_model!r} at {cfg.remote_url}"
     if cfg.ref_model_path:
         return Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)), f"ref_model_path={cfg.ref_model_path!r}"

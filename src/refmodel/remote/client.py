@@ -81,6 +81,10 @@ def _batch_arrays(input_ids, attention_mask=None, score_mask=None):
     return ids.astype(np.int32), attn, widen("score_mask", score_mask), lengths
 
 
+def _fp_key(model: str, temperature: float):
+    return model if float(temperature) == 1.0 else (model, float(temperature))
+
+
 def _raise_for(response) -> None:
     status = response.status_code
     if status < 400:
@@ -188,38 +192,42 @@ class ReferenceClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------------------ the API
-    def _logprobs_request(self, model, input_ids, attention_mask, score_mask):
+    def _logprobs_request(self, model, input_ids, attention_mask, score_mask, temperature=1.0):
         from . import wire
 
         ids, attn, score, lengths = _batch_arrays(input_ids, attention_mask, score_mask)
-        return (wire.encode_request(model, ids, attn, score), wire.CONTENT_TYPE), lengths
+        return (wire.encode_request(model, ids, attn, score, temperature), wire.CONTENT_TYPE), lengths
 
-    def _logprobs_result(self, model, response, lengths) -> tuple[str, list[torch.Tensor]]:
+    def _logprobs_result(self, model, response, lengths, temperature=1.0) -> tuple[str, list[torch.Tensor]]:
         from . import wire
 
         fp, out = wire.decode_response(response.content)
-        self._fingerprints[model] = fp
+        self._fingerprints[_fp_key(model, temperature)] = fp
         return fp, [torch.from_numpy(out[i, :n].copy()) for i, n in enumerate(lengths)]
 
-    def logprobs_with_fingerprint(self, model: str, input_ids, attention_mask=None, score_mask=None):
+    def logprobs_with_fingerprint(self, model: str, input_ids, attention_mask=None, score_mask=None,
+                                  temperature: float = 1.0):
         """``(fingerprint, [float32 [L_b] tensor per sequence])`` (see :meth:`compute_log_probs`)."""
-        payload, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask)
-        return self._logprobs_result(model, self._request("POST", "/v1/logprobs:binary", *payload), lengths)
+        payload, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask, temperature)
+        response = self._request("POST", "/v1/logprobs:binary", *payload)
+        return self._logprobs_result(model, response, lengths, temperature)
 
-    def compute_log_probs(self, model: str, input_ids, attention_mask=None, score_mask=None) -> list[torch.Tensor]:
+    def compute_log_probs(self, model: str, input_ids, attention_mask=None, score_mask=None,
+                          temperature: float = 1.0) -> list[torch.Tensor]:
         """One float32 tensor per sequence: ``out[t] = log p(ids[t] | ids[:t])``, 0 at t=0 and where unscored.
 
         ``input_ids``: ``[B, T]`` tensor (each result has length T) or a list of int lists (each result
-        has its row's length). Masks: same shape, 0/1.
+        has its row's length). Masks: same shape, 0/1. ``temperature``: log-probs of
+        ``softmax(logits / temperature)``, the sampler's distribution (RL references).
         """
-        return self.logprobs_with_fingerprint(model, input_ids, attention_mask, score_mask)[1]
+        return self.logprobs_with_fingerprint(model, input_ids, attention_mask, score_mask, temperature)[1]
 
     async def acompute_log_probs(self, model: str, input_ids, attention_mask=None,
-                                 score_mask=None) -> list[torch.Tensor]:
+                                 score_mask=None, temperature: float = 1.0) -> list[torch.Tensor]:
         """Async :meth:`compute_log_probs`."""
-        payload, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask)
+        payload, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask, temperature)
         response = await self._arequest("POST", "/v1/logprobs:binary", *payload)
-        return self._logprobs_result(model, response, lengths)[1]
+        return self._logprobs_result(model, response, lengths, temperature)[1]
 
     @staticmethod
     def _rewards_body(model, input_ids, attention_mask):
@@ -243,14 +251,21 @@ class ReferenceClient:
         """``GET /v1/models``: name, kind, fingerprint, vocab_size, dtype, parameters of each model."""
         return self._request("GET", "/v1/models").json()["models"]
 
-    def fingerprint(self, model: str) -> str:
-        """The served model's fingerprint (asked once, then remembered)."""
+    def fingerprint(self, model: str, temperature: float = 1.0) -> str:
+        """The served model's fingerprint at ``temperature`` (asked once, then remembered).
+
+        The temperature is part of the identity; the service names it in every answer, so a
+        temperature other than 1.0 is asked with one two-token request.
+        """
         if model not in self._fingerprints:
             for info in self.models():
                 self._fingerprints[info["name"]] = info["fingerprint"]
         if model not in self._fingerprints:
             raise ModelNotAllowed(f"the reference service at {self.url} does not serve {model!r}")
-        return self._fingerprints[model]
+        key = _fp_key(model, temperature)
+        if key not in self._fingerprints:
+            self.logprobs_with_fingerprint(model, [[0, 0]], temperature=temperature)
+        return self._fingerprints[key]
 
     def health(self) -> dict:
         return self._request("GET", "/healthz").json()

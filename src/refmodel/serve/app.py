@@ -232,20 +232,24 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
     @app.post("/v1/logprobs", dependencies=[Depends(authorize)])
     async def logprobs(req: LogprobsRequest):
         model = lookup(req.model, "logprobs")
-        seqs = check_sequences(req.input_ids, limits(model), req.attention_mask, req.score_mask, req.score_start)
+        seqs = check_sequences(req.input_ids, limits(model), req.attention_mask, req.score_mask, req.score_start,
+                               temperature=req.temperature)
         rows = await state.batchers[req.model].submit(seqs, [s.ids.numel() for s in seqs])
-        body = {"model": req.model, "fingerprint": model.fingerprint, "logprobs": [r.tolist() for r in rows]}
+        body = {"model": req.model, "fingerprint": model.fingerprint_at(req.temperature),
+                "logprobs": [r.tolist() for r in rows]}
         return Response(json.dumps(body), media_type="application/json")
 
     async def logprobs_binary(request: Request):
         await authorize(request)
         decoded = wire.decode_request(await request.body())
         model = lookup(decoded.model, "logprobs")
-        seqs = check_block(decoded.input_ids, limits(model), decoded.attention_mask, decoded.score_mask)
+        seqs = check_block(decoded.input_ids, limits(model), decoded.attention_mask, decoded.score_mask,
+                           temperature=decoded.temperature)
         rows = await state.batchers[decoded.model].submit(seqs, [s.ids.numel() for s in seqs])
         out = np.stack(rows) if rows else np.zeros(decoded.input_ids.shape, np.float32)
-        return Response(wire.encode_response(model.fingerprint, out), media_type=wire.CONTENT_TYPE,
-                        headers={"X-Refmodel-Fingerprint": model.fingerprint})
+        fp = model.fingerprint_at(decoded.temperature)
+        return Response(wire.encode_response(fp, out), media_type=wire.CONTENT_TYPE,
+                        headers={"X-Refmodel-Fingerprint": fp})
 
     async def logprobs_binary_asgi(scope, receive, send):
         try:
