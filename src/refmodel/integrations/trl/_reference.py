@@ -162,7 +162,7 @@ class ReferenceRunner:
                 f"(first: {name}, {real.numel()} tokens{text}). The store is keyed by the exact token ids TRL "
                 f"feeds the model{self.hint}; precompute it over this dataset with the same tokenizer and "
                 "truncation settings (`refmodel precompute`), or give a live fallback: "
-                "reference=Precomputed(store, fallback=Frozen(ref_model)) ({exc})")
+                f"reference=Precomputed(store, fallback=Frozen(ref_model)) ({exc})")
 
     def take_metrics(self) -> dict[str, float]:
         """This step's metrics (``refmodel/...``), then reset them."""

@@ -1,0 +1,127 @@
+"""Shared set-up of the TRL integration tests: tiny models, a BOS+EOS tokenizer, configs, stores, spies."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from refmodel.testing import (
+    load_tiny,
+    make_tiny_model,
+    make_tokenizer,
+    preference_pairs,
+    run_cli,
+    write_jsonl,
+)
+
+# float32 everywhere: TRL's configs default to bf16=True, which would put both sides under CPU autocast.
+COMMON = dict(per_device_train_batch_size=4, max_steps=1, logging_steps=1, report_to=[], save_strategy="no",
+              use_cpu=True, bf16=False, seed=0, learning_rate=1e-3, disable_tqdm=True, dataloader_num_workers=0)
+
+
+def bos_eos_tokenizer():
+    """The test tokenizer with a post-processor that adds BOS and EOS (Llama-2 style, ``TemplateProcessing``)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = make_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B </s>",
+        special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
+    return tok
+
+
+def make_models(root: Path) -> tuple[Path, Path]:
+    """``(policy_dir, reference_dir)``: two different tiny Llamas sharing the BOS+EOS tokenizer.
+
+    The reference differs from the policy, so a wrong reference moves the first step's loss.
+    """
+    tok = bos_eos_tokenizer()
+    out = []
+    for name, seed in (("policy", 1), ("reference", 0)):
+        path = make_tiny_model("llama", root / name, seed=seed)
+        tok.save_pretrained(path)
+        out.append(path)
+    return out[0], out[1]
+
+
+def load(path: Path):
+    model, tok = load_tiny(path)
+    model.train()
+    return model, tok
+
+
+def pairs(n: int, conversational: bool = False) -> list[dict]:
+    rows = preference_pairs(n, seed=3)
+    if not conversational:
+        return rows
+    return [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+
+
+def unpaired(n: int, conversational: bool = False) -> list[dict]:
+    rows = []
+    for i, r in enumerate(pairs(n, conversational)):
+        rows.append({"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"],
+                     "label": bool(i % 2)})
+    return rows
+
+
+def truncate(ids: list[int], mask: list[int], max_length: int | None, mode: str = "keep_start"):
+    if max_length is None:
+        return ids, mask
+    sl = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+    return ids[sl], mask[sl]
+
+
+def trl_sequences(dataset, completions: tuple[str, ...], max_length: int | None, mode: str = "keep_start"):
+    """The ``(ids, completion mask)`` TRL's collator builds from its tokenized dataset, truncation included."""
+    out = []
+    for row in dataset:
+        for name in completions:
+            ids = list(row["prompt_ids"]) + list(row[name])
+            mask = [0] * len(row["prompt_ids"]) + [1] * len(row[name])
+            out.append(truncate(ids, mask, max_length, mode))
+    return out
+
+
+def precompute_store(sequences, model_dir: Path, out: Path) -> Path:
+    """``refmodel precompute`` (the CLI, float32 storage) over pre-tokenized sequences."""
+    data = write_jsonl([{"input_ids": ids, "score_mask": mask} for ids, mask in sequences], out.with_suffix(".jsonl"))
+    run_cli("precompute", "--model", model_dir, "--data", data, "--out", out, "--dtype", "float32")
+    return out
+
+
+class ForwardCounter:
+    """Counts forward calls of a module (a spy, not a mock: the module runs as usual)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls = 0
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.calls += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@contextlib.contextmanager
+def count_model_loads(monkeypatch, *modules):
+    """Count TRL's ``create_model_from_path`` calls in ``modules`` (how TRL builds its reference copy)."""
+    calls = []
+    for module in modules:
+        original = module.create_model_from_path
+
+        def spy(*args, _original=original, **kwargs):
+            calls.append(args)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "create_model_from_path", spy)
+    yield calls
+
+
+def first_log(trainer) -> dict:
+    return next(h for h in trainer.state.log_history if "loss" in h)
