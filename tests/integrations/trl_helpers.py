@@ -125,3 +125,36 @@ def count_model_loads(monkeypatch, *modules):
 
 def first_log(trainer) -> dict:
     return next(h for h in trainer.state.log_history if "loss" in h)
+
+
+def prompts(n: int) -> list[dict]:
+    """Prompt-only records (GRPO) of different lengths, so TRL left-pads them."""
+    return [{"prompt": " ".join(r["prompt"].split()[: 2 + i % 5])} for i, r in enumerate(preference_pairs(n, seed=5))]
+
+
+def length_reward(completions, **kwargs) -> list[float]:
+    return [float(len(c)) for c in completions]
+
+
+GRPO_COMMON = dict(COMMON, per_device_train_batch_size=8, num_generations=4, max_completion_length=8, beta=0.1, temperature=0.7)
+
+
+def capture_generations(trainer) -> list[dict]:
+    """Record every output of TRL's ``_generate_and_score_completions`` (ids, masks, reference log-probs)."""
+    seen: list[dict] = []
+    original = trainer._generate_and_score_completions
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    trainer._generate_and_score_completions = spy
+    return seen
+
+
+def generation_batch(out: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(input_ids, attention_mask, logits_to_keep)`` of a GRPO generation batch."""
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+    attn = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+    return ids, attn, out["completion_ids"].shape[1]
