@@ -39,7 +39,7 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.disable(logging.WARNING)
     from refmodel import model_logprobs, precompute
-    from refmodel.data.records import load_examples
+    from refmodel.data import load_examples
     from refmodel.testing import load_tiny, make_tiny_model, preference_pairs
 
     tmp = Path(tempfile.mkdtemp())

@@ -43,7 +43,7 @@ def main() -> None:
     import ray
 
     from refmodel import precompute, precompute_on_ray
-    from refmodel.data.records import load_examples
+    from refmodel.data import load_examples
     from refmodel.testing import load_tiny, make_tiny_model, preference_pairs, write_jsonl
 
     tmp = Path(tempfile.mkdtemp())

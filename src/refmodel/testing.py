@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -111,20 +112,88 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def make_tokenizer():
-    """A word-level ``PreTrainedTokenizerFast`` over :func:`task_vocabulary`, with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+TOKENIZER_KINDS: tuple[str, ...] = ("plain", "bos", "bos_eos", "byte_bpe", "metaspace")
+
+# Chat template of the BOS / BOS+EOS / Metaspace kinds: BOS from the template (as Llama and Mistral
+# templates do; ``apply_chat_template`` tokenizes without special tokens) and EOS after assistant turns.
+CHAT_TEMPLATE_BOS = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# Byte-level BPE (GPT-2 / Qwen style): no BOS anywhere, EOS after assistant turns.
+CHAT_TEMPLATE_EOS = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _training_corpus() -> list[str]:
+    """Text the subword tokenizers are trained on: every task word, and sentences of the built-in task."""
+    lines = [" ".join(task_vocabulary()[len(SPECIAL_TOKENS):])]
+    for pair in preference_pairs(400, seed=12345):
+        lines += [pair["prompt"] + " " + pair["chosen"], pair["prompt"] + pair["rejected"]]
+    return lines
+
+
+@cache
+def _tokenizer_json(kind: str) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if kind in ("plain", "bos", "bos_eos"):
+        vocab = {tok: i for i, tok in enumerate(task_vocabulary())}
+        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        # Whitespace splits punctuation from words too, so "?" + "sure" (TRL concatenates text without a
+        # separator) tokenizes like "? sure"; every task word is whole in the vocabulary.
+        core.pre_tokenizer = pre_tokenizers.Whitespace()
+        if kind != "plain":
+            single = "<s> $A" if kind == "bos" else "<s> $A </s>"
+            pair = "<s> $A $B" if kind == "bos" else "<s> $A </s> $B </s>"
+            core.post_processor = processors.TemplateProcessing(
+                single=single, pair=pair, special_tokens=[("<s>", 2), ("</s>", 3)])
+        return core.to_str()
+    if kind == "byte_bpe":  # GPT-2 / Qwen style: bytes, merges across the leading space, no BOS
+        core = Tokenizer(models.BPE())
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    elif kind == "metaspace":  # Llama-2 / Mistral (SentencePiece) style: "▁" marks spaces, BOS added
+        core = Tokenizer(models.BPE(unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {TOKENIZER_KINDS}")
+    core.train_from_iterator(_training_corpus(), trainer=trainer)
+    if kind == "metaspace":
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                            special_tokens=[("<s>", 2)])
+    return core.to_str()
+
+
+def make_tokenizer(kind: str = "plain"):
+    """A ``PreTrainedTokenizerFast`` like a real one, built locally (nothing is downloaded).
+
+    ``kind`` (see :data:`TOKENIZER_KINDS`): ``plain`` word-level, adds no special tokens (the default);
+    ``bos`` word-level, adds BOS (Llama-3 style, a ``TemplateProcessing`` post-processor); ``bos_eos``
+    adds BOS and EOS (``<s> $A </s>``); ``byte_bpe`` byte-level BPE trained on the task text (GPT-2 /
+    Qwen style, no BOS); ``metaspace`` BPE with a Metaspace pre-tokenizer (Llama-2 / Mistral style,
+    adds BOS). All have ``<pad>``=0, ``<unk>``=1, ``<s>``=2, ``</s>``=3, the chat role tokens, a chat
+    template, and a vocabulary that :func:`make_tiny_model` sizes its embedding to.
+    """
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(task_vocabulary())}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {TOKENIZER_KINDS}")
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(kind)),
         pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
         additional_special_tokens=["<|user|>", "<|assistant|>"],
     )
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = {"plain": CHAT_TEMPLATE, "byte_bpe": CHAT_TEMPLATE_EOS}.get(kind, CHAT_TEMPLATE_BOS)
     return tok
 
 
@@ -152,18 +221,20 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     return cfg
 
 
-def make_tiny_model(family: Family, path: str | Path, seed: int = 0, **config_overrides) -> Path:
+def make_tiny_model(family: Family, path: str | Path, seed: int = 0, *, tokenizer: str | object = "plain",
+                    **config_overrides) -> Path:
     """Build a random tiny causal LM of ``family`` and save it with its tokenizer under ``path``.
 
     The result loads with ``AutoModelForCausalLM.from_pretrained(path)`` and
     ``AutoTokenizer.from_pretrained(path)``; weights are float32 safetensors. The same ``seed`` gives
-    the same weights bit for bit.
+    the same weights bit for bit. ``tokenizer`` is a :func:`make_tokenizer` kind or a tokenizer; the
+    embedding is sized to its vocabulary.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    tok = make_tokenizer()
+    tok = make_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     cfg = tiny_config(family, len(tok), **config_overrides)
     # Eager attention: identical numerics for padded and unpadded batches on CPU, and the only
     # implementation that applies Gemma-2's attention soft-capping.
@@ -213,6 +284,7 @@ def run_cli(*args, check: bool = True, timeout: float = 600, **env):
 
 __all__ = [
     "FAMILIES",
+    "TOKENIZER_KINDS",
     "builtin_dataset_path",
     "iter_preference_pairs",
     "load_tiny",

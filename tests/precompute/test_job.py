@@ -15,7 +15,7 @@ import torch
 from precompute_helpers import kill_after_shards
 
 from refmodel import ConfigError, fingerprint, model_logprobs
-from refmodel.data.records import load_examples
+from refmodel.data import load_examples
 from refmodel.precompute.job import precompute
 from refmodel.store import LogprobStore
 from refmodel.testing import load_tiny, preference_pairs, run_cli, write_jsonl

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from refmodel import ConfigError, model_logprobs
-from refmodel.recipes.train import TrainConfig, accumulate_gradients, collate, tokenize_pairs, train
+from refmodel.data import collate_examples
+from refmodel.recipes.train import TrainConfig, accumulate_gradients, tokenize_preferences, train
 from refmodel.testing import load_tiny, preference_pairs
 
 
@@ -48,7 +49,7 @@ def test_one_step_changes_policy_and_lowers_loss_on_fixed_batch(llama, loss):
     cfg = TrainConfig(loss=loss, beta=0.5 if loss != "simpo" else 2.0, learning_rate=3e-3, batch_size=8,
                       max_steps=1, progress=False, max_grad_norm=None)
     ref = FrozenCopy(model)
-    batch = tokenize_pairs(pairs, tok)
+    batch = tokenize_preferences(pairs, tok)
     before_params = [p.detach().clone() for p in model.parameters()]
     before = _loss_on(model, ref, batch, cfg)
     result = train(model, tok, pairs, cfg, reference=ref)
@@ -69,7 +70,7 @@ def test_grad_accumulation_equals_full_batch(llama, loss, accum):
     Tolerance 1e-5: float32 sums of the same terms in a different order and padding widths.
     """
     model, tok = llama
-    pairs = tokenize_pairs(preference_pairs(8, seed=2), tok)
+    pairs = tokenize_preferences(preference_pairs(8, seed=2), tok)
     torch.manual_seed(0)
     with torch.no_grad():  # move the policy off the reference so the DPO gradient is not trivial
         for p in model.parameters():
@@ -130,7 +131,9 @@ def test_config_and_data_errors(llama):
         TrainConfig(loss="dpo")
     with pytest.raises(ConfigError, match="grad_accum_steps"):
         TrainConfig(batch_size=2, grad_accum_steps=3)
-    with pytest.raises(ValueError, match="lacks"):
-        tokenize_pairs([{"prompt": "what is 1 plus 1 ?", "chosen": "2"}], tok)
-    batch = collate(tokenize_pairs(preference_pairs(2, seed=5), tok))
+    with pytest.raises(ValueError, match="fits no accepted type"):
+        tokenize_preferences([{"prompt": "what is 1 plus 1 ?", "chosen": "2"}], tok)
+    with pytest.raises(ValueError, match="the DPO loop needs preference pairs"):
+        tokenize_preferences([{"prompt": "what is 1 plus 1 ?", "completion": "2"}], tok)
+    batch = collate_examples(tokenize_preferences(preference_pairs(2, seed=5), tok))
     assert batch["input_ids"].shape[0] == 4 and (batch["score_mask"] <= batch["attention_mask"]).all()

@@ -7,6 +7,8 @@ import logging
 import click
 
 from .._version import __version__
+from ..data import TRUNCATION_MODES
+from ..precompute.config import MODEL_DTYPES, PrecomputeConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -88,17 +90,31 @@ def quantize_report_cmd(model_path, data_path, max_pairs, modes, batch_size, dty
 _DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 
 
+_PRE = PrecomputeConfig()  # the defaults shown in --help come from here, never a copy
+
+
 @main.command("precompute")
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Reference model folder.")
-@click.option("--data", required=True, type=click.Path(exists=True), help=".jsonl, .parquet or HF dataset folder.")
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help=".jsonl, .parquet or HF dataset folder (any TRL dataset type, text or conversational).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder to create (or resume).")
-@click.option("--dtype", type=_DTYPES, default="bfloat16", show_default=True, help="Storage dtype.")
-@click.option("--max-tokens-per-batch", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="Padded tokens per forward batch.")
+@click.option("--dtype", type=_DTYPES, default=_PRE.dtype, show_default=True, help="Storage dtype.")
+@click.option("--max-length", type=click.IntRange(min=0), default=_PRE.max_length, show_default=True,
+              help="TRL's max_length: sequences are truncated to it and records whose prompt fills it dropped, "
+                   "as the trainer does (0: no limit).")
+@click.option("--truncation-mode", type=click.Choice(list(TRUNCATION_MODES)), default=_PRE.truncation_mode,
+              show_default=True, help="TRL's truncation_mode (unpaired/KTO data always keeps the start).")
+@click.option("--max-tokens-per-batch", type=click.IntRange(min=1), default=_PRE.max_tokens_per_batch,
+              show_default=True, help="Padded tokens per forward batch.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into the same --out.")
-@click.option("--shard-examples", type=click.IntRange(min=1), default=2048, show_default=True,
+@click.option("--shard-examples", type=click.IntRange(min=1), default=_PRE.shard_examples, show_default=True,
               help="Examples per shard (the unit of crash recovery).")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Log-probs of logits / T.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=_PRE.temperature,
+              show_default=True, help="Log-probs of logits / T.")
+@click.option("--device", default=None, metavar="DEVICE",
+              help=f"cpu, cuda, cuda:N or auto (CUDA when present); without --ray. [default: {_PRE.device}]")
+@click.option("--model-dtype", type=click.Choice(list(MODEL_DTYPES)), default=_PRE.model_dtype, show_default=True,
+              help="Dtype to load the model weights in (auto: as saved).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Score on a Ray cluster: an actor pool of scorers, one model each (extra 'ray').")
 @click.option("--ray-address", default=None, metavar="ADDR",
@@ -106,25 +122,31 @@ _DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 @click.option("--num-workers", type=click.IntRange(min=1), default=None,
               help="Scorer actors, one model each (needs --ray). [default: the cluster's GPUs or CPUs]")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
-              help="GPUs per scorer actor; > 0 scores on CUDA (needs --ray). [default: 0]")
+              help=f"GPUs per scorer actor; > 0 scores on CUDA (needs --ray). [default: {_PRE.gpus_per_worker:g}]")
 @click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
               help="CPUs per scorer actor; a CPU actor runs torch on that many threads, and its store bytes "
-                   "equal a single-process run's on as many threads (needs --ray). [default: 1]")
-def precompute_cmd(use_ray, ray_address, num_workers, gpus_per_worker, cpus_per_worker, **kwargs) -> None:
+                   f"equal a single-process run's on as many threads (needs --ray). [default: {_PRE.cpus_per_worker:g}]")
+def precompute_cmd(use_ray, ray_address, num_workers, gpus_per_worker, cpus_per_worker, device, max_length,
+                   **kwargs) -> None:
     """Compute reference log-probs of a dataset into a log-prob store."""
-    from .store import precompute_command, ray_precompute_command
+    from .store import precompute_command
 
+    kwargs["max_length"] = max_length or None
+    ray_flags = (("--ray-address", ray_address), ("--num-workers", num_workers),
+                 ("--gpus-per-worker", gpus_per_worker), ("--cpus-per-worker", cpus_per_worker))
     if not use_ray:
-        given = [flag for flag, value in (("--ray-address", ray_address), ("--num-workers", num_workers),
-                                          ("--gpus-per-worker", gpus_per_worker),
-                                          ("--cpus-per-worker", cpus_per_worker)) if value is not None]
+        given = [flag for flag, value in ray_flags if value is not None]
         if given:
             raise click.UsageError(f"{', '.join(given)}: only used with --ray; add --ray to score on a Ray "
                                    "cluster, or drop them")
-        precompute_command(**kwargs)
+        precompute_command(use_ray=False, **kwargs, **({"device": device} if device is not None else {}))
         return
-    ray_precompute_command(ray_address=ray_address, num_workers=num_workers,
-                           gpus_per_worker=gpus_per_worker or 0.0, cpus_per_worker=cpus_per_worker or 1.0, **kwargs)
+    if device is not None:
+        raise click.UsageError("--device: not used with --ray (actors score on CUDA when --gpus-per-worker > 0)")
+    ray = {name: value for name, value in (("ray_address", ray_address), ("num_workers", num_workers),
+                                           ("gpus_per_worker", gpus_per_worker),
+                                           ("cpus_per_worker", cpus_per_worker)) if value is not None}
+    precompute_command(use_ray=True, **kwargs, **ray)
 
 
 @main.group("store")

@@ -23,25 +23,21 @@ def _user_errors(fn):
 
 
 @_user_errors
-def precompute_command(model: str, data: str, out: str, dtype: str, max_tokens_per_batch: int, resume: bool,
-                       shard_examples: int, temperature: float) -> None:
-    from ..precompute.job import precompute
+def precompute_command(model: str, data: str, out: str, *, use_ray: bool = False, **settings) -> None:
+    """``refmodel precompute``: ``settings`` are :class:`~refmodel.precompute.config.PrecomputeConfig` fields."""
+    from ..precompute.config import PrecomputeConfig
 
-    store = precompute(model, data, out, dtype=dtype, max_tokens_per_batch=max_tokens_per_batch, resume=resume,
-                       shard_examples=shard_examples, temperature=temperature)
-    click.echo(json.dumps(store.info(), indent=1))
+    cfg = PrecomputeConfig(**settings)
+    click.echo("# " + json.dumps({k: v for k, v in cfg.__dict__.items() if use_ray or not k.startswith(
+        ("ray_", "num_workers", "gpus_", "cpus_", "max_task"))}), err=True)  # the resolved config
+    if use_ray:
+        from ..precompute.ray import precompute_on_ray
 
+        store = precompute_on_ray(model, data, out, cfg)
+    else:
+        from ..precompute.job import precompute
 
-@_user_errors
-def ray_precompute_command(model: str, data: str, out: str, dtype: str, max_tokens_per_batch: int, resume: bool,
-                           shard_examples: int, temperature: float, ray_address: str | None,
-                           num_workers: int | None, gpus_per_worker: float, cpus_per_worker: float) -> None:
-    from ..precompute.ray import precompute_on_ray
-
-    store = precompute_on_ray(model, data, out, ray_address=ray_address, num_workers=num_workers,
-                              gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, dtype=dtype,
-                              max_tokens_per_batch=max_tokens_per_batch, resume=resume,
-                              shard_examples=shard_examples, temperature=temperature)
+        store = precompute(model, data, out, cfg)
     click.echo(json.dumps(store.info(), indent=1))
 
 
@@ -70,7 +66,7 @@ def _fingerprint_of(model: str) -> tuple[object, object, str]:
 
 @_user_errors
 def export_trl_command(path: str, data: str, model: str, out: str) -> None:
-    from ..data.records import load_examples, load_records
+    from ..data import load_examples, load_records
     from ..store import LogprobStore
     from ..store.interop import trl_columns
 

@@ -1,1 +1,29 @@
-"""Records (JSONL, Parquet, ``datasets``) and their tokenization (:mod:`.records`)."""
+"""Data: records (JSONL, Parquet, ``datasets``) -> the one tokenization rule (TRL's) -> the one padder.
+
+See :mod:`.records` for the accepted record types, :mod:`.tokenize` for the rule and :mod:`.collate`
+for the padding.
+"""
+
+from .collate import collate, collate_examples, pad, pad_id_of
+from .records import ACCEPTED, RECORD_TYPES, is_conversation, load_records, record_type
+from .tokenize import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_TRUNCATION_MODE,
+    TRUNCATION_MODES,
+    Example,
+    check_settings,
+    common_prefix_length,
+    encode,
+    extract_prompt,
+    load_examples,
+    tokenize_prompt,
+    tokenize_record,
+    truncate,
+)
+
+__all__ = [
+    "ACCEPTED", "DEFAULT_MAX_LENGTH", "DEFAULT_TRUNCATION_MODE", "RECORD_TYPES", "TRUNCATION_MODES", "Example",
+    "check_settings", "collate", "collate_examples", "common_prefix_length", "encode", "extract_prompt",
+    "is_conversation", "load_examples", "load_records", "pad", "pad_id_of", "record_type", "tokenize_prompt",
+    "tokenize_record", "truncate",
+]

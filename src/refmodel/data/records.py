@@ -1,55 +1,90 @@
-"""Preference and prompt/completion data: loading (JSONL, Parquet, HF ``save_to_disk``) and tokenization.
+"""Records: loading (JSONL, Parquet, a ``datasets`` folder or ``Dataset``, lists of dicts) and their type.
 
-Accepted records (one per line / row):
+The record types are TRL's dataset types (https://huggingface.co/docs/trl/dataset_formats), each in
+its *standard* form (text) or its *conversational* form (a list of ``{"role", "content"}`` messages,
+rendered with the tokenizer's chat template), plus the pre-tokenized forms TRL's trainers produce:
 
-- preference pairs ``{"prompt", "chosen", "rejected"}``, as text or as conversations (lists of
-  ``{"role", "content"}``, rendered with the tokenizer's chat template);
-- prompt/completion ``{"prompt", "completion"}`` (text or conversational);
-- pre-tokenized ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` / ``{"prompt_ids", "completion_ids"}``
-  or ``{"input_ids", "score_mask"}`` (``score_mask`` optional, 0/1 per token; alias ``completion_mask``).
+========================  ===========================================  ================
+type                      fields                                       TRL trainer
+========================  ===========================================  ================
+``preference``            ``prompt``, ``chosen``, ``rejected``         DPOTrainer
+``implicit_preference``   ``chosen``, ``rejected`` (prompt inside)     DPOTrainer
+``unpaired_preference``   ``prompt``, ``completion``, ``label``        KTOTrainer
+``prompt_completion``     ``prompt``, ``completion``                   SFTTrainer
+``prompt_only``           ``prompt``                                   GRPOTrainer
+``language_modeling``     ``text`` or ``messages``                     SFTTrainer
+``tokenized_preference``  ``prompt_ids``, ``chosen_ids``, ``rejected_ids``
+``tokenized_completion``  ``prompt_ids``, ``completion_ids`` (``label`` optional)
+``tokenized_sequence``    ``input_ids`` (``completion_mask`` / ``score_mask`` optional, 0/1 per token)
+========================  ===========================================  ================
 
-Tokenization follows TRL: the prompt with the tokenizer's default special tokens, completions without,
-concatenated; the score mask marks the completion tokens.
+Other fields (ids, metadata, ``tools``, ``chat_template_kwargs``) are carried along and ignored here.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataFormatError
 
+RECORD_TYPES: tuple[str, ...] = (
+    "preference", "implicit_preference", "unpaired_preference", "prompt_completion", "prompt_only",
+    "language_modeling", "tokenized_preference", "tokenized_completion", "tokenized_sequence",
+)
 
-@dataclass(frozen=True)
-class Example:
-    """One tokenized record: a prompt shared by one or more completions.
+# Field sets of the text types, as TRL's ``apply_chat_template`` lists them (``text`` is SFT's default
+# ``dataset_text_field``).
+_TEXT_TYPES: dict[frozenset, str] = {
+    frozenset({"prompt", "chosen", "rejected"}): "preference",
+    frozenset({"chosen", "rejected"}): "implicit_preference",
+    frozenset({"prompt", "completion", "label"}): "unpaired_preference",
+    frozenset({"prompt", "completion"}): "prompt_completion",
+    frozenset({"prompt"}): "prompt_only",
+    frozenset({"messages"}): "language_modeling",
+    frozenset({"text"}): "language_modeling",
+}
+_TEXT_FIELDS = frozenset({"prompt", "chosen", "rejected", "completion", "label", "messages", "text"})
 
-    ``completion_masks[i][j]`` says whether token ``j`` of completion ``i`` is scored (all True for
-    text data). ``names`` gives each completion's role (``chosen``/``rejected``/``completion``).
+ACCEPTED = ("prompt+chosen+rejected (preference), chosen+rejected (implicit-prompt preference), "
+            "prompt+completion+label (unpaired preference, KTO), prompt+completion, prompt (prompt-only), "
+            "text or messages (language modeling), prompt_ids+chosen_ids+rejected_ids, "
+            "prompt_ids+completion_ids, input_ids(+completion_mask)")
+
+
+def load_records(data) -> list[tuple[str, dict]]:
+    """``[(location, record)]`` from a path, a ``datasets.Dataset`` or an iterable of dicts.
+
+    Paths: a ``.jsonl``/``.json``/``.ndjson`` file (one JSON object per line), a ``.parquet`` file, or a
+    folder written by ``datasets``' ``save_to_disk`` (a ``DatasetDict`` needs a ``train`` split).
+    ``location`` is ``"FILE:LINE"`` (JSONL), ``"FILE:row N"`` or ``"record N"`` (in memory); malformed
+    lines raise :class:`~refmodel.errors.DataFormatError` naming the line.
     """
+    if isinstance(data, (str, Path)):
+        return _load_path(Path(data))
+    if _is_hf_dataset(data):
+        return [(f"row {i}", dict(row)) for i, row in enumerate(data)]
+    if isinstance(data, dict):
+        raise DataFormatError("data is one dict; pass a list of records (dicts), a path or a datasets.Dataset")
+    if not isinstance(data, Iterable):
+        raise DataFormatError(f"data must be a path, a datasets.Dataset or a list of records, got "
+                              f"{type(data).__name__}")
+    out = []
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataFormatError(f"record {i}: expected a record (dict), got {type(record).__name__}")
+        out.append((f"record {i}", record))
+    return out
 
-    prompt_ids: tuple[int, ...]
-    completions: tuple[tuple[int, ...], ...]
-    completion_masks: tuple[tuple[bool, ...], ...]
-    names: tuple[str, ...]
-    where: str = ""
 
-    def sequences(self) -> list[tuple[list[int], list[bool]]]:
-        """``[(input_ids [T], score_mask [T])]``, one per completion: prompt + completion, completion scored."""
-        out = []
-        for comp, mask in zip(self.completions, self.completion_masks, strict=True):
-            out.append((list(self.prompt_ids) + list(comp), [False] * len(self.prompt_ids) + list(mask)))
-        return out
+def _is_hf_dataset(data) -> bool:
+    mod = type(data).__module__
+    return mod.startswith("datasets.") and hasattr(data, "column_names") and hasattr(data, "__getitem__")
 
 
-def load_records(path) -> list[tuple[str, dict]]:
-    """``[(location, record)]`` from a ``.jsonl``/``.json`` file, a ``.parquet`` file or an HF dataset folder.
-
-    ``location`` is ``"FILE:LINE"`` (JSONL) or ``"FILE:row N"``; malformed lines raise DataFormatError.
-    """
-    path = Path(path)
+def _load_path(path: Path) -> list[tuple[str, dict]]:
     if not path.exists():
         raise DataFormatError(f"data path {path} does not exist")
     if path.is_dir():
@@ -101,88 +136,35 @@ def _load_hf_dir(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path}:row {i}", row) for i, row in enumerate(ds)]
 
 
-def _is_conversation(value) -> bool:
+def is_conversation(value: Any) -> bool:
+    """True for a non-empty list of ``{"role", "content", ...}`` messages (TRL's conversational form)."""
     return isinstance(value, list) and bool(value) and all(
         isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def _int_list(value, where: str, field: str) -> tuple[int, ...]:
-    if not isinstance(value, Sequence) or isinstance(value, str) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-        raise DataFormatError(f"{where}: field {field!r} must be a list of non-negative token ids")
-    return tuple(value)
+def record_type(record: dict, where: str = "record") -> str:
+    """The record's type (one of :data:`RECORD_TYPES`); raises DataFormatError naming the record otherwise.
 
-
-def tokenize_record(record: dict, tokenizer=None, where: str = "record") -> Example:
-    """Tokenize one record (see the module docstring for the accepted shapes)."""
+    Pre-tokenized fields win over text fields, as in TRL (a dataset with ``input_ids`` is not tokenized
+    again). ``None`` values count as absent (Parquet and ``datasets`` fill missing columns with null).
+    """
     if not isinstance(record, dict):
         raise DataFormatError(f"{where}: expected a record (dict), got {type(record).__name__}")
-    if "input_ids" in record:
-        ids = _int_list(record["input_ids"], where, "input_ids")
-        mask_field = "score_mask" if "score_mask" in record else "completion_mask"
-        mask = record.get(mask_field)
-        mask = [True] * len(ids) if mask is None else [bool(m) for m in _int_list(mask, where, mask_field)]
-        if len(mask) != len(ids) or len(ids) < 2:
-            raise DataFormatError(f"{where}: input_ids needs >= 2 tokens and {mask_field} the same length "
-                                  f"(got {len(ids)} ids, {len(mask)} mask values)")
-        first = max(1, next((i for i, m in enumerate(mask) if m), len(ids)))  # token 0 has no prefix
-        return Example(ids[:first], (ids[first:],), (tuple(mask[first:]),), ("completion",), where)
-    if "prompt_ids" in record:
-        names = [n for n in ("chosen", "rejected", "completion") if f"{n}_ids" in record]
-        if not names:
-            raise DataFormatError(f"{where}: prompt_ids needs chosen_ids/rejected_ids or completion_ids")
-        comps = tuple(_int_list(record[f"{n}_ids"], where, f"{n}_ids") for n in names)
-        return Example(_int_list(record["prompt_ids"], where, "prompt_ids"), comps,
-                       tuple((True,) * len(c) for c in comps), tuple(names), where)
-    if "prompt" not in record:
-        raise DataFormatError(f"{where}: expected fields prompt+chosen+rejected, prompt+completion, "
-                              f"prompt_ids+..., or input_ids; got {sorted(record)}")
-    if "chosen" in record and "rejected" in record:
-        names = ("chosen", "rejected")
-    elif "completion" in record:
-        names = ("completion",)
-    else:
-        raise DataFormatError(f"{where}: a record with 'prompt' needs 'chosen' and 'rejected', or "
-                              f"'completion'; got {sorted(record)}")
-    if tokenizer is None:
-        raise DataFormatError(f"{where}: text records need a tokenizer (pass tokenizer= or a model path)")
-    prompt = record["prompt"]
-    if _is_conversation(prompt):
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        comps = []
-        for n in names:
-            value = record[n]
-            msgs = value if _is_conversation(value) else [{"role": "assistant", "content": _text(value, where, n)}]
-            full = tokenizer.apply_chat_template(prompt + msgs, tokenize=False)
-            if not full.startswith(prompt_text):
-                raise DataFormatError(f"{where}: the chat template renders the prompt differently alone and "
-                                      f"with the {n!r} reply, so the completion cannot be split off")
-            comps.append(tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"])
-    else:
-        prompt_ids = tokenizer(_text(prompt, where, "prompt"))["input_ids"]
-        comps = [tokenizer(_text(record[n], where, n), add_special_tokens=False)["input_ids"] for n in names]
-    if not prompt_ids:
-        raise DataFormatError(f"{where}: the prompt tokenizes to no tokens; the first completion token "
-                              "would have no prefix to be scored against")
-    comps = tuple(tuple(c) for c in comps)
-    return Example(tuple(prompt_ids), comps, tuple((True,) * len(c) for c in comps), names, where)
+    present = {k for k, v in record.items() if v is not None}
+    if "input_ids" in present:
+        return "tokenized_sequence"
+    if "prompt_ids" in present:
+        if {"chosen_ids", "rejected_ids"} <= present:
+            return "tokenized_preference"
+        if "completion_ids" in present:
+            return "tokenized_completion"
+        raise DataFormatError(f"{where}: 'prompt_ids' needs 'chosen_ids' and 'rejected_ids', or 'completion_ids'; "
+                              f"the record has fields {sorted(record)}")
+    kind = _TEXT_TYPES.get(frozenset(present & _TEXT_FIELDS))
+    if kind is None:
+        raise DataFormatError(f"{where}: the record fits no accepted type: it has fields {sorted(record)}; "
+                              f"accepted: {ACCEPTED}")
+    return kind
 
 
-def _text(value, where: str, field: str) -> str:
-    if not isinstance(value, str):
-        raise DataFormatError(f"{where}: field {field!r} must be a string or a list of "
-                              f"{{role, content}} messages, got {type(value).__name__}")
-    return value
-
-
-def load_examples(data, tokenizer=None) -> list[Example]:
-    """Tokenized examples from a path (see :func:`load_records`) or an in-memory list of records."""
-    if isinstance(data, (str, Path)):
-        records = load_records(data)
-    else:
-        records = [(f"record {i}", r) for i, r in enumerate(data)]
-    return [tokenize_record(r, tokenizer, where) for where, r in records]
-
-
-__all__ = ["Example", "load_examples", "load_records", "tokenize_record"]
+__all__ = ["ACCEPTED", "RECORD_TYPES", "is_conversation", "load_records", "record_type"]

@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.records import Example, load_examples
+from ..data import Example, load_examples, pad_id_of
 from ..errors import ConfigError, InvalidInput
 from ..logprobs.model import head_logprobs, model_logprobs, unwrap_causal_lm
 from ..models.fingerprint import fingerprint as model_fingerprint
 from ..store import LogprobStore
 from ..store.format import Entry, key_bytes, make_entry, normalize_dtype
+from .config import PrecomputeConfig
 
 log = logging.getLogger(__name__)
-DEFAULT_SHARD_EXAMPLES = 2048
 
 
 @dataclass(frozen=True)
@@ -56,16 +56,20 @@ def plan_units(examples: list[Example]) -> list[Unit]:
     seen: set[bytes] = set()
     units = []
     for ex in examples:
-        comps, masks, keys = [], [], []
-        for comp, mask in zip(ex.completions, ex.completion_masks, strict=True):
-            key = key_bytes(np.asarray(ex.prompt_ids + comp, dtype=np.int64))
-            if key not in seen and comp:
-                seen.add(key)
-                comps.append(comp)
-                masks.append(mask)
-                keys.append(key)
-        if comps:
-            units.append(Unit(ex.prompt_ids, tuple(comps), tuple(masks), tuple(keys)))
+        groups = [(ex.prompt_ids, list(zip(ex.completions, ex.completion_masks, strict=True)))]
+        if not ex.prompt_ids:  # no shared prefix (e.g. keep_end truncation cut the prompt): one unit per row
+            groups = [(c[:1], [(c[1:], m[1:])]) for c, m in groups[0][1] if c]
+        for prompt, rows in groups:
+            comps, masks, keys = [], [], []
+            for comp, mask in rows:
+                key = key_bytes(np.asarray(prompt + comp, dtype=np.int64))
+                if key not in seen and comp:
+                    seen.add(key)
+                    comps.append(comp)
+                    masks.append(mask)
+                    keys.append(key)
+            if comps:
+                units.append(Unit(prompt, tuple(comps), tuple(masks), tuple(keys)))
     units.sort(key=lambda u: (len(u.completions), len(u.prompt) + max(map(len, u.completions)), u.keys[0]))
     return units
 
@@ -212,32 +216,34 @@ def _load_model(model, tokenizer, model_kwargs):
     return model, tokenizer
 
 
-def precompute(model, data, out, *, tokenizer=None, dtype="bfloat16", max_tokens_per_batch: int = 4096,
-               resume: bool = False, temperature: float = 1.0, share_prompt: bool = True,
-               shard_examples: int = DEFAULT_SHARD_EXAMPLES, progress: bool = True,
-               model_kwargs: dict | None = None) -> LogprobStore:
+def precompute(model, data, out, config: PrecomputeConfig | None = None, *, tokenizer=None,
+               model_kwargs: dict | None = None, **settings) -> LogprobStore:
     """Reference log-probs of every sequence in ``data`` into a store at ``out`` (returned, read-only).
 
     Args:
-        model: a loaded ``*ForCausalLM`` or a local model folder (loaded with ``model_kwargs``).
-        data: a data path (see :mod:`refmodel.data.records`) or a list of records.
-        dtype: storage dtype, ``float32`` / ``bfloat16`` / ``float16``.
-        max_tokens_per_batch: padded-token budget of one batch (prompt + completions).
-        resume: finish an interrupted run into the same ``out`` (same data and settings required).
-        temperature: log-probs of ``logits / temperature``; part of the fingerprint when != 1.
-        share_prompt: run each prompt once with a KV cache for all its completions.
+        model: a loaded ``*ForCausalLM`` or a local model folder (loaded with ``model_kwargs`` and
+            ``config.model_dtype``).
+        data: a data path, a ``datasets.Dataset`` or a list of records (see :mod:`refmodel.data`),
+            tokenized with TRL's rule and ``config.max_length`` / ``config.truncation_mode``.
+        out: the store folder to create (or, with ``resume``, to finish).
+        config: a :class:`PrecomputeConfig` (default: its defaults); ``**settings`` override its fields
+            by name (``dtype="float32"``, ``max_tokens_per_batch=...``, ``resume=True``, ...).
     """
-    if max_tokens_per_batch < 1 or shard_examples < 1:
-        raise InvalidInput("max_tokens_per_batch and shard_examples must be >= 1")
-    dtype = normalize_dtype(dtype)
-    model, tokenizer = _load_model(model, tokenizer, model_kwargs)
+    cfg = (config or PrecomputeConfig()).with_overrides(**settings)
+    from_path = isinstance(model, (str, Path))
+    model, tokenizer = _load_model(model, tokenizer, {**cfg.model_kwargs(), **(model_kwargs or {})})
+    if from_path or cfg.device != "auto":  # "auto" leaves a model the caller placed where it is
+        model.to(cfg.resolved_device())
+    dtype, temperature, max_tokens_per_batch = normalize_dtype(cfg.dtype), cfg.temperature, cfg.max_tokens_per_batch
+    share_prompt, resume, progress = cfg.share_prompt, cfg.resume, cfg.progress
     fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
-    shards, job = plan_job(load_examples(data, tokenizer), max_tokens_per_batch=max_tokens_per_batch,
-                           shard_examples=shard_examples, share_prompt=share_prompt, temperature=temperature)
+    examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+    shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch, shard_examples=cfg.shard_examples,
+                           share_prompt=share_prompt, temperature=temperature)
     units = [u for shard in shards for u in shard]
     store = open_or_create_store(out, fp, dtype, job, resume=resume)
     out = Path(out)
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    pad_id = pad_id_of(tokenizer)
     todo = pending_shards(store, len(shards))
     total = sum(u.tokens for u in units)
     left = sum(u.tokens for i in todo for u in shards[i])

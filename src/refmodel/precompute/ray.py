@@ -37,13 +37,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .._optional import require
-from ..data.records import load_examples
-from ..errors import ConfigError, InvalidInput, RefModelError
+from ..data import load_examples, pad_id_of
+from ..errors import ConfigError, RefModelError
 from ..models.fingerprint import fingerprint as model_fingerprint
 from ..store import LogprobStore
 from ..store.format import KEY_BYTES, Entry, normalize_dtype
+from .config import PrecomputeConfig
 from .job import (
-    DEFAULT_SHARD_EXAMPLES,
     Unit,
     _load_model,
     open_or_create_store,
@@ -104,8 +104,10 @@ class ShardScorer:
     loaded or to observe shards; pass the subclass as ``scorer_cls``.
     """
 
-    def __init__(self, model_path: str, *, max_tokens_per_batch: int, temperature: float, share_prompt: bool,
-                 pad_id: int, device: str = "cpu", model_kwargs: dict | None = None, torch_threads: int | None = None):
+    def __init__(self, model_path: str, *, max_tokens_per_batch: int = PrecomputeConfig.max_tokens_per_batch,
+                 temperature: float = PrecomputeConfig.temperature,
+                 share_prompt: bool = PrecomputeConfig.share_prompt, pad_id: int = 0, device: str = "cpu",
+                 model_kwargs: dict | None = None, torch_threads: int | None = None):
         if torch_threads:
             # CPU GEMMs split their reductions by thread count, so the bits depend on it: fix it explicitly.
             torch.set_num_threads(torch_threads)
@@ -200,42 +202,40 @@ def _pool_size(ray, num_workers: int | None, gpus_per_worker: float, cpus_per_wo
     return max(1, min(num_workers, todo))
 
 
-def precompute_on_ray(model_path, data, out, *, ray_address: str | None = None, num_workers: int | None = None,
-                      gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, dtype="bfloat16",
-                      max_tokens_per_batch: int = 4096, shard_examples: int = DEFAULT_SHARD_EXAMPLES,
-                      resume: bool = False, temperature: float = 1.0, share_prompt: bool = True,
-                      progress: bool = True, model_kwargs: dict | None = None, max_task_retries: int = 3,
-                      scorer_cls: type = ShardScorer) -> LogprobStore:
+def precompute_on_ray(model_path, data, out, config: PrecomputeConfig | None = None, *,
+                      model_kwargs: dict | None = None, scorer_cls: type = ShardScorer,
+                      **settings) -> LogprobStore:
     """:func:`refmodel.precompute` with the scoring spread over a Ray actor pool; returns the store (read-only).
 
     Args:
         model_path: local model folder, readable at the same path on every Ray node.
-        data, out, dtype, max_tokens_per_batch, shard_examples, resume, temperature, share_prompt,
-            model_kwargs: as for :func:`refmodel.precompute`; the same values give the same store bytes.
-        ray_address: cluster to join (else ``RAY_ADDRESS``, else a new local cluster on this machine's
-            cores). A connection already open in this process is used as is.
-        num_workers: actors, one model each (default: as many as the cluster's GPUs or CPUs allow).
-        gpus_per_worker / cpus_per_worker: resources of one actor. GPU actors score on ``cuda``; a CPU
-            actor runs torch on ``int(cpus_per_worker)`` threads, and its bits equal a single-process
-            run's on that many threads (``torch.set_num_threads``).
-        max_task_retries: retries of a shard whose actor died (actors themselves restart without limit).
+        data, out, config, model_kwargs: as for :func:`refmodel.precompute`; the same settings give the
+            same store bytes. ``**settings`` override :class:`PrecomputeConfig` fields by name. Of its
+            fields, these are Ray's own:
+            ``ray_address``: cluster to join (else ``RAY_ADDRESS``, else a new local cluster on this
+            machine's cores). A connection already open in this process is used as is.
+            ``num_workers``: actors, one model each (default: as many as the cluster's GPUs or CPUs allow).
+            ``gpus_per_worker`` / ``cpus_per_worker``: resources of one actor. GPU actors score on ``cuda``;
+            a CPU actor runs torch on ``int(cpus_per_worker)`` threads, and its bits equal a
+            single-process run's on that many threads (``torch.set_num_threads``). ``device`` is not used.
+            ``max_task_retries``: retries of a shard whose actor died (actors restart without limit).
         scorer_cls: the actor class, :class:`ShardScorer` or a subclass.
     """
     ray = require("ray", "ray")
-    if num_workers is not None and num_workers < 1:
-        raise InvalidInput(f"num_workers must be >= 1, got {num_workers}")
-    if gpus_per_worker < 0 or cpus_per_worker <= 0:
-        raise InvalidInput(f"gpus_per_worker must be >= 0 and cpus_per_worker > 0, got {gpus_per_worker}, "
-                           f"{cpus_per_worker}")
-    dtype = normalize_dtype(dtype)
+    cfg = (config or PrecomputeConfig()).with_overrides(**settings)
+    num_workers, gpus_per_worker, cpus_per_worker = cfg.num_workers, cfg.gpus_per_worker, cfg.cpus_per_worker
+    dtype, temperature, share_prompt = normalize_dtype(cfg.dtype), cfg.temperature, cfg.share_prompt
+    max_tokens_per_batch, resume, progress = cfg.max_tokens_per_batch, cfg.resume, cfg.progress
+    model_kwargs = {**cfg.model_kwargs(), **(model_kwargs or {})}
     model_path = str(Path(model_path).resolve())
     model, tokenizer = _load_model(model_path, None, model_kwargs)
     fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
     del model  # the actors hold the model; the driver only needed its fingerprint
-    shards, job = plan_job(load_examples(data, tokenizer), max_tokens_per_batch=max_tokens_per_batch,
-                           shard_examples=shard_examples, share_prompt=share_prompt, temperature=temperature)
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    started = _connect(ray, ray_address)
+    examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+    shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch, shard_examples=cfg.shard_examples,
+                           share_prompt=share_prompt, temperature=temperature)
+    pad_id = pad_id_of(tokenizer)
+    started = _connect(ray, cfg.ray_address)
     try:
         workers = _pool_size(ray, num_workers, gpus_per_worker, cpus_per_worker, max(len(shards), 1))
         store = open_or_create_store(out, fp, dtype, job, resume=resume)
@@ -250,7 +250,7 @@ def precompute_on_ray(model_path, data, out, *, ray_address: str | None = None, 
                                  "torch_threads": None if gpus_per_worker > 0 else max(1, int(cpus_per_worker))}
                 _run(ray, store, shards, todo, scorer_cls, scorer_kwargs, workers=min(workers, len(todo)),
                      gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                     max_task_retries=max_task_retries, progress=progress)
+                     max_task_retries=cfg.max_task_retries, progress=progress)
         finally:
             store.close()
     finally:

@@ -20,11 +20,12 @@ from pathlib import Path
 import click
 import torch
 
+from ..data import collate_examples
 from ..logprobs.model import model_logprobs
 from ..losses.preference import dpo
 from ..models.fingerprint import fingerprint
 from ..testing import builtin_dataset_path, load_tiny, make_tiny_model
-from .train import TrainConfig, accumulate_gradients, add_lora, collate, evaluate, tokenize_pairs, train
+from .train import TrainConfig, accumulate_gradients, add_lora, evaluate, tokenize_preferences, train
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def precompute_pairs(model, pairs, store_path: Path, pad_id: int, batch_pairs: i
     store = LogprobStore.create(store_path, fingerprint(model), dtype="float32", exist_ok=True)
     with torch.no_grad():
         for lo in tqdm(range(0, len(pairs), batch_pairs), desc="precompute", unit="batch", leave=False):
-            batch = collate(pairs[lo:lo + batch_pairs], pad_id)
+            batch = collate_examples(pairs[lo:lo + batch_pairs], pad_id)
             lp = model_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["score_mask"])
             for row in range(lp.shape[0]):
                 n = int(batch["attention_mask"][row].sum())
@@ -59,7 +60,7 @@ def _strategy_table(base, tok_pairs, pad_id, store_path, trained, cfg) -> list[d
     from ..store import LogprobStore
 
     first = tok_pairs[:cfg.batch_size]
-    batch = collate(first, pad_id)
+    batch = collate_examples(first, pad_id)
     with torch.no_grad():
         policy_lp = model_logprobs(trained, **batch).sum(1)
     rows = []
@@ -112,7 +113,7 @@ def _run(out: Path, max_steps: int | None, n_eval: int) -> dict:
     pad_id = tok.pad_token_id
     rows = [json.loads(line) for line in builtin_dataset_path().read_text().splitlines()]
     train_rows, eval_rows = rows[:-n_eval], rows[-n_eval:]
-    train_tok, eval_tok = tokenize_pairs(train_rows, tok), tokenize_pairs(eval_rows, tok)
+    train_tok, eval_tok = tokenize_preferences(train_rows, tok, cfg), tokenize_preferences(eval_rows, tok, cfg)
 
     store_path = out / "ref_logprobs"
     t = time.perf_counter()

@@ -33,6 +33,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_TRUNCATION_MODE,
+    Example,
+    check_settings,
+    collate_examples,
+    load_examples,
+    pad_id_of,
+)
 from ..errors import ConfigError, InvalidInput
 from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
@@ -58,7 +67,8 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum_steps: int = 1
     max_steps: int = 100
-    max_length: int = 128
+    max_length: int | None = DEFAULT_MAX_LENGTH  # TRL's names and rule (refmodel.data): truncate, drop
+    truncation_mode: str = DEFAULT_TRUNCATION_MODE
     seed: int = 0
     kl_estimator: str = "k2"  # on offline data k3 explodes where the policy drops a token (see docstring)
     kl_threshold: float | None = None
@@ -70,7 +80,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}; expected one of {list(LOSSES)}")
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "max_length"):
+        check_settings(self.max_length, self.truncation_mode)
+        for name in ("batch_size", "grad_accum_steps", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.grad_accum_steps > self.batch_size:
@@ -82,57 +93,33 @@ class TrainConfig:
             raise ConfigError(f"unknown kl_estimator {self.kl_estimator!r}; expected one of {list(kl_mod.ESTIMATORS)}")
 
 
-@dataclass(frozen=True)
-class TokenizedPair:
-    """Token ids of one preference pair; the completions are scored, the prompt is not."""
-
-    prompt: tuple[int, ...]
-    chosen: tuple[int, ...]
-    rejected: tuple[int, ...]
-
-
-def tokenize_pairs(pairs: Sequence[dict], tokenizer, max_length: int = 128) -> list[TokenizedPair]:
-    """Tokenize ``{"prompt", "chosen", "rejected"}`` rows (prompt tokens + completion tokens)."""
-    out = []
-    for i, row in enumerate(pairs):
-        missing = {"prompt", "chosen", "rejected"} - set(row)
-        if missing:
-            raise InvalidInput(f"pair {i} lacks {sorted(missing)}; every pair needs prompt, chosen, rejected")
-        ids = [tuple(tokenizer(row[k], add_special_tokens=False)["input_ids"]) for k in ("prompt", "chosen", "rejected")]
-        if not ids[1] or not ids[2]:
-            raise InvalidInput(f"pair {i} has an empty completion")
-        if len(ids[0]) + max(len(ids[1]), len(ids[2])) > max_length:
-            raise InvalidInput(f"pair {i} is longer than max_length={max_length} tokens; raise max_length")
-        out.append(TokenizedPair(*ids))
-    return out
-
-
-def collate(pairs: Sequence[TokenizedPair], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask``, ``score_mask`` of shape ``[2b, T]``: chosen rows, then rejected.
-
-    Right padding; ``score_mask`` marks the completion tokens.
-    """
-    seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    width = max(len(a) + len(b) for a, b in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(seqs), width, dtype=torch.bool)
-    score = torch.zeros_like(attn)
-    for row, (prompt, completion) in enumerate(seqs):
-        n = len(prompt) + len(completion)
-        ids[row, :n] = torch.tensor(prompt + completion)
-        attn[row, :n] = True
-        score[row, len(prompt):n] = True
-    return {"input_ids": ids, "attention_mask": attn, "score_mask": score}
+def tokenize_preferences(data, tokenizer, cfg: TrainConfig = TrainConfig()) -> list[Example]:
+    """Preference examples of ``data`` (records, a path or a ``datasets.Dataset``) through the one rule of
+    :mod:`refmodel.data` with ``cfg.max_length`` / ``cfg.truncation_mode`` (TRL's DPO tokenization)."""
+    examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+    for ex in examples:
+        if ex.names != ("chosen", "rejected"):
+            raise InvalidInput(f"{ex.where}: a {ex.kind} record; the DPO loop needs preference pairs "
+                               "(prompt+chosen+rejected, chosen+rejected, or prompt_ids+chosen_ids+rejected_ids)")
+    return examples
 
 
 def pair_logps(policy: nn.Module, reference, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-sequence sums ``[2b]`` (policy with grad, reference without) and the token-level values."""
+    """Per-sequence sums ``[2b]`` (policy with grad, reference without) and the token-level values.
+
+    A reference with ``sequence_logps`` (``Precomputed``) gives its stored float32 sums, so a bf16 store
+    costs the sequence-level losses no accuracy; the token values (KL) stay as stored.
+    """
     ids, attn, score = batch["input_ids"], batch["attention_mask"], batch["score_mask"]
     tok = model_logprobs(policy, ids, attn, score)
     with torch.no_grad():
-        ref_tok = reference.logprobs(ids, attn, score).to(tok.device, torch.float32)
-    return {"logps": tok.sum(1), "ref_logps": ref_tok.sum(1), "tok": tok, "ref_tok": ref_tok,
-            "lengths": score.sum(1)}
+        if hasattr(reference, "sequence_logps"):
+            ref = reference.sequence_logps(ids, attn, score)
+            ref_tok, ref_sum = ref.token_logps.to(tok.device, torch.float32), ref.sequence_logps.to(tok.device)
+        else:
+            ref_tok = reference.logprobs(ids, attn, score).to(tok.device, torch.float32)
+            ref_sum = ref_tok.sum(1)
+    return {"logps": tok.sum(1), "ref_logps": ref_sum, "tok": tok, "ref_tok": ref_tok, "lengths": score.sum(1)}
 
 
 def _loss_terms(cfg: TrainConfig, out: dict[str, torch.Tensor], n_pairs: int) -> tuple[losses.PreferenceLoss, torch.Tensor]:
@@ -153,19 +140,19 @@ def _loss_terms(cfg: TrainConfig, out: dict[str, torch.Tensor], n_pairs: int) ->
     return res, res.losses.sum()
 
 
-def accumulate_gradients(policy: nn.Module, reference, pairs: Sequence[TokenizedPair], cfg: TrainConfig,
+def accumulate_gradients(policy: nn.Module, reference, pairs: Sequence[Example], cfg: TrainConfig,
                          pad_id: int = 0) -> dict[str, float]:
     """Forward + backward over ``pairs`` in ``cfg.grad_accum_steps`` micro-batches; gradients add up
     to those of the whole batch. Returns the step's metrics (batch means). Does not step or zero.
     """
     n = len(pairs)
     bounds = [round(i * n / cfg.grad_accum_steps) for i in range(cfg.grad_accum_steps + 1)]
-    chosen_tokens = sum(len(p.chosen) for p in pairs)
+    chosen_tokens = sum(sum(p.completion_masks[0]) for p in pairs)
     sums = {"loss": 0.0, "chosen_rewards": 0.0, "rejected_rewards": 0.0, "margin": 0.0, "accuracy": 0.0,
             "kl": 0.0}
     kl_tokens = 0
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        batch = {k: v.to(_device(policy)) for k, v in collate(pairs[lo:hi], pad_id).items()}
+        batch = {k: v.to(_device(policy)) for k, v in collate_examples(pairs[lo:hi], pad_id).items()}
         out = pair_logps(policy, reference, batch)
         k = hi - lo
         res, loss_sum = _loss_terms(cfg, out, k)
@@ -192,7 +179,7 @@ def accumulate_gradients(policy: nn.Module, reference, pairs: Sequence[Tokenized
 
 
 @torch.no_grad()
-def evaluate(policy: nn.Module, reference, pairs: Sequence[TokenizedPair], cfg: TrainConfig, pad_id: int = 0,
+def evaluate(policy: nn.Module, reference, pairs: Sequence[Example], cfg: TrainConfig, pad_id: int = 0,
              batch_size: int = 64) -> dict[str, float]:
     """Reward accuracy, margin and loss on held-out ``pairs`` (policy in eval mode, no gradient)."""
     was_training = policy.training
@@ -201,7 +188,7 @@ def evaluate(policy: nn.Module, reference, pairs: Sequence[TokenizedPair], cfg: 
     try:
         for lo in range(0, len(pairs), batch_size):
             chunk = pairs[lo:lo + batch_size]
-            batch = {k: v.to(_device(policy)) for k, v in collate(chunk, pad_id).items()}
+            batch = {k: v.to(_device(policy)) for k, v in collate_examples(chunk, pad_id).items()}
             res, _ = _loss_terms(cfg, pair_logps(policy, reference, batch), len(chunk))
             acc += float(res.accuracy) * len(chunk)
             margin += float(res.margin) * len(chunk)
@@ -220,6 +207,18 @@ class TrainResult:
     plot_path: Path | None = None
     final_eval: dict[str, float] = field(default_factory=dict)
     kl_monitor: kl_mod.KLMonitor | None = None
+    reference_metrics: dict = field(default_factory=dict)  # e.g. Precomputed's store hits / misses
+
+
+def _report_reference(metrics: dict, echo: bool) -> None:
+    """One line on where the reference log-probs came from; a WARNING when any row missed the store."""
+    text = "reference: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in
+                                     metrics.items())
+    (log.warning if metrics.get("misses") else log.info)(text)
+    if echo:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -252,12 +251,16 @@ def resolve_reference(policy: nn.Module, reference):
     return auto(policy, reference if reference is not None else ReferenceConfig())
 
 
-def train(policy: nn.Module, tokenizer, train_pairs: Sequence[dict], cfg: TrainConfig = TrainConfig(), *,
-          reference=None, eval_pairs: Sequence[dict] | None = None) -> TrainResult:
+def train(policy: nn.Module, tokenizer, train_pairs, cfg: TrainConfig = TrainConfig(), *,
+          reference=None, eval_pairs=None) -> TrainResult:
     """Train ``policy`` on ``train_pairs`` with ``cfg``; see the module docstring for one step.
 
+    ``train_pairs`` / ``eval_pairs``: preference records (a list of dicts, a data path or a
+    ``datasets.Dataset``; text or conversational), tokenized by :mod:`refmodel.data` exactly as TRL's
+    DPOTrainer does, so a store written by ``refmodel precompute`` with the same settings holds every row.
     ``reference`` is a Reference object, a ``ReferenceConfig`` (resolved with ``refmodel.reference.auto``)
-    or ``None`` (the default config). Reference-free losses (simpo, orpo) ignore it.
+    or ``None`` (the default config). Reference-free losses (simpo, orpo) ignore it. A reference with
+    ``metrics()`` (``Precomputed``: store hits and fallback misses) is reported at the end.
     """
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -267,9 +270,9 @@ def train(policy: nn.Module, tokenizer, train_pairs: Sequence[dict], cfg: TrainC
         reference = _NoReference()
     else:
         reference = resolve_reference(policy, reference)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    data = tokenize_pairs(train_pairs, tokenizer, cfg.max_length)
-    held_out = tokenize_pairs(eval_pairs, tokenizer, cfg.max_length) if eval_pairs else []
+    pad_id = pad_id_of(tokenizer)
+    data = tokenize_preferences(train_pairs, tokenizer, cfg)
+    held_out = tokenize_preferences(eval_pairs, tokenizer, cfg) if eval_pairs is not None else []
     if len(data) < cfg.batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} but only {len(data)} training pairs")
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -316,6 +319,9 @@ def train(policy: nn.Module, tokenizer, train_pairs: Sequence[dict], cfg: TrainC
             metrics_file.close()
     if held_out:
         result.final_eval = evaluate(policy, reference, held_out, cfg, pad_id)
+    if hasattr(reference, "metrics"):
+        result.reference_metrics = dict(reference.metrics())
+        _report_reference(result.reference_metrics, cfg.progress)
     if out_dir is not None:
         result.metrics_path = out_dir / "metrics.jsonl"
         result.plot_path = plot_metrics(result.history, out_dir / "curves.png")
@@ -360,5 +366,5 @@ def plot_metrics(history: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["LOSSES", "TokenizedPair", "TrainConfig", "TrainResult", "accumulate_gradients", "add_lora", "collate",
-           "evaluate", "pair_logps", "plot_metrics", "resolve_reference", "tokenize_pairs", "train"]
+__all__ = ["LOSSES", "TrainConfig", "TrainResult", "accumulate_gradients", "add_lora", "evaluate", "pair_logps",
+           "plot_metrics", "resolve_reference", "tokenize_preferences", "train"]
