@@ -19,6 +19,7 @@ from trl_helpers import (  # noqa: E402
     load,
     make_models,
     pairs,
+    precompute_records,
     precompute_store,
     trl_sequences,
 )
@@ -54,9 +55,8 @@ def trl_baseline(models, data, tmp_path, **kw):
 def test_store_from_precompute_matches_trls_precompute(models, tmp_path, monkeypatch, conversational, max_length):
     data = Dataset.from_list(pairs(8, conversational))
     base = trl_baseline(models, data, tmp_path, max_length=max_length)
-    # The store is written by `refmodel precompute` over the sequences TRL's collator builds (truncated).
-    seqs = trl_sequences(base.train_dataset, ("chosen_ids", "rejected_ids"), max_length)
-    store = precompute_store(seqs, models[1], tmp_path / "store")
+    # `refmodel precompute` over the same records with the trainer's TRL settings writes TRL's keys.
+    store = precompute_records(pairs(8, conversational), models[1], tmp_path / "store", max_length)
 
     policy, tok = load(models[0])
     counter = ForwardCounter(policy)
@@ -107,9 +107,9 @@ def test_a_store_miss_names_the_sequence_and_a_fallback_is_counted(models, tmp_p
     store = LogprobStore.open(store_dir)
     ours = DPOTrainer(policy, args=config(tmp_path), train_dataset=data, processing_class=tok,
                       reference=Precomputed(store, fallback=Frozen(ref)))
-    with caplog.at_level(logging.WARNING, logger="refmodel.integrations.trl._reference"):
+    with caplog.at_level(logging.WARNING, logger="refmodel.reference.precomputed"):
         ours.train()
-    assert "2 of 8 sequences of this batch are not in store" in caplog.text
+    assert "2 of 8 rows of this batch missed the store" in caplog.text
     log = first_log(ours)
     assert log["refmodel/store_misses"] == 2 and log["refmodel/store_hits"] == 6
     assert abs(log["loss"] - first_log(base)["loss"]) <= TOL  # the fallback is the same model

@@ -10,7 +10,6 @@ import torch
 from refmodel.testing import (
     load_tiny,
     make_tiny_model,
-    make_tokenizer,
     preference_pairs,
     run_cli,
     write_jsonl,
@@ -21,28 +20,13 @@ COMMON = dict(per_device_train_batch_size=4, max_steps=1, logging_steps=1, repor
               use_cpu=True, bf16=False, seed=0, learning_rate=1e-3, disable_tqdm=True, dataloader_num_workers=0)
 
 
-def bos_eos_tokenizer():
-    """The test tokenizer with a post-processor that adds BOS and EOS (Llama-2 style, ``TemplateProcessing``)."""
-    from tokenizers.processors import TemplateProcessing
-
-    tok = make_tokenizer()
-    tok._tokenizer.post_processor = TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> $B </s>",
-        special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
-    return tok
-
-
 def make_models(root: Path) -> tuple[Path, Path]:
-    """``(policy_dir, reference_dir)``: two different tiny Llamas sharing the BOS+EOS tokenizer.
+    """``(policy_dir, reference_dir)``: two different tiny Llamas sharing a BOS+EOS tokenizer (``<s> $A </s>``).
 
     The reference differs from the policy, so a wrong reference moves the first step's loss.
     """
-    tok = bos_eos_tokenizer()
-    out = []
-    for name, seed in (("policy", 1), ("reference", 0)):
-        path = make_tiny_model("llama", root / name, seed=seed)
-        tok.save_pretrained(path)
-        out.append(path)
+    out = [make_tiny_model("llama", root / name, seed=seed, tokenizer="bos_eos")
+           for name, seed in (("policy", 1), ("reference", 0))]
     return out[0], out[1]
 
 
@@ -90,7 +74,16 @@ def trl_sequences(dataset, completions: tuple[str, ...], max_length: int | None,
 def precompute_store(sequences, model_dir: Path, out: Path) -> Path:
     """``refmodel precompute`` (the CLI, float32 storage) over pre-tokenized sequences."""
     data = write_jsonl([{"input_ids": ids, "score_mask": mask} for ids, mask in sequences], out.with_suffix(".jsonl"))
-    run_cli("precompute", "--model", model_dir, "--data", data, "--out", out, "--dtype", "float32")
+    run_cli("precompute", "--model", model_dir, "--data", data, "--out", out, "--dtype", "float32", "--max-length", 0)
+    return out
+
+
+def precompute_records(records: list[dict], model_dir: Path, out: Path, max_length: int | None,
+                       truncation_mode: str = "keep_start", dtype: str = "float32") -> Path:
+    """``refmodel precompute`` (the CLI) over the raw records, with the trainer's TRL settings."""
+    data = write_jsonl(records, out.with_suffix(".jsonl"))
+    run_cli("precompute", "--model", model_dir, "--data", data, "--out", out, "--dtype", dtype,
+            "--max-length", 0 if max_length is None else max_length, "--truncation-mode", truncation_mode)
     return out
 
 

@@ -113,6 +113,22 @@ class ReferenceRunner:
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
                  names: list[str] | None = None) -> torch.Tensor:
         """``[B, T]`` float32 reference log-probs on ``input_ids``' device (see ``Reference.logprobs``)."""
+        return self._run("logprobs", input_ids, attention_mask, score_mask, names)
+
+    @torch.no_grad()
+    def sequence_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
+                       names: list[str] | None = None) -> torch.Tensor:
+        """``[B]`` float32 sums over ``score_mask`` (nats); a store's own float32 sums where it has them.
+
+        A bf16 store keeps bf16 token values but an exact float32 sum per sequence, so sequence-level
+        losses (DPO, KTO) lose nothing to the storage dtype.
+        """
+        if callable(getattr(self.reference, "sequence_logps", None)):
+            return self._run("sequence_logps", input_ids, attention_mask, score_mask, names).sequence_logps.to(
+                device=input_ids.device, dtype=torch.float32)
+        return self.logprobs(input_ids, attention_mask, score_mask, names).sum(dim=1)
+
+    def _run(self, method: str, input_ids, attention_mask, score_mask, names):
         store = _store_of(self.reference)
         misses_before = int(getattr(self.reference, "misses", 0) or 0)
         start = time.perf_counter()
@@ -120,7 +136,7 @@ class ReferenceRunner:
             # The reference has its own precision (its dtype / quantization); the trainer's autocast
             # (TRL's default bf16=True) must not silently lower it.
             with torch.autocast(device_type=input_ids.device.type, enabled=False):
-                out = self.reference.logprobs(input_ids, attention_mask, score_mask)
+                out = getattr(self.reference, method)(input_ids, attention_mask, score_mask)
         except StoreMiss as exc:
             raise StoreMiss(self._describe_miss(exc, store, input_ids, attention_mask, names)) from exc
         elapsed = time.perf_counter() - start
@@ -136,11 +152,8 @@ class ReferenceRunner:
             self.store_hits += batch - missed
             self._step["store_misses"] += missed
             self._step["store_hits"] += batch - missed
-            if missed:
-                log.warning("refmodel: %d of %d sequences of this batch are not in store %s and were computed live "
-                            "by the fallback %r (%d of %d rows so far)", missed, batch, store.path,
-                            self.reference.fallback, self.store_misses, self.store_hits + self.store_misses)
-        return out.to(device=input_ids.device, dtype=torch.float32)
+            # Precomputed itself logs the misses as a (rate-limited) WARNING with the running count.
+        return out if method != "logprobs" else out.to(device=input_ids.device, dtype=torch.float32)
 
     def _describe_miss(self, exc, store, input_ids, attention_mask, names) -> str:
         if store is None:

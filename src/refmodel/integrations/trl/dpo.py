@@ -87,8 +87,12 @@ class DPOTrainer(RefmodelTrainerMixin, trl.DPOTrainer):
             ids, attn, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
             pairs = ids.shape[0] // 2
             names = [f"chosen of pair {i}" for i in range(pairs)] + [f"rejected of pair {i}" for i in range(pairs)]
-            per_token = self._refmodel_runner.logprobs(ids, attn, comp.bool() & attn.bool(), names)
-            ref_chosen, ref_rejected = sequence_logps(per_token, comp, self.ld_alpha).chunk(2, dim=0)
+            score = comp.bool() & attn.bool()
+            if self.ld_alpha is None:  # plain sums: a store's exact float32 sums where it has them
+                sums = self._refmodel_runner.sequence_logps(ids, attn, score, names)
+            else:
+                sums = sequence_logps(self._refmodel_runner.logprobs(ids, attn, score, names), comp, self.ld_alpha)
+            ref_chosen, ref_rejected = sums.chunk(2, dim=0)
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_chosen, ref_rejected
         with patched(self, precompute_ref_logps=True):
             return super()._compute_loss(model, inputs, return_outputs)

@@ -68,8 +68,7 @@ class KTOTrainer(RefmodelTrainerMixin, trl.KTOTrainer):
         ids, attn = inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"]
         comp = inputs[f"{prefix}completion_mask"]
         names = [f"{what} of example {i}" for i in range(ids.shape[0])]
-        per_token = self._refmodel_runner.logprobs(ids, attn, comp.bool() & attn.bool(), names)
-        return per_token[:, 1:].sum(dim=1)
+        return self._refmodel_runner.sequence_logps(ids, attn, comp.bool() & attn.bool(), names)
 
 
 __all__ = ["KTOTrainer"]
