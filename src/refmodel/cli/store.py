@@ -65,17 +65,27 @@ def _fingerprint_of(model: str) -> tuple[object, object, str]:
 
 
 @_user_errors
-def export_trl_command(path: str, data: str, model: str, out: str) -> None:
-    from ..data import load_examples, load_records
+def export_trl_command(path: str, data: str, model: str, out: str, max_length: int | None = 1024,
+                       truncation_mode: str = "keep_start") -> None:
+    from ..data import load_records
+    from ..data.tokenize import tokenize_record
     from ..store import LogprobStore
     from ..store.interop import trl_columns
 
     _, tok, fp = _fingerprint_of(model)
     store = LogprobStore.open(path, fp)
-    cols = trl_columns(store, load_examples(data, tok))
-    rows = [dict(r) for _, r in load_records(data)]
-    for row, c, r in zip(rows, cols["ref_chosen_logps"], cols["ref_rejected_logps"], strict=True):
-        row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r
+    rows, examples = [], []
+    for where, record in load_records(data):
+        # The trainer's tokenization (max_length / truncation_mode), so the keys are the trainer's; records
+        # the trainer drops are left out here too.
+        ex = tokenize_record(record, tok, where, max_length=max_length, truncation_mode=truncation_mode)
+        if ex is not None:
+            rows.append(dict(record))
+            examples.append(ex)
+    cols = trl_columns(store, examples)
+    for name, values in cols.items():
+        for row, value in zip(rows, values, strict=True):
+            row[name] = value
     out_path = Path(out)
     if out_path.suffix == ".jsonl":
         from ..testing import write_jsonl
@@ -90,7 +100,8 @@ def export_trl_command(path: str, data: str, model: str, out: str) -> None:
         from .._optional import require
 
         require("datasets", "trl").Dataset.from_list(rows).save_to_disk(str(out_path))
-    click.echo(f"wrote {len(rows)} rows with ref_chosen_logps / ref_rejected_logps to {out_path}")
+    click.echo(f"wrote {len(rows)} rows with {' / '.join(cols)} to {out_path}; train on it with "
+               "refmodel.integrations.trl.DPOTrainer / KTOTrainer (plain TRL computes its own reference)")
 
 
 @_user_errors
