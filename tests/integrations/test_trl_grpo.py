@@ -98,3 +98,30 @@ def test_reference_at_another_temperature_or_beta_zero_is_refused(models, tmp_pa
     with pytest.raises(ConfigError, match="beta=0.0 means no KL term"):
         GRPOTrainer(policy, reward_funcs=length_reward, train_dataset=data, args=config(tmp_path, beta=0.0),
                     processing_class=tok, reference=Frozen(ref, temperature=TEMPERATURE))
+
+
+@pytest.mark.slow
+def test_peft_policy_with_a_reference_config_is_the_base_model_like_trls(models, tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    from refmodel import AdapterDisabled, ReferenceConfig
+
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    data = Dataset.from_list(prompts(8))
+    policy, tok = load(models[0])
+    base = trl.GRPOTrainer(policy, reward_funcs=length_reward, train_dataset=data, args=config(tmp_path / "a"),
+                           processing_class=tok, peft_config=LoraConfig(**lora))
+    theirs = capture_generations(base)
+    base.train()
+    policy, tok = load(models[0])
+    ours = GRPOTrainer(policy, reward_funcs=length_reward, train_dataset=data, args=config(tmp_path / "b"),
+                       processing_class=tok, peft_config=LoraConfig(**lora), reference=ReferenceConfig())
+    mine = capture_generations(ours)
+    ours.train()
+    # the temperature comes from the trainer's config; the reference is the base model, adapters off
+    assert isinstance(ours.reference, AdapterDisabled) and ours.reference.temperature == TEMPERATURE
+    mask = theirs[0]["completion_mask"].bool()
+    assert torch.equal(mine[0]["completion_ids"], theirs[0]["completion_ids"])
+    assert (mine[0]["ref_per_token_logps"] - theirs[0]["ref_per_token_logps"])[mask].abs().max() <= 1e-5
+    assert abs(first_log(ours)["kl"]) <= 1e-6
