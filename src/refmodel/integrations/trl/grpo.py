@@ -25,6 +25,7 @@ import torch
 import trl
 
 from ...errors import ConfigError
+from ...reference._peft import is_peft_model
 from ._reference import patched
 from ._trainer import RefmodelTrainerMixin, bind_arguments, default_config
 
@@ -67,8 +68,10 @@ class GRPOTrainer(RefmodelTrainerMixin, trl.GRPOTrainer):
             super().__init__(**bound)
             return
         beta = cfg.beta
-        # beta=0.0 during TRL's __init__: it then loads no reference model (and creates no "ref" adapter).
-        with patched(cfg, beta=0.0, sync_ref_model=False):
+        # A full model: beta=0.0 during TRL's __init__, so that TRL loads no reference copy. A PEFT model
+        # gets none anyway, and keeps beta so that TRL copies a pretrained adapter to "ref" as it would.
+        peft = bound.get("peft_config") is not None or is_peft_model(bound["model"])
+        with patched(cfg, beta=beta if peft else 0.0, sync_ref_model=False):
             super().__init__(**bound)
         self.beta = beta
         ref = self._refmodel_build(mode, reference, cfg, temperature=float(cfg.temperature), who="GRPOTrainer")
