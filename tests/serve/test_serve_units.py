@@ -240,7 +240,8 @@ def test_vectorized_block_check_equals_the_per_row_check():
         block, per_row = _both(ids, attn, score)
         assert len(block) == len(per_row) == b
         for x, y in zip(block, per_row, strict=True):
-            assert all((u is None and v is None) or torch.equal(u, v) for u, v in zip(x, y, strict=True))
+            assert all((u is None and v is None) or (u == v if isinstance(u, float) else torch.equal(u, v))
+                       for u, v in zip(x, y, strict=True))
 
 
 @pytest.mark.parametrize("case", ["vocab", "mask_value", "empty_row", "score_on_padding", "too_long", "too_many"])

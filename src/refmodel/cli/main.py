@@ -235,11 +235,15 @@ def store_repair_cmd(path: str, model: str | None, data: str | None, drop: bool)
               help="Reference model (tokenizer + fingerprint check).")
 @click.option("--out", required=True, type=click.Path(), help=".jsonl, .parquet or a folder (HF save_to_disk).")
 @click.option("--max-length", type=click.IntRange(min=0), default=None,
-              help="TRL's max_length (0: no limit). [default: the store's, from its precompute]")
+              help="The trainer's max_length (0: no limit). [default: the store's, from its precompute]")
 @click.option("--truncation-mode", type=click.Choice(list(TRUNCATION_MODES)), default=None,
-              help="TRL's truncation_mode. [default: the store's, from its precompute]")
+              help="The trainer's truncation_mode. [default: the store's, from its precompute]")
 def store_export_trl_cmd(path: str, data: str, model: str, out: str, max_length, truncation_mode) -> None:
-    """Write DATA with TRL's ref_chosen_logps / ref_rejected_logps (or KTO's ref_logps) columns from the store."""
+    """Write DATA with the reference columns of TRL's trainers, from the store.
+
+    Preference pairs get ref_chosen_logps / ref_rejected_logps, unpaired (KTO) records ref_logps. They
+    are read by refmodel.integrations.trl.DPOTrainer / KTOTrainer; plain TRL computes its own.
+    """
     from .store import export_trl_command
 
     export_trl_command(path, data, model, out, max_length, truncation_mode)

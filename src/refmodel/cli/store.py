@@ -140,7 +140,8 @@ def export_trl_command(path: str, data: str, model: str, out: str, max_length: i
 
         require("datasets", "trl").Dataset.from_list(rows).save_to_disk(str(out_path))
     click.echo(f"wrote {len(rows)} rows with TRL's reference log-prob columns to {out_path} ({dropped} rows that "
-               f"TRL drops at max_length={settings['max_length']} have null columns)")
+               f"TRL drops at max_length={settings['max_length']} have null columns); train on it with "
+               "refmodel.integrations.trl.DPOTrainer / KTOTrainer (plain TRL computes its own reference)")
 
 
 @_user_errors

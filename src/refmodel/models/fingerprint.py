@@ -32,17 +32,32 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
         return t.view(torch.uint8).numpy().tobytes()
 
 
-def fingerprint_tensors(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
-                        **settings) -> str:
-    """Fingerprint of named tensors (hashed in name order) and ``settings`` (JSON-serialisable)."""
+def weights_digest(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]):
+    """The running blake2b digest over named tensors (in name order), before any setting is added.
+
+    Hashing the weights is the expensive part; a server keeps this digest and finishes it once per
+    setting (e.g. each requested temperature) with :func:`finish_fingerprint`.
+    """
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(items, key=lambda kv: kv[0]):
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(_tensor_bytes(tensor))
+    return digest
+
+
+def finish_fingerprint(digest, **settings) -> str:
+    """The fingerprint of a :func:`weights_digest` plus ``settings`` (``digest`` itself is not changed)."""
+    digest = digest.copy()
     canonical = json.dumps({k: v for k, v in settings.items() if v is not None}, sort_keys=True, default=str)
     digest.update(b"settings|" + canonical.encode())
     return FINGERPRINT_PREFIX + digest.hexdigest()
+
+
+def fingerprint_tensors(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+                        **settings) -> str:
+    """Fingerprint of named tensors (hashed in name order) and ``settings`` (JSON-serialisable)."""
+    return finish_fingerprint(weights_digest(tensors), **settings)
 
 
 def fingerprint(model: nn.Module, **settings) -> str:
@@ -54,4 +69,4 @@ def fingerprint(model: nn.Module, **settings) -> str:
     return fingerprint_tensors(model.state_dict().items(), **settings)
 
 
-__all__ = ["fingerprint", "fingerprint_tensors", "FINGERPRINT_PREFIX"]
+__all__ = ["fingerprint", "fingerprint_tensors", "finish_fingerprint", "weights_digest", "FINGERPRINT_PREFIX"]

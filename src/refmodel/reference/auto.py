@@ -76,7 +76,8 @@ def _live(policy, cfg: ReferenceConfig) -> tuple[Reference, str]:
             local = Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)) if cfg.ref_model_path \
                 else Frozen.from_policy(policy, **_frozen_kwargs(cfg))
             return local, f"remote_url is set but the reference stays local: {why}"
-        remote = Remote(cfg.remote_url, str(cfg.remote_model), token=cfg.remote_token)  # config: set with remote_url
+        remote = Remote(cfg.remote_url, str(cfg.remote_model), token=cfg.remote_token,  # config: set with remote_url
+                        temperature=cfg.temperature)
         return remote, f"remote_url is set and the reference goes remote: {why}; model {cfg.remote_model!r} at {cfg.remote_url}"
     if cfg.ref_model_path:
         return Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)), f"ref_model_path={cfg.ref_model_path!r}"

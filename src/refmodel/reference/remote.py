@@ -51,22 +51,28 @@ class Remote:
     Args:
         url: the service, e.g. ``http://127.0.0.1:8000``; model: a name on its allow-list.
         token: bearer token; timeout_s: per-attempt HTTP timeout in seconds.
+        temperature: the sampling temperature the log-probs must match (the service divides the
+            logits by it); part of the fingerprint, like ``Frozen(..., temperature=)``.
     """
 
     memory_bytes = 0
 
     def __init__(self, url: str, model: str, *, token: str | None = None, timeout_s: float = 30.0,
-                 max_retries: int = 3):
+                 max_retries: int = 3, temperature: float = 1.0):
         from ..remote.client import ReferenceClient
 
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
         self.url, self.model = url, model
+        self.temperature = float(temperature)
         self.client = ReferenceClient(url, token=token, timeout_s=timeout_s, max_retries=max_retries)
-        self.fingerprint: str = self.client.fingerprint(model)
+        self.fingerprint: str = self.client.fingerprint(model, self.temperature)
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  score_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T]`` float32 log-probs, aligned as ``model_logprobs``, on ``input_ids.device``."""
-        fp, rows = self.client.logprobs_with_fingerprint(self.model, input_ids, attention_mask, score_mask)
+        fp, rows = self.client.logprobs_with_fingerprint(self.model, input_ids, attention_mask, score_mask,
+                                                         temperature=self.temperature)
         if fp != self.fingerprint:
             raise FingerprintMismatch(f"the service at {self.url} now serves {self.model!r} with fingerprint "
                                       f"{fp}, but this Remote was bound to {self.fingerprint}; the server's "
@@ -81,7 +87,8 @@ class Remote:
         self.client.close()
 
     def __repr__(self) -> str:
-        return f"Remote(url={self.url!r}, model={self.model!r}, fingerprint={self.fingerprint!r})"
+        return (f"Remote(url={self.url!r}, model={self.model!r}, temperature={self.temperature}, "
+                f"fingerprint={self.fingerprint!r})")
 
 
 __all__ = ["Placement", "Remote", "choose_placement", "placement_rule"]

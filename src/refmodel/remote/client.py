@@ -116,6 +116,10 @@ def _check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _fp_key(model: str, temperature: float):
+    return model if float(temperature) == 1.0 else (model, float(temperature))
+
+
 def _raise_for(response) -> None:
     status = response.status_code
     if status < 400:
@@ -238,12 +242,13 @@ class ReferenceClient:
 
     # ------------------------------------------------------------------ requests, built in one place
     @staticmethod
-    def _logprobs_request(model, input_ids, attention_mask, score_mask):
+    def _logprobs_request(model, input_ids, attention_mask, score_mask, temperature=1.0):
         """``((path, body, content type), lengths)`` of a log-prob request (binary form)."""
         from . import wire
 
         ids, attn, score, lengths = _batch_arrays(input_ids, attention_mask, score_mask)
-        return ("/v1/logprobs:binary", wire.encode_request(model, ids, attn, score), wire.CONTENT_TYPE), lengths
+        return (("/v1/logprobs:binary", wire.encode_request(model, ids, attn, score, temperature), wire.CONTENT_TYPE),
+                lengths)
 
     @staticmethod
     def _rewards_request(model, input_ids, attention_mask):
@@ -254,32 +259,35 @@ class ReferenceClient:
             body["attention_mask"] = [row[:n].tolist() for row, n in zip(attn, lengths, strict=True)]
         return "/v1/rewards", json.dumps(body).encode(), "application/json"
 
-    def _logprobs_result(self, model, response, lengths) -> tuple[str, list[torch.Tensor]]:
+    def _logprobs_result(self, model, response, lengths, temperature=1.0) -> tuple[str, list[torch.Tensor]]:
         from . import wire
 
         fp, out = wire.decode_response(response.content)
-        self._fingerprints[model] = fp
+        self._fingerprints[_fp_key(model, temperature)] = fp
         return fp, [torch.from_numpy(out[i, :n].copy()) for i, n in enumerate(lengths)]
 
     # ------------------------------------------------------------------------------ the API
-    def logprobs_with_fingerprint(self, model: str, input_ids, attention_mask=None, score_mask=None):
+    def logprobs_with_fingerprint(self, model: str, input_ids, attention_mask=None, score_mask=None,
+                                  temperature: float = 1.0):
         """``(fingerprint, [float32 [L_b] tensor per sequence])`` (see :meth:`compute_log_probs`)."""
-        request, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask)
-        return self._logprobs_result(model, self._request("POST", *request), lengths)
+        request, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask, temperature)
+        return self._logprobs_result(model, self._request("POST", *request), lengths, temperature)
 
-    def compute_log_probs(self, model: str, input_ids, attention_mask=None, score_mask=None) -> list[torch.Tensor]:
+    def compute_log_probs(self, model: str, input_ids, attention_mask=None, score_mask=None,
+                          temperature: float = 1.0) -> list[torch.Tensor]:
         """One float32 tensor per sequence: ``out[t] = log p(ids[t] | ids[:t])``, 0 at t=0 and where unscored.
 
         ``input_ids``: ``[B, T]`` tensor (each result has length T) or a list of int lists (each result
-        has its row's length). Masks: same shape, 0/1.
+        has its row's length). Masks: same shape, 0/1. ``temperature``: log-probs of
+        ``softmax(logits / temperature)``, the sampler's distribution (RL references).
         """
-        return self.logprobs_with_fingerprint(model, input_ids, attention_mask, score_mask)[1]
+        return self.logprobs_with_fingerprint(model, input_ids, attention_mask, score_mask, temperature)[1]
 
     async def acompute_log_probs(self, model: str, input_ids, attention_mask=None,
-                                 score_mask=None) -> list[torch.Tensor]:
+                                 score_mask=None, temperature: float = 1.0) -> list[torch.Tensor]:
         """Async :meth:`compute_log_probs`."""
-        request, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask)
-        return self._logprobs_result(model, await self._arequest("POST", *request), lengths)[1]
+        request, lengths = self._logprobs_request(model, input_ids, attention_mask, score_mask, temperature)
+        return self._logprobs_result(model, await self._arequest("POST", *request), lengths, temperature)[1]
 
     def compute_rewards(self, model: str, input_ids, attention_mask=None) -> torch.Tensor:
         """``[B]`` float32 scores of a reward model, read at each sequence's last real token."""
@@ -295,14 +303,21 @@ class ReferenceClient:
         """``GET /v1/models``: name, kind, fingerprint, vocab_size, dtype, parameters, max_seq_len of each."""
         return self._request("GET", "/v1/models").json()["models"]
 
-    def fingerprint(self, model: str) -> str:
-        """The served model's fingerprint (asked once, then remembered)."""
+    def fingerprint(self, model: str, temperature: float = 1.0) -> str:
+        """The served model's fingerprint at ``temperature`` (asked once, then remembered).
+
+        The temperature is part of the identity; the service names it in every answer, so a
+        temperature other than 1.0 is asked with one two-token request.
+        """
         if model not in self._fingerprints:
             for info in self.models():
                 self._fingerprints[info["name"]] = info["fingerprint"]
         if model not in self._fingerprints:
             raise ModelNotAllowed(f"the reference service at {self.url} does not serve {model!r}")
-        return self._fingerprints[model]
+        key = _fp_key(model, temperature)
+        if key not in self._fingerprints:
+            self.logprobs_with_fingerprint(model, [[0, 0]], temperature=temperature)
+        return self._fingerprints[key]
 
     def health(self) -> dict:
         return self._request("GET", "/healthz").json()

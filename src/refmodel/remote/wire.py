@@ -3,12 +3,14 @@
 Request body, all little-endian::
 
     offset 0   4 bytes  magic  b"RMB1"
-           4   u8       flags  bit 0: an attention mask follows, bit 1: a score mask follows
+           4   u8       flags  bit 0: an attention mask follows, bit 1: a score mask follows,
+                            bit 2: a temperature follows the model name
            5   u8       reserved (0)
            6   u16      N      length of the model name in bytes
            8   u32      B      sequences
           12   u32      T      tokens per sequence (rows are padded to T; say so in the attention mask)
           16   N bytes  model name, UTF-8
+               8 bytes  float64 temperature (> 0), if flag bit 2 (absent: 1.0)
                B*T int32  token ids, row-major
                B*T uint8  attention mask (0/1), if flag bit 0
                B*T uint8  score mask (0/1), if flag bit 1
@@ -42,6 +44,8 @@ _REQ = struct.Struct("<4sBBHII")
 _RESP = struct.Struct("<4sHHII")
 FLAG_ATTENTION = 1
 FLAG_SCORE = 2
+FLAG_TEMPERATURE = 4  # absent at 1.0, so a request at the default is byte-identical to the older format
+_TEMP = struct.Struct("<d")  # float64: the exact value that is fingerprinted
 CONTENT_TYPE = "application/octet-stream"
 
 
@@ -59,17 +63,23 @@ class BinaryRequest:
     input_ids: np.ndarray
     attention_mask: np.ndarray | None
     score_mask: np.ndarray | None
+    temperature: float = 1.0
 
 
 def encode_request(model: str, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                   score_mask: np.ndarray | None = None) -> bytes:
-    """Pack a ``[B, T]`` batch (ids must fit int32) into the request format."""
+                   score_mask: np.ndarray | None = None, temperature: float = 1.0) -> bytes:
+    """Pack a ``[B, T]`` batch (ids must fit int32) into the request format (``temperature`` > 0)."""
     ids = np.ascontiguousarray(input_ids, dtype="<i4")
     if ids.ndim != 2:
         raise InvalidBatch(f"input_ids must be [B, T], got shape {ids.shape}")
     name = model.encode("utf-8")
     flags = (FLAG_ATTENTION if attention_mask is not None else 0) | (FLAG_SCORE if score_mask is not None else 0)
-    parts = [_REQ.pack(REQUEST_MAGIC, flags, 0, len(name), ids.shape[0], ids.shape[1]), name, ids.tobytes()]
+    temperature = check_wire_temperature(temperature)
+    flags |= FLAG_TEMPERATURE if temperature != 1.0 else 0
+    parts = [_REQ.pack(REQUEST_MAGIC, flags, 0, len(name), ids.shape[0], ids.shape[1]), name]
+    if temperature != 1.0:
+        parts.append(_TEMP.pack(temperature))
+    parts.append(ids.tobytes())
     for mask_name, mask in (("attention_mask", attention_mask), ("score_mask", score_mask)):
         if mask is not None:
             mask = np.asarray(mask)
@@ -86,20 +96,28 @@ def decode_request(body: bytes) -> BinaryRequest:
     magic, flags, _, name_len, batch, length = _REQ.unpack_from(body)
     if magic != REQUEST_MAGIC:
         raise _invalid("body", f"bad magic {magic!r}, expected {REQUEST_MAGIC!r}")
-    if flags & ~(FLAG_ATTENTION | FLAG_SCORE):
-        raise _invalid("body", f"unknown flags {flags:#x}; only bits 0 and 1 are defined")
+    if flags & ~(FLAG_ATTENTION | FLAG_SCORE | FLAG_TEMPERATURE):
+        raise _invalid("body", f"unknown flags {flags:#x}; only bits 0, 1 and 2 are defined")
     n = batch * length
-    masks = bin(flags).count("1")
-    expected = _REQ.size + name_len + 4 * n + masks * n
+    masks = bin(flags & (FLAG_ATTENTION | FLAG_SCORE)).count("1")
+    extra = _TEMP.size if flags & FLAG_TEMPERATURE else 0
+    expected = _REQ.size + name_len + extra + 4 * n + masks * n
     if len(body) != expected:
-        raise _invalid("body", f"header says B={batch}, T={length}, {masks} mask(s) and a {name_len}-byte "
-                           f"name, i.e. {expected} bytes, but the body has {len(body)}")
+        raise _invalid("body", f"header says B={batch}, T={length}, {masks} mask(s), a {name_len}-byte "
+                           f"name{' and a temperature' if extra else ''}, i.e. {expected} bytes, but the body "
+                           f"has {len(body)}")
     offset = _REQ.size
     try:
         model = body[offset:offset + name_len].decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _invalid("model", "the model name is not valid UTF-8") from exc
     offset += name_len
+    temperature = 1.0
+    if extra:
+        (temperature,) = _TEMP.unpack_from(body, offset)
+        offset += extra
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise _invalid("temperature", f"temperature must be a finite number > 0, got {temperature}")
     ids = np.frombuffer(body, dtype="<i4", count=n, offset=offset).reshape(batch, length)
     offset += 4 * n
     out = []
@@ -109,7 +127,15 @@ def decode_request(body: bytes) -> BinaryRequest:
             offset += n
         else:
             out.append(None)
-    return BinaryRequest(model, ids, out[0], out[1])
+    return BinaryRequest(model, ids, out[0], out[1], float(temperature))
+
+
+def check_wire_temperature(temperature: float) -> float:
+    """``float(temperature)`` when it is a finite number > 0, else InvalidBatch."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not np.isfinite(temperature) or temperature <= 0:
+        raise InvalidBatch(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
 
 
 def encode_response(fingerprint: str, logprobs: np.ndarray) -> bytes:
@@ -132,4 +158,4 @@ def decode_response(body: bytes) -> tuple[str, np.ndarray]:
 
 
 __all__ = ["BinaryRequest", "CONTENT_TYPE", "decode_request", "decode_response", "encode_request",
-           "encode_response"]
+           "encode_response", "check_wire_temperature"]

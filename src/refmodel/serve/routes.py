@@ -79,9 +79,10 @@ async def logprobs(req: LogprobsRequest, request: Request) -> Response:
     state = request.app.state.refmodel
     model = _lookup(request, req.model, "logprobs")
     seqs = check_sequences(req.input_ids, state.limits[req.model], req.attention_mask, req.score_mask,
-                           req.score_start)
+                           req.score_start, temperature=req.temperature)
     rows = await state.batchers[req.model].submit(seqs, [s.ids.numel() for s in seqs])
-    body = {"model": req.model, "fingerprint": model.fingerprint, "logprobs": [r.tolist() for r in rows]}
+    body = {"model": req.model, "fingerprint": model.fingerprint_at(req.temperature),
+            "logprobs": [r.tolist() for r in rows]}
     # json.dumps of the float lists directly: pydantic validation of [B][T] floats would cost more than the model
     return Response(json.dumps(body), media_type="application/json")
 
@@ -102,11 +103,12 @@ async def logprobs_binary(request: Request) -> Response:
     state = request.app.state.refmodel
     decoded = wire.decode_request(await request.body())
     model = _lookup(request, decoded.model, "logprobs")
-    seqs = check_block(decoded.input_ids, state.limits[decoded.model], decoded.attention_mask, decoded.score_mask)
+    seqs = check_block(decoded.input_ids, state.limits[decoded.model], decoded.attention_mask, decoded.score_mask,
+                       temperature=decoded.temperature)
     rows = await state.batchers[decoded.model].submit(seqs, [s.ids.numel() for s in seqs])
     out = np.stack(rows) if rows else np.zeros(decoded.input_ids.shape, np.float32)
-    return Response(wire.encode_response(model.fingerprint, out), media_type=wire.CONTENT_TYPE,
-                    headers={"X-Refmodel-Fingerprint": model.fingerprint})
+    fp = model.fingerprint_at(decoded.temperature)
+    return Response(wire.encode_response(fp, out), media_type=wire.CONTENT_TYPE, headers={"X-Refmodel-Fingerprint": fp})
 
 
 @router.post("/v1/rewards", responses=_errors(*_SCORING))

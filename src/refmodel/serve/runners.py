@@ -9,7 +9,7 @@ code). No path or hub id ever comes from a request.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from ..data.collate import pad
 from ..errors import ConfigError, RefModelError
 from ..logprobs.model import model_logprobs, position_ids_from_mask
-from ..models.fingerprint import fingerprint
+from ..models.fingerprint import finish_fingerprint, weights_digest
 from .validate import Sequence
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,16 @@ class ServedModel:
     device: torch.device
     # (config attribute, value), e.g. ("max_position_embeddings", 256); None when the config has none
     position_limit: tuple[str, int] | None = None
+    digest: Any = None  # the weights' running hash, finished once per requested temperature
+    _fingerprints: dict = field(default_factory=dict, repr=False)
+
+    def fingerprint_at(self, temperature: float = 1.0) -> str:
+        """The fingerprint of this model's log-probs at ``temperature`` (the plain one at 1.0)."""
+        if temperature == 1.0 or self.digest is None:
+            return self.fingerprint
+        if temperature not in self._fingerprints:
+            self._fingerprints[temperature] = finish_fingerprint(self.digest, temperature=float(temperature))
+        return self._fingerprints[temperature]
 
     def run(self, seqs: list[Sequence]) -> list:
         """Run one batch: per-sequence float32 log-prob arrays, or per-sequence float scores."""
@@ -63,12 +73,24 @@ def _pad(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor | Non
 
 
 def run_logprobs(served: ServedModel, seqs: list[Sequence]) -> list[np.ndarray]:
-    """``model_logprobs`` of a padded batch, cut back to each sequence's own length (float32)."""
+    """``model_logprobs`` of a padded batch, cut back to each sequence's own length (float32).
+
+    Sequences asked at different temperatures (merged from several requests) run as one sub-batch each.
+    """
+    temperatures = {s.temperature for s in seqs}
+    if len(temperatures) > 1:
+        out: list = [None] * len(seqs)
+        for t in temperatures:
+            idx = [i for i, s in enumerate(seqs) if s.temperature == t]
+            for i, row in zip(idx, run_logprobs(served, [seqs[i] for i in idx]), strict=True):
+                out[i] = row
+        return out
+    temperature = seqs[0].temperature if seqs else 1.0
     ids, attn, score = _pad(seqs, served.device)
     if attn is not None and bool(attn.all()):  # all-ones masks sent explicitly: same fast path
         attn, score = None, None if bool(score.all()) else score
     with torch.inference_mode():
-        out = model_logprobs(served.model, ids, attn, score).float().cpu().numpy()
+        out = model_logprobs(served.model, ids, attn, score, temperature=temperature).float().cpu().numpy()
     return [out[i, :s.ids.numel()] for i, s in enumerate(seqs)]
 
 
@@ -102,10 +124,11 @@ def position_limit(config) -> tuple[str, int] | None:
 def _describe(name: str, kind: str, model: torch.nn.Module, device) -> ServedModel:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     first = next(model.parameters())
-    return ServedModel(name=name, kind=kind, model=model, fingerprint=fingerprint(model),
+    digest = weights_digest(model.state_dict().items())
+    return ServedModel(name=name, kind=kind, model=model, fingerprint=finish_fingerprint(digest),
                        vocab_size=int(cfg.vocab_size), dtype=str(first.dtype).removeprefix("torch."),
                        parameters=sum(p.numel() for p in model.parameters()), device=first.device,
-                       position_limit=position_limit(model.config))
+                       position_limit=position_limit(model.config), digest=digest)
 
 
 def load_logprob_models(models: dict[str, str], device: str) -> tuple[Any, dict[str, ServedModel]]:

@@ -26,10 +26,15 @@ class LogprobsRequest(_Body):
     attention_mask: list[list[int]] | None = None
     score_mask: list[list[int]] | None = None
     score_start: int | list[int] | None = None
+    # The sampler's temperature (RL references): log-probs of softmax(logits / temperature).
+    temperature: float = Field(default=1.0, gt=0, allow_inf_nan=False)
 
 
 class LogprobsResponse(_Body):
-    """``logprobs[b][t] = log p(input_ids[b][t] | input_ids[b][:t])``; 0 at t = 0 and where not scored."""
+    """``logprobs[b][t] = log p(input_ids[b][t] | input_ids[b][:t])``; 0 at t = 0 and where not scored.
+
+    ``fingerprint`` names the model *at the requested temperature* (it is part of the identity).
+    """
 
     model: str
     fingerprint: str

@@ -6,6 +6,7 @@ message names the field and row, e.g. ``input_ids[3][7] = 99999 is outside the v
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -26,12 +27,14 @@ class Sequence(NamedTuple):
     """One checked sequence: ``ids`` long ``[L]`` (0 at padding), ``attn`` and ``score`` bool ``[L]``.
 
     ``attn`` None: every token is real; ``score`` None: every real token is scored. The common case
-    (no masks) then costs no mask tensors and lets a batch run without masks.
+    (no masks) then costs no mask tensors and lets a batch run without masks. ``temperature``: the
+    log-probs are of ``softmax(logits / temperature)`` (a sampler's temperature, for RL references).
     """
 
     ids: torch.Tensor
     attn: torch.Tensor | None = None
     score: torch.Tensor | None = None
+    temperature: float = 1.0
 
 
 class Limits(NamedTuple):
@@ -78,6 +81,15 @@ def _scores_padding(i: int) -> FieldError:
                                     "only real tokens can be scored")
 
 
+def check_temperature(temperature) -> float:
+    """A finite temperature > 0 (the sampler's), else a FieldError naming ``temperature``."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise FieldError("temperature", f"temperature must be a finite number > 0 (the sampling temperature; "
+                                        f"1.0 = the model's own distribution), got {temperature!r}")
+    return float(temperature)
+
+
 def _as_tensor(field: str, row: list, index: int, dtype=torch.long) -> torch.Tensor:
     try:
         return torch.tensor(row, dtype=dtype)
@@ -105,8 +117,9 @@ def _mask_rows(field: str, rows, ids_rows: list[torch.Tensor]) -> list[torch.Ten
 
 
 def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=None,
-                    score_start: int | list[int] | None = None) -> list[Sequence]:
+                    score_start: int | list[int] | None = None, temperature: float = 1.0) -> list[Sequence]:
     """Check rows of ids and masks (lists or 1-D tensors) against the vocabulary and the limits."""
+    temperature = check_temperature(temperature)
     if len(input_ids) == 0:
         raise FieldError("input_ids", "input_ids is empty; send at least one sequence")
     if len(input_ids) > limits.max_sequences:
@@ -142,7 +155,7 @@ def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=N
             pos = int(bad.nonzero()[0, 0])
             raise _outside_vocab(i, pos, ids[pos].item(), limits.vocab_size)
         if attn is None and score_rows is None and starts is None:
-            out.append(Sequence(ids))
+            out.append(Sequence(ids, temperature=temperature))
             continue
         attn = attn if attn is not None else torch.ones_like(ids, dtype=torch.bool)
         if score_rows is not None:
@@ -157,17 +170,18 @@ def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=N
             score = attn & (torch.arange(ids.numel()) >= start)
         else:
             score = attn.clone()
-        out.append(Sequence(torch.where(attn, ids, 0), attn, score))
+        out.append(Sequence(torch.where(attn, ids, 0), attn, score, temperature))
     return out
 
 
 def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarray | None = None,
-                score_mask: np.ndarray | None = None) -> list[Sequence]:
+                score_mask: np.ndarray | None = None, temperature: float = 1.0) -> list[Sequence]:
     """:func:`check_sequences` for a binary ``[B, T]`` block, vectorized (same rules, same messages).
 
     The binary endpoint is the throughput path, so the checks run once over the block in numpy instead
     of a dozen small torch ops per row.
     """
+    temperature = check_temperature(temperature)
     batch, length = input_ids.shape
     if batch == 0:
         raise FieldError("input_ids", "input_ids is empty; send at least one sequence")
@@ -199,7 +213,7 @@ def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarra
         i, j = np.argwhere(bad)[0]
         raise _outside_vocab(i, j, input_ids[i, j], limits.vocab_size)
     if attn is None and score is None:  # the common case: no mask tensors at all
-        return [Sequence(row) for row in torch.from_numpy(input_ids.astype(np.int64))]
+        return [Sequence(row, temperature=temperature) for row in torch.from_numpy(input_ids.astype(np.int64))]
     if attn is None:
         attn = np.ones((batch, length), dtype=bool)
     if score is None:
@@ -208,7 +222,7 @@ def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarra
         raise _scores_padding(int(np.argmax((score & ~attn).any(axis=1))))
     ids = torch.from_numpy(np.where(attn, input_ids, 0).astype(np.int64))
     attn_t, score_t = torch.from_numpy(attn.copy()), torch.from_numpy(score.copy())
-    return [Sequence(ids[i], attn_t[i], score_t[i]) for i in range(batch)]
+    return [Sequence(ids[i], attn_t[i], score_t[i], temperature) for i in range(batch)]
 
 
-__all__ = ["FieldError", "Limits", "Sequence", "check_block", "check_sequences", "model_limits"]
+__all__ = ["FieldError", "Limits", "Sequence", "check_block", "check_sequences", "check_temperature", "model_limits"]

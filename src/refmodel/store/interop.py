@@ -1,5 +1,8 @@
 """Import HALOs' pickled reference cache (safely) and export TRL's precomputed columns.
 
+The exported columns are read by ``refmodel.integrations.trl.DPOTrainer`` / ``KTOTrainer`` (plain TRL 1.16
+computes its own and ignores them).
+
 HALOs caches ``{tuple(token ids): per-token log-probs}`` in a pickle. Loading a pickle runs whatever
 it names, so :class:`PlainDataUnpickler` admits no global at all: only the pickle opcodes for dict,
 list, tuple, int, float, str, bytes, bool and None work; a file naming any class or function
@@ -122,11 +125,25 @@ def _remove_store(out: Path, keep_folder: bool) -> None:
 
 
 def trl_columns(store: LogprobStore, examples) -> dict[str, list[float]]:
-    """``{"ref_chosen_logps": [...], "ref_rejected_logps": [...]}`` (sequence sums) for pair examples."""
-    cols: dict[str, list[float]] = {"ref_chosen_logps": [], "ref_rejected_logps": []}
+    """Reference sequence sums, one value per example, in the columns TRL's trainers name them.
+
+    Preference pairs give ``ref_chosen_logps`` / ``ref_rejected_logps`` (``DPOTrainer``); unpaired (KTO)
+    and prompt-completion examples give ``ref_logps``. All examples must be of one kind. Sums are the
+    store's float32 sums (exact whatever the storage dtype). KTO's ``ref_KL_logps`` is not exported: its
+    mismatched pairs depend on the trainer's batches.
+    """
+    examples = list(examples)
+    kinds = {tuple(ex.names) for ex in examples}
+    if len(kinds) > 1:
+        raise DataFormatError(f"export-trl needs one kind of record per file, got completions named {sorted(kinds)}; "
+                              "export preference pairs and unpaired/prompt-completion data separately")
+    names = kinds.pop() if kinds else ("chosen", "rejected")
+    if names not in (("chosen", "rejected"), ("completion",)):
+        raise DataFormatError(f"export-trl handles preference pairs (chosen, rejected) and unpaired or "
+                              f"prompt-completion records (completion), got completions named {names}")
+    keys = ["ref_chosen_logps", "ref_rejected_logps"] if len(names) == 2 else ["ref_logps"]
+    cols: dict[str, list[float]] = {k: [] for k in keys}
     for ex in examples:
-        if ex.names != ("chosen", "rejected"):
-            raise DataFormatError(f"{ex.where}: export-trl needs preference pairs (chosen and rejected)")
-        for (ids, _), name in zip(ex.sequences(), ex.names, strict=True):
-            cols[f"ref_{name}_logps"].append(store.get_sum(ids))
+        for (ids, _), key in zip(ex.sequences(), keys, strict=True):
+            cols[key].append(store.get_sum(ids))
     return cols

@@ -1,0 +1,113 @@
+"""What the three trainer subclasses share: argument binding, the reference plan, and the set-up.
+
+The subclasses keep TRL's own code path and change only where the reference comes from. During
+TRL's ``__init__`` they set the config so that TRL builds no reference model of its own
+(``precompute_ref_log_probs=True`` for DPO/KTO, whose precompute pass is replaced by a no-op;
+``beta=0.0`` for GRPO) and run no ``SyncRefModelCallback`` (refmodel's ``Synced`` replaces it); the
+user's values are restored on the config afterwards. At loss time the reference log-probs are
+computed by refmodel on TRL's collated batch and handed to TRL's loss through the fields TRL already
+reads for precomputed references.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+from ...errors import ConfigError
+from ...reference import ReferenceConfig, Synced
+from ...reference._peft import is_peft_model
+from ._reference import ReferenceRunner, resolve_reference, unwrap
+from .callback import RefmodelCallback
+
+log = logging.getLogger(__name__)
+
+
+def bind_arguments(init, trainer, args: tuple, kwargs: dict) -> dict:
+    """TRL ``__init__``'s arguments by name (positional ones included), defaults filled in."""
+    bound = inspect.signature(init).bind(trainer, *args, **kwargs)
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    out.pop("self", None)
+    return out
+
+
+def default_config(config_cls, model, suffix: str):
+    """TRL's default config for ``model`` (what TRL builds when ``args=None``)."""
+    name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model") or "model"
+    return config_cls(f"{str(name).split('/')[-1]}-{suffix}")
+
+
+def dataset_columns(dataset) -> list[str]:
+    return list(getattr(dataset, "column_names", None) or [])
+
+
+class RefmodelTrainerMixin:
+    """Set-up shared by ``DPOTrainer``, ``KTOTrainer`` and ``GRPOTrainer`` (see the module docstring)."""
+
+    _refmodel_runner: ReferenceRunner | None = None
+    _refmodel_skip_precompute: bool = False
+
+    @property
+    def reference(self):
+        """The refmodel Reference this trainer uses (None when TRL handles the reference itself)."""
+        return None if self._refmodel_runner is None else self._refmodel_runner.reference
+
+    @property
+    def reference_runner(self) -> ReferenceRunner | None:
+        """Counters of the reference calls (rows, seconds, store hits and misses)."""
+        return self._refmodel_runner
+
+    def _refmodel_plan(self, reference, cfg, bound: dict, who: str) -> str | None:
+        """``"reference"`` (refmodel computes pi_ref), ``"sync"`` (PEFT TR-DPO), or None (plain TRL)."""
+        model, ref_model = bound["model"], bound.get("ref_model")
+        peft = bound.get("peft_config") is not None or is_peft_model(model)
+        if reference is not None:
+            if ref_model is not None:
+                raise ConfigError(f"{who}: pass reference= (a refmodel reference) or ref_model= (TRL's), not both")
+            if getattr(cfg, "precompute_ref_log_probs", False):
+                raise ConfigError(f"{who}: reference= replaces TRL's own reference pass, so "
+                                  "precompute_ref_log_probs=True has nothing to precompute; set it to False (a "
+                                  "refmodel store, reference=PATH or Precomputed(store), is refmodel's precompute)")
+            if cfg.sync_ref_model and not (isinstance(reference, (Synced, ReferenceConfig))):
+                raise ConfigError(f"{who}: sync_ref_model=True moves the reference, but reference= is a fixed "
+                                  f"{type(reference).__name__}; drop sync_ref_model, or pass "
+                                  "reference=ReferenceConfig(sync_ref_model=True, max_rank=...) or a Synced reference")
+            return "reference"
+        if cfg.sync_ref_model and peft:
+            if getattr(cfg, "precompute_ref_log_probs", False):
+                raise ConfigError(f"{who}: sync_ref_model=True moves the reference, so precomputed reference "
+                                  "log-probs (precompute_ref_log_probs=True) would go stale; use one of them")
+            return "sync"
+        return None
+
+    def _refmodel_build(self, mode: str, reference, cfg, *, temperature: float, who: str):
+        """The Reference, built after TRL's ``__init__`` (the policy is then final: PEFT-wrapped)."""
+        policy = unwrap(self)
+        rc = reference if isinstance(reference, ReferenceConfig) else None
+        if mode == "sync" or (rc is not None and (rc.sync_ref_model or cfg.sync_ref_model)):
+            steps = cfg.ref_model_sync_steps if cfg.sync_ref_model else rc.ref_model_sync_steps
+            alpha = cfg.ref_model_mixup_alpha if cfg.sync_ref_model else rc.ref_model_mixup_alpha
+            ref = Synced(policy, ref_model_sync_steps=steps, ref_model_mixup_alpha=alpha,
+                         max_rank=None if rc is None else rc.max_rank, temperature=temperature,
+                         # TRL may own an adapter called "ref" (a copy of a pretrained adapter)
+                         adapter_name="synced_ref")
+            log.info("%s: TR-DPO reference %r (every %d steps, alpha=%s)", who, ref, steps, alpha)
+            return ref
+        return resolve_reference(reference, policy, temperature=temperature, who=who)
+
+    def _refmodel_attach(self, ref, *, hint: str = "", kl_threshold: float | None = None) -> None:
+        tokenizer = getattr(self, "_tokenizer", None) or getattr(self, "processing_class", None)
+        self._refmodel_runner = ReferenceRunner(ref, tokenizer=tokenizer, hint=hint)
+        self.add_callback(RefmodelCallback(self._refmodel_runner, metrics=getattr(self, "_metrics", None),
+                                           unwrap=lambda m: unwrap(self, m), kl_threshold=kl_threshold))
+        log.info("%s: reference log-probs from refmodel %r; TRL holds no reference model", type(self).__name__, ref)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # refmodel answers the reference at loss time; TRL's precompute pass is not run.
+        if self._refmodel_skip_precompute:
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+
+__all__ = ["RefmodelTrainerMixin", "bind_arguments", "dataset_columns", "default_config"]

@@ -1,0 +1,65 @@
+"""``RefmodelCallback``: refmodel's reference metrics in TRL's logs, and the reference's ``on_step``.
+
+Per optimizer step it records ``refmodel/ref_seconds`` (wall time spent in the reference, all
+micro-batches of the step), ``refmodel/ref_rows`` (sequences scored) and, for a store,
+``refmodel/store_hits`` / ``refmodel/store_misses`` (rows answered by the store / computed live by a
+fallback). TRL averages its metric buffer over the logging interval, so a logged value is the mean per
+step. With ``kl_threshold`` it feeds the logged KL (TRL's ``kl`` key: GRPO's mean k3, KTO's batch KL)
+into a :class:`refmodel.kl.KLMonitor`, which warns once when the KL exceeds the threshold, and logs
+``refmodel/kl_warnings``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import TrainerCallback
+
+from ...losses.kl import KLMonitor
+
+log = logging.getLogger(__name__)
+
+
+class RefmodelCallback(TrainerCallback):
+    """Logs a :class:`ReferenceRunner`'s metrics and calls ``reference.on_step`` after each step.
+
+    Args:
+        runner: the trainer's :class:`~refmodel.integrations.trl._reference.ReferenceRunner`.
+        metrics: TRL's metric buffer (``trainer._metrics``: ``{"train": {name: [values]}}``); without it
+            the metrics are added to the logs in ``on_log``.
+        unwrap: maps the ``model`` TRL hands to callbacks to the policy module (drops DDP wrappers).
+        kl_threshold: nats; warn (once) when the logged ``kl`` exceeds it. ``None``: no monitor.
+    """
+
+    def __init__(self, runner, *, metrics: dict | None = None, unwrap=None, kl_threshold: float | None = None):
+        self.runner = runner
+        self.metrics = metrics
+        self.unwrap = unwrap or (lambda m: m)
+        self.monitor = KLMonitor(threshold=kl_threshold) if kl_threshold is not None else None
+        self._pending: dict[str, float] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.runner.reference.on_step(state.global_step, self.unwrap(model))
+        step = self.runner.take_metrics()
+        if self.metrics is not None:
+            for key, value in step.items():
+                self.metrics.setdefault("train", {}).setdefault(key, []).append(value)
+        else:
+            self._pending = step
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return control
+        if self.metrics is None and self._pending:
+            logs.update(self._pending)
+            self._pending = {}
+        if self.monitor is not None and "kl" in logs:
+            warned = self.monitor.warned
+            self.monitor.update(float(logs["kl"]), step=state.global_step)
+            logs["refmodel/kl_warnings"] = float(self.monitor.warned and not warned)
+        return control
+
+
+__all__ = ["RefmodelCallback"]
