@@ -32,6 +32,7 @@ from .models.cache import (  # noqa: E402
     load_reference_model,
 )
 from .models.fingerprint import fingerprint  # noqa: E402
+from .models.loading import load_model, load_tokenizer  # noqa: E402  (imports transformers only when called)
 from .models.quantize import QUANT_MODES, quantize_model  # noqa: E402
 from .precompute.job import precompute  # noqa: E402
 from .precompute.ray import precompute_on_ray  # noqa: E402  (imports ray only when called)
@@ -71,6 +72,8 @@ __all__ = [
     "ReferenceModelCache",
     "get_global_reference_cache",
     "load_reference_model",
+    "load_model",
+    "load_tokenizer",
     "quantize_model",
     "LogprobStore",
     "key_of",
