@@ -39,6 +39,7 @@ from .models.cache import (  # noqa: E402
 )
 from .models.fingerprint import fingerprint  # noqa: E402
 from .models.limits import position_limit  # noqa: E402
+from .models.loading import load_model, load_tokenizer  # noqa: E402  (imports transformers only when called)
 from .models.quantize import QUANT_MODES, quantize_model  # noqa: E402
 from .precompute.config import PrecomputeConfig  # noqa: E402
 from .precompute.job import precompute, repair_store  # noqa: E402
@@ -81,6 +82,8 @@ __all__ = [
     "ReferenceModelCache",
     "get_global_reference_cache",
     "load_reference_model",
+    "load_model",
+    "load_tokenizer",
     "quantize_model",
     "LogprobStore",
     "key_of",
