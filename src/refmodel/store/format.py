@@ -178,8 +178,10 @@ def write_shard(path: Path, entries: list[Entry], *, fingerprint: str, dtype: st
         offset += s.size
     values = np.concatenate(stored) if stored else np.zeros(0, dtype=_NP[DTYPES[dtype]])
     # 4-byte items first: safetensors allows no gaps, and this order keeps every tensor naturally aligned.
-    tensors = [("meta", "U32", meta), ("sums", "F32", sums), ("keys", "U8", keys), ("values", DTYPES[dtype], values)]
-    header, blobs, pos = {}, [], 0
+    tensors: list[tuple[str, str, np.ndarray]] = [("meta", "U32", meta), ("sums", "F32", sums), ("keys", "U8", keys),
+                                                  ("values", DTYPES[dtype], values)]
+    header: dict[str, dict] = {}
+    blobs, pos = [], 0
     for name, code, arr in tensors:
         data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
         header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [pos, pos + len(data)]}
@@ -279,7 +281,7 @@ class Shard:
             n = header.get("keys", {}).get("shape", [None])[0] if isinstance(header.get("keys"), dict) else None
             if not isinstance(n, int) or n < 0:
                 raise ValueError("tensor keys has no valid shape")
-            arrays = {}
+            arrays: dict[str, np.ndarray] = {}
             for name, (codes, shape) in _expected_tensors(n, self.version, self.dtype).items():
                 spec = header[name]
                 code, got_shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
@@ -299,7 +301,10 @@ class Shard:
             self.close()
             raise StoreCorrupt(f"store shard {path} is not a valid {FORMAT} file ({exc}); "
                                f"{repair_hint(path.parent)}") from exc
-        self.keys, self.meta, self.sums, self.values = (arrays[k] for k in ("keys", "meta", "sums", "values"))
+        self.keys: np.ndarray = arrays["keys"]  # U8 [N, 16]
+        self.meta: np.ndarray = arrays["meta"]  # U32 (I64 in v1) [N, 5]
+        self.sums: np.ndarray = arrays["sums"]  # F32 [N]
+        self.values: np.ndarray = arrays["values"]  # storage dtype [M]
         self._hi: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -318,9 +323,10 @@ class Shard:
         if not len(self) or not keys:
             return rows
         hi = np.frombuffer(b"".join(k[:8] for k in keys), dtype=">u8").astype(np.uint64)
-        pos = np.searchsorted(self.key_hi, hi)
+        key_hi = self.key_hi
+        pos = np.searchsorted(key_hi, hi)
         for i, (p, k) in enumerate(zip(pos.tolist(), keys, strict=True)):
-            while p < len(self) and self._hi[p] == hi[i]:
+            while p < len(self) and key_hi[p] == hi[i]:
                 if self.keys[p].tobytes() == k:
                     rows[i] = p
                     break
@@ -343,12 +349,14 @@ class Shard:
 
     def verify(self, expected_file_hash: str | None = None) -> None:
         """Full check: file hash (from the manifest), data checksum, key order and every entry's crc."""
+        mm = self._mm
+        assert mm is not None, "verify() on a closed shard"  # internal: a shard is only closed by its store
         if expected_file_hash is not None:
-            got = hashlib.blake2b(self._mm, digest_size=16).hexdigest()
+            got = hashlib.blake2b(mm, digest_size=16).hexdigest()
             if got != expected_file_hash:
                 raise StoreCorrupt(f"store shard {self.path} has blake2b {got}, the manifest says "
                                    f"{expected_file_hash}: the file is corrupt or was replaced")
-        got = hashlib.blake2b(self._mm[self.body_start:], digest_size=16).hexdigest()
+        got = hashlib.blake2b(mm[self.body_start:], digest_size=16).hexdigest()
         if got != self.meta_info.get("data_blake2b"):
             raise StoreCorrupt(f"store shard {self.path}: data checksum {got} != header "
                                f"{self.meta_info.get('data_blake2b')}; the file is corrupt")
@@ -358,10 +366,11 @@ class Shard:
             self.read(row)
 
     def close(self) -> None:
-        self.keys = self.meta = self.sums = self.values = self._hi = None
-        if getattr(self, "_mm", None) is not None:
+        # Drop our views first: an mmap with live exports cannot be closed.
+        self.keys = self.meta = self.sums = self.values = self._hi = None  # type: ignore[assignment]
+        mm, self._mm = getattr(self, "_mm", None), None
+        if mm is not None:
             try:
-                self._mm.close()
+                mm.close()
             except BufferError:  # a caller still holds a view; the mapping goes with it
                 pass
-            self._mm = None

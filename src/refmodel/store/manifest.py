@@ -85,7 +85,7 @@ def validate_manifest(manifest, file) -> dict:
             raise bad(f"shards[{i}]", spec, "an object with " + ", ".join(_SHARD_FIELDS))
         for field, kind in _SHARD_FIELDS.items():
             value = spec.get(field)
-            if kind is int and (not _is_int(value) or value < 0):
+            if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise bad(f"shards[{i}].{field}", value, "an integer >= 0")
             if kind is str and not isinstance(value, str):
                 raise bad(f"shards[{i}].{field}", value, "a string")

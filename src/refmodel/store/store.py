@@ -547,5 +547,6 @@ class LogprobStore:
                             f"{missed[0]}, key {keys[missed[0]].hex()}, {rows[missed[0]].shape[0]} real tokens); "
                             "check the tokenization and padding mask, or precompute these sequences")
         for i, hit in zip(lookup, hits, strict=True):
+            assert hit is not None  # every miss raised above
             results[i] = self._read(hit, rows[i].shape[0])
         return results
