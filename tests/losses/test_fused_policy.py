@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loss_helpers import MatmulFlops
 
 from refmodel import InvalidInput, fused_policy_loss, policy_loss, token_logprobs
 from refmodel.losses.kl import LMHead, exact
@@ -157,3 +158,18 @@ def test_second_backward_through_the_same_graph_is_a_clear_error():
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.loss.backward()
+
+
+@pytest.mark.parametrize("trainable,fused_units,unfused_units", [(False, 2, 2), (True, 3, 4)])
+def test_matmul_units_frozen_two_trainable_three(trainable, fused_units, unfused_units):
+    """The cost claim, counted exactly: one unit = 2 N H V (the head matmul of the scored rows)."""
+    h, w, b, y, mask, old, ref, _, adv = _setup(dtype=torch.float32, seed=9, trainable=trainable, bias=False)
+    unit = 2 * int(mask.sum()) * H * V
+    for fn, want in ((lambda: fused_policy_loss(h, w, y, old, adv, mask, ref_logps=ref, beta=0.1, chunk_size=4),
+                      fused_units),
+                     (lambda: policy_loss(token_logprobs(h, w, y), old, adv, mask, ref_logps=ref, beta=0.1),
+                      unfused_units)):
+        counter = MatmulFlops()
+        with counter:
+            fn().loss.backward()
+        assert counter.flops == want * unit

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from loss_helpers import MatmulFlops
 
 import refmodel
 from refmodel import ConfigError, InvalidInput, policy_loss
@@ -168,3 +169,17 @@ def test_demo_heldout_exact_kl_matches_the_models_logits(tiny_model_dirs):
     kl = (logp.exp() * (logp - logq)).sum(-1)
     mask = score[:, 1:]
     assert got == pytest.approx(float(kl[mask].mean()), rel=1e-4)
+
+
+def test_cost_four_matmul_units_for_dh_and_three_more_for_a_trainable_head():
+    """2 logit matmuls + 2 accumulations in the forward, none for dh in the backward; dW recomputes (2) + 1."""
+    g = torch.Generator().manual_seed(5)
+    n, H, V = 48, 16, 300
+    hp = torch.randn(n, H, generator=g, requires_grad=True)
+    hr = torch.randn(n, H, generator=g)
+    for trainable, units in ((False, 4), (True, 7)):
+        wp = torch.randn(V, H, generator=g).requires_grad_(trainable)
+        counter = MatmulFlops()
+        with counter:
+            exact(hp, wp, hr, torch.randn(V, H, generator=g), chunk_size=16, vocab_chunk_size=64).sum().backward()
+        assert counter.flops == units * 2 * n * H * V
