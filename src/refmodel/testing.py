@@ -110,8 +110,8 @@ def verifiable_prompts(n: int | None = None, seed: int = 0) -> list[dict[str, st
 
     ``n=None`` gives each of the 20 prompts once, in order; otherwise ``n`` prompts drawn with
     ``seed``. The prompt ends with the number, so the answer depends on the last prompt token: a
-    lookup the tiny random model can learn by RL alone (GRPO with LoRA: reward from ~0.01 to ~0.9 in a
-    few hundred steps, see ``tests/recipes/test_grpo.py``).
+    lookup the tiny random model can learn by RL alone (GRPO with LoRA: reward 0.006 -> 0.63 in 120 steps,
+    0.93 in 250, about a minute on CPU; see ``tests/recipes/test_grpo.py`` and ``refmodel demo --algo grpo``).
     """
     if n is None:
         return [{"prompt": f"what comes after {a}"} for a in range(20)]

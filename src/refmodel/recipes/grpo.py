@@ -12,11 +12,16 @@ One step (Shao et al. 2024, DeepSeekMath, Sec. 4; TRL's ``GRPOTrainer`` names):
    mismatch is corrected; no reference at all when ``beta == 0``);
 5. ``num_iterations`` optimizer steps over the batch, each with ``grad_accum_steps`` micro-batches
    whose losses are weighted so that the accumulated gradient is the whole batch's, then
-   ``reference.on_step(step, policy)`` (a ``Synced`` reference moves here);
+   ``reference.on_step(step, policy)`` (a ``Synced`` reference moves here); the loss is
+   :func:`refmodel.policy_loss` on :func:`refmodel.model_logprobs`, or with ``use_fused_policy_loss``
+   :func:`refmodel.fused_policy_loss` on the hidden states (same values; no entropy metric);
 6. metrics (JSONL): reward mean/std, the exact KL (full vocabulary, on the rollout's tokens) and
    the estimated one (``kl_estimator`` on the sampled tokens), clip fraction, entropy, IS ratio
    stats and the sampler/trainer log-prob gap, and the time in rollout / reward / reference / old /
    policy; a :class:`~refmodel.kl.KLMonitor` warns above ``kl_threshold``; a PNG of the curves.
+
+Not here (yet): TRL's ``steps_per_generation`` (several optimizer steps over slices of one batch) and
+KL in the reward; both fit the same scoring (``needs_old_logps`` already takes ``steps_per_rollout``).
 """
 
 from __future__ import annotations
