@@ -85,3 +85,13 @@ def test_kl_monitor_warns_above_the_threshold(setup, registered, caplog):
     assert out.metrics["kl_divergence"] > 1e-6
     assert kl_monitor(registered) is not None and kl_monitor(registered).warned
     assert any("exceeds the threshold" in r.getMessage() for r in caplog.records)
+
+
+def test_named_reference_quantized_through_the_cache(setup, registered):
+    _, policy, batch = setup
+    cache = get_global_reference_cache()
+    fp = forward_backward(policy, batch, loss_kwargs={"reference_model": registered, "beta": 0.05})
+    q = forward_backward(policy, batch, loss_kwargs={"reference_model": registered, "beta": 0.05, "quantize": "int8"})
+    assert cache.contains(registered, quantize="int8")
+    drift = (q.ref_logps - fp.ref_logps).abs()[batch["completion_mask"]]
+    assert 0 < float(drift.max()) < 0.5  # int8 moves the reference a little, never silently to nothing
