@@ -6,6 +6,7 @@ imported on first use.
 
 from . import losses  # noqa: E402  (torch only)
 from ._version import __version__
+from .data import Example, collate_examples, load_examples, tokenize_record  # noqa: E402
 from .errors import (  # noqa: E402
     ConfigError,
     DataFormatError,
@@ -33,6 +34,7 @@ from .models.cache import (  # noqa: E402
 )
 from .models.fingerprint import fingerprint  # noqa: E402
 from .models.quantize import QUANT_MODES, quantize_model  # noqa: E402
+from .precompute.config import PrecomputeConfig  # noqa: E402
 from .precompute.job import precompute  # noqa: E402
 from .precompute.ray import precompute_on_ray  # noqa: E402  (imports ray only when called)
 from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote stays lazy)
@@ -76,6 +78,11 @@ __all__ = [
     "key_of",
     "precompute",
     "precompute_on_ray",
+    "PrecomputeConfig",
+    "Example",
+    "collate_examples",
+    "load_examples",
+    "tokenize_record",
     "fingerprint",
     "head_logprobs",
     "model_logprobs",

@@ -224,3 +224,16 @@ def test_prepare_dataset_shortcut_is_the_trainer(tmp_path):
     ds, _ = _trl_dpo(rows, tok, SHORT, "keep_start")
     cols = ("prompt_ids", "chosen_ids", "rejected_ids")
     assert [[r[c] for c in cols] for r in trainer.train_dataset] == [[r[c] for c in cols] for r in ds]
+
+
+@pytest.mark.parametrize("form", ["text", "conversational"])
+def test_prompt_only_matches_grpo_trainer(tok, form):
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    from refmodel.data import tokenize_prompt
+
+    prompts = [r["prompt"] for r in _rows(form)]
+    self = SimpleNamespace(_is_vlm=False, environment_factories=None, processing_class=tok, tools=None,
+                           chat_template=None, chat_template_kwargs={})
+    theirs, _, _ = GRPOTrainer._tokenize_prompts(self, prompts)
+    assert [tokenize_prompt(p, tok) for p in prompts] == [list(t) for t in theirs]

@@ -59,3 +59,34 @@ def test_cli_store_serves_every_training_row(tmp_path, kind):
     result = train(model, tok, rows, cfg, reference=ref, eval_pairs=rows)
     assert ref.metrics() == {"hits": 2 * (3 * 4 + len(kept)), "misses": 0, "miss_rate": 0.0}
     assert result.reference_metrics["misses"] == 0
+
+
+@pytest.mark.integration
+def test_export_trl_uses_the_stores_tokenization(tmp_path):
+    """export-trl reads max_length from the store's job: DPO and KTO columns are the float32 sums of the
+    very sequences TRL will build (bf16 store), and the records TRL drops get nulls."""
+    import json
+
+    import torch
+
+    from refmodel import model_logprobs
+    from refmodel.data import load_examples
+
+    model_dir = make_tiny_model("llama", tmp_path / "model", tokenizer="bos_eos")
+    pairs = preference_pairs(4, seed=3)
+    rows = pairs[:2] + [{"prompt": p["prompt"], "completion": p["chosen"] + " so" * 30, "label": True}
+                        for p in pairs[2:]] + [{**pairs[0], "prompt": "so " * 40}]
+    data = write_jsonl(rows, tmp_path / "mixed.jsonl")
+    run_cli("precompute", "--model", model_dir, "--data", data, "--out", tmp_path / "s", "--max-length", MAX_LENGTH)
+    run_cli("store", "export-trl", tmp_path / "s", "--data", data, "--model", model_dir, "--out", tmp_path / "t.jsonl")
+    got = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert got[-1]["ref_chosen_logps"] is None and got[-1]["ref_rejected_logps"] is None  # dropped by TRL
+    model, tok = load_tiny(model_dir)
+    for row, out in zip(rows[:-1], got[:-1], strict=True):
+        ex = load_examples([row], tok, max_length=MAX_LENGTH)[0]
+        cols = ["ref_logps"] if "label" in row else ["ref_chosen_logps", "ref_rejected_logps"]
+        for (ids, mask), col in zip(ex.sequences(), cols, strict=True):
+            assert len(ids) <= MAX_LENGTH
+            with torch.no_grad():
+                want = model_logprobs(model, torch.tensor([ids]), score_mask=torch.tensor([mask])).sum()
+            assert out[col] == pytest.approx(float(want), abs=1e-4)  # float32 sums, not bf16 token values

@@ -178,19 +178,18 @@ def store_verify_cmd(path: str) -> None:
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
               help="Reference model (tokenizer + fingerprint check).")
 @click.option("--out", required=True, type=click.Path(), help=".jsonl, .parquet or a folder (HF save_to_disk).")
-@click.option("--max-length", type=click.IntRange(min=0), default=1024, show_default=True,
-              help="The trainer's max_length (0: no limit), as for precompute.")
-@click.option("--truncation-mode", type=click.Choice(["keep_start", "keep_end"]), default="keep_start",
-              show_default=True, help="The trainer's truncation_mode.")
-def store_export_trl_cmd(path: str, data: str, model: str, out: str, max_length: int, truncation_mode: str) -> None:
-    """Write DATA with the reference columns of TRL's trainers, from the store.
+@click.option("--max-length", type=click.IntRange(min=0), default=None,
+              help="TRL's max_length (0: no limit). [default: the store's, from its precompute]")
+@click.option("--truncation-mode", type=click.Choice(list(TRUNCATION_MODES)), default=None,
+              help="TRL's truncation_mode. [default: the store's, from its precompute]")
+def store_export_trl_cmd(path: str, data: str, model: str, out: str, max_length, truncation_mode) -> None:
+    """Write DATA with TRL's ref_chosen_logps / ref_rejected_logps (or KTO's ref_logps) columns from the store.
 
-    Preference pairs get ref_chosen_logps / ref_rejected_logps, unpaired (KTO) records ref_logps. They
-    are read by refmodel.integrations.trl.DPOTrainer / KTOTrainer; plain TRL computes its own.
+    The columns are read by refmodel.integrations.trl.DPOTrainer / KTOTrainer; plain TRL computes its own.
     """
     from .store import export_trl_command
 
-    export_trl_command(path, data, model, out, max_length or None, truncation_mode)
+    export_trl_command(path, data, model, out, max_length, truncation_mode)
 
 
 @store_group.command("import-halos")

@@ -65,27 +65,39 @@ def _fingerprint_of(model: str) -> tuple[object, object, str]:
 
 
 @_user_errors
-def export_trl_command(path: str, data: str, model: str, out: str, max_length: int | None = 1024,
-                       truncation_mode: str = "keep_start") -> None:
-    from ..data import load_records
-    from ..data.tokenize import tokenize_record
+def export_trl_command(path: str, data: str, model: str, out: str, max_length: int | None = None,
+                       truncation_mode: str | None = None) -> None:
+    """Write DATA with TRL's reference columns, each record tokenized by :mod:`refmodel.data` with the
+    store's own tokenization settings (recorded by ``refmodel precompute``) unless given.
+
+    Preference records get ``ref_chosen_logps`` / ``ref_rejected_logps``, unpaired (KTO) records
+    ``ref_logps``: the stored float32 sequence sums. Records TRL drops get null columns.
+    """
+    from ..data import load_records, tokenize_record
+    from ..errors import DataFormatError
+    from ..precompute.config import PrecomputeConfig
     from ..store import LogprobStore
-    from ..store.interop import trl_columns
 
     _, tok, fp = _fingerprint_of(model)
     store = LogprobStore.open(path, fp)
-    rows, examples = [], []
+    recorded = (store.job or {}).get("tokenization", {})
+    default = PrecomputeConfig()
+    settings = {"max_length": recorded.get("max_length", default.max_length) if max_length is None else
+                (max_length or None),
+                "truncation_mode": truncation_mode or recorded.get("truncation_mode", default.truncation_mode)}
+    rows, dropped = [], 0
     for where, record in load_records(data):
-        # The trainer's tokenization (max_length / truncation_mode), so the keys are the trainer's; records
-        # the trainer drops are left out here too.
-        ex = tokenize_record(record, tok, where, max_length=max_length, truncation_mode=truncation_mode)
-        if ex is not None:
-            rows.append(dict(record))
-            examples.append(ex)
-    cols = trl_columns(store, examples)
-    for name, values in cols.items():
-        for row, value in zip(rows, values, strict=True):
-            row[name] = value
+        ex = tokenize_record(record, tok, where, **settings)
+        row = dict(record)
+        if ex is not None and ex.names not in (("chosen", "rejected"), ("completion",)):
+            raise DataFormatError(f"{where}: export-trl writes preference or unpaired (KTO) records, not {ex.kind}")
+        names = ex.names if ex is not None else (
+            ("chosen", "rejected") if "chosen" in record else ("completion",))
+        sums = [None] * len(names) if ex is None else [store.get_sum(ids) for ids, _ in ex.sequences()]
+        dropped += ex is None
+        for name, value in zip(names, sums, strict=True):
+            row["ref_logps" if name == "completion" else f"ref_{name}_logps"] = value
+        rows.append(row)
     out_path = Path(out)
     if out_path.suffix == ".jsonl":
         from ..testing import write_jsonl
@@ -100,7 +112,8 @@ def export_trl_command(path: str, data: str, model: str, out: str, max_length: i
         from .._optional import require
 
         require("datasets", "trl").Dataset.from_list(rows).save_to_disk(str(out_path))
-    click.echo(f"wrote {len(rows)} rows with {' / '.join(cols)} to {out_path}; train on it with "
+    click.echo(f"wrote {len(rows)} rows with TRL's reference log-prob columns to {out_path} ({dropped} rows that "
+               f"TRL drops at max_length={settings['max_length']} have null columns); train on it with "
                "refmodel.integrations.trl.DPOTrainer / KTOTrainer (plain TRL computes its own reference)")
 
 

@@ -18,7 +18,8 @@ from .tokenize import Example
 
 def pad(rows: Sequence[Sequence], value=0, *, side: str = "right", dtype: torch.dtype = torch.long,
         width: int | None = None, pad_to_multiple_of: int | None = None) -> torch.Tensor:
-    """``[B, T]`` tensor of ``rows`` padded with ``value`` to the longest row (or ``width``).
+    """``[B, T]`` tensor of ``rows`` (sequences or 1-D tensors) padded with ``value`` to the longest row
+    (or ``width``).
 
     ``pad_to_multiple_of`` rounds ``T`` up (tensor-core friendly shapes), as TRL's ``pad`` does.
     """
@@ -35,7 +36,7 @@ def pad(rows: Sequence[Sequence], value=0, *, side: str = "right", dtype: torch.
         n = len(row)
         if n:
             cols = slice(0, n) if side == "right" else slice(t - n, t)
-            out[i, cols] = torch.as_tensor(list(row), dtype=dtype)
+            out[i, cols] = row.to(dtype) if isinstance(row, torch.Tensor) else torch.as_tensor(list(row), dtype=dtype)
     return out
 
 
@@ -49,10 +50,10 @@ def collate(sequences: Sequence[tuple[Sequence[int], Sequence[bool] | None]], pa
     for i, (s, m) in enumerate(zip(ids, masks, strict=True)):
         if len(s) != len(m):
             raise InvalidInput(f"row {i}: score_mask has {len(m)} values for {len(s)} tokens")
-    kw = dict(side=side, pad_to_multiple_of=pad_to_multiple_of)
-    return {"input_ids": pad(ids, pad_id, **kw),
-            "attention_mask": pad([[1] * len(s) for s in ids], 0, **kw),
-            "score_mask": pad(masks, False, dtype=torch.bool, **kw)}
+    multiple = pad_to_multiple_of
+    return {"input_ids": pad(ids, pad_id, side=side, pad_to_multiple_of=multiple),
+            "attention_mask": pad([[1] * len(s) for s in ids], 0, side=side, pad_to_multiple_of=multiple),
+            "score_mask": pad(masks, False, side=side, dtype=torch.bool, pad_to_multiple_of=multiple)}
 
 
 def collate_examples(examples: Sequence[Example], pad_id: int = 0, *,

@@ -50,9 +50,13 @@ class PrecomputeConfig:
     max_task_retries: int = 3
 
     def __post_init__(self):
+        from ..errors import InvalidInput
         from ..store.format import normalize_dtype
 
-        normalize_dtype(self.dtype)
+        try:
+            normalize_dtype(self.dtype)
+        except InvalidInput as exc:
+            raise ConfigError(str(exc)) from None
         check_settings(self.max_length, self.truncation_mode)
         for name in ("max_tokens_per_batch", "shard_examples"):
             if getattr(self, name) < 1:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import Example, load_examples, pad_id_of
+from ..data import Example, collate, load_examples, pad_id_of
 from ..errors import ConfigError, InvalidInput
 from ..logprobs.model import head_logprobs, model_logprobs, unwrap_causal_lm
 from ..models.fingerprint import fingerprint as model_fingerprint
@@ -150,19 +150,12 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     k = len(units[0].completions)
     if any(len(u.completions) != k for u in units):
         raise ValueError("units of one batch must have the same number of completions")
-    b, p_len, c_len = len(units), max(len(u.prompt) for u in units), max(len(c) for u in units for c in u.completions)
-    prompt = torch.full((b, p_len), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros(b, p_len, dtype=torch.long)
-    comp = torch.full((b * k, c_len), pad_id, dtype=torch.long)
-    comp_mask = torch.zeros(b * k, c_len, dtype=torch.long)
-    scored = torch.zeros(b * k, c_len, dtype=torch.bool)
-    for i, u in enumerate(units):
-        prompt[i, p_len - len(u.prompt):] = torch.tensor(u.prompt)
-        prompt_mask[i, p_len - len(u.prompt):] = 1
-        for j, (c, m) in enumerate(zip(u.completions, u.masks, strict=True)):
-            comp[i * k + j, :len(c)] = torch.tensor(c)
-            comp_mask[i * k + j, :len(c)] = 1
-            scored[i * k + j, :len(c)] = torch.tensor(m, dtype=torch.bool)
+    # Prompts left-padded (their last tokens line up for the cache), completions right-padded.
+    prompts = collate([(u.prompt, None) for u in units], pad_id, side="left")
+    prompt, prompt_mask = prompts["input_ids"], prompts["attention_mask"]
+    comps = collate([(c, m) for u in units for c, m in zip(u.completions, u.masks, strict=True)], pad_id)
+    comp, comp_mask, scored = comps["input_ids"], comps["attention_mask"], comps["score_mask"]
+    c_len = comp.shape[1]
     prompt_len = prompt_mask.sum(1)
     backbone = causal.base_model if causal.base_model is not causal else causal.model
     out = backbone(input_ids=prompt.to(device), attention_mask=prompt_mask.to(device),
@@ -192,15 +185,27 @@ def _score_full(model, units: list[Unit], pad_id: int, temperature: float) -> li
     device = next(model.parameters()).device
     seqs = [(u.prompt + c, (False,) * len(u.prompt) + m) for u in units for c, m in zip(u.completions, u.masks,
                                                                                          strict=True)]
-    t = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(seqs), t, dtype=torch.bool)
-    score = torch.zeros(len(seqs), t, dtype=torch.bool)
-    for r, (s, m) in enumerate(seqs):
-        ids[r, :len(s)], attn[r, :len(s)], score[r, :len(s)] = torch.tensor(s), True, torch.tensor(m)
+    batch = collate(seqs, pad_id)
+    ids, attn, score = batch["input_ids"], batch["attention_mask"], batch["score_mask"]
     logps = model_logprobs(model, ids.to(device), attn.to(device), score.to(device), temperature=temperature).cpu()
     return [make_entry(np.asarray(s, dtype=np.int64), logps[r, :len(s)].numpy(), np.asarray(m))
             for r, (s, m) in enumerate(seqs)]
+
+
+def check_positions(config, examples: list[Example]) -> None:
+    """ConfigError (before any store exists) when a sequence is longer than the model's position limit.
+
+    Some models would fail, others (Llama) silently score past the positions they were trained on.
+    """
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for ex in examples:
+        longest = len(ex.prompt_ids) + max((len(c) for c in ex.completions), default=0)
+        if longest > limit:
+            raise ConfigError(f"{ex.where}: a sequence of {longest} tokens is longer than the model's "
+                              f"max_position_embeddings={limit}; set max_length (--max-length) <= {limit} to "
+                              "truncate as TRL does, or drop the long records")
 
 
 def _load_model(model, tokenizer, model_kwargs):
@@ -238,8 +243,10 @@ def precompute(model, data, out, config: PrecomputeConfig | None = None, *, toke
     share_prompt, resume, progress = cfg.share_prompt, cfg.resume, cfg.progress
     fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
     examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+    check_positions(getattr(model, "config", None), examples)
     shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch, shard_examples=cfg.shard_examples,
                            share_prompt=share_prompt, temperature=temperature)
+    job["tokenization"] = {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode}  # for export-trl
     units = [u for shard in shards for u in shard]
     store = open_or_create_store(out, fp, dtype, job, resume=resume)
     out = Path(out)
@@ -266,4 +273,4 @@ def precompute(model, data, out, config: PrecomputeConfig | None = None, *, toke
 
 
 __all__ = ["precompute", "plan_units", "plan_batches", "plan_job", "open_or_create_store", "pending_shards",
-           "score_units", "shard_name", "Unit"]
+           "score_units", "shard_name", "Unit", "check_positions"]

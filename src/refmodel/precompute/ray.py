@@ -46,6 +46,7 @@ from .config import PrecomputeConfig
 from .job import (
     Unit,
     _load_model,
+    check_positions,
     open_or_create_store,
     pending_shards,
     plan_batches,
@@ -230,10 +231,13 @@ def precompute_on_ray(model_path, data, out, config: PrecomputeConfig | None = N
     model_path = str(Path(model_path).resolve())
     model, tokenizer = _load_model(model_path, None, model_kwargs)
     fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
+    model_config = model.config
     del model  # the actors hold the model; the driver only needed its fingerprint
     examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+    check_positions(model_config, examples)
     shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch, shard_examples=cfg.shard_examples,
                            share_prompt=share_prompt, temperature=temperature)
+    job["tokenization"] = {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode}  # for export-trl
     pad_id = pad_id_of(tokenizer)
     started = _connect(ray, cfg.ray_address)
     try:

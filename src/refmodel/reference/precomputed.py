@@ -121,7 +121,8 @@ class Precomputed:
 
     def _with_fallback(self, input_ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row by row: stored rows from the store, missing rows from the fallback (one batched call)."""
-        rows, missing = [], []
+        rows: list[torch.Tensor | None] = []
+        missing: list[int] = []
         for b in range(input_ids.shape[0]):
             try:
                 rows.append(torch.as_tensor(self.store.get_batch(input_ids[b:b + 1], attn[b:b + 1].long()),
@@ -144,7 +145,7 @@ class Precomputed:
                         self.misses, self.hits)
         hit = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         hit[idx] = False
-        return torch.stack(rows), hit
+        return torch.stack([r for r in rows if r is not None]), hit  # every row is filled by now
 
     def on_step(self, step: int, policy) -> None:
         """Stored log-probs never change."""

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .._optional import require
+from ..data.collate import pad as _pad_rows
 from ..errors import (
     InvalidBatch,
     ModelNotAllowed,
@@ -56,11 +57,8 @@ def _batch_arrays(input_ids, attention_mask=None, score_mask=None):
     rows = [list(r) for r in input_ids]
     lengths = [len(r) for r in rows]
     width = max(lengths, default=0)
-    ids = np.zeros((len(rows), width), dtype=np.int64)
-    pad = np.zeros((len(rows), width), dtype=np.uint8)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
-        pad[i, :len(r)] = 1
+    ids = _pad_rows(rows, 0, dtype=torch.int64).numpy()
+    pad = _pad_rows([[1] * n for n in lengths], 0, dtype=torch.uint8).numpy()
     if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
         raise InvalidBatch("input_ids holds values outside int32; token ids must fit in 32 bits")
 
@@ -70,10 +68,7 @@ def _batch_arrays(input_ids, attention_mask=None, score_mask=None):
         mask_rows = [list(m) for m in mask]
         if len(mask_rows) != len(rows) or any(len(m) != n for m, n in zip(mask_rows, lengths, strict=False)):
             raise InvalidBatch(f"{name} must have one row per sequence, each as long as its sequence")
-        out = np.zeros_like(pad)
-        for i, m in enumerate(mask_rows):
-            out[i, :len(m)] = m
-        return out
+        return _pad_rows(mask_rows, 0, dtype=torch.uint8, width=width).numpy()
 
     attn = widen("attention_mask", attention_mask)
     ragged = any(n != width for n in lengths)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.collate import pad
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs, position_ids_from_mask
 from ..models.fingerprint import finish_fingerprint, weights_digest
@@ -60,14 +61,11 @@ def _pad(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor | Non
     same_length = all(s.ids.numel() == length for s in seqs)
     if same_length and all(s.attn is None and s.score is None for s in seqs):
         return torch.stack([s.ids for s in seqs]).to(device), None, None
-    ids = torch.zeros(len(seqs), length, dtype=torch.long)
-    attn = torch.zeros(len(seqs), length, dtype=torch.bool)
-    score = torch.zeros(len(seqs), length, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        n = s.ids.numel()
-        ids[i, :n] = s.ids
-        attn[i, :n] = True if s.attn is None else s.attn
-        score[i, :n] = attn[i, :n] if s.score is None else s.score
+    ids = pad([s.ids for s in seqs], 0)
+    attn_rows = [torch.ones(s.ids.numel(), dtype=torch.bool) if s.attn is None else s.attn.bool() for s in seqs]
+    attn = pad(attn_rows, False, dtype=torch.bool)
+    score = pad([a if s.score is None else s.score for a, s in zip(attn_rows, seqs, strict=True)], False,
+                dtype=torch.bool)
     return ids.to(device), attn.to(device), score.to(device)
 
 

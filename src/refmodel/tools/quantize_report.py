@@ -34,7 +34,7 @@ PUBLISHED = "llama.cpp, Llama-3-8B vs 16-bit: mean KL q8_0 ~0.0014, q4_K_M ~0.03
 
 def read_pairs(path: str | Path, max_pairs: int | None = None) -> list[dict[str, str]]:
     """``{"prompt", "chosen", "rejected"}`` rows of a data file (JSONL, Parquet or an HF dataset folder)."""
-    from ..data.records import load_records  # JSONL / Parquet / HF folder, with FILE:LINE locations
+    from ..data import load_records  # JSONL / Parquet / HF folder, with FILE:LINE locations
 
     rows = []
     for where, row in load_records(path):
@@ -50,26 +50,15 @@ def read_pairs(path: str | Path, max_pairs: int | None = None) -> list[dict[str,
 
 
 def build_batches(tokenizer, pairs, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded ``(input_ids, attention_mask, score_mask)`` batches of prompt + chosen / rejected."""
-    seqs = []
-    for row in pairs:
-        n_prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
-        for completion in (row["chosen"], row["rejected"]):
-            ids = tokenizer(row["prompt"] + " " + completion, add_special_tokens=False)["input_ids"]
-            seqs.append((ids, n_prompt))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    """Right-padded ``(input_ids, attention_mask, score_mask)`` batches of prompt + chosen / rejected,
+    tokenized and padded by :mod:`refmodel.data` (TRL's rule, no truncation)."""
+    from ..data import collate, load_examples, pad_id_of
+
+    seqs = [s for ex in load_examples(pairs, tokenizer, max_length=None) for s in ex.sequences()]
     batches = []
     for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start:start + batch_size]
-        length = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-        attn = torch.zeros(len(chunk), length, dtype=torch.bool)
-        score = torch.zeros(len(chunk), length, dtype=torch.bool)
-        for i, (ids, n_prompt) in enumerate(chunk):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            attn[i, :len(ids)] = True
-            score[i, n_prompt:len(ids)] = True
-        batches.append((input_ids, attn, score))
+        b = collate(seqs[start:start + batch_size], pad_id_of(tokenizer))
+        batches.append((b["input_ids"], b["attention_mask"], b["score_mask"]))
     return batches
 
 
