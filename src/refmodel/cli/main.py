@@ -239,10 +239,9 @@ def store_repair_cmd(path: str, model: str | None, data: str | None, drop: bool)
 @click.option("--truncation-mode", type=click.Choice(list(TRUNCATION_MODES)), default=None,
               help="The trainer's truncation_mode. [default: the store's, from its precompute]")
 def store_export_trl_cmd(path: str, data: str, model: str, out: str, max_length, truncation_mode) -> None:
-    """Write DATA with the reference columns of TRL's trainers, from the store.
+    """Write DATA with TRL's ref_chosen_logps / ref_rejected_logps (or KTO's ref_logps) columns from the store.
 
-    Preference pairs get ref_chosen_logps / ref_rejected_logps, unpaired (KTO) records ref_logps. They
-    are read by refmodel.integrations.trl.DPOTrainer / KTOTrainer; plain TRL computes its own.
+    The columns are read by refmodel.integrations.trl.DPOTrainer / KTOTrainer; plain TRL computes its own.
     """
     from .store import export_trl_command
 
