@@ -55,11 +55,23 @@ def reference_tokens(reference, out) -> tuple[torch.Tensor, torch.Tensor]:
     return ours, out["completion_mask"].bool()
 
 
-def test_frozen_at_the_sampling_temperature_equals_trls_reference(models, trl_generation):
+def test_frozen_at_the_sampling_temperature_equals_trls_reference(models, trl_generation, monkeypatch):
+    import refmodel.logprobs.model as logprobs_model
+
     out, _ = trl_generation
     assert out["prompt_mask"].sum(1).unique().numel() > 1  # prompts of different lengths: left padding
     ref, _ = load(models[0])
+    head_rows = []
+    real_head = logprobs_model.token_logprobs
+
+    def spy(hidden, weight, targets, **kwargs):  # the fused head: which positions reach the vocabulary matmul
+        head_rows.append(int((targets != -100).sum()))
+        return real_head(hidden, weight, targets, **kwargs)
+
+    monkeypatch.setattr(logprobs_model, "token_logprobs", spy)
     ours, mask = reference_tokens(Frozen(ref, temperature=TEMPERATURE), out)
+    monkeypatch.undo()
+    assert head_rows == [int(out["completion_mask"].sum())]  # completion tokens only: no prompt token
     theirs = out["ref_per_token_logps"]
     assert (ours - theirs)[mask].abs().max() <= 1e-5
     assert (ours[~mask] == 0).all()  # padding after EOS is not scored

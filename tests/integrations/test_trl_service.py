@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("trl")
+httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+import torch  # noqa: E402
 import trl  # noqa: E402
 import trl.trainer.dpo_trainer as trl_dpo  # noqa: E402
 import trl.trainer.grpo_trainer as trl_grpo  # noqa: E402
@@ -101,8 +103,15 @@ def test_grpo_with_a_remote_reference_at_the_sampling_temperature(models, server
     assert abs(first_log(ours)["kl"]) <= 1e-6
     # per-token, on TRL's batch directly
     ids, attn, keep = generation_batch(theirs[0])
-    direct = remote.logprobs(ids, attn, completion_score_mask(attn, keep))[:, -keep:]
+    score = completion_score_mask(attn, keep)
+    direct = remote.logprobs(ids, attn, score)[:, -keep:]
     assert (direct - theirs[0]["ref_per_token_logps"])[mask].abs().max() <= 1e-5
+    # the JSON route takes the same temperature and names the same fingerprint
+    body = httpx.post(server.url + "/v1/logprobs", timeout=30, json={
+        "model": "policy", "input_ids": ids.tolist(), "attention_mask": attn.tolist(),
+        "score_mask": score.long().tolist(), "temperature": TEMPERATURE}).json()
+    assert body["fingerprint"] == remote.fingerprint
+    assert (torch.tensor(body["logprobs"])[:, -keep:] - direct).abs().max() <= 1e-6
 
 
 def test_a_bare_url_needs_a_service_with_one_model(models, server, tmp_path):

@@ -79,7 +79,8 @@ BAD_JSON = [
     ({"model": "tiny", "input_ids": [[2, 5, 6]], "score_start": [1, 2]}, 422, "score_start", "2 entries"),
     ({"model": "tiny", "input_ids": [[2, 5, 6]], "score_start": 9}, 422, "score_start", "0 <= score_start <= 3"),
     ({"model": "tiny"}, 422, "input_ids", "Field required"),
-    ({"model": "tiny", "input_ids": [[2, 5]], "temperature": 2}, 422, "temperature", "Extra inputs"),
+    ({"model": "tiny", "input_ids": [[2, 5]], "top_p": 0.9}, 422, "top_p", "Extra inputs"),
+    ({"model": "tiny", "input_ids": [[2, 5]], "temperature": 0}, 422, "temperature", "greater than 0"),
 ]
 
 

@@ -86,8 +86,9 @@ class RefmodelTrainerMixin:
         policy = unwrap(self)
         rc = reference if isinstance(reference, ReferenceConfig) else None
         if mode == "sync" or (rc is not None and (rc.sync_ref_model or cfg.sync_ref_model)):
-            steps = cfg.ref_model_sync_steps if cfg.sync_ref_model else rc.ref_model_sync_steps
-            alpha = cfg.ref_model_mixup_alpha if cfg.sync_ref_model else rc.ref_model_mixup_alpha
+            # TRL's settings when its config asks for the sync, else the ReferenceConfig's
+            source = cfg if cfg.sync_ref_model or rc is None else rc
+            steps, alpha = source.ref_model_sync_steps, source.ref_model_mixup_alpha
             ref = Synced(policy, ref_model_sync_steps=steps, ref_model_mixup_alpha=alpha,
                          max_rank=None if rc is None else rc.max_rank, temperature=temperature,
                          # TRL may own an adapter called "ref" (a copy of a pretrained adapter)
@@ -99,8 +100,9 @@ class RefmodelTrainerMixin:
     def _refmodel_attach(self, ref, *, hint: str = "", kl_threshold: float | None = None) -> None:
         tokenizer = getattr(self, "_tokenizer", None) or getattr(self, "processing_class", None)
         self._refmodel_runner = ReferenceRunner(ref, tokenizer=tokenizer, hint=hint)
-        self.add_callback(RefmodelCallback(self._refmodel_runner, metrics=getattr(self, "_metrics", None),
-                                           unwrap=lambda m: unwrap(self, m), kl_threshold=kl_threshold))
+        callback = RefmodelCallback(self._refmodel_runner, metrics=getattr(self, "_metrics", None),
+                                    unwrap=lambda m: unwrap(self, m), kl_threshold=kl_threshold)
+        self.add_callback(callback)  # type: ignore[attr-defined]
         log.info("%s: reference log-probs from refmodel %r; TRL holds no reference model", type(self).__name__, ref)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):

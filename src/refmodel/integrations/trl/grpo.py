@@ -76,7 +76,7 @@ class GRPOTrainer(RefmodelTrainerMixin, trl.GRPOTrainer):
         self.beta = beta
         ref = self._refmodel_build(mode, reference, cfg, temperature=float(cfg.temperature), who="GRPOTrainer")
         self._refmodel_attach(ref, kl_threshold=kl_threshold)
-        self.ref_model = _ReferenceStandIn(self._refmodel_runner)
+        self.ref_model = _ReferenceStandIn(self._refmodel_runner)  # type: ignore[assignment]
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):

@@ -68,7 +68,9 @@ class KTOTrainer(RefmodelTrainerMixin, trl.KTOTrainer):
         ids, attn = inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"]
         comp = inputs[f"{prefix}completion_mask"]
         names = [f"{what} of example {i}" for i in range(ids.shape[0])]
-        return self._refmodel_runner.sequence_logps(ids, attn, comp.bool() & attn.bool(), names)
+        runner = self._refmodel_runner
+        assert runner is not None  # only called with a refmodel reference
+        return runner.sequence_logps(ids, attn, comp.bool() & attn.bool(), names)
 
 
 __all__ = ["KTOTrainer"]
