@@ -17,7 +17,7 @@ import torch
 from safetensors.numpy import save_file
 
 from refmodel import StoreCorrupt
-from refmodel.data.records import Example
+from refmodel.data import Example
 from refmodel.store import LogprobStore, key_of
 from refmodel.store.format import SUM_IN_CRC, VERSION
 from refmodel.store.interop import trl_columns
