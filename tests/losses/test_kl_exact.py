@@ -149,15 +149,16 @@ def test_refmodel_kl_exact_is_exported_and_validates():
 
 def test_demo_heldout_exact_kl_matches_the_models_logits(tiny_model_dirs):
     """The demo's KL panel: exact KL per completion token of held-out pairs, 0 for the reference itself."""
+    from refmodel.data import collate_examples
     from refmodel.recipes.demo import heldout_exact_kl
-    from refmodel.recipes.train import collate, tokenize_pairs
+    from refmodel.recipes.train import tokenize_preferences
     from refmodel.testing import load_tiny, preference_pairs
 
     base, tok = load_tiny(tiny_model_dirs["llama"])
     policy = copy.deepcopy(base)
     with torch.no_grad():
         policy.lm_head.weight.add_(0.2 * torch.randn_like(policy.lm_head.weight))
-    batch = collate(tokenize_pairs(preference_pairs(6, seed=1), tok), tok.pad_token_id)
+    batch = collate_examples(tokenize_preferences(preference_pairs(6, seed=1), tok), tok.pad_token_id)
     assert heldout_exact_kl(base, base, batch) == pytest.approx(0.0, abs=1e-6)
     got = heldout_exact_kl(policy, base, batch)
     attn, score = batch["attention_mask"], batch["score_mask"]

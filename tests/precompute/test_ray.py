@@ -94,6 +94,12 @@ def test_equals_single_process_bytes(ray_address, job, tmp_path):
     class RecordingScorer(ShardScorer):  # defined here so Ray ships it by value
         def score_shard(self, index, units):
             (visits / f"{index}-{os.getpid()}-{time.monotonic_ns()}").touch()
+            # Hold the first shard until the other actor has started one too (at most 60 s): on a loaded
+            # machine one actor could otherwise finish every shard before the other has loaded its model,
+            # and "both actors took part" would test the scheduler's timing instead of the job's spread.
+            deadline = time.monotonic() + 60
+            while len({f.name.split("-")[1] for f in visits.iterdir()}) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
             return super().score_shard(index, units)
 
     store = precompute_on_ray(model_dir, data, tmp_path / "ray", num_workers=2, dtype="float32", progress=False,
