@@ -19,6 +19,8 @@ class InvalidInput(RefModelError, ValueError):
 class InvalidBatch(InvalidInput):
     """A batch (ids, masks) is malformed: ragged, mismatched, out of vocabulary, empty or too long."""
 
+    field: str  # declared only (no class value): set on instances that name the offending field
+
 
 class ConfigError(InvalidInput):
     """A configuration or combination of options that cannot work together."""

@@ -19,7 +19,7 @@ import random
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Family = Literal["llama", "gpt2", "gemma2"]
 FAMILIES: tuple[str, ...] = ("llama", "gpt2", "gemma2")
@@ -253,9 +253,10 @@ def make_tokenizer(kind: str = "plain"):
 
 def tiny_config(family: str, vocab_size: int, **overrides):
     """The transformers config of a tiny model of ``family`` (llama, gpt2 or gemma2)."""
-    from transformers import Gemma2Config, GPT2Config, LlamaConfig
+    from transformers import Gemma2Config, GPT2Config, LlamaConfig, PretrainedConfig
 
-    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    common: dict[str, Any] = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    cfg: PretrainedConfig
     if family == "llama":  # untied head, RMSNorm, RoPE, grouped-query attention
         cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -288,7 +289,7 @@ def make_tiny_model(family: Family, path: str | Path, seed: int = 0, *, tokenize
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    tok = make_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    tok: Any = make_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer  # a tokenizer either way
     cfg = tiny_config(family, len(tok), **config_overrides)
     # Eager attention: identical numerics for padded and unpadded batches on CPU, and the only
     # implementation that applies Gemma-2's attention soft-capping.

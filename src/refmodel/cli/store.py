@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -109,7 +110,7 @@ def export_trl_command(path: str, data: str, model: str, out: str, max_length: i
     store = LogprobStore.open(path, fp)
     recorded = (store.job or {}).get("tokenization", {})
     default = PrecomputeConfig()
-    settings = {"max_length": recorded.get("max_length", default.max_length) if max_length is None else
+    settings: dict[str, Any] = {"max_length": recorded.get("max_length", default.max_length) if max_length is None else
                 (max_length or None),
                 "truncation_mode": truncation_mode or recorded.get("truncation_mode", default.truncation_mode)}
     rows, dropped = [], 0

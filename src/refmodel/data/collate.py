@@ -16,7 +16,7 @@ from ..errors import InvalidInput
 from .tokenize import Example
 
 
-def pad(rows: Sequence[Sequence], value=0, *, side: str = "right", dtype: torch.dtype = torch.long,
+def pad(rows: Sequence[Sequence | torch.Tensor], value=0, *, side: str = "right", dtype: torch.dtype = torch.long,
         width: int | None = None, pad_to_multiple_of: int | None = None) -> torch.Tensor:
     """``[B, T]`` tensor of ``rows`` (sequences or 1-D tensors) padded with ``value`` to the longest row
     (or ``width``).

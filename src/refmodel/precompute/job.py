@@ -105,7 +105,9 @@ def plan_units(examples: list[Example]) -> list[Unit]:
 
 def plan_batches(units: list[Unit], max_tokens: int) -> list[list[Unit]]:
     """Greedy batches of consecutive units (same completion count) whose padded size stays under ``max_tokens``."""
-    batches, cur, p_max, c_max = [], [], 0, 0
+    batches: list[list[Unit]] = []
+    cur: list[Unit] = []
+    p_max, c_max = 0, 0
     for u in units:
         p, c = max(p_max, len(u.prompt)), max(c_max, max(map(len, u.completions)))
         k = len(u.completions)

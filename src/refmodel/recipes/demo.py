@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
@@ -112,12 +113,13 @@ def _strategy_table(base, tok_pairs, pad_id, store_path, trained, cfg) -> list[d
     from ..store import LogprobStore
 
     first = tok_pairs[:cfg.batch_size]
-    batch = collate_examples(first, pad_id)
+    batch: dict[str, Any] = collate_examples(first, pad_id)  # the input_ids/attention_mask/... tensors
     with torch.no_grad():
         policy_lp = model_logprobs(trained, **batch).sum(1)
     rows = []
     for name in ("frozen copy", "adapter disabled (LoRA)", "precomputed (store)"):
         policy = copy.deepcopy(base)
+        ref: AdapterDisabled | Frozen | Precomputed
         if name.startswith("adapter"):
             policy = add_lora(policy, r=8, seed=cfg.seed)
             ref = AdapterDisabled(policy)

@@ -45,10 +45,10 @@ def run_grpo_demo(out: str | Path = "runs/demo_grpo", *, max_steps: int | None =
 
 def _run(out: Path, max_steps: int | None) -> dict:
     t0 = time.perf_counter()
-    cfg = DEMO_GRPO_CONFIG.__dict__ | {"output_dir": str(out)}
+    settings = DEMO_GRPO_CONFIG.__dict__ | {"output_dir": str(out)}
     if max_steps is not None:
-        cfg["max_steps"] = max_steps
-    cfg = GRPOConfig(**cfg)
+        settings["max_steps"] = max_steps
+    cfg = GRPOConfig(**settings)
     base, tok = load_tiny(make_tiny_model("llama", out / "model", seed=0))
     policy = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.seed)
     reference = AdapterDisabled(policy, temperature=cfg.temperature)

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -205,7 +206,7 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
         old = None if scored.old_logps is None else scored.old_logps[rows_d]
         ref = None if scored.ref_logps is None else scored.ref_logps[rows_d]
         rollout_logps = ro.sampler_logps[rows_d] if cfg.importance_sampling_correction else None
-        options = dict(loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+        options: dict[str, Any] = dict(loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                        kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_new_tokens)
         if cfg.use_fused_policy_loss:
             res, out = _fused_loss(policy, ids, attn, mask, old, advantages[rows_d], ref, rollout_logps,

@@ -285,7 +285,8 @@ def train(policy: nn.Module, tokenizer, train_pairs, cfg: TrainConfig = TrainCon
         metrics_file = open(out_dir / "metrics.jsonl", "w", encoding="utf-8")
         (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     result = TrainResult(policy=policy, kl_monitor=monitor)
-    order, cursor = [], 0
+    order: list[int] = []
+    cursor = 0
     rng = random.Random(cfg.seed)
     from tqdm.auto import tqdm
 

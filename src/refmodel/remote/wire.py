@@ -120,7 +120,7 @@ def decode_request(body: bytes) -> BinaryRequest:
             raise _invalid("temperature", f"temperature must be a finite number > 0, got {temperature}")
     ids = np.frombuffer(body, dtype="<i4", count=n, offset=offset).reshape(batch, length)
     offset += 4 * n
-    out = []
+    out: list[np.ndarray | None] = []
     for bit in (FLAG_ATTENTION, FLAG_SCORE):
         if flags & bit:
             out.append(np.frombuffer(body, dtype=np.uint8, count=n, offset=offset).reshape(batch, length))

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 LOSS_FNS: tuple[str, ...] = LOSS_TYPES
 # every option of refmodel.policy_loss except those forward_backward fills in itself
-_LOSS_KEYS = set(_policy_loss.__kwdefaults__) - {"loss_type", "ref_logps", "beta", "rollout_logps", "full_kl"}
+_LOSS_KEYS = set(_policy_loss.__kwdefaults__ or ()) - {"loss_type", "ref_logps", "beta", "rollout_logps", "full_kl"}
 _OWN_KEYS = {"reference_model", "beta", "temperature", "quantize", "kl_threshold", "remote_url", "remote_token",
              "max_local_bytes"}
 DEFAULT_KL_THRESHOLD = 1.0  # nats/token: well above healthy RL runs (verl logs 0.02-0.13, research note 9.3)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -186,11 +187,12 @@ def generate_rollouts(policy: nn.Module, tokenizer, prompts: Sequence, config: S
         torch.manual_seed(config.seed)
     was_training = policy.training
     policy.eval()
+    generate: Any = policy.generate  # a transformers model's GenerationMixin.generate
     try:
-        out = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=float(config.temperature),
-                              top_k=config.top_k, top_p=float(config.top_p), max_new_tokens=config.max_new_tokens,
-                              eos_token_id=sorted(eos_ids), pad_token_id=pad_id, output_scores=True,
-                              return_dict_in_generate=True, use_cache=True)
+        out = generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=float(config.temperature),
+                       top_k=config.top_k, top_p=float(config.top_p), max_new_tokens=config.max_new_tokens,
+                       eos_token_id=sorted(eos_ids), pad_token_id=pad_id, output_scores=True,
+                       return_dict_in_generate=True, use_cache=True)
     finally:
         policy.train(was_training)
     completion = out.sequences[:, width:]

@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -185,7 +186,8 @@ def _plain_head(causal: nn.Module):
     from ..logprobs.model import _resolve_head, logit_transform
     from ..losses.kl_exact import LMHead
 
-    head = _resolve_head(causal.get_output_embeddings())
+    hf: Any = causal  # a transformers model: get_output_embeddings() is not an nn.Module method
+    head = _resolve_head(hf.get_output_embeddings())
     if head.module is not None or head.extra:
         return None
     tf = logit_transform(causal.config)
@@ -212,7 +214,8 @@ def _full_logprobs(causal: nn.Module, hidden: torch.Tensor, temperature: float) 
     """``[N, V]`` float32 log-softmax of the head on ``hidden`` ``[N, H]`` (as the fused head transforms)."""
     from ..logprobs.model import _extend_hidden, _resolve_head, logit_transform
 
-    head = _resolve_head(causal.get_output_embeddings())
+    hf: Any = causal  # a transformers model: get_output_embeddings() is not an nn.Module method
+    head = _resolve_head(hf.get_output_embeddings())
     tf = logit_transform(causal.config)
     if head.module is not None:
         logits = head.module(hidden).float()

@@ -216,6 +216,7 @@ class LocalBatcher:
         items = [_Item(p, n, request, i) for i, (p, n) in enumerate(zip(payloads, tokens, strict=True))]
         self._pending.extend(items)
         self._set_admitted(self._admitted + len(items))
+        assert self._wake is not None  # set by start(); check_admission refused the request otherwise
         self._wake.set()
         try:
             return await request.future
@@ -232,6 +233,7 @@ class LocalBatcher:
         return (len(batch) + 1) * longest <= self.max_batch_tokens
 
     async def _collect(self) -> list[_Item]:
+        assert self._wake is not None  # the loop runs only after start()
         while not self._pending:
             self._wake.clear()
             await self._wake.wait()

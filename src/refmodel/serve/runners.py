@@ -88,10 +88,11 @@ def run_logprobs(served: ServedModel, seqs: list[Sequence]) -> list[np.ndarray]:
     temperature = seqs[0].temperature if seqs else 1.0
     ids, attn, score = _pad(seqs, served.device)
     if attn is not None and bool(attn.all()):  # all-ones masks sent explicitly: same fast path
+        assert score is not None  # _pad returns both masks or neither
         attn, score = None, None if bool(score.all()) else score
     with torch.inference_mode():
-        out = model_logprobs(served.model, ids, attn, score, temperature=temperature).float().cpu().numpy()
-    return [out[i, :s.ids.numel()] for i, s in enumerate(seqs)]
+        lp = model_logprobs(served.model, ids, attn, score, temperature=temperature).float().cpu().numpy()
+    return [lp[i, :s.ids.numel()] for i, s in enumerate(seqs)]
 
 
 def run_rewards(served: ServedModel, seqs: list[Sequence]) -> list[float]:
@@ -99,7 +100,7 @@ def run_rewards(served: ServedModel, seqs: list[Sequence]) -> list[float]:
     ids, attn, _ = _pad(seqs, served.device)
     if attn is None:
         attn = torch.ones_like(ids, dtype=torch.bool)
-    model = served.model
+    model: Any = served.model  # a transformers *ForSequenceClassification: base_model, score
     with torch.inference_mode():
         hidden = model.base_model(input_ids=ids, attention_mask=attn.long(),
                                   position_ids=position_ids_from_mask(attn), use_cache=False)[0]
@@ -122,7 +123,8 @@ def position_limit(config) -> tuple[str, int] | None:
 
 
 def _describe(name: str, kind: str, model: torch.nn.Module, device) -> ServedModel:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config: Any = model.config  # a transformers PretrainedConfig
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     first = next(model.parameters())
     digest = weights_digest(model.state_dict().items())
     return ServedModel(name=name, kind=kind, model=model, fingerprint=finish_fingerprint(digest),
@@ -157,9 +159,10 @@ def load_reward_model(name: str, path: str, device: str) -> ServedModel:
         if isinstance(exc, RefModelError):
             raise
         raise ConfigError(f"cannot load reward model {name!r} from {path}: {exc}") from exc
-    if model.config.num_labels != 1 or not hasattr(model, "score"):
+    config: Any = model.config  # a transformers PretrainedConfig
+    if config.num_labels != 1 or not hasattr(model, "score"):
         raise ConfigError(f"reward model {name!r} must be a *ForSequenceClassification with num_labels=1 "
-                          f"and a `score` head, got {type(model).__name__} with {model.config.num_labels} labels")
+                          f"and a `score` head, got {type(model).__name__} with {config.num_labels} labels")
     served = _describe(name, "rewards", model, device)
     log.info("serving reward model %s from %s, fingerprint %s", name, path, served.fingerprint)
     return served

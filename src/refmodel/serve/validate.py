@@ -153,7 +153,7 @@ def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=N
             bad &= attn  # padding may hold anything
         if bad.any():
             pos = int(bad.nonzero()[0, 0])
-            raise _outside_vocab(i, pos, ids[pos].item(), limits.vocab_size)
+            raise _outside_vocab(i, pos, int(ids[pos].item()), limits.vocab_size)
         if attn is None and score_rows is None and starts is None:
             out.append(Sequence(ids, temperature=temperature))
             continue
