@@ -88,8 +88,8 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
         whiten: normalize the advantages to zero mean / unit variance over the masked tokens (verl
             ``masked_whiten``, TRL PPO ``whiten_rewards``-style).
     """
-    for name, t in (("rewards", rewards), ("values", values), ("mask", mask)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape != rewards.shape:
+    for name, given in (("rewards", rewards), ("values", values), ("mask", mask)):
+        if not isinstance(given, torch.Tensor) or given.dim() != 2 or given.shape != rewards.shape:
             raise InvalidInput(f"{name} must be a [B, T] tensor of the shape of rewards "
                                f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else '?'}")
     for name, value in (("gamma", gamma), ("lam", lam)):

@@ -30,6 +30,7 @@ own graph (from :func:`refmodel.kl.exact`).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -184,10 +185,11 @@ def fused_policy_loss(
         :class:`PolicyLoss` with the same values as the unfused path; ``per_token_loss`` is detached here
         (the gradient flows through ``loss`` only).
     """
-    unknown = set(options) - set(policy_loss.__kwdefaults__)
+    defaults: dict[str, Any] = policy_loss.__kwdefaults__ or {}  # policy_loss's keyword-only options
+    unknown = set(options) - set(defaults)
     if unknown:
         raise InvalidInput(f"unknown option(s) {sorted(unknown)}; fused_policy_loss takes the keywords of "
-                           f"policy_loss: {sorted(policy_loss.__kwdefaults__)}")
+                           f"policy_loss: {sorted(defaults)}")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or not isinstance(head_weight, torch.Tensor) or \
             head_weight.dim() != 2 or hidden.shape[-1] != head_weight.shape[1]:
         raise InvalidInput("hidden must be [B, T, H] and head_weight [V, H] with the same H, got "
@@ -205,15 +207,17 @@ def fused_policy_loss(
         raise InvalidInput(f"softcap must be None or a positive finite number, got {softcap!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise InvalidInput(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    kw = {**policy_loss.__kwdefaults__, **options}
-    head_kw = dict(bias=head_bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+    kw = {**defaults, **options}
+    head_kw: dict[str, Any] = dict(bias=head_bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                    chunk_size=chunk_size, fp32_accumulation=fp32_accumulation)
     level, rollout_logps = kw["importance_sampling_level"], kw["rollout_logps"]
     bmask = mask.bool() if isinstance(mask, torch.Tensor) else mask
     if level != "token" or (rollout_logps is not None and old_logps is None):
         safe = torch.where(bmask, targets, torch.full_like(targets, -100)) if isinstance(bmask, torch.Tensor) \
             else targets
-        return policy_loss(token_logprobs(hidden, head_weight, safe, **head_kw), old_logps, advantages, mask, **kw)
+        logps = token_logprobs(hidden, head_weight, safe, **head_kw)
+        assert isinstance(logps, torch.Tensor)  # a TokenLogprobs only with return_entropy=True, not asked here
+        return policy_loss(logps, old_logps, advantages, mask, **kw)
 
     opts = resolve_options(kw["loss_type"], kw["epsilon"], kw["epsilon_high"], kw["delta"], kw["dual_clip"], level,
                            kw["loss_agg_mode"], kw["beta"], kw["kl_estimator"], kw["use_bias_correction_kl"],
@@ -234,6 +238,7 @@ def fused_policy_loss(
         raise InvalidInput(f"target id {bad} at a masked-in position is outside the vocabulary [0, {vocab})")
     rho = invalid = None
     if rollout_logps is not None:
+        assert old_logps is not None  # rollout_logps without old_logps took the unfused path above
         rho, invalid = rollout_is_weights(old_logps.to(acc), rollout_logps, bmask, opts)
 
     def per_row(t):

@@ -192,7 +192,7 @@ class KLMonitor:
     def last(self) -> float | None:
         return self.history[-1][1] if self.history else None
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
         """``{count, mean, std, min, max, last}`` of the series so far."""
         return {"count": self.count, "mean": self.mean, "std": self.std, "min": self.min, "max": self.max,
                 "last": self.last}

@@ -120,7 +120,7 @@ class PolicyLoss:
         return {k: float(v) for k, v in self.__dict__.items() if k not in skip and v is not None}
 
 
-def _masked_stats(x: torch.Tensor, mask: torch.Tensor):
+def _masked_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mean, min, max)`` of ``x`` (``[B, T]`` with ``mask``, or ``[B, 1]`` per sequence), detached."""
     x = x.detach()
     sel = x[mask] if x.shape == mask.shape else x.reshape(-1)

@@ -134,7 +134,7 @@ def dpo(
     if loss_type == "sigmoid":
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
-        if chosen_lengths is not None:
+        if chosen_lengths is not None and rejected_lengths is not None:  # both or neither, checked above
             h = (_per_token(chosen_logratios, chosen_lengths, "chosen_lengths")
                  - _per_token(rejected_logratios, rejected_lengths, "rejected_lengths"))
         losses = (h - 1 / (2 * beta)) ** 2
@@ -179,7 +179,7 @@ def kto(
     ref = policy_chosen_logps if policy_chosen_logps.numel() else policy_rejected_logps
     if kl is not None:
         z0 = torch.as_tensor(kl, dtype=ref.dtype, device=ref.device).detach()
-    elif policy_kl_logps is not None:
+    elif policy_kl_logps is not None and ref_kl_logps is not None:  # both or neither, checked above
         z0 = (policy_kl_logps - ref_kl_logps).mean().detach()
     else:
         z0 = ref.new_zeros(())
