@@ -40,8 +40,12 @@ class TokenLogprobs(NamedTuple):
     entropy: torch.Tensor
 
 
-def _validate(hidden, weight, targets, bias, temperature, logit_scale, softcap, chunk_size,
-              vocab_chunk_size) -> None:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_head_inputs(hidden, weight, targets, bias, temperature, logit_scale, softcap, chunk_size,
+                      vocab_chunk_size) -> None:
     if weight.dim() != 2:
         raise InvalidInput(f"weight must be [V, H], got shape {tuple(weight.shape)}")
     if hidden.dim() not in (2, 3) or hidden.shape[-1] != weight.shape[1]:
@@ -55,11 +59,11 @@ def _validate(hidden, weight, targets, bias, temperature, logit_scale, softcap, 
         raise InvalidInput(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise InvalidInput(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if not (temperature > 0 and math.isfinite(temperature)):
+    if not (_is_number(temperature) and temperature > 0 and math.isfinite(temperature)):
         raise InvalidInput(f"temperature must be a positive finite number, got {temperature}")
-    if not (logit_scale > 0 and math.isfinite(logit_scale)):
+    if not (_is_number(logit_scale) and logit_scale > 0 and math.isfinite(logit_scale)):
         raise InvalidInput(f"logit_scale must be a positive finite number, got {logit_scale}")
-    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+    if softcap is not None and not (_is_number(softcap) and softcap > 0 and math.isfinite(softcap)):
         raise InvalidInput(f"softcap must be None or a positive finite number, got {softcap}")
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -99,7 +103,7 @@ def token_logprobs(
         float32 (float64 for float64 inputs) log-probs shaped like ``targets``, or a :class:`TokenLogprobs` with the entropy.
         Gradients flow exactly to ``hidden``, ``weight`` and ``bias``.
     """
-    _validate(hidden, weight, targets, bias, temperature, logit_scale, softcap, chunk_size, vocab_chunk_size)
+    check_head_inputs(hidden, weight, targets, bias, temperature, logit_scale, softcap, chunk_size, vocab_chunk_size)
     lead_shape = targets.shape
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t = targets.reshape(-1)

@@ -29,13 +29,12 @@ own graph (from :func:`refmodel.kl.exact`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ..errors import InvalidInput
-from ..logprobs.head import token_logprobs
+from ..logprobs.head import check_head_inputs, token_logprobs
 from ..logprobs.kernel import _HALF, LogitTransform, _acc_dtype, _coef_matmul_into, _logits_fp32
 from .policy import PolicyLoss, policy_loss, statistics
 from .policy_terms import (
@@ -190,23 +189,14 @@ def fused_policy_loss(
     if unknown:
         raise InvalidInput(f"unknown option(s) {sorted(unknown)}; fused_policy_loss takes the keywords of "
                            f"policy_loss: {sorted(defaults)}")
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or not isinstance(head_weight, torch.Tensor) or \
-            head_weight.dim() != 2 or hidden.shape[-1] != head_weight.shape[1]:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or not isinstance(head_weight, torch.Tensor):
         raise InvalidInput("hidden must be [B, T, H] and head_weight [V, H] with the same H, got "
                            f"{getattr(hidden, 'shape', None)} and {getattr(head_weight, 'shape', None)}")
-    if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(hidden.shape[:2]) or \
-            targets.dtype.is_floating_point or targets.dtype == torch.bool:
+    if not isinstance(targets, torch.Tensor):
         raise InvalidInput(f"targets must be an integer [B, T] = {tuple(hidden.shape[:2])} tensor of token ids, got "
-                           f"{getattr(targets, 'shape', None)} {getattr(targets, 'dtype', '')}")
-    if head_bias is not None and tuple(head_bias.shape) != (head_weight.shape[0],):
-        raise InvalidInput(f"head_bias must be [V] = [{head_weight.shape[0]}], got {tuple(head_bias.shape)}")
-    for name, value in (("temperature", temperature), ("logit_scale", logit_scale)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise InvalidInput(f"{name} must be a positive finite number, got {value!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
-        raise InvalidInput(f"softcap must be None or a positive finite number, got {softcap!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise InvalidInput(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+                           f"{type(targets).__name__}")
+    # The head's own checks (shapes, dtype, bias, temperature, logit scale, soft-cap, chunk size), as token_logprobs.
+    check_head_inputs(hidden, head_weight, targets, head_bias, temperature, logit_scale, softcap, chunk_size, None)
     kw = {**defaults, **options}
     head_kw: dict[str, Any] = dict(bias=head_bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                    chunk_size=chunk_size, fp32_accumulation=fp32_accumulation)
