@@ -20,6 +20,7 @@ CUDA, operands upcast once per call on CPU where that kernel does not exist).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -41,7 +42,8 @@ class TokenLogprobs(NamedTuple):
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # numbers.Real admits numpy scalars (np.float32 is no float subclass); bool is refused as a setting.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_head_inputs(hidden, weight, targets, bias, temperature, logit_scale, softcap, chunk_size,
