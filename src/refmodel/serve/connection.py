@@ -1,41 +1,79 @@
-"""uvicorn's h11 protocol with a deadline on the request head: slow and idle connections are closed.
+"""uvicorn's httptools protocol with two bounds on the request head: its size and its arrival time.
 
-uvicorn bounds an idle keep-alive connection (``timeout_keep_alive``) but not a connection that has
-just opened, nor one that trickles its head a byte at a time (slowloris: each byte restarts nothing,
-but the head never completes). Here a connection must deliver a complete request head within
-``header_timeout_s`` of opening, or of the first byte of its next request; otherwise it is closed.
-The head's size is bounded by h11 itself (``h11_max_incomplete_event_size``: 400 above it, the
-buffer never grows past the limit). h11 rather than httptools because httptools buffers a header of
-any size before the app could see it.
+The ASGI app (and :mod:`refmodel.serve.guard`) sees a request only once its head is complete, so what
+happens before that is bounded here, per connection:
+
+- **Size.** httptools hands a header to uvicorn only once its value is complete and buffers a partial
+  value of any length meanwhile (one 64 MiB header stalled every client). Here the bytes a connection
+  sends while its head is incomplete are counted; past ``max_head_bytes`` it gets a 431 and is closed,
+  so the buffer never exceeds the limit by more than one read (<= 256 KiB).
+- **Time.** uvicorn bounds an idle keep-alive connection (``timeout_keep_alive``) but not a connection
+  that has just opened, nor one that trickles its head a byte at a time (slowloris). Here a head must be
+  complete within ``header_timeout_s`` of the connection opening, or of the first byte of its next
+  request; otherwise the connection is closed.
+
+httptools (a C parser, llhttp) rather than h11 (pure Python) because the parser is most of a small
+request's server time: at B=8, T=128 h11 cost ~1.2 ms of CPU per request (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
 
-def guarded_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
-    """An ``H11Protocol`` subclass for ``uvicorn.Config(http=...)`` with the head deadline built in."""
+def _head_too_large(limit: int) -> bytes:
+    """The whole 431 answer (the service's error shape) for a head that grew past ``limit`` unfinished."""
+    body = json.dumps({"detail": f"the request head exceeds this server's limit of {limit} bytes; send fewer "
+                                 "or shorter headers", "field": "headers"}).encode()
+    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
-    class GuardedH11Protocol(H11Protocol):
+
+def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[asyncio.Protocol]:
+    """An ``HttpToolsProtocol`` subclass for ``uvicorn.Config(http=...)`` with the head bounds built in."""
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _in_head = True  # no complete head since the connection opened or the last request ended
+        _head_started = False  # the parser has seen the first byte of that head
+        _head_bytes = 0
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head_bytes += len(data)  # may include a body that follows: only checked if still in head
             super().data_received(data)
-            if self.conn.their_state is h11.IDLE:  # a partial head: the deadline runs from its first byte
-                self._arm()
-            else:
+            if not (self._in_head and self._head_started) or self.transport.is_closing():
+                return  # between requests an idle connection is uvicorn's keep-alive timeout's
+            if self._head_bytes > max_head_bytes:
+                log.debug("closing a connection whose request head passed %d bytes unfinished", max_head_bytes)
                 self._disarm()
+                self.transport.write(_head_too_large(max_head_bytes))
+                self.transport.close()
+            else:
+                self._arm()  # a partial head: the deadline runs from its first byte
+
+        def on_message_begin(self) -> None:
+            self._head_started = True
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._in_head, self._head_bytes = False, 0
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head, self._head_started, self._head_bytes = True, False, 0  # the next request's head
 
         def connection_lost(self, exc) -> None:
             self._disarm()
@@ -52,11 +90,11 @@ def guarded_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
 
         def _expire(self) -> None:
             self._head_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self._in_head and not self.transport.is_closing():
                 log.debug("closing a connection that sent no complete request head within %g s", header_timeout_s)
                 self.transport.close()
 
-    return GuardedH11Protocol
+    return GuardedHttpToolsProtocol
 
 
 __all__ = ["guarded_protocol"]

@@ -52,15 +52,16 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def uvicorn_config(app, settings: ServeSettings):
-    """The uvicorn settings of the service: the h11 protocol with its head limits, graceful shutdown."""
+    """The uvicorn settings of the service: the httptools protocol with its head limits, graceful shutdown."""
     uvicorn = require("uvicorn", "serve")
     from .connection import guarded_protocol
 
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                           timeout_graceful_shutdown=settings.shutdown_timeout_s, access_log=False,
                           lifespan="on", proxy_headers=False,  # client addresses are not used
-                          http=guarded_protocol(settings.header_timeout_s),
-                          h11_max_incomplete_event_size=settings.max_header_bytes,
+                          # no Server (names the stack) or Date header: each costs every client a header parse
+                          server_header=False, date_header=False,
+                          http=guarded_protocol(settings.header_timeout_s, settings.max_header_bytes),
                           timeout_keep_alive=settings.keep_alive_timeout_s)
 
 

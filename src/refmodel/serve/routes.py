@@ -108,7 +108,7 @@ async def logprobs_binary(request: Request) -> Response:
     rows = await state.batchers[decoded.model].submit(seqs, [s.ids.numel() for s in seqs])
     out = np.stack(rows) if rows else np.zeros(decoded.input_ids.shape, np.float32)
     fp = model.fingerprint_at(decoded.temperature)
-    return Response(wire.encode_response(fp, out), media_type=wire.CONTENT_TYPE, headers={"X-Refmodel-Fingerprint": fp})
+    return Response(wire.encode_response(fp, out), media_type=wire.CONTENT_TYPE)  # the fingerprint is in the body
 
 
 @router.post("/v1/rewards", responses=_errors(*_SCORING))
