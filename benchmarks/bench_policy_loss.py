@@ -2,6 +2,7 @@
 and Liger's LigerFusedLinearGRPOLoss(compiled=False), fwd+bwd, frozen and trainable head.
 
     python benchmarks/bench_policy_loss.py [--quick] [--reps N] [--impls fused,naive,...]
+    python benchmarks/bench_policy_loss.py --block-rows 131,512,1024   # the fused head's GEMMs by block size
 
 Shape: B x T = N completion tokens (default B=4, T=1024, N=4096; H=1024, V=32000, float32), every token
 scored; loss: DAPO (token-mean) with k3 KL in the loss (beta=0.04), old and reference log-probs given.
@@ -154,6 +155,50 @@ def run(quick: bool, reps: int | None, impls: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def _block_pieces(h: torch.Tensor, w: torch.Tensor, rows: int) -> list:
+    """The fused head's four pieces over all row blocks of ``rows`` rows: logits, ``dh``, ``dW``, softmax."""
+    n, vocab = h.shape[0], w.shape[0]
+    buf, dh, dw = torch.empty(rows, vocab), torch.empty_like(h), torch.zeros_like(w)
+    blocks = [(s, min(rows, n - s)) for s in range(0, n, rows)]
+
+    def logits():
+        for s, m in blocks:
+            torch.mm(h[s:s + m], w.t(), out=buf[:m])
+
+    def grad_h():
+        for s, m in blocks:
+            torch.mm(buf[:m], w, out=dh[s:s + m])
+
+    def grad_w():
+        for s, m in blocks:
+            dw.addmm_(buf[:m].t(), h[s:s + m])
+
+    def softmax():
+        for _, m in blocks:
+            z = buf[:m]
+            z.sub_(z.amax(1, keepdim=True)).exp_()
+            z.mul_(1.0 / z.sum(1, keepdim=True))
+    return [logits, grad_h, grad_w, softmax]
+
+
+def block_study(block_rows: list[int], quick: bool, reps: int) -> None:
+    """Each piece of the fused head per row-block size, in units of one full ``h @ W.T`` (best of ``reps``
+    after a warm-up): on CPU each GEMM against ``W`` re-packs the whole weight, ~1/rows of the math."""
+    b, t, hidden, vocab = (4, 256, 512, 8000) if quick else (4, 1024, 1024, 32000)
+    torch.manual_seed(0)
+    h, w = torch.randn(b * t, hidden), torch.randn(vocab, hidden) / hidden**0.5
+    h @ w.T
+    unit = min(time_fn(lambda: h @ w.T, reps))
+    print(f"# fused head pieces by block size: N={b * t} H={hidden} V={vocab} float32; units of one h @ W.T "
+          f"({unit * 1e3:.1f} ms); best of {reps}; {provenance()}")
+    print(f"{'rows':>6}{'logits':>9}{'dh':>9}{'dW':>9}{'softmax':>9}")
+    for rows in block_rows:
+        pieces = _block_pieces(h, w, rows)
+        for fn in pieces:
+            fn()
+        print(f"{rows:>6}" + "".join(f"{min(time_fn(fn, reps)) / unit:>9.2f}" for fn in pieces))
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--case":
         impl, mode, *nums = sys.argv[2:]
@@ -164,5 +209,10 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="B=4, T=256, H=512, V=8000 instead of 4/1024/1024/32000")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per case (median reported)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--block-rows", default=None,
+                        help="instead: time the fused head's GEMMs in row blocks of these sizes (e.g. 131,512,1024)")
     args = parser.parse_args()
-    run(args.quick, args.reps, tuple(args.impls.split(",")))
+    if args.block_rows:
+        block_study([int(r) for r in args.block_rows.split(",")], args.quick, args.reps or 2)
+    else:
+        run(args.quick, args.reps, tuple(args.impls.split(",")))

@@ -14,13 +14,14 @@ trainable head 3 (``token_logprobs`` + autograd needs 2 and 4; naive full logits
 Why row blocks over the *whole* vocabulary rather than online vocabulary tiles (as ``token_logprobs``):
 ``g_i`` depends on ``logp_i``, which is final only after the last tile, so an online sweep would have to
 recompute the logits for ``dW`` (4 units). A block holds ``rows x V`` logits with ``rows = budget / V``
-(default budget ``2**25`` elements, 128 MiB fp32, 1048 rows at V = 32000; at least 16 rows), so memory stays
+(default budget ``24 * 2**20`` elements, 96 MiB fp32, 786 rows at V = 32000; at least 16 rows), so memory stays
 flat in V; ``dW`` and ``dh`` are the only ``O(V H)``/``O(N H)`` buffers, as in any backward. Why that
 budget: every block's two GEMMs against ``W`` re-pack the whole ``[V, H]`` weight on CPU (MKL/oneDNN), a
 cost of ~``1/rows`` of the math: at 131 rows the logits GEMM measured 1.5 matmul units, at 512 rows 1.0
-(``benchmarks/bench_policy_loss.py``: the frozen head takes 3.1 units at 131 rows, 2.15 at 524, 1.93 at
-1048). On CPU with a vocabulary of 128k or more, ``chunk_size=512`` buys that speed back for ``512 x V``
-fp32 of memory. Why not Liger's
+(``benchmarks/bench_policy_loss.py``, frozen head: 3.1 units at 131 rows, 2.15 at 524, 2.0 at 786, 1.9 at
+1048), while the block stays below the ``[T, V]`` fp32 logits of the one sequence that is the smallest
+chunk of Liger's ``LigerFusedLinearGRPOLoss`` (128 MiB at T = 1024). On CPU with a vocabulary of 128k or
+more, ``chunk_size=512`` buys that speed back for ``512 x V`` fp32 of memory. Why not Liger's
 ``LigerFusedLinearGRPOLoss``: its chunks are whole sequences (``[chunk, T, V]`` fp32 logits), it
 recomputes the log-probs' gradient with ``torch.autograd.grad`` over the chunk's graph, it zeroes the KL
 silently without a reference, and it has no dual-clip, verl aggregations or truncated IS modes.
@@ -52,7 +53,7 @@ from .policy_terms import (
     token_losses,
 )
 
-DEFAULT_BLOCK_ELEMENTS = 1 << 25
+DEFAULT_BLOCK_ELEMENTS = 24 << 20
 MIN_BLOCK_ROWS = 16
 
 
@@ -181,7 +182,7 @@ def fused_policy_loss(
         targets: ``[B, T]`` sampled token ids; only positions in ``mask`` are read (others may hold -100).
         old_logps, advantages, mask: as :func:`refmodel.policy_loss`.
         temperature, logit_scale, softcap: the logit transform (as ``token_logprobs``; the sampling temperature).
-        chunk_size: rows per block (default ``max(16, 2**25 // V)``: 1048 rows at V = 32000).
+        chunk_size: rows per block (default ``max(16, 24 * 2**20 // V)``: 786 rows at V = 32000).
         **options: every keyword of :func:`refmodel.policy_loss` (``loss_type``, ``epsilon``, ``ref_logps``,
             ``beta``, ``kl_estimator``, ``rollout_logps``, ...).
 
