@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +25,7 @@ from refmodel import model_logprobs
 from refmodel.recipes.train import add_lora
 from refmodel.reference import AdapterDisabled, Frozen, Synced
 from refmodel.rl import SamplingConfig, generate_rollouts, reference_logps
-from refmodel.testing import load_tiny, make_tiny_model, subprocess_env, verifiable_prompts
+from refmodel.testing import ServeProcess, load_tiny, make_tiny_model, verifiable_prompts
 from refmodel.tools.bench import peak_rss_bytes, provenance, reset_peak_rss, time_fn
 
 
@@ -37,27 +34,6 @@ def _rss() -> int:
         import os
 
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _start_server(path: Path, log: Path):
-    import socket
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "refmodel", "serve", "--port", str(port), "--model",
-                             f"base={path}"], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=subprocess_env())
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server did not start: {log.read_text()}")
 
 
 def main() -> None:
@@ -105,10 +81,10 @@ def main() -> None:
         }
         server = None
         if args.remote:
-            server = _start_server(path, Path(tmp) / "server.log")
+            server = ServeProcess(["--model", f"base={path}"], Path(tmp) / "server.log")
             from refmodel.reference import Remote
 
-            strategies["remote (HTTP service)"] = lambda: Remote(server[1], "base")
+            strategies["remote (HTTP service)"] = lambda: Remote(server.url, "base")
         print(f"# RL reference benchmark: llama hidden={args.hidden} layers={args.layers} ({params / 1e6:.2f} M "
               f"params, fp32), rollout batch {ro.batch_size} x {ro.input_ids.shape[1]} tokens "
               f"({tokens} completion tokens), micro-batch {args.micro_batch}, {args.threads} thread(s)")
@@ -132,8 +108,7 @@ def main() -> None:
                 del ref
         finally:
             if server is not None:
-                server[0].terminate()
-                server[0].wait(30)
+                server.stop()
 
 
 def _memory_bytes(ref) -> int:

@@ -18,11 +18,7 @@ import argparse
 import asyncio
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,16 +31,8 @@ import torch
 from refmodel import ReferenceClient, model_logprobs
 from refmodel.models.cache import load_reference_model
 from refmodel.remote import wire
-from refmodel.testing import make_tiny_model
-from refmodel.tools.bench import provenance
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from refmodel.testing import ServeProcess, make_tiny_model
+from refmodel.tools.bench import process_rss_mib, provenance
 
 
 def _cpu_s(pid: int) -> float:
@@ -54,34 +42,9 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class Server:
-    def __init__(self, model_dir: Path, *flags: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, "-m", "refmodel", "serve", "--model", f"tiny={model_dir}", "--port",
-               str(self.port), "--max-queue", "100000", "--torch-threads", str(torch.get_num_threads()), *flags]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not start")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
+def _serve(model_dir: Path, *flags: str) -> ServeProcess:
+    return ServeProcess(["--model", f"tiny={model_dir}", "--max-queue", 100000, "--torch-threads",
+                         torch.get_num_threads(), *flags], startup_s=180)
 
 
 def _rows(n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -136,12 +99,12 @@ def bench_load(model_dir: Path, clients: int, requests: int, seq_len: int, max_w
     rows = _rows(256, seq_len)
     results = {}
     for name, flags in (("batching", ["--max-wait-ms", str(max_wait_ms)]), ("no-batching", ["--no-batching"])):
-        server = Server(model_dir, *flags)
+        server = _serve(model_dir, *flags)
         try:
             asyncio.run(_load(server.url, clients, min(200, requests), rows))  # warm-up
-            rss_before, cpu_before, own_before = _rss_mib(server.proc.pid), _cpu_s(server.proc.pid), time.process_time()
+            rss_before, cpu_before, own_before = process_rss_mib(server.proc.pid), _cpu_s(server.proc.pid), time.process_time()
             res = asyncio.run(_load(server.url, clients, requests, rows))
-            res["rss_before_mib"], res["rss_after_mib"] = rss_before, _rss_mib(server.proc.pid)
+            res["rss_before_mib"], res["rss_after_mib"] = rss_before, process_rss_mib(server.proc.pid)
             res["server_cpu_ms"] = 1e3 * (_cpu_s(server.proc.pid) - cpu_before) / requests
             res["client_cpu_ms"] = 1e3 * (time.process_time() - own_before) / requests
             metrics = httpx.get(server.url + "/metrics").text
@@ -168,7 +131,7 @@ def bench_overhead(model_dir: Path, seq_lens: tuple[int, ...], batches: tuple[in
     thread like the server's model: on the main thread glibc's main malloc arena gives memory back and
     faults it in again, which measured ~5% slower at [32, 512] and would flatter the service."""
     model = load_reference_model(model_dir)
-    server = Server(model_dir, "--max-wait-ms", "0")
+    server = _serve(model_dir, "--max-wait-ms", "0")
     worker = ThreadPoolExecutor(1)
     try:
         with ReferenceClient(server.url, timeout_s=60) as client:

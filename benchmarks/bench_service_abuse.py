@@ -20,11 +20,6 @@ import argparse
 import asyncio
 import collections
 import multiprocessing
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,44 +28,17 @@ import httpx
 import numpy as np
 
 from refmodel.remote import wire
-from refmodel.testing import make_tiny_model
-from refmodel.tools.bench import provenance
+from refmodel.testing import ServeProcess, make_tiny_model
+from refmodel.tools.bench import process_rss_mib, provenance
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 TOKEN = "bench-token"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def start_server(model_dir: Path, root: Path) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+def start_server(model_dir: Path, root: Path) -> ServeProcess:
     token_file = root / "token"
     token_file.write_text(TOKEN)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "refmodel", "serve", "--model", f"tiny={model_dir}", "--port", str(port),
-           "--token-file", str(token_file), "--torch-threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    return ServeProcess(["--model", f"tiny={model_dir}", "--token-file", token_file, "--torch-threads", 1],
+                        token=TOKEN, startup_s=180)
 
 
 async def _read_answer(reader) -> tuple[int, bytes]:
@@ -225,10 +193,11 @@ def main() -> None:
     print(f"# reference service under abuse; {provenance()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_model("llama", Path(tmp) / "llama")
-        proc, port = start_server(model_dir, Path(tmp))
+        server = start_server(model_dir, Path(tmp))
+        proc, port = server.proc, server.port
         try:
             asyncio.run(valid_clients(port, args.clients, 2.0))  # warm-up
-            rss_start = _rss_mib(proc.pid)
+            rss_start = process_rss_mib(proc.pid)
             unloaded = asyncio.run(valid_clients(port, args.clients, args.unloaded_seconds))
             queue = multiprocessing.get_context("spawn").Queue()
             abuser = multiprocessing.get_context("spawn").Process(
@@ -236,15 +205,14 @@ def main() -> None:
             abuser.start()
             time.sleep(1.0)  # the abusers are connected before the valid clients measure
             loaded = asyncio.run(valid_clients(port, args.clients, args.seconds - 1.0))
-            rss_peak = _rss_mib(proc.pid)
+            rss_peak = process_rss_mib(proc.pid)
             outcomes = queue.get(timeout=120)
             abuser.join(60)
             time.sleep(1.0)
-            rss_end = _rss_mib(proc.pid)
+            rss_end = process_rss_mib(proc.pid)
             healthy = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            server.stop(60)
     print(f"unloaded:    {args.clients} valid clients, {unloaded['requests']} requests, errors "
           f"{unloaded['errors']}, p50 {unloaded['p50_ms']:.1f} ms, p99 {unloaded['p99_ms']:.1f} ms", flush=True)
     print(f"under abuse: {args.clients} valid clients, {loaded['requests']} requests, errors {loaded['errors']} "

@@ -1,4 +1,4 @@
-"""Helpers for the RL tests: a tiny LoRA policy that differs from its base, rollouts with EOS, a served reference.
+"""Helpers for the RL tests: a tiny LoRA policy that differs from its base, rollouts with EOS.
 
 (Not named conftest: ``from conftest import`` would clash with tests/conftest.py.)
 """
@@ -6,16 +6,11 @@
 from __future__ import annotations
 
 import copy
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import torch
 
 from refmodel.rl import SamplingConfig, generate_rollouts
-from refmodel.testing import subprocess_env, verifiable_prompts
+from refmodel.testing import verifiable_prompts
 
 
 def lora_policy(base, *, r: int = 4, seed: int = 1, scale: float = 0.3, perturb: bool = True):
@@ -53,47 +48,3 @@ def make_rollouts(policy, tok, n_prompts: int = 4, generations: int = 4, max_new
     cfg = SamplingConfig(num_generations=generations, max_new_tokens=max_new_tokens, temperature=temperature,
                          seed=seed, **kw)
     return generate_rollouts(policy, tok, verifiable_prompts(n_prompts, seed=seed), cfg)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """``python -m refmodel serve --model name=path [--reward-model name=path]`` on a free loopback port."""
-
-    def __init__(self, models: dict, log_path: Path, startup_s: float = 120.0, reward_models: dict | None = None):
-        import httpx
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [x for name, path in models.items() for x in ("--model", f"{name}={path}")]
-        args += [x for name, path in (reward_models or {}).items() for x in ("--reward-model", f"{name}={path}")]
-        self._log = open(log_path, "w")
-        self.log_path = log_path
-        self.proc = subprocess.Popen([sys.executable, "-m", "refmodel", "serve", "--port", str(self.port), *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=subprocess_env())
-        deadline = time.monotonic() + startup_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log_path.read_text()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from rl_helpers import Server, eos_likely, lora_policy, make_rollouts, perturb_adapter
+from rl_helpers import eos_likely, lora_policy, make_rollouts, perturb_adapter
 
 from refmodel.errors import ConfigError
 from refmodel.reference import AdapterDisabled, Frozen, Synced
@@ -21,7 +21,7 @@ from refmodel.rl import (
     reference_logps,
     score_rollouts,
 )
-from refmodel.testing import load_tiny
+from refmodel.testing import ServeProcess, load_tiny
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def _step1_loss(policy, ref_logps, ro, beta=0.1):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dirs, tmp_path_factory):
-    srv = Server({"tiny": tiny_model_dirs["llama"]}, tmp_path_factory.mktemp("srv") / "server.log")
+    srv = ServeProcess(["--model", f"tiny={tiny_model_dirs['llama']}"], tmp_path_factory.mktemp("srv") / "server.log")
     yield srv
     srv.stop()
 

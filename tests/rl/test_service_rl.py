@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rl_helpers import Server, lora_policy, make_rollouts
+from rl_helpers import lora_policy, make_rollouts
 
 from refmodel import get_global_reference_cache
 from refmodel.recipes.grpo import GRPOConfig, ServiceRewardModel, grpo
 from refmodel.rl import configure_reference_service, forward_backward, group_advantages
-from refmodel.testing import load_tiny, make_tokenizer, tiny_config, verifiable_prompts, verifiable_reward
+from refmodel.testing import (
+    ServeProcess,
+    load_tiny,
+    make_tokenizer,
+    tiny_config,
+    verifiable_prompts,
+    verifiable_reward,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +38,7 @@ def _reward_model(path):
 def server(tiny_model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("rl_srv")
     rm = _reward_model(root / "rm")
-    srv = Server({"tiny": tiny_model_dirs["llama"]}, root / "server.log", reward_models={"rm": rm})
+    srv = ServeProcess(["--model", f"tiny={tiny_model_dirs['llama']}", "--reward-model", f"rm={rm}"], root / "server.log")
     yield srv, rm
     srv.stop()
 

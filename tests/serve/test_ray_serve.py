@@ -18,12 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from serve_helpers import MAIN_LIMITS, TOKEN, Endpoint, free_port, make_tiny_reward_model, write_token_file
+from serve_helpers import MAIN_LIMITS, TOKEN, Endpoint, make_tiny_reward_model, write_token_file
 from service_checks import ServiceClientChecks, random_rows
 
 from refmodel import ReferenceClient, ServiceOverloaded
 from refmodel.logprobs.model import model_logprobs
-from refmodel.testing import load_tiny, run_cli, subprocess_env
+from refmodel.testing import free_port, load_tiny, run_cli, subprocess_env
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")

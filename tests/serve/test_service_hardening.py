@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from serve_helpers import HARDENED_TIMEOUT_S as TIMEOUT_S
-from serve_helpers import POSITIONS, TOKEN, free_port
+from serve_helpers import POSITIONS, TOKEN
 from service_checks import ATOL, expected, random_rows
 
 from refmodel import ReferenceClient, Unauthorized
 from refmodel.remote import wire
-from refmodel.testing import load_tiny, subprocess_env
+from refmodel.testing import free_port, load_tiny, subprocess_env
 
 pytestmark = pytest.mark.integration
 

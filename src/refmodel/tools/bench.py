@@ -41,6 +41,18 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def process_rss_mib(pid: int) -> float:
+    """Resident set (VmRSS) of another process, MiB; NaN where ``/proc`` does not say (not Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def reset_peak_rss() -> None:
     """Reset the kernel's resident-set high-water mark (Linux >= 4.0), so VmHWM measures from now."""
     with open("/proc/self/clear_refs", "w") as fh:

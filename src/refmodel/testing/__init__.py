@@ -21,6 +21,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from .processes import ServeProcess, free_port, run_cli, subprocess_env
+
 Family = Literal["llama", "gpt2", "gemma2"]
 FAMILIES: tuple[str, ...] = ("llama", "gpt2", "gemma2")
 
@@ -102,7 +104,7 @@ BUILTIN_DATASET_SIZE = 3000
 
 def builtin_dataset_path() -> Path:
     """Path of the bundled JSONL dataset: ``preference_pairs(3000, seed=0)``, one pair per line."""
-    return Path(__file__).parent / "assets" / "preference_pairs.jsonl"
+    return Path(__file__).parents[1] / "assets" / "preference_pairs.jsonl"
 
 
 def verifiable_prompts(n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
@@ -313,36 +315,18 @@ def load_tiny(path: str | Path):
 
     Through the safe loader (:func:`refmodel.models.loading.load_model`: safetensors only, no remote code).
     """
-    from .models.loading import load_model, load_tokenizer
+    from ..models.loading import load_model, load_tokenizer
 
     model = load_model(path, attn_implementation="eager", freeze=False)
     return model, load_tokenizer(path)
 
 
-def subprocess_env(**extra) -> dict:
-    """Environment for child processes that import *this* ``refmodel`` (its source tree first on PYTHONPATH)."""
-    import os
-
-    src = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run_cli(*args, check: bool = True, timeout: float = 600, **env):
-    """Run ``python -m refmodel ARGS`` in a child process; returns the ``CompletedProcess`` (text)."""
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "refmodel", *map(str, args)], capture_output=True, text=True,
-                          check=check, timeout=timeout, env=subprocess_env(**env))
-
-
 __all__ = [
     "FAMILIES",
+    "ServeProcess",
     "TOKENIZER_KINDS",
     "builtin_dataset_path",
+    "free_port",
     "iter_preference_pairs",
     "load_tiny",
     "make_tiny_model",
