@@ -2,7 +2,7 @@
 
 Status codes: missing or wrong bearer token 401; unknown model 404; body timeout 408; body over
 ``max_body_bytes`` 413; malformed batch 422 (``field`` names the part); queue full 429 with
-``Retry-After``; too many header fields 431; shutting down 503. Bad input never produces a 500; a 500
+``Retry-After``; too many or too large header fields 431; shutting down 503. Bad input never produces a 500; a 500
 means a bug and its traceback goes to the server log, never to the client.
 """
 
@@ -28,7 +28,7 @@ ERROR_STATUSES = {
     413: "the request body exceeds the server's max_body_bytes",
     422: "malformed request; `field` names the offending part",
     429: "the model's queue is full; retry after `Retry-After` seconds",
-    431: "too many header fields",
+    431: "too many header fields, or a request head larger than the server's max_header_bytes",
     503: "the server is shutting down",
 }
 
