@@ -30,3 +30,11 @@ def test_serve_process_is_ready_when_constructed_and_stops(tiny_model_dirs, tmp_
 def test_a_server_that_cannot_start_raises_with_its_log(tmp_path):
     with pytest.raises(RuntimeError, match=r"exited with [1-9][\s\S]*nothing to serve"):
         ServeProcess([], tmp_path / "server.log", startup_s=60)
+
+
+@pytest.mark.integration
+def test_a_server_that_never_answers_is_stopped_and_its_log_shown(tiny_model_dirs, tmp_path):
+    # startup_s shorter than loading the model: the deadline path stops the child and still reads its log
+    with pytest.raises(RuntimeError, match="did not answer /healthz within 0.01 s") as info:
+        ServeProcess(["--model", f"tiny={tiny_model_dirs['llama']}"], tmp_path / "server.log", startup_s=0.01)
+    assert "Traceback" not in str(info.value)

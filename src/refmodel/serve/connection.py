@@ -12,8 +12,9 @@ happens before that is bounded here, per connection:
   complete within ``header_timeout_s`` of the connection opening, or of the first byte of its next
   request; otherwise the connection is closed.
 
-httptools (a C parser, llhttp) rather than h11 (pure Python) because the parser is most of a small
-request's server time: at B=8, T=128 h11 cost ~1.2 ms of CPU per request (docs/benchmarks.md).
+httptools (a C parser, llhttp) rather than h11 (pure Python) because the parser was most of a small
+request's server time: with one 32-token sequence per request, h11 cost ~1 ms more server CPU per
+request (``benchmarks/bench_service.py``; figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ class ServeProcess:
         """What the server has written so far ("" when its output is discarded)."""
         if self._log is None or self.log_path is None:
             return ""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def terminate(self) -> None:
