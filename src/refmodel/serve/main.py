@@ -54,6 +54,7 @@ def bind(host: str, port: int) -> socket.socket:
 def uvicorn_config(app, settings: ServeSettings):
     """The uvicorn settings of the service: the httptools protocol with its head limits, graceful shutdown."""
     uvicorn = require("uvicorn", "serve")
+    require("httptools", "serve")  # the parser the connection bounds are written for
     from .connection import guarded_protocol
 
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
