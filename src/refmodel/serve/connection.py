@@ -6,7 +6,8 @@ happens before that is bounded here, per connection:
 - **Size.** httptools hands a header to uvicorn only once its value is complete and buffers a partial
   value of any length meanwhile (one 64 MiB header stalled every client). Here the bytes a connection
   sends while its head is incomplete are counted; past ``max_head_bytes`` it gets a 431 and is closed,
-  so the buffer never exceeds the limit by more than one read (<= 256 KiB).
+  so the buffer never exceeds the limit by more than one read (<= 256 KiB). The close lingers: what the
+  client still sends is read and dropped for up to ``LINGER_S`` so that it reads the 431 instead of a reset.
 - **Time.** uvicorn bounds an idle keep-alive connection (``timeout_keep_alive``) but not a connection
   that has just opened, nor one that trickles its head a byte at a time (slowloris). Here a head must be
   complete within ``header_timeout_s`` of the connection opening, or of the first byte of its next
@@ -27,6 +28,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
+LINGER_S = 2.0  # how long a refused connection's remaining input is read and dropped before closing
+
 
 def _head_too_large(limit: int) -> bytes:
     """The whole 431 answer (the service's error shape) for a head that grew past ``limit`` unfinished."""
@@ -44,22 +47,23 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[async
         _in_head = True  # no complete head since the connection opened or the last request ended
         _head_started = False  # the parser has seen the first byte of that head
         _head_bytes = 0
+        _refused = False
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # the rest of a refused head: dropped unread (the buffer stays empty)
             if self._in_head:
                 self._head_bytes += len(data)  # may include a body that follows: only checked if still in head
             super().data_received(data)
             if not (self._in_head and self._head_started) or self.transport.is_closing():
                 return  # between requests an idle connection is uvicorn's keep-alive timeout's
             if self._head_bytes > max_head_bytes:
-                log.debug("closing a connection whose request head passed %d bytes unfinished", max_head_bytes)
-                self._disarm()
-                self.transport.write(_head_too_large(max_head_bytes))
-                self.transport.close()
+                log.debug("refusing a request head that passed %d bytes unfinished", max_head_bytes)
+                self._refuse()
             else:
                 self._arm()  # a partial head: the deadline runs from its first byte
 
@@ -79,6 +83,23 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[async
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def _refuse(self) -> None:
+            """Answer 431 and close *lingering*: the answer, then our FIN, then what the client still sends is
+            read and dropped for up to ``LINGER_S``. Closing at once would reset a client that is still
+            sending its head, and a reset discards the 431 before the client reads it."""
+            self._disarm()
+            self._refused = True
+            self.transport.write(_head_too_large(max_head_bytes))
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+        def eof_received(self) -> bool | None:
+            if self._refused:
+                self.transport.close()  # the client has finished sending: nothing left to reset
+                return None
+            return super().eof_received()
 
         def _arm(self) -> None:
             if self._head_timer is None and not self.transport.is_closing():
