@@ -17,7 +17,7 @@ from serve_helpers import HARDENED_TIMEOUT_S as TIMEOUT_S
 from serve_helpers import POSITIONS, TOKEN
 from service_checks import ATOL, expected, random_rows
 
-from refmodel import ReferenceClient, Unauthorized
+from refmodel import ReferenceClient, RequestTooLarge, Unauthorized
 from refmodel.remote import wire
 from refmodel.testing import free_port, load_tiny, subprocess_env
 
@@ -129,6 +129,27 @@ def test_a_client_with_a_wrong_token_and_a_large_body_gets_unauthorized(server):
 
     with pytest.raises(Unauthorized, match="401"):
         asyncio.run(call())
+
+
+def test_a_refused_body_is_answered_not_reset_even_when_large(server):
+    # 4 MiB of ids (past --max-body-bytes 1 MiB): the server answers before reading the body and closes
+    # lingering, so the client, which sends the whole body before it reads, gets the answer and not a reset.
+    ids = torch.ones(32768, 32, dtype=torch.long)
+    for _ in range(3):
+        with ReferenceClient(server.url, token="wrong", max_retries=0) as client:
+            with pytest.raises(Unauthorized, match="401"):
+                client.compute_log_probs("short", ids)
+        with ReferenceClient(server.url, token=TOKEN, max_retries=0) as client:
+            with pytest.raises(RequestTooLarge, match="limit of 1048576 bytes"):
+                client.compute_log_probs("short", ids)
+
+    async def call():
+        async with ReferenceClient(server.url, token="wrong", max_retries=0) as client:
+            await client.acompute_log_probs("short", ids)
+
+    with pytest.raises(Unauthorized, match="401"):
+        asyncio.run(call())
+    assert httpx.get(server.url + "/v1/models", headers=server.headers).status_code == 200
 
 
 def test_header_size_and_count_limits(server):

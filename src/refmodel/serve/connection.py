@@ -39,6 +39,23 @@ def _head_too_large(limit: int) -> bytes:
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
 
+class _ClosesLingering:
+    """A request's view of the connection's transport: ``close()`` lingers while the request's body is
+    still arriving (the guard answered 401/413/408 before reading it), and closes at once otherwise."""
+
+    def __init__(self, transport: asyncio.Transport, protocol, cycle) -> None:
+        self._transport, self._protocol, self._cycle = transport, protocol, cycle
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        if self._cycle.more_body:
+            self._protocol.close_lingering()
+        else:
+            self._transport.close()
+
+
 def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[asyncio.Protocol]:
     """An ``HttpToolsProtocol`` subclass for ``uvicorn.Config(http=...)`` with the head bounds built in."""
 
@@ -47,15 +64,15 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[async
         _in_head = True  # no complete head since the connection opened or the last request ended
         _head_started = False  # the parser has seen the first byte of that head
         _head_bytes = 0
-        _refused = False
+        _draining = False  # answered and closing: input is read and dropped until the client stops
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
-            if self._refused:
-                return  # the rest of a refused head: dropped unread (the buffer stays empty)
+            if self._draining:
+                return  # the rest of a refused request: dropped unparsed (nothing is buffered)
             if self._in_head:
                 self._head_bytes += len(data)  # may include a body that follows: only checked if still in head
             super().data_received(data)
@@ -71,11 +88,6 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[async
             self._head_started = True
             super().on_message_begin()
 
-        def on_headers_complete(self) -> None:
-            self._in_head, self._head_bytes = False, 0
-            self._disarm()
-            super().on_headers_complete()
-
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._in_head, self._head_started, self._head_bytes = True, False, 0  # the next request's head
@@ -85,21 +97,36 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[async
             super().connection_lost(exc)
 
         def _refuse(self) -> None:
-            """Answer 431 and close *lingering*: the answer, then our FIN, then what the client still sends is
-            read and dropped for up to ``LINGER_S``. Closing at once would reset a client that is still
-            sending its head, and a reset discards the 431 before the client reads it."""
+            """Answer 431 (the head is still arriving) and close lingering."""
             self._disarm()
-            self._refused = True
             self.transport.write(_head_too_large(max_head_bytes))
+            self.close_lingering()
+
+        def close_lingering(self) -> None:
+            """Close without resetting a client that is still sending: our FIN after the answer, then what
+            the client still sends is read and dropped for up to ``LINGER_S``. Closing at once would leave
+            unread input in the socket, and the kernel answers that with a reset, which discards the answer
+            on the client's side before it reads it (a client sends its whole body before reading)."""
+            if self._draining or self.transport.is_closing():
+                return
+            self._draining = True
+            self.transport.resume_reading()  # uvicorn pauses reading while a body waits for the app
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self.loop.call_later(LINGER_S, self.transport.close)
 
-        def eof_received(self) -> bool | None:
-            if self._refused:
+        def on_headers_complete(self) -> None:
+            self._in_head, self._head_bytes = False, 0
+            self._disarm()
+            super().on_headers_complete()
+            if self.cycle is not None:  # the request's response cycle closes through close_lingering
+                self.cycle.transport = _ClosesLingering(self.transport, self, self.cycle)  # type: ignore[assignment]
+
+        def eof_received(self) -> None:
+            if self._draining:
                 self.transport.close()  # the client has finished sending: nothing left to reset
-                return None
-            return super().eof_received()
+            else:
+                super().eof_received()
 
         def _arm(self) -> None:
             if self._head_timer is None and not self.transport.is_closing():
