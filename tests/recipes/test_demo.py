@@ -21,6 +21,7 @@ def test_demo_cli_learns_and_strategies_agree(tmp_path):
     noise = re.compile(r"torchao|bitsandbytes|triton|_C_mxfp8|_pytree|gemm_4bit|\bray\b|fastapi|uvicorn", re.I)
     assert noise.search(proc.stderr) is None, proc.stderr
     assert re.search(r"^\S+ \S+ INFO ", proc.stderr, re.M) is None, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr  # nor any library's warning (PEFT's FutureWarning was the last)
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["eval_accuracy_after"] > 0.75  # chance is 0.5; measured 0.87
     assert summary["first_batch_loss_max_abs_diff"] < 1e-5  # float32 store: same numbers as live

@@ -26,6 +26,7 @@ import math
 import random
 import resource
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -237,8 +238,13 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, seed: int = 0) -> nn
 
     peft = require("peft", "peft")
     torch.manual_seed(seed)
-    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing` (transformers >= 5): their mismatch, not
+        # the user's, and it is the only line `refmodel demo` printed.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def resolve_reference(policy: nn.Module, reference):
