@@ -8,6 +8,7 @@ happens before that is bounded here, per connection:
   sends while its head is incomplete are counted; past ``max_head_bytes`` it gets a 431 and is closed,
   so the buffer never exceeds the limit by more than one read (<= 256 KiB). The close lingers: what the
   client still sends is read and dropped for up to ``LINGER_S`` so that it reads the 431 instead of a reset.
+  Every answer sent before a request's body was read (the guard's 401, 413, 408, 431) closes the same way.
 - **Time.** uvicorn bounds an idle keep-alive connection (``timeout_keep_alive``) but not a connection
   that has just opened, nor one that trickles its head a byte at a time (slowloris). Here a head must be
   complete within ``header_timeout_s`` of the connection opening, or of the first byte of its next
