@@ -47,6 +47,7 @@ from ..errors import ConfigError, InvalidInput
 from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
 from ..losses import preference as losses
+from ..reference import ReferenceFree
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +110,23 @@ def pair_logps(policy: nn.Module, reference, batch: dict[str, torch.Tensor]) -> 
     """Per-sequence sums ``[2b]`` (policy with grad, reference without) and the token-level values.
 
     A reference with ``sequence_logps`` (``Precomputed``) gives its stored float32 sums, so a bf16 store
-    costs the sequence-level losses no accuracy; the token values (KL) stay as stored.
+    costs the sequence-level losses no accuracy; the token values (KL) stay as stored. ``reference=None``
+    (the reference-free losses, SimPO and ORPO) leaves out ``ref_logps`` and ``ref_tok``.
     """
     ids, attn, score = batch["input_ids"], batch["attention_mask"], batch["score_mask"]
     tok = model_logprobs(policy, ids, attn, score)
+    out = {"logps": tok.sum(1), "tok": tok, "lengths": score.sum(1)}
+    if reference is None:
+        return out
     with torch.no_grad():
         if hasattr(reference, "sequence_logps"):
             ref = reference.sequence_logps(ids, attn, score)
-            ref_tok, ref_sum = ref.token_logps.to(tok.device, torch.float32), ref.sequence_logps.to(tok.device)
+            out["ref_tok"] = ref.token_logps.to(tok.device, torch.float32)
+            out["ref_logps"] = ref.sequence_logps.to(tok.device)
         else:
-            ref_tok = reference.logprobs(ids, attn, score).to(tok.device, torch.float32)
-            ref_sum = ref_tok.sum(1)
-    return {"logps": tok.sum(1), "ref_logps": ref_sum, "tok": tok, "ref_tok": ref_tok, "lengths": score.sum(1)}
+            out["ref_tok"] = reference.logprobs(ids, attn, score).to(tok.device, torch.float32)
+            out["ref_logps"] = out["ref_tok"].sum(1)
+    return out
 
 
 def _loss_terms(cfg: TrainConfig, out: dict[str, torch.Tensor], n_pairs: int) -> tuple[losses.PreferenceLoss, torch.Tensor]:
@@ -154,7 +160,7 @@ def accumulate_gradients(policy: nn.Module, reference, pairs: Sequence[Example],
     kl_tokens = 0
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         batch = {k: v.to(_device(policy)) for k, v in collate_examples(pairs[lo:hi], pad_id).items()}
-        out = pair_logps(policy, reference, batch)
+        out = pair_logps(policy, None if cfg.loss in REFERENCE_FREE else reference, batch)
         k = hi - lo
         res, loss_sum = _loss_terms(cfg, out, k)
         total = loss_sum / n
@@ -190,7 +196,8 @@ def evaluate(policy: nn.Module, reference, pairs: Sequence[Example], cfg: TrainC
         for lo in range(0, len(pairs), batch_size):
             chunk = pairs[lo:lo + batch_size]
             batch = {k: v.to(_device(policy)) for k, v in collate_examples(chunk, pad_id).items()}
-            res, _ = _loss_terms(cfg, pair_logps(policy, reference, batch), len(chunk))
+            res, _ = _loss_terms(cfg, pair_logps(policy, None if cfg.loss in REFERENCE_FREE else reference, batch),
+                                 len(chunk))
             acc += float(res.accuracy) * len(chunk)
             margin += float(res.margin) * len(chunk)
             loss += float(res.loss) * len(chunk)
@@ -273,7 +280,7 @@ def train(policy: nn.Module, tokenizer, train_pairs, cfg: TrainConfig = TrainCon
     if cfg.lora_r > 0 and not hasattr(policy, "peft_config"):
         policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.seed)
     if cfg.loss in REFERENCE_FREE:
-        reference = _NoReference()
+        reference = ReferenceFree()
     else:
         reference = resolve_reference(policy, reference)
     pad_id = pad_id_of(tokenizer)
@@ -333,18 +340,6 @@ def train(policy: nn.Module, tokenizer, train_pairs, cfg: TrainConfig = TrainCon
         result.metrics_path = out_dir / "metrics.jsonl"
         result.plot_path = plot_metrics(result.history, out_dir / "curves.png")
     return result
-
-
-class _NoReference:
-    """Zero reference log-probs for the reference-free losses (they never read them)."""
-
-    fingerprint, memory_bytes = "reference-free", 0
-
-    def logprobs(self, input_ids, attention_mask=None, score_mask=None):
-        return torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-
-    def on_step(self, step, policy):
-        return None
 
 
 def plot_metrics(history: Sequence[dict], path: str | Path) -> Path:
