@@ -26,13 +26,12 @@ KL in the reward; both fit the same scoring (``needs_old_logps`` already takes `
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from ..losses import kl as kl_mod
 from ..rl import policy_loss_fn
 from ..rl.rollout import Rollouts, SamplingConfig, generate_rollouts
 from ..rl.scoring import ScoredRollouts, exact_kl, needs_old_logps, score_rollouts
+from .steps import StepLog
 from .train import add_lora
 
 log = logging.getLogger(__name__)
@@ -308,12 +308,8 @@ def grpo(policy: nn.Module, tokenizer, prompts: Sequence, reward_funcs: Sequence
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     monitor = kl_mod.KLMonitor(threshold=cfg.kl_threshold, name="exact KL" if cfg.exact_kl_every else "KL")
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    metrics_file = None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(out_dir / "metrics.jsonl", "w", encoding="utf-8")
-        (out_dir / "grpo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     result = GRPOResult(policy=policy, reference=reference, kl_monitor=monitor)
+    log_steps = StepLog(result.history, monitor, out_dir, "grpo_config.json", cfg)
     rng = random.Random(cfg.seed)
     order: list[int] = []
     global_step, epoch = 0, 0
@@ -365,16 +361,11 @@ def grpo(policy: nn.Module, tokenizer, prompts: Sequence, reward_funcs: Sequence
                             "time_policy_s": t_policy, "ref_calls": scored.ref_calls, "old_calls": scored.old_calls})
             metrics["step_time_s"] = time.perf_counter() - start
             watched = metrics["kl_exact"] if not math.isnan(metrics["kl_exact"]) else metrics["kl_estimated"]
-            if not math.isnan(watched):
-                monitor.update(watched, step)
-            result.history.append(metrics)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(metrics) + "\n")
+            log_steps.record(metrics, step, watched)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", kl=f"{watched:.3g}")
     finally:
         bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        log_steps.close()
     if out_dir is not None:
         result.metrics_path = out_dir / "metrics.jsonl"
         result.plot_path = plot_grpo_metrics(result.history, out_dir / "grpo_curves.png")

@@ -20,15 +20,13 @@ At the end the curves are plotted to PNG (matplotlib, Agg backend).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
 import resource
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +46,7 @@ from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
 from ..losses import preference as losses
 from ..reference import ReferenceFree
+from .steps import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -292,12 +291,8 @@ def train(policy: nn.Module, tokenizer, train_pairs, cfg: TrainConfig = TrainCon
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     monitor = kl_mod.KLMonitor(threshold=cfg.kl_threshold)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    metrics_file = None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(out_dir / "metrics.jsonl", "w", encoding="utf-8")
-        (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     result = TrainResult(policy=policy, kl_monitor=monitor)
+    log_steps = StepLog(result.history, monitor, out_dir, "train_config.json", cfg)
     order: list[int] = []
     cursor = 0
     rng = random.Random(cfg.seed)
@@ -321,16 +316,11 @@ def train(policy: nn.Module, tokenizer, train_pairs, cfg: TrainConfig = TrainCon
             reference.on_step(step, policy)
             metrics.update(step=step, step_time_s=time.perf_counter() - start,
                            peak_memory_bytes=_peak_memory_bytes(_device(policy)))
-            if not math.isnan(metrics["kl"]):
-                monitor.update(metrics["kl"], step)
-            result.history.append(metrics)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(metrics) + "\n")
+            log_steps.record(metrics, step, metrics["kl"])
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
     finally:
         bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        log_steps.close()
     if held_out:
         result.final_eval = evaluate(policy, reference, held_out, cfg, pad_id)
     if hasattr(reference, "metrics"):
