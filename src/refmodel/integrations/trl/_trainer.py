@@ -17,7 +17,7 @@ import logging
 from ...errors import ConfigError
 from ...reference import ReferenceConfig, Synced
 from ...reference._peft import is_peft_model
-from ._reference import ReferenceRunner, resolve_reference, unwrap
+from ._reference import ReferenceRunner, patched, resolve_reference, unwrap
 from .callback import RefmodelCallback
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,33 @@ class RefmodelTrainerMixin:
                                   "log-probs (precompute_ref_log_probs=True) would go stale; use one of them")
             return "sync"
         return None
+
+    def _refmodel_init_precomputing(self, trl_cls, config_cls, suffix: str, args: tuple, kwargs: dict, reference,
+                                    ref_columns: tuple[str, ...]):
+        """``__init__`` of the DPO and KTO subclasses up to the reference: ``(mode, cfg, bound)``.
+
+        Binds TRL's arguments, plans the reference (``"columns"`` when the dataset already carries every
+        one of ``ref_columns`` and TRL was given no reference of its own), then runs TRL's ``__init__``:
+        unchanged for plain TRL (``mode`` None), else with ``precompute_ref_log_probs=True`` and no sync
+        callback so that TRL loads no reference model (its precompute pass is a no-op here).
+        """
+        who = trl_cls.__name__
+        bound = bind_arguments(trl_cls.__init__, self, args, kwargs)
+        cfg = bound["args"] or default_config(config_cls, bound["model"], suffix)
+        bound["args"] = cfg
+        mode = self._refmodel_plan(reference, cfg, bound, who)
+        if mode is None and bound.get("ref_model") is None and not cfg.precompute_ref_log_probs \
+                and all(c in dataset_columns(bound["train_dataset"]) for c in ref_columns):
+            mode = "columns"
+        self._refmodel_mode = mode
+        if mode is None:
+            trl_cls.__init__(self, **bound)
+            return mode, cfg, bound
+        self._refmodel_skip_precompute = True
+        with patched(cfg, precompute_ref_log_probs=True, sync_ref_model=False):
+            trl_cls.__init__(self, **bound)
+        self.precompute_ref_logps = False  # set only around the loss (see the subclasses' _compute_loss)
+        return mode, cfg, bound
 
     def _refmodel_build(self, mode: str, reference, cfg, *, temperature: float, who: str):
         """The Reference, built after TRL's ``__init__`` (the policy is then final: PEFT-wrapped)."""

@@ -22,7 +22,7 @@ import torch
 import trl
 
 from ._reference import patched
-from ._trainer import RefmodelTrainerMixin, bind_arguments, dataset_columns, default_config
+from ._trainer import RefmodelTrainerMixin
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -57,24 +57,9 @@ class DPOTrainer(RefmodelTrainerMixin, trl.DPOTrainer):
     """
 
     def __init__(self, *args, reference=None, **kwargs):
-        bound = bind_arguments(trl.DPOTrainer.__init__, self, args, kwargs)
-        cfg = bound["args"] or default_config(trl.DPOConfig, bound["model"], "DPO")
-        bound["args"] = cfg
-        mode = self._refmodel_plan(reference, cfg, bound, "DPOTrainer")
-        columns = dataset_columns(bound["train_dataset"])
-        if mode is None and bound.get("ref_model") is None and not cfg.precompute_ref_log_probs \
-                and all(c in columns for c in REF_COLUMNS):
-            mode = "columns"
-        self._refmodel_mode = mode
-        if mode is None:
-            super().__init__(**bound)
-            return
-        self._refmodel_skip_precompute = True
-        # TRL loads no reference model when it precomputes; its precompute pass is a no-op here.
-        with patched(cfg, precompute_ref_log_probs=True, sync_ref_model=False):
-            super().__init__(**bound)
-        self.precompute_ref_logps = False  # set only around the loss, see _compute_loss
-        if mode != "columns":
+        mode, cfg, _ = self._refmodel_init_precomputing(trl.DPOTrainer, trl.DPOConfig, "DPO", args, kwargs,
+                                                        reference, REF_COLUMNS)
+        if mode not in (None, "columns"):
             ref = self._refmodel_build(mode, reference, cfg, temperature=1.0, who="DPOTrainer")
             hint = f" (max_length={cfg.max_length}, truncation_mode={cfg.truncation_mode!r})"
             self._refmodel_attach(ref, hint=hint)

@@ -15,7 +15,7 @@ import trl
 
 from ...errors import ConfigError
 from ._reference import patched
-from ._trainer import RefmodelTrainerMixin, bind_arguments, dataset_columns, default_config
+from ._trainer import RefmodelTrainerMixin, dataset_columns
 
 
 class KTOTrainer(RefmodelTrainerMixin, trl.KTOTrainer):
@@ -27,21 +27,10 @@ class KTOTrainer(RefmodelTrainerMixin, trl.KTOTrainer):
     """
 
     def __init__(self, *args, reference=None, **kwargs):
-        bound = bind_arguments(trl.KTOTrainer.__init__, self, args, kwargs)
-        cfg = bound["args"] or default_config(trl.KTOConfig, bound["model"], "KTO")
-        bound["args"] = cfg
-        mode = self._refmodel_plan(reference, cfg, bound, "KTOTrainer")
-        if mode is None and bound.get("ref_model") is None and not cfg.precompute_ref_log_probs \
-                and "ref_logps" in dataset_columns(bound["train_dataset"]):
-            mode = "columns"
-        self._refmodel_mode = mode
+        mode, cfg, bound = self._refmodel_init_precomputing(trl.KTOTrainer, trl.KTOConfig, "KTO", args, kwargs,
+                                                            reference, ("ref_logps",))
         if mode is None:
-            super().__init__(**bound)
             return
-        self._refmodel_skip_precompute = True
-        with patched(cfg, precompute_ref_log_probs=True, sync_ref_model=False):
-            super().__init__(**bound)
-        self.precompute_ref_logps = False  # set only around the loss, see _compute_loss
         if mode == "columns":
             if self.calculate_KL and "ref_KL_logps" not in dataset_columns(bound["train_dataset"]):
                 raise ConfigError(f"KTOTrainer: the dataset has a ref_logps column but loss_type={cfg.loss_type!r} "
