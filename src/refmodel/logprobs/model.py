@@ -154,6 +154,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+def shifted_hidden_states(causal: HFModule, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T - 1, H]`` final hidden states of ``causal``'s backbone; position ``t`` predicts token ``t + 1``.
+
+    Padded positions (``attention_mask`` False) are embedded as id 0, since they may hold -100 or ids past
+    the vocabulary; position ids count real tokens only (:func:`position_ids_from_mask`).
+    """
+    attn = attention_mask.bool()
+    out = backbone_of(causal)(input_ids=torch.where(attn, input_ids, torch.zeros_like(input_ids)),
+                              attention_mask=attn.long(), position_ids=position_ids_from_mask(attn), use_cache=False)
+    return out[0][:, :-1]
+
+
 def model_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -187,18 +199,16 @@ def model_logprobs(
     if batch == 0 or length < 2 or not score.any():
         zeros = torch.zeros(batch, length, dtype=torch.float32, device=input_ids.device)
         return TokenLogprobs(zeros, zeros.clone()) if return_entropy else zeros
-    position_ids = position_ids_from_mask(attn)
-    # Padded positions may hold anything (-100, ids >= vocab): they are masked, but still embedded.
-    input_ids = torch.where(attn, input_ids, torch.zeros_like(input_ids))
     targets = torch.where(score[:, 1:], input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
 
     if not use_fused_linear_logprobs:
-        logits = model(input_ids=input_ids, attention_mask=attn.long(), position_ids=position_ids,
+        # Padded positions may hold anything (-100, ids >= vocab): they are masked, but still embedded.
+        logits = model(input_ids=torch.where(attn, input_ids, torch.zeros_like(input_ids)),
+                       attention_mask=attn.long(), position_ids=position_ids_from_mask(attn),
                        use_cache=False).logits[:, :-1]
         return _pad_first(_from_logits(logits, targets, temperature, return_entropy))
 
-    hidden = backbone_of(causal)(input_ids=input_ids, attention_mask=attn.long(), position_ids=position_ids,
-                      use_cache=False)[0][:, :-1]
+    hidden = shifted_hidden_states(causal, input_ids, attn)
     return _pad_first(head_logprobs(causal, hidden, targets, temperature=temperature, chunk_size=chunk_size,
                                     fp32_accumulation=cast_logprobs_to_fp32, use_liger=use_liger,
                                     return_entropy=return_entropy))

@@ -248,7 +248,7 @@ def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, te
     Everything is shifted by one position (hidden state ``t`` predicts token ``t + 1``), as in
     :func:`refmodel.model_logprobs`.
     """
-    from ..logprobs.model import _resolve_head, logit_transform, position_ids_from_mask, unwrap_causal_lm
+    from ..logprobs.model import _resolve_head, logit_transform, shifted_hidden_states, unwrap_causal_lm
     from ..losses.fused_policy import fused_policy_loss
 
     causal = unwrap_causal_lm(policy)
@@ -257,10 +257,7 @@ def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, te
         raise ConfigError("use_fused_policy_loss needs a plain linear LM head (no adapter on the head, no DoRA or "
                           "quantized head); set use_fused_policy_loss=False for this policy")
     tf = logit_transform(causal.config)
-    attn = attn.bool()
-    backbone = causal.base_model if causal.base_model is not causal else causal.model
-    hidden = backbone(input_ids=torch.where(attn, ids, torch.zeros_like(ids)), attention_mask=attn.long(),
-                      position_ids=position_ids_from_mask(attn), use_cache=False)[0][:, :-1]
+    hidden = shifted_hidden_states(causal, ids, attn)
     m = mask[:, 1:]
 
     def shift(t):

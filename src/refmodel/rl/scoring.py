@@ -170,13 +170,10 @@ def reference_model(reference) -> Iterator[nn.Module | None]:
 
 def _backbone_rows(model: nn.Module, ids, attn, score) -> tuple[torch.Tensor, nn.Module]:
     """Final hidden states ``[N, H]`` at the positions predicting the scored tokens."""
-    from ..logprobs.model import position_ids_from_mask
+    from ..logprobs.model import shifted_hidden_states
 
     causal = unwrap_causal_lm(model)
-    backbone = causal.base_model if causal.base_model is not causal else causal.model
-    attn = attn.bool()
-    hidden = backbone(input_ids=torch.where(attn, ids, torch.zeros_like(ids)), attention_mask=attn.long(),
-                      position_ids=position_ids_from_mask(attn), use_cache=False)[0][:, :-1]
+    hidden = shifted_hidden_states(causal, ids, attn)
     rows = score.bool()[:, 1:] & (attn.long().cumsum(1) >= 2)[:, 1:]
     return hidden[rows], causal
 
