@@ -53,13 +53,21 @@ class LMHead:
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> LMHead:
         """The head of a Hugging Face causal LM (tied, biased and soft-capped heads included)."""
+        head = cls.from_model_or_none(model)
+        if head is None:
+            raise ConfigError("the model's LM head carries an adapter or is not a plain linear layer; merge the "
+                              "adapter (model.merge_and_unload()) or pass LMHead(weight, bias) explicitly")
+        return head
+
+    @classmethod
+    def from_model_or_none(cls, model: torch.nn.Module) -> LMHead | None:
+        """:meth:`from_model`, or None when the head is not a plain linear map (an adapter, DoRA, quantized)."""
         from ..logprobs.model import _resolve_head, logit_transform, unwrap_causal_lm
 
         lm = unwrap_causal_lm(model)
         head = _resolve_head(lm.get_output_embeddings())
         if head.module is not None or head.extra:
-            raise ConfigError("the model's LM head carries an adapter or is not a plain linear layer; merge the "
-                              "adapter (model.merge_and_unload()) or pass LMHead(weight, bias) explicitly")
+            return None
         tf = logit_transform(lm.config)
         return cls(head.weight, head.bias, tf.logit_scale, tf.softcap)
 

@@ -248,15 +248,15 @@ def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, te
     Everything is shifted by one position (hidden state ``t`` predicts token ``t + 1``), as in
     :func:`refmodel.model_logprobs`.
     """
-    from ..logprobs.model import _resolve_head, logit_transform, shifted_hidden_states, unwrap_causal_lm
+    from ..logprobs.model import shifted_hidden_states, unwrap_causal_lm
     from ..losses.fused_policy import fused_policy_loss
+    from ..losses.kl_exact import LMHead
 
     causal = unwrap_causal_lm(policy)
-    head = _resolve_head(causal.get_output_embeddings())
-    if head.module is not None or head.extra:
+    head = LMHead.from_model_or_none(causal)
+    if head is None:
         raise ConfigError("use_fused_policy_loss needs a plain linear LM head (no adapter on the head, no DoRA or "
                           "quantized head); set use_fused_policy_loss=False for this policy")
-    tf = logit_transform(causal.config)
     hidden = shifted_hidden_states(causal, ids, attn)
     m = mask[:, 1:]
 
@@ -265,8 +265,8 @@ def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, te
 
     adv = advantages if advantages.dim() == 1 else advantages[:, 1:]
     return fused_policy_loss(hidden, head.weight, torch.where(m, ids[:, 1:], -100), shift(old), adv, m,
-                             head_bias=head.bias, temperature=temperature, logit_scale=tf.logit_scale,
-                             softcap=tf.softcap, ref_logps=shift(ref), rollout_logps=shift(rollout_logps), **options)
+                             head_bias=head.bias, temperature=temperature, logit_scale=head.logit_scale,
+                             softcap=head.softcap, ref_logps=shift(ref), rollout_logps=shift(rollout_logps), **options)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs, unwrap_causal_lm
+from ..losses.kl_exact import LMHead
 from .rollout import Rollouts
 
 DEFAULT_MICRO_BATCH = 8
@@ -178,25 +179,12 @@ def _backbone_rows(model: nn.Module, ids, attn, score) -> tuple[torch.Tensor, nn
     return hidden[rows], causal
 
 
-def _plain_head(causal: nn.Module):
-    """The head as a :class:`refmodel.kl.LMHead` when it is a linear map without adapters, else ``None``."""
-    from ..logprobs.model import _resolve_head, logit_transform
-    from ..losses.kl_exact import LMHead
-
-    hf: Any = causal  # a transformers model: get_output_embeddings() is not an nn.Module method
-    head = _resolve_head(hf.get_output_embeddings())
-    if head.module is not None or head.extra:
-        return None
-    tf = logit_transform(causal.config)
-    return LMHead(head.weight, head.bias, tf.logit_scale, tf.softcap)
-
-
 def _token_kl(c_pol, h_pol, c_ref, h_ref, temperature: float, row_chunk: int) -> torch.Tensor:
     """``[N]`` KL per row: :func:`refmodel.kl.exact` (vocabulary tiles) for plain heads; a row-chunked
     full softmax for heads with a LoRA adapter or a module fallback (DoRA, quantized)."""
     from ..losses.kl_exact import exact
 
-    head_p, head_r = _plain_head(c_pol), _plain_head(c_ref)
+    head_p, head_r = LMHead.from_model_or_none(c_pol), LMHead.from_model_or_none(c_ref)
     if head_p is not None and head_r is not None:
         return exact(h_pol, head_p, h_ref, head_r, temperature=temperature)
     parts = []
