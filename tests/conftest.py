@@ -8,6 +8,16 @@ import torch
 from refmodel.testing import FAMILIES, load_tiny, make_tiny_model
 
 
+def pytest_collection_modifyitems(config, items):
+    """The ``gpu`` marker (CONTRIBUTING): such a test needs CUDA and is skipped, with a reason, without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict:
     """``{family: path}`` of saved tiny models (llama, gpt2, gemma2)."""

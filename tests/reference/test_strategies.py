@@ -203,7 +203,6 @@ def test_frozen_dtype_and_temperature(tiny, batch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offload_to_cpu_moves_for_the_call_only(tiny):
     model, tok = tiny
     ids, attn, score = make_batch(tok)
