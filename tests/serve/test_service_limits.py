@@ -12,6 +12,7 @@ import torch
 from serve_helpers import ServerProcess
 
 from refmodel import ReferenceClient
+from refmodel.errors import RequestTooLarge
 from refmodel.logprobs.model import model_logprobs
 from refmodel.testing import load_tiny
 
@@ -66,6 +67,19 @@ def test_queue_full_gives_429_and_the_client_retries(slow_server):
     assert "error" not in out and len(out["value"]) == 4 and len(got) == 1
     metrics = httpx.get(slow_server.url + "/metrics").text
     assert 'refmodel_requests_total{endpoint="/v1/logprobs:binary",status="429"}' in metrics
+
+
+def test_a_request_larger_than_the_queue_is_refused_at_once_naming_max_queue(slow_server):
+    # The queue (4) is empty, yet 5 sequences can never be admitted: 413 at once, not "429 retry later".
+    assert httpx.get(slow_server.url + "/healthz").json()["queue_depth"] == 0
+    r = httpx.post(slow_server.url + "/v1/logprobs", json={"model": "tiny", "input_ids": [[2, 5]] * 5})
+    assert r.status_code == 413, r.text
+    assert "--max-queue" in r.json()["detail"] and "retry-after" not in r.headers
+    started = time.monotonic()
+    with ReferenceClient(slow_server.url, max_retries=5, backoff_s=0.05) as client:
+        with pytest.raises(RequestTooLarge, match="--max-queue"):
+            client.compute_log_probs("tiny", [[2, 5, 6]] * 5)
+    assert time.monotonic() - started < 1.0  # refused, not retried
 
 
 def test_sigterm_while_busy_loses_no_accepted_request(slow_server, tiny_model_dirs):

@@ -29,14 +29,21 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from ..errors import ServiceOverloaded
+from ..errors import RequestTooLarge, ServiceOverloaded
 
 log = logging.getLogger(__name__)
 
 
 def check_admission(name: str, accepting: bool, admitted: int, adding: int, max_queue: int,
                     where: str = "") -> None:
-    """Raise 503 when ``name`` is not accepting, 429 when ``adding`` more sequences exceed ``max_queue``."""
+    """Raise 503 when ``name`` is not accepting, 429 when ``adding`` more sequences exceed ``max_queue``,
+    and 413 at once when ``adding`` alone exceeds it: such a request could never be admitted, so "retry
+    later" would be a lie that a retrying client follows forever."""
+    if adding > max_queue:
+        raise RequestTooLarge(
+            f"this request has {adding} sequences but model {name!r} admits at most {max_queue} at a time "
+            f"(the server's --max-queue); send at most {max_queue} sequences per request, or restart the "
+            "server with a larger --max-queue", status=413)
     if not accepting:
         exc = ServiceOverloaded(f"model {name!r} is not accepting requests (shutting down)", status=503)
     elif admitted + adding > max_queue:
