@@ -23,9 +23,11 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchmarks.bench_service import SRC, Server, _cpu_s, _free_port, _load, _rows
-from refmodel.testing import make_tiny_model
+from benchmarks.bench_service import _cpu_s, _load, _rows, _serve
+from refmodel.testing import free_port, make_tiny_model
 from refmodel.tools.bench import provenance
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _line(name: str, res: dict, base: float | None) -> str:
@@ -80,7 +82,7 @@ def bench(model_dir: Path, clients: int, requests: int, seq_len: int, max_wait_m
         res["mean_batch"] = _mean_batch(url)
         return res
 
-    server = Server(model_dir, "--max-wait-ms", str(max_wait_ms))
+    server = _serve(model_dir, "--max-wait-ms", str(max_wait_ms))
     try:
         results["refmodel serve"] = run_load(server.url, [server.proc.pid], [])
     finally:
@@ -94,10 +96,11 @@ def bench(model_dir: Path, clients: int, requests: int, seq_len: int, max_wait_m
     from refmodel.serve.ray_serve import deploy
     from refmodel.serve.settings import ServeSettings
 
+    # Ray workers import refmodel from this checkout's src/, whatever the driver's sys.path says.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=200 * 1024**2,
              logging_level="WARNING", log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     settings = ServeSettings(models={"tiny": str(model_dir)}, max_wait_ms=max_wait_ms, max_queue=100000,
                              torch_threads=threads)

@@ -1,0 +1,45 @@
+"""Every benchmark script under benchmarks/ imports and explains its flags (``--help``).
+
+A benchmark is run by a command, not by the suite, but one that cannot even start (a name another module
+no longer has) breaks ``make bench`` for everybody: this catches that in the suite. One child process
+runs every script as ``python -m`` would, with ``--help`` (one torch import instead of one per script).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from refmodel.testing.processes import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
+
+CHILD = r"""
+import contextlib, io, json, runpy, sys
+results = {}
+for name in sys.argv[1:]:
+    out = io.StringIO()
+    try:
+        sys.argv = [name, "--help"]
+        with contextlib.redirect_stdout(out):  # what `python -m benchmarks.NAME --help` runs
+            runpy.run_module(f"benchmarks.{name}", run_name="__main__", alter_sys=True)
+        results[name] = "returned without printing --help"
+    except SystemExit as exit_:
+        results[name] = "ok" if exit_.code in (0, None) and "usage:" in out.getvalue() else f"exit {exit_.code}"
+    except Exception as exc:
+        results[name] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(results))
+"""
+
+
+def test_every_benchmark_starts_and_explains_its_flags():
+    assert "bench_logprobs" in SCRIPTS and "bench_ray_serve" in SCRIPTS
+    done = subprocess.run([sys.executable, "-c", CHILD, *SCRIPTS], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=subprocess_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {name: why for name, why in results.items() if why != "ok"} == {}
+    assert sorted(results) == SCRIPTS
