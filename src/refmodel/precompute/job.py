@@ -12,6 +12,7 @@ scored completion positions reach the head, through :func:`refmodel.token_logpro
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -68,9 +69,10 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     c_len = comp.shape[1]
     prompt_len = prompt_mask.sum(1)
     backbone = backbone_of(causal)
+    cache_name = _cache_argument(backbone)
     out = backbone(input_ids=prompt.to(device), attention_mask=prompt_mask.to(device),
                    position_ids=position_ids_from_mask(prompt_mask).to(device), use_cache=True)
-    cache, last = out.past_key_values, out.last_hidden_state[:, -1]
+    cache, last = out[cache_name], out.last_hidden_state[:, -1]
     if k > 1:
         cache.batch_repeat_interleave(k)
     full_mask = torch.cat([prompt_mask.repeat_interleave(k, 0), comp_mask], 1)
@@ -79,7 +81,7 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     steps = torch.minimum(torch.arange(c_len)[None], (comp_mask.sum(1) - 1).clamp(min=0)[:, None])
     positions = prompt_len.repeat_interleave(k)[:, None] + steps
     hidden = backbone(input_ids=comp.to(device), attention_mask=full_mask.to(device),
-                      position_ids=positions.to(device), past_key_values=cache, use_cache=True).last_hidden_state
+                      position_ids=positions.to(device), use_cache=True, **{cache_name: cache}).last_hidden_state
     # Completion token j is predicted from the state before it: the prompt's last for j = 0.
     pred = torch.cat([last.repeat_interleave(k, 0)[:, None], hidden[:, :-1]], 1)
     targets = torch.where(scored.to(device), comp.to(device), -100)
@@ -91,6 +93,12 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
             values = np.concatenate([np.zeros(len(u.prompt), np.float32), logps[i * k + j, :len(c)]])
             entries.append(make_entry(ids, values, np.asarray((False,) * len(u.prompt) + m)))
     return entries
+
+
+def _cache_argument(backbone) -> str:
+    """The backbone's name for the KV cache, in its ``forward`` and its output: ``cache`` since transformers
+    5.24, ``past_key_values`` before (5.24 still takes the old name, with a FutureWarning on every call)."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
 def _score_full(model, units: list[Unit], pad_id: int, temperature: float) -> list[Entry]:
