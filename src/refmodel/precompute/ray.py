@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._optional import require
+from ..cluster import connect_ray
 from ..errors import ConfigError, RefModelError
 from ..store import LogprobStore
 from ..store.format import KEY_BYTES, Entry
@@ -135,47 +135,6 @@ class ShardScorer:
 
 
 # ------------------------------------------------------------------ the driver
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """ConfigError now, when nothing listens at a ``host:port`` / ``ray://host:port`` address.
-
-    ``ray.init`` would retry an unreachable head for minutes; a TCP connect says the same in seconds.
-    """
-    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
-        return
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        return  # not host:port: let ray.init judge it
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise ConfigError(f"cannot reach the Ray cluster at {address}: {exc}; is the head node up (ray start "
-                          "--head) and is --ray-address / RAY_ADDRESS its GCS 'host:port' or 'ray://host:10001'?"
-                          ) from exc
-
-
-def _connect(ray, address: str | None) -> bool:
-    """Connect to Ray; returns True when this call started the connection (and should shut it down)."""
-    if ray.is_initialized():
-        log.info("precompute: using the Ray connection already open in this process")
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    # Ship this very refmodel package to the workers (Ray uploads it once per job): the actors then run the
-    # driver's code, which byte-identical results need, whether or not refmodel is installed on the cluster.
-    package_dir = str(Path(__file__).resolve().parents[1])  # the refmodel package folder
-    runtime_env = {"py_modules": [package_dir]}
-    try:
-        if address:
-            _check_reachable(address)
-            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                     logging_level=logging.WARNING, runtime_env=runtime_env)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"cannot connect to the Ray cluster at {address or 'a new local cluster'}: {exc}; "
-                          "check --ray-address / RAY_ADDRESS (e.g. 'ray://head:10001' or 'head:6379')") from exc
-    return True
-
-
 def _pool_size(ray, num_workers: int | None, gpus_per_worker: float, cpus_per_worker: float, todo: int) -> int:
     """Number of actors: ``num_workers`` or what the cluster holds; ConfigError when GPUs are asked for but absent."""
     res = ray.cluster_resources()
@@ -212,7 +171,7 @@ def precompute_on_ray(model_path, data, out, config: PrecomputeConfig | None = N
             ``max_task_retries``: retries of a shard whose actor died (actors restart without limit).
         scorer_cls: the actor class, :class:`ShardScorer` or a subclass.
     """
-    ray = require("ray", "ray")
+    ray = require("ray", "ray")  # before any work: MissingDependency names the extra
     cfg = (config or PrecomputeConfig()).with_overrides(**settings)
     model_kwargs = {**cfg.model_kwargs(), **(model_kwargs or {})}
     model_path = str(Path(model_path).resolve())
@@ -220,7 +179,7 @@ def precompute_on_ray(model_path, data, out, config: PrecomputeConfig | None = N
     plan = plan_precompute(model, tokenizer, data, cfg)
     del model  # the actors hold the model; the driver only needed its fingerprint and position limit
     gpus_per_worker, cpus_per_worker = cfg.gpus_per_worker, cfg.cpus_per_worker
-    started = _connect(ray, cfg.ray_address)
+    connection = connect_ray(cfg.ray_address)
     try:
         workers = _pool_size(ray, cfg.num_workers, gpus_per_worker, cpus_per_worker, max(plan.n_shards, 1))
         store, todo = plan.open_store(out)
@@ -237,8 +196,7 @@ def precompute_on_ray(model_path, data, out, config: PrecomputeConfig | None = N
         finally:
             store.close()
     finally:
-        if started:
-            ray.shutdown()
+        connection.close()
     return LogprobStore.open(out, plan.fingerprint)
 
 
