@@ -68,6 +68,11 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                           ) from exc
 
 
+def ray_address(address: str | None = None) -> str | None:
+    """The cluster :func:`connect_ray` joins: ``address``, else ``RAY_ADDRESS``, else None (a new local one)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect_ray(address: str | None = None) -> RayConnection:
     """Connect this process to Ray by the module docstring's rule; ConfigError naming the address on failure.
 
@@ -79,7 +84,7 @@ def connect_ray(address: str | None = None) -> RayConnection:
     if ray.is_initialized():
         log.info("using the Ray connection already open in this process")
         return RayConnection(ray, started=False, local=False)
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = ray_address(address)
     runtime_env = {"py_modules": [str(Path(__file__).resolve().parent)]}  # this refmodel package folder
     if address:
         check_reachable(address)  # outside the try: its ConfigError says it all
@@ -95,4 +100,4 @@ def connect_ray(address: str | None = None) -> RayConnection:
     return RayConnection(ray, started=True, local=address is None)
 
 
-__all__ = ["RayConnection", "check_reachable", "connect_ray"]
+__all__ = ["RayConnection", "check_reachable", "connect_ray", "ray_address"]

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 from pydantic import SecretStr
 
 from .._optional import require
-from ..cluster import RayConnection, connect_ray
+from ..cluster import RayConnection, connect_ray, ray_address
 from ..errors import ConfigError, MissingDependency
 from .batcher import Failed, LocalBatcher, check_admission, drain_seconds, run_per_request
 from .settings import ServeSettings
@@ -238,6 +238,10 @@ def run_ray_server(settings: ServeSettings, *, replicas: int = 1, address: str |
     """
     serve = require("ray.serve", "ray")
     settings.check_exposure()
+    if ray_address(address) is None:  # a local cluster: the folders must be here (checked before Ray starts)
+        missing = [p for p in {**settings.models, **settings.reward_models}.values() if not Path(p).is_dir()]
+        if missing:
+            raise ConfigError(f"model folder(s) not found: {missing}; --model takes NAME=LOCAL_FOLDER")
     connection = connect_ray(address)
     try:
         _serve_until_stopped(serve, connection, settings, replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus)
@@ -249,9 +253,6 @@ def run_ray_server(settings: ServeSettings, *, replicas: int = 1, address: str |
 def _serve_until_stopped(serve, connection: RayConnection, settings: ServeSettings, *, replicas: int,
                          num_cpus: float, num_gpus: float | None) -> None:
     if connection.local:
-        missing = [p for p in {**settings.models, **settings.reward_models}.values() if not Path(p).is_dir()]
-        if missing:
-            raise ConfigError(f"model folder(s) not found: {missing}; --model takes NAME=LOCAL_FOLDER")
         # a local cluster cannot grow: shrink each replica's CPU share so that all of them get placed
         num_cpus = min(num_cpus, connection.ray.cluster_resources().get("CPU", 1.0) / replicas)
     stop = threading.Event()
