@@ -21,6 +21,7 @@ RANKS = {
     "errors": 0,
     "_optional": 1,
     "data": 2,
+    "cluster": 2,  # Ray start-up: needs only _optional, used by precompute and serve (rank 7)
     "logprobs": 3,
     "models": 4,
     "store": 5,

@@ -31,3 +31,19 @@ def kill_after_shards(args: list, out: Path, at_least: int, timeout_s: float = 1
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the job finished before it could be killed"
     return committed_shards(out)
+
+
+def assert_store_follows_plan(path: Path, plan) -> None:
+    """The store at ``path`` is what ``plan`` (a ``PrecomputePlan``) says: its job, fingerprint, dtype, and in
+    each shard file exactly the keys of that shard of the plan."""
+    from safetensors.numpy import load_file
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["job"] == plan.job
+    assert manifest["fingerprint"] == plan.fingerprint and manifest["dtype"] == plan.dtype
+    files = sorted(path.glob("shard-*.safetensors"))
+    assert len(files) == plan.n_shards
+    for i, file in enumerate(files):
+        assert file.name.startswith(f"shard-{i:05d}")
+        stored = sorted(k.tobytes() for k in load_file(str(file))["keys"])
+        assert stored == sorted(k for u in plan.shard(i) for k in u.keys), file.name

@@ -35,6 +35,7 @@ def _padded(seqs, pad, side="right"):
 
 
 @torch.no_grad()
+@pytest.mark.filterwarnings("error::FutureWarning")  # transformers' renamed KV-cache argument warned on every batch
 @pytest.mark.parametrize("share_prompt", [True, False])
 def test_equals_model_logprobs(tiny, tmp_path, share_prompt):
     model, tok = tiny

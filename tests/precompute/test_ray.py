@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from precompute_helpers import kill_after_shards
+from precompute_helpers import assert_store_follows_plan, kill_after_shards
 from safetensors.numpy import load_file
 
 import refmodel
 from refmodel import ConfigError
+from refmodel.precompute.config import PrecomputeConfig
 from refmodel.precompute.job import precompute
+from refmodel.precompute.plan import load_scoring_model, plan_precompute
 from refmodel.precompute.ray import ShardScorer, precompute_on_ray
 from refmodel.store import LogprobStore
 from refmodel.testing import preference_pairs, run_cli, write_jsonl
@@ -115,6 +117,11 @@ def test_equals_single_process_bytes(ray_address, job, tmp_path):
         assert got[key][:3] == (values, start, seq_len)
         assert got[key][3].tobytes() == total.tobytes()  # per-sequence sums, bit for bit
     assert _files(tmp_path / "ray") == _files(ref)  # shards and manifest (same job => resume across modes)
+    # both are the one plan (plan_precompute): its job, fingerprint, dtype and each shard's keys
+    plan = plan_precompute(*load_scoring_model(str(model_dir)), data,
+                           PrecomputeConfig(dtype="float32", **SETTINGS))
+    assert_store_follows_plan(tmp_path / "ray", plan)
+    assert_store_follows_plan(ref, plan)
 
 
 @pytest.mark.slow

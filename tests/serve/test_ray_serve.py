@@ -158,6 +158,17 @@ def test_replicas_without_ray_is_a_usage_error():
     assert result.returncode == 2 and "--ray-address needs --ray" in result.stderr
 
 
+def test_a_missing_model_folder_is_refused_before_a_local_cluster_starts(monkeypatch):
+    from refmodel import ConfigError
+    from refmodel.serve.ray_serve import run_ray_server
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    was_connected = ray.is_initialized()
+    with pytest.raises(ConfigError, match=r"model folder\(s\) not found: \['/nowhere'\]"):
+        run_ray_server(ServeSettings(models={"tiny": "/nowhere"}))
+    assert ray.is_initialized() == was_connected  # no cluster was started for it
+
+
 def test_import_refmodel_does_not_import_ray():
     code = "import sys, refmodel, refmodel.serve, refmodel.cli; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env(), timeout=120)

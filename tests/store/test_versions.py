@@ -141,8 +141,8 @@ def test_corrupted_sum_is_caught_on_every_read_path(tmp_path):
     ids = tuple(victim[0].tolist())
     pair = Example(ids[:1], (ids[1:], ids[1:-1]), ((True,) * (len(ids) - 1), (True,) * (len(ids) - 2)),
                    ("chosen", "rejected"), "row 0")
-    with pytest.raises(StoreCorrupt, match="crc32"):  # what `store export-trl` writes
-        trl_columns(store, [pair])
+    with pytest.raises(StoreCorrupt, match="crc32"):  # the columns `store export-trl` writes for this record
+        trl_columns(store, pair, {"prompt": "p", "chosen": "c", "rejected": "r"})
     with pytest.raises(StoreCorrupt, match="shard-00001"):
         store.verify()
     for ids, logps, mask in seqs:  # every other entry still reads, sum included

@@ -98,13 +98,14 @@ def export_trl_command(path: str, data: str, model: str, out: str, max_length: i
     """Write DATA with TRL's reference columns, each record tokenized by :mod:`refmodel.data` with the
     store's own tokenization settings (recorded by ``refmodel precompute``) unless given.
 
-    Preference records get ``ref_chosen_logps`` / ``ref_rejected_logps``, unpaired (KTO) records
-    ``ref_logps``: the stored float32 sequence sums. Records TRL drops get null columns.
+    The columns of each record are :func:`refmodel.store.interop.trl_columns`: preference records get
+    ``ref_chosen_logps`` / ``ref_rejected_logps``, unpaired (KTO) records ``ref_logps``, the stored float32
+    sequence sums; records TRL drops get null columns.
     """
     from ..data import load_records, tokenize_record
-    from ..errors import DataFormatError
     from ..precompute.config import PrecomputeConfig
     from ..store import LogprobStore
+    from ..store.interop import trl_columns
 
     _, tok, fp = _fingerprint_of(model)
     store = LogprobStore.open(path, fp)
@@ -116,16 +117,8 @@ def export_trl_command(path: str, data: str, model: str, out: str, max_length: i
     rows, dropped = [], 0
     for where, record in load_records(data):
         ex = tokenize_record(record, tok, where, **settings)
-        row = dict(record)
-        if ex is not None and ex.names not in (("chosen", "rejected"), ("completion",)):
-            raise DataFormatError(f"{where}: export-trl writes preference or unpaired (KTO) records, not {ex.kind}")
-        names = ex.names if ex is not None else (
-            ("chosen", "rejected") if "chosen" in record else ("completion",))
-        sums = [None] * len(names) if ex is None else [store.get_sum(ids) for ids, _ in ex.sequences()]
+        rows.append({**record, **trl_columns(store, ex, record)})
         dropped += ex is None
-        for name, value in zip(names, sums, strict=True):
-            row["ref_logps" if name == "completion" else f"ref_{name}_logps"] = value
-        rows.append(row)
     out_path = Path(out)
     if out_path.suffix == ".jsonl":
         from ..testing import write_jsonl

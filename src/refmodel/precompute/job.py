@@ -1,10 +1,7 @@
 """The precompute job: reference log-probs of a dataset into a :class:`~refmodel.store.LogprobStore`.
 
-Plan (a pure function of the tokenized data and the settings, so a resumed run redoes exactly the
-same work): every distinct sequence once; examples sorted by (completions, length, key) so batches
-hold similar lengths; cut into shards of ``shard_examples`` examples; inside a shard, greedy batches
-under ``max_tokens_per_batch`` padded tokens. Shard ``i`` is written as ``shard-{i:05d}`` when all its
-batches are done, so a killed run loses at most one shard and ``resume=True`` gives the same bytes.
+What to score, in which shards, and under which fingerprint and job is the plan
+(:func:`~refmodel.precompute.plan.plan_precompute`, shared with the Ray driver); this module scores it.
 
 Scoring one batch: the prompts (left-padded) run through the backbone once with a KV cache; the cache
 is repeated for each completion (chosen and rejected) and the completions (right-padded, so real
@@ -15,19 +12,17 @@ scored completion positions reach the head, through :func:`refmodel.token_logpro
 
 from __future__ import annotations
 
-import hashlib
-import json
+import inspect
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import Example, collate, load_examples, pad_id_of
-from ..errors import ConfigError, InvalidInput, StoreCorrupt
+from ..data import collate
+from ..errors import ConfigError, StoreCorrupt
 from ..logprobs.model import (
     backbone_of,
     head_logprobs,
@@ -35,146 +30,24 @@ from ..logprobs.model import (
     position_ids_from_mask,
     unwrap_causal_lm,
 )
-from ..models.fingerprint import fingerprint as model_fingerprint
-from ..models.limits import position_limit
 from ..store import LogprobStore
-from ..store.format import Entry, key_bytes, make_entry, normalize_dtype
+from ..store.format import Entry, make_entry
 from ..store.manifest import shard_name
 from .config import PrecomputeConfig
+from .plan import (
+    PrecomputePlan,
+    Unit,
+    check_position_limit,
+    load_scoring_model,
+    open_or_create_store,
+    pending_shards,
+    plan_batches,
+    plan_job,
+    plan_precompute,
+    plan_units,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One prompt and the completions of it still to score."""
-
-    prompt: tuple[int, ...]
-    completions: tuple[tuple[int, ...], ...]
-    masks: tuple[tuple[bool, ...], ...]
-    keys: tuple[bytes, ...]
-
-    @property
-    def tokens(self) -> int:
-        return len(self.prompt) + sum(len(c) for c in self.completions)
-
-
-def check_position_limit(model, examples: list[Example]) -> None:
-    """Refuse data with a sequence longer than the model's position limit, before any store is made.
-
-    Raises InvalidInput naming the first offending row (file and line), its length and the limit, and
-    how many rows exceed it. Models whose config names no limit are not checked.
-    """
-    found = position_limit(model)
-    if found is None:
-        return
-    limit, field = found
-    over = [(ex, name, len(ex.prompt_ids) + len(comp)) for ex in examples
-            for comp, name in zip(ex.completions, ex.names, strict=True) if len(ex.prompt_ids) + len(comp) > limit]
-    if over:
-        ex, name, length = over[0]
-        rows = len({id(e) for e, _, _ in over})
-        raise InvalidInput(f"{ex.where or 'a record'}: the {name} sequence has {length} tokens (prompt "
-                           f"{len(ex.prompt_ids)} + {name} {length - len(ex.prompt_ids)}), more than the model's "
-                           f"position limit of {limit} (config.{field}); {rows} of {len(examples)} rows are too long. "
-                           "Shorten or drop them, or truncate them as TRL does with max_length (--max-length)")
-
-
-def plan_units(examples: list[Example]) -> list[Unit]:
-    """Distinct sequences grouped by shared prompt, in canonical order (completions, length, key)."""
-    seen: set[bytes] = set()
-    units = []
-    for ex in examples:
-        groups = [(ex.prompt_ids, list(zip(ex.completions, ex.completion_masks, strict=True)))]
-        if not ex.prompt_ids:  # no shared prefix (e.g. keep_end truncation cut the prompt): one unit per row
-            groups = [(c[:1], [(c[1:], m[1:])]) for c, m in groups[0][1] if c]
-        for prompt, rows in groups:
-            comps, masks, keys = [], [], []
-            for comp, mask in rows:
-                key = key_bytes(np.asarray(prompt + comp, dtype=np.int64))
-                if key not in seen and comp:
-                    seen.add(key)
-                    comps.append(comp)
-                    masks.append(mask)
-                    keys.append(key)
-            if comps:
-                units.append(Unit(prompt, tuple(comps), tuple(masks), tuple(keys)))
-    units.sort(key=lambda u: (len(u.completions), len(u.prompt) + max(map(len, u.completions)), u.keys[0]))
-    return units
-
-
-def plan_batches(units: list[Unit], max_tokens: int) -> list[list[Unit]]:
-    """Greedy batches of consecutive units (same completion count) whose padded size stays under ``max_tokens``."""
-    batches: list[list[Unit]] = []
-    cur: list[Unit] = []
-    p_max, c_max = 0, 0
-    for u in units:
-        p, c = max(p_max, len(u.prompt)), max(c_max, max(map(len, u.completions)))
-        k = len(u.completions)
-        if cur and (len(cur[0].completions) != k or (len(cur) + 1) * (p + k * c) > max_tokens):
-            batches.append(cur)
-            cur, p, c = [], len(u.prompt), max(map(len, u.completions))
-        cur.append(u)
-        p_max, c_max = p, c
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def plan_job(examples: list[Example], *, max_tokens_per_batch: int, shard_examples: int, share_prompt: bool,
-             temperature: float) -> tuple[list[list[Unit]], dict]:
-    """The job's shards (lists of units, ``shard_examples`` each) and its description for the manifest.
-
-    A pure function of the tokenized data and the settings; the description carries a hash of the plan so
-    that resuming with other data or settings is refused.
-    """
-    if max_tokens_per_batch < 1 or shard_examples < 1:
-        raise InvalidInput("max_tokens_per_batch and shard_examples must be >= 1")
-    units = plan_units(examples)
-    shards = [units[i:i + shard_examples] for i in range(0, len(units), shard_examples)]
-    plan = hashlib.blake2b(digest_size=16)
-    for i, shard in enumerate(shards):
-        plan.update(f"{i}|".encode() + b"".join(k for u in shard for k in u.keys))
-    job = {"kind": "precompute", "plan_blake2b": plan.hexdigest(), "shards": len(shards),
-           "sequences": sum(len(u.keys) for u in units), "max_tokens_per_batch": max_tokens_per_batch,
-           "shard_examples": shard_examples, "share_prompt": share_prompt, "temperature": temperature}
-    return shards, job
-
-
-def open_or_create_store(out, fp: str, dtype: str, job: dict, *, resume: bool) -> LogprobStore:
-    """A writable store at ``out`` for ``job``: new, or (``resume=True``) the same job's unfinished one.
-
-    Resuming first checks every committed shard and drops the damaged ones (missing, corrupt, edited),
-    so they are scored again with the missing ones: a resumed store is whole, not just finished.
-    """
-    out = Path(out)
-    if (out / "manifest.json").exists():
-        if not resume:
-            raise ConfigError(f"{out} already holds a store; pass resume=True (--resume) to finish it, "
-                              "or choose an empty folder")
-        store = LogprobStore.open(out, fp, mode="a")
-        if store.job != job or store.dtype != dtype:
-            store.close()
-            raise ConfigError(f"{out} was filled by another job (data, dtype or settings differ: stored "
-                              f"{json.dumps(store.job)}, dtype {store.dtype}); resume needs the same ones")
-        listed = set(store.shard_files)
-        try:
-            damaged = [p for p in store.discard_damaged() if p.file in listed]
-        except BaseException:
-            store.close()
-            raise
-        for p in damaged:
-            log.warning("precompute: %s is damaged and will be scored again (%s)", p.file, p.reason)
-        return store
-    store = LogprobStore.create(out, fp, dtype=dtype)
-    store.set_job(job)
-    return store
-
-
-def pending_shards(store: LogprobStore, n_shards: int) -> list[int]:
-    """Indices of the job's shards not yet committed to ``store``."""
-    done = set(store.shard_files)
-    return [i for i in range(n_shards) if shard_name(i) not in done]
 
 
 @torch.no_grad()
@@ -196,9 +69,10 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     c_len = comp.shape[1]
     prompt_len = prompt_mask.sum(1)
     backbone = backbone_of(causal)
+    cache_name = _cache_argument(backbone)
     out = backbone(input_ids=prompt.to(device), attention_mask=prompt_mask.to(device),
                    position_ids=position_ids_from_mask(prompt_mask).to(device), use_cache=True)
-    cache, last = out.past_key_values, out.last_hidden_state[:, -1]
+    cache, last = out[cache_name], out.last_hidden_state[:, -1]
     if k > 1:
         cache.batch_repeat_interleave(k)
     full_mask = torch.cat([prompt_mask.repeat_interleave(k, 0), comp_mask], 1)
@@ -207,7 +81,7 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     steps = torch.minimum(torch.arange(c_len)[None], (comp_mask.sum(1) - 1).clamp(min=0)[:, None])
     positions = prompt_len.repeat_interleave(k)[:, None] + steps
     hidden = backbone(input_ids=comp.to(device), attention_mask=full_mask.to(device),
-                      position_ids=positions.to(device), past_key_values=cache, use_cache=True).last_hidden_state
+                      position_ids=positions.to(device), use_cache=True, **{cache_name: cache}).last_hidden_state
     # Completion token j is predicted from the state before it: the prompt's last for j = 0.
     pred = torch.cat([last.repeat_interleave(k, 0)[:, None], hidden[:, :-1]], 1)
     targets = torch.where(scored.to(device), comp.to(device), -100)
@@ -221,6 +95,12 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     return entries
 
 
+def _cache_argument(backbone) -> str:
+    """The backbone's name for the KV cache, in its ``forward`` and its output: ``cache`` since transformers
+    5.24, ``past_key_values`` before (5.24 still takes the old name, with a FutureWarning on every call)."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
 def _score_full(model, units: list[Unit], pad_id: int, temperature: float) -> list[Entry]:
     """Fallback without prefix sharing: ``model_logprobs`` on the right-padded full sequences."""
     device = next(model.parameters()).device
@@ -231,18 +111,6 @@ def _score_full(model, units: list[Unit], pad_id: int, temperature: float) -> li
     logps = model_logprobs(model, ids.to(device), attn.to(device), score.to(device), temperature=temperature).cpu()
     return [make_entry(np.asarray(s, dtype=np.int64), logps[r, :len(s)].numpy(), np.asarray(m))
             for r, (s, m) in enumerate(seqs)]
-
-
-def _load_model(model, tokenizer, model_kwargs):
-    """``(model, tokenizer)``: a loaded model as is, or a local folder through the one safe loader."""
-    if isinstance(model, (str, Path)):
-        from ..models.loading import load_model, load_tokenizer
-
-        path = model
-        model = load_model(path, what="--model", **(model_kwargs or {}))
-        tokenizer = tokenizer or load_tokenizer(path)
-    model.eval()
-    return model, tokenizer
 
 
 def precompute(model, data, out, config: PrecomputeConfig | None = None, *, tokenizer=None,
@@ -261,40 +129,37 @@ def precompute(model, data, out, config: PrecomputeConfig | None = None, *, toke
     """
     cfg = (config or PrecomputeConfig()).with_overrides(**settings)
     from_path = isinstance(model, (str, Path))
-    model, tokenizer = _load_model(model, tokenizer, {**cfg.model_kwargs(), **(model_kwargs or {})})
+    model, tokenizer = load_scoring_model(model, tokenizer, {**cfg.model_kwargs(), **(model_kwargs or {})})
     if from_path or cfg.device != "auto":  # "auto" leaves a model the caller placed where it is
         model.to(cfg.resolved_device())
-    dtype, temperature, max_tokens_per_batch = normalize_dtype(cfg.dtype), cfg.temperature, cfg.max_tokens_per_batch
-    share_prompt, resume, progress = cfg.share_prompt, cfg.resume, cfg.progress
-    fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
-    examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
-    check_position_limit(model, examples)
-    shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch, shard_examples=cfg.shard_examples,
-                           share_prompt=share_prompt, temperature=temperature)
-    job["tokenization"] = {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode}  # for export-trl
-    units = [u for shard in shards for u in shard]
-    store = open_or_create_store(out, fp, dtype, job, resume=resume)
-    out = Path(out)
-    pad_id = pad_id_of(tokenizer)
-    todo = pending_shards(store, len(shards))
-    total = sum(u.tokens for u in units)
-    left = sum(u.tokens for i in todo for u in shards[i])
+    plan = plan_precompute(model, tokenizer, data, cfg)
+    store, todo = plan.open_store(out)
+    try:
+        score_plan(model, plan, store, todo)
+    finally:
+        store.close()
+    return LogprobStore.open(out, plan.fingerprint)
+
+
+def score_plan(model, plan: PrecomputePlan, store: LogprobStore, todo: list[int]) -> None:
+    """Score the shards ``todo`` of ``plan`` with ``model`` in this process and commit each to ``store``."""
+    cfg = plan.config
+    total = plan.total_tokens
+    left = sum(plan.shard_tokens(i) for i in todo)
     log.info("precompute: %d sequences in %d shards (%d to do), %d tokens, fingerprint %s",
-             job["sequences"], len(shards), len(todo), total, fp)
+             plan.job["sequences"], plan.n_shards, len(todo), total, plan.fingerprint)
     start = time.perf_counter()
     with tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="reference log-probs",
-              disable=not progress) as bar:
+              disable=not cfg.progress) as bar:
         for i in todo:
             entries = []
-            for batch in plan_batches(shards[i], max_tokens_per_batch):
-                entries += score_units(model, batch, pad_id=pad_id, temperature=temperature,
-                                       share_prompt=share_prompt)
+            for batch in plan_batches(list(plan.shard(i)), cfg.max_tokens_per_batch):
+                entries += score_units(model, batch, pad_id=plan.pad_id, temperature=cfg.temperature,
+                                       share_prompt=cfg.share_prompt)
                 bar.update(sum(u.tokens for u in batch))
             store.write_shard(shard_name(i), entries)
     elapsed = time.perf_counter() - start
     log.info("precompute: %d tokens in %.2fs (%.0f tokens/s)", left, elapsed, left / max(elapsed, 1e-9))
-    store.close()
-    return LogprobStore.open(out, fp)
 
 
 def repair_store(model, data, path, *, tokenizer=None, progress: bool = True,
@@ -330,5 +195,6 @@ def repair_store(model, data, path, *, tokenizer=None, progress: bool = True,
                       model_kwargs=model_kwargs, **settings)
 
 
-__all__ = ["precompute", "repair_store", "check_position_limit", "plan_units", "plan_batches", "plan_job",
-           "open_or_create_store", "pending_shards", "score_units", "shard_name", "Unit"]
+# The planning names stay importable from here (their home is .plan).
+__all__ = ["precompute", "repair_store", "score_plan", "score_units", "check_position_limit", "plan_units",
+           "plan_batches", "plan_job", "open_or_create_store", "pending_shards", "shard_name", "Unit"]

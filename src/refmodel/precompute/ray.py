@@ -1,8 +1,8 @@
 """The precompute job on a Ray cluster: Ray Data hands the job's shards to an actor pool of scorers.
 
-The driver does what :func:`refmodel.precompute` does up to the scoring: it loads the model once to
-fingerprint it, tokenizes the data and plans the job with :func:`~refmodel.precompute.job.plan_job` (same
-units, same shards, same job description in the manifest). Each shard still to do becomes one row of
+The driver plans the job with the very function :func:`refmodel.precompute` calls,
+:func:`~refmodel.precompute.plan.plan_precompute` (same fingerprint, units, shards and job description in
+the manifest; it loads the model once to fingerprint it and check its position limit). Each shard still to do becomes one row of
 a Ray Dataset; ``map_batches`` runs :class:`ShardScorer` (one model per actor, loaded once) over those
 rows with ``concurrency=num_workers``, and each actor scores its shard with the very same
 ``plan_batches`` / ``score_units`` calls as the single-process job. The entries come back as plain
@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -37,23 +36,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .._optional import require
-from ..data import load_examples, pad_id_of
+from ..cluster import connect_ray
 from ..errors import ConfigError, RefModelError
-from ..models.fingerprint import fingerprint as model_fingerprint
 from ..store import LogprobStore
-from ..store.format import KEY_BYTES, Entry, normalize_dtype
+from ..store.format import KEY_BYTES, Entry
+from ..store.manifest import shard_name
 from .config import PrecomputeConfig
-from .job import (
-    Unit,
-    _load_model,
-    check_position_limit,
-    open_or_create_store,
-    pending_shards,
-    plan_batches,
-    plan_job,
-    score_units,
-    shard_name,
-)
+from .job import score_units
+from .plan import PrecomputePlan, Unit, load_scoring_model, plan_batches, plan_precompute
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +102,7 @@ class ShardScorer:
         if torch_threads:
             # CPU GEMMs split their reductions by thread count, so the bits depend on it: fix it explicitly.
             torch.set_num_threads(torch_threads)
-        self.model, _ = _load_model(model_path, None, model_kwargs)
+        self.model, _ = load_scoring_model(model_path, None, model_kwargs)
         self.model.to(device)
         self.max_tokens_per_batch = max_tokens_per_batch
         self.temperature = temperature
@@ -145,47 +135,6 @@ class ShardScorer:
 
 
 # ------------------------------------------------------------------ the driver
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """ConfigError now, when nothing listens at a ``host:port`` / ``ray://host:port`` address.
-
-    ``ray.init`` would retry an unreachable head for minutes; a TCP connect says the same in seconds.
-    """
-    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
-        return
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        return  # not host:port: let ray.init judge it
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise ConfigError(f"cannot reach the Ray cluster at {address}: {exc}; is the head node up (ray start "
-                          "--head) and is --ray-address / RAY_ADDRESS its GCS 'host:port' or 'ray://host:10001'?"
-                          ) from exc
-
-
-def _connect(ray, address: str | None) -> bool:
-    """Connect to Ray; returns True when this call started the connection (and should shut it down)."""
-    if ray.is_initialized():
-        log.info("precompute: using the Ray connection already open in this process")
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    # Ship this very refmodel package to the workers (Ray uploads it once per job): the actors then run the
-    # driver's code, which byte-identical results need, whether or not refmodel is installed on the cluster.
-    package_dir = str(Path(__file__).resolve().parents[1])  # the refmodel package folder
-    runtime_env = {"py_modules": [package_dir]}
-    try:
-        if address:
-            _check_reachable(address)
-            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                     logging_level=logging.WARNING, runtime_env=runtime_env)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"cannot connect to the Ray cluster at {address or 'a new local cluster'}: {exc}; "
-                          "check --ray-address / RAY_ADDRESS (e.g. 'ray://head:10001' or 'head:6379')") from exc
-    return True
-
-
 def _pool_size(ray, num_workers: int | None, gpus_per_worker: float, cpus_per_worker: float, todo: int) -> int:
     """Number of actors: ``num_workers`` or what the cluster holds; ConfigError when GPUs are asked for but absent."""
     res = ray.cluster_resources()
@@ -222,53 +171,42 @@ def precompute_on_ray(model_path, data, out, config: PrecomputeConfig | None = N
             ``max_task_retries``: retries of a shard whose actor died (actors restart without limit).
         scorer_cls: the actor class, :class:`ShardScorer` or a subclass.
     """
-    ray = require("ray", "ray")
+    ray = require("ray", "ray")  # before any work: MissingDependency names the extra
     cfg = (config or PrecomputeConfig()).with_overrides(**settings)
-    num_workers, gpus_per_worker, cpus_per_worker = cfg.num_workers, cfg.gpus_per_worker, cfg.cpus_per_worker
-    dtype, temperature, share_prompt = normalize_dtype(cfg.dtype), cfg.temperature, cfg.share_prompt
-    max_tokens_per_batch, resume, progress = cfg.max_tokens_per_batch, cfg.resume, cfg.progress
     model_kwargs = {**cfg.model_kwargs(), **(model_kwargs or {})}
     model_path = str(Path(model_path).resolve())
-    model, tokenizer = _load_model(model_path, None, model_kwargs)
-    fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
-    examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
-    check_position_limit(model, examples)
+    model, tokenizer = load_scoring_model(model_path, None, model_kwargs)
+    plan = plan_precompute(model, tokenizer, data, cfg)
     del model  # the actors hold the model; the driver only needed its fingerprint and position limit
-    shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch, shard_examples=cfg.shard_examples,
-                           share_prompt=share_prompt, temperature=temperature)
-    job["tokenization"] = {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode}  # for export-trl
-    pad_id = pad_id_of(tokenizer)
-    started = _connect(ray, cfg.ray_address)
+    gpus_per_worker, cpus_per_worker = cfg.gpus_per_worker, cfg.cpus_per_worker
+    connection = connect_ray(cfg.ray_address)
     try:
-        workers = _pool_size(ray, num_workers, gpus_per_worker, cpus_per_worker, max(len(shards), 1))
-        store = open_or_create_store(out, fp, dtype, job, resume=resume)
+        workers = _pool_size(ray, cfg.num_workers, gpus_per_worker, cpus_per_worker, max(plan.n_shards, 1))
+        store, todo = plan.open_store(out)
         try:
-            todo = pending_shards(store, len(shards))
             log.info("precompute on Ray: %d sequences in %d shards (%d to do) on %d worker(s), fingerprint %s",
-                     job["sequences"], len(shards), len(todo), workers, fp)
+                     plan.job["sequences"], plan.n_shards, len(todo), workers, plan.fingerprint)
             if todo:
-                scorer_kwargs = {"model_path": model_path, "max_tokens_per_batch": max_tokens_per_batch,
-                                 "temperature": temperature, "share_prompt": share_prompt, "pad_id": pad_id,
-                                 "device": "cuda" if gpus_per_worker > 0 else "cpu", "model_kwargs": model_kwargs,
+                scorer_kwargs = {"model_path": model_path, "max_tokens_per_batch": cfg.max_tokens_per_batch,
+                                 "temperature": cfg.temperature, "share_prompt": cfg.share_prompt,
+                                 "pad_id": plan.pad_id, "device": "cuda" if gpus_per_worker > 0 else "cpu",
+                                 "model_kwargs": model_kwargs,
                                  "torch_threads": None if gpus_per_worker > 0 else max(1, int(cpus_per_worker))}
-                _run(ray, store, shards, todo, scorer_cls, scorer_kwargs, workers=min(workers, len(todo)),
-                     gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                     max_task_retries=cfg.max_task_retries, progress=progress)
+                _run(ray, store, plan, todo, scorer_cls, scorer_kwargs, workers=min(workers, len(todo)))
         finally:
             store.close()
     finally:
-        if started:
-            ray.shutdown()
-    return LogprobStore.open(out, fp)
+        connection.close()
+    return LogprobStore.open(out, plan.fingerprint)
 
 
-def _run(ray, store: LogprobStore, shards: list[list[Unit]], todo: list[int], scorer_cls: type,
-         scorer_kwargs: dict, *, workers: int, gpus_per_worker: float, cpus_per_worker: float,
-         max_task_retries: int, progress: bool) -> None:
-    """Stream the ``todo`` shards through the actor pool; write each result as it arrives."""
+def _run(ray, store: LogprobStore, plan: PrecomputePlan, todo: list[int], scorer_cls: type, scorer_kwargs: dict,
+         *, workers: int) -> None:
+    """Stream the ``todo`` shards of ``plan`` through the actor pool; write each result as it arrives."""
+    cfg = plan.config
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours (tokens/s) is on the driver
-    rows = [{"shard": i, "plan": encode_units(shards[i])} for i in todo]
+    rows = [{"shard": i, "plan": encode_units(list(plan.shard(i)))} for i in todo]
     with warnings.catch_warnings():
         # max_restarts / max_task_retries have no named parameter in map_batches, so they go through
         # **ray_remote_args, which Ray >= 2.60 flags as deprecated. Actors restart without limit (a lost
@@ -276,22 +214,22 @@ def _run(ray, store: LogprobStore, shards: list[list[Unit]], todo: list[int], sc
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             scorer_cls, fn_constructor_kwargs=scorer_kwargs, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
-            num_gpus=gpus_per_worker or None, max_restarts=-1, max_task_retries=max_task_retries)
-    tokens = {i: sum(u.tokens for u in shards[i]) for i in todo}
-    total = sum(u.tokens for s in shards for u in s)
+            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.cpus_per_worker,
+            num_gpus=cfg.gpus_per_worker or None, max_restarts=-1, max_task_retries=cfg.max_task_retries)
+    tokens = {i: plan.shard_tokens(i) for i in todo}
+    total = plan.total_tokens
     left = sum(tokens.values())
     written: set[int] = set()
     start = time.perf_counter()
     with tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="reference log-probs (ray)",
-              disable=not progress) as bar:
+              disable=not cfg.progress) as bar:
         for row in ds.iter_rows():
             index = int(row["shard"])
             if index in written:  # a retried task whose first result also arrived: the shard is already on disk
                 log.warning("precompute: shard %d arrived twice; keeping the first copy", index)
                 continue
             entries = unpack_entries(row["keys"], row["meta"], row["values"], row["totals"])
-            want = sorted(k for u in shards[index] for k in u.keys)
+            want = sorted(k for u in plan.shard(index) for k in u.keys)
             if sorted(e.key for e in entries) != want:
                 raise RefModelError(f"shard {index} came back from Ray with {len(entries)} entries that do not "
                                     f"match its plan ({len(want)} sequences); nothing was written for it")

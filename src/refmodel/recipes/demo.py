@@ -1,7 +1,8 @@
 """``refmodel demo``: the main job end to end on the built-in tiny model and preference data.
 
 1. build the tiny Llama and split the built-in pairs into train / held-out;
-2. precompute the reference log-probs of every train and held-out sequence into a log-prob store;
+2. precompute the reference log-probs of every train and held-out sequence into a log-prob store
+   (:func:`refmodel.precompute`, the job ``refmodel precompute`` runs);
 3. train DPO with the *precomputed* reference (no reference weights in memory), metrics + plot;
 4. compare the strategies on the same data: a frozen copy, the base under a LoRA policy with the
    adapter disabled, and the store: reference memory, training step time, and the DPO loss of the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from ..logprobs.model import backbone_of, model_logprobs, position_ids_from_mask
 from ..losses.kl import LMHead, exact
 from ..losses.preference import dpo
 from ..models.fingerprint import fingerprint
+from ..precompute.job import precompute
 from ..testing import builtin_dataset_path, load_tiny, make_tiny_model
 from .train import (
     TrainConfig,
@@ -84,27 +87,6 @@ class _ExactKLProbe:
             policy.eval()
             self.values[step] = heldout_exact_kl(policy, self.base, self.batch)
             policy.train(was_training)
-
-
-def precompute_pairs(model, pairs, store_path: Path, pad_id: int, batch_pairs: int = 64):
-    """Write the reference log-probs of every chosen and rejected sequence of ``pairs`` to a new store.
-
-    A minimal precompute (batched, no_grad, real tokens only); ``refmodel precompute`` is the full one.
-    """
-    from tqdm.auto import tqdm
-
-    from ..store import LogprobStore
-
-    store = LogprobStore.create(store_path, fingerprint(model), dtype="float32", exist_ok=True)
-    with torch.no_grad():
-        for lo in tqdm(range(0, len(pairs), batch_pairs), desc="precompute", unit="batch", leave=False):
-            batch = collate_examples(pairs[lo:lo + batch_pairs], pad_id)
-            lp = model_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["score_mask"])
-            for row in range(lp.shape[0]):
-                n = int(batch["attention_mask"][row].sum())
-                store.put(batch["input_ids"][row, :n], lp[row, :n], batch["score_mask"][row, :n])
-    store.flush()
-    return store
 
 
 def _strategy_table(base, tok_pairs, pad_id, store_path, trained, cfg) -> list[dict]:
@@ -170,10 +152,14 @@ def _run(out: Path, max_steps: int | None, n_eval: int) -> dict:
     train_tok, eval_tok = tokenize_preferences(train_rows, tok, cfg), tokenize_preferences(eval_rows, tok, cfg)
 
     store_path = out / "ref_logprobs"
+    if (store_path / "manifest.json").exists():  # the demo's own store from an earlier run: made again
+        shutil.rmtree(store_path)
     t = time.perf_counter()
-    store = precompute_pairs(base, train_tok + eval_tok, store_path, pad_id)
-    n_entries = len(store)
-    store.close()
+    # The real precompute job, with the training loop's tokenization (so every training row hits the store);
+    # float32 storage so the store's DPO losses equal the live references' (the strategy table checks it).
+    with precompute(base, train_rows + eval_rows, store_path, tokenizer=tok, dtype="float32",
+                    max_length=cfg.max_length, truncation_mode=cfg.truncation_mode) as store:
+        n_entries = len(store)
     precompute_s = time.perf_counter() - t
 
     from ..reference import ReferenceConfig, auto
@@ -229,4 +215,4 @@ def _report(f: dict, model_dir: Path, store_path: Path) -> None:
     echo(f"curves: {f['plot']}   metrics: {f['metrics']}   total {f['total_s']:.1f} s")
 
 
-__all__ = ["DEMO_CONFIG", "heldout_exact_kl", "precompute_pairs", "run_demo"]
+__all__ = ["DEMO_CONFIG", "heldout_exact_kl", "run_demo"]

@@ -5,10 +5,10 @@ methods httpx; one step, :meth:`ReferenceClient._settle`, decides after every at
 whether to return, retry or raise, so retries and error mapping exist once. Log-probs travel in the
 binary form (``refmodel.remote.wire``: int32 ids in, float32 out); rewards as JSON. Every call has an
 explicit timeout; 429 and 503 answers (and connection failures) are retried with exponential
-backoff and jitter, honouring ``Retry-After``. Errors map to refmodel exceptions: 401
-:class:`Unauthorized`, 404 :class:`ModelNotAllowed`, 413 :class:`RequestTooLarge`, 422
-:class:`InvalidBatch`, 429/503 after the retries :class:`ServiceOverloaded`, anything else
-:class:`ServiceError`.
+backoff and jitter, honouring ``Retry-After``. Errors map to refmodel exceptions by the table the
+server answers with (:mod:`refmodel.remote.errors`): 401 :class:`Unauthorized`, 404
+:class:`ModelNotAllowed`, 413 :class:`RequestTooLarge`, 422 :class:`InvalidBatch`, 429/503 after the
+retries :class:`ServiceOverloaded`, anything else :class:`ServiceError`.
 
 Why urllib3 for the sync side: on loopback a sync httpx request cost ~0.5 ms more than urllib3's
 (measured on ``GET /healthz``: 1.17 vs 0.62 ms at the minimum; the hand-written HTTP/1.1 transport this
@@ -31,18 +31,10 @@ import torch
 
 from .._optional import require
 from ..data.collate import pad as _pad_rows
-from ..errors import (
-    ConfigError,
-    InvalidBatch,
-    ModelNotAllowed,
-    RequestTooLarge,
-    ServiceError,
-    ServiceOverloaded,
-    Unauthorized,
-)
+from ..errors import ConfigError, InvalidBatch, ModelNotAllowed, ServiceError
+from .errors import RETRY_STATUSES, error_for
 
 log = logging.getLogger(__name__)
-_RETRY_STATUSES = (429, 503)
 _MAX_SLEEP_S = 30.0
 # uvicorn closes an idle keep-alive connection after 5 s (refmodel serve --keep-alive-timeout-s):
 # httpx drops ours earlier so as not to send on a connection the server is closing (urllib3 checks a
@@ -121,6 +113,7 @@ def _fp_key(model: str, temperature: float):
 
 
 def _raise_for(response) -> None:
+    """Raise the table's exception (:func:`refmodel.remote.errors.error_for`) for an error answer."""
     status = response.status_code
     if status < 400:
         return
@@ -128,18 +121,7 @@ def _raise_for(response) -> None:
         detail = response.json().get("detail", response.text)
     except (ValueError, AttributeError):
         detail = response.text[:500]
-    message = f"reference service answered {status}: {detail}"
-    if status == 401:
-        raise Unauthorized(message, status=status)
-    if status == 404:
-        raise ModelNotAllowed(message)
-    if status == 413:
-        raise RequestTooLarge(message, status=status)
-    if status == 422:
-        raise InvalidBatch(message)
-    if status in _RETRY_STATUSES:
-        raise ServiceOverloaded(message, status=status)
-    raise ServiceError(message, status=status)
+    raise error_for(status, detail)
 
 
 class ReferenceClient:
@@ -194,7 +176,7 @@ class ReferenceClient:
             if attempt == self.max_retries:
                 raise ServiceError(f"cannot reach the reference service at {self.url}: "
                                    f"{type(exc).__name__}: {exc}") from exc
-        elif response.status_code not in _RETRY_STATUSES or attempt == self.max_retries:
+        elif response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
             _raise_for(response)
             return None
         wait = self._sleep_for(attempt, response)

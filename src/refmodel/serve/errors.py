@@ -1,5 +1,7 @@
 """Error answers of the service: one JSON shape ``{"detail": ..., "field": ...}`` for every status.
 
+Which exception gets which status is the table shared with the client, :mod:`refmodel.remote.errors`.
+
 Status codes: missing or wrong bearer token 401; unknown model 404; body timeout 408; body over
 ``max_body_bytes`` 413; malformed batch 422 (``field`` names the part); queue full 429 with
 ``Retry-After``; too many or too large header fields 431; shutting down 503. Bad input never produces a 500; a 500
@@ -15,22 +17,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import ModelNotAllowed, RefModelError, RequestTooLarge, ServiceOverloaded, Unauthorized
+from ..errors import RefModelError
+from ..remote.errors import ERROR_TABLE, status_for
 from .schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
-# For the OpenAPI schema: what each error status means on this service.
-ERROR_STATUSES = {
-    401: "missing or wrong bearer token (send `Authorization: Bearer <token>`)",
-    404: "the model is not served (for this kind of request)",
-    408: "the request body did not arrive within the server's body timeout",
-    413: "the request body exceeds the server's max_body_bytes",
-    422: "malformed request; `field` names the offending part",
-    429: "the model's queue is full; retry after `Retry-After` seconds",
-    431: "too many header fields, or a request head larger than the server's max_header_bytes",
-    503: "the server is shutting down",
-}
+# For the OpenAPI schema: what each error status means on this service (the shared table's own words).
+ERROR_STATUSES = {row.status: row.meaning for row in ERROR_TABLE}
 
 
 def error_response(status: int, detail: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -41,20 +35,6 @@ def error_response(status: int, detail: str, field: str | None = None, headers: 
 def unauthorized() -> JSONResponse:
     return error_response(401, "missing or wrong bearer token; send 'Authorization: Bearer <token>'", None,
                           {"WWW-Authenticate": "Bearer"})
-
-
-def status_of(exc: RefModelError) -> int:
-    if isinstance(exc, Unauthorized):
-        return 401
-    if isinstance(exc, ModelNotAllowed):
-        return 404
-    if isinstance(exc, RequestTooLarge):
-        return 413
-    if isinstance(exc, ServiceOverloaded):
-        return getattr(exc, "status", None) or 429
-    if isinstance(exc, ValueError):  # InvalidInput / InvalidBatch
-        return 422
-    return 500
 
 
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
@@ -88,7 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RefModelError)
     async def _refmodel_error(request: Request, exc: RefModelError):
-        status = status_of(exc)
+        status = status_for(exc)
         headers = None
         if status == 429:
             batcher = request.app.state.refmodel.batchers.get(getattr(exc, "model", None))
@@ -107,5 +87,5 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
-__all__ = ["ERROR_STATUSES", "ErrorResponse", "error_response", "install_error_handlers", "status_of",
+__all__ = ["ERROR_STATUSES", "ErrorResponse", "error_response", "install_error_handlers",
            "unauthorized"]

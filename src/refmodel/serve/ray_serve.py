@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 from pydantic import SecretStr
 
 from .._optional import require
+from ..cluster import RayConnection, connect_ray, ray_address
 from ..errors import ConfigError, MissingDependency
 from .batcher import Failed, LocalBatcher, check_admission, drain_seconds, run_per_request
 from .settings import ServeSettings
@@ -230,22 +231,30 @@ def run_ray_server(settings: ServeSettings, *, replicas: int = 1, address: str |
                    num_cpus: float = 1.0, num_gpus: float | None = None) -> None:
     """Serve on Ray until SIGINT/SIGTERM (blocking), then shut the deployment down.
 
-    Without ``address`` a local Ray cluster is started (and stopped at the end) and ``serve.shutdown()``
-    runs; with one (``ray://host:10001`` or ``host:6379`` or ``auto``) only this application is deleted,
-    leaving the cluster's other Serve applications alone. Model paths must exist on every node.
+    Connects by :func:`refmodel.cluster.connect_ray` (the rule ``precompute --ray`` uses): ``address``
+    (``ray://host:10001``, ``host:6379`` or ``auto``), else ``RAY_ADDRESS``, else a new local cluster. On
+    a local cluster Serve and Ray are stopped at the end; on a shared one only this application is
+    deleted, leaving the cluster's other Serve applications alone. Model paths must exist on every node.
     """
-    ray = require("ray", "ray")
     serve = require("ray.serve", "ray")
     settings.check_exposure()
-    if address is None:
+    if ray_address(address) is None:  # a local cluster: the folders must be here (checked before Ray starts)
         missing = [p for p in {**settings.models, **settings.reward_models}.values() if not Path(p).is_dir()]
         if missing:
             raise ConfigError(f"model folder(s) not found: {missing}; --model takes NAME=LOCAL_FOLDER")
-        ray.init(include_dashboard=False)
+    connection = connect_ray(address)
+    try:
+        _serve_until_stopped(serve, connection, settings, replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus)
+    finally:
+        connection.close()
+    log.info("reference service on Ray stopped")
+
+
+def _serve_until_stopped(serve, connection: RayConnection, settings: ServeSettings, *, replicas: int,
+                         num_cpus: float, num_gpus: float | None) -> None:
+    if connection.local:
         # a local cluster cannot grow: shrink each replica's CPU share so that all of them get placed
-        num_cpus = min(num_cpus, ray.cluster_resources().get("CPU", 1.0) / replicas)
-    else:
-        ray.init(address=address)
+        num_cpus = min(num_cpus, connection.ray.cluster_resources().get("CPU", 1.0) / replicas)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -259,12 +268,10 @@ def run_ray_server(settings: ServeSettings, *, replicas: int = 1, address: str |
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if address is None:
+        if connection.local:
             serve.shutdown()
-            ray.shutdown()
         else:
             serve.delete(APP_NAME)
-    log.info("reference service on Ray stopped")
 
 
 def serve_from_flags(models: tuple[str, ...], reward_models: tuple[str, ...], *, replicas: int = 1,

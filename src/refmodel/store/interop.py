@@ -22,10 +22,12 @@ import itertools
 import math
 import pickle
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from ..data import Example
 from ..errors import DataFormatError
 from .format import storage_error
 from .store import LogprobStore
@@ -124,26 +126,30 @@ def _remove_store(out: Path, keep_folder: bool) -> None:
         file.unlink(missing_ok=True)
 
 
-def trl_columns(store: LogprobStore, examples) -> dict[str, list[float]]:
-    """Reference sequence sums, one value per example, in the columns TRL's trainers name them.
+def trl_columns(store: LogprobStore, example: Example | None, record: Mapping) -> dict[str, float | None]:
+    """TRL's reference columns of one record, as ``refmodel store export-trl`` writes them beside it.
 
-    Preference pairs give ``ref_chosen_logps`` / ``ref_rejected_logps`` (``DPOTrainer``); unpaired (KTO)
-    and prompt-completion examples give ``ref_logps``. All examples must be of one kind. Sums are the
-    store's float32 sums (exact whatever the storage dtype). KTO's ``ref_KL_logps`` is not exported: its
-    mismatched pairs depend on the trainer's batches.
+    A preference pair gets ``ref_chosen_logps`` / ``ref_rejected_logps`` (``DPOTrainer``'s names), an
+    unpaired (KTO) or prompt-completion record ``ref_logps``: the store's float32 sequence sums (exact
+    whatever the storage dtype). ``example`` is ``record`` tokenized by :mod:`refmodel.data`; None (a
+    record TRL drops at ``max_length``) gives the same columns, null. KTO's ``ref_KL_logps`` is not
+    exported: its mismatched pairs depend on the trainer's batches.
+
+    Raises StoreMiss for a sequence the store lacks, StoreCorrupt for a damaged entry, DataFormatError
+    for another kind of record.
     """
-    examples = list(examples)
-    kinds = {tuple(ex.names) for ex in examples}
-    if len(kinds) > 1:
-        raise DataFormatError(f"export-trl needs one kind of record per file, got completions named {sorted(kinds)}; "
-                              "export preference pairs and unpaired/prompt-completion data separately")
-    names = kinds.pop() if kinds else ("chosen", "rejected")
-    if names not in (("chosen", "rejected"), ("completion",)):
-        raise DataFormatError(f"export-trl handles preference pairs (chosen, rejected) and unpaired or "
-                              f"prompt-completion records (completion), got completions named {names}")
-    keys = ["ref_chosen_logps", "ref_rejected_logps"] if len(names) == 2 else ["ref_logps"]
-    cols: dict[str, list[float]] = {k: [] for k in keys}
-    for ex in examples:
-        for (ids, _), key in zip(ex.sequences(), keys, strict=True):
-            cols[key].append(store.get_sum(ids))
-    return cols
+    if example is None:
+        names: tuple[str, ...] = ("chosen", "rejected") if "chosen" in record else ("completion",)
+        return {_trl_column(name): None for name in names}
+    if example.names not in (("chosen", "rejected"), ("completion",)):
+        raise DataFormatError(f"{example.where}: export-trl writes preference or unpaired (KTO) records, not "
+                              f"{example.kind}")
+    return {_trl_column(name): store.get_sum(ids)
+            for name, (ids, _) in zip(example.names, example.sequences(), strict=True)}
+
+
+def _trl_column(name: str) -> str:
+    return "ref_logps" if name == "completion" else f"ref_{name}_logps"
+
+
+__all__ = ["PlainDataUnpickler", "halos_entry", "import_halos", "load_plain_pickle", "trl_columns"]
