@@ -159,3 +159,41 @@ def test_full_fine_tuning_gets_a_frozen_copy_and_the_monitor_warns(tiny_model_di
     assert not hasattr(res.policy, "peft_config")
     assert res.history[0]["kl_exact"] == pytest.approx(0.0, abs=1e-6) and res.history[-1]["kl_exact"] > 1e-4
     assert res.kl_monitor.warned and any("exceeds the threshold" in r.getMessage() for r in caplog.records)
+
+
+def test_the_recipe_builds_one_policy_loss_config_and_passes_it_through(tiny_model_dirs):
+    """GRPOConfig -> one PolicyLossConfig (checked at construction); policy_step's loss and gradients equal
+    policy_loss with that config on the same inputs (the step's log-probs, old and reference log-probs)."""
+    from refmodel.logprobs.model import model_logprobs
+    from refmodel.losses import PolicyLossConfig, policy_loss
+    from refmodel.recipes.grpo import policy_step
+    from refmodel.recipes.train import add_lora
+    from refmodel.rl import generate_rollouts, group_advantages, score_rollouts
+
+    with pytest.raises(ConfigError, match="absolute"):
+        GRPOConfig(loss_type="cispo", **FAST)  # at construction, not at the first step
+    with pytest.raises(ConfigError, match="unknown KL estimator"):
+        GRPOConfig(kl_estimator="k4", **FAST)
+    cfg = GRPOConfig(beta=0.04, loss_type="dr_grpo", epsilon_high=0.28, kl_estimator="low_var_kl", **FAST)
+    assert cfg.policy_loss_config == PolicyLossConfig(loss_type="dr_grpo", epsilon_high=0.28, beta=0.04,
+                                                      kl_estimator="k3", max_completion_length=cfg.max_new_tokens)
+    model, tok = load_tiny(tiny_model_dirs["llama"])
+    policy = add_lora(model, r=8, alpha=16)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn(p.shape) * 0.1)  # the policy differs from its reference
+    ro = generate_rollouts(policy, tok, verifiable_prompts(4), cfg.sampling.__class__(4, 3, seed=5))
+    adv = group_advantages(torch.arange(ro.batch_size, dtype=torch.float32) % 3, 4)
+    scored = score_rollouts(policy, AdapterDisabled(policy), ro, need_old=True, beta=cfg.beta)
+    policy.zero_grad(set_to_none=True)
+    metrics = policy_step(policy, scored, adv, cfg)
+    got = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad(set_to_none=True)
+    lp = model_logprobs(policy, ro.input_ids, ro.attention_mask, ro.completion_mask, temperature=ro.temperature)
+    res = policy_loss(lp, scored.old_logps, adv, ro.completion_mask, config=cfg.policy_loss_config,
+                      ref_logps=scored.ref_logps)
+    res.loss.backward()
+    assert metrics["loss"] == pytest.approx(float(res.loss.detach()), rel=1e-6, abs=1e-9)
+    assert got.keys() and all(torch.allclose(got[n], p.grad, rtol=1e-5, atol=1e-7)
+                              for n, p in policy.named_parameters() if p.grad is not None)

@@ -10,6 +10,7 @@ from rl_helpers import lora_policy, make_rollouts
 
 from refmodel import get_global_reference_cache, load_reference_model, model_logprobs, policy_loss
 from refmodel.errors import ConfigError, InvalidBatch, ModelNotAllowed
+from refmodel.losses import PolicyLossConfig
 from refmodel.reference import Frozen
 from refmodel.rl import forward_backward, group_advantages, kl_monitor
 from refmodel.testing import load_tiny
@@ -95,3 +96,30 @@ def test_named_reference_quantized_through_the_cache(setup, registered):
     assert cache.contains(registered, quantize="int8")
     drift = (q.ref_logps - fp.ref_logps).abs()[batch["completion_mask"]]
     assert 0 < float(drift.max()) < 0.5  # int8 moves the reference a little, never silently to nothing
+
+
+def test_a_policy_loss_config_passes_through(setup, registered):
+    """config=PolicyLossConfig(...) gives the loss and gradients of policy_loss with that config on the same
+    inputs, and the same loss as loss_fn + the option keywords; a config with conflicting options is refused."""
+    _, policy, batch = setup
+    cfg = PolicyLossConfig(loss_type="dr_grpo", beta=0.05, epsilon_high=0.28, kl_estimator="low_var_kl",
+                           max_completion_length=9)
+    with pytest.raises(ConfigError, match=r"forward_backward: got both config=.*\['beta'\]"):
+        forward_backward(policy, batch, config=cfg, loss_kwargs={"reference_model": registered, "beta": 0.1})
+    with pytest.raises(ConfigError, match="loss_fn='grpo' but config.loss_type='dr_grpo'"):
+        forward_backward(policy, batch, loss_fn="grpo", config=cfg, loss_kwargs={"reference_model": registered})
+    assert all(p.grad is None for p in policy.parameters())  # refused before any work
+    out = forward_backward(policy, batch, config=cfg, loss_kwargs={"reference_model": registered})
+    got = _grads(policy)
+    policy.zero_grad(set_to_none=True)
+    lp = model_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    res = policy_loss(lp, None, batch["advantages"], batch["completion_mask"], config=cfg, ref_logps=out.ref_logps)
+    res.loss.backward()
+    assert out.loss == float(res.loss.detach()) and out.metrics["kl_loss"] == float(res.kl_loss) > 0
+    for n, g in _grads(policy).items():
+        torch.testing.assert_close(got[n], g, atol=0, rtol=0)
+    policy.zero_grad(set_to_none=True)
+    kw = forward_backward(policy, batch, loss_fn="dr_grpo",
+                          loss_kwargs={"reference_model": registered, "beta": 0.05, "epsilon_high": 0.28,
+                                       "kl_estimator": "low_var_kl", "max_completion_length": 9})
+    assert kw.loss == out.loss

@@ -43,12 +43,12 @@ from ..errors import InvalidInput
 from ..logprobs.head import check_head_inputs, token_logprobs
 from ..logprobs.kernel import _HALF, LogitTransform, _acc_dtype, _coef_matmul_into, _logits_fp32
 from .policy import PolicyLoss, policy_loss, statistics
+from .policy_config import PolicyLossConfig, build_config
 from .policy_terms import (
     aggregation_weights,
     check_inputs,
     check_kl_inputs,
     log_importance_weights,
-    resolve_options,
     rollout_is_weights,
     token_losses,
 )
@@ -166,13 +166,18 @@ def fused_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
+    config: PolicyLossConfig | None = None,
+    ref_logps: torch.Tensor | None = None,
+    rollout_logps: torch.Tensor | None = None,
+    full_kl: torch.Tensor | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
     head_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
     fp32_accumulation: bool = True,
-    **options,
+    **options: Any,
 ) -> PolicyLoss:
     """:func:`refmodel.policy_loss` computed from hidden states with the LM head fused in (module docstring).
 
@@ -181,20 +186,17 @@ def fused_policy_loss(
             :func:`refmodel.token_logprobs`). head_weight: ``[V, H]`` (frozen or trainable); head_bias ``[V]``.
         targets: ``[B, T]`` sampled token ids; only positions in ``mask`` are read (others may hold -100).
         old_logps, advantages, mask: as :func:`refmodel.policy_loss`.
+        config, ref_logps, rollout_logps, full_kl, num_items_in_batch: as :func:`refmodel.policy_loss`.
         temperature, logit_scale, softcap: the logit transform (as ``token_logprobs``; the sampling temperature).
         chunk_size: rows per block (default ``max(16, 24 * 2**20 // V)``: 786 rows at V = 32000).
-        **options: every keyword of :func:`refmodel.policy_loss` (``loss_type``, ``epsilon``, ``ref_logps``,
-            ``beta``, ``kl_estimator``, ``rollout_logps``, ...).
+        **options: the fields of :class:`~refmodel.losses.PolicyLossConfig` as keywords, when ``config`` is None
+            (``loss_type``, ``epsilon``, ``beta``, ``kl_estimator``, ...).
 
     Returns:
         :class:`PolicyLoss` with the same values as the unfused path; ``per_token_loss`` is detached here
         (the gradient flows through ``loss`` only).
     """
-    defaults: dict[str, Any] = policy_loss.__kwdefaults__ or {}  # policy_loss's keyword-only options
-    unknown = set(options) - set(defaults)
-    if unknown:
-        raise InvalidInput(f"unknown option(s) {sorted(unknown)}; fused_policy_loss takes the keywords of "
-                           f"policy_loss: {sorted(defaults)}")
+    opts = build_config(config, options, "fused_policy_loss")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or not isinstance(head_weight, torch.Tensor):
         raise InvalidInput("hidden must be [B, T, H] and head_weight [V, H] with the same H, got "
                            f"{getattr(hidden, 'shape', None)} and {getattr(head_weight, 'shape', None)}")
@@ -203,24 +205,18 @@ def fused_policy_loss(
                            f"{type(targets).__name__}")
     # The head's own checks (shapes, dtype, bias, temperature, logit scale, soft-cap, chunk size), as token_logprobs.
     check_head_inputs(hidden, head_weight, targets, head_bias, temperature, logit_scale, softcap, chunk_size, None)
-    kw = {**defaults, **options}
     head_kw: dict[str, Any] = dict(bias=head_bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                    chunk_size=chunk_size, fp32_accumulation=fp32_accumulation)
-    level, rollout_logps = kw["importance_sampling_level"], kw["rollout_logps"]
+    inputs: dict[str, Any] = dict(ref_logps=ref_logps, rollout_logps=rollout_logps, full_kl=full_kl,
+                                  num_items_in_batch=num_items_in_batch)
     bmask = mask.bool() if isinstance(mask, torch.Tensor) else mask
-    if level != "token" or (rollout_logps is not None and old_logps is None):
+    if opts.importance_sampling_level != "token" or (rollout_logps is not None and old_logps is None):
         safe = torch.where(bmask, targets, torch.full_like(targets, -100)) if isinstance(bmask, torch.Tensor) \
             else targets
         logps = token_logprobs(hidden, head_weight, safe, **head_kw)
         assert isinstance(logps, torch.Tensor)  # a TokenLogprobs only with return_entropy=True, not asked here
-        return policy_loss(logps, old_logps, advantages, mask, **kw)
+        return policy_loss(logps, old_logps, advantages, mask, config=opts, **inputs)
 
-    opts = resolve_options(kw["loss_type"], kw["epsilon"], kw["epsilon_high"], kw["delta"], kw["dual_clip"], level,
-                           kw["loss_agg_mode"], kw["beta"], kw["kl_estimator"], kw["use_bias_correction_kl"],
-                           kw["log_ratio_clamp"], kw["kl_log_ratio_clamp"], kw["kl_clamp"],
-                           kw["vllm_importance_sampling_mode"], kw["vllm_importance_sampling_clip_max"],
-                           kw["vllm_importance_sampling_clip_min"])
-    ref_logps, full_kl = kw["ref_logps"], kw["full_kl"]
     acc = _acc_dtype(hidden) if hidden.dtype == head_weight.dtype else \
         _acc_dtype(torch.empty(0, dtype=torch.promote_types(hidden.dtype, head_weight.dtype)))
     probe = torch.empty(hidden.shape[:2], dtype=acc, device=hidden.device)
@@ -240,7 +236,7 @@ def fused_policy_loss(
     def per_row(t):
         return None if t is None else torch.broadcast_to(t, bmask.shape).reshape(-1)[rows].detach().to(acc)
 
-    weights = aggregation_weights(bmask, opts.agg, acc, kw["num_items_in_batch"], kw["max_completion_length"])
+    weights = aggregation_weights(bmask, opts.agg_mode, acc, num_items_in_batch, opts.max_completion_length)
     h, w, b = hidden.reshape(-1, hidden.shape[-1]), head_weight, head_bias
     if h.dtype != w.dtype:  # as token_logprobs: compute in the wider type
         wide = torch.promote_types(h.dtype, w.dtype)
@@ -251,8 +247,9 @@ def fused_policy_loss(
                                              per_row(rho), per_row(weights))
     logps = logp_rows.new_zeros(bmask.numel()).index_put((rows,), logp_rows).reshape(bmask.shape)
     kl_graph = None
-    if opts.kl_estimator == "full" and opts.beta != 0:
-        kl_graph = opts.beta * (weights * torch.where(bmask, full_kl.to(acc), 0.0)).sum()
+    beta = opts.beta_value
+    if opts.kl_estimator == "full" and beta != 0:
+        kl_graph = beta * (weights * torch.where(bmask, full_kl.to(acc), 0.0)).sum()
         loss = loss + kl_graph
     with torch.no_grad():  # the statistics from the final log-probs, through the same code as policy_loss
         log_w, _ = log_importance_weights(logps, old_logps, bmask, "token", opts.log_ratio_clamp)

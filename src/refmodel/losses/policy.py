@@ -46,22 +46,24 @@ not silently either): the gradient-accumulation and world-size scaling of the tr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from . import kl as kl_mod
-from .policy_terms import (
+from .policy_config import (
     DEFAULT_AGG_MODE,
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_AGG_MODES,
     LOSS_TYPES,
     ROLLOUT_IS_MODES,
-    _Options,
+    PolicyLossConfig,
+    build_config,
+)
+from .policy_terms import (
     aggregation_weights,
     check_inputs,
     check_kl_inputs,
     log_importance_weights,
-    resolve_options,
     rollout_is_weights,
     token_losses,
 )
@@ -130,7 +132,7 @@ def _masked_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
     return sel.mean(), sel.min(), sel.max()
 
 
-def statistics(opts: _Options, loss, per_token, pg, kl_t, coef_1, advantages, mask, weights, logps, old_logps,
+def statistics(opts: PolicyLossConfig, loss, per_token, pg, kl_t, coef_1, advantages, mask, weights, logps, old_logps,
                rollout=None) -> PolicyLoss:
     """Assemble :class:`PolicyLoss` (all detached but ``loss``/``per_token_loss``)."""
     with torch.no_grad():
@@ -142,21 +144,21 @@ def statistics(opts: _Options, loss, per_token, pg, kl_t, coef_1, advantages, ma
 
         adv, r = advantages.detach(), coef_1.detach()
         if opts.loss_type == "cispo":
-            low, high = torch.zeros((), dtype=logps.dtype, device=logps.device), frac((r > opts.epsilon_high) & (adv > 0))
+            low, high = torch.zeros((), dtype=logps.dtype, device=logps.device), frac((r > opts.clip_high) & (adv > 0))
             region = high
         else:
-            low_c, high_c = (r < 1 - opts.epsilon) & (adv < 0), (r > 1 + opts.epsilon_high) & (adv > 0)
+            low_c, high_c = (r < 1 - opts.epsilon) & (adv < 0), (r > 1 + opts.clip_high) & (adv > 0)
             low, high, region = frac(low_c), frac(high_c), frac(low_c | high_c)
         dual = torch.zeros((), dtype=logps.dtype, device=logps.device)
         if opts.dual_clip is not None:  # active where |A| * max(min(r, delta), clip(r)) exceeds c * |A|
             unclipped = r if opts.delta is None else r.clamp(max=opts.delta)
-            worst = torch.maximum(unclipped, r.clamp(1 - opts.epsilon, 1 + opts.epsilon_high))
+            worst = torch.maximum(unclipped, r.clamp(1 - opts.epsilon, 1 + opts.clip_high))
             dual = frac((adv < 0) & (worst > opts.dual_clip))
         pg_loss = (weights * pg.detach()).sum()
         kl_loss, kl_mean, seq_kl = torch.zeros_like(pg_loss), None, None
         if kl_t is not None:
             kd = torch.where(mask, kl_t.detach(), 0.0)
-            kl_loss = opts.beta * (weights * kd).sum()
+            kl_loss = opts.beta_value * (weights * kd).sum()
             kl_mean = kd.sum() / n
             seq_kl = kd.sum(-1) / mask.sum(-1).clamp(min=1)
         old = logps.detach() if old_logps is None else old_logps
@@ -182,70 +184,51 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    loss_type: str = "dapo",
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    dual_clip: float | None = None,
-    importance_sampling_level: str = "token",
-    loss_agg_mode: str | None = None,
+    config: PolicyLossConfig | None = None,
     ref_logps: torch.Tensor | None = None,
-    beta: float | kl_mod.FixedKLController | kl_mod.AdaptiveKLController = 0.0,
-    kl_estimator: str = "k3",
-    use_bias_correction_kl: bool = False,
-    full_kl: torch.Tensor | None = None,
-    log_ratio_clamp: float | None = None,
-    kl_log_ratio_clamp: float | None = None,
-    kl_clamp: float | None = None,
     rollout_logps: torch.Tensor | None = None,
-    vllm_importance_sampling_mode: str = "sequence_mask",
-    vllm_importance_sampling_clip_max: float | None = 3.0,
-    vllm_importance_sampling_clip_min: float | None = None,
+    full_kl: torch.Tensor | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
-    max_completion_length: int | None = None,
+    **options: Any,
 ) -> PolicyLoss:
     """The clipped policy-gradient loss with the reference KL, from per-token log-probs (see the module docstring).
+
+    ``policy_loss(logps, old, adv, mask, config=PolicyLossConfig(loss_type="grpo", beta=0.04), ref_logps=ref)``;
+    the option keywords build the config for one call (``policy_loss(..., loss_type="grpo", beta=0.04,
+    ref_logps=ref)`` is the same loss); giving both is an error.
 
     Args:
         logps: ``[B, T]`` policy log-probs of the sampled tokens (nats, with gradient).
         old_logps: ``[B, T]`` log-probs under pi_old, or ``None`` for on-policy (ratio 1 with the gradient of
             ``logps``, TRL's ``per_token_logps.detach()``).
         advantages: ``[B]`` per sequence or ``[B, T]`` per token. mask: ``[B, T]`` completion mask (bool/0-1).
-        loss_type: TRL's ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo`` (default), ``cispo``; ``ppo`` is the plain
-            clipped surrogate with token-mean aggregation (verl ``vanilla``).
-        epsilon, epsilon_high: clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high=None`` ->
-            ``epsilon``; DAPO's clip-higher uses 0.28). For ``cispo``, ``epsilon_high`` is the absolute cap
-            (required). delta: TRL's upper bound on the unclipped ratio (INTELLECT-2), > 1. dual_clip: verl's
-            ``clip_ratio_c`` (3.0 there), > 1.
-        importance_sampling_level: ``token``, ``sequence`` (GSPO) or ``sequence_token`` (GSPO-token).
-        loss_agg_mode: a verl aggregation overriding the loss type's (table in the module docstring).
+        config: the options (:class:`~refmodel.losses.PolicyLossConfig`: loss type, clip range, ``beta``, KL
+            estimator, aggregation, rollout IS mode, ...); ``None``: built from ``**options``.
         ref_logps: ``[B, T]`` reference log-probs; needed when ``beta != 0`` (an error otherwise) and reported
-            as the ``kl`` statistic whenever given. beta: the KL coefficient, a number or a KL controller.
-        kl_estimator: ``k1``/``kl``, ``k2``/``mse``, ``k3``/``low_var_kl`` (default, TRL's), ``abs``, with a ``+``
-            suffix for k2's straight-through gradient, or ``full``: the exact KL passed as ``full_kl`` (``[B, T]``
-            from :func:`refmodel.kl.exact`, with its gradient).
-        use_bias_correction_kl: multiply the KL by the ratio r (DeepSeek-V3.2; TRL, Liger).
-        log_ratio_clamp: clamp ``log r`` before exp (verl: 20; default None as in TRL).
-        kl_log_ratio_clamp, kl_clamp: clamps of the KL log-ratio and value (verl k3: 20 and 10; OpenRLHF value
-            10); None (default, TRL) disables them.
+            as the ``kl`` statistic whenever given.
         rollout_logps: ``[B, T]`` the sampler's log-probs; enables TRL's IS correction ``rho = exp(old - rollout)``
             per token or summed per sequence, truncated to ``[clip_min, clip_max]`` (``*_truncate``) or set to 0
-            outside it (``*_mask``); ``vllm_importance_sampling_mode`` default ``sequence_mask``, cap 3.0 (TRL).
-            It multiplies the policy term only, not the KL (as TRL).
+            outside it (``*_mask``), per the config's ``vllm_importance_sampling_*``. It multiplies the policy
+            term only, not the KL (as TRL).
+        full_kl: ``[B, T]`` the exact KL from :func:`refmodel.kl.exact` (with its gradient), for
+            ``kl_estimator="full"``.
         num_items_in_batch: the token count ``token-mean`` divides by (the global count across processes and
-            accumulation for dapo/cispo); default the local ``mask.sum()``.
-        max_completion_length: Dr. GRPO's constant normalizer (default ``T``).
+            accumulation for dapo/cispo; per step, so an argument and not an option); default the local
+            ``mask.sum()``.
+        **options: the fields of :class:`~refmodel.losses.PolicyLossConfig` as keywords, when ``config`` is None.
 
     Returns:
         :class:`PolicyLoss`.
+
+    Raises:
+        ConfigError: an invalid option (see :class:`~refmodel.losses.PolicyLossConfig`), ``config`` together
+            with option keywords, or ``beta != 0`` without ``ref_logps`` (``full_kl``).
+        InvalidInput: tensors of the wrong shape.
     """
-    opts = resolve_options(loss_type, epsilon, epsilon_high, delta, dual_clip, importance_sampling_level,
-                           loss_agg_mode, beta, kl_estimator, use_bias_correction_kl, log_ratio_clamp,
-                           kl_log_ratio_clamp, kl_clamp, vllm_importance_sampling_mode,
-                           vllm_importance_sampling_clip_max, vllm_importance_sampling_clip_min)
+    opts = build_config(config, options, "policy_loss")
     mask, adv = check_inputs(logps, old_logps, advantages, mask, ref_logps, rollout_logps, full_kl)
     check_kl_inputs(opts, ref_logps, full_kl)
-    log_w, _ = log_importance_weights(logps, old_logps, mask, opts.level, opts.log_ratio_clamp)
+    log_w, _ = log_importance_weights(logps, old_logps, mask, opts.importance_sampling_level, opts.log_ratio_clamp)
     rollout = None
     if rollout_logps is not None:
         rho, invalid = rollout_is_weights(logps.detach() if old_logps is None else old_logps, rollout_logps, mask,
@@ -253,10 +236,10 @@ def policy_loss(
         rollout = (rho, invalid, rollout_logps.to(logps.dtype))
     per_token, pg, kl_t, coef_1 = token_losses(opts, logps, log_w, adv, mask, ref_logps,
                                                rollout[0] if rollout else None, full_kl)
-    weights = aggregation_weights(mask, opts.agg, logps.dtype, num_items_in_batch, max_completion_length)
+    weights = aggregation_weights(mask, opts.agg_mode, logps.dtype, num_items_in_batch, opts.max_completion_length)
     loss = (weights * per_token).sum()
     return statistics(opts, loss, per_token, pg, kl_t, coef_1, adv, mask, weights, logps, old_logps, rollout)
 
 
 __all__ = ["DEFAULT_AGG_MODE", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_AGG_MODES", "LOSS_TYPES", "ROLLOUT_IS_MODES",
-           "PolicyLoss", "policy_loss"]
+           "PolicyLoss", "PolicyLossConfig", "policy_loss"]

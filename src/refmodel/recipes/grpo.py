@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +40,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
+from ..losses.policy_config import PolicyLossConfig
 from ..rl import policy_loss_fn
 from ..rl.rollout import Rollouts, SamplingConfig, generate_rollouts
 from ..rl.scoring import ScoredRollouts, exact_kl, needs_old_logps, score_rollouts
@@ -101,12 +101,20 @@ class GRPOConfig:
             raise ConfigError(f"beta must be >= 0 (0 = no reference), got {self.beta!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        kl_mod.canonical_estimator(self.kl_estimator)  # unknown names raise, listing the known ones
+        _ = self.policy_loss_config  # built (so checked: cispo's cap, estimator names, ...) now, not at step 1
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ConfigError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
         if not isinstance(self.exact_kl_every, int) or self.exact_kl_every < 0:
             raise ConfigError(f"exact_kl_every must be an integer >= 0, got {self.exact_kl_every!r}")
         SamplingConfig(self.num_generations, self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+
+    @property
+    def policy_loss_config(self) -> PolicyLossConfig:
+        """The loss's options, one :class:`~refmodel.losses.PolicyLossConfig` for every step of the run
+        (Dr. GRPO's normalizer is ``max_new_tokens``)."""
+        return PolicyLossConfig(loss_type=self.loss_type, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
+                                beta=self.beta, kl_estimator=self.kl_estimator,
+                                max_completion_length=self.max_new_tokens)
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -197,6 +205,7 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
     bounds = [round(i * n / cfg.grad_accum_steps) for i in range(cfg.grad_accum_steps + 1)]
     chunks = [torch.arange(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     weights = _loss_weights(cfg.loss_type, [ro.completion_mask[c] for c in chunks])
+    loss_config = cfg.policy_loss_config
     sums = {"loss": 0.0, "pg_loss": 0.0, "kl_in_loss": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0,
             "entropy": 0.0, "kl_estimated": 0.0, "sampler_logp_diff_mean": 0.0, "sampler_logp_diff_max": 0.0}
     tokens = 0
@@ -206,15 +215,13 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
         old = None if scored.old_logps is None else scored.old_logps[rows_d]
         ref = None if scored.ref_logps is None else scored.ref_logps[rows_d]
         rollout_logps = ro.sampler_logps[rows_d] if cfg.importance_sampling_correction else None
-        options: dict[str, Any] = dict(loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-                       kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_new_tokens)
         if cfg.use_fused_policy_loss:
             res, out = _fused_loss(policy, ids, attn, mask, old, advantages[rows_d], ref, rollout_logps,
-                                   ro.temperature, options), None
+                                   ro.temperature, loss_config), None
         else:
             out = model_logprobs(policy, ids, attn, mask, temperature=ro.temperature, return_entropy=True)
-            res = policy_loss_fn(out.logprobs, old, advantages[rows_d], mask, ref_logps=ref,
-                                 rollout_logps=rollout_logps, **options)
+            res = policy_loss_fn(out.logprobs, old, advantages[rows_d], mask, config=loss_config, ref_logps=ref,
+                                 rollout_logps=rollout_logps)
         (res.loss * w).backward()
         k = int(mask.sum())
         tokens += k
@@ -242,7 +249,8 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
     return sums
 
 
-def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, temperature, options):
+def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, temperature,
+                config: PolicyLossConfig):
     """:func:`refmodel.fused_policy_loss` on the policy's final hidden states (the loss fused into the head).
 
     Everything is shifted by one position (hidden state ``t`` predicts token ``t + 1``), as in
@@ -266,7 +274,8 @@ def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, te
     adv = advantages if advantages.dim() == 1 else advantages[:, 1:]
     return fused_policy_loss(hidden, head.weight, torch.where(m, ids[:, 1:], -100), shift(old), adv, m,
                              head_bias=head.bias, temperature=temperature, logit_scale=head.logit_scale,
-                             softcap=head.softcap, ref_logps=shift(ref), rollout_logps=shift(rollout_logps), **options)
+                             softcap=head.softcap, config=config, ref_logps=shift(ref),
+                             rollout_logps=shift(rollout_logps))
 
 
 @dataclass

@@ -4,6 +4,9 @@ of hosted RL training clients (Tinker's ``forward_backward(data, loss_fn)``).
     out = refmodel.rl.forward_backward(policy, batch, loss_fn="grpo",
                                        loss_kwargs={"reference_model": "sft-base", "beta": 0.01})
     out.loss, out.metrics["kl_divergence"]        # policy.grad is populated; step the optimizer yourself
+    # or with the options built once per run:
+    cfg = refmodel.losses.PolicyLossConfig(loss_type="grpo", beta=0.01)
+    out = refmodel.rl.forward_backward(policy, batch, config=cfg, loss_kwargs={"reference_model": "sft-base"})
 
 The reference is a name, resolved through the process-wide :func:`refmodel.get_global_reference_cache`
 registry: loaded once (quantized per the cache's ``quantize_by_default``, or ``loss_kwargs["quantize"]``),
@@ -32,16 +35,17 @@ from torch import nn
 from ..errors import ConfigError, InvalidBatch, ModelNotAllowed
 from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
-from ..losses.policy import LOSS_TYPES
-from ..losses.policy import policy_loss as _policy_loss
+from ..losses.policy import policy_loss
+from ..losses.policy_config import LOSS_TYPES, OPTION_NAMES, PolicyLossConfig, build_config
 from ..models.cache import get_global_reference_cache
 
 log = logging.getLogger(__name__)
 
 LOSS_FNS: tuple[str, ...] = LOSS_TYPES
-# every option of refmodel.policy_loss except those forward_backward fills in itself
-_LOSS_KEYS = set(_policy_loss.__kwdefaults__ or ()) - {"loss_type", "ref_logps", "beta", "rollout_logps", "full_kl"}
-_OWN_KEYS = {"reference_model", "beta", "temperature", "quantize", "kl_threshold", "remote_url", "remote_token",
+# the options of refmodel.policy_loss (PolicyLossConfig's fields; the loss type is loss_fn), and its per-step input
+_LOSS_KEYS = set(OPTION_NAMES) - {"loss_type"}
+_CALL_KEYS = {"num_items_in_batch"}
+_OWN_KEYS = {"reference_model", "temperature", "quantize", "kl_threshold", "remote_url", "remote_token",
              "max_local_bytes"}
 DEFAULT_KL_THRESHOLD = 1.0  # nats/token: well above healthy RL runs (verl logs 0.02-0.13, research note 9.3)
 
@@ -147,26 +151,37 @@ def _get(batch, *names, required=True):
     return None
 
 
-def forward_backward(policy: nn.Module, batch, loss_fn: str = "grpo", loss_kwargs: dict | None = None,
-                     ) -> ForwardBackwardOutput:
+def forward_backward(policy: nn.Module, batch, loss_fn: str | None = None, loss_kwargs: dict | None = None, *,
+                     config: PolicyLossConfig | None = None) -> ForwardBackwardOutput:
     """Policy forward, the policy loss against the named reference, and ``loss.backward()``.
 
     Gradients *accumulate* into the policy's ``.grad`` (zero them yourself between steps, as with
-    ``loss.backward()``). ``loss_kwargs``: ``reference_model`` (a registered name; needed when
-    ``beta != 0``), ``beta`` (default 0.0), ``temperature`` (the sampling temperature, 1.0),
+    ``loss.backward()``). The loss's options are ``config`` (a :class:`~refmodel.losses.PolicyLossConfig`,
+    whose ``beta`` decides whether the reference is asked), or ``loss_fn`` (its ``loss_type``; default
+    ``"grpo"``) plus the options in ``loss_kwargs`` (``beta``, default 0.0, ``epsilon``, ``epsilon_high``,
+    ``kl_estimator``, ``loss_agg_mode``, ...; not both). ``loss_kwargs`` also holds ``reference_model`` (a
+    registered name; needed when ``beta != 0``), ``temperature`` (the sampling temperature, 1.0),
     ``quantize`` (None: the cache's default), ``kl_threshold`` (nats/token, warn above; default 1.0),
-    ``remote_url`` / ``max_local_bytes`` / ``remote_token`` (per-call service routing), and every option
-    of :func:`refmodel.policy_loss` (``epsilon``, ``epsilon_high``, ``kl_estimator``, ``loss_agg_mode``, ...).
+    ``remote_url`` / ``max_local_bytes`` / ``remote_token`` (per-call service routing) and
+    ``num_items_in_batch`` (as :func:`refmodel.policy_loss`).
     ``metrics``: ``loss``, ``pg_loss``, ``kl_divergence`` (per completion token, on the sampled tokens),
     ``clip_fraction``, ``entropy``, ``tokens``.
     """
-    if loss_fn not in LOSS_FNS:
+    if loss_fn is not None and loss_fn not in LOSS_FNS:
         raise ConfigError(f"unknown loss_fn {loss_fn!r}; expected one of {list(LOSS_FNS)}")
     kw = dict(loss_kwargs or {})
-    unknown = set(kw) - _OWN_KEYS - _LOSS_KEYS
+    unknown = set(kw) - _OWN_KEYS - _LOSS_KEYS - _CALL_KEYS
     if unknown:
-        raise ConfigError(f"unknown loss_kwargs {sorted(unknown)}; expected some of {sorted(_OWN_KEYS | _LOSS_KEYS)}")
-    beta = float(kw.get("beta", 0.0))
+        raise ConfigError(f"unknown loss_kwargs {sorted(unknown)}; expected some of "
+                          f"{sorted(_OWN_KEYS | _LOSS_KEYS | _CALL_KEYS)}")
+    options = {k: kw[k] for k in _LOSS_KEYS if k in kw}
+    if config is None:
+        options["loss_type"] = loss_fn or "grpo"
+    config = build_config(config, options, "forward_backward")
+    if loss_fn is not None and loss_fn != config.loss_type:
+        raise ConfigError(f"forward_backward: loss_fn={loss_fn!r} but config.loss_type={config.loss_type!r}; pass "
+                          "one of them (the config alone, or loss_fn with the options in loss_kwargs)")
+    beta = config.beta_value
     temperature = float(kw.get("temperature", 1.0))
     name = kw.get("reference_model")
     ids = _get(batch, "input_ids")
@@ -190,10 +205,9 @@ def forward_backward(policy: nn.Module, batch, loss_fn: str = "grpo", loss_kwarg
     elif name is not None:
         _resolve(name, kw.get("quantize"), None, None, None)  # an unknown name is refused even at beta=0
     out = model_logprobs(policy, ids, attn, mask, temperature=temperature, return_entropy=True)
-    loss_opts = {k: kw[k] for k in _LOSS_KEYS if k in kw}
-    res = _policy_loss(out.logprobs, _get(batch, "old_logps", required=False), advantages, mask, loss_type=loss_fn,
-                       ref_logps=ref_logps, beta=beta, rollout_logps=_get(batch, "sampler_logps", required=False),
-                       **loss_opts)
+    res = policy_loss(out.logprobs, _get(batch, "old_logps", required=False), advantages, mask, config=config,
+                      ref_logps=ref_logps, rollout_logps=_get(batch, "sampler_logps", required=False),
+                      num_items_in_batch=kw.get("num_items_in_batch"))
     res.loss.backward()
     tokens = int(mask.sum())
     lp = out.logprobs.detach()
@@ -201,7 +215,7 @@ def forward_backward(policy: nn.Module, batch, loss_fn: str = "grpo", loss_kwarg
                "clip_fraction": float(res.clip_fraction), "tokens": float(tokens),
                "entropy": float((out.entropy.detach() * mask).sum()) / max(tokens, 1)}
     if ref_logps is not None:
-        kl = float(kl_mod.estimate(lp, ref_logps, kw.get("kl_estimator", "k3"), mask=mask, reduction="batch"))
+        kl = float(kl_mod.estimate(lp, ref_logps, config.kl_estimator, mask=mask, reduction="batch"))
         metrics["kl_loss"] = float(res.kl_loss)
         metrics["kl_divergence"] = kl
         key = name or "<batch ref_logps>"
