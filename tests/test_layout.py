@@ -20,6 +20,7 @@ RANKS = {
     "_version": 0,
     "errors": 0,
     "_optional": 1,
+    "validation": 1,
     "data": 2,
     "logprobs": 3,
     "models": 4,

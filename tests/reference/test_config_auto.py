@@ -29,7 +29,7 @@ from refmodel.reference.base import module_bytes
     (dict(sync_ref_model=True, quantize="int8"), "fixed Frozen reference"),
     (dict(quantize="fp3"), "quantize must be one of"),
     (dict(dtype="float8"), "dtype 'float8' is not supported"),
-    (dict(temperature=0), "temperature must be > 0"),
+    (dict(temperature=0), "temperature must be a finite number > 0"),
     (dict(remote_url="http://127.0.0.1:1"), "needs remote_model"),
     (dict(remote_model="tiny"), "need remote_url"),
     (dict(max_local_bytes=10), "needs\\s+remote_url"),

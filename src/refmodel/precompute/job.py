@@ -266,7 +266,7 @@ def precompute(model, data, out, config: PrecomputeConfig | None = None, *, toke
         model.to(cfg.resolved_device())
     dtype, temperature, max_tokens_per_batch = normalize_dtype(cfg.dtype), cfg.temperature, cfg.max_tokens_per_batch
     share_prompt, resume, progress = cfg.share_prompt, cfg.resume, cfg.progress
-    fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
+    fp = model_fingerprint(model, temperature=temperature)  # 1.0 left out: models.fingerprint_settings
     examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
     check_position_limit(model, examples)
     shards, job = plan_job(examples, max_tokens_per_batch=max_tokens_per_batch, shard_examples=cfg.shard_examples,

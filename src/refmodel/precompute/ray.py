@@ -230,7 +230,7 @@ def precompute_on_ray(model_path, data, out, config: PrecomputeConfig | None = N
     model_kwargs = {**cfg.model_kwargs(), **(model_kwargs or {})}
     model_path = str(Path(model_path).resolve())
     model, tokenizer = _load_model(model_path, None, model_kwargs)
-    fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
+    fp = model_fingerprint(model, temperature=temperature)  # 1.0 left out: models.fingerprint_settings
     examples = load_examples(data, tokenizer, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
     check_position_limit(model, examples)
     del model  # the actors hold the model; the driver only needed its fingerprint and position limit

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..models.dtypes import parse_dtype
-from .base import module_bytes, settings_fingerprint
+from ..models.fingerprint import fingerprint
+from .base import module_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,7 @@ class Frozen:
                  chunk_size: int | None = None, allow_pickle: bool = False):
         if quantize is not None and quantize not in QUANTIZE_MODES:
             raise ConfigError(f"quantize must be one of {QUANTIZE_MODES} or None, got {quantize!r}")
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+        temperature = validation.temperature(temperature, error=ConfigError)
         torch_dtype = parse_dtype(dtype)
         if isinstance(model_or_path, (str, Path)):
             from ..models.loading import load_model
@@ -97,7 +98,7 @@ class Frozen:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = settings_fingerprint(self.model, temperature=self.temperature,
+            self._fingerprint = fingerprint(self.model, temperature=self.temperature,
                                                      quantization=self.quantize)
         return self._fingerprint
 

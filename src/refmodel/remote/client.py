@@ -40,6 +40,7 @@ from ..errors import (
     ServiceOverloaded,
     Unauthorized,
 )
+from ..models.fingerprint import fingerprint_settings
 
 log = logging.getLogger(__name__)
 _RETRY_STATUSES = (429, 503)
@@ -117,7 +118,9 @@ def _check_url(url: str) -> str:
 
 
 def _fp_key(model: str, temperature: float):
-    return model if float(temperature) == 1.0 else (model, float(temperature))
+    # The plain name at default settings (as GET /v1/models lists it), by the fingerprint's identity rule.
+    settings = fingerprint_settings(temperature=temperature)
+    return (model, *sorted(settings.items())) if settings else model
 
 
 def _raise_for(response) -> None:

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
+from .. import validation
 from ..errors import InvalidBatch
 
 REQUEST_MAGIC = b"RMB1"
@@ -116,8 +118,7 @@ def decode_request(body: bytes) -> BinaryRequest:
     if extra:
         (temperature,) = _TEMP.unpack_from(body, offset)
         offset += extra
-        if not (np.isfinite(temperature) and temperature > 0):
-            raise _invalid("temperature", f"temperature must be a finite number > 0, got {temperature}")
+        validation.temperature(temperature, error=partial(_invalid, "temperature"))
     ids = np.frombuffer(body, dtype="<i4", count=n, offset=offset).reshape(batch, length)
     offset += 4 * n
     out: list[np.ndarray | None] = []
@@ -131,11 +132,9 @@ def decode_request(body: bytes) -> BinaryRequest:
 
 
 def check_wire_temperature(temperature: float) -> float:
-    """``float(temperature)`` when it is a finite number > 0, else InvalidBatch."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not np.isfinite(temperature) or temperature <= 0:
-        raise InvalidBatch(f"temperature must be a finite number > 0, got {temperature!r}")
-    return float(temperature)
+    """``float(temperature)`` under the one temperature rule (:func:`refmodel.validation.temperature`),
+    else InvalidBatch."""
+    return validation.temperature(temperature, error=InvalidBatch)
 
 
 def encode_response(fingerprint: str, logprobs: np.ndarray) -> bytes:

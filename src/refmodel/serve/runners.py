@@ -42,11 +42,12 @@ class ServedModel:
     _fingerprints: dict = field(default_factory=dict, repr=False)
 
     def fingerprint_at(self, temperature: float = 1.0) -> str:
-        """The fingerprint of this model's log-probs at ``temperature`` (the plain one at 1.0)."""
-        if temperature == 1.0 or self.digest is None:
+        """The fingerprint of this model's log-probs at ``temperature`` (the plain one at 1.0: the identity
+        rule of :func:`refmodel.models.fingerprint.fingerprint_settings`, like every other path)."""
+        if self.digest is None:
             return self.fingerprint
         if temperature not in self._fingerprints:
-            self._fingerprints[temperature] = finish_fingerprint(self.digest, temperature=float(temperature))
+            self._fingerprints[temperature] = finish_fingerprint(self.digest, temperature=temperature)
         return self._fingerprints[temperature]
 
     def run(self, seqs: list[Sequence]) -> list:

@@ -6,12 +6,13 @@ message names the field and row, e.g. ``input_ids[3][7] = 99999 is outside the v
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from .. import validation
 from ..errors import InvalidBatch
 
 
@@ -82,12 +83,9 @@ def _scores_padding(i: int) -> FieldError:
 
 
 def check_temperature(temperature) -> float:
-    """A finite temperature > 0 (the sampler's), else a FieldError naming ``temperature``."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise FieldError("temperature", f"temperature must be a finite number > 0 (the sampling temperature; "
-                                        f"1.0 = the model's own distribution), got {temperature!r}")
-    return float(temperature)
+    """``float(temperature)`` under the one temperature rule (:func:`refmodel.validation.temperature`),
+    else a FieldError naming ``temperature`` (HTTP 422)."""
+    return validation.temperature(temperature, error=partial(FieldError, "temperature"))
 
 
 def _as_tensor(field: str, row: list, index: int, dtype=torch.long) -> torch.Tensor:
