@@ -27,7 +27,7 @@ from refmodel.reference.base import module_bytes
     (dict(sync_ref_model=True, remote_url="http://127.0.0.1:1"), "cannot be synced"),
     (dict(sync_ref_model=True, ref_model_path="m"), "starts the reference from the policy"),
     (dict(sync_ref_model=True, quantize="int8"), "fixed Frozen reference"),
-    (dict(quantize="fp3"), "quantize must be one of"),
+    (dict(quantize="fp3"), "unknown quantization mode 'fp3'"),
     (dict(dtype="float8"), "dtype 'float8' is not supported"),
     (dict(temperature=0), "temperature must be a finite number > 0"),
     (dict(remote_url="http://127.0.0.1:1"), "needs remote_model"),

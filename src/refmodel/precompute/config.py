@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from .. import validation
 from ..data import DEFAULT_MAX_LENGTH, DEFAULT_TRUNCATION_MODE, check_settings
 from ..errors import ConfigError
+from ..models.dtypes import DTYPE_NAMES
 
-MODEL_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+MODEL_DTYPES: tuple[str, ...] = ("auto", *DTYPE_NAMES)  # "auto": as saved
 
 
 @dataclass(frozen=True)
