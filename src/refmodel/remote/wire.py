@@ -76,7 +76,7 @@ def encode_request(model: str, input_ids: np.ndarray, attention_mask: np.ndarray
         raise InvalidBatch(f"input_ids must be [B, T], got shape {ids.shape}")
     name = model.encode("utf-8")
     flags = (FLAG_ATTENTION if attention_mask is not None else 0) | (FLAG_SCORE if score_mask is not None else 0)
-    temperature = check_wire_temperature(temperature)
+    temperature = validation.temperature(temperature, error=InvalidBatch)
     flags |= FLAG_TEMPERATURE if temperature != 1.0 else 0
     parts = [_REQ.pack(REQUEST_MAGIC, flags, 0, len(name), ids.shape[0], ids.shape[1]), name]
     if temperature != 1.0:
@@ -131,12 +131,6 @@ def decode_request(body: bytes) -> BinaryRequest:
     return BinaryRequest(model, ids, out[0], out[1], float(temperature))
 
 
-def check_wire_temperature(temperature: float) -> float:
-    """``float(temperature)`` under the one temperature rule (:func:`refmodel.validation.temperature`),
-    else InvalidBatch."""
-    return validation.temperature(temperature, error=InvalidBatch)
-
-
 def encode_response(fingerprint: str, logprobs: np.ndarray) -> bytes:
     """Pack ``[B, T]`` float32 log-probs and the model fingerprint."""
     arr = np.ascontiguousarray(logprobs, dtype="<f4")
@@ -157,4 +151,4 @@ def decode_response(body: bytes) -> tuple[str, np.ndarray]:
 
 
 __all__ = ["BinaryRequest", "CONTENT_TYPE", "decode_request", "decode_response", "encode_request",
-           "encode_response", "check_wire_temperature"]
+           "encode_response"]
