@@ -48,6 +48,19 @@ def _token_logprobs(t):
     return token_logprobs(torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3)), temperature=t)
 
 
+def _model_logprobs(t, model):
+    from refmodel import model_logprobs
+
+    # the full-logits path never reached token_logprobs' check: inf gave uniform log-probs
+    return model_logprobs(model, torch.tensor([[2, 5, 6]]), temperature=t, use_fused_linear_logprobs=False)
+
+
+def _head_logprobs(t, model):
+    from refmodel.logprobs.model import head_logprobs
+
+    return head_logprobs(model, torch.randn(1, 2, model.config.hidden_size), torch.tensor([[2, 5]]), temperature=t)
+
+
 def _exact_kl(t):
     from refmodel.losses.kl_exact import exact
 
@@ -137,6 +150,14 @@ def test_every_entry_point_refuses_with_the_one_rule(entry, bad):
     assert str(err.value) == _rule_message(bad)
     if entry.startswith("serve."):
         assert err.value.field == "temperature"  # the service's 422 names the field
+
+
+@pytest.mark.parametrize("bad", BAD, ids=_ids)
+@pytest.mark.parametrize("entry", [_model_logprobs, _head_logprobs], ids=["model_logprobs", "head_logprobs"])
+def test_the_model_entry_points_refuse_with_the_one_rule(entry, bad, model):
+    with pytest.raises(InvalidInput) as err:
+        entry(bad, model)
+    assert str(err.value) == _rule_message(bad)
 
 
 @pytest.mark.parametrize("bad", BAD, ids=_ids)
