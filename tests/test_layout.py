@@ -20,6 +20,7 @@ RANKS = {
     "_version": 0,
     "errors": 0,
     "_optional": 1,
+    "validation": 1,
     "data": 2,
     "cluster": 2,  # Ray start-up: needs only _optional, used by precompute and serve (rank 7)
     "logprobs": 3,

@@ -129,10 +129,10 @@ def test_entropy_result_type():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=0.0), "temperature must be a positive"),
-    (dict(temperature=float("nan")), "temperature must be a positive"),
-    (dict(logit_scale=-1.0), "logit_scale must be a positive"),
-    (dict(softcap=0.0), "softcap must be None or a positive"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number > 0"),
+    (dict(logit_scale=-1.0), "logit_scale must be a finite number > 0"),
+    (dict(softcap=0.0), "softcap must be a finite number > 0, got 0.0; or None"),
     (dict(chunk_size=0), "chunk_size must be None or an int >= 1"),
     (dict(vocab_chunk_size=2.5), "vocab_chunk_size must be None or an int >= 1"),
 ])

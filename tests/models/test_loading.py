@@ -36,6 +36,7 @@ from refmodel.models.loading import (
     load_reference_model,
     load_tokenizer,
     parse_named_paths,
+    weights_bytes,
 )
 from refmodel.reference import auto
 from refmodel.testing import (
@@ -329,3 +330,55 @@ def test_in_a_terminal_answering_yes_still_runs_no_code(hostile, tmp_path):
     text = output.decode(errors="replace")
     assert re.search(REFUSAL["code"], text.replace("\r\n", " ").replace("\n", " ")), text
     assert "[y/N]" not in text and _untouched(folder) and not (tmp_path / "out").exists()
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in folder.iterdir()}
+
+
+def test_weights_bytes_counts_what_the_loader_reads(tiny_model_dirs, tmp_path):
+    src = tiny_model_dirs["llama"]
+    st = (src / "model.safetensors").stat().st_size
+    both = Path(shutil.copytree(src, tmp_path / "both"))
+    (both / "pytorch_model.bin").write_bytes(b"\0" * 1000)  # the hub often ships both formats
+    assert weights_bytes(src) == weights_bytes(both) == st
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"\0" * 700)
+    (pickled / "extra.pt").write_bytes(b"\0" * 11)
+    assert weights_bytes(pickled) == 711
+    sharded = tmp_path / "sharded"  # an index: only the shards it names (not a consolidated copy beside them)
+    sharded.mkdir()
+    for name, n in (("model-00001-of-00002.safetensors", 300), ("model-00002-of-00002.safetensors", 200),
+                    ("consolidated.safetensors", 500)):
+        (sharded / name).write_bytes(b"\0" * n)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+        "c": "model-00002-of-00002.safetensors"}}))
+    assert weights_bytes(sharded) == 500
+    assert weights_bytes(tmp_path / "missing") is None and weights_bytes("org/hub-id") is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert weights_bytes(empty) == 0
+
+
+def test_auto_and_forward_backward_place_a_folder_alike(tiny_model_dirs, tmp_path):
+    """auto counted .safetensors + .bin + .pt (a folder with both formats twice: remote), forward_backward
+    only .safetensors (a pickled-only folder: 0 bytes, always local). Both now use weights_bytes."""
+    from refmodel.models.cache import get_global_reference_cache
+    from refmodel.rl.forward_backward import named_reference_logps
+
+    folder = Path(shutil.copytree(tiny_model_dirs["llama"], tmp_path / "both"))
+    (folder / "pytorch_model.bin").write_bytes((folder / "model.safetensors").read_bytes())
+    budget = weights_bytes(folder)  # fits exactly: local; twice that size would not
+    url = "http://127.0.0.1:9"  # nothing listens: choosing remote would fail to connect
+    policy = load_model(tiny_model_dirs["llama"], freeze=False)
+    cfg = ReferenceConfig(ref_model_path=str(folder), remote_url=url, remote_model="both", max_local_bytes=budget)
+    assert isinstance(auto(policy, cfg), Frozen)
+    registry = get_global_reference_cache().registry
+    registry.add("weights-bytes-both", folder)
+    ids = torch.tensor([[2, 5, 6, 7]])
+    ones = torch.ones_like(ids, dtype=torch.bool)
+    local = named_reference_logps("weights-bytes-both", ids, ones, ones, remote_url=url, max_local_bytes=budget)
+    torch.testing.assert_close(local, Frozen(folder).logprobs(ids, ones, ones))

@@ -35,7 +35,7 @@ def test_bad_settings_are_refused_with_the_allowed_values(tiny_model_dirs, tmp_p
     for bad, match in [({"device": "tpu"}, "unknown device 'tpu'"), ({"model_dtype": "int8"}, "unknown model_dtype"),
                        ({"truncation_mode": "middle"}, "unknown truncation_mode"), ({"dtype": "int4"}, "int4"),
                        ({"max_tokens_per_batch": 0}, "max_tokens_per_batch must be >= 1"),
-                       ({"temperature": 0.0}, "temperature must be > 0")]:
+                       ({"temperature": 0.0}, "temperature must be a finite number > 0")]:
         with pytest.raises(ConfigError, match=match):
             PrecomputeConfig(**bad)
     assert not (tmp_path / "s").exists()

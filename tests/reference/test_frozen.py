@@ -16,7 +16,9 @@ from torch import nn
 
 import refmodel
 from refmodel import Frozen, ReferenceConfig, model_logprobs
-from refmodel.models.quantize import model_nbytes, quantize_model
+from refmodel.models.fingerprint import fingerprint
+from refmodel.models.loading import load_model
+from refmodel.models.quantize import BNB_MODES, QUANT_MODES, model_nbytes, quantize_model
 from refmodel.reference import auto
 from refmodel.reference.base import module_bytes
 from refmodel.testing import load_tiny
@@ -71,3 +73,20 @@ def test_byte_counter_counts_inner_tensors_and_shared_storage_once():
     view.register_buffer("a", tied[0].weight.detach()[:5])  # a view of the same storage
     tied.add_module("view", view)
     assert module_bytes(tied) == 10 * 8 * 4
+
+
+@pytest.mark.parametrize("mode", QUANT_MODES)
+def test_frozen_accepts_every_mode_the_loader_supports(tiny_model_dirs, mode):
+    """Frozen and ReferenceConfig kept their own list ("int8", "int4") and refused the bitsandbytes modes
+    that load_model supports; now all take ``QUANT_MODES``, and a path is quantized by the loader."""
+    if mode in BNB_MODES:
+        pytest.importorskip("bitsandbytes")
+    path = tiny_model_dirs["llama"]
+    ids = torch.randint(4, 90, (2, 9))
+    loaded = load_model(path, quantize=mode)
+    ref = Frozen(path, quantize=mode)
+    assert ref.quantize == mode and ReferenceConfig(quantize=mode).quantize == mode
+    assert ref.fingerprint == fingerprint(loaded, quantization=mode) != fingerprint(load_tiny(path)[0])
+    torch.testing.assert_close(ref.logprobs(ids), model_logprobs(loaded, ids), rtol=0, atol=0)
+    in_place = Frozen(load_tiny(path)[0], quantize=mode)  # a model: quantized in place
+    assert in_place.memory_bytes < model_nbytes(load_tiny(path)[0])

@@ -80,7 +80,7 @@ BAD_JSON = [
     ({"model": "tiny", "input_ids": [[2, 5, 6]], "score_start": 9}, 422, "score_start", "0 <= score_start <= 3"),
     ({"model": "tiny"}, 422, "input_ids", "Field required"),
     ({"model": "tiny", "input_ids": [[2, 5]], "top_p": 0.9}, 422, "top_p", "Extra inputs"),
-    ({"model": "tiny", "input_ids": [[2, 5]], "temperature": 0}, 422, "temperature", "greater than 0"),
+    ({"model": "tiny", "input_ids": [[2, 5]], "temperature": 0}, 422, "temperature", "finite number > 0"),
 ]
 
 

@@ -9,6 +9,8 @@ import click
 
 from .._version import __version__
 from ..data import TRUNCATION_MODES
+from ..models.dtypes import DTYPE_NAMES
+from ..models.quantize import QUANT_MODES
 from ..precompute.config import MODEL_DTYPES, PrecomputeConfig
 
 if TYPE_CHECKING:
@@ -91,7 +93,7 @@ def bench_cmd(quick: bool) -> None:
               help="JSONL preference pairs with prompt / chosen / rejected.")
 @click.option("--max-pairs", type=click.IntRange(min=1), default=64, show_default=True,
               help="Pairs to score (each gives a chosen and a rejected sequence).")
-@click.option("--modes", default=",".join(("int8", "int4", "bnb-int8", "bnb-nf4")), show_default=True,
+@click.option("--modes", default=",".join(QUANT_MODES), show_default=True,
               help="Comma-separated quantization modes to compare with the unquantized reference.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--dtype", default=None, help="Load dtype (default: as stored), e.g. bfloat16.")
@@ -122,7 +124,7 @@ def quantize_report_cmd(model_path, data_path, max_pairs, modes, batch_size, dty
     click.echo(format_report(rows))
 
 
-_DTYPES = click.Choice(["float32", "bfloat16", "float16"])
+_DTYPES = click.Choice(list(DTYPE_NAMES))
 
 
 _PRE = PrecomputeConfig()  # the defaults shown in --help come from here, never a copy

@@ -19,13 +19,13 @@ CUDA, operands upcast once per call on CPU where that kernel does not exist).
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple
 
 import torch
 
 from ..errors import InvalidInput
+from ..validation import positive_finite
+from ..validation import temperature as check_temperature
 from .kernel import FusedTokenLogprobs, LogitTransform
 
 
@@ -39,11 +39,6 @@ class TokenLogprobs(NamedTuple):
 
     logprobs: torch.Tensor
     entropy: torch.Tensor
-
-
-def _is_number(value) -> bool:
-    # numbers.Real admits numpy scalars (np.float32 is no float subclass); bool is refused as a setting.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_head_inputs(hidden, weight, targets, bias, temperature, logit_scale, softcap, chunk_size,
@@ -61,12 +56,10 @@ def check_head_inputs(hidden, weight, targets, bias, temperature, logit_scale, s
         raise InvalidInput(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise InvalidInput(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if not (_is_number(temperature) and temperature > 0 and math.isfinite(temperature)):
-        raise InvalidInput(f"temperature must be a positive finite number, got {temperature}")
-    if not (_is_number(logit_scale) and logit_scale > 0 and math.isfinite(logit_scale)):
-        raise InvalidInput(f"logit_scale must be a positive finite number, got {logit_scale}")
-    if softcap is not None and not (_is_number(softcap) and softcap > 0 and math.isfinite(softcap)):
-        raise InvalidInput(f"softcap must be None or a positive finite number, got {softcap}")
+    check_temperature(temperature)
+    positive_finite(logit_scale, "logit_scale")
+    if softcap is not None:
+        positive_finite(softcap, "softcap", hint="or None for no soft-cap")
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise InvalidInput(f"{name} must be None or an int >= 1, got {value!r}")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import validation
 from .._optional import available
 from ..errors import InvalidBatch
 from .head import TokenLogprobs, token_logprobs
@@ -191,6 +192,7 @@ def model_logprobs(
         use_liger: use Liger's fused kernel when installed and on CUDA (else the built-in op).
         return_entropy: return a :class:`~refmodel.TokenLogprobs` with per-position entropy too.
     """
+    temperature = validation.temperature(temperature)  # also on the paths that skip token_logprobs' check
     causal = unwrap_causal_lm(model)
     head_module = causal.get_output_embeddings()
     vocab = head_module.weight.shape[0] if getattr(head_module, "weight", None) is not None else None
@@ -232,6 +234,7 @@ def head_logprobs(
     built. A head that is not a linear map (DoRA, a quantized layer) runs as a module on the scored
     rows only. Returns ``[B, T]`` float32 (or :class:`~refmodel.TokenLogprobs` with entropy), in nats.
     """
+    temperature = validation.temperature(temperature)  # the module-head and Liger paths skip token_logprobs
     causal = unwrap_causal_lm(model)
     head = _resolve_head(causal.get_output_embeddings())
     tf = logit_transform(causal.config)

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import InvalidInput
+from ..validation import positive_finite
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,7 @@ class AdaptiveKLController:
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
         for name, value in (("init_kl_coef", init_kl_coef), ("target", target), ("horizon", horizon)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise InvalidInput(f"AdaptiveKLController {name} must be a finite number > 0, got {value!r}")
+            positive_finite(value, f"AdaptiveKLController {name}")
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = horizon

@@ -22,11 +22,11 @@ two logit tiles and adds the ``dW`` matmul in the backward. The reference side g
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from .. import validation
 from ..errors import ConfigError, InvalidInput
 from ..logprobs.kernel import (
     _HALF,
@@ -235,8 +235,7 @@ def exact(
     if policy_hidden.shape[:-1] != ref_hidden.shape[:-1]:
         raise InvalidInput(f"policy_hidden {tuple(policy_hidden.shape)} and ref_hidden {tuple(ref_hidden.shape)} "
                            "must have the same leading (position) shape")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise InvalidInput(f"temperature must be a positive finite number, got {temperature!r}")
+    validation.temperature(temperature)
     lead = policy_hidden.shape[:-1]
     if mask is None:
         mask = torch.ones(lead, dtype=torch.bool, device=policy_hidden.device)

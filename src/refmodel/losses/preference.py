@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInput
+from ..validation import positive_finite
 
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -63,8 +64,7 @@ def _check_vectors(**tensors: torch.Tensor | None) -> None:
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise InvalidInput(f"{name} must be a finite number > 0, got {value!r}")
+    positive_finite(value, name)
 
 
 def _per_token(logps: torch.Tensor, lengths: torch.Tensor, name: str) -> torch.Tensor:

@@ -11,9 +11,14 @@ import torch
 
 from ..errors import ConfigError
 
-# Canonical names (as ``str(torch.float32)`` without the prefix) and the aliases users type.
-FLOAT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                                        "float16": torch.float16, "float64": torch.float64}
+# The one list of dtype names (as ``str(torch.float32)`` without the prefix) refmodel computes in and stores:
+# a model's load dtype (precompute's ``model_dtype``, ``--model-dtype``), a store's value dtype (``--dtype``).
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+# Every name parse_dtype accepts: float64 too (naive oracles, tests), never stored.
+FLOAT_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in (*DTYPE_NAMES, "float64")}
+# The safetensors code of each name (the store's shards are safetensors files).
+SAFETENSORS_CODES: dict[str, str] = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+# The aliases users type.
 ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
            "f16": "float16", "half": "float16", "fp64": "float64", "f64": "float64", "double": "float64"}
 
@@ -47,4 +52,4 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-__all__ = ["ALIASES", "FLOAT_DTYPES", "dtype_name", "parse_dtype"]
+__all__ = ["ALIASES", "DTYPE_NAMES", "FLOAT_DTYPES", "SAFETENSORS_CODES", "dtype_name", "parse_dtype"]

@@ -16,6 +16,29 @@ from torch import nn
 
 FINGERPRINT_PREFIX = "rm1-"
 
+# Each log-prob setting at its default is left out of the hash, so the plain fingerprint names the model at
+# default settings: a store written with ``refmodel.fingerprint(model)`` is the one ``Frozen(model)``, the
+# service and precompute at temperature 1.0 all name. Settings without an entry here are left out when None.
+SETTING_DEFAULTS: dict[str, object] = {"temperature": 1.0, "quantization": None}
+
+
+def fingerprint_settings(**settings) -> dict:
+    """The one identity rule for settings: ``settings`` as they enter the hash (canonical JSON).
+
+    ``None`` and default values (:data:`SETTING_DEFAULTS`, e.g. ``temperature=1.0``) are dropped and the
+    temperature is a float, so ``temperature=2`` and ``temperature=2.0`` name the same log-probs, and
+    ``fingerprint(m, temperature=1.0) == fingerprint(m)``. Every path that fingerprints (the reference
+    strategies, precompute, the service) goes through :func:`finish_fingerprint`, which applies it.
+    """
+    out = {}
+    for name, value in settings.items():
+        if name == "temperature" and value is not None:
+            value = float(value)
+        if value is None or (name in SETTING_DEFAULTS and value == SETTING_DEFAULTS[name]):
+            continue
+        out[name] = value
+    return out
+
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.detach()
@@ -47,9 +70,12 @@ def weights_digest(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, to
 
 
 def finish_fingerprint(digest, **settings) -> str:
-    """The fingerprint of a :func:`weights_digest` plus ``settings`` (``digest`` itself is not changed)."""
+    """The fingerprint of a :func:`weights_digest` plus ``settings`` (``digest`` itself is not changed).
+
+    ``settings`` go through :func:`fingerprint_settings` (defaults and None left out).
+    """
     digest = digest.copy()
-    canonical = json.dumps({k: v for k, v in settings.items() if v is not None}, sort_keys=True, default=str)
+    canonical = json.dumps(fingerprint_settings(**settings), sort_keys=True, default=str)
     digest.update(b"settings|" + canonical.encode())
     return FINGERPRINT_PREFIX + digest.hexdigest()
 
@@ -64,9 +90,11 @@ def fingerprint(model: nn.Module, **settings) -> str:
     """Fingerprint of ``model``'s weights (state dict) and the log-prob settings.
 
     Pass every setting that changes log-probs and is not in the weights, e.g. ``temperature``,
-    ``quantization``; ``None`` values are left out, so ``fingerprint(m)`` == ``fingerprint(m, x=None)``.
+    ``quantization``; ``None`` and default values are left out (:func:`fingerprint_settings`), so
+    ``fingerprint(m)`` == ``fingerprint(m, temperature=1.0, quantization=None)``.
     """
     return fingerprint_tensors(model.state_dict().items(), **settings)
 
 
-__all__ = ["fingerprint", "fingerprint_tensors", "finish_fingerprint", "weights_digest", "FINGERPRINT_PREFIX"]
+__all__ = ["fingerprint", "fingerprint_settings", "fingerprint_tensors", "finish_fingerprint", "weights_digest",
+           "FINGERPRINT_PREFIX", "SETTING_DEFAULTS"]

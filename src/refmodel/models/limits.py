@@ -13,10 +13,13 @@ POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max
 def position_limit(model_or_config) -> tuple[int, str] | None:
     """``(limit, config field)`` of a model (or its config, or a PEFT wrapper of it); None when it names none.
 
-    Multimodal configs are looked into through ``text_config``.
+    Multimodal configs are looked into through their text config (``get_text_config()``, else ``text_config``).
+    The one rule: precompute refuses, and the service answers 422 to, a sequence longer than this.
     """
     config = getattr(model_or_config, "config", model_or_config)
-    for cfg in (config, getattr(config, "text_config", None)):
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else getattr(config, "text_config", None)
+    for cfg in (config, text_config):
         if cfg is None:
             continue
         for field in POSITION_LIMIT_FIELDS:

@@ -164,6 +164,43 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, what: st
     return path
 
 
+# The index transformers reads to find a sharded checkpoint's files, per weight format.
+_INDEX = {"safetensors": "model.safetensors.index.json", "pickle": "pytorch_model.bin.index.json"}
+
+
+def _indexed_files(index: Path) -> set[str] | None:
+    """The file names an index's ``weight_map`` points to; None without a readable index."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {str(v) for v in weight_map.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def weights_bytes(path: str | Path) -> int | None:
+    """Bytes of the weight files :func:`load_model` reads from a local model folder; None when ``path``
+    is not a local folder (its size is unknown: a hub id, a URL).
+
+    The one rule for a reference's on-disk size (the hybrid placement of ``auto`` and of
+    ``rl.forward_backward`` compare it to ``max_local_bytes``): the ``*.safetensors`` files when the folder
+    has any, else the pickled ones (:data:`PICKLE_SUFFIXES`), as the loader prefers them; a folder that ships
+    both formats (common on the hub) counts once. With a shard index only the files it names count
+    (a ``consolidated.safetensors`` beside the shards is not loaded).
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    for kind, suffixes in (("safetensors", (".safetensors",)), ("pickle", PICKLE_SUFFIXES)):
+        files = [f for f in folder.iterdir() if f.suffix in suffixes and f.is_file()]
+        if not files:
+            continue
+        named = _indexed_files(folder / _INDEX[kind])
+        if named is not None:
+            files = [f for f in files if f.name in named]
+        return sum(f.stat().st_size for f in files)
+    return 0
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer of a local model folder: ``trust_remote_code=False``, no network.
 
@@ -259,4 +296,4 @@ def _from_pretrained(path: Path, task: Task, kwargs: dict[str, Any], device, qua
 
 
 __all__ = ["ModelRegistry", "PICKLE_SUFFIXES", "as_registry", "check_model_folder", "load_model",
-           "load_reference_model", "load_tokenizer", "parse_named_paths"]
+           "load_reference_model", "load_tokenizer", "parse_named_paths", "weights_bytes"]

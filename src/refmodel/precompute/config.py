@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .. import validation
 from ..data import DEFAULT_MAX_LENGTH, DEFAULT_TRUNCATION_MODE, check_settings
 from ..errors import ConfigError
+from ..models.dtypes import DTYPE_NAMES
 
-MODEL_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+MODEL_DTYPES: tuple[str, ...] = ("auto", *DTYPE_NAMES)  # "auto": as saved
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,7 @@ class PrecomputeConfig:
         for name in ("max_tokens_per_batch", "shard_examples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        validation.temperature(self.temperature, error=ConfigError)
         if self.model_dtype not in MODEL_DTYPES:
             raise ConfigError(f"unknown model_dtype {self.model_dtype!r}; expected one of {list(MODEL_DTYPES)}")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):

@@ -192,7 +192,7 @@ def load_scoring_model(model, tokenizer=None, model_kwargs: dict | None = None) 
 class PrecomputePlan:
     """What one precompute run writes, the same for every driver (see the module docstring).
 
-    Fields: ``fingerprint`` of the reference (with the temperature when it is not 1), the normalized
+    Fields: ``fingerprint`` of the reference (at ``config.temperature``; see ``models.fingerprint_settings``), the normalized
     storage ``dtype``, the tokenizer's ``pad_id``, the ``shards`` (tuples of :class:`Unit`, at most
     ``config.shard_examples`` each), the ``job`` description recorded in the manifest (with the plan's
     hash, so resuming with other data or settings is refused) and the ``config`` it was made with.
@@ -244,7 +244,7 @@ def plan_precompute(model, tokenizer, data, config: PrecomputeConfig) -> Precomp
     Raises InvalidInput for a sequence past the model's position limit (before any store exists).
     """
     temperature = config.temperature
-    fp = model_fingerprint(model, temperature=None if temperature == 1.0 else temperature)
+    fp = model_fingerprint(model, temperature=temperature)  # 1.0 left out: models.fingerprint_settings
     examples = load_examples(data, tokenizer, max_length=config.max_length, truncation_mode=config.truncation_mode)
     check_position_limit(model, examples)
     shards, job = plan_job(examples, max_tokens_per_batch=config.max_tokens_per_batch,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..models.fingerprint import fingerprint_tensors
@@ -48,8 +49,7 @@ class AdapterDisabled:
             if trained:
                 raise ConfigError(f"reference adapter {adapter_name!r} has trainable parameters ({trained[0]}, ...); "
                                   "freeze it (requires_grad_(False)) so that the reference does not change")
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+        temperature = validation.temperature(temperature, error=ConfigError)
         self.policy = peft_policy
         self.adapter_name = adapter_name
         self.temperature = float(temperature)
@@ -64,8 +64,7 @@ class AdapterDisabled:
             items = base_state_items(self.policy)
             if self.adapter_name is not None:
                 items += adapter_state_items(self.policy, self.adapter_name)
-            temp = None if self.temperature == 1.0 else self.temperature
-            self._fingerprint = fingerprint_tensors(items, temperature=temp)
+            self._fingerprint = fingerprint_tensors(items, temperature=self.temperature)
         return self._fingerprint
 
     @property

@@ -18,10 +18,10 @@ Exactly one INFO line on the ``refmodel.reference`` logger says what was chosen 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from ..errors import FingerprintMismatch
+from ..models.loading import weights_bytes
 from ._peft import is_peft_model
 from .adapter import AdapterDisabled
 from .base import Reference, module_bytes
@@ -38,14 +38,6 @@ def _frozen_kwargs(cfg: ReferenceConfig) -> dict:
     return dict(dtype=cfg.dtype, offload_to_cpu=cfg.offload_to_cpu, quantize=cfg.quantize,
                 temperature=cfg.temperature, use_fused_linear_logprobs=cfg.use_fused_linear_logprobs,
                 cast_logprobs_to_fp32=cfg.cast_logprobs_to_fp32)
-
-
-def _path_bytes(path: str) -> int | None:
-    """Bytes of the weight files in a local model directory (None when it is not a local directory)."""
-    p = Path(path)
-    if not p.is_dir():
-        return None
-    return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
 
 
 def _live(policy, cfg: ReferenceConfig) -> tuple[Reference, str]:
@@ -65,7 +57,7 @@ def _live(policy, cfg: ReferenceConfig) -> tuple[Reference, str]:
     if cfg.remote_url:
         from .remote import Remote, placement_rule
 
-        size = _path_bytes(cfg.ref_model_path) if cfg.ref_model_path else module_bytes(policy)
+        size = weights_bytes(cfg.ref_model_path) if cfg.ref_model_path else module_bytes(policy)
         if size is None:
             placement, why = "remote", "its size is unknown (not a local model folder)"
         elif cfg.max_local_bytes is None:

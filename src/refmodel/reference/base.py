@@ -15,7 +15,6 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..models.fingerprint import fingerprint as _fingerprint
 from ..models.quantize import model_nbytes as module_bytes  # the one byte counter (quantized weights too)
 
 
@@ -43,16 +42,6 @@ class Reference(Protocol):
         ...
 
 
-def settings_fingerprint(model: nn.Module, *, temperature: float = 1.0, quantization: str | None = None) -> str:
-    """``refmodel.fingerprint`` with only the settings that differ from the defaults.
-
-    So that ``Frozen(model).fingerprint == refmodel.fingerprint(model)`` at default settings, which is
-    what a store written with the plain fingerprint is bound to.
-    """
-    return _fingerprint(model, temperature=None if temperature == 1.0 else float(temperature),
-                        quantization=quantization)
-
-
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode (no dropout) and restore each one's own flag afterwards."""
@@ -76,4 +65,4 @@ def restore_requires_grad(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-__all__ = ["Reference", "module_bytes", "settings_fingerprint", "eval_mode", "restore_requires_grad"]
+__all__ = ["Reference", "module_bytes", "eval_mode", "restore_requires_grad"]

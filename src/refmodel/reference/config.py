@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import validation
 from ..errors import ConfigError
 from ..models.dtypes import parse_dtype
-from .frozen import QUANTIZE_MODES
+from ..models.quantize import check_mode
 from .synced import check_sync_settings
 
 
@@ -63,10 +64,8 @@ class ReferenceConfig:
     def __post_init__(self) -> None:
         check_sync_settings(self.ref_model_sync_steps, self.ref_model_mixup_alpha, self.max_rank)
         parse_dtype(self.dtype)
-        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
-            raise ConfigError(f"quantize must be one of {QUANTIZE_MODES} or None, got {self.quantize!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
+        check_mode(self.quantize)
+        validation.temperature(self.temperature, error=ConfigError)
         if self.max_local_bytes is not None and (not isinstance(self.max_local_bytes, int) or self.max_local_bytes < 0):
             raise ConfigError(f"max_local_bytes must be a byte count >= 0, got {self.max_local_bytes!r}")
         if self.reference_free:

@@ -16,21 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..models.dtypes import parse_dtype
-from .base import module_bytes, settings_fingerprint
+from ..models.fingerprint import fingerprint
+from ..models.quantize import check_mode, quantize_model
+from .base import module_bytes
 
 log = logging.getLogger(__name__)
-
-QUANTIZE_MODES = ("int8", "int4")
-
-
-def _quantize(model: nn.Module, mode: str) -> nn.Module:
-    from ..models.quantize import quantize_model
-
-    return quantize_model(model, mode)
-
 
 class Frozen:
     """A frozen reference model of its own: ``[B, T]`` float32 log-probs under no_grad.
@@ -43,7 +37,9 @@ class Frozen:
         dtype: compute dtype of the reference weights (e.g. ``torch.bfloat16``); ``None`` keeps them.
         offload_to_cpu: keep the weights on the CPU between calls; move them to the batch's device
             for each call. Saves accelerator memory, costs a host-device copy per call.
-        quantize: ``"int8"`` or ``"int4"`` weight quantization via :mod:`refmodel.models.quantize`.
+        quantize: a mode of :data:`refmodel.models.quantize.QUANT_MODES` (torchao ``"int8"``/``"int4"``,
+            bitsandbytes ``"bnb-int8"``/``"bnb-nf4"``): every mode the loader supports. A path is quantized
+            by :func:`~refmodel.models.loading.load_model` (bitsandbytes while loading), a model in place.
         temperature: the sampling temperature the log-probs must match (logits / temperature).
         attn_implementation: passed to ``from_pretrained`` when loading from a path.
         allow_pickle: accept a folder whose only weights are pickled (``pytorch_model.bin``).
@@ -53,16 +49,14 @@ class Frozen:
                  temperature: float = 1.0, attn_implementation: str | None = None,
                  use_fused_linear_logprobs: bool = True, cast_logprobs_to_fp32: bool = True,
                  chunk_size: int | None = None, allow_pickle: bool = False):
-        if quantize is not None and quantize not in QUANTIZE_MODES:
-            raise ConfigError(f"quantize must be one of {QUANTIZE_MODES} or None, got {quantize!r}")
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+        check_mode(quantize)
+        temperature = validation.temperature(temperature, error=ConfigError)
         torch_dtype = parse_dtype(dtype)
         if isinstance(model_or_path, (str, Path)):
             from ..models.loading import load_model
 
-            model = load_model(model_or_path, dtype=torch_dtype, attn_implementation=attn_implementation,
-                               allow_pickle=allow_pickle, what="Frozen")
+            model = load_model(model_or_path, dtype=torch_dtype, quantize=quantize,
+                               attn_implementation=attn_implementation, allow_pickle=allow_pickle, what="Frozen")
         elif isinstance(model_or_path, nn.Module):
             model = model_or_path
         else:
@@ -70,12 +64,13 @@ class Frozen:
         if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
             raise ConfigError("Frozen got a PEFT model; merge it first (model.merge_and_unload()) to freeze the "
                               "adapted weights, or use AdapterDisabled(model) to use the base model as reference")
-        if torch_dtype is not None:
+        loaded = isinstance(model_or_path, (str, Path))  # then load_model applied dtype and quantize
+        if torch_dtype is not None and not loaded:
             model = model.to(torch_dtype)
         model.eval()
         model.requires_grad_(False)
-        if quantize is not None:
-            model = _quantize(model, quantize)
+        if quantize is not None and not loaded:
+            model = quantize_model(model, quantize)
         self.offload_to_cpu = bool(offload_to_cpu)
         if self.offload_to_cpu:
             model.to("cpu")
@@ -97,7 +92,7 @@ class Frozen:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = settings_fingerprint(self.model, temperature=self.temperature,
+            self._fingerprint = fingerprint(self.model, temperature=self.temperature,
                                                      quantization=self.quantize)
         return self._fingerprint
 
@@ -138,4 +133,4 @@ class Frozen:
                 f"offload_to_cpu={self.offload_to_cpu}, quantize={self.quantize})")
 
 
-__all__ = ["Frozen", "QUANTIZE_MODES"]
+__all__ = ["Frozen"]

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from .. import validation
 from ..errors import ConfigError, FingerprintMismatch
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,7 @@ class Remote:
                  max_retries: int = 3, temperature: float = 1.0):
         from ..remote.client import ReferenceClient
 
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+        temperature = validation.temperature(temperature, error=ConfigError)
         self.url, self.model = url, model
         self.temperature = float(temperature)
         self.client = ReferenceClient(url, token=token, timeout_s=timeout_s, max_retries=max_retries)

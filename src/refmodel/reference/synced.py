@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..models.fingerprint import fingerprint_tensors
@@ -69,8 +70,7 @@ class Synced:
                  max_rank: int | None = None, adapter_name: str = "ref", temperature: float = 1.0,
                  use_fused_linear_logprobs: bool = True, cast_logprobs_to_fp32: bool = True):
         check_sync_settings(ref_model_sync_steps, ref_model_mixup_alpha, max_rank)
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+        temperature = validation.temperature(temperature, error=ConfigError)
         self.sync_steps = int(ref_model_sync_steps)
         self.alpha = float(ref_model_mixup_alpha)
         self.temperature = float(temperature)
@@ -129,8 +129,7 @@ class Synced:
         assert self.lora is not None  # exactly one of frozen / lora is set
         if self._fingerprint is None:
             items = base_state_items(self.policy) + adapter_state_items(self.policy, self.lora.ref_name)
-            temp = None if self.temperature == 1.0 else self.temperature
-            self._fingerprint = fingerprint_tensors(items, temperature=temp)
+            self._fingerprint = fingerprint_tensors(items, temperature=self.temperature)
         return self._fingerprint
 
     @property

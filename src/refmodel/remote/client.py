@@ -32,6 +32,7 @@ import torch
 from .._optional import require
 from ..data.collate import pad as _pad_rows
 from ..errors import ConfigError, InvalidBatch, ModelNotAllowed, ServiceError
+from ..models.fingerprint import fingerprint_settings
 from .errors import RETRY_STATUSES, error_for
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,9 @@ def _check_url(url: str) -> str:
 
 
 def _fp_key(model: str, temperature: float):
-    return model if float(temperature) == 1.0 else (model, float(temperature))
+    # The plain name at default settings (as GET /v1/models lists it), by the fingerprint's identity rule.
+    settings = fingerprint_settings(temperature=temperature)
+    return (model, *sorted(settings.items())) if settings else model
 
 
 def _raise_for(response) -> None:

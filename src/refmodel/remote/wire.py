@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
+from .. import validation
 from ..errors import InvalidBatch
 
 REQUEST_MAGIC = b"RMB1"
@@ -74,7 +76,7 @@ def encode_request(model: str, input_ids: np.ndarray, attention_mask: np.ndarray
         raise InvalidBatch(f"input_ids must be [B, T], got shape {ids.shape}")
     name = model.encode("utf-8")
     flags = (FLAG_ATTENTION if attention_mask is not None else 0) | (FLAG_SCORE if score_mask is not None else 0)
-    temperature = check_wire_temperature(temperature)
+    temperature = validation.temperature(temperature, error=InvalidBatch)
     flags |= FLAG_TEMPERATURE if temperature != 1.0 else 0
     parts = [_REQ.pack(REQUEST_MAGIC, flags, 0, len(name), ids.shape[0], ids.shape[1]), name]
     if temperature != 1.0:
@@ -116,8 +118,7 @@ def decode_request(body: bytes) -> BinaryRequest:
     if extra:
         (temperature,) = _TEMP.unpack_from(body, offset)
         offset += extra
-        if not (np.isfinite(temperature) and temperature > 0):
-            raise _invalid("temperature", f"temperature must be a finite number > 0, got {temperature}")
+        validation.temperature(temperature, error=partial(_invalid, "temperature"))
     ids = np.frombuffer(body, dtype="<i4", count=n, offset=offset).reshape(batch, length)
     offset += 4 * n
     out: list[np.ndarray | None] = []
@@ -128,14 +129,6 @@ def decode_request(body: bytes) -> BinaryRequest:
         else:
             out.append(None)
     return BinaryRequest(model, ids, out[0], out[1], float(temperature))
-
-
-def check_wire_temperature(temperature: float) -> float:
-    """``float(temperature)`` when it is a finite number > 0, else InvalidBatch."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not np.isfinite(temperature) or temperature <= 0:
-        raise InvalidBatch(f"temperature must be a finite number > 0, got {temperature!r}")
-    return float(temperature)
 
 
 def encode_response(fingerprint: str, logprobs: np.ndarray) -> bytes:
@@ -158,4 +151,4 @@ def decode_response(body: bytes) -> tuple[str, np.ndarray]:
 
 
 __all__ = ["BinaryRequest", "CONTENT_TYPE", "decode_request", "decode_response", "encode_request",
-           "encode_response", "check_wire_temperature"]
+           "encode_response"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,6 +37,7 @@ from ..losses import kl as kl_mod
 from ..losses.policy import policy_loss
 from ..losses.policy_config import LOSS_TYPES, OPTION_NAMES, PolicyLossConfig, build_config
 from ..models.cache import get_global_reference_cache
+from ..models.loading import weights_bytes
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,6 @@ def kl_monitor(reference_model: str) -> kl_mod.KLMonitor | None:
     return _MONITORS.get(reference_model)
 
 
-def _weights_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
 def _resolve(name: str, quantize, url: str | None, max_local_bytes: int | None, token: str | None):
     """``("local", None)`` or ``("remote", Remote)`` for the registered ``name`` (refused if unknown)."""
     cache = get_global_reference_cache()
@@ -109,7 +105,8 @@ def _resolve(name: str, quantize, url: str | None, max_local_bytes: int | None, 
         return "local", None
     from ..reference.remote import Remote, choose_placement
 
-    if choose_placement(_weights_bytes(path), max_local_bytes, name=name, remote_url=url) == "local":
+    size = weights_bytes(path)  # None: not a local folder, so it cannot run here
+    if size is not None and choose_placement(size, max_local_bytes, name=name, remote_url=url) == "local":
         return "local", None
     with _LOCK:
         remote = _SERVICE.remotes.get((url, name))

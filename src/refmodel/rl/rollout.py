@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import validation
 from ..errors import ConfigError, DataFormatError
 
 
@@ -53,9 +54,7 @@ class SamplingConfig:
             raise ConfigError(f"num_generations must be an integer >= 1, got {self.num_generations!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ConfigError(f"temperature must be > 0 (sampling needs it; greedy decoding is not a rollout), "
-                              f"got {self.temperature!r}")
+        validation.temperature(self.temperature, error=ConfigError)  # sampling needs it: greedy is no rollout
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):

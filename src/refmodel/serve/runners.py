@@ -19,6 +19,7 @@ from ..data.collate import pad
 from ..errors import ConfigError, RefModelError
 from ..logprobs.model import model_logprobs, position_ids_from_mask
 from ..models.fingerprint import finish_fingerprint, weights_digest
+from ..models.limits import position_limit
 from .validate import Sequence
 
 log = logging.getLogger(__name__)
@@ -36,17 +37,19 @@ class ServedModel:
     dtype: str
     parameters: int
     device: torch.device
-    # (config attribute, value), e.g. ("max_position_embeddings", 256); None when the config has none
-    position_limit: tuple[str, int] | None = None
+    # (value, config field) from refmodel.models.limits.position_limit, e.g. (256, "max_position_embeddings"):
+    # the limit precompute checks too; None when the config names none
+    position_limit: tuple[int, str] | None = None
     digest: Any = None  # the weights' running hash, finished once per requested temperature
     _fingerprints: dict = field(default_factory=dict, repr=False)
 
     def fingerprint_at(self, temperature: float = 1.0) -> str:
-        """The fingerprint of this model's log-probs at ``temperature`` (the plain one at 1.0)."""
-        if temperature == 1.0 or self.digest is None:
+        """The fingerprint of this model's log-probs at ``temperature`` (the plain one at 1.0: the identity
+        rule of :func:`refmodel.models.fingerprint.fingerprint_settings`, like every other path)."""
+        if self.digest is None:
             return self.fingerprint
         if temperature not in self._fingerprints:
-            self._fingerprints[temperature] = finish_fingerprint(self.digest, temperature=float(temperature))
+            self._fingerprints[temperature] = finish_fingerprint(self.digest, temperature=temperature)
         return self._fingerprints[temperature]
 
     def run(self, seqs: list[Sequence]) -> list:
@@ -111,17 +114,6 @@ def run_rewards(served: ServedModel, seqs: list[Sequence]) -> list[float]:
     return scores.tolist()
 
 
-def position_limit(config) -> tuple[str, int] | None:
-    """The longest sequence a model's config allows: ``(attribute, value)`` of ``n_positions`` (GPT-2
-    family) or ``max_position_embeddings`` (most others), or None when it names neither."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("n_positions", "max_position_embeddings"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return attr, value
-    return None
-
-
 def _describe(name: str, kind: str, model: torch.nn.Module, device) -> ServedModel:
     config: Any = model.config  # a transformers PretrainedConfig
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -130,7 +122,7 @@ def _describe(name: str, kind: str, model: torch.nn.Module, device) -> ServedMod
     return ServedModel(name=name, kind=kind, model=model, fingerprint=finish_fingerprint(digest),
                        vocab_size=int(cfg.vocab_size), dtype=str(first.dtype).removeprefix("torch."),
                        parameters=sum(p.numel() for p in model.parameters()), device=first.device,
-                       position_limit=position_limit(model.config), digest=digest)
+                       position_limit=position_limit(model), digest=digest)
 
 
 def load_logprob_models(models: dict[str, str], device: str) -> tuple[Any, dict[str, ServedModel]]:
@@ -174,5 +166,5 @@ def warm_up(served: ServedModel) -> None:
     served.run([Sequence(torch.arange(n)), Sequence(torch.arange(n))])
 
 
-__all__ = ["ServedModel", "load_logprob_models", "load_reward_model", "position_limit", "run_logprobs", "run_rewards",
+__all__ = ["ServedModel", "load_logprob_models", "load_reward_model", "run_logprobs", "run_rewards",
            "warm_up"]

@@ -26,8 +26,9 @@ class LogprobsRequest(_Body):
     attention_mask: list[list[int]] | None = None
     score_mask: list[list[int]] | None = None
     score_start: int | list[int] | None = None
-    # The sampler's temperature (RL references): log-probs of softmax(logits / temperature).
-    temperature: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    # The sampler's temperature (RL references): log-probs of softmax(logits / temperature). Strict (no
+    # `true`, no "1"); its range is the one rule, refmodel.validation.temperature, applied in serve.validate.
+    temperature: float = Field(default=1.0, strict=True)
 
 
 class LogprobsResponse(_Body):

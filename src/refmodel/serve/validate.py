@@ -6,12 +6,13 @@ message names the field and row, e.g. ``input_ids[3][7] = 99999 is outside the v
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from .. import validation
 from ..errors import InvalidBatch
 
 
@@ -48,16 +49,17 @@ class Limits(NamedTuple):
 
 
 def model_limits(vocab_size: int, server_max_seq_len: int, max_sequences: int, model_name: str,
-                 position_limit: tuple[str, int] | None) -> Limits:
-    """The limits of one served model: its position limit (``(config attribute, value)``, e.g.
-    ``("n_positions", 1024)``) wins over the server's ``max_seq_len`` when it is smaller.
+                 position_limit: tuple[int, str] | None) -> Limits:
+    """The limits of one served model: its position limit (``(value, config field)`` of
+    :func:`refmodel.models.limits.position_limit`, e.g. ``(1024, "n_positions")``) wins over the server's
+    ``max_seq_len`` when it is smaller.
 
     Past its position limit a model with learned positions (GPT-2) raises ``IndexError`` and one with
     rotary positions (Llama) silently scores out of its training range; both are refused here (422).
     """
-    if position_limit is not None and position_limit[1] < server_max_seq_len:
-        attr, value = position_limit
-        return Limits(vocab_size, value, max_sequences, f"model {model_name!r}'s position limit ({attr})")
+    if position_limit is not None and position_limit[0] < server_max_seq_len:
+        value, field = position_limit
+        return Limits(vocab_size, value, max_sequences, f"model {model_name!r}'s position limit ({field})")
     return Limits(vocab_size, server_max_seq_len, max_sequences)
 
 
@@ -82,12 +84,9 @@ def _scores_padding(i: int) -> FieldError:
 
 
 def check_temperature(temperature) -> float:
-    """A finite temperature > 0 (the sampler's), else a FieldError naming ``temperature``."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise FieldError("temperature", f"temperature must be a finite number > 0 (the sampling temperature; "
-                                        f"1.0 = the model's own distribution), got {temperature!r}")
-    return float(temperature)
+    """``float(temperature)`` under the one temperature rule (:func:`refmodel.validation.temperature`),
+    else a FieldError naming ``temperature`` (HTTP 422)."""
+    return validation.temperature(temperature, error=partial(FieldError, "temperature"))
 
 
 def _as_tensor(field: str, row: list, index: int, dtype=torch.long) -> torch.Tensor:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInput, StorageError, StoreCorrupt
-from ..models.dtypes import dtype_name, parse_dtype
+from ..models.dtypes import DTYPE_NAMES, SAFETENSORS_CODES, dtype_name, parse_dtype
 
 FORMAT = "refmodel-logprob-store"
 VERSION = 3
@@ -43,7 +43,7 @@ VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 SUM_IN_CRC = 3  # first version whose entry crc covers the per-sequence sum
 KEY_BYTES = 16
-DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+DTYPES = {name: SAFETENSORS_CODES[name] for name in DTYPE_NAMES}  # storage dtype -> safetensors code
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "U32": 4, "U8": 1}
 _NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I64": np.int64, "U32": np.uint32, "U8": np.uint8}
 
