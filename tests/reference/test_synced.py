@@ -20,7 +20,7 @@ from ref_helpers import lora_policy, make_batch, perturb_adapter
 from refmodel import model_logprobs
 from refmodel.errors import ConfigError
 from refmodel.reference import Synced
-from refmodel.reference._peft import lora_layers
+from refmodel.reference.peft_policy import lora_layers
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FingerprintMismatch
-from ._peft import is_peft_model
+from .peft_policy import is_peft_model
 from .adapter import AdapterDisabled
 from .base import Reference, module_bytes
 from .config import ReferenceConfig

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.quantize import tensors_nbytes
-from ._peft import lora_layers, modules_to_save
+from .peft_policy import lora_layers, modules_to_save
 from .base import restore_requires_grad
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import torch
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..models.fingerprint import fingerprint_tensors
-from ._peft import (
+from .peft_policy import (
     adapter_state_items,
     base_state_items,
     is_peft_model,

@@ -19,7 +19,7 @@ import torch
 
 from ...errors import ConfigError, StoreMiss
 from ...reference import Precomputed, Reference, ReferenceConfig, auto
-from ...reference._peft import is_peft_model
+from ...reference.peft_policy import is_peft_model
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import logging
 
 from ...errors import ConfigError
 from ...reference import ReferenceConfig, Synced
-from ...reference._peft import is_peft_model
+from ...reference.peft_policy import is_peft_model
 from ._reference import ReferenceRunner, patched, resolve_reference, unwrap
 from .callback import RefmodelCallback
 
