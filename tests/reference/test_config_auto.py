@@ -6,11 +6,11 @@ import copy
 import logging
 
 import pytest
-from ref_helpers import lora_policy
 
 from refmodel.errors import ConfigError
 from refmodel.reference import AdapterDisabled, Frozen, ReferenceConfig, ReferenceFree, Synced, auto
 from refmodel.reference.base import module_bytes
+from refmodel.testing.lora import lora_policy
 
 
 @pytest.mark.parametrize("kwargs, advice", [
@@ -30,7 +30,6 @@ from refmodel.reference.base import module_bytes
     (dict(quantize="fp3"), "quantize must be one of"),
     (dict(dtype="float8"), "dtype 'float8' is not supported"),
     (dict(temperature=0), "temperature must be > 0"),
-    (dict(remote_url="http://127.0.0.1:1"), "needs remote_model"),
     (dict(remote_model="tiny"), "need remote_url"),
     (dict(max_local_bytes=10), "needs\\s+remote_url"),
     (dict(max_rank=4), "set sync_ref_model=True or drop max_rank"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rl_helpers import lora_policy, make_rollouts
+from rl_helpers import make_rollouts
 
 from refmodel import get_global_reference_cache
 from refmodel.recipes.grpo import GRPOConfig, ServiceRewardModel, grpo
@@ -18,6 +18,7 @@ from refmodel.testing import (
     verifiable_prompts,
     verifiable_reward,
 )
+from refmodel.testing.lora import lora_policy
 
 pytestmark = pytest.mark.integration
 
