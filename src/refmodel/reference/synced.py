@@ -22,6 +22,8 @@ import torch
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..models.fingerprint import fingerprint_tensors
+from .frozen import Frozen
+from .lora_sync import LoraReference
 from .peft_policy import (
     adapter_state_items,
     base_state_items,
@@ -30,8 +32,6 @@ from .peft_policy import (
     require_peft_model,
     require_shared_base_frozen,
 )
-from .frozen import Frozen
-from .lora_sync import LoraReference
 
 log = logging.getLogger(__name__)
 
