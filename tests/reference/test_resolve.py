@@ -146,7 +146,7 @@ def test_a_module_is_frozen_but_not_the_policy_itself(llama):
 
 
 @pytest.mark.parametrize("bad, match", [
-    ("no/such/folder", "'no/such/folder' is not a folder; expected a log-prob store folder"),
+    ("no/such/folder", "'no/such/folder' is neither a log-prob store folder.*found no such folder"),
     (42, "got int"),
     (0.5, "got float"),
 ])
@@ -156,7 +156,7 @@ def test_other_inputs_are_refused_with_what_is_accepted(llama, bad, match):
 
 
 def test_a_folder_that_is_neither_store_nor_model_is_refused(llama, tmp_path):
-    with pytest.raises(ConfigError, match="neither a log-prob store nor a model.*refmodel precompute"):
+    with pytest.raises(ConfigError, match="refmodel precompute.*found a folder without manifest.json or config"):
         resolve(tmp_path, llama[0])
 
 

@@ -96,10 +96,10 @@ def _from_text(text: str, policy, temperature: float, who: str) -> Reference:
         return Precomputed(LogprobStore.open(path))
     if (path / MODEL_MARKER).is_file():
         return Frozen(path, temperature=temperature)
-    what = "a folder that is neither a log-prob store nor a model" if path.is_dir() else "not a folder"
-    raise ConfigError(f"{who}: reference={text!r} is {what}; expected a log-prob store folder (with "
-                      f"{STORE_MARKER}; make one with `refmodel precompute`), a model folder (with {MODEL_MARKER}), "
-                      f"a service URL (http://HOST:PORT) or one of {list(KEYWORDS)}")
+    found = f"a folder without {STORE_MARKER} or {MODEL_MARKER}" if path.is_dir() else "no such folder"
+    raise ConfigError(f"{who}: reference={text!r} is neither a log-prob store folder (with {STORE_MARKER}; make "
+                      f"one with `refmodel precompute`) nor a model folder (with {MODEL_MARKER}), a service URL "
+                      f"(http://HOST:PORT) or one of {list(KEYWORDS)}; found {found}")
 
 
 def resolve(reference, policy, *, temperature: float = 1.0, who: str = "reference") -> Reference:
