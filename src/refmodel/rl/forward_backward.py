@@ -91,8 +91,12 @@ def _weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def _resolve(name: str, quantize, url: str | None, max_local_bytes: int | None, token: str | None):
-    """``("local", None)`` or ``("remote", Remote)`` for the registered ``name`` (refused if unknown)."""
+def _resolve(name: str, quantize, url: str | None, max_local_bytes: int | None, token: str | None,
+             temperature: float = 1.0):
+    """``("local", None)`` or ``("remote", Remote)`` for the registered ``name`` (refused if unknown).
+
+    A ``Remote`` is bound to one temperature (part of its fingerprint), so one is kept per temperature.
+    """
     cache = get_global_reference_cache()
     try:
         path = cache.registry.resolve(name)
@@ -108,9 +112,10 @@ def _resolve(name: str, quantize, url: str | None, max_local_bytes: int | None, 
     if choose_placement(_weights_bytes(path), max_local_bytes, name=name, remote_url=url) == "local":
         return "local", None
     with _LOCK:
-        remote = _SERVICE.remotes.get((url, name))
+        key = (url, name, float(temperature))
+        remote = _SERVICE.remotes.get(key)
         if remote is None:
-            remote = _SERVICE.remotes[(url, name)] = Remote(url, name, token=token)
+            remote = _SERVICE.remotes[key] = Remote(url, name, token=token, temperature=temperature)
     return "remote", remote
 
 
@@ -122,11 +127,8 @@ def named_reference_logps(name: str, input_ids: torch.Tensor, attention_mask: to
     url = remote_url if remote_url is not None else _SERVICE.url
     budget = max_local_bytes if remote_url is not None else _SERVICE.max_local_bytes
     token = remote_token if remote_token is not None else _SERVICE.token
-    where, remote = _resolve(name, quantize, url, budget, token)
-    if where == "remote":
-        if temperature != 1.0:
-            raise ConfigError(f"the reference service scores at temperature 1.0, but temperature={temperature}; "
-                              "sample at 1.0 or keep this reference local (raise max_local_bytes)")
+    where, remote = _resolve(name, quantize, url, budget, token, temperature)
+    if where == "remote":  # the service divides the logits by the temperature, as model_logprobs does
         return remote.logprobs(input_ids, attention_mask, score_mask).to(input_ids.device, torch.float32)
     cache = get_global_reference_cache()
     with torch.no_grad(), cache.use(name, quantize=quantize) as model:
