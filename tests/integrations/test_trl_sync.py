@@ -81,3 +81,26 @@ def test_max_rank_bounds_the_reference_within_the_reported_error(models, tmp_pat
     assert ref.lora.rank == 4 and 0 < ref.max_truncation_error < 1
     # truncating the reference delta moves its log-probs by a fraction of how far the reference moved
     assert (ours - want).abs().max() <= 0.25 * (want - base).abs().max()
+
+
+@pytest.mark.slow
+def test_a_per_epoch_synced_reference_syncs_once_per_epoch(models, tmp_path):
+    """``Synced.per_epoch`` copies the policy at the end of every epoch inside TRL (the callback once had no
+    epoch hook: 0 syncs after 3 epochs), and never at a step."""
+    policy, tok = load(models[0])
+    ref = Synced.per_epoch(policy)
+    args = trl.DPOConfig(output_dir=str(tmp_path / "out"),
+                         **{**COMMON, "max_steps": -1, "num_train_epochs": 3, "learning_rate": 2e-2})
+    trainer = DPOTrainer(policy, args=args, train_dataset=Dataset.from_list(pairs(8)), processing_class=tok,
+                         reference=ref)
+    trainer.train()
+    assert trainer.state.global_step == 6  # 8 pairs, 4 per step: 2 steps per epoch
+    assert ref.syncs == 3
+    # the last sync ran after the last step: the reference is the trained policy
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    ids, attn, score = batch["input_ids"], batch["attention_mask"], batch["completion_mask"].bool()
+    with torch.no_grad():
+        trained = model_logprobs(trainer.model.eval(), ids, attn, score)
+        initial = model_logprobs(load(models[0])[0].eval(), ids, attn, score)
+    torch.testing.assert_close(ref.logprobs(ids, attn, score), trained, atol=1e-5, rtol=0)
+    assert (trained - initial).abs().max() > 1e-3  # the policy did move, so the check above can fail

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from refmodel.errors import StoreMiss
@@ -30,24 +28,6 @@ def make_batch(tok, n: int = 4, seed: int = 0):
         attn[i, : len(row)] = 1
         score[i, : len(row)] = torch.tensor(sc, dtype=torch.bool)
     return ids, attn, score
-
-
-def lora_policy(model, *, r: int = 4, seed: int = 1, **cfg):
-    """A real PEFT LoRA policy on a deep copy of ``model`` with non-zero (random) B, so it differs from the base."""
-    from peft import LoraConfig, get_peft_model
-
-    policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
-                                                             lora_dropout=0.1, **cfg))
-    perturb_adapter(policy, seed=seed)
-    return policy
-
-
-@torch.no_grad()
-def perturb_adapter(policy, seed: int = 1, scale: float = 0.2, adapter: str = "default"):
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in policy.named_parameters():
-        if f".{adapter}." in name and ("lora_B" in name or "modules_to_save" in name):
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 class ListStore:

@@ -6,11 +6,11 @@ import copy
 import logging
 
 import pytest
-from ref_helpers import lora_policy
 
 from refmodel.errors import ConfigError
 from refmodel.reference import AdapterDisabled, Frozen, ReferenceConfig, ReferenceFree, Synced, auto
 from refmodel.reference.base import module_bytes
+from refmodel.testing.lora import lora_policy
 
 
 @pytest.mark.parametrize("kwargs, advice", [
@@ -30,7 +30,6 @@ from refmodel.reference.base import module_bytes
     (dict(quantize="fp3"), "unknown quantization mode 'fp3'"),
     (dict(dtype="float8"), "dtype 'float8' is not supported"),
     (dict(temperature=0), "temperature must be a finite number > 0"),
-    (dict(remote_url="http://127.0.0.1:1"), "needs remote_model"),
     (dict(remote_model="tiny"), "need remote_url"),
     (dict(max_local_bytes=10), "needs\\s+remote_url"),
     (dict(max_rank=4), "set sync_ref_model=True or drop max_rank"),
@@ -90,3 +89,41 @@ def test_auto_follows_the_rules(caplog, tiny_model_dirs):
     assert isinstance(ref, Frozen) and f"({size} <= {size} bytes)" in line and "stays local" in line
 
 
+
+
+def test_auto_checks_a_store_against_the_policy_without_copying_it(tiny_model_dirs, tmp_path, monkeypatch, caplog):
+    """The store's fingerprint is compared with the frozen copy the rules would build; that copy is only
+    hashed, never kept (it holds weights, so it is no fallback): the policy is hashed in place."""
+    import torch
+
+    from refmodel.errors import FingerprintMismatch
+    from refmodel.reference import Precomputed
+    from refmodel.store import LogprobStore
+    from refmodel.testing import load_tiny
+
+    policy, _ = load_tiny(tiny_model_dirs["llama"])
+    other, _ = load_tiny(tiny_model_dirs["gpt2"])
+    for name, model, temperature in (("match", policy, 0.7), ("other", other, 0.7)):
+        LogprobStore.create(tmp_path / name, Frozen.from_policy(model, temperature=temperature).fingerprint).close()
+    deep_copies = []
+    real_deepcopy = copy.deepcopy
+
+    def counting_deepcopy(x, memo=None, _nil=[]):  # noqa: B006 (copy.deepcopy's own signature)
+        if x is policy:
+            deep_copies.append(x)
+        return real_deepcopy(x, memo, _nil)
+
+    monkeypatch.setattr(copy, "deepcopy", counting_deepcopy)
+    ref, line = _choose(caplog, policy, ReferenceConfig(load_reference_logprobs=str(tmp_path / "match"),
+                                                        temperature=0.7))
+    assert isinstance(ref, Precomputed) and ref.fallback is None and "misses raise" in line
+    with pytest.raises(FingerprintMismatch, match="precompute the store again"):
+        auto(policy, ReferenceConfig(load_reference_logprobs=str(tmp_path / "other"), temperature=0.7))
+    with pytest.raises(FingerprintMismatch):  # the temperature is part of the identity
+        auto(policy, ReferenceConfig(load_reference_logprobs=str(tmp_path / "match")))
+    assert deep_copies == []
+    # a cast copy has other bytes, so it is built (and dropped) to be hashed: still the same rule
+    with pytest.raises(FingerprintMismatch):
+        auto(policy, ReferenceConfig(load_reference_logprobs=str(tmp_path / "match"), temperature=0.7,
+                                     dtype="bfloat16"))
+    assert len(deep_copies) == 1 and all(p.dtype == torch.float32 for p in policy.parameters())

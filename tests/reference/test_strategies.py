@@ -11,12 +11,13 @@ import copy
 
 import pytest
 import torch
-from ref_helpers import ListStore, lora_policy, make_batch, perturb_adapter
+from ref_helpers import ListStore, make_batch
 
 import refmodel
 from refmodel import model_logprobs
 from refmodel.errors import ConfigError, FingerprintMismatch, StoreMiss
 from refmodel.reference import AdapterDisabled, Frozen, Precomputed, Reference, ReferenceFree, Synced
+from refmodel.testing.lora import lora_policy, perturb_adapter
 
 TOL = dict(atol=1e-5, rtol=0)
 
@@ -102,7 +103,9 @@ def _train_step(policy, batch, ref):
 @pytest.mark.parametrize("kind", ["frozen", "adapter_disabled", "synced_full", "synced_lora"])
 def test_reference_never_changes_and_gets_no_grad(family, tiny, batch, kind):
     model, _ = tiny
-    policy = lora_policy(model) if kind in ("adapter_disabled", "synced_lora") else copy.deepcopy(model)
+    # LoRA dropout: a reference call that left the policy in training mode would give other log-probs
+    policy = lora_policy(model, lora_dropout=0.1) if kind in ("adapter_disabled", "synced_lora") \
+        else copy.deepcopy(model)
     ref = {"frozen": lambda: Frozen.from_policy(policy), "adapter_disabled": lambda: AdapterDisabled(policy),
            "synced_full": lambda: Synced(policy, ref_model_sync_steps=3),
            "synced_lora": lambda: Synced(policy, ref_model_sync_steps=3)}[kind]()

@@ -15,12 +15,13 @@ import copy
 
 import pytest
 import torch
-from ref_helpers import lora_policy, make_batch, perturb_adapter
+from ref_helpers import make_batch
 
 from refmodel import model_logprobs
 from refmodel.errors import ConfigError
 from refmodel.reference import Synced
-from refmodel.reference._peft import lora_layers
+from refmodel.reference.peft_policy import lora_layers
+from refmodel.testing.lora import lora_policy, perturb_adapter
 
 
 @pytest.fixture

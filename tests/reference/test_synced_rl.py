@@ -7,10 +7,11 @@ import copy
 
 import pytest
 import torch
-from ref_helpers import lora_policy, make_batch, perturb_adapter
+from ref_helpers import make_batch
 
 from refmodel import model_logprobs
 from refmodel.reference import Synced
+from refmodel.testing.lora import lora_policy, perturb_adapter
 
 
 def _nudge_full(policy, seed):

@@ -1,4 +1,4 @@
-"""Helpers for the RL tests: a tiny LoRA policy that differs from its base, rollouts with EOS.
+"""Helpers for the RL tests: rollouts with EOS (the LoRA policy is ``refmodel.testing.lora.lora_policy``).
 
 (Not named conftest: ``from conftest import`` would clash with tests/conftest.py.)
 """
@@ -11,25 +11,6 @@ import torch
 
 from refmodel.rl import SamplingConfig, generate_rollouts
 from refmodel.testing import verifiable_prompts
-
-
-def lora_policy(base, *, r: int = 4, seed: int = 1, scale: float = 0.3, perturb: bool = True):
-    """A real PEFT LoRA policy on a deep copy of ``base``; with ``perturb`` its B factors are random."""
-    from peft import LoraConfig, get_peft_model
-
-    policy = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
-                                                            lora_dropout=0.0))
-    if perturb:
-        perturb_adapter(policy, seed=seed, scale=scale)
-    return policy
-
-
-@torch.no_grad()
-def perturb_adapter(policy, seed: int = 1, scale: float = 0.3, adapter: str = "default"):
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in policy.named_parameters():
-        if f".{adapter}." in name and "lora_B" in name:
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from rl_helpers import lora_policy, make_rollouts
+from rl_helpers import make_rollouts
 
 from refmodel import get_global_reference_cache, load_reference_model, model_logprobs, policy_loss
 from refmodel.errors import ConfigError, InvalidBatch, ModelNotAllowed
@@ -14,6 +14,7 @@ from refmodel.losses import PolicyLossConfig
 from refmodel.reference import Frozen
 from refmodel.rl import forward_backward, group_advantages, kl_monitor
 from refmodel.testing import load_tiny
+from refmodel.testing.lora import lora_policy
 
 
 @pytest.fixture(scope="module")

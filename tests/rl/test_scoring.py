@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from rl_helpers import eos_likely, lora_policy, make_rollouts, perturb_adapter
+from rl_helpers import eos_likely, make_rollouts
 
 from refmodel.errors import ConfigError
 from refmodel.reference import AdapterDisabled, Frozen, Synced
@@ -22,6 +22,7 @@ from refmodel.rl import (
     score_rollouts,
 )
 from refmodel.testing import ServeProcess, load_tiny
+from refmodel.testing.lora import lora_policy, perturb_adapter
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rl_helpers import lora_policy, make_rollouts
+from rl_helpers import make_rollouts
 
 from refmodel import get_global_reference_cache
 from refmodel.recipes.grpo import GRPOConfig, ServiceRewardModel, grpo
@@ -18,6 +18,7 @@ from refmodel.testing import (
     verifiable_prompts,
     verifiable_reward,
 )
+from refmodel.testing.lora import lora_policy
 
 pytestmark = pytest.mark.integration
 
@@ -62,16 +63,19 @@ def test_service_reward_model_in_the_recipe(server, tiny_model_dirs):
     assert {"reward/verifiable_reward", "reward/service:rm"} <= set(res.history[0])
 
 
-def test_forward_backward_routes_a_large_reference_to_the_service(server, tiny_model_dirs):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_backward_routes_a_large_reference_to_the_service(server, tiny_model_dirs, temperature):
+    """Served and local reference give the same loss, at the sampling temperature too (the service divides
+    the logits by it; forward_backward once refused any temperature but 1 for the service)."""
     srv, _ = server
     cache = get_global_reference_cache()
     cache.registry.add("tiny", tiny_model_dirs["llama"])  # the service serves it under the same name
     base, tok = load_tiny(tiny_model_dirs["llama"])
     policy = lora_policy(base)
-    ro = make_rollouts(policy, tok, n_prompts=2, generations=4, max_new_tokens=4)
+    ro = make_rollouts(policy, tok, n_prompts=2, generations=4, max_new_tokens=4, temperature=temperature)
     batch = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "completion_mask": ro.completion_mask,
              "advantages": group_advantages(torch.arange(8.0) % 2, 4)}
-    kw = {"reference_model": "tiny", "beta": 0.05}
+    kw = {"reference_model": "tiny", "beta": 0.05, "temperature": temperature}
     local = forward_backward(policy, batch, loss_kwargs=kw)
     policy.zero_grad(set_to_none=True)
     loads = cache.get_cache_info()["loads"]

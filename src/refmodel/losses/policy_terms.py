@@ -49,8 +49,8 @@ def check_kl_inputs(opts: PolicyLossConfig, ref_logps, full_kl) -> None:
     elif beta != 0 and ref_logps is None:
         raise ConfigError(f"beta={beta} puts beta * KL(policy || reference) in the loss, but ref_logps is None. "
                           "Pass ref_logps ([B, T] reference log-probs of the same tokens, e.g. "
-                          "Reference.logps(batch)), or set beta=0.0 to train without a KL term (no reference "
-                          "needed).")
+                          "reference.logprobs(input_ids, attention_mask, completion_mask)), or set beta=0.0 to "
+                          "train without a KL term (no reference needed).")
 
 
 def aggregation_weights(mask: torch.Tensor, agg: str, dtype: torch.dtype, num_items_in_batch=None,

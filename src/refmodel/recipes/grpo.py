@@ -30,6 +30,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
 from ..losses.policy_config import PolicyLossConfig
+from ..reference import resolve
 from ..rl import policy_loss_fn
 from ..rl.rollout import Rollouts, SamplingConfig, generate_rollouts
 from ..rl.scoring import ScoredRollouts, exact_kl, needs_old_logps, score_rollouts
@@ -169,17 +171,11 @@ def compute_rewards(reward_funcs: Sequence, rollouts: Rollouts, weights: Sequenc
 
 
 def resolve_rl_reference(policy: nn.Module, reference, cfg: GRPOConfig):
-    """``None`` when ``beta == 0``; else ``reference`` (a Reference or ReferenceConfig) or the default:
-    the adapter-off base for a PEFT policy, a frozen copy otherwise, at the sampling temperature."""
-    if cfg.beta == 0:
-        return None
-    if reference is not None and hasattr(reference, "logprobs"):
-        return reference
-    from ..reference import ReferenceConfig, auto
-
-    if reference is None:
-        reference = ReferenceConfig(temperature=cfg.temperature)
-    return auto(policy, reference)
+    """Deprecated: ``None if cfg.beta == 0 else refmodel.reference.resolve(reference, policy,
+    temperature=cfg.temperature)``."""
+    warnings.warn("refmodel.recipes.grpo.resolve_rl_reference is deprecated; use refmodel.reference.resolve("
+                  "reference, policy, temperature=cfg.temperature)", DeprecationWarning, stacklevel=2)
+    return None if cfg.beta == 0 else resolve(reference, policy, temperature=cfg.temperature, who="grpo")
 
 
 def _loss_weights(loss_type: str, masks: list[torch.Tensor]) -> list[float]:
@@ -296,9 +292,9 @@ def grpo(policy: nn.Module, tokenizer, prompts: Sequence, reward_funcs: Sequence
          *, reference=None, reward_weights: Sequence[float] | None = None) -> GRPOResult:
     """Train ``policy`` with GRPO on ``prompts`` (prompt-only records) and ``reward_funcs``.
 
-    ``reference``: a Reference, a ``ReferenceConfig`` (resolved with ``refmodel.reference.auto``), or
-    ``None`` (the adapter-off base for a LoRA policy, else a frozen copy). Ignored when ``beta == 0``.
-    It must score at ``cfg.temperature``.
+    ``reference``: anything :func:`refmodel.reference.resolve` takes (a Reference, a ``ReferenceConfig``,
+    a store or model folder, a service URL, ...) or ``None`` (the adapter-off base for a LoRA policy,
+    else a frozen copy). Ignored when ``beta == 0``. It must score at ``cfg.temperature`` (refused if not).
     """
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -306,7 +302,8 @@ def grpo(policy: nn.Module, tokenizer, prompts: Sequence, reward_funcs: Sequence
         policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.seed)
     if len(prompts) == 0:
         raise ConfigError("GRPO needs at least one prompt")
-    reference = resolve_rl_reference(policy, reference, cfg)
+    # beta == 0: no KL term, so no reference is built or asked
+    reference = None if cfg.beta == 0 else resolve(reference, policy, temperature=cfg.temperature, who="grpo")
     need_old = needs_old_logps(cfg.num_iterations, 1, cfg.importance_sampling_correction)
     params = [p for p in policy.parameters() if p.requires_grad]
     if not params:

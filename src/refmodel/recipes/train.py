@@ -45,7 +45,7 @@ from ..errors import ConfigError, InvalidInput
 from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
 from ..losses import preference as losses
-from ..reference import ReferenceFree
+from ..reference import ReferenceFree, resolve
 from .steps import StepLog
 
 log = logging.getLogger(__name__)
@@ -254,13 +254,10 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, seed: int = 0) -> nn
 
 
 def resolve_reference(policy: nn.Module, reference):
-    """A ready reference: ``reference`` itself if it has ``logprobs``, else ``refmodel.reference.auto``
-    on it (a ``ReferenceConfig``) or on the default config when it is ``None``."""
-    if reference is not None and hasattr(reference, "logprobs"):
-        return reference
-    from ..reference import ReferenceConfig, auto
-
-    return auto(policy, reference if reference is not None else ReferenceConfig())
+    """Deprecated: ``refmodel.reference.resolve(reference, policy)`` (note the argument order)."""
+    warnings.warn("refmodel.recipes.train.resolve_reference(policy, reference) is deprecated; use "
+                  "refmodel.reference.resolve(reference, policy)", DeprecationWarning, stacklevel=2)
+    return resolve(reference, policy)
 
 
 def train(policy: nn.Module, tokenizer, train_pairs, cfg: TrainConfig = TrainConfig(), *,
@@ -270,8 +267,8 @@ def train(policy: nn.Module, tokenizer, train_pairs, cfg: TrainConfig = TrainCon
     ``train_pairs`` / ``eval_pairs``: preference records (a list of dicts, a data path or a
     ``datasets.Dataset``; text or conversational), tokenized by :mod:`refmodel.data` exactly as TRL's
     DPOTrainer does, so a store written by ``refmodel precompute`` with the same settings holds every row.
-    ``reference`` is a Reference object, a ``ReferenceConfig`` (resolved with ``refmodel.reference.auto``)
-    or ``None`` (the default config). Reference-free losses (simpo, orpo) ignore it. A reference with
+    ``reference`` is anything :func:`refmodel.reference.resolve` takes (a Reference, a ``ReferenceConfig``,
+    a store or model folder, a service URL, ...) or ``None`` (the default config), at temperature 1. Reference-free losses (simpo, orpo) ignore it. A reference with
     ``metrics()`` (``Precomputed``: store hits and fallback misses) is reported at the end.
     """
     random.seed(cfg.seed)
@@ -281,7 +278,7 @@ def train(policy: nn.Module, tokenizer, train_pairs, cfg: TrainConfig = TrainCon
     if cfg.loss in REFERENCE_FREE:
         reference = ReferenceFree()
     else:
-        reference = resolve_reference(policy, reference)
+        reference = resolve(reference, policy, who="train")
     pad_id = pad_id_of(tokenizer)
     data = tokenize_preferences(train_pairs, tokenizer, cfg)
     held_out = tokenize_preferences(eval_pairs, tokenizer, cfg) if eval_pairs is not None else []

@@ -1,4 +1,5 @@
-"""Reference strategies behind one interface (:class:`Reference`), and :func:`auto` to choose one.
+"""Reference strategies behind one interface (:class:`Reference`), :func:`auto` to choose one, and
+:func:`resolve` to turn any ``reference=`` argument (a strategy, a config, a path, a URL) into one.
 
 ``Remote`` (the reference service client) is imported lazily from ``.remote``; nothing here imports
 peft, fastapi or httpx at import time.
@@ -11,6 +12,7 @@ from .config import ReferenceConfig
 from .free import ReferenceFree
 from .frozen import Frozen
 from .precomputed import Precomputed
+from .resolve import resolve
 from .synced import Synced
 
 
@@ -23,4 +25,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["AdapterDisabled", "Frozen", "Precomputed", "Reference", "ReferenceConfig", "ReferenceFree",
-           "Remote", "Synced", "auto", "choose_placement"]
+           "Remote", "Synced", "auto", "choose_placement", "resolve"]

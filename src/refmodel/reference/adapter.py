@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..models.fingerprint import fingerprint_tensors
 from ..models.quantize import tensors_nbytes
-from ._peft import (
+from .peft_policy import (
     adapter_state_items,
     base_state_items,
     reference_view,

@@ -21,13 +21,15 @@ import logging
 from typing import Any
 
 from ..errors import FingerprintMismatch
+from ..models.dtypes import parse_dtype
+from ..models.fingerprint import fingerprint
 from ..models.loading import weights_bytes
-from ._peft import is_peft_model
 from .adapter import AdapterDisabled
 from .base import Reference, module_bytes
 from .config import ReferenceConfig
 from .free import ReferenceFree
 from .frozen import Frozen
+from .peft_policy import is_peft_model
 from .precomputed import Precomputed
 from .synced import Synced
 
@@ -40,8 +42,12 @@ def _frozen_kwargs(cfg: ReferenceConfig) -> dict:
                 cast_logprobs_to_fp32=cfg.cast_logprobs_to_fp32)
 
 
-def _live(policy, cfg: ReferenceConfig) -> tuple[Reference, str]:
-    """Rules 3-6: ``(reference, reason)``."""
+def _live(policy, cfg: ReferenceConfig, *, copy_policy: bool = True) -> tuple[Reference | None, str]:
+    """Rules 3-6: ``(reference, reason)``.
+
+    With ``copy_policy=False`` a rule that would freeze a deep copy of the policy returns ``(None,
+    reason)`` instead: :func:`_copy_fingerprint` names that copy without making it.
+    """
     logp: dict[str, Any] = dict(temperature=cfg.temperature, use_fused_linear_logprobs=cfg.use_fused_linear_logprobs,
                 cast_logprobs_to_fp32=cfg.cast_logprobs_to_fp32)
     if cfg.sync_ref_model:
@@ -65,15 +71,27 @@ def _live(policy, cfg: ReferenceConfig) -> tuple[Reference, str]:
         else:
             placement, why = placement_rule(size, cfg.max_local_bytes)
         if placement == "local":
-            local = Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)) if cfg.ref_model_path \
-                else Frozen.from_policy(policy, **_frozen_kwargs(cfg))
-            return local, f"remote_url is set but the reference stays local: {why}"
-        remote = Remote(cfg.remote_url, str(cfg.remote_model), token=cfg.remote_token,  # config: set with remote_url
-                        temperature=cfg.temperature)
-        return remote, f"remote_url is set and the reference goes remote: {why}; model {cfg.remote_model!r} at {cfg.remote_url}"
+            reason = f"remote_url is set but the reference stays local: {why}"
+            if cfg.ref_model_path:
+                return Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)), reason
+            return (Frozen.from_policy(policy, **_frozen_kwargs(cfg)) if copy_policy else None), reason
+        remote = Remote(cfg.remote_url, cfg.remote_model, token=cfg.remote_token, temperature=cfg.temperature)
+        return remote, f"remote_url is set and the reference goes remote: {why}; model {remote.model!r} at {cfg.remote_url}"
     if cfg.ref_model_path:
         return Frozen(cfg.ref_model_path, **_frozen_kwargs(cfg)), f"ref_model_path={cfg.ref_model_path!r}"
-    return Frozen.from_policy(policy, **_frozen_kwargs(cfg)), "default: a frozen copy of the policy"
+    reason = "default: a frozen copy of the policy"
+    return (Frozen.from_policy(policy, **_frozen_kwargs(cfg)) if copy_policy else None), reason
+
+
+def _copy_fingerprint(policy, cfg: ReferenceConfig) -> str:
+    """``Frozen.from_policy(policy, ...).fingerprint`` without the copy when the copy would hold the
+    policy's own tensors (no ``dtype`` cast, no quantization): the hash reads the policy's weights."""
+    dtype = parse_dtype(cfg.dtype)
+    if cfg.quantize is None and (dtype is None or all(t.dtype == dtype for t in policy.state_dict().values()
+                                                      if t.is_floating_point())):
+        return fingerprint(policy, temperature=cfg.temperature)
+    # a cast or quantized copy has other bytes: they exist only once the copy is made (then freed)
+    return Frozen.from_policy(policy, **_frozen_kwargs(cfg)).fingerprint
 
 
 def _open_store(path: str):
@@ -90,18 +108,23 @@ def auto(policy, config: ReferenceConfig | None = None) -> Reference:
         ref, reason = ReferenceFree(), "reference_free=True (ORPO/SimPO need no pi_ref)"
     elif cfg.load_reference_logprobs:
         store = _open_store(cfg.load_reference_logprobs)
-        live, live_reason = _live(policy, cfg)
-        if live.fingerprint != store.fingerprint:
+        # A frozen copy of the policy would only be hashed and dropped (it holds weights, so it is never
+        # the fallback): hash the policy instead of copying it.
+        live, live_reason = _live(policy, cfg, copy_policy=False)
+        live_fingerprint = live.fingerprint if live is not None else _copy_fingerprint(policy, cfg)
+        if live_fingerprint != store.fingerprint:
             raise FingerprintMismatch(
                 f"the store {cfg.load_reference_logprobs} was computed by reference {store.fingerprint}, but "
-                f"this policy and config give reference {live.fingerprint} ({live_reason}); precompute the "
+                f"this policy and config give reference {live_fingerprint} ({live_reason}); precompute the "
                 "store again with this reference, or point load_reference_logprobs at the matching store")
-        fallback = live if live.memory_bytes == 0 else None
+        fallback = live if live is not None and live.memory_bytes == 0 else None
         ref = Precomputed(store, fallback=fallback)
         reason = (f"load_reference_logprobs={cfg.load_reference_logprobs!r} matches fingerprint {store.fingerprint}"
                   + (f"; misses fall back to {type(live).__name__}" if fallback is not None else "; misses raise"))
     else:
-        ref, reason = _live(policy, cfg)
+        live, reason = _live(policy, cfg)
+        assert live is not None  # copy_policy=True always builds
+        ref = live
     log.info("reference: %s, because %s; extra memory %d bytes", type(ref).__name__, reason, ref.memory_bytes)
     return ref
 

@@ -32,8 +32,9 @@ class ReferenceConfig:
         reference_free: no reference (ORPO, SimPO).
         ref_adapter_name: PEFT: a frozen adapter that is the reference (instead of the base).
         dtype, offload_to_cpu, quantize, temperature: options of a local frozen copy.
-        remote_url, remote_model, remote_token: a reference service; ``max_local_bytes``: keep the
-            reference local when its weights fit in this many bytes (hybrid), else use the service.
+        remote_url, remote_model, remote_token: a reference service, the model's name on it (``None``: the
+            one log-prob model it serves) and its bearer token; ``max_local_bytes``: keep the reference
+            local when its weights fit in this many bytes (hybrid), else use the service.
     """
 
     precompute_ref_log_probs: bool = False
@@ -102,9 +103,6 @@ class ReferenceConfig:
                               "or drop max_rank")
         if (self.remote_model or self.remote_token) and not self.remote_url:
             raise ConfigError("remote_model / remote_token need remote_url (the reference service's address)")
-        if self.remote_url and not self.remote_model:
-            raise ConfigError("remote_url needs remote_model: the name of the reference model in the "
-                              "service's allow-list (see `refmodel serve --model NAME=PATH`)")
         if self.max_local_bytes is not None and not self.remote_url:
             raise ConfigError("max_local_bytes chooses between a local copy and the service; it needs "
                               "remote_url (without a service the reference is always local)")

@@ -25,8 +25,8 @@ import torch
 
 from ..errors import ConfigError
 from ..models.quantize import tensors_nbytes
-from ._peft import lora_layers, modules_to_save
 from .base import restore_requires_grad
+from .peft_policy import lora_layers, modules_to_save
 
 log = logging.getLogger(__name__)
 

@@ -50,23 +50,34 @@ class Remote:
     """Reference log-probs from a reference service.
 
     Args:
-        url: the service, e.g. ``http://127.0.0.1:8000``; model: a name on its allow-list.
-        token: bearer token; timeout_s: per-attempt HTTP timeout in seconds.
+        url: the service, e.g. ``http://127.0.0.1:8000``; model: a name on its allow-list, or ``None``
+            for the one log-prob model the service serves (refused when it serves several).
+        token: bearer token (``refmodel serve --token-file``); timeout_s: per-attempt HTTP timeout in seconds.
         temperature: the sampling temperature the log-probs must match (the service divides the
             logits by it); part of the fingerprint, like ``Frozen(..., temperature=)``.
     """
 
     memory_bytes = 0
 
-    def __init__(self, url: str, model: str, *, token: str | None = None, timeout_s: float = 30.0,
+    def __init__(self, url: str, model: str | None = None, *, token: str | None = None, timeout_s: float = 30.0,
                  max_retries: int = 3, temperature: float = 1.0):
         from ..remote.client import ReferenceClient
 
         temperature = validation.temperature(temperature, error=ConfigError)
-        self.url, self.model = url, model
+        self.url = url
         self.temperature = float(temperature)
         self.client = ReferenceClient(url, token=token, timeout_s=timeout_s, max_retries=max_retries)
-        self.fingerprint: str = self.client.fingerprint(model, self.temperature)
+        self.model: str = model if model is not None else self._only_model()
+        self.fingerprint: str = self.client.fingerprint(self.model, self.temperature)
+
+    def _only_model(self) -> str:
+        """The name of the service's one log-prob model (a bare URL names no model)."""
+        names = [m["name"] for m in self.client.models() if m.get("kind", "logprobs") == "logprobs"]
+        if len(names) != 1:
+            raise ConfigError(f"the service at {self.url} serves {len(names)} log-prob models {names}; a bare URL "
+                              "names one only when the service has exactly one. Name it: "
+                              f"Remote({self.url!r}, model=NAME) or ReferenceConfig(remote_url=..., remote_model=NAME)")
+        return names[0]
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  score_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,7 +23,9 @@ from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..models.fingerprint import fingerprint_tensors
-from ._peft import (
+from .frozen import Frozen
+from .lora_sync import LoraReference
+from .peft_policy import (
     adapter_state_items,
     base_state_items,
     is_peft_model,
@@ -31,8 +33,6 @@ from ._peft import (
     require_peft_model,
     require_shared_base_frozen,
 )
-from .frozen import Frozen
-from .lora_sync import LoraReference
 
 log = logging.getLogger(__name__)
 

@@ -91,8 +91,12 @@ def kl_monitor(reference_model: str) -> kl_mod.KLMonitor | None:
     return _MONITORS.get(reference_model)
 
 
-def _resolve(name: str, quantize, url: str | None, max_local_bytes: int | None, token: str | None):
-    """``("local", None)`` or ``("remote", Remote)`` for the registered ``name`` (refused if unknown)."""
+def _resolve(name: str, quantize, url: str | None, max_local_bytes: int | None, token: str | None,
+             temperature: float = 1.0):
+    """``("local", None)`` or ``("remote", Remote)`` for the registered ``name`` (refused if unknown).
+
+    A ``Remote`` is bound to one temperature (part of its fingerprint), so one is kept per temperature.
+    """
     cache = get_global_reference_cache()
     try:
         path = cache.registry.resolve(name)
@@ -109,9 +113,10 @@ def _resolve(name: str, quantize, url: str | None, max_local_bytes: int | None, 
     if size is not None and choose_placement(size, max_local_bytes, name=name, remote_url=url) == "local":
         return "local", None
     with _LOCK:
-        remote = _SERVICE.remotes.get((url, name))
+        key = (url, name, float(temperature))
+        remote = _SERVICE.remotes.get(key)
         if remote is None:
-            remote = _SERVICE.remotes[(url, name)] = Remote(url, name, token=token)
+            remote = _SERVICE.remotes[key] = Remote(url, name, token=token, temperature=temperature)
     return "remote", remote
 
 
@@ -123,11 +128,8 @@ def named_reference_logps(name: str, input_ids: torch.Tensor, attention_mask: to
     url = remote_url if remote_url is not None else _SERVICE.url
     budget = max_local_bytes if remote_url is not None else _SERVICE.max_local_bytes
     token = remote_token if remote_token is not None else _SERVICE.token
-    where, remote = _resolve(name, quantize, url, budget, token)
-    if where == "remote":
-        if temperature != 1.0:
-            raise ConfigError(f"the reference service scores at temperature 1.0, but temperature={temperature}; "
-                              "sample at 1.0 or keep this reference local (raise max_local_bytes)")
+    where, remote = _resolve(name, quantize, url, budget, token, temperature)
+    if where == "remote":  # the service divides the logits by the temperature, as model_logprobs does
         return remote.logprobs(input_ids, attention_mask, score_mask).to(input_ids.device, torch.float32)
     cache = get_global_reference_cache()
     with torch.no_grad(), cache.use(name, quantize=quantize) as model:

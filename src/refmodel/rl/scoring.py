@@ -151,7 +151,7 @@ def reference_model(reference) -> Iterator[nn.Module | None]:
     reference adapter active; a full Synced -> its frozen copy. Remote, Precomputed: ``None`` (their
     full distribution is not available here).
     """
-    from ..reference._peft import reference_view
+    from ..reference.peft_policy import reference_view
 
     frozen = getattr(reference, "frozen", None)
     lora = getattr(reference, "lora", None)

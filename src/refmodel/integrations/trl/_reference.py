@@ -1,6 +1,6 @@
 """The ``reference=`` argument of the TRL trainers: what it may be, and how it runs on TRL's batches.
 
-:func:`resolve_reference` turns the argument into a :class:`~refmodel.reference.Reference`;
+:func:`refmodel.reference.resolve` turns the argument into a :class:`~refmodel.reference.Reference`;
 :class:`ReferenceRunner` calls it on the ``[B, T]`` batches TRL's own collators built (so store keys are
 TRL's token ids), times it, counts store hits / fallback rows, and turns a store miss into a
 :class:`~refmodel.StoreMiss` that names the sequence of the batch and what to do.
@@ -9,85 +9,24 @@ TRL's token ids), times it, counts store hits / fallback rows, and turns a store
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
-from ...errors import ConfigError, StoreMiss
-from ...reference import Precomputed, Reference, ReferenceConfig, auto
-from ...reference._peft import is_peft_model
+from ...errors import StoreMiss
+from ...reference import Precomputed, resolve
 
 log = logging.getLogger(__name__)
 
 
-def is_reference(obj) -> bool:
-    """Anything that implements the :class:`~refmodel.reference.Reference` protocol."""
-    return isinstance(obj, Reference) and callable(getattr(obj, "logprobs", None))
-
-
-def _remote_from_url(url: str, temperature: float):
-    from ...reference.remote import Remote
-    from ...remote.client import ReferenceClient
-
-    with ReferenceClient(url) as client:
-        names = [m["name"] for m in client.models() if m.get("kind", "logprobs") == "logprobs"]
-    if len(names) != 1:
-        raise ConfigError(f"reference={url!r}: the service serves {len(names)} log-prob models {names}; a bare URL "
-                          "names one only when the service has exactly one. Pass "
-                          f"reference=refmodel.reference.Remote({url!r}, model=NAME) instead")
-    return Remote(url, names[0], temperature=temperature)
-
-
 def resolve_reference(reference, policy, *, temperature: float = 1.0, who: str = "trainer"):
-    """The Reference that ``reference`` names, for a trainer whose (unwrapped) policy is ``policy``.
-
-    ``reference`` may be a Reference (``Frozen``, ``AdapterDisabled``, ``Synced``, ``Precomputed``,
-    ``Remote``, ...), a :class:`~refmodel.ReferenceConfig` (built with :func:`refmodel.reference.auto`),
-    a log-prob store folder (``Precomputed``, misses raise), or a service URL ``http(s)://...`` serving
-    one log-prob model (``Remote``). ``temperature`` is the sampling temperature the log-probs must be
-    at (GRPO); a reference that knows its temperature must agree with it.
-    """
-    if is_reference(reference):
-        ref = reference
-    elif isinstance(reference, ReferenceConfig):
-        cfg = reference
-        if cfg.temperature != temperature:
-            if cfg.temperature != 1.0:
-                raise ConfigError(f"{who}: ReferenceConfig(temperature={cfg.temperature}) but the trainer samples "
-                                  f"at temperature={temperature}; the reference must be evaluated at the sampling "
-                                  "temperature. Drop temperature from the ReferenceConfig (it is taken from the "
-                                  "trainer's config) or make them equal")
-            cfg = dataclasses.replace(cfg, temperature=temperature)
-        if is_peft_model(policy) and cfg.ref_adapter_name is None and not cfg.sync_ref_model \
-                and "ref" in policy.peft_config and not cfg.ref_model_path and not cfg.remote_url:
-            # TRL copies a pretrained adapter to "ref" and uses it as the reference; do the same.
-            cfg = dataclasses.replace(cfg, ref_adapter_name="ref")
-        ref = auto(policy, cfg)
-    elif isinstance(reference, (str, Path)):
-        text = str(reference)
-        if text.startswith(("http://", "https://")):
-            ref = _remote_from_url(text, temperature)
-        elif Path(text).is_dir():
-            from ...store import LogprobStore
-
-            ref = Precomputed(LogprobStore.open(text))
-        else:
-            raise ConfigError(f"{who}: reference={text!r} is neither a log-prob store folder (make one with "
-                              "`refmodel precompute`) nor a service URL (http://HOST:PORT)")
-    else:
-        raise ConfigError(f"{who}: reference= takes a refmodel Reference (Frozen, AdapterDisabled, Synced, "
-                          "Precomputed, Remote), a ReferenceConfig, a log-prob store path or a service URL; got "
-                          f"{type(reference).__name__}")
-    ref_temperature = getattr(ref, "temperature", None)
-    if ref_temperature is not None and float(ref_temperature) != float(temperature):
-        raise ConfigError(f"{who}: the reference computes log-probs at temperature {ref_temperature}, but the "
-                          f"trainer samples at temperature={temperature}; build it with temperature={temperature} "
-                          "(e.g. Frozen(model, temperature=...), Remote(url, model, temperature=...))")
-    return ref
+    """Deprecated alias of :func:`refmodel.reference.resolve` (same arguments); removed in the next release."""
+    warnings.warn("refmodel.integrations.trl.resolve_reference is deprecated; use refmodel.reference.resolve "
+                  "(same arguments)", DeprecationWarning, stacklevel=2)
+    return resolve(reference, policy, temperature=temperature, who=who)
 
 
 def _store_of(reference):
@@ -206,4 +145,4 @@ def unwrap(trainer, model=None):
     return trainer.accelerator.unwrap_model(model)
 
 
-__all__ = ["ReferenceRunner", "is_reference", "patched", "resolve_reference", "unwrap"]
+__all__ = ["ReferenceRunner", "patched", "resolve_reference", "unwrap"]

@@ -15,9 +15,9 @@ import inspect
 import logging
 
 from ...errors import ConfigError
-from ...reference import ReferenceConfig, Synced
-from ...reference._peft import is_peft_model
-from ._reference import ReferenceRunner, patched, resolve_reference, unwrap
+from ...reference import ReferenceConfig, Synced, resolve
+from ...reference.peft_policy import is_peft_model
+from ._reference import ReferenceRunner, patched, unwrap
 from .callback import RefmodelCallback
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class RefmodelTrainerMixin:
                          adapter_name="synced_ref")
             log.info("%s: TR-DPO reference %r (every %d steps, alpha=%s)", who, ref, steps, alpha)
             return ref
-        return resolve_reference(reference, policy, temperature=temperature, who=who)
+        return resolve(reference, policy, temperature=temperature, who=who)
 
     def _refmodel_attach(self, ref, *, hint: str = "", kl_threshold: float | None = None) -> None:
         tokenizer = getattr(self, "_tokenizer", None) or getattr(self, "processing_class", None)

@@ -1,4 +1,5 @@
-"""``RefmodelCallback``: refmodel's reference metrics in TRL's logs, and the reference's ``on_step``.
+"""``RefmodelCallback``: refmodel's reference metrics in TRL's logs, the reference's ``on_step`` after each
+optimizer step and its ``on_epoch_end`` after each epoch (a ``Synced.per_epoch`` reference syncs there).
 
 Per optimizer step it records ``refmodel/ref_seconds`` (wall time spent in the reference, all
 micro-batches of the step), ``refmodel/ref_rows`` (sequences scored) and, for a store,
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class RefmodelCallback(TrainerCallback):
-    """Logs a :class:`ReferenceRunner`'s metrics and calls ``reference.on_step`` after each step.
+    """Logs a :class:`ReferenceRunner`'s metrics; calls ``reference.on_step`` after each optimizer step and
+    ``reference.on_epoch_end`` (when it has one) after each epoch, with the unwrapped policy.
 
     Args:
         runner: the trainer's :class:`~refmodel.integrations.trl._reference.ReferenceRunner`.
@@ -47,6 +49,13 @@ class RefmodelCallback(TrainerCallback):
                 self.metrics.setdefault("train", {}).setdefault(key, []).append(value)
         else:
             self._pending = step
+        return control
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        # A reference on an epoch schedule (Synced.per_epoch) moves here; on_step leaves it alone.
+        on_epoch_end = getattr(self.runner.reference, "on_epoch_end", None)
+        if model is not None and callable(on_epoch_end):
+            on_epoch_end(round(state.epoch or 0), self.unwrap(model))
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -25,7 +25,7 @@ import torch
 import trl
 
 from ...errors import ConfigError
-from ...reference._peft import is_peft_model
+from ...reference.peft_policy import is_peft_model
 from ._reference import patched
 from ._trainer import RefmodelTrainerMixin, bind_arguments, default_config
 

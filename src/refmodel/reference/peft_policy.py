@@ -1,4 +1,5 @@
-"""Helpers for PEFT policies, by duck typing, so that ``refmodel.reference`` never imports peft itself."""
+"""Helpers for PEFT policies, public because ``reference``, ``rl`` and ``integrations`` share them; by duck
+typing, so that ``refmodel.reference`` never imports peft itself."""
 
 from __future__ import annotations
 
