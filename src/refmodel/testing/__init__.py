@@ -168,7 +168,8 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-TOKENIZER_KINDS: tuple[str, ...] = ("plain", "bos", "bos_eos", "byte_bpe", "metaspace")
+TOKENIZER_KINDS: tuple[str, ...] = ("plain", "bos", "bos_eos", "byte_bpe", "byte_bpe_bos", "byte_bpe_bos_eos",
+                                    "metaspace")
 
 # Chat template of the BOS / BOS+EOS / Metaspace kinds: BOS from the template (as Llama and Mistral
 # templates do; ``apply_chat_template`` tokenizes without special tokens) and EOS after assistant turns.
@@ -209,7 +210,7 @@ def _tokenizer_json(kind: str) -> str:
             core.post_processor = processors.TemplateProcessing(
                 single=single, pair=pair, special_tokens=[("<s>", 2), ("</s>", 3)])
         return core.to_str()
-    if kind == "byte_bpe":  # GPT-2 / Qwen style: bytes, merges across the leading space, no BOS
+    if kind.startswith("byte_bpe"):  # GPT-2 / Qwen style: bytes, merges across the leading space, no BOS
         core = Tokenizer(models.BPE())
         core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         core.decoder = decoders.ByteLevel()
@@ -226,6 +227,13 @@ def _tokenizer_json(kind: str) -> str:
     if kind == "metaspace":
         core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                             special_tokens=[("<s>", 2)])
+    elif kind in ("byte_bpe_bos", "byte_bpe_bos_eos"):
+        # Llama-3 style: byte-level BPE whose post-processor is ByteLevel then a BOS (or BOS+EOS) template.
+        single = "<s> $A" if kind == "byte_bpe_bos" else "<s> $A </s>"
+        pair = "<s> $A $B" if kind == "byte_bpe_bos" else "<s> $A </s> $B </s>"
+        core.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=single, pair=pair, special_tokens=[("<s>", 2), ("</s>", 3)])])
     return core.to_str()
 
 
@@ -235,8 +243,9 @@ def make_tokenizer(kind: str = "plain"):
     ``kind`` (see :data:`TOKENIZER_KINDS`): ``plain`` word-level, adds no special tokens (the default);
     ``bos`` word-level, adds BOS (Llama-3 style, a ``TemplateProcessing`` post-processor); ``bos_eos``
     adds BOS and EOS (``<s> $A </s>``); ``byte_bpe`` byte-level BPE trained on the task text (GPT-2 /
-    Qwen style, no BOS); ``metaspace`` BPE with a Metaspace pre-tokenizer (Llama-2 / Mistral style,
-    adds BOS). All have ``<pad>``=0, ``<unk>``=1, ``<s>``=2, ``</s>``=3, the chat role tokens, a chat
+    Qwen style, no BOS); ``byte_bpe_bos`` / ``byte_bpe_bos_eos`` the same BPE adding BOS / BOS and EOS
+    (Llama-3 style: ``ByteLevel`` then ``TemplateProcessing`` post-processors); ``metaspace`` BPE with a
+    Metaspace pre-tokenizer (Llama-2 / Mistral style, adds BOS). All have ``<pad>``=0, ``<unk>``=1, ``<s>``=2, ``</s>``=3, the chat role tokens, a chat
     template, and a vocabulary that :func:`make_tiny_model` sizes its embedding to.
     """
     from tokenizers import Tokenizer
