@@ -33,10 +33,10 @@ RANKS = {
     "serve": 7,
     "rl": 7,
     "integrations": 8,
-    "testing": 8,
     "recipes": 9,
     "tools": 9,
     "cli": 10,
+    "testing": 10,  # re-exports the tiny models and built-in data for tests; the product never imports it
     "__init__": 11,
     "__main__": 11,
 }
@@ -121,5 +121,30 @@ def test_the_checker_sees_upward_imports():
     assert _violations(probe) == [
         "refmodel.store.probe:1: store (rank 5) imports refmodel.recipes (recipes, rank 9)",
         "refmodel.logprobs.probe:2: logprobs (rank 3) imports refmodel.serve (serve, rank 7)",
-        "refmodel.precompute:1: precompute (rank 7) imports refmodel.testing (testing, rank 8)",
+        "refmodel.precompute:1: precompute (rank 7) imports refmodel.testing (testing, rank 10)",
     ]
+
+
+def _imports_of_testing(modules: list[tuple[str, str, bool]]) -> list[str]:
+    """One line per import of ``refmodel.testing`` by a module outside it (tests' helpers are not product)."""
+    return [f"{name}:{line}: imports {target}; the product must not depend on test helpers: import the owner "
+            "that refmodel.testing re-exports instead" for source, name, is_pkg in modules
+            if _room(name) != "testing" for line, target in _imports(source, name, is_pkg)
+            if _room(target) == "testing"]
+
+
+def test_the_product_never_imports_testing():
+    assert _imports_of_testing(_package_modules()) == []
+
+
+def test_the_checker_sees_imports_of_testing():
+    # The rule must be able to fail, also where the rank rule is silent (cli and the root rank above testing).
+    probe = [
+        ("def f():\n    from ..testing import write_jsonl\n", "refmodel.cli.store", False),
+        ("from refmodel.testing import make_tiny_model\n", "refmodel.recipes.demo", False),
+        ("from .testing import load_tiny\n", "refmodel", True),
+        ("from .processes import run_cli\n", "refmodel.testing", True),
+        ("from ..data.records import write_jsonl\n", "refmodel.cli.store", False),
+    ]
+    assert [line.split(": ")[0] for line in _imports_of_testing(probe)] == [
+        "refmodel.cli.store:2", "refmodel.recipes.demo:1", "refmodel:1"]

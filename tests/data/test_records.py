@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from refmodel import DataFormatError
-from refmodel.data import load_examples, load_records
-from refmodel.testing import make_tokenizer, preference_pairs, write_jsonl
+from refmodel.data import load_examples, load_records, write_jsonl
+from refmodel.testing import make_tokenizer, preference_pairs
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,13 @@ def test_bad_sources_and_settings(tok):
     no_template.chat_template = None
     with pytest.raises(DataFormatError, match="need a tokenizer with a chat template"):
         load_examples([{"prompt": [{"role": "user", "content": "x"}], "completion": "y"}], no_template)
+
+
+def test_write_jsonl_round_trips_and_replaces_whole_files(tmp_path):
+    rows = [{"prompt": "naïve café ?", "chosen": " ja", "rejected": " nein"}, {"prompt": "2", "completion": "3"}]
+    path = write_jsonl(rows, tmp_path / "new" / "d.jsonl")
+    assert [r for _, r in load_records(path)] == rows
+    assert "naïve" in path.read_text(encoding="utf-8")  # UTF-8, not \u escapes
+    write_jsonl(rows[:1], path)  # a rewrite replaces the file; no temporary file is left beside it
+    assert [r for _, r in load_records(path)] == rows[:1]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["d.jsonl"]

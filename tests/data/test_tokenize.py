@@ -237,3 +237,22 @@ def test_prompt_only_matches_grpo_trainer(tok, form):
                            chat_template=None, chat_template_kwargs={})
     theirs, _, _ = GRPOTrainer._tokenize_prompts(self, prompts)
     assert [tokenize_prompt(p, tok) for p in prompts] == [list(t) for t in theirs]
+
+
+def test_prompt_records_and_bad_prompts():
+    """Prompt-only records tokenize like their prompt (record ``tools`` reach the chat template); bad
+    prompts raise DataFormatError naming the prompt."""
+    from refmodel.data import tokenize_prompt, tokenize_prompts
+
+    tok = make_tokenizer("byte_bpe_bos_eos")
+    chat = [{"role": "user", "content": "what comes after 4"}]
+    assert tokenize_prompts([{"prompt": "so"}, "so", {"prompt": chat}, chat], tok) == [
+        tokenize_prompt("so", tok)] * 2 + [tokenize_prompt(chat, tok)] * 2
+    tok.chat_template = "{{ tools | length if tools else 0 }}" + tok.chat_template
+    assert tokenize_prompt({"prompt": chat, "tools": '[{"name": "f"}]'}, tok) == (
+        tok("1", add_special_tokens=False)["input_ids"] + tokenize_prompt(chat, tok)[1:])
+    for bad, match in (({"question": "x"}, "prompt 1: a prompt-only record needs a 'prompt' field"),
+                       ({"prompt": 3}, "prompt 1: a prompt must be text or a list"),
+                       (" ", "prompt 1: the prompt is empty after tokenization")):
+        with pytest.raises(DataFormatError, match=match):
+            tokenize_prompts(["so", bad], make_tokenizer("plain"))

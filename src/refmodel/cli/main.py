@@ -14,7 +14,7 @@ from ..models.quantize import QUANT_MODES
 from ..precompute.config import MODEL_DTYPES, PrecomputeConfig
 
 if TYPE_CHECKING:
-    from ..testing import Family
+    from ..models.tiny import Family
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -52,7 +52,7 @@ def configure_logging(verbose: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 def make_tiny_model_cmd(path: str, family: Family, seed: int) -> None:
     """Save a tiny random causal LM and its tokenizer to PATH (for tests and trying things out)."""
-    from ..testing import make_tiny_model
+    from ..models.tiny import make_tiny_model
 
     click.echo(str(make_tiny_model(family, path, seed=seed)))
 

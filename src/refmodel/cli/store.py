@@ -121,7 +121,7 @@ def export_trl_command(path: str, data: str, model: str, out: str, max_length: i
         dropped += ex is None
     out_path = Path(out)
     if out_path.suffix == ".jsonl":
-        from ..testing import write_jsonl
+        from ..data.records import write_jsonl
 
         write_jsonl(rows, out_path)
     elif out_path.suffix == ".parquet":

@@ -5,7 +5,7 @@ for the padding.
 """
 
 from .collate import collate, collate_examples, pad, pad_id_of
-from .records import ACCEPTED, RECORD_TYPES, is_conversation, load_records, record_type
+from .records import ACCEPTED, RECORD_TYPES, is_conversation, load_records, record_type, write_jsonl
 from .tokenize import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TRUNCATION_MODE,
@@ -17,6 +17,7 @@ from .tokenize import (
     extract_prompt,
     load_examples,
     tokenize_prompt,
+    tokenize_prompts,
     tokenize_record,
     truncate,
 )
@@ -25,5 +26,5 @@ __all__ = [
     "ACCEPTED", "DEFAULT_MAX_LENGTH", "DEFAULT_TRUNCATION_MODE", "RECORD_TYPES", "TRUNCATION_MODES", "Example",
     "check_settings", "collate", "collate_examples", "common_prefix_length", "encode", "extract_prompt",
     "is_conversation", "load_examples", "load_records", "pad", "pad_id_of", "record_type", "tokenize_prompt",
-    "tokenize_record", "truncate",
+    "tokenize_prompts", "tokenize_record", "truncate", "write_jsonl",
 ]

@@ -24,6 +24,7 @@ Other fields (ids, metadata, ``tools``, ``chat_template_kwargs``) are carried al
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,24 @@ def _load_jsonl(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
+    """Write ``rows`` as JSON lines (UTF-8, non-ASCII kept) that :func:`load_records` reads back; returns the path.
+
+    The parent folder is created. Written to a temporary file and renamed into place, so an interrupted
+    write never leaves a truncated file that later loads as a shorter dataset.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def _load_hf_dir(path: Path) -> list[tuple[str, dict]]:
     from .._optional import require
 
@@ -167,4 +186,4 @@ def record_type(record: dict, where: str = "record") -> str:
     return kind
 
 
-__all__ = ["ACCEPTED", "RECORD_TYPES", "is_conversation", "load_records", "record_type"]
+__all__ = ["ACCEPTED", "RECORD_TYPES", "is_conversation", "load_records", "record_type", "write_jsonl"]

@@ -157,10 +157,40 @@ def _split(tokenizer, prompt, completions: list, conversational: bool, kwargs: d
     return prompt_ids[:cut], [j[cut:] for j in joint]
 
 
-def tokenize_prompt(prompt, tokenizer, **template_kwargs) -> list[int]:
-    """Prompt ids for generation (prompt-only data), as GRPOTrainer: text with default special tokens,
-    messages with the chat template and ``add_generation_prompt=True``."""
-    return encode(tokenizer, prompt, add_generation_prompt=is_conversation(prompt), **template_kwargs)
+def tokenize_prompt(prompt, tokenizer, where: str = "prompt", **template_kwargs) -> list[int]:
+    """Prompt ids for generation (prompt-only data): THE prompt rule of GRPO/RLOO rollouts.
+
+    TRL 1.16's ``GRPOTrainer._tokenize_prompts``: text goes through ``tokenizer(text=...)`` with the
+    default special tokens (a BOS post-processor puts BOS first, a BOS+EOS one also appends EOS), messages
+    through ``apply_chat_template(add_generation_prompt=True, tokenize=True)`` (no special tokens added:
+    the template writes its own BOS).
+
+    Args:
+        prompt: text, a list of ``{role, content}`` messages, or a prompt-only record ``{"prompt": ...}``
+            (its ``tools`` and ``chat_template_kwargs`` fields go to the chat template).
+        tokenizer: a ``transformers`` tokenizer (with a chat template for messages).
+        where: the prompt's location for error messages.
+        template_kwargs: extra chat-template arguments (TRL's ``tools``, ``chat_template_kwargs``).
+    Returns:
+        the prompt's token ids (not empty).
+    """
+    if isinstance(prompt, dict):
+        if "prompt" not in prompt:
+            raise DataFormatError(f"{where}: a prompt-only record needs a 'prompt' field, got keys {sorted(prompt)}")
+        template_kwargs = {**_template_kwargs(prompt, where), **template_kwargs}
+        prompt = prompt["prompt"]
+    if not (isinstance(prompt, str) or is_conversation(prompt)):
+        raise DataFormatError(f"{where}: a prompt must be text or a list of {{'role', 'content'}} messages, got "
+                              f"{type(prompt).__name__}: {str(prompt)[:80]!r}")
+    ids = encode(tokenizer, prompt, add_generation_prompt=is_conversation(prompt), **template_kwargs)
+    if not ids:
+        raise DataFormatError(f"{where}: the prompt is empty after tokenization; give it some text")
+    return ids
+
+
+def tokenize_prompts(prompts: Sequence, tokenizer, **template_kwargs) -> list[list[int]]:
+    """:func:`tokenize_prompt` of each of ``prompts`` (records, text or messages): ragged ``[B][P_i]`` ids."""
+    return [tokenize_prompt(p, tokenizer, f"prompt {i}", **template_kwargs) for i, p in enumerate(prompts)]
 
 
 def truncate(ids: Sequence, max_length: int | None, truncation_mode: str = DEFAULT_TRUNCATION_MODE) -> list:
@@ -331,4 +361,4 @@ def load_examples(data, tokenizer=None, *, max_length: int | None = DEFAULT_MAX_
 
 __all__ = ["DEFAULT_MAX_LENGTH", "DEFAULT_TRUNCATION_MODE", "Example", "TRUNCATION_MODES", "check_settings",
            "common_prefix_length", "encode", "extract_prompt", "load_examples", "tokenize_prompt",
-           "tokenize_record", "truncate"]
+           "tokenize_prompts", "tokenize_record", "truncate"]

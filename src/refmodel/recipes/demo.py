@@ -28,12 +28,13 @@ import click
 import torch
 
 from ..data import collate_examples
+from ..data.builtin import builtin_dataset_path
 from ..logprobs.model import backbone_of, model_logprobs, position_ids_from_mask, unwrap_causal_lm
 from ..losses.kl import LMHead, exact
 from ..losses.preference import dpo
 from ..models.fingerprint import fingerprint
+from ..models.tiny import load_tiny, make_tiny_model
 from ..precompute.job import precompute
-from ..testing import builtin_dataset_path, load_tiny, make_tiny_model
 from .train import (
     TrainConfig,
     accumulate_gradients,

@@ -18,10 +18,11 @@ from pathlib import Path
 import click
 import torch
 
+from ..models.tiny import load_tiny, make_tiny_model
 from ..reference import AdapterDisabled
 from ..rl.rollout import SamplingConfig, generate_rollouts
 from ..rl.scoring import exact_kl
-from ..testing import load_tiny, make_tiny_model, verifiable_prompts, verifiable_reward
+from .builtin import verifiable_prompts, verifiable_reward
 from .grpo import GRPOConfig, evaluate_rewards, grpo
 from .train import add_lora
 

@@ -16,10 +16,11 @@ With top-k/top-p they are renormalised over the kept support, so they differ fro
 full-vocabulary log-probs by the kept mass (trl#6789); without truncation they equal
 ``model_logprobs(policy, ..., temperature=T)`` up to float error (tested).
 
-Prompts are the plain prompt-only records ``{"prompt": "text"}`` or ``{"prompt": [{"role", "content"},
-...]}`` (rendered with the tokenizer's chat template and ``add_generation_prompt=True``), or bare
-strings; tokenized without added special tokens, as TRL's GRPO does. This is deliberately small:
-the general data module (``refmodel.data``) can replace :func:`tokenize_prompts`.
+Prompts are prompt-only records ``{"prompt": "text"}`` or ``{"prompt": [{"role", "content"}, ...]}``,
+or bare text or messages, tokenized by the one prompt rule, :func:`refmodel.data.tokenize_prompt`
+(TRL's ``GRPOTrainer._tokenize_prompts``: text with the tokenizer's special tokens, messages through the
+chat template with ``add_generation_prompt=True``), and left-padded by the one padder,
+:func:`refmodel.data.collate`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from .. import validation
+from ..data import collate, tokenize_prompts
 from ..errors import ConfigError, DataFormatError
 
 
@@ -117,33 +119,6 @@ class Rollouts:
         return Rollouts(**kw)
 
 
-def prompt_text(record, tokenizer) -> str:
-    """The prompt of one prompt-only record as text (a conversation goes through the chat template)."""
-    prompt = record.get("prompt") if isinstance(record, dict) else record
-    if isinstance(record, dict) and "prompt" not in record:
-        raise DataFormatError(f"a prompt-only record needs a 'prompt' field, got keys {sorted(record)}")
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise DataFormatError("a conversational prompt needs a tokenizer with a chat template; set "
-                                  "tokenizer.chat_template or pass the prompt as text")
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    raise DataFormatError("a prompt must be text or a list of {'role', 'content'} messages, got "
-                          f"{type(prompt).__name__}: {str(prompt)[:80]!r}")
-
-
-def tokenize_prompts(prompts: Sequence, tokenizer) -> list[list[int]]:
-    """Token ids of each prompt, without added special tokens (TRL's GRPO rule)."""
-    out = []
-    for i, record in enumerate(prompts):
-        ids = tokenizer(prompt_text(record, tokenizer), add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise DataFormatError(f"prompt {i} is empty after tokenization")
-        out.append(list(ids))
-    return out
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -172,16 +147,12 @@ def generate_rollouts(policy: nn.Module, tokenizer, prompts: Sequence, config: S
         raise DataFormatError("generate_rollouts needs at least one prompt")
     pad_id, eos_ids = _pad_and_eos(tokenizer, policy)
     g = config.num_generations
-    prompt_ids = tokenize_prompts(prompts, tokenizer)
-    width = max(map(len, prompt_ids))
     device = _device(policy)
-    rows = [ids for ids in prompt_ids for _ in range(g)]
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, p in enumerate(rows):  # left padding: every prompt ends at column width - 1
-        ids[r, width - len(p):] = torch.tensor(p)
-        attn[r, width - len(p):] = 1
-    ids, attn = ids.to(device), attn.to(device)
+    # left padding: every prompt ends at column width - 1, where generation starts
+    batch = collate([(ids, None) for ids in tokenize_prompts(prompts, tokenizer) for _ in range(g)], pad_id,
+                    side="left")
+    ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    width = ids.shape[1]
     if config.seed is not None:
         torch.manual_seed(config.seed)
     was_training = policy.training
@@ -226,4 +197,4 @@ def generate_rollouts(policy: nn.Module, tokenizer, prompts: Sequence, config: S
         terminated=terminated, prompt_width=width, temperature=float(config.temperature), num_generations=g)
 
 
-__all__ = ["Rollouts", "SamplingConfig", "generate_rollouts", "prompt_text", "tokenize_prompts"]
+__all__ = ["Rollouts", "SamplingConfig", "generate_rollouts"]

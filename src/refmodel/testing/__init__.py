@@ -1,330 +1,52 @@
-"""Tiny, deterministic models, tokenizer and preference data for tests, the demo and benchmarks.
+"""Tiny, deterministic models, tokenizers and data for tests (refmodel's and users'), and child processes.
 
-Nothing here downloads anything: the tokenizer is built from the task vocabulary below, and the
-models are random transformers configs saved with ``save_pretrained`` so that loading goes through
-the real ``from_pretrained`` path. Users can test their own integration code with the same factories.
+A test-facing front door only: each name is defined once in the product room that owns it and re-exported
+here, so ``from refmodel.testing import make_tiny_model`` keeps working. No product module imports this
+package (``tests/test_layout.py`` checks it).
 
-The built-in preference task is learnable by a tiny model: each prompt is a short question (sums,
-differences, successors, opposites, colours) whose chosen answer is correct and whose rejected answer
-is a plausible wrong one.
-
-The built-in *verifiable* task (for GRPO/PPO tests and the RL demo) asks "what comes after N" and
-:func:`verifiable_reward` checks the answer exactly; a tiny LoRA policy learns it on CPU in seconds.
+- tiny causal LMs and tokenizers (built locally, nothing downloaded): :mod:`refmodel.models.tiny`;
+- the built-in preference data and its vocabulary: :mod:`refmodel.data.builtin`;
+- the built-in verifiable task ("what comes after N", checked exactly): :mod:`refmodel.recipes.builtin`;
+- JSONL writing: :func:`refmodel.data.records.write_jsonl`;
+- the CLI and a live ``refmodel serve`` in child processes: :mod:`.processes`.
 """
 
 from __future__ import annotations
 
-import json
-import random
-from collections.abc import Iterator
-from functools import cache
-from pathlib import Path
-from typing import Any, Literal
-
+from ..data.builtin import (
+    BUILTIN_DATASET_SIZE,
+    SPECIAL_TOKENS,
+    builtin_dataset_path,
+    iter_preference_pairs,
+    preference_pairs,
+    task_vocabulary,
+)
+from ..data.records import write_jsonl
+from ..models.tiny import (
+    CHAT_TEMPLATE,
+    CHAT_TEMPLATE_BOS,
+    CHAT_TEMPLATE_EOS,
+    FAMILIES,
+    TOKENIZER_KINDS,
+    Family,
+    load_tiny,
+    make_tiny_model,
+    make_tokenizer,
+    tiny_config,
+)
+from ..recipes.builtin import verifiable_answer, verifiable_prompts, verifiable_reward
 from .processes import ServeProcess, free_port, run_cli, subprocess_env
 
-Family = Literal["llama", "gpt2", "gemma2"]
-FAMILIES: tuple[str, ...] = ("llama", "gpt2", "gemma2")
-
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-_NUMBERS = [str(i) for i in range(21)]
-_OPPOSITES = {
-    "hot": "cold", "big": "small", "up": "down", "fast": "slow", "light": "dark", "old": "new",
-    "happy": "sad", "early": "late", "open": "closed", "full": "empty", "high": "low", "hard": "soft",
-}
-_OPPOSITES.update({v: k for k, v in list(_OPPOSITES.items())})
-_COLOURS = {
-    "sky": "blue", "grass": "green", "snow": "white", "coal": "black", "sun": "yellow",
-    "blood": "red", "orange": "orange", "plum": "purple", "sea": "blue", "leaf": "green",
-}
-_COLOUR_WORDS = sorted(set(_COLOURS.values()))
-_WORDS = (
-    "what is plus minus comes after the opposite of color colour answer it I think . ? , "
-    "sure , let me see : so"
-).split()
-
-# A chat template over the special tokens, so conversational data works with `apply_chat_template`.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def task_vocabulary() -> list[str]:
-    """Every token of the built-in task, specials first; its order fixes the token ids."""
-    words = set(_WORDS) | set(_NUMBERS) | set(_OPPOSITES) | set(_COLOURS) | set(_COLOUR_WORDS)
-    words |= {"system", "user", "assistant"}
-    return SPECIAL_TOKENS + sorted(words - set(SPECIAL_TOKENS))
-
-
-def _one_pair(rng: random.Random) -> dict[str, str]:
-    kind = rng.choice(["plus", "minus", "after", "opposite", "colour"])
-    if kind == "plus":
-        a, b = rng.randint(0, 10), rng.randint(0, 10)
-        prompt, right, pool = f"what is {a} plus {b} ?", str(a + b), _NUMBERS
-    elif kind == "minus":
-        a = rng.randint(0, 20)
-        b = rng.randint(0, a)
-        prompt, right, pool = f"what is {a} minus {b} ?", str(a - b), _NUMBERS
-    elif kind == "after":
-        a = rng.randint(0, 19)
-        prompt, right, pool = f"what comes after {a} ?", str(a + 1), _NUMBERS
-    elif kind == "opposite":
-        word = rng.choice(sorted(_OPPOSITES))
-        prompt, right, pool = f"what is the opposite of {word} ?", _OPPOSITES[word], sorted(_OPPOSITES)
-    else:
-        thing = rng.choice(sorted(_COLOURS))
-        prompt, right, pool = f"what colour is the {thing} ?", _COLOURS[thing], _COLOUR_WORDS
-    wrong = rng.choice([w for w in pool if w != right])
-    lead = rng.choice(["the answer is", "I think it is", "sure , it is", "let me see : it is"])
-    return {"prompt": prompt, "chosen": f"{lead} {right} .", "rejected": f"{lead} {wrong} ."}
-
-
-def iter_preference_pairs(seed: int = 0) -> Iterator[dict[str, str]]:
-    """An endless deterministic stream of ``{"prompt", "chosen", "rejected"}`` pairs."""
-    rng = random.Random(seed)
-    while True:
-        yield _one_pair(rng)
-
-
-def preference_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` deterministic preference pairs (chosen = correct answer, rejected = a wrong one).
-
-    ``prompt`` and the completions are whitespace-separated words of :func:`task_vocabulary`, so
-    tokenizing ``prompt + " " + completion`` equals tokenizing each and concatenating.
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    stream = iter_preference_pairs(seed)
-    return [next(stream) for _ in range(n)]
-
-
-BUILTIN_DATASET_SIZE = 3000
-
-
-def builtin_dataset_path() -> Path:
-    """Path of the bundled JSONL dataset: ``preference_pairs(3000, seed=0)``, one pair per line."""
-    return Path(__file__).parents[1] / "assets" / "preference_pairs.jsonl"
-
-
-def verifiable_prompts(n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
-    """Prompt-only records ``{"prompt": "what comes after N"}`` (N in 0..19) for RL.
-
-    ``n=None`` gives each of the 20 prompts once, in order; otherwise ``n`` prompts drawn with
-    ``seed``. The prompt ends with the number, so the answer depends on the last prompt token: a
-    lookup the tiny random model can learn by RL alone (GRPO with LoRA: reward 0.006 -> 0.63 in 120 steps,
-    0.93 in 250, about a minute on CPU; see ``tests/recipes/test_grpo.py`` and ``refmodel demo --algo grpo``).
-    """
-    if n is None:
-        return [{"prompt": f"what comes after {a}"} for a in range(20)]
-    if n < 0:
-        raise ValueError(f"n must be >= 0 or None, got {n}")
-    rng = random.Random(seed)
-    return [{"prompt": f"what comes after {rng.randint(0, 19)}"} for _ in range(n)]
-
-
-def _prompt_str(prompt) -> str:
-    if isinstance(prompt, dict):
-        prompt = prompt.get("prompt", "")
-    if isinstance(prompt, list):  # a conversation: the last user message asks the question
-        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-        prompt = users[-1] if users else ""
-    return str(prompt)
-
-
-def verifiable_answer(prompt) -> str | None:
-    """The one correct answer to a :func:`verifiable_prompts` prompt (text, record or conversation)."""
-    words = _prompt_str(prompt).replace("?", " ").split()
-    if len(words) >= 4 and words[-4:-1] == ["what", "comes", "after"] and words[-1].isdigit():
-        return str(int(words[-1]) + 1)
-    return None
-
-
-def verifiable_reward(prompts, completions):
-    """``[B]`` float32 rewards: 1.0 when the completion's first word is the exact answer, else 0.0.
-
-    A reward function in the ``f(prompts, completions) -> [B]`` form the GRPO recipe takes;
-    ``prompts[i]`` is row ``i``'s prompt (a record, text or conversation). Prompts it does not know
-    score 0.
-    """
-    import torch
-
-    if len(prompts) != len(completions):
-        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
-    out = []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        answer, words = verifiable_answer(prompt), str(completion).split()
-        out.append(1.0 if answer is not None and words and words[0] == answer else 0.0)
-    return torch.tensor(out, dtype=torch.float32)
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    """Write ``rows`` as JSON lines (UTF-8) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
-TOKENIZER_KINDS: tuple[str, ...] = ("plain", "bos", "bos_eos", "byte_bpe", "metaspace")
-
-# Chat template of the BOS / BOS+EOS / Metaspace kinds: BOS from the template (as Llama and Mistral
-# templates do; ``apply_chat_template`` tokenizes without special tokens) and EOS after assistant turns.
-CHAT_TEMPLATE_BOS = (
-    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-# Byte-level BPE (GPT-2 / Qwen style): no BOS anywhere, EOS after assistant turns.
-CHAT_TEMPLATE_EOS = (
-    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def _training_corpus() -> list[str]:
-    """Text the subword tokenizers are trained on: every task word, and sentences of the built-in task."""
-    lines = [" ".join(task_vocabulary()[len(SPECIAL_TOKENS):])]
-    for pair in preference_pairs(400, seed=12345):
-        lines += [pair["prompt"] + " " + pair["chosen"], pair["prompt"] + pair["rejected"]]
-    return lines
-
-
-@cache
-def _tokenizer_json(kind: str) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    if kind in ("plain", "bos", "bos_eos"):
-        vocab = {tok: i for i, tok in enumerate(task_vocabulary())}
-        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        # Whitespace splits punctuation from words too, so "?" + "sure" (TRL concatenates text without a
-        # separator) tokenizes like "? sure"; every task word is whole in the vocabulary.
-        core.pre_tokenizer = pre_tokenizers.Whitespace()
-        if kind != "plain":
-            single = "<s> $A" if kind == "bos" else "<s> $A </s>"
-            pair = "<s> $A $B" if kind == "bos" else "<s> $A </s> $B </s>"
-            core.post_processor = processors.TemplateProcessing(
-                single=single, pair=pair, special_tokens=[("<s>", 2), ("</s>", 3)])
-        return core.to_str()
-    if kind == "byte_bpe":  # GPT-2 / Qwen style: bytes, merges across the leading space, no BOS
-        core = Tokenizer(models.BPE())
-        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        core.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    elif kind == "metaspace":  # Llama-2 / Mistral (SentencePiece) style: "▁" marks spaces, BOS added
-        core = Tokenizer(models.BPE(unk_token="<unk>"))
-        core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-        core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    else:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {TOKENIZER_KINDS}")
-    core.train_from_iterator(_training_corpus(), trainer=trainer)
-    if kind == "metaspace":
-        core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                            special_tokens=[("<s>", 2)])
-    return core.to_str()
-
-
-def make_tokenizer(kind: str = "plain"):
-    """A ``PreTrainedTokenizerFast`` like a real one, built locally (nothing is downloaded).
-
-    ``kind`` (see :data:`TOKENIZER_KINDS`): ``plain`` word-level, adds no special tokens (the default);
-    ``bos`` word-level, adds BOS (Llama-3 style, a ``TemplateProcessing`` post-processor); ``bos_eos``
-    adds BOS and EOS (``<s> $A </s>``); ``byte_bpe`` byte-level BPE trained on the task text (GPT-2 /
-    Qwen style, no BOS); ``metaspace`` BPE with a Metaspace pre-tokenizer (Llama-2 / Mistral style,
-    adds BOS). All have ``<pad>``=0, ``<unk>``=1, ``<s>``=2, ``</s>``=3, the chat role tokens, a chat
-    template, and a vocabulary that :func:`make_tiny_model` sizes its embedding to.
-    """
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    if kind not in TOKENIZER_KINDS:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {TOKENIZER_KINDS}")
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(kind)),
-        pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )
-    tok.chat_template = {"plain": CHAT_TEMPLATE, "byte_bpe": CHAT_TEMPLATE_EOS}.get(kind, CHAT_TEMPLATE_BOS)
-    return tok
-
-
-def tiny_config(family: str, vocab_size: int, **overrides):
-    """The transformers config of a tiny model of ``family`` (llama, gpt2 or gemma2)."""
-    from transformers import Gemma2Config, GPT2Config, LlamaConfig, PretrainedConfig
-
-    common: dict[str, Any] = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    cfg: PretrainedConfig
-    if family == "llama":  # untied head, RMSNorm, RoPE, grouped-query attention
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=False, **common)
-    elif family == "gpt2":  # tied embeddings, biases everywhere, learned positions
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, tie_word_embeddings=True,
-                         **common)
-    elif family == "gemma2":  # final-logit soft-capping, tied, sliding-window layers
-        cfg = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                           max_position_embeddings=256, final_logit_softcapping=5.0,
-                           attn_logit_softcapping=50.0, sliding_window=16, **common)
-    else:
-        raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
-def make_tiny_model(family: Family, path: str | Path, seed: int = 0, *, tokenizer: str | object = "plain",
-                    **config_overrides) -> Path:
-    """Build a random tiny causal LM of ``family`` and save it with its tokenizer under ``path``.
-
-    The result loads with ``AutoModelForCausalLM.from_pretrained(path)`` and
-    ``AutoTokenizer.from_pretrained(path)``; weights are float32 safetensors. The same ``seed`` gives
-    the same weights bit for bit. ``tokenizer`` is a :func:`make_tokenizer` kind or a tokenizer; the
-    embedding is sized to its vocabulary.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    tok: Any = make_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer  # a tokenizer either way
-    cfg = tiny_config(family, len(tok), **config_overrides)
-    # Eager attention: identical numerics for padded and unpadded batches on CPU, and the only
-    # implementation that applies Gemma-2's attention soft-capping.
-    cfg._attn_implementation = "eager"
-    fork = torch.random.fork_rng(devices=[])
-    with fork:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-        if family == "llama":
-            # Random init gives near-uniform logits; a larger head makes log-probs less trivial.
-            with torch.no_grad():
-                model.lm_head.weight.mul_(8.0)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
-
-
-def load_tiny(path: str | Path):
-    """``(model, tokenizer)`` loaded from ``path`` with eager attention, in eval mode, trainable.
-
-    Through the safe loader (:func:`refmodel.models.loading.load_model`: safetensors only, no remote code).
-    """
-    from ..models.loading import load_model, load_tokenizer
-
-    model = load_model(path, attn_implementation="eager", freeze=False)
-    return model, load_tokenizer(path)
-
-
 __all__ = [
+    "BUILTIN_DATASET_SIZE",
+    "CHAT_TEMPLATE",
+    "CHAT_TEMPLATE_BOS",
+    "CHAT_TEMPLATE_EOS",
     "FAMILIES",
-    "ServeProcess",
+    "SPECIAL_TOKENS",
     "TOKENIZER_KINDS",
+    "Family",
+    "ServeProcess",
     "builtin_dataset_path",
     "free_port",
     "iter_preference_pairs",
