@@ -88,6 +88,15 @@ def shifted_hidden_states(causal: HFModule, input_ids: torch.Tensor, attention_m
     return out[0][:, :-1]
 
 
+def shifted_logits(model: HFModule, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T - 1, V]`` the model's own logits (its head, logit scale and soft-cap; no temperature); position
+    ``t`` predicts token ``t + 1``, padded positions embedded as id 0 and position ids from the mask, as
+    :func:`shifted_hidden_states`. The full-logits form of the alignment, for oracles and fallbacks."""
+    attn = attention_mask.bool()
+    return model(input_ids=torch.where(attn, input_ids, torch.zeros_like(input_ids)), attention_mask=attn.long(),
+                 position_ids=position_ids_from_mask(attn), use_cache=False).logits[:, :-1]
+
+
 def model_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -124,10 +133,7 @@ def model_logprobs(
     targets = torch.where(score[:, 1:], input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
 
     if not use_fused_linear_logprobs:
-        # Padded positions may hold anything (-100, ids >= vocab): they are masked, but still embedded.
-        logits = model(input_ids=torch.where(attn, input_ids, torch.zeros_like(input_ids)),
-                       attention_mask=attn.long(), position_ids=position_ids_from_mask(attn),
-                       use_cache=False).logits[:, :-1]
+        logits = shifted_logits(model, input_ids, attn)
         return _pad_first(logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy))
 
     hidden = shifted_hidden_states(causal, input_ids, attn)
@@ -209,6 +215,8 @@ __all__ = [
     "logit_transform",
     "model_logprobs",
     "position_ids_from_mask",
+    "shifted_hidden_states",
+    "shifted_logits",
     "unwrap_causal_lm",
     "validate_batch",
     "liger_available",
