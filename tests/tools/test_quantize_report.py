@@ -53,8 +53,8 @@ def test_kl_rows_are_the_tokens_model_logprobs_scores(tiny_model_dirs, family):
     attn = torch.ones(3, 9, dtype=torch.long)
     attn[0, :3] = 0  # left padding
     attn[2, 7:] = 0  # right padding
-    score = attn.clone()  # every real token, the first one included: it has no prefix and must be dropped
-    score[1, :4] = 0
+    score = attn.bool()  # every real token, the first one included: it has no prefix and must be dropped
+    score[1, :4] = False
     lp = model_logprobs(model, ids, attn, score)
     dist = _scored_log_dist(model, ids, attn, score)
     want = lp[lp != 0]
