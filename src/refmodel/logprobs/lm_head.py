@@ -56,7 +56,7 @@ class LoraColumns(NamedTuple):
     """One active LoRA adapter of the head, folded as ``r`` extra columns: ``scaling * lora_a(dropout(h))``
     against ``lora_b [V, r]`` (and ``lora_b_bias [V]`` when lora_B has one)."""
 
-    lora_a: nn.Module
+    lora_a: nn.Linear  # [r, H]
     dropout: nn.Module
     scaling: float
     lora_b: torch.Tensor

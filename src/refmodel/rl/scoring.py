@@ -171,13 +171,12 @@ def reference_model(reference) -> Iterator[nn.Module | None]:
 
 
 def _backbone_rows(model: nn.Module, ids, attn, score) -> tuple[torch.Tensor, nn.Module]:
-    """Final hidden states ``[N, H]`` at the positions predicting the scored tokens."""
-    from ..logprobs.model import shifted_hidden_states
+    """Final hidden states ``[N, H]`` at the positions predicting the tokens ``model_logprobs`` scores."""
+    from ..logprobs.model import shifted_hidden_states, validate_batch
 
     causal = unwrap_causal_lm(model)
-    hidden = shifted_hidden_states(causal, ids, attn)
-    rows = score.bool()[:, 1:] & (attn.long().cumsum(1) >= 2)[:, 1:]
-    return hidden[rows], causal
+    attn, scored = validate_batch(ids, attn, score)
+    return shifted_hidden_states(causal, ids, attn)[scored[:, 1:]], causal
 
 
 def _token_kl(c_pol, h_pol, c_ref, h_ref, temperature: float, row_chunk: int) -> torch.Tensor:
