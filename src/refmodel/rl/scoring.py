@@ -179,18 +179,24 @@ def _backbone_rows(model: nn.Module, ids, attn, score) -> tuple[torch.Tensor, nn
     return shifted_hidden_states(causal, ids, attn)[scored[:, 1:]], causal
 
 
-def _token_kl(c_pol, h_pol, c_ref, h_ref, temperature: float, row_chunk: int) -> torch.Tensor:
+def _token_kl(c_pol, head_p, h_pol, reference, c_ref, head_r, h_ref, temperature: float,
+              row_chunk: int) -> torch.Tensor:
     """``[N]`` KL per row: :func:`refmodel.kl.exact` (vocabulary tiles) for linear heads, LoRA on the head
-    included; a row-chunked full softmax for heads that run only as a module (DoRA, quantized)."""
+    included; a row-chunked full softmax for heads that run only as a module (DoRA, quantized).
+
+    Runs outside ``reference``'s view, where the policy is itself (an ``AdapterDisabled`` reference is the
+    policy's own module with its adapters off): ``head_p`` / ``head_r`` were read in their own settings, and a
+    reference head that runs as a module runs inside its view again.
+    """
     from ..losses.kl_exact import exact
 
-    head_p, head_r = LMHead.from_model_or_none(c_pol), LMHead.from_model_or_none(c_ref)
     if head_p is not None and head_r is not None:
         return exact(h_pol, head_p, h_ref, head_r, temperature=temperature)
     parts = []
     for lo in range(0, h_pol.shape[0], row_chunk):
         lp = _full_logprobs(c_pol, head_p, h_pol[lo:lo + row_chunk], temperature)
-        lq = _full_logprobs(c_ref, head_r, h_ref[lo:lo + row_chunk], temperature).to(lp.device)
+        with reference_model(reference):
+            lq = _full_logprobs(c_ref, head_r, h_ref[lo:lo + row_chunk], temperature).to(lp.device)
         parts.append((lp.exp() * (lp - lq)).sum(-1))
     return torch.cat(parts) if parts else h_pol.new_zeros(0)
 
@@ -222,16 +228,21 @@ def exact_kl(policy: nn.Module, reference, rollouts: Rollouts, micro_batch_size:
         sub = rollouts.select(rows)
         args = (sub.input_ids, sub.attention_mask, sub.completion_mask)
         was = policy.training
-        policy.eval()
+        policy.eval()  # no dropout, in the backbone nor in a LoRA adapter on the head
         try:
             h_pol, c_pol = _backbone_rows(policy, *args)
+            # read before the reference's view, which may switch the policy's own adapters off (AdapterDisabled)
+            head_p = LMHead.from_model_or_none(c_pol)
+            with reference_model(reference) as ref_model:
+                if ref_model is None:
+                    return float("nan")
+                h_ref, c_ref = _backbone_rows(ref_model, *(a.to(next(ref_model.parameters()).device) for a in args))
+                head_r = LMHead.from_model_or_none(c_ref)
+            kl = _token_kl(c_pol, head_p, h_pol, reference, c_ref, head_r, h_ref.to(h_pol.device), temperature,
+                           row_chunk)
+            total += float(kl.double().sum())
         finally:
             policy.train(was)
-        with reference_model(reference) as ref_model:
-            if ref_model is None:
-                return float("nan")
-            h_ref, c_ref = _backbone_rows(ref_model, *(a.to(next(ref_model.parameters()).device) for a in args))
-            total += float(_token_kl(c_pol, h_pol, c_ref, h_ref.to(h_pol.device), temperature, row_chunk).double().sum())
         count += int(h_pol.shape[0])
     return total / max(count, 1)
 
