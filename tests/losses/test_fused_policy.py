@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loss_helpers import MatmulFlops
+from loss_helpers import MatmulFlops, lora_head_policy
 
 from refmodel import InvalidInput, fused_policy_loss, policy_loss, token_logprobs
+from refmodel.logprobs.model import backbone_of, unwrap_causal_lm
 from refmodel.losses.kl import LMHead, exact
 from refmodel.losses.policy import LOSS_AGG_MODES, LOSS_TYPES
 
@@ -133,6 +134,51 @@ def test_tiny_family_heads(tiny, family):
     old = lp + 0.1 * torch.randn(2, 5, generator=g)
     _compare(h, head.weight, head.bias, y, mask, old, torch.tensor([1.0, -0.5]), head=dict(softcap=head.softcap),
              tol=dict(rtol=1e-5, atol=1e-6), grad_tol=dict(rtol=1e-4, atol=1e-6), ref_logps=old, beta=0.1)
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "lora"), ("gemma2", "lora"), ("llama", "modules_to_save")])
+def test_lora_on_the_head_equals_the_models_full_logits(tiny_model_dirs, family, kind):
+    """fused_policy_loss(hidden, LMHead.from_model(policy), ...) with a real PEFT adapter on lm_head equals
+    policy_loss over log_softmax of the model's own logits: the loss and the gradient of every trainable
+    parameter (head lora_A / lora_B or its modules_to_save copy, the backbone's adapters). float64, 1e-10."""
+    from refmodel.testing import load_tiny
+
+    policy, _ = lora_head_policy(load_tiny(tiny_model_dirs[family])[0], kind)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(6, policy.config.vocab_size, (3, 8), generator=g)
+    mask = torch.rand(3, 7, generator=g) > 0.3
+    mask[0, 0] = True
+    targets = torch.where(mask, ids[:, 1:], -100)
+    old = -3 + 0.5 * torch.randn(3, 7, generator=g, dtype=torch.float64)
+    ref = old + 0.2 * torch.randn(3, 7, generator=g, dtype=torch.float64)
+    adv = torch.randn(3, generator=g, dtype=torch.float64)
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    opts = dict(loss_type="dapo", ref_logps=ref, beta=0.1, temperature=0.8)
+    hidden = backbone_of(unwrap_causal_lm(policy))(input_ids=ids)[0][:, :-1]
+    fused = fused_policy_loss(hidden, LMHead.from_model(policy), targets, old, adv, mask, **opts)
+    logits = policy(input_ids=ids).logits[:, :-1].double() / 0.8
+    logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    naive = policy_loss(logps, old, adv, mask, loss_type="dapo", ref_logps=ref, beta=0.1)
+    torch.testing.assert_close(fused.loss, naive.loss, rtol=1e-10, atol=1e-12)
+    got, want = torch.autograd.grad(fused.loss, params), torch.autograd.grad(naive.loss, params)
+    for (name, _), a, b in zip(named, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    head_grads = [a for (name, _), a in zip(named, got, strict=True) if "lm_head" in name]
+    assert head_grads and all(a.abs().sum() > 0 for a in head_grads), "the head's adapter must train"
+
+
+def test_an_lmhead_brings_its_own_bias_and_transform():
+    h, w, b, y, mask, old, ref, _, adv = _setup()
+    head = LMHead(w, b, 1.3, 4.0)
+    fused = fused_policy_loss(h, head, y, old, adv, mask, ref_logps=ref, beta=0.1)
+    plain = fused_policy_loss(h, w, y, old, adv, mask, head_bias=b, logit_scale=1.3, softcap=4.0, ref_logps=ref,
+                              beta=0.1)
+    torch.testing.assert_close(fused.loss, plain.loss, **F64)
+    with pytest.raises(InvalidInput, match="brings its own bias"):
+        fused_policy_loss(h, head, y, old, adv, mask, head_bias=b)
+    with pytest.raises(InvalidInput, match="hidden must be"):
+        fused_policy_loss(h[..., :3], head, y, old, adv, mask)
 
 
 def test_bad_input():

@@ -11,11 +11,13 @@ import copy
 
 import pytest
 import torch
-from loss_helpers import MatmulFlops
+from loss_helpers import MatmulFlops, lora_head_policy
 
 import refmodel
 from refmodel import ConfigError, InvalidInput, policy_loss
+from refmodel.logprobs.model import backbone_of, unwrap_causal_lm
 from refmodel.losses.kl import LMHead, exact, naive_exact
+from refmodel.testing import load_tiny
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -52,6 +54,37 @@ def test_exact_matches_the_models_full_softmax(tiny, family, temperature):
     got = exact(hp, head_p, hr, head_r, mask, temperature=temperature, chunk_size=5, vocab_chunk_size=17)
     torch.testing.assert_close(got, want, **F64)
     assert (got[mask] > 0).all() and not got[~mask].any()
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "lora"), ("gemma2", "lora"), ("llama", "modules_to_save")])
+def test_lora_on_the_head_matches_the_models_full_softmax(tiny_model_dirs, family, kind):
+    """A real PEFT adapter on lm_head (LoRA target, or a modules_to_save copy): exact KL from LMHead.from_model
+    equals the KL of the models' own logits, and so do the gradients of every trainable parameter (the head's
+    lora_A / lora_B or its saved copy, the backbone's adapters). float64, 1e-10."""
+    policy, ref = lora_head_policy(load_tiny(tiny_model_dirs[family])[0], kind)
+    head = LMHead.from_model(policy)
+    assert LMHead is refmodel.logprobs.lm_head.LMHead and LMHead is refmodel.losses.kl_exact.LMHead
+    if kind == "lora":
+        assert len(head.lora) == 1, "the head's LoRA must be folded in, not dropped"
+    ids = torch.randint(6, policy.config.vocab_size, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    up = torch.rand(2, 9, dtype=torch.float64)
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    with torch.no_grad():
+        hr = backbone_of(ref)(input_ids=ids)[0]
+    hp = backbone_of(unwrap_causal_lm(policy))(input_ids=ids)[0]
+    got = exact(hp, head, hr, LMHead.from_model(ref), mask, temperature=0.7, chunk_size=5, vocab_chunk_size=17)
+    want = _model_kl(policy, ref, ids, 0.7) * mask
+    torch.testing.assert_close(got, want, **F64)
+    assert (got[mask] > 1e-4).all()
+    g_got = torch.autograd.grad((got * up).sum(), params)
+    g_want = torch.autograd.grad((want * up).sum(), params)
+    for (name, _), a, b in zip(named, g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, **F64, msg=name)
+    head_grads = [g for (name, _), g in zip(named, g_got, strict=True) if "lm_head" in name]
+    assert head_grads and all(g.abs().sum() > 0 for g in head_grads), "the head's adapter must train"
 
 
 @pytest.mark.parametrize("softcap,logit_scale,bias", [(None, 1.0, False), (None, 1.0, True), (2.5, 1.7, True),
@@ -137,14 +170,16 @@ def test_refmodel_kl_exact_is_exported_and_validates():
         exact(h, w, h, w, temperature=0.0)
     with pytest.raises(InvalidInput, match="LMHead"):
         exact(h, "lm_head", h, w)
-    with pytest.raises(ConfigError):
-        from peft import LoraConfig, get_peft_model
-        from transformers import LlamaConfig, LlamaForCausalLM
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          num_key_value_heads=1, vocab_size=30)
-        model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["lm_head"]))
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=30)
+    # DoRA rescales the head's column norms: no linear map expresses it, so there is no LMHead for it
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["lm_head"], use_dora=True))
+    with pytest.raises(ConfigError, match="not a linear map"):
         LMHead.from_model(model)
+    assert LMHead.from_model_or_none(model) is None
 
 
 def test_demo_heldout_exact_kl_matches_the_models_logits(tiny_model_dirs):

@@ -112,15 +112,24 @@ def test_grpo_learns_the_verifiable_task_with_bounded_kl(tiny_model_dirs, tmp_pa
     assert last["reward_mean"] > first["reward_mean"] + 0.3
 
 
-def test_fused_policy_loss_gives_the_same_step(tiny_model_dirs):
+@pytest.mark.parametrize("head_lora", [False, True])
+def test_fused_policy_loss_gives_the_same_step(tiny_model_dirs, head_lora):
     """use_fused_policy_loss (the loss inside the LM head) equals model_logprobs + policy_loss: the step-1
-    loss and the LoRA gradients after one step (float32, 1e-5), with a KL term and two iterations."""
+    loss and the LoRA gradients after one step (float32, 1e-5), with a KL term and two iterations; also with
+    LoRA on the LM head itself (folded into the fused head, it trains)."""
     from refmodel.recipes.grpo import policy_step
     from refmodel.recipes.train import add_lora
     from refmodel.rl import generate_rollouts, group_advantages, score_rollouts
 
     model, tok = load_tiny(tiny_model_dirs["llama"])
-    policy = add_lora(model, r=8, alpha=16)
+    if head_lora:
+        import peft
+
+        torch.manual_seed(0)
+        policy = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                            target_modules=["q_proj", "v_proj", "lm_head"]))
+    else:
+        policy = add_lora(model, r=8, alpha=16)
     with torch.no_grad():
         for n, p in policy.named_parameters():
             if "lora_B" in n:
@@ -139,6 +148,7 @@ def test_fused_policy_loss_gives_the_same_step(tiny_model_dirs):
     (m0, g0), (m1, g1) = results
     assert abs(m0["loss"] - m1["loss"]) <= 1e-5 and abs(m0["kl_estimated"] - m1["kl_estimated"]) <= 1e-5
     assert g0.keys() == g1.keys() and len(g0) > 0
+    assert not head_lora or any("lm_head" in n for n in g1), "LoRA on the head must get a gradient"
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-4)
 

@@ -143,3 +143,20 @@ def test_exact_kl_matches_a_float64_full_softmax(tiny_model_dirs, fam):
     assert want > 1e-3
     assert abs(got - want) <= 1e-5 * max(1.0, want)
     assert abs(exact_kl(policy, Frozen(copy.deepcopy(base), temperature=0.8), ro) - want) <= 1e-5 * max(1.0, want)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_exact_kl_with_an_adapter_on_the_lm_head(tiny_model_dirs, use_dora):
+    """LoRA on lm_head goes through the tiled kl.exact (LMHead folds it); DoRA, no linear map, through the
+    row-chunked full softmax of the head module. Both equal the float64 full softmax of the models' logits."""
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = load_tiny(tiny_model_dirs["llama"])
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0, use_dora=use_dora)
+    policy = get_peft_model(copy.deepcopy(base), cfg)
+    perturb_adapter(policy)
+    ro = make_rollouts(policy, tok, n_prompts=2, generations=3, max_new_tokens=4, temperature=0.8)
+    want = _naive_kl(policy, base, ro, 0.8)
+    got = exact_kl(policy, AdapterDisabled(policy, temperature=0.8), ro, micro_batch_size=4, row_chunk=5)
+    assert want > 1e-3
+    assert abs(got - want) <= 1e-5 * max(1.0, want)

@@ -11,7 +11,8 @@ embedding in the forward so the hidden-state gradient needs no vocabulary matmul
 :mod:`refmodel.logprobs.kernel`): 1 matmul for a reference pass, 2 for a frozen head, 4 for a trainable one.
 
 The logit transform applied to ``a = hidden @ weight.T + bias`` is, in the order models apply it:
-``z = softcap * tanh(logit_scale * a / softcap) / temperature`` (``softcap=None`` skips the tanh).
+``z = softcap * tanh(logit_scale * a / softcap) / temperature`` (``softcap=None`` skips the tanh;
+:mod:`refmodel.logprobs.transform` owns it).
 Precision: log-sum-exp, log-probs, entropy and the gradient accumulators are float32; with
 ``fp32_accumulation`` the logits are float32 even for bf16/fp16 operands (``mm(out_dtype=...)`` on
 CUDA, operands upcast once per call on CPU where that kernel does not exist).
@@ -26,7 +27,9 @@ import torch
 from ..errors import InvalidInput
 from ..validation import positive_finite
 from ..validation import temperature as check_temperature
-from .kernel import FusedTokenLogprobs, LogitTransform
+from .kernel import FusedTokenLogprobs
+from .tiles import promote_operands
+from .transform import LogitTransform, full_log_softmax
 
 
 class TokenLogprobs(NamedTuple):
@@ -110,12 +113,8 @@ def token_logprobs(
         bad = y[(y < 0) | (y >= weight.shape[0])][0].item()
         raise InvalidInput(f"target id {bad} is outside the vocabulary [0, {weight.shape[0]}) "
                            f"(and is not ignore_index={ignore_index})")
-    h = flat_h
-    if h.dtype != weight.dtype:  # e.g. bf16 hidden with an fp32 head: compute in the wider type
-        wide = torch.promote_types(h.dtype, weight.dtype)
-        h, weight = h.to(wide), weight.to(wide)
-        bias = bias.to(wide) if bias is not None else None
-    tf = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
+    h, weight, bias = promote_operands(flat_h, weight, bias)  # e.g. bf16 hidden with an fp32 head
+    tf = LogitTransform.of(logit_scale, softcap, temperature)
     logp_rows, ent_rows = FusedTokenLogprobs.apply(h, weight, bias, rows_idx, y, tf, (chunk_size, vocab_chunk_size),
                                                     fp32_accumulation, return_entropy)
     out = logp_rows.new_zeros(flat_t.shape[0]).index_put((rows,), logp_rows).reshape(lead_shape)
@@ -142,11 +141,34 @@ def naive_token_logprobs(
     Same contract as :func:`token_logprobs`; used by tests and as the benchmark baseline.
     """
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    logits = logits / temperature
-    log_p = torch.log_softmax(logits, dim=-1)
+    return logprobs_from_logits(logits, targets, ignore_index=ignore_index, temperature=temperature,
+                                logit_scale=logit_scale, softcap=softcap, return_entropy=return_entropy)
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+) -> torch.Tensor | TokenLogprobs:
+    """The full-softmax oracle on logits already computed: transform, ``log_softmax`` over ``V``, ``gather``.
+
+    Args:
+        logits: ``[..., V]`` raw head output at the positions of ``targets`` (position ``t`` predicts
+            ``targets[..., t]``; no shift happens here). Pass ``logit_scale=1, softcap=None`` for a model's own
+            ``.logits``, which already include them.
+        targets: ``[...]`` token ids; ``ignore_index`` positions get exactly 0.
+        temperature, logit_scale, softcap: the logit transform (:mod:`refmodel.logprobs.transform`).
+
+    Returns:
+        float32 (float64 for float64 logits) log-probs shaped like ``targets``, or :class:`TokenLogprobs` with
+        the entropy of each transformed distribution. Differentiable.
+    """
+    log_p = full_log_softmax(logits, scale=logit_scale, softcap=softcap, temperature=temperature)
     keep = targets != ignore_index
     safe = torch.where(keep, targets, torch.zeros_like(targets)).long()
     out = log_p.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * keep
@@ -156,4 +178,4 @@ def naive_token_logprobs(
     return TokenLogprobs(out, entropy)
 
 
-__all__ = ["TokenLogprobs", "token_logprobs", "naive_token_logprobs"]
+__all__ = ["TokenLogprobs", "logprobs_from_logits", "naive_token_logprobs", "token_logprobs"]

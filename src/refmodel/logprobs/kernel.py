@@ -17,84 +17,16 @@ from typing import NamedTuple, cast
 
 import torch
 
-# Logits budget of one [rows, vocab-tile] tile (elements): 8 MiB in fp32. Temporaries are a small multiple
-# of it, far below the full logits, while tiles stay large enough for an efficient GEMM.
-DEFAULT_CHUNK_ELEMENTS = 1 << 21
-_HALF = (torch.bfloat16, torch.float16)
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """float32 accumulation, or float64 for float64 inputs (so float64 gradcheck is meaningful)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _logits_fp32(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, fp32: bool,
-                 out: torch.Tensor | None) -> torch.Tensor:
-    """``h @ weight_t (+ bias)`` as float32 (float64 for float64 inputs) ``[M, V]``, into ``out`` if given."""
-    if h.dtype in (torch.float32, torch.float64):
-        z = torch.mm(h, weight_t, out=out) if out is not None else h @ weight_t
-    elif fp32 and h.is_cuda:
-        z = torch.mm(h, weight_t, out_dtype=torch.float32)
-    else:  # without fp32 accumulation the logits are rounded to the operand dtype first
-        z = (h @ weight_t).float()
-    if bias is not None:
-        z += bias.to(z.dtype)
-    return z
-
-
-class LogitTransform(NamedTuple):
-    """What happens to ``hidden @ W.T`` before the softmax: ``softcap * tanh(scale * z / softcap) / temperature``.
-
-    ``logit_scale`` and ``softcap`` are the model's (read from its config by
-    :func:`refmodel.logprobs.model.logit_transform`: Cohere, Granite, Gemma-2); ``temperature`` is the
-    caller's sampling temperature.
-    """
-
-    logit_scale: float = 1.0
-    softcap: float | None = None
-    temperature: float = 1.0
-
-    def apply_(self, a: torch.Tensor) -> torch.Tensor | None:
-        """Transform fp32 logits ``a`` in place; return ``dz/da`` ``[M, V]``, or None when it is constant."""
-        if self.logit_scale != 1.0:
-            a.mul_(self.logit_scale)
-        deriv = None
-        if self.softcap is not None:
-            a.div_(self.softcap).tanh_()
-            deriv = torch.mul(a, a).neg_().add_(1.0).mul_(self.logit_scale / self.temperature)
-            a.mul_(self.softcap)
-        if self.temperature != 1.0:
-            a.div_(self.temperature)
-        return deriv
-
-    @property
-    def const_deriv(self) -> float:
-        return self.logit_scale / self.temperature
-
-
-def _tiles(n: int, vocab: int, chunk: int | None, vocab_chunk: int | None) -> tuple[int, int]:
-    """``(rows per block, vocab columns per tile)`` for a logits tile of ~``DEFAULT_CHUNK_ELEMENTS``.
-
-    Every row block re-reads the whole weight and every vocab tile re-reads the row block, so the
-    memory traffic is ~``N*V*H*(1/rows + 1/cols)``: square-ish tiles minimise it for a fixed budget.
-    """
-    rows = chunk or min(n, 1 << (DEFAULT_CHUNK_ELEMENTS.bit_length() // 2))
-    cols = vocab_chunk or max(128, DEFAULT_CHUNK_ELEMENTS // max(rows, 1))
-    return max(1, min(rows, n)), min(cols, vocab)
-
-
-def _workspace(rows: int, cols: int, w: torch.Tensor, acc: torch.dtype) -> torch.Tensor | None:
-    """A reusable ``[rows, cols]`` logits buffer on CPU (fresh pages per tile cost more than the math)."""
-    if rows == 0 or w.is_cuda or w.dtype != acc:
-        return None  # the CUDA caching allocator already reuses blocks
-    return torch.empty(rows, cols, dtype=acc, device=w.device)
-
-
-def _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf):
-    """Transformed fp32 logits of one tile ``[M, v1 - v0]`` and their derivative (None if constant)."""
-    out = buf[: hb.shape[0], : v1 - v0] if buf is not None else None
-    z = _logits_fp32(hb, w[v0:v1].t(), bias[v0:v1] if bias is not None else None, fp32, out)
-    return z, tf.apply_(z)
+from .tiles import (
+    DEFAULT_CHUNK_ELEMENTS,
+    acc_dtype,
+    coef_matmul_into,
+    cpu_upcast,
+    tile_logits,
+    tile_shape,
+    workspace,
+)
+from .transform import LogitTransform
 
 
 def _gather_in_tile(z, y, v0, v1, into):
@@ -125,7 +57,7 @@ def _row_block_forward(hb, w, bias, y, tf, fp32, cols, want_entropy, buf, expect
     s = z_y = deriv_y = t_acc = cast(torch.Tensor, None)
     for v0 in range(0, vocab, cols):
         v1 = min(v0 + cols, vocab)
-        z, deriv = _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
+        z, deriv = tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
         if z_y is None:
             z_y = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
             deriv_y = torch.full_like(z_y, tf.const_deriv)
@@ -157,9 +89,9 @@ def _row_block_forward(hb, w, bias, y, tf, fp32, cols, want_entropy, buf, expect
         if need_dh:
             coef = e.mul_(deriv) if deriv is not None else (
                 e.mul_(tf.const_deriv) if tf.const_deriv != 1.0 else e)
-            _coef_matmul_into(coef, w[v0:v1], expected, accumulate=not first)
+            coef_matmul_into(coef, w[v0:v1], expected, accumulate=not first)
             if want_entropy:
-                _coef_matmul_into(zcopy.mul_(coef), w[v0:v1], expected_ent, accumulate=not first)
+                coef_matmul_into(zcopy.mul_(coef), w[v0:v1], expected_ent, accumulate=not first)
         m = m_new
     assert m is not None  # the vocabulary is never empty, so the loop ran
     log_s = s.log()
@@ -188,19 +120,19 @@ class _Forward(NamedTuple):
 def _forward_rows(h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy, need_dh) -> _Forward:
     """Every row block's statistics; the ``[n, H]`` expected embeddings only when ``need_dh``."""
     n, hidden_size = y.shape[0], h.shape[1]
-    cpu_upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
-    w = weight.float() if cpu_upcast else weight
-    acc_dtype = _acc_dtype(h)
-    acc = dict(dtype=acc_dtype, device=h.device)
+    upcast = cpu_upcast(weight, h, fp32)
+    w = weight.float() if upcast else weight
+    acc_type = acc_dtype(h)
+    acc = dict(dtype=acc_type, device=h.device)
     rows, cols = tiles
     logp, lse, deriv_y = (torch.empty(n, **acc) for _ in range(3))
     entropy = torch.empty(n, **acc) if want_entropy else None
     expected = torch.empty(n, hidden_size, **acc) if need_dh else None
     expected_ent = torch.empty(n, hidden_size, **acc) if need_dh and want_entropy else None
-    buf = _workspace(rows, cols, w, acc_dtype)
+    buf = workspace(rows, cols, w, acc_type)
     for start in range(0, n, rows):
         sl = slice(start, min(start + rows, n))
-        hb = _row_block(h, rows_idx, sl, cpu_upcast)
+        hb = _row_block(h, rows_idx, sl, upcast)
         st = _row_block_forward(hb, w, bias, y[sl], tf, fp32, cols, want_entropy, buf,
                                 expected[sl] if expected is not None else None,
                                 expected_ent[sl] if expected_ent is not None else None)
@@ -222,7 +154,7 @@ class FusedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy):
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-        tiles = _tiles(y.shape[0], weight.shape[0], *tiles)
+        tiles = tile_shape(y.shape[0], weight.shape[0], *tiles)
         fw = _forward_rows(h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy, need_dh)
         ctx.tf, ctx.tiles, ctx.fp32, ctx.want_entropy, ctx.need_dw = tf, tiles, fp32, want_entropy, need_dw
         ctx.expected = (fw.expected, fw.expected_ent) if need_dh else None
@@ -275,29 +207,6 @@ def _hidden_grad(h, weight, rows_idx, y, deriv_y, expected, expected_ent, g_logp
     return dh.index_copy_(0, rows_idx, expected.to(h.dtype))
 
 
-def _coef_matmul_into(coef: torch.Tensor, w: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    """``out (+)= coef [M, K] @ w [K, H]`` in ``out``'s float32/float64, without an ``[M, H]`` temporary
-    where the operands allow it."""
-    if w.dtype == out.dtype:
-        if accumulate:
-            out.addmm_(coef.to(w.dtype), w)
-        else:
-            torch.mm(coef.to(w.dtype), w, out=out)
-    elif accumulate:
-        out.add_(_coef_matmul(coef, w))
-    else:
-        out.copy_(_coef_matmul(coef, w))
-
-
-def _coef_matmul(coef: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``coef [M, K] @ w [K, H]`` with float32 accumulation (coef cast to w's dtype on CUDA)."""
-    if w.dtype in (torch.float32, torch.float64):
-        return coef.to(w.dtype) @ w
-    if w.is_cuda:
-        return torch.mm(coef.to(w.dtype), w, out_dtype=torch.float32)
-    return coef @ w.float()
-
-
 def _row_block(h: torch.Tensor, rows_idx: torch.Tensor | None, sl: slice, upcast: bool) -> torch.Tensor:
     """Rows ``sl`` of the scored rows: a view when every row is scored, else a per-block gather."""
     hb = h[sl] if rows_idx is None else h.index_select(0, rows_idx[sl])
@@ -308,19 +217,19 @@ def _weight_grads(h, weight, bias, rows_idx, y, tf, tiles, fp32, lse, entropy, g
     """Recompute each tile's probabilities from the saved log-sum-exp; accumulate ``dW``, ``db`` in fp32."""
     n = y.shape[0]
     rows, cols = tiles
-    cpu_upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
-    w = weight.float() if cpu_upcast else weight
-    acc_dtype = _acc_dtype(weight)
-    dw = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-    db = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if bias is not None else None
-    buf = _workspace(rows, cols, w, acc_dtype)
+    upcast = cpu_upcast(weight, h, fp32)
+    w = weight.float() if upcast else weight
+    acc_type = acc_dtype(weight)
+    dw = torch.zeros(weight.shape, dtype=acc_type, device=weight.device)
+    db = torch.zeros(weight.shape[0], dtype=acc_type, device=weight.device) if bias is not None else None
+    buf = workspace(rows, cols, w, acc_type)
     with torch.no_grad():
         for start in range(0, n, rows):
             sl = slice(start, min(start + rows, n))
-            hb = _row_block(h, rows_idx, sl, cpu_upcast)
+            hb = _row_block(h, rows_idx, sl, upcast)
             for v0 in range(0, weight.shape[0], cols):
                 v1 = min(v0 + cols, weight.shape[0])
-                z, deriv = _tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
+                z, deriv = tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
                 # dlogp/da_j = f'_y [j == y] - p_j f'_j ;  d ent/da_j = -p_j (z_j - E_p z) f'_j
                 zcopy = z.clone() if g_ent is not None else None
                 p = z.sub_(lse[sl, None]).exp_()
@@ -334,7 +243,7 @@ def _weight_grads(h, weight, bias, rows_idx, y, tf, tiles, fp32, lse, entropy, g
                 yb = y[sl]
                 inside = ((yb >= v0) & (yb < v1)).nonzero().squeeze(1)
                 grad_a[inside, yb[inside] - v0] += g_logp[sl][inside] * _deriv_at(deriv, tf, inside, yb - v0)
-                _coef_matmul_into(grad_a.t(), hb, dw[v0:v1], accumulate=True)
+                coef_matmul_into(grad_a.t(), hb, dw[v0:v1], accumulate=True)
                 if db is not None:
                     db[v0:v1] += grad_a.sum(0)
     return dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
@@ -344,3 +253,6 @@ def _deriv_at(deriv, tf, rows, cols):
     if deriv is None:
         return tf.const_deriv
     return deriv[rows, cols[rows]]
+
+
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "FusedTokenLogprobs", "LogitTransform"]

@@ -13,7 +13,6 @@ log-probs do not depend on its padding side or on its batch-mates.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,36 +21,11 @@ from torch import nn
 from .. import validation
 from .._optional import available
 from ..errors import InvalidBatch
-from .head import TokenLogprobs, token_logprobs
-from .kernel import LogitTransform
+from .head import TokenLogprobs, logprobs_from_logits, token_logprobs
+from .lm_head import HFModule, LMHead, logit_transform, unwrap_causal_lm
+from .transform import LogitTransform
 
 log = logging.getLogger(__name__)
-
-# A transformers model or PEFT wrapper (or one of their layers): its submodules (``lm_head``, ``lora_A``,
-# ...) are dynamic attributes, which ``nn.Module.__getattr__`` types as ``Tensor | Module``; so ``Any``.
-HFModule = Any
-
-
-def logit_transform(config) -> LogitTransform:
-    """The logit scale and final soft-cap that ``config``'s model applies (Gemma-2, Cohere, Granite).
-
-    Temperature is not the model's: it stays 1.0 here and the caller passes its own.
-    """
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
-    granite = getattr(cfg, "logits_scaling", None)  # Granite divides
-    if granite:
-        scale /= float(granite)
-    return LogitTransform(scale, float(softcap) if softcap else None)
-
-
-def unwrap_causal_lm(model: HFModule) -> HFModule:
-    """The ``*ForCausalLM`` module inside a PEFT wrapper (or ``model`` itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base) and hasattr(model, "peft_config"):
-        return get_base()
-    return model
 
 
 def backbone_of(causal: HFModule) -> HFModule:
@@ -61,58 +35,6 @@ def backbone_of(causal: HFModule) -> HFModule:
     unset, so ``base_model`` is the causal LM itself and the backbone sits at ``.model``.
     """
     return causal.base_model if causal.base_model is not causal else causal.model
-
-
-@dataclass
-class _Head:
-    """The head as ``hidden' @ weight.T + bias`` where ``hidden' = extend(hidden)``."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    extra: list  # [(lora_A, dropout, scaling)] appended to hidden as extra columns
-    module: nn.Module | None = None  # set when the head can only be run as a module (fallback)
-
-
-def _resolve_head(head: HFModule) -> _Head:
-    """Express ``head`` as a plain linear map; PEFT adapters are folded in exactly, never dropped."""
-    if type(head) is nn.Linear:
-        return _Head(head.weight, head.bias, [])
-    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):  # PEFT ModulesToSaveWrapper
-        active = getattr(head, "active_adapters", None) or [getattr(head, "active_adapter", None)]
-        name = active[0] if active else None
-        use_copy = not getattr(head, "disable_adapters", False) and name in head.modules_to_save
-        return _resolve_head(head.modules_to_save[name] if use_copy else head.original_module)
-    if hasattr(head, "lora_A") and hasattr(head, "base_layer"):  # PEFT LoRA layer
-        base = _resolve_head(head.base_layer)
-        if base.module is not None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
-            return base
-        extra: list = []
-        weights, bias = [base.weight], base.bias
-        for name in head.active_adapters:
-            if name not in head.lora_A:
-                continue
-            if head.use_dora.get(name, False) or type(head.lora_B[name]) is not nn.Linear:
-                return _Head(base.weight, None, [], module=head)
-            # x W^T + s * (drop(x) A^T) B^T  ==  [x, s * drop(x) A^T] @ [W, B]^T : exact rank concatenation
-            extra.append((head.lora_A[name], head.lora_dropout[name], head.scaling[name]))
-            weights.append(head.lora_B[name].weight)
-            if head.lora_B[name].bias is not None:
-                bias = head.lora_B[name].bias if bias is None else bias + head.lora_B[name].bias
-        if not extra:
-            return base
-        return _Head(torch.cat(weights, dim=1), bias, extra)
-    weight: Any = getattr(head, "weight", None)  # unused: the module runs itself
-    log.info("LM head %s is not a plain linear layer; running it as a module on the scored rows only",
-             type(head).__name__)
-    return _Head(weight, None, [], module=head)
-
-
-def _extend_hidden(h: torch.Tensor, extra: list) -> torch.Tensor:
-    if not extra:
-        return h
-    cols = [h] + [scaling * lora_a(dropout(h.to(lora_a.weight.dtype))).to(h.dtype)
-                  for lora_a, dropout, scaling in extra]
-    return torch.cat(cols, dim=-1)
 
 
 def validate_batch(input_ids, attention_mask=None, score_mask=None, vocab_size: int | None = None):
@@ -167,6 +89,15 @@ def shifted_hidden_states(causal: HFModule, input_ids: torch.Tensor, attention_m
     return out[0][:, :-1]
 
 
+def shifted_logits(model: HFModule, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T - 1, V]`` the model's own logits (its head, logit scale and soft-cap; no temperature); position
+    ``t`` predicts token ``t + 1``, padded positions embedded as id 0 and position ids from the mask, as
+    :func:`shifted_hidden_states`. The full-logits form of the alignment, for oracles and fallbacks."""
+    attn = attention_mask.bool()
+    return model(input_ids=torch.where(attn, input_ids, torch.zeros_like(input_ids)), attention_mask=attn.long(),
+                 position_ids=position_ids_from_mask(attn), use_cache=False).logits[:, :-1]
+
+
 def model_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -204,11 +135,8 @@ def model_logprobs(
     targets = torch.where(score[:, 1:], input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
 
     if not use_fused_linear_logprobs:
-        # Padded positions may hold anything (-100, ids >= vocab): they are masked, but still embedded.
-        logits = model(input_ids=torch.where(attn, input_ids, torch.zeros_like(input_ids)),
-                       attention_mask=attn.long(), position_ids=position_ids_from_mask(attn),
-                       use_cache=False).logits[:, :-1]
-        return _pad_first(_from_logits(logits, targets, temperature, return_entropy))
+        logits = shifted_logits(model, input_ids, attn)
+        return _pad_first(logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy))
 
     hidden = shifted_hidden_states(causal, input_ids, attn)
     return _pad_first(head_logprobs(causal, hidden, targets, temperature=temperature, chunk_size=chunk_size,
@@ -236,33 +164,26 @@ def head_logprobs(
     """
     temperature = validation.temperature(temperature)  # the module-head and Liger paths skip token_logprobs
     causal = unwrap_causal_lm(model)
-    head = _resolve_head(causal.get_output_embeddings())
-    tf = logit_transform(causal.config)
-    if head.module is not None:
+    head = LMHead.from_model_or_none(causal)
+    if head is None:
+        module = causal.get_output_embeddings()
+        log.info("LM head %s is not a linear map; running it as a module on the scored rows only",
+                 type(module).__name__)
+        tf = logit_transform(causal.config)
         rows = targets != -100
-        logits = head.module(hidden[rows]).float() * tf.logit_scale
-        if tf.softcap is not None:
-            logits = tf.softcap * torch.tanh(logits / tf.softcap)
-        scored = _from_logits(logits.unsqueeze(0), targets[rows].unsqueeze(0), temperature, return_entropy)
+        scored = logprobs_from_logits(module(hidden[rows]).unsqueeze(0), targets[rows].unsqueeze(0),
+                                      temperature=temperature, logit_scale=tf.logit_scale, softcap=tf.softcap,
+                                      return_entropy=return_entropy)
         return _scatter_rows(scored, rows)
-    kwargs: dict[str, Any] = dict(bias=head.bias, temperature=temperature, logit_scale=tf.logit_scale, softcap=tf.softcap,
-                  chunk_size=chunk_size, return_entropy=return_entropy, fp32_accumulation=fp32_accumulation)
-    hidden = _extend_hidden(hidden, head.extra)
+    hidden, weight, bias = head.fold(hidden)
+    kwargs: dict[str, Any] = dict(bias=bias, temperature=temperature, logit_scale=head.logit_scale,
+                                  softcap=head.softcap, chunk_size=chunk_size, return_entropy=return_entropy,
+                                  fp32_accumulation=fp32_accumulation)
     if use_liger:
         from .liger import liger_token_logprobs
 
-        return liger_token_logprobs(hidden, head.weight, targets, **kwargs)
-    return token_logprobs(hidden, head.weight, targets, **kwargs)
-
-
-def _from_logits(logits, targets, temperature, return_entropy):
-    """log_softmax of logits that already include the model's own scale / soft-cap."""
-    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
-    keep = targets != -100
-    out = log_p.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1) * keep
-    if not return_entropy:
-        return out
-    return TokenLogprobs(out, -(log_p.exp() * log_p).sum(-1) * keep)
+        return liger_token_logprobs(hidden, weight, targets, **kwargs)
+    return token_logprobs(hidden, weight, targets, **kwargs)
 
 
 def _scatter_rows(scored, rows):
@@ -290,12 +211,15 @@ def liger_available() -> bool:
 
 
 __all__ = [
+    "LMHead",
     "LogitTransform",
     "backbone_of",
     "head_logprobs",
     "logit_transform",
     "model_logprobs",
     "position_ids_from_mask",
+    "shifted_hidden_states",
+    "shifted_logits",
     "unwrap_causal_lm",
     "validate_batch",
     "liger_available",

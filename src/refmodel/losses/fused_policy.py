@@ -41,7 +41,9 @@ import torch
 
 from ..errors import InvalidInput
 from ..logprobs.head import check_head_inputs, token_logprobs
-from ..logprobs.kernel import _HALF, LogitTransform, _acc_dtype, _coef_matmul_into, _logits_fp32
+from ..logprobs.lm_head import LMHead
+from ..logprobs.tiles import acc_dtype, coef_matmul_into, cpu_upcast, logits_fp32, promote_operands, workspace
+from ..logprobs.transform import LogitTransform
 from .policy import PolicyLoss, policy_loss, statistics
 from .policy_config import PolicyLossConfig, build_config
 from .policy_terms import (
@@ -71,22 +73,22 @@ class _FusedPolicyLoss(torch.autograd.Function):
         need_dw = ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         n, vocab = y.shape[0], weight.shape[0]
-        acc = _acc_dtype(h)
-        upcast = fp32 and not h.is_cuda and weight.dtype in _HALF
+        acc = acc_dtype(h)
+        upcast = cpu_upcast(weight, h, fp32)
         w = weight.float() if upcast else weight
         logp = torch.empty(n, dtype=acc, device=h.device)
         dh_rows = torch.empty(n, h.shape[1], dtype=acc, device=h.device) if need_dh else None
-        dw = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device) if need_dw else None
-        db = torch.zeros(vocab, dtype=_acc_dtype(weight), device=weight.device) if need_db else None
+        dw = torch.zeros(weight.shape, dtype=acc_dtype(weight), device=weight.device) if need_dw else None
+        db = torch.zeros(vocab, dtype=acc_dtype(weight), device=weight.device) if need_db else None
         loss = torch.zeros((), dtype=acc, device=h.device)
-        buf = torch.empty(block, vocab, dtype=acc, device=h.device) if not h.is_cuda and w.dtype == acc else None
+        buf = workspace(block, vocab, w, acc)
         ones = torch.ones(1, dtype=torch.bool, device=h.device)
         with torch.no_grad():
             for start in range(0, n, block):
                 sl = slice(start, min(start + block, n))
                 hb = h.index_select(0, rows_idx[sl])
                 hb = hb.float() if upcast else hb
-                z = _logits_fp32(hb, w.t(), bias, fp32, buf[: hb.shape[0]] if buf is not None else None)
+                z = logits_fp32(hb, w.t(), bias, fp32, buf[: hb.shape[0]] if buf is not None else None)
                 deriv = tf.apply_(z)
                 yb = y[sl, None]
                 z_y = z.gather(1, yb).squeeze(1)
@@ -116,7 +118,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 elif tf.const_deriv != 1.0:
                     grad_a.mul_(tf.const_deriv)
                 if need_dh:
-                    _coef_matmul_into(grad_a, w, dh_rows[sl], accumulate=False)
+                    coef_matmul_into(grad_a, w, dh_rows[sl], accumulate=False)
                 if need_dw:
                     _accumulate_dw(grad_a, hb, dw)
                 if need_db:
@@ -155,12 +157,24 @@ def _accumulate_dw(grad_a: torch.Tensor, hb: torch.Tensor, dw: torch.Tensor, col
         dw.addmm_(grad_a.t(), hb)
         return
     for v0 in range(0, dw.shape[0], cols):
-        _coef_matmul_into(grad_a[:, v0:v0 + cols].t(), hb, dw[v0:v0 + cols], accumulate=True)
+        coef_matmul_into(grad_a[:, v0:v0 + cols].t(), hb, dw[v0:v0 + cols], accumulate=True)
+
+
+def _unpack_head(head: LMHead, hidden, head_bias, logit_scale, softcap):
+    """``(hidden', weight', bias', logit_scale, softcap)`` of ``head``, its LoRA adapters folded (``LMHead.fold``)."""
+    if head_bias is not None or logit_scale != 1.0 or softcap is not None:
+        raise InvalidInput("head_weight is an LMHead, which brings its own bias, logit_scale and softcap; "
+                           "leave head_bias, logit_scale and softcap unset (or pass the weight tensor instead)")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[-1] != head.weight.shape[1]:
+        raise InvalidInput(f"hidden must be [B, T, H] with H = the head's weight.shape[1] ({head.weight.shape[1]}), "
+                           f"got {getattr(hidden, 'shape', type(hidden).__name__)}")
+    h, w, b = head.fold(hidden)
+    return h, w, b, head.logit_scale, head.softcap
 
 
 def fused_policy_loss(
     hidden: torch.Tensor,
-    head_weight: torch.Tensor,
+    head_weight: torch.Tensor | LMHead,
     targets: torch.Tensor,
     old_logps: torch.Tensor | None,
     advantages: torch.Tensor,
@@ -184,6 +198,9 @@ def fused_policy_loss(
     Args:
         hidden: ``[B, T, H]`` final hidden states, position ``t`` predicting ``targets[:, t]`` (shift as for
             :func:`refmodel.token_logprobs`). head_weight: ``[V, H]`` (frozen or trainable); head_bias ``[V]``.
+            Or an :class:`~refmodel.logprobs.lm_head.LMHead` (``LMHead.from_model(policy)``), which brings its bias,
+            logit scale, soft-cap and LoRA adapters (folded in; they train); then leave ``head_bias``,
+            ``logit_scale`` and ``softcap`` unset.
         targets: ``[B, T]`` sampled token ids; only positions in ``mask`` are read (others may hold -100).
         old_logps, advantages, mask: as :func:`refmodel.policy_loss`.
         config, ref_logps, rollout_logps, full_kl, num_items_in_batch: as :func:`refmodel.policy_loss`.
@@ -197,6 +214,9 @@ def fused_policy_loss(
         (the gradient flows through ``loss`` only).
     """
     opts = build_config(config, options, "fused_policy_loss")
+    if isinstance(head_weight, LMHead):
+        hidden, head_weight, head_bias, logit_scale, softcap = _unpack_head(head_weight, hidden, head_bias,
+                                                                            logit_scale, softcap)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or not isinstance(head_weight, torch.Tensor):
         raise InvalidInput("hidden must be [B, T, H] and head_weight [V, H] with the same H, got "
                            f"{getattr(hidden, 'shape', None)} and {getattr(head_weight, 'shape', None)}")
@@ -217,8 +237,8 @@ def fused_policy_loss(
         assert isinstance(logps, torch.Tensor)  # a TokenLogprobs only with return_entropy=True, not asked here
         return policy_loss(logps, old_logps, advantages, mask, config=opts, **inputs)
 
-    acc = _acc_dtype(hidden) if hidden.dtype == head_weight.dtype else \
-        _acc_dtype(torch.empty(0, dtype=torch.promote_types(hidden.dtype, head_weight.dtype)))
+    acc = acc_dtype(hidden) if hidden.dtype == head_weight.dtype else \
+        acc_dtype(torch.empty(0, dtype=torch.promote_types(hidden.dtype, head_weight.dtype)))
     probe = torch.empty(hidden.shape[:2], dtype=acc, device=hidden.device)
     bmask, adv = check_inputs(probe, old_logps, advantages, mask, ref_logps, rollout_logps, full_kl)
     check_kl_inputs(opts, ref_logps, full_kl)
@@ -237,11 +257,8 @@ def fused_policy_loss(
         return None if t is None else torch.broadcast_to(t, bmask.shape).reshape(-1)[rows].detach().to(acc)
 
     weights = aggregation_weights(bmask, opts.agg_mode, acc, num_items_in_batch, opts.max_completion_length)
-    h, w, b = hidden.reshape(-1, hidden.shape[-1]), head_weight, head_bias
-    if h.dtype != w.dtype:  # as token_logprobs: compute in the wider type
-        wide = torch.promote_types(h.dtype, w.dtype)
-        h, w, b = h.to(wide), w.to(wide), (b.to(wide) if b is not None else None)
-    tf = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
+    h, w, b = promote_operands(hidden.reshape(-1, hidden.shape[-1]), head_weight, head_bias)  # as token_logprobs
+    tf = LogitTransform.of(logit_scale, softcap, temperature)
     loss, logp_rows = _FusedPolicyLoss.apply(h, w, b, rows, y, opts, tf, _block_rows(y.numel(), vocab, chunk_size),
                                              fp32_accumulation, per_row(old_logps), per_row(adv), per_row(ref_logps),
                                              per_row(rho), per_row(weights))

@@ -5,7 +5,7 @@ Sampled estimators (k1/k2/k3) see one token per position; this is the whole sum
     KL_i = sum_j p_ij (log p_ij - log q_ij),   p = softmax(z_pol), q = softmax(z_ref)
 
 at every scored position ``i``, with ``z = f(h @ W.T + b)`` and ``f`` the logit transform of
-:class:`refmodel.logprobs.kernel.LogitTransform` (logit scale, soft-cap, temperature). No anchor offers it
+:mod:`refmodel.logprobs.transform` (logit scale, soft-cap, temperature). No anchor offers it
 (verl's ``kl_penalty="full"`` raises ``NotImplementedError``).
 
 It never holds ``[B, T, V]``: rows go in blocks and the vocabulary in tiles, with an online log-sum-exp for
@@ -17,59 +17,27 @@ policy's hidden-state gradient, ``dKL/dz_pol_j = p_j (d_j - mu)`` with ``mu = S/
 
 accumulated in the forward (rescaled as ``m`` moves), so the backward of ``dh`` needs no vocabulary work:
 2 logit matmuls + 2 accumulation matmuls forward, none backward. A trainable policy head recomputes the
-two logit tiles and adds the ``dW`` matmul in the backward. The reference side gets no gradient.
+two logit tiles and adds the ``dW`` matmul in the backward. The reference side gets no gradient. Both heads are
+:class:`refmodel.logprobs.lm_head.LMHead` (``refmodel.kl.LMHead`` is the same class): a LoRA adapter on the policy's
+head is folded in as extra columns and trains through them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .. import validation
-from ..errors import ConfigError, InvalidInput
-from ..logprobs.kernel import (
-    _HALF,
-    LogitTransform,
-    _acc_dtype,
-    _coef_matmul_into,
-    _tile_logits,
-    _tiles,
-    _workspace,
+from ..errors import InvalidInput
+from ..logprobs.lm_head import LMHead
+from ..logprobs.tiles import (
+    acc_dtype,
+    coef_matmul_into,
+    cpu_upcast,
+    promote_operands,
+    tile_logits,
+    tile_shape,
+    workspace,
 )
-
-
-@dataclass(frozen=True)
-class LMHead:
-    """An LM head as ``z = f(h @ weight.T + bias)``: ``weight [V, H]``, optional ``bias [V]``, and the model's
-    own transform (``logit_scale``, final-logit ``softcap``; Gemma-2, Cohere, Granite). Temperature is
-    not part of the head: it is the sampling temperature, passed to :func:`exact`."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module) -> LMHead:
-        """The head of a Hugging Face causal LM (tied, biased and soft-capped heads included)."""
-        head = cls.from_model_or_none(model)
-        if head is None:
-            raise ConfigError("the model's LM head carries an adapter or is not a plain linear layer; merge the "
-                              "adapter (model.merge_and_unload()) or pass LMHead(weight, bias) explicitly")
-        return head
-
-    @classmethod
-    def from_model_or_none(cls, model: torch.nn.Module) -> LMHead | None:
-        """:meth:`from_model`, or None when the head is not a plain linear map (an adapter, DoRA, quantized)."""
-        from ..logprobs.model import _resolve_head, logit_transform, unwrap_causal_lm
-
-        lm = unwrap_causal_lm(model)
-        head = _resolve_head(lm.get_output_embeddings())
-        if head.module is not None or head.extra:
-            return None
-        tf = logit_transform(lm.config)
-        return cls(head.weight, head.bias, tf.logit_scale, tf.softcap)
 
 
 def _as_head(head, name: str) -> LMHead:
@@ -87,8 +55,8 @@ def _block_forward(hp, wp, bp, tfp, hr, wr, br, tfr, cols, buf_p, buf_r, acc_e, 
     m = s = big_s = m_r = s_r = None
     for v0 in range(0, vocab, cols):
         v1 = min(v0 + cols, vocab)
-        zp, deriv = _tile_logits(hp, wp, bp, v0, v1, tfp, True, buf_p)
-        zr, _ = _tile_logits(hr, wr, br, v0, v1, tfr, True, buf_r)
+        zp, deriv = tile_logits(hp, wp, bp, v0, v1, tfp, True, buf_p)
+        zr, _ = tile_logits(hr, wr, br, v0, v1, tfr, True, buf_r)
         tile_max_r = zr.amax(1)
         m_r_new = tile_max_r if m_r is None else torch.maximum(m_r, tile_max_r)
         d = zr.neg_().add_(zp)  # d = z_pol - z_ref, in the ref buffer; z_ref = z_pol - d below
@@ -110,8 +78,8 @@ def _block_forward(hp, wp, bp, tfp, hr, wr, br, tfr, cols, buf_p, buf_r, acc_e, 
                 acc_a.mul_(alpha[:, None])
         if need_dh:
             coef = e.mul_(deriv) if deriv is not None else e.mul_(tfp.const_deriv)  # e f'
-            _coef_matmul_into(d.mul_(coef), wp[v0:v1], acc_a, accumulate=not first)  # e d f'
-            _coef_matmul_into(coef, wp[v0:v1], acc_e, accumulate=not first)
+            coef_matmul_into(d.mul_(coef), wp[v0:v1], acc_a, accumulate=not first)  # e d f'
+            coef_matmul_into(coef, wp[v0:v1], acc_e, accumulate=not first)
         m, m_r = m_new, m_r_new
     lse_p, lse_r = m + s.log(), m_r + s_r.log()
     mu = big_s / s
@@ -120,23 +88,19 @@ def _block_forward(hp, wp, bp, tfp, hr, wr, br, tfr, cols, buf_p, buf_r, acc_e, 
     return mu - lse_p + lse_r, lse_p, mu
 
 
-def _upcast(w: torch.Tensor, h: torch.Tensor) -> bool:
-    return not h.is_cuda and w.dtype in _HALF  # CPU has no mm(out_dtype=float32): upcast once per call
-
-
 class _ExactKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hp, wp, bp, hr, wr, br, tfp, tfr, tiles):
         need_dh = ctx.needs_input_grad[0]
-        n, acc_dtype = hp.shape[0], _acc_dtype(hp)
-        rows, cols = _tiles(n, wp.shape[0], *tiles)
-        up_p, up_r = _upcast(wp, hp), _upcast(wr, hr)
+        n, acc_type = hp.shape[0], acc_dtype(hp)
+        rows, cols = tile_shape(n, wp.shape[0], *tiles)
+        up_p, up_r = cpu_upcast(wp, hp), cpu_upcast(wr, hr)
         wpf, wrf = (wp.float() if up_p else wp), (wr.float() if up_r else wr)
-        acc = dict(dtype=acc_dtype, device=hp.device)
+        acc = dict(dtype=acc_type, device=hp.device)
         kl, lse, mu = (torch.empty(n, **acc) for _ in range(3))
         grad_h = torch.empty(n, hp.shape[1], **acc) if need_dh else None
         acc_e = torch.empty(min(rows, n), hp.shape[1], **acc) if need_dh else None
-        buf_p, buf_r = _workspace(rows, cols, wpf, acc_dtype), _workspace(rows, cols, wrf, _acc_dtype(hr))
+        buf_p, buf_r = workspace(rows, cols, wpf, acc_type), workspace(rows, cols, wrf, acc_dtype(hr))
         with torch.no_grad():
             for start in range(0, n, rows):
                 sl = slice(start, min(start + rows, n))
@@ -167,11 +131,11 @@ class _ExactKL(torch.autograd.Function):
 def _weight_grads(hp, wp, bp, hr, wr, br, tfp, tfr, tiles, lse, mu, g):
     """Recompute both tiles; ``dKL/da_j = p_j (d_j - mu) f'_j``; accumulate ``dW``, ``db`` in fp32."""
     rows, cols = tiles
-    up_p, up_r = _upcast(wp, hp), _upcast(wr, hr)
+    up_p, up_r = cpu_upcast(wp, hp), cpu_upcast(wr, hr)
     wpf, wrf = (wp.float() if up_p else wp), (wr.float() if up_r else wr)
-    acc_dtype = _acc_dtype(wp)
-    dw = torch.zeros(wp.shape, dtype=acc_dtype, device=wp.device)
-    db = torch.zeros(wp.shape[0], dtype=acc_dtype, device=wp.device) if bp is not None else None
+    acc_type = acc_dtype(wp)
+    dw = torch.zeros(wp.shape, dtype=acc_type, device=wp.device)
+    db = torch.zeros(wp.shape[0], dtype=acc_type, device=wp.device) if bp is not None else None
     with torch.no_grad():
         for start in range(0, hp.shape[0], rows):
             sl = slice(start, min(start + rows, hp.shape[0]))
@@ -179,13 +143,13 @@ def _weight_grads(hp, wp, bp, hr, wr, br, tfp, tfr, tiles, lse, mu, g):
             hrb = hr[sl].float() if up_r else hr[sl]
             for v0 in range(0, wp.shape[0], cols):
                 v1 = min(v0 + cols, wp.shape[0])
-                zp, deriv = _tile_logits(hpb, wpf, bp, v0, v1, tfp, True, None)
-                zr, _ = _tile_logits(hrb, wrf, br, v0, v1, tfr, True, None)
+                zp, deriv = tile_logits(hpb, wpf, bp, v0, v1, tfp, True, None)
+                zr, _ = tile_logits(hrb, wrf, br, v0, v1, tfr, True, None)
                 d = zr.neg_().add_(zp).sub_(mu[sl, None])
                 p = zp.sub_(lse[sl, None]).exp_()
                 grad_a = p.mul_(d).mul_(g[sl, None])
                 grad_a = grad_a.mul_(deriv) if deriv is not None else grad_a.mul_(tfp.const_deriv)
-                _coef_matmul_into(grad_a.t(), hpb, dw[v0:v1], accumulate=True)
+                coef_matmul_into(grad_a.t(), hpb, dw[v0:v1], accumulate=True)
                 if db is not None:
                     db[v0:v1] += grad_a.sum(0)
     return dw.to(wp.dtype), (db.to(bp.dtype) if db is not None else None)
@@ -242,34 +206,25 @@ def exact(
     if tuple(mask.shape) != tuple(lead):
         raise InvalidInput(f"mask must have shape {tuple(lead)} (the hidden states without H), got {tuple(mask.shape)}")
     rows = mask.reshape(-1).bool().nonzero().squeeze(1)
-    hp = policy_hidden.reshape(-1, policy_hidden.shape[-1]).index_select(0, rows)
-    hr = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]).index_select(0, rows)
-    wp, bp = ph.weight, ph.bias
-    if hp.dtype != wp.dtype:  # compute in the wider type, as token_logprobs does
-        wide = torch.promote_types(hp.dtype, wp.dtype)
-        hp, wp, bp = hp.to(wide), wp.to(wide), (bp.to(wide) if bp is not None else None)
-    wr, br = rh.weight.detach(), (rh.bias.detach() if rh.bias is not None else None)
-    if hr.dtype != wr.dtype:
-        wide = torch.promote_types(hr.dtype, wr.dtype)
-        hr, wr, br = hr.to(wide), wr.to(wide), (br.to(wide) if br is not None else None)
-    tfp = LogitTransform(float(ph.logit_scale), None if ph.softcap is None else float(ph.softcap), float(temperature))
-    tfr = LogitTransform(float(rh.logit_scale), None if rh.softcap is None else float(rh.softcap), float(temperature))
+    # LoRA adapters on a head become extra columns (LMHead.fold), on the scored rows only; the reference's are
+    # folded without a graph (it gets no gradient)
+    hp, wp, bp = ph.fold(policy_hidden.reshape(-1, policy_hidden.shape[-1]).index_select(0, rows))
+    with torch.no_grad():
+        hr, wr, br = rh.fold(ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]).index_select(0, rows))
+    wr, br = wr.detach(), (br.detach() if br is not None else None)
+    hp, wp, bp = promote_operands(hp, wp, bp)  # compute in the wider type, as token_logprobs does
+    hr, wr, br = promote_operands(hr, wr, br)
+    tfp, tfr = ph.transform(temperature), rh.transform(temperature)
     kl_rows = _ExactKL.apply(hp, wp, bp, hr, wr, br, tfp, tfr, (chunk_size, vocab_chunk_size))
     out = kl_rows.new_zeros(mask.numel()).index_put((rows,), kl_rows)
     return out.reshape(lead)
 
 
 def naive_exact(policy_hidden, policy_head, ref_hidden, ref_head, mask=None, *, temperature: float = 1.0):
-    """Full ``[..., V]`` softmaxes; the test and benchmark baseline of :func:`exact` (same contract)."""
-    out = []
-    for hidden, head in ((policy_hidden, _as_head(policy_head, "policy_head")),
-                         (ref_hidden.detach(), _as_head(ref_head, "ref_head"))):
-        z = torch.nn.functional.linear(hidden, head.weight, head.bias)
-        z = z.to(torch.promote_types(z.dtype, torch.float32)) * head.logit_scale
-        if head.softcap is not None:
-            z = head.softcap * torch.tanh(z / head.softcap)
-        out.append(torch.log_softmax(z / temperature, dim=-1))
-    logp, logq = out
+    """Full ``[..., V]`` softmaxes (:meth:`LMHead.full_log_softmax`); the test and benchmark baseline of
+    :func:`exact` (same contract)."""
+    logp = _as_head(policy_head, "policy_head").full_log_softmax(policy_hidden, temperature=temperature)
+    logq = _as_head(ref_head, "ref_head").full_log_softmax(ref_hidden.detach(), temperature=temperature)
     kl = (logp.exp() * (logp - logq.detach())).sum(-1)
     return kl if mask is None else kl * mask
 

@@ -252,15 +252,15 @@ def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, te
     Everything is shifted by one position (hidden state ``t`` predicts token ``t + 1``), as in
     :func:`refmodel.model_logprobs`.
     """
+    from ..logprobs.lm_head import LMHead
     from ..logprobs.model import shifted_hidden_states, unwrap_causal_lm
     from ..losses.fused_policy import fused_policy_loss
-    from ..losses.kl_exact import LMHead
 
     causal = unwrap_causal_lm(policy)
-    head = LMHead.from_model_or_none(causal)
+    head = LMHead.from_model_or_none(causal)  # LoRA on the head is folded in (and trains)
     if head is None:
-        raise ConfigError("use_fused_policy_loss needs a plain linear LM head (no adapter on the head, no DoRA or "
-                          "quantized head); set use_fused_policy_loss=False for this policy")
+        raise ConfigError("use_fused_policy_loss needs an LM head that is a linear map (no DoRA or quantized "
+                          "head); set use_fused_policy_loss=False for this policy")
     hidden = shifted_hidden_states(causal, ids, attn)
     m = mask[:, 1:]
 
@@ -268,9 +268,8 @@ def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, te
         return None if t is None else t[:, 1:]
 
     adv = advantages if advantages.dim() == 1 else advantages[:, 1:]
-    return fused_policy_loss(hidden, head.weight, torch.where(m, ids[:, 1:], -100), shift(old), adv, m,
-                             head_bias=head.bias, temperature=temperature, logit_scale=head.logit_scale,
-                             softcap=head.softcap, config=config, ref_logps=shift(ref),
+    return fused_policy_loss(hidden, head, torch.where(m, ids[:, 1:], -100), shift(old), adv, m,
+                             temperature=temperature, config=config, ref_logps=shift(ref),
                              rollout_logps=shift(rollout_logps))
 
 

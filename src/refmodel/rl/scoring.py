@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..logprobs.lm_head import LMHead, logit_transform
 from ..logprobs.model import model_logprobs, unwrap_causal_lm
-from ..losses.kl_exact import LMHead
+from ..logprobs.transform import full_log_softmax
 from .rollout import Rollouts
 
 DEFAULT_MICRO_BATCH = 8
@@ -170,49 +171,45 @@ def reference_model(reference) -> Iterator[nn.Module | None]:
 
 
 def _backbone_rows(model: nn.Module, ids, attn, score) -> tuple[torch.Tensor, nn.Module]:
-    """Final hidden states ``[N, H]`` at the positions predicting the scored tokens."""
-    from ..logprobs.model import shifted_hidden_states
+    """Final hidden states ``[N, H]`` at the positions predicting the tokens ``model_logprobs`` scores."""
+    from ..logprobs.model import shifted_hidden_states, validate_batch
 
     causal = unwrap_causal_lm(model)
-    hidden = shifted_hidden_states(causal, ids, attn)
-    rows = score.bool()[:, 1:] & (attn.long().cumsum(1) >= 2)[:, 1:]
-    return hidden[rows], causal
+    attn, scored = validate_batch(ids, attn, score)
+    return shifted_hidden_states(causal, ids, attn)[scored[:, 1:]], causal
 
 
-def _token_kl(c_pol, h_pol, c_ref, h_ref, temperature: float, row_chunk: int) -> torch.Tensor:
-    """``[N]`` KL per row: :func:`refmodel.kl.exact` (vocabulary tiles) for plain heads; a row-chunked
-    full softmax for heads with a LoRA adapter or a module fallback (DoRA, quantized)."""
+def _token_kl(c_pol, head_p, h_pol, reference, c_ref, head_r, h_ref, temperature: float,
+              row_chunk: int) -> torch.Tensor:
+    """``[N]`` KL per row: :func:`refmodel.kl.exact` (vocabulary tiles) for linear heads, LoRA on the head
+    included; a row-chunked full softmax for heads that run only as a module (DoRA, quantized).
+
+    Runs outside ``reference``'s view, where the policy is itself (an ``AdapterDisabled`` reference is the
+    policy's own module with its adapters off): ``head_p`` / ``head_r`` were read in their own settings, and a
+    reference head that runs as a module runs inside its view again.
+    """
     from ..losses.kl_exact import exact
 
-    head_p, head_r = LMHead.from_model_or_none(c_pol), LMHead.from_model_or_none(c_ref)
     if head_p is not None and head_r is not None:
         return exact(h_pol, head_p, h_ref, head_r, temperature=temperature)
     parts = []
     for lo in range(0, h_pol.shape[0], row_chunk):
-        lp = _full_logprobs(c_pol, h_pol[lo:lo + row_chunk], temperature)
-        lq = _full_logprobs(c_ref, h_ref[lo:lo + row_chunk], temperature).to(lp.device)
+        lp = _full_logprobs(c_pol, head_p, h_pol[lo:lo + row_chunk], temperature)
+        with reference_model(reference):
+            lq = _full_logprobs(c_ref, head_r, h_ref[lo:lo + row_chunk], temperature).to(lp.device)
         parts.append((lp.exp() * (lp - lq)).sum(-1))
     return torch.cat(parts) if parts else h_pol.new_zeros(0)
 
 
-def _full_logprobs(causal: nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``[N, V]`` float32 log-softmax of the head on ``hidden`` ``[N, H]`` (as the fused head transforms)."""
-    from ..logprobs.model import _extend_hidden, _resolve_head, logit_transform
-
+def _full_logprobs(causal: nn.Module, head: LMHead | None, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[N, V]`` float32 log-softmax of the head on ``hidden`` ``[N, H]``, as the fused head transforms; a head
+    without an :class:`LMHead` runs as its module."""
+    if head is not None:
+        return head.full_log_softmax(hidden.float(), temperature=temperature)
     hf: Any = causal  # a transformers model: get_output_embeddings() is not an nn.Module method
-    head = _resolve_head(hf.get_output_embeddings())
     tf = logit_transform(causal.config)
-    if head.module is not None:
-        logits = head.module(hidden).float()
-    else:
-        h = _extend_hidden(hidden, head.extra)
-        logits = h.float() @ head.weight.float().T
-        if head.bias is not None:
-            logits = logits + head.bias.float()
-    logits = logits * tf.logit_scale
-    if tf.softcap is not None:
-        logits = tf.softcap * torch.tanh(logits / tf.softcap)
-    return torch.log_softmax(logits / temperature, dim=-1)
+    return full_log_softmax(hf.get_output_embeddings()(hidden), scale=tf.logit_scale, softcap=tf.softcap,
+                            temperature=temperature)
 
 
 @torch.no_grad()
@@ -222,7 +219,7 @@ def exact_kl(policy: nn.Module, reference, rollouts: Rollouts, micro_batch_size:
 
     Sum over the whole vocabulary at every completion position (no estimator, no sampling noise),
     at the rollouts' temperature, through :func:`refmodel.kl.exact` (vocabulary tiles; never ``[B, T, V]``),
-    or row chunks of ``row_chunk`` for a head carrying an adapter. ``nan`` when
+    or row chunks of ``row_chunk`` for a head that is not a linear map (DoRA, quantized). ``nan`` when
     the reference's weights are not local (Remote, Precomputed).
     """
     total, count = 0.0, 0
@@ -231,16 +228,21 @@ def exact_kl(policy: nn.Module, reference, rollouts: Rollouts, micro_batch_size:
         sub = rollouts.select(rows)
         args = (sub.input_ids, sub.attention_mask, sub.completion_mask)
         was = policy.training
-        policy.eval()
+        policy.eval()  # no dropout, in the backbone nor in a LoRA adapter on the head
         try:
             h_pol, c_pol = _backbone_rows(policy, *args)
+            # read before the reference's view, which may switch the policy's own adapters off (AdapterDisabled)
+            head_p = LMHead.from_model_or_none(c_pol)
+            with reference_model(reference) as ref_model:
+                if ref_model is None:
+                    return float("nan")
+                h_ref, c_ref = _backbone_rows(ref_model, *(a.to(next(ref_model.parameters()).device) for a in args))
+                head_r = LMHead.from_model_or_none(c_ref)
+            kl = _token_kl(c_pol, head_p, h_pol, reference, c_ref, head_r, h_ref.to(h_pol.device), temperature,
+                           row_chunk)
+            total += float(kl.double().sum())
         finally:
             policy.train(was)
-        with reference_model(reference) as ref_model:
-            if ref_model is None:
-                return float("nan")
-            h_ref, c_ref = _backbone_rows(ref_model, *(a.to(next(ref_model.parameters()).device) for a in args))
-            total += float(_token_kl(c_pol, h_pol, c_ref, h_ref.to(h_pol.device), temperature, row_chunk).double().sum())
         count += int(h_pol.shape[0])
     return total / max(count, 1)
 

@@ -36,7 +36,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataFormatError, MissingDependency
-from ..logprobs.model import model_logprobs
+from ..logprobs.model import model_logprobs, shifted_logits, validate_batch
+from ..logprobs.transform import full_log_softmax
 from ..models.loading import check_model_folder, load_reference_model, load_tokenizer
 from ..models.quantize import QUANT_MODES, check_mode, model_nbytes
 
@@ -77,9 +78,11 @@ def build_batches(tokenizer, pairs, batch_size: int) -> list[tuple[torch.Tensor,
 
 @torch.no_grad()
 def _scored_log_dist(model, input_ids, attn, score) -> torch.Tensor:
-    """``[N, V]`` float32 log-softmax of the model's logits predicting each scored token."""
-    logits = model(input_ids=input_ids, attention_mask=attn.long(), use_cache=False).logits
-    return torch.log_softmax(logits[:, :-1][score[:, 1:]].float(), dim=-1)
+    """``[N, V]`` float32 log-softmax of the model's own logits predicting each token that
+    :func:`refmodel.model_logprobs` scores: the same rows in the same order (``validate_batch``'s rule, positions
+    from the mask), so the KL and the ``|Δ log p|`` columns describe the same tokens."""
+    attn, scored = validate_batch(input_ids, attn, score)
+    return full_log_softmax(shifted_logits(model, input_ids, attn)[scored[:, 1:]])
 
 
 @torch.no_grad()
@@ -144,7 +147,7 @@ def quantize_report(model_path: str | Path, data_path: str | Path, max_pairs: in
         q_s, speed = _paired_speed(ref, model, batches, device, repeats, ref_times)
         deltas, kls = [], []
         for (ids, attn, score), a, b in zip(batches, ref_lp, q_lp, strict=True):
-            deltas.append((a - b).abs()[score & (attn.long().cumsum(1) >= 2)])
+            deltas.append((a - b).abs()[validate_batch(ids, attn, score)[1]])
             p_ref = _scored_log_dist(ref, ids.to(device), attn.to(device), score.to(device))
             p_q = _scored_log_dist(model, ids.to(device), attn.to(device), score.to(device))
             kls.append((p_ref.exp() * (p_ref - p_q)).sum(-1).cpu())
