@@ -3,7 +3,7 @@
     python -m benchmarks.bench_cache [--hidden 512] [--layers 4]
 
 Builds a small random Llama (bigger than the test models so times and bytes mean something), then for
-each mode (none + refmodel.QUANT_MODES) times a cold ``get_or_load`` (a fresh cache: safetensors read +
+each mode (none + refmodel.models.quantize.QUANT_MODES) times a cold ``get_or_load`` (a fresh cache: safetensors read +
 quantization) and a hit (median of 1000), and reports the cached bytes and the ratio to fp32.
 """
 
@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from refmodel import QUANT_MODES, ReferenceModelCache
+from refmodel import ReferenceModelCache
+from refmodel.models.quantize import QUANT_MODES
 from refmodel.testing import make_tiny_model
 from refmodel.tools.bench import provenance
 

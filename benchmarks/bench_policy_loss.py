@@ -1,4 +1,4 @@
-"""Fused policy loss (refmodel.fused_policy_loss) vs token_logprobs + policy_loss, naive full logits + autograd,
+"""Fused policy loss (refmodel.losses.fused_policy_loss) vs token_logprobs + policy_loss, naive full logits + autograd,
 and Liger's LigerFusedLinearGRPOLoss(compiled=False), fwd+bwd, frozen and trainable head.
 
     python benchmarks/bench_policy_loss.py [--quick] [--reps N] [--impls fused,naive,...]
@@ -23,7 +23,9 @@ import sys
 
 import torch
 
-from refmodel import fused_policy_loss, naive_token_logprobs, policy_loss, token_logprobs
+from refmodel import token_logprobs
+from refmodel.logprobs import naive_token_logprobs
+from refmodel.losses import fused_policy_loss, policy_loss
 from refmodel.tools.bench import _rss_bytes, peak_rss_bytes, provenance, reset_peak_rss, time_fn
 
 IMPLS = ("fused", "unfused", "naive", "liger")

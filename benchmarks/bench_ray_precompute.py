@@ -42,8 +42,9 @@ def main() -> None:
     logging.disable(logging.WARNING)
     import ray
 
-    from refmodel import precompute, precompute_on_ray
+    from refmodel import precompute
     from refmodel.data import load_examples
+    from refmodel.precompute.ray import precompute_on_ray
     from refmodel.testing import load_tiny, make_tiny_model, preference_pairs, write_jsonl
 
     tmp = Path(tempfile.mkdtemp())

@@ -83,7 +83,7 @@ def measure(kind: str, root: Path, n: int) -> dict:
             return store.get_batch(ids, attn)
     else:
         with open(root / "halos.pkl", "rb") as fh:
-            cache = pickle.load(fh)  # noqa: S301  (the baseline being measured; our own file)
+            cache = pickle.load(fh)
         open_s = time.perf_counter() - start
 
         def read(ids, attn):

@@ -10,8 +10,8 @@ import socket
 
 import pytest
 
-from refmodel import ConfigError
 from refmodel.cluster import check_reachable, connect_ray
+from refmodel.errors import ConfigError
 
 
 def _closed_port() -> int:

@@ -20,6 +20,7 @@ RANKS = {
     "_version": 0,
     "errors": 0,
     "_optional": 1,
+    "_deprecation": 1,
     "validation": 1,
     "data": 2,
     "cluster": 2,  # Ray start-up: needs only _optional, used by precompute and serve (rank 7)
@@ -37,6 +38,7 @@ RANKS = {
     "tools": 9,
     "cli": 10,
     "testing": 10,  # re-exports the tiny models and built-in data for tests; the product never imports it
+    "kl": 11,  # refmodel.kl: the public namespace of losses.kl (a re-export, like __init__)
     "__init__": 11,
     "__main__": 11,
 }
@@ -148,3 +150,53 @@ def test_the_checker_sees_imports_of_testing():
     ]
     assert [line.split(": ")[0] for line in _imports_of_testing(probe)] == [
         "refmodel.cli.store:2", "refmodel.recipes.demo:1", "refmodel:1"]
+
+
+def _private_imports(modules: list[tuple[str, str, bool]]) -> list[str]:
+    """One line per import of another room's private name: a ``_module`` on the path below the room, or
+    an imported ``_name``. (A room may be private itself, e.g. ``_optional``: its public names are for all.)"""
+    bad = []
+    for source, name, is_pkg in modules:
+        here = _room(name)
+        package = name if is_pkg else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                pairs = [(target, a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                pairs = [(a.name, "") for a in node.names]
+            else:
+                continue
+            for target, imported in pairs:
+                if target.split(".")[0] != "refmodel":
+                    continue
+                full = f"{target}.{imported}" if imported else target
+                parts = full.split(".")
+                if len(parts) < 2 or parts[1] == here:
+                    continue
+                private = [p for p in parts[2:] if p.startswith("_") and not p.startswith("__")]
+                if private:
+                    bad.append(f"{name}:{node.lineno}: imports {full} (private to {parts[1]})")
+    return bad
+
+
+def test_no_room_imports_another_rooms_private_name():
+    assert _private_imports(_package_modules()) == []
+
+
+def test_the_checker_sees_private_names_across_rooms():
+    probe = [
+        ("from ..logprobs.kernel import _tile_logits\n", "refmodel.losses.probe", False),
+        ("from ..reference import _peft\n", "refmodel.rl.probe", False),
+        ("def f():\n    import refmodel.reference._peft\n", "refmodel.integrations.probe", False),
+        ("from ._peft import x\nfrom .._optional import require\n", "refmodel.reference.ok", False),
+    ]
+    assert _private_imports(probe) == [
+        "refmodel.losses.probe:1: imports refmodel.logprobs.kernel._tile_logits (private to logprobs)",
+        "refmodel.rl.probe:1: imports refmodel.reference._peft (private to reference)",
+        "refmodel.integrations.probe:2: imports refmodel.reference._peft (private to reference)",
+    ]

@@ -1,50 +1,46 @@
 """refmodel: the reference model for LLM preference and RL training, cheap, exact and shareable.
 
+The public API, by job (everything else is importable from its module):
+
+- Log-probs: :func:`token_logprobs` (hidden states and an LM head, fused: no ``[B, T, V]`` logits),
+  :func:`model_logprobs` / :func:`head_logprobs` (any Hugging Face causal LM, PEFT included),
+  :class:`LMHead` (a model's head with its logit transform and LoRA folded in).
+- References, one interface (:class:`Reference`): :class:`Frozen`, :class:`AdapterDisabled`,
+  :class:`Precomputed`, :class:`Synced`, :class:`Remote`, :class:`ReferenceFree`; :class:`ReferenceConfig`
+  and :func:`auto` to choose one; :func:`refmodel.reference.resolve` turns any ``reference=`` argument
+  into one.
+- Store and precompute: :class:`LogprobStore`, :func:`precompute` with :class:`PrecomputeConfig`.
+- The reference service's client: :class:`ReferenceClient` (extra ``serve``; ``refmodel serve`` is the
+  server).
+- Models: :func:`fingerprint`, :class:`ReferenceModelCache` and :func:`get_global_reference_cache`.
+- Namespaces: :mod:`refmodel.losses` (every loss: DPO family, KTO, ORPO, SimPO, the GRPO/PPO policy
+  losses, advantages), :mod:`refmodel.kl` (estimators, exact KL, monitor, controllers), :mod:`refmodel.rl`
+  (rollouts, scoring, ``forward_backward``).
+- Errors: :class:`RefModelError`, the base of everything in :mod:`refmodel.errors`.
+
+TRL: :mod:`refmodel.integrations.trl` has ``DPOTrainer``, ``KTOTrainer`` and ``GRPOTrainer`` that take any
+refmodel reference (``reference=``), and a callback for the metrics.
+
 ``import refmodel`` touches no GPU, network or environment variable; heavy optional parts are
 imported on first use.
 """
 
-from . import losses, rl  # noqa: E402  (torch only; rl: rollouts, scoring, forward_backward)
+from __future__ import annotations
+
+from typing import Any
+
+from . import kl, losses, rl
+from ._deprecation import moved_attribute
 from ._version import __version__
-from .data import Example, collate_examples, load_examples, tokenize_record  # noqa: E402
-from .errors import (  # noqa: E402
-    ConfigError,
-    DataFormatError,
-    FingerprintMismatch,
-    InvalidBatch,
-    InvalidInput,
-    MissingDependency,
-    ModelNotAllowed,
-    RefModelError,
-    RequestTooLarge,
-    ServiceError,
-    ServiceOverloaded,
-    StorageError,
-    StoreCorrupt,
-    StoreMiss,
-    Unauthorized,
-)
-from .logprobs.head import TokenLogprobs, naive_token_logprobs, token_logprobs  # noqa: E402
-from .logprobs.model import head_logprobs, model_logprobs  # noqa: E402
-from .losses import kl  # noqa: E402
-from .losses.advantages import GAE, gae_advantages, group_advantages, rloo_advantages  # noqa: E402
-from .losses.fused_policy import fused_policy_loss  # noqa: E402
-from .losses.kl import AdaptiveKLController, FixedKLController, KLPenalizedRewards, kl_penalized_rewards  # noqa: E402
-from .losses.policy import PolicyLoss, policy_loss  # noqa: E402
-from .models.cache import (  # noqa: E402
-    ModelRegistry,
-    ReferenceModelCache,
-    get_global_reference_cache,
-    load_reference_model,
-)
-from .models.fingerprint import fingerprint  # noqa: E402
-from .models.limits import position_limit  # noqa: E402
-from .models.loading import load_model, load_tokenizer  # noqa: E402  (imports transformers only when called)
-from .models.quantize import QUANT_MODES, quantize_model  # noqa: E402
-from .precompute.config import PrecomputeConfig  # noqa: E402
-from .precompute.job import precompute, repair_store  # noqa: E402
-from .precompute.ray import precompute_on_ray  # noqa: E402  (imports ray only when called)
-from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote stays lazy)
+from .errors import RefModelError
+from .logprobs.head import token_logprobs
+from .logprobs.lm_head import LMHead
+from .logprobs.model import head_logprobs, model_logprobs
+from .models.cache import ReferenceModelCache, get_global_reference_cache
+from .models.fingerprint import fingerprint
+from .precompute.config import PrecomputeConfig
+from .precompute.job import precompute
+from .reference import (  # imports no peft/fastapi/httpx; Remote stays lazy
     AdapterDisabled,
     Frozen,
     Precomputed,
@@ -52,80 +48,86 @@ from .reference import (  # noqa: E402  (imports no peft/fastapi/httpx; Remote s
     ReferenceConfig,
     ReferenceFree,
     Synced,
+    auto,
 )
-from .store import LogprobStore, key_of  # noqa: E402
+from .store import LogprobStore
 
 __all__ = [
-    "kl",
-    "losses",
-    "rl",
     "__version__",
-    "ReferenceClient",
-    "ConfigError",
-    "DataFormatError",
-    "FingerprintMismatch",
-    "InvalidBatch",
-    "InvalidInput",
-    "MissingDependency",
-    "ModelNotAllowed",
-    "RefModelError",
-    "RequestTooLarge",
-    "ServiceError",
-    "ServiceOverloaded",
-    "StoreCorrupt",
-    "StorageError",
-    "StoreMiss",
-    "Unauthorized",
-    "TokenLogprobs",
-    "ModelRegistry",
-    "QUANT_MODES",
-    "ReferenceModelCache",
-    "get_global_reference_cache",
-    "load_reference_model",
-    "load_model",
-    "load_tokenizer",
-    "quantize_model",
-    "LogprobStore",
-    "key_of",
-    "precompute",
-    "repair_store",
-    "position_limit",
-    "precompute_on_ray",
-    "PrecomputeConfig",
-    "Example",
-    "collate_examples",
-    "load_examples",
-    "tokenize_record",
-    "fingerprint",
-    "head_logprobs",
-    "model_logprobs",
-    "naive_token_logprobs",
+    # log-probs
     "token_logprobs",
-    "AdapterDisabled",
-    "Frozen",
-    "Precomputed",
+    "model_logprobs",
+    "head_logprobs",
+    "LMHead",
+    # references
     "Reference",
     "ReferenceConfig",
-    "ReferenceFree",
+    "auto",
+    "Frozen",
+    "AdapterDisabled",
+    "Precomputed",
     "Synced",
-    "AdaptiveKLController",
-    "FixedKLController",
-    "GAE",
-    "KLPenalizedRewards",
-    "PolicyLoss",
-    "fused_policy_loss",
-    "gae_advantages",
-    "group_advantages",
-    "kl_penalized_rewards",
-    "policy_loss",
-    "rloo_advantages",
+    "Remote",
+    "ReferenceFree",
+    # store and precompute
+    "LogprobStore",
+    "PrecomputeConfig",
+    "precompute",
+    # the service's client
+    "ReferenceClient",
+    # models
+    "fingerprint",
+    "ReferenceModelCache",
+    "get_global_reference_cache",
+    # namespaces
+    "losses",
+    "kl",
+    "rl",
+    # errors
+    "RefModelError",
 ]
 
+# Names this package exported before 0.2, each with its home now: they still work, with a FutureWarning.
+_MOVED = {
+    **{name: f"refmodel.errors.{name}" for name in (
+        "ConfigError", "DataFormatError", "FingerprintMismatch", "InvalidBatch", "InvalidInput",
+        "MissingDependency", "ModelNotAllowed", "RequestTooLarge", "ServiceError", "ServiceOverloaded",
+        "StorageError", "StoreCorrupt", "StoreMiss", "Unauthorized")},
+    "TokenLogprobs": "refmodel.logprobs.head.TokenLogprobs",
+    "naive_token_logprobs": "refmodel.logprobs.head.naive_token_logprobs",
+    "ModelRegistry": "refmodel.models.cache.ModelRegistry",
+    "load_reference_model": "refmodel.models.cache.load_reference_model",
+    "load_model": "refmodel.models.loading.load_model",
+    "load_tokenizer": "refmodel.models.loading.load_tokenizer",
+    "QUANT_MODES": "refmodel.models.quantize.QUANT_MODES",
+    "quantize_model": "refmodel.models.quantize.quantize_model",
+    "position_limit": "refmodel.models.limits.position_limit",
+    "key_of": "refmodel.store.key_of",
+    "repair_store": "refmodel.precompute.job.repair_store",
+    "precompute_on_ray": "refmodel.precompute.ray.precompute_on_ray",
+    "Example": "refmodel.data.Example",
+    "collate_examples": "refmodel.data.collate_examples",
+    "load_examples": "refmodel.data.load_examples",
+    "tokenize_record": "refmodel.data.tokenize_record",
+    **{name: f"refmodel.losses.{name}" for name in (
+        "AdaptiveKLController", "FixedKLController", "GAE", "KLPenalizedRewards", "PolicyLoss",
+        "fused_policy_loss", "gae_advantages", "group_advantages", "kl_penalized_rewards", "policy_loss",
+        "rloo_advantages")},
+}
 
-def __getattr__(name: str):
-    # ReferenceClient needs httpx (extra "serve"): import it on first use, not with the package.
+
+def __getattr__(name: str) -> Any:
+    # Remote and ReferenceClient need httpx (extra "serve"): imported on first use, not with the package.
     if name == "ReferenceClient":
         from .remote.client import ReferenceClient
 
         return ReferenceClient
-    raise AttributeError(f"module 'refmodel' has no attribute {name!r}")
+    if name == "Remote":
+        from .reference.remote import Remote
+
+        return Remote
+    return moved_attribute(__name__, name, _MOVED)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

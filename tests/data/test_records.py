@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from refmodel import DataFormatError
 from refmodel.data import load_examples, load_records, write_jsonl
+from refmodel.errors import DataFormatError
 from refmodel.testing import make_tokenizer, preference_pairs
 
 
@@ -125,7 +125,7 @@ def test_bad_records_name_the_record_and_what_is_accepted(tok, record, match):
 
 
 def test_bad_sources_and_settings(tok):
-    from refmodel import ConfigError
+    from refmodel.errors import ConfigError
 
     with pytest.raises(DataFormatError, match="text records need a tokenizer"):
         load_examples([{"prompt": "x", "completion": "y"}])

@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from refmodel import DataFormatError
 from refmodel.data import collate_examples, extract_prompt, load_examples, tokenize_record
+from refmodel.errors import DataFormatError
 from refmodel.testing import TOKENIZER_KINDS, make_tokenizer, preference_pairs
 
 datasets = pytest.importorskip("datasets")

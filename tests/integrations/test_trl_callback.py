@@ -8,12 +8,12 @@ import pytest
 
 pytest.importorskip("trl")
 
-import torch  # noqa: E402
-from transformers import TrainerControl, TrainerState  # noqa: E402
+import torch
+from transformers import TrainerControl, TrainerState
 
-from refmodel import Frozen, LogprobStore, Precomputed  # noqa: E402
-from refmodel.integrations.trl import ReferenceRunner, RefmodelCallback  # noqa: E402
-from refmodel.testing import make_tokenizer, tiny_config  # noqa: E402
+from refmodel import Frozen, LogprobStore, Precomputed
+from refmodel.integrations.trl import ReferenceRunner, RefmodelCallback
+from refmodel.testing import make_tokenizer, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("trl")
 
-import trl  # noqa: E402
-import trl.trainer.dpo_trainer as trl_dpo  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from trl_helpers import (  # noqa: E402
+import trl
+import trl.trainer.dpo_trainer as trl_dpo
+from datasets import Dataset
+from trl_helpers import (
     COMMON,
     ForwardCounter,
     count_model_loads,
@@ -24,8 +24,9 @@ from trl_helpers import (  # noqa: E402
     trl_sequences,
 )
 
-from refmodel import ConfigError, Frozen, LogprobStore, Precomputed, StoreMiss  # noqa: E402
-from refmodel.integrations.trl import DPOTrainer  # noqa: E402
+from refmodel import Frozen, LogprobStore, Precomputed
+from refmodel.errors import ConfigError, StoreMiss
+from refmodel.integrations.trl import DPOTrainer
 
 TOL = 1e-5
 

@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("trl")
 
-import trl  # noqa: E402
-import trl.trainer.dpo_trainer as trl_dpo  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from trl_helpers import (  # noqa: E402
+import trl
+import trl.trainer.dpo_trainer as trl_dpo
+from datasets import Dataset
+from trl_helpers import (
     COMMON,
     count_model_loads,
     first_log,
@@ -22,9 +22,9 @@ from trl_helpers import (  # noqa: E402
     unpaired,
 )
 
-from refmodel import ConfigError  # noqa: E402
-from refmodel.integrations.trl import DPOTrainer, KTOTrainer  # noqa: E402
-from refmodel.testing import run_cli  # noqa: E402
+from refmodel.errors import ConfigError
+from refmodel.integrations.trl import DPOTrainer, KTOTrainer
+from refmodel.testing import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -6,11 +6,11 @@ import pytest
 
 pytest.importorskip("trl")
 
-import torch  # noqa: E402
-import trl  # noqa: E402
-import trl.trainer.grpo_trainer as trl_grpo  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from trl_helpers import (  # noqa: E402
+import torch
+import trl
+import trl.trainer.grpo_trainer as trl_grpo
+from datasets import Dataset
+from trl_helpers import (
     GRPO_COMMON,
     capture_generations,
     count_model_loads,
@@ -22,9 +22,10 @@ from trl_helpers import (  # noqa: E402
     prompts,
 )
 
-from refmodel import ConfigError, Frozen  # noqa: E402
-from refmodel.integrations.trl import GRPOTrainer  # noqa: E402
-from refmodel.integrations.trl.grpo import completion_score_mask  # noqa: E402
+from refmodel import Frozen
+from refmodel.errors import ConfigError
+from refmodel.integrations.trl import GRPOTrainer
+from refmodel.integrations.trl.grpo import completion_score_mask
 
 TEMPERATURE = GRPO_COMMON["temperature"]
 

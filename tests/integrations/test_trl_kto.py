@@ -6,10 +6,10 @@ import pytest
 
 pytest.importorskip("trl")
 
-import trl  # noqa: E402
-import trl.trainer.kto_trainer as trl_kto  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from trl_helpers import (  # noqa: E402
+import trl
+import trl.trainer.kto_trainer as trl_kto
+from datasets import Dataset
+from trl_helpers import (
     COMMON,
     ForwardCounter,
     count_model_loads,
@@ -21,8 +21,8 @@ from trl_helpers import (  # noqa: E402
     unpaired,
 )
 
-from refmodel import Frozen  # noqa: E402
-from refmodel.integrations.trl import KTOTrainer  # noqa: E402
+from refmodel import Frozen
+from refmodel.integrations.trl import KTOTrainer
 
 TOL = 1e-5
 

@@ -31,7 +31,8 @@ from trl_helpers import (  # noqa: E402
     prompts,
 )
 
-from refmodel import ConfigError, Frozen  # noqa: E402
+from refmodel import Frozen  # noqa: E402
+from refmodel.errors import ConfigError  # noqa: E402
 from refmodel.integrations.trl import DPOTrainer, GRPOTrainer  # noqa: E402
 from refmodel.integrations.trl.grpo import completion_score_mask  # noqa: E402
 from refmodel.reference import Remote  # noqa: E402

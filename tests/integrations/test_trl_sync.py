@@ -9,16 +9,16 @@ import pytest
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-import torch  # noqa: E402
-import trl  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-from trl.trainer.callbacks import SyncRefModelCallback  # noqa: E402
-from trl_helpers import COMMON, load, make_models, pairs  # noqa: E402
+import torch
+import trl
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import TrainerCallback
+from trl.trainer.callbacks import SyncRefModelCallback
+from trl_helpers import COMMON, load, make_models, pairs
 
-from refmodel import ReferenceConfig, Synced, model_logprobs  # noqa: E402
-from refmodel.integrations.trl import DPOTrainer  # noqa: E402
+from refmodel import ReferenceConfig, Synced, model_logprobs
+from refmodel.integrations.trl import DPOTrainer
 
 
 @pytest.fixture(scope="module")

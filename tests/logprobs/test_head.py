@@ -10,7 +10,9 @@ exact fp32 products of the bf16 values, so the same 1e-4; without it the logits 
 import pytest
 import torch
 
-from refmodel import InvalidInput, TokenLogprobs, naive_token_logprobs, token_logprobs
+from refmodel import token_logprobs
+from refmodel.errors import InvalidInput
+from refmodel.logprobs import TokenLogprobs, naive_token_logprobs
 
 TRANSFORMS = [
     dict(),

@@ -7,7 +7,8 @@ padded batches running different matmul shapes).
 import pytest
 import torch
 
-from refmodel import InvalidBatch, head_logprobs, model_logprobs
+from refmodel import head_logprobs, model_logprobs
+from refmodel.errors import InvalidBatch
 from refmodel.logprobs.head import naive_token_logprobs
 from refmodel.logprobs.model import logit_transform
 from refmodel.testing import load_tiny
@@ -195,7 +196,7 @@ def test_use_liger_without_cuda_falls_back_to_the_fused_op_and_says_so(tiny, cap
 @pytest.mark.gpu
 def test_liger_on_gpu_matches_the_naive_log_softmax():
     pytest.importorskip("liger_kernel")
-    from refmodel import naive_token_logprobs
+    from refmodel.logprobs import naive_token_logprobs
     from refmodel.logprobs.liger import liger_token_logprobs
 
     g = torch.Generator(device="cuda").manual_seed(0)

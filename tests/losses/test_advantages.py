@@ -7,7 +7,8 @@ import statistics
 import pytest
 import torch
 
-from refmodel import InvalidInput, gae_advantages, group_advantages, rloo_advantages
+from refmodel.errors import InvalidInput
+from refmodel.losses import gae_advantages, group_advantages, rloo_advantages
 
 REWARDS = torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0, 3.0, 3.0, 0.0, 1.0], dtype=torch.float64)
 

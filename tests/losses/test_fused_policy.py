@@ -11,8 +11,10 @@ import pytest
 import torch
 from loss_helpers import MatmulFlops, lora_head_policy
 
-from refmodel import InvalidInput, fused_policy_loss, policy_loss, token_logprobs
+from refmodel import token_logprobs
+from refmodel.errors import InvalidInput
 from refmodel.logprobs.model import backbone_of, unwrap_causal_lm
+from refmodel.losses import fused_policy_loss, policy_loss
 from refmodel.losses.kl import LMHead, exact
 from refmodel.losses.policy import LOSS_AGG_MODES, LOSS_TYPES
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from refmodel import InvalidInput
+from refmodel.errors import InvalidInput
 from refmodel.losses.kl import AdaptiveKLController, KLMonitor, estimate
 
 N = 200_000

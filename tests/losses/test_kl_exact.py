@@ -14,8 +14,9 @@ import torch
 from loss_helpers import MatmulFlops, lora_head_policy
 
 import refmodel
-from refmodel import ConfigError, InvalidInput, policy_loss
+from refmodel.errors import ConfigError, InvalidInput
 from refmodel.logprobs.model import backbone_of, unwrap_causal_lm
+from refmodel.losses import policy_loss
 from refmodel.losses.kl import LMHead, exact, naive_exact
 from refmodel.testing import load_tiny
 
@@ -148,7 +149,7 @@ def test_as_the_loss_kl_estimator_full():
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     mask = torch.rand(B, T, generator=g) > 0.2
     losses, grads = [], []
-    for logp_fn, kl_fn in ((refmodel.token_logprobs, exact), (refmodel.naive_token_logprobs, naive_exact)):
+    for logp_fn, kl_fn in ((refmodel.token_logprobs, exact), (refmodel.logprobs.naive_token_logprobs, naive_exact)):
         out = policy_loss(logp_fn(hp, w, targets), None, adv, mask, loss_type="grpo", beta=0.1,
                           kl_estimator="full", full_kl=kl_fn(hp, w, hr, w, mask))
         losses.append(out.loss)

@@ -12,14 +12,8 @@ import re
 import pytest
 import torch
 
-from refmodel import (
-    AdaptiveKLController,
-    ConfigError,
-    FixedKLController,
-    InvalidInput,
-    kl_penalized_rewards,
-    policy_loss,
-)
+from refmodel.errors import ConfigError, InvalidInput
+from refmodel.losses import AdaptiveKLController, FixedKLController, kl_penalized_rewards, policy_loss
 from refmodel.losses.policy import LOSS_AGG_MODES, LOSS_TYPES
 
 B, T = 4, 6

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from refmodel import InvalidInput
+from refmodel.errors import InvalidInput
 from refmodel.losses.preference import dpo, kto, orpo, simpo
 
 

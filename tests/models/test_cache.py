@@ -12,16 +12,14 @@ import pytest
 import torch
 
 from refmodel import (
-    ConfigError,
-    ModelNotAllowed,
-    ModelRegistry,
     ReferenceModelCache,
     RefModelError,
     fingerprint,
     get_global_reference_cache,
-    load_reference_model,
     model_logprobs,
 )
+from refmodel.errors import ConfigError, ModelNotAllowed
+from refmodel.models.cache import ModelRegistry, load_reference_model
 from refmodel.models.quantize import model_nbytes
 from refmodel.testing import load_tiny, make_tiny_model
 
@@ -63,7 +61,7 @@ def run_threads(n, fn):
         barrier.wait()
         try:
             results[i] = fn()
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertions
+        except BaseException as exc:
             errors[i] = exc
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]

@@ -28,7 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from refmodel import ConfigError, Frozen, InvalidInput, ModelNotAllowed, ReferenceConfig, model_logprobs
+from refmodel import Frozen, ReferenceConfig, model_logprobs
+from refmodel.errors import ConfigError, InvalidInput, ModelNotAllowed
 from refmodel.models.cache import ReferenceModelCache
 from refmodel.models.loading import (
     check_model_folder,
@@ -183,7 +184,7 @@ def test_precompute_and_ray_scorer_refuse_before_any_store(hostile, kind, tmp_pa
     with pytest.raises(ModelNotAllowed, match=REFUSAL[kind]):  # what every Ray actor runs first
         ShardScorer(str(folder), max_tokens_per_batch=64, temperature=1.0, share_prompt=True, pad_id=0)
     if importlib.util.find_spec("ray") is not None:
-        from refmodel import precompute_on_ray
+        from refmodel.precompute.ray import precompute_on_ray
 
         # refused on the driver, before it even tries to reach the (unreachable) cluster
         with pytest.raises(ModelNotAllowed, match=REFUSAL[kind]):

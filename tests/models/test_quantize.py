@@ -8,15 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from refmodel import (
-    QUANT_MODES,
-    ConfigError,
-    fingerprint,
-    load_reference_model,
-    model_logprobs,
-    quantize_model,
-)
-from refmodel.models.quantize import model_nbytes, tensor_nbytes
+from refmodel import fingerprint, model_logprobs
+from refmodel.errors import ConfigError
+from refmodel.models.cache import load_reference_model
+from refmodel.models.quantize import QUANT_MODES, model_nbytes, quantize_model, tensor_nbytes
 from refmodel.testing import builtin_dataset_path, load_tiny, run_cli
 from refmodel.tools.quantize_report import read_pairs
 

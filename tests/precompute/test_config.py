@@ -9,8 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from refmodel import ConfigError, InvalidInput, PrecomputeConfig, fingerprint
+from refmodel import PrecomputeConfig, fingerprint
 from refmodel.cli.main import main, precompute_cmd
+from refmodel.errors import ConfigError, InvalidInput
 from refmodel.precompute.job import precompute
 from refmodel.precompute.ray import ShardScorer
 from refmodel.testing import load_tiny, preference_pairs

@@ -14,8 +14,9 @@ import pytest
 import torch
 from precompute_helpers import kill_after_shards
 
-from refmodel import ConfigError, fingerprint, model_logprobs
+from refmodel import fingerprint, model_logprobs
 from refmodel.data import load_examples
+from refmodel.errors import ConfigError
 from refmodel.precompute.job import precompute
 from refmodel.store import LogprobStore
 from refmodel.testing import load_tiny, preference_pairs, run_cli, write_jsonl

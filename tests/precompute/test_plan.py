@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 from precompute_helpers import assert_store_follows_plan
 
-from refmodel import ConfigError, PrecomputeConfig, fingerprint
+from refmodel import PrecomputeConfig, fingerprint
+from refmodel.errors import ConfigError
 from refmodel.precompute.job import precompute
 from refmodel.precompute.plan import PrecomputePlan, load_scoring_model, plan_precompute
 from refmodel.testing import load_tiny, preference_pairs

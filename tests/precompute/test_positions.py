@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig
 
-from refmodel import InvalidInput, model_logprobs
+from refmodel import model_logprobs
+from refmodel.errors import InvalidInput
 from refmodel.models.limits import position_limit
 from refmodel.precompute.job import precompute
 from refmodel.testing import load_tiny, run_cli

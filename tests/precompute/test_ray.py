@@ -21,7 +21,7 @@ from precompute_helpers import assert_store_follows_plan, kill_after_shards
 from safetensors.numpy import load_file
 
 import refmodel
-from refmodel import ConfigError
+from refmodel.errors import ConfigError
 from refmodel.precompute.config import PrecomputeConfig
 from refmodel.precompute.job import precompute
 from refmodel.precompute.plan import load_scoring_model, plan_precompute
@@ -204,7 +204,7 @@ def test_flag_errors(ray_address, job, tmp_path):
         with pytest.raises(ConfigError, match=r"--gpus-per-worker 1 asks for GPUs, but the Ray cluster has 0 GPU"):
             precompute_on_ray(model_dir, data, tmp_path / "g", gpus_per_worker=1, progress=False)
         assert not (tmp_path / "g").exists()  # refused before anything was written
-    with pytest.raises(refmodel.InvalidInput, match="num_workers must be >= 1"):
+    with pytest.raises(refmodel.errors.InvalidInput, match="num_workers must be >= 1"):
         precompute_on_ray(model_dir, data, tmp_path / "g", num_workers=0)
 
 

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from refmodel import ConfigError, FingerprintMismatch, StoreCorrupt
 from refmodel.data import load_examples
+from refmodel.errors import ConfigError, FingerprintMismatch, StoreCorrupt
 from refmodel.precompute.job import precompute, repair_store
 from refmodel.store import LogprobStore
 from refmodel.testing import load_tiny, preference_pairs, run_cli, write_jsonl

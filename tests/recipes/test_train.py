@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from refmodel import ConfigError, model_logprobs
+from refmodel import model_logprobs
 from refmodel.data import collate_examples
+from refmodel.errors import ConfigError
 from refmodel.recipes.train import TrainConfig, accumulate_gradients, tokenize_preferences, train
 from refmodel.testing import load_tiny, preference_pairs
 

@@ -180,7 +180,7 @@ def test_the_old_names_are_deprecated_aliases(llama):
             warnings.simplefilter("always")
             ref = call()
         assert isinstance(ref, Frozen) and ref.temperature == temperature
-        assert any(issubclass(w.category, DeprecationWarning) and "refmodel.reference.resolve" in str(w.message)
+        assert any(issubclass(w.category, FutureWarning) and "refmodel.reference.resolve" in str(w.message)
                    for w in caught)
 
 

@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from refmodel import (
+from refmodel import ReferenceClient
+from refmodel.errors import (
     ConfigError,
     InvalidBatch,
     ModelNotAllowed,
-    ReferenceClient,
     RequestTooLarge,
     ServiceError,
     ServiceOverloaded,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from refmodel import (
+from refmodel import ReferenceClient
+from refmodel.errors import (
     ConfigError,
     DataFormatError,
     FingerprintMismatch,
     InvalidBatch,
     InvalidInput,
     ModelNotAllowed,
-    ReferenceClient,
     RequestTooLarge,
     ServiceError,
     ServiceOverloaded,

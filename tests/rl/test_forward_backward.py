@@ -8,9 +8,10 @@ import pytest
 import torch
 from rl_helpers import make_rollouts
 
-from refmodel import get_global_reference_cache, load_reference_model, model_logprobs, policy_loss
+from refmodel import get_global_reference_cache, model_logprobs
 from refmodel.errors import ConfigError, InvalidBatch, ModelNotAllowed
-from refmodel.losses import PolicyLossConfig
+from refmodel.losses import PolicyLossConfig, policy_loss
+from refmodel.models.cache import load_reference_model
 from refmodel.reference import Frozen
 from refmodel.rl import forward_backward, group_advantages, kl_monitor
 from refmodel.testing import load_tiny

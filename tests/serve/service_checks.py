@@ -19,8 +19,9 @@ import pytest
 import torch
 from serve_helpers import TOKEN
 
-from refmodel import InvalidBatch, ModelNotAllowed, ReferenceClient, RequestTooLarge, Unauthorized
+from refmodel import ReferenceClient
 from refmodel import fingerprint as model_fingerprint
+from refmodel.errors import InvalidBatch, ModelNotAllowed, RequestTooLarge, Unauthorized
 from refmodel.logprobs.model import model_logprobs
 from refmodel.reference import Remote
 from refmodel.remote import wire

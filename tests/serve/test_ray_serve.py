@@ -21,7 +21,8 @@ import torch
 from serve_helpers import MAIN_LIMITS, TOKEN, Endpoint, make_tiny_reward_model, write_token_file
 from service_checks import ServiceClientChecks, random_rows
 
-from refmodel import ReferenceClient, ServiceOverloaded
+from refmodel import ReferenceClient
+from refmodel.errors import ServiceOverloaded
 from refmodel.logprobs.model import model_logprobs
 from refmodel.testing import free_port, load_tiny, run_cli, subprocess_env
 
@@ -159,7 +160,7 @@ def test_replicas_without_ray_is_a_usage_error():
 
 
 def test_a_missing_model_folder_is_refused_before_a_local_cluster_starts(monkeypatch):
-    from refmodel import ConfigError
+    from refmodel.errors import ConfigError
     from refmodel.serve.ray_serve import run_ray_server
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

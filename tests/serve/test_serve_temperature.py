@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from refmodel import Frozen, InvalidBatch, model_logprobs
+from refmodel import Frozen, model_logprobs
+from refmodel.errors import InvalidBatch
 from refmodel.remote import wire
 from refmodel.serve.runners import _describe
 from refmodel.serve.validate import FieldError, Limits, Sequence, check_block, check_sequences

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from refmodel import ConfigError, InvalidBatch, ServiceOverloaded
+from refmodel.errors import ConfigError, InvalidBatch, ServiceOverloaded
 from refmodel.reference import choose_placement
 from refmodel.remote import wire
 from refmodel.serve.batcher import Batcher, LocalBatcher, run_per_request

@@ -17,7 +17,8 @@ from serve_helpers import HARDENED_TIMEOUT_S as TIMEOUT_S
 from serve_helpers import POSITIONS, TOKEN
 from service_checks import ATOL, expected, random_rows
 
-from refmodel import ReferenceClient, RequestTooLarge, Unauthorized
+from refmodel import ReferenceClient
+from refmodel.errors import RequestTooLarge, Unauthorized
 from refmodel.remote import wire
 from refmodel.testing import free_port, load_tiny, subprocess_env
 

@@ -44,7 +44,7 @@ def in_background(fn, *args):
     def run():
         try:
             out["value"] = fn(*args)
-        except Exception as exc:  # noqa: BLE001 - reported by the test
+        except Exception as exc:
             out["error"] = exc
     thread = threading.Thread(target=run)
     thread.start()

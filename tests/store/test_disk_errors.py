@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from refmodel import StorageError
+from refmodel.errors import StorageError
 from refmodel.store import LogprobStore
 from refmodel.testing import preference_pairs, run_cli, write_jsonl
 

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from refmodel import DataFormatError
+from refmodel.errors import DataFormatError
 from refmodel.store.interop import import_halos
 from refmodel.testing import subprocess_env
 
@@ -30,7 +30,7 @@ def test_small_pickle_of_shared_nested_lists_is_refused_with_bounded_memory(tmp_
     assert pkl.stat().st_size < 200
     script = textwrap.dedent(f"""
         import resource, sys
-        from refmodel import DataFormatError
+        from refmodel.errors import DataFormatError
         from refmodel.store.interop import import_halos
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:

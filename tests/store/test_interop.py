@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refmodel import DataFormatError, StoreMiss
 from refmodel.data import Example
+from refmodel.errors import DataFormatError, StoreMiss
 from refmodel.store import LogprobStore
 from refmodel.store.interop import trl_columns
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from refmodel import StoreCorrupt
+from refmodel.errors import StoreCorrupt
 from refmodel.store import LogprobStore
 from refmodel.testing import run_cli
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from refmodel import ConfigError, FingerprintMismatch, StoreCorrupt, StoreMiss
+from refmodel.errors import ConfigError, FingerprintMismatch, StoreCorrupt, StoreMiss
 from refmodel.store import LogprobStore, key_of
 
 # Relative rounding error of each storage dtype (round to nearest: half an ulp of the mantissa).

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from refmodel import StoreCorrupt
 from refmodel.data import Example
+from refmodel.errors import StoreCorrupt
 from refmodel.store import LogprobStore, key_of
 from refmodel.store.format import SUM_IN_CRC, VERSION
 from refmodel.store.interop import trl_columns

@@ -101,7 +101,7 @@ def extract_prompt(chosen, rejected, where: str = "record"):
         raise DataFormatError(f"{where}: 'chosen' or 'rejected' is empty, so no prompt can be extracted from "
                               "their common prefix; give an explicit 'prompt'")
     idx = 0
-    for idx in range(n):  # noqa: B007  (TRL uses the loop variable after the loop)
+    for idx in range(n):
         if chosen[idx] != rejected[idx]:
             if chosen[idx - 1] == " ":  # TRL: "remove space before the prompt"
                 idx -= 1

@@ -1,7 +1,7 @@
 """The LM head of a causal LM as one linear map plus the model's logit transform: :class:`LMHead`.
 
 The log-prob kernel (:func:`refmodel.head_logprobs`), the exact KL (:func:`refmodel.kl.exact`) and the fused
-policy loss (:func:`refmodel.fused_policy_loss`) all take the head in this one form:
+policy loss (:func:`refmodel.losses.fused_policy_loss`) all take the head in this one form:
 
     z = f([h, s_1 drop_1(h) A_1^T, ...] @ [W, B_1, ...]^T + b),   f = the logit transform (logit scale, soft-cap)
 

@@ -121,7 +121,7 @@ def model_logprobs(
         use_fused_linear_logprobs: False runs the model's own head and ``log_softmax`` (full logits).
         cast_logprobs_to_fp32: float32 logits and accumulation whatever the compute dtype.
         use_liger: use Liger's fused kernel when installed and on CUDA (else the built-in op).
-        return_entropy: return a :class:`~refmodel.TokenLogprobs` with per-position entropy too.
+        return_entropy: return a :class:`~refmodel.logprobs.TokenLogprobs` with per-position entropy too.
     """
     temperature = validation.temperature(temperature)  # also on the paths that skip token_logprobs' check
     causal = unwrap_causal_lm(model)
@@ -160,7 +160,7 @@ def head_logprobs(
     Goes through ``model``'s LM head the way its own forward would: PEFT adapters on the head folded in
     exactly, the config's logit scale and final soft-cap applied; the ``[B, T, V]`` logits are never
     built. A head that is not a linear map (DoRA, a quantized layer) runs as a module on the scored
-    rows only. Returns ``[B, T]`` float32 (or :class:`~refmodel.TokenLogprobs` with entropy), in nats.
+    rows only. Returns ``[B, T]`` float32 (or :class:`~refmodel.logprobs.TokenLogprobs` with entropy), in nats.
     """
     temperature = validation.temperature(temperature)  # the module-head and Liger paths skip token_logprobs
     causal = unwrap_causal_lm(model)

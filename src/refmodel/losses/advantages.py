@@ -83,7 +83,7 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
 
     Args:
         rewards: ``[B, T]`` per-token rewards (e.g. the score at the last token minus a per-token KL penalty,
-            :func:`refmodel.kl_penalized_rewards`). values: ``[B, T]`` critic values. mask: ``[B, T]``.
+            :func:`refmodel.losses.kl_penalized_rewards`). values: ``[B, T]`` critic values. mask: ``[B, T]``.
         gamma, lam: discount and GAE lambda (verl/TRL PPO defaults 1.0 and 0.95).
         whiten: normalize the advantages to zero mean / unit variance over the masked tokens (verl
             ``masked_whiten``, TRL PPO ``whiten_rewards``-style).

@@ -193,7 +193,7 @@ def fused_policy_loss(
     fp32_accumulation: bool = True,
     **options: Any,
 ) -> PolicyLoss:
-    """:func:`refmodel.policy_loss` computed from hidden states with the LM head fused in (module docstring).
+    """:func:`refmodel.losses.policy_loss` computed from hidden states with the LM head fused in (module docstring).
 
     Args:
         hidden: ``[B, T, H]`` final hidden states, position ``t`` predicting ``targets[:, t]`` (shift as for
@@ -202,8 +202,8 @@ def fused_policy_loss(
             logit scale, soft-cap and LoRA adapters (folded in; they train); then leave ``head_bias``,
             ``logit_scale`` and ``softcap`` unset.
         targets: ``[B, T]`` sampled token ids; only positions in ``mask`` are read (others may hold -100).
-        old_logps, advantages, mask: as :func:`refmodel.policy_loss`.
-        config, ref_logps, rollout_logps, full_kl, num_items_in_batch: as :func:`refmodel.policy_loss`.
+        old_logps, advantages, mask: as :func:`refmodel.losses.policy_loss`.
+        config, ref_logps, rollout_logps, full_kl, num_items_in_batch: as :func:`refmodel.losses.policy_loss`.
         temperature, logit_scale, softcap: the logit transform (as ``token_logprobs``; the sampling temperature).
         chunk_size: rows per block (default ``max(16, 24 * 2**20 // V)``: 786 rows at V = 32000).
         **options: the fields of :class:`~refmodel.losses.PolicyLossConfig` as keywords, when ``config`` is None

@@ -17,7 +17,7 @@ carry the ``+`` suffix (verl PR #2953: the value of the estimator, the gradient 
 masked *before* any ``exp`` so padding can never produce ``inf * 0 = nan`` (ms-swift PR #9767).
 
 KL controllers (:class:`FixedKLController`, :class:`AdaptiveKLController`) hold the coefficient for
-either placement: pass one as ``beta`` to :func:`refmodel.policy_loss` (KL in the loss) or as
+either placement: pass one as ``beta`` to :func:`refmodel.losses.policy_loss` (KL in the loss) or as
 ``kl_coef`` to :func:`kl_penalized_rewards` (KL in the reward), and feed the measured KL to
 ``update``. :func:`exact` is the full-vocabulary KL computed from hidden states.
 """
@@ -204,7 +204,7 @@ class FixedKLController:
 
     ``value`` is the coefficient; :meth:`update` accepts the measured KL and changes nothing, so code
     written for :class:`AdaptiveKLController` runs unchanged. Usable in both placements (``beta`` of
-    :func:`refmodel.policy_loss`, ``kl_coef`` of :func:`kl_penalized_rewards`).
+    :func:`refmodel.losses.policy_loss`, ``kl_coef`` of :func:`kl_penalized_rewards`).
     """
 
     def __init__(self, kl_coef: float):
@@ -227,7 +227,7 @@ class AdaptiveKLController:
     ``target_kl``, ``horizon``; OpenRLHF ``--algo.kl.target``, ``--algo.kl.horizon``).
 
     Usable for *both* placements, unlike verl's (in-reward only) and OpenRLHF's (a TODO for the loss):
-    the coefficient is ``value``; pass the controller itself as ``beta`` of :func:`refmodel.policy_loss`
+    the coefficient is ``value``; pass the controller itself as ``beta`` of :func:`refmodel.losses.policy_loss`
     and feed ``PolicyLoss.kl`` to :meth:`update`, or as ``kl_coef`` of :func:`kl_penalized_rewards` and
     feed the batch mean of its per-sequence ``kl``. ``n_steps`` is the number of samples (verl passes the
     batch size) or steps the KL was measured over, in the unit ``horizon`` counts.

@@ -182,7 +182,7 @@ def exact(
     Returns:
         ``[B, T]`` (or ``[N]``) float32 (float64 for float64 inputs), >= 0 up to rounding, differentiable with
         respect to ``policy_hidden`` and the policy head (weight, bias). Use it as ``full_kl`` of
-        :func:`refmodel.policy_loss` (``kl_estimator="full"``) or, detached, as the true KL to monitor.
+        :func:`refmodel.losses.policy_loss` (``kl_estimator="full"``) or, detached, as the true KL to monitor.
     """
     ph, rh = _as_head(policy_head, "policy_head"), _as_head(ref_head, "ref_head")
     for name, hidden, head in (("policy", policy_hidden, ph), ("ref", ref_hidden, rh)):

@@ -71,7 +71,7 @@ from .policy_terms import (
 
 @dataclass(frozen=True)
 class PolicyLoss:
-    """The result of :func:`policy_loss` and :func:`refmodel.fused_policy_loss`.
+    """The result of :func:`policy_loss` and :func:`refmodel.losses.fused_policy_loss`.
 
     Every field except ``loss`` and ``per_token_loss`` is detached. Scalars are 0-dim float tensors (no
     device sync; ``float(x)`` to log them); ``None`` where the quantity does not apply.

@@ -1,6 +1,6 @@
-"""``PolicyLossConfig``: every option of :func:`refmodel.policy_loss`, with its default, validated once.
+"""``PolicyLossConfig``: every option of :func:`refmodel.losses.policy_loss`, with its default, validated once.
 
-The one owner of the policy loss's options: :func:`refmodel.policy_loss`, :func:`refmodel.fused_policy_loss`,
+The one owner of the policy loss's options: :func:`refmodel.losses.policy_loss`, :func:`refmodel.losses.fused_policy_loss`,
 :func:`refmodel.rl.forward_backward` and the GRPO recipe all take one (their option keywords are a convenience
 that builds it, :func:`build_config`), and the per-token math (:mod:`.policy_terms`) reads it. Build it once
 per run and pass it to every step::

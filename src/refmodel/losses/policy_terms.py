@@ -1,4 +1,4 @@
-"""The per-token math shared by :func:`refmodel.policy_loss` and :func:`refmodel.fused_policy_loss`.
+"""The per-token math shared by :func:`refmodel.losses.policy_loss` and :func:`refmodel.losses.fused_policy_loss`.
 
 Options are validated once (:class:`~refmodel.losses.policy_config.PolicyLossConfig`, which every function here
 reads); :func:`token_losses` is the only place the per-token policy/KL formulas live (see

@@ -1,6 +1,6 @@
 """``PrecomputeConfig``: every precompute setting, each default written once.
 
-:func:`refmodel.precompute`, :func:`refmodel.precompute_on_ray`, the Ray scorer and ``refmodel precompute``
+:func:`refmodel.precompute`, :func:`refmodel.precompute.ray.precompute_on_ray`, the Ray scorer and ``refmodel precompute``
 (whose ``--help`` shows these defaults) all take their settings from it.
 """
 
@@ -30,7 +30,7 @@ class PrecomputeConfig:
     model stays where it is, a model folder goes to CUDA when present; single-process only, Ray actors
     use ``gpus_per_worker``), ``model_dtype`` (the weights' dtype when loading a model folder; ``auto``: as saved).
     Job: ``shard_examples`` examples per shard (the unit of crash recovery), ``resume``, ``progress``.
-    Ray (:func:`refmodel.precompute_on_ray` only): ``ray_address``, ``num_workers``, ``gpus_per_worker``,
+    Ray (:func:`refmodel.precompute.ray.precompute_on_ray` only): ``ray_address``, ``num_workers``, ``gpus_per_worker``,
     ``cpus_per_worker``, ``max_task_retries``.
     """
 

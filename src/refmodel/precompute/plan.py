@@ -1,6 +1,6 @@
 """The precompute plan: what a run will do, decided once by :func:`plan_precompute` for every driver.
 
-:func:`refmodel.precompute` (one process) and :func:`refmodel.precompute_on_ray` (an actor pool) both call
+:func:`refmodel.precompute` (one process) and :func:`refmodel.precompute.ray.precompute_on_ray` (an actor pool) both call
 :func:`plan_precompute` and then only score and write what the :class:`PrecomputePlan` says: the same
 fingerprint, storage dtype, pad id, shards and job description in the manifest. Whichever driver runs,
 and whichever resumes the other's store, the same inputs give the same plan; the bytes then match

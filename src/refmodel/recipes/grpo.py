@@ -13,8 +13,8 @@ One step (Shao et al. 2024, DeepSeekMath, Sec. 4; TRL's ``GRPOTrainer`` names):
 5. ``num_iterations`` optimizer steps over the batch, each with ``grad_accum_steps`` micro-batches
    whose losses are weighted so that the accumulated gradient is the whole batch's, then
    ``reference.on_step(step, policy)`` (a ``Synced`` reference moves here); the loss is
-   :func:`refmodel.policy_loss` on :func:`refmodel.model_logprobs`, or with ``use_fused_policy_loss``
-   :func:`refmodel.fused_policy_loss` on the hidden states (same values; no entropy metric);
+   :func:`refmodel.losses.policy_loss` on :func:`refmodel.model_logprobs`, or with ``use_fused_policy_loss``
+   :func:`refmodel.losses.fused_policy_loss` on the hidden states (same values; no entropy metric);
 6. metrics (JSONL): reward mean/std, the exact KL (full vocabulary, on the rollout's tokens) and
    the estimated one (``kl_estimator`` on the sampled tokens), clip fraction, entropy, IS ratio
    stats and the sampler/trainer log-prob gap, and the time in rollout / reward / reference / old /
@@ -30,7 +30,6 @@ import logging
 import math
 import random
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._deprecation import warn_deprecated
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
@@ -77,7 +77,7 @@ class GRPOConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     micro_batch_size: int = 8  # rows per no-grad scoring call (does not change the result)
     importance_sampling_correction: bool = False  # correct for the sampler/trainer gap (forces the old pass)
-    use_fused_policy_loss: bool = False  # refmodel.fused_policy_loss: the loss inside the LM head (no entropy metric)
+    use_fused_policy_loss: bool = False  # refmodel.losses.fused_policy_loss: the loss inside the LM head (no entropy metric)
     max_steps: int = 300  # rollout batches
     seed: int = 0
     kl_threshold: float | None = None
@@ -173,8 +173,8 @@ def compute_rewards(reward_funcs: Sequence, rollouts: Rollouts, weights: Sequenc
 def resolve_rl_reference(policy: nn.Module, reference, cfg: GRPOConfig):
     """Deprecated: ``None if cfg.beta == 0 else refmodel.reference.resolve(reference, policy,
     temperature=cfg.temperature)``."""
-    warnings.warn("refmodel.recipes.grpo.resolve_rl_reference is deprecated; use refmodel.reference.resolve("
-                  "reference, policy, temperature=cfg.temperature)", DeprecationWarning, stacklevel=2)
+    warn_deprecated("refmodel.recipes.grpo.resolve_rl_reference",
+                    "refmodel.reference.resolve(reference, policy, temperature=cfg.temperature)")
     return None if cfg.beta == 0 else resolve(reference, policy, temperature=cfg.temperature, who="grpo")
 
 
@@ -247,7 +247,7 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
 
 def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, temperature,
                 config: PolicyLossConfig):
-    """:func:`refmodel.fused_policy_loss` on the policy's final hidden states (the loss fused into the head).
+    """:func:`refmodel.losses.fused_policy_loss` on the policy's final hidden states (the loss fused into the head).
 
     Everything is shifted by one position (hidden state ``t`` predicts token ``t + 1``), as in
     :func:`refmodel.model_logprobs`.

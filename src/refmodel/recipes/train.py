@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._deprecation import warn_deprecated
 from ..data import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TRUNCATION_MODE,
@@ -255,8 +256,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, seed: int = 0) -> nn
 
 def resolve_reference(policy: nn.Module, reference):
     """Deprecated: ``refmodel.reference.resolve(reference, policy)`` (note the argument order)."""
-    warnings.warn("refmodel.recipes.train.resolve_reference(policy, reference) is deprecated; use "
-                  "refmodel.reference.resolve(reference, policy)", DeprecationWarning, stacklevel=2)
+    warn_deprecated("refmodel.recipes.train.resolve_reference(policy, reference)",
+                    "refmodel.reference.resolve(reference, policy)")
     return resolve(reference, policy)
 
 

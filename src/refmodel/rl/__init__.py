@@ -1,6 +1,6 @@
 """RL with a reference: rollouts, old/reference log-probs once per rollout batch, ``forward_backward``.
 
-``policy_loss_fn`` (= :func:`refmodel.policy_loss`) and ``group_advantages`` are re-exported for the loop.
+``policy_loss_fn`` (= :func:`refmodel.losses.policy_loss`) and ``group_advantages`` are re-exported for the loop.
 """
 
 from ..losses.advantages import group_advantages

@@ -42,7 +42,7 @@ from ..models.loading import weights_bytes
 log = logging.getLogger(__name__)
 
 LOSS_FNS: tuple[str, ...] = LOSS_TYPES
-# the options of refmodel.policy_loss (PolicyLossConfig's fields; the loss type is loss_fn), and its per-step input
+# the options of refmodel.losses.policy_loss (PolicyLossConfig's fields; the loss type is loss_fn), and its per-step input
 _LOSS_KEYS = set(OPTION_NAMES) - {"loss_type"}
 _CALL_KEYS = {"num_items_in_batch"}
 _OWN_KEYS = {"reference_model", "temperature", "quantize", "kl_threshold", "remote_url", "remote_token",
@@ -162,7 +162,7 @@ def forward_backward(policy: nn.Module, batch, loss_fn: str | None = None, loss_
     registered name; needed when ``beta != 0``), ``temperature`` (the sampling temperature, 1.0),
     ``quantize`` (None: the cache's default), ``kl_threshold`` (nats/token, warn above; default 1.0),
     ``remote_url`` / ``max_local_bytes`` / ``remote_token`` (per-call service routing) and
-    ``num_items_in_batch`` (as :func:`refmodel.policy_loss`).
+    ``num_items_in_batch`` (as :func:`refmodel.losses.policy_loss`).
     ``metrics``: ``loss``, ``pg_loss``, ``kl_divergence`` (per completion token, on the sampled tokens),
     ``clip_fraction``, ``entropy``, ``tokens``.
     """

@@ -9,7 +9,7 @@ a typed :class:`Rollouts` laid out as every refmodel scorer expects:
     completion_mask [B, T]: the completion tokens, EOS included (the tokens a policy loss scores)
 
 ``B = len(prompts) * num_generations``; rows of one prompt are adjacent (``group_index`` says which
-prompt a row belongs to, as ``refmodel.group_advantages`` expects). ``sampler_logps`` ``[B, T]`` are
+prompt a row belongs to, as ``refmodel.losses.group_advantages`` expects). ``sampler_logps`` ``[B, T]`` are
 the log-probs of the *processed* distribution the tokens were drawn from (after temperature, top-k,
 top-p: what vLLM reports as ``processed_logprobs``), aligned like :func:`refmodel.model_logprobs`.
 With top-k/top-p they are renormalised over the kept support, so they differ from the trainer's

@@ -1,7 +1,7 @@
 """Dynamic batching: concurrent requests' sequences merge into token-budgeted batches.
 
 Each model has one :class:`Batcher`. ``submit`` admits a request's sequences (or raises
-:class:`~refmodel.ServiceOverloaded` when ``max_queue`` would be exceeded) and awaits their results.
+:class:`~refmodel.errors.ServiceOverloaded` when ``max_queue`` would be exceeded) and awaits their results.
 A single loop forms batches in arrival order: a batch closes when adding the next sequence would
 exceed ``max_batch_tokens`` padded tokens (rows x longest row) or when its oldest sequence has waited
 ``max_wait_s``. The model runs in a worker thread, so the event loop keeps accepting, validating and
@@ -89,7 +89,7 @@ class Batcher(Protocol):
     async def submit(self, payloads: list, tokens: list[int]) -> list:
         """Admit one request's sequences (``tokens[i]``: length of sequence i); their results, in order.
 
-        Raises :class:`~refmodel.ServiceOverloaded` (429/503) when not admitted, or the error of the
+        Raises :class:`~refmodel.errors.ServiceOverloaded` (429/503) when not admitted, or the error of the
         model run that failed on this request's own rows.
         """
         ...
@@ -124,7 +124,7 @@ def run_per_request(run_batch: Callable[[list], Sequence], payloads: list, owner
     """
     try:
         return _run_checked(run_batch, payloads)
-    except Exception as exc:  # noqa: BLE001 - reported per request below
+    except Exception as exc:
         groups: dict[Hashable, list[int]] = {}
         for i, owner in enumerate(owners):
             groups.setdefault(owner, []).append(i)
@@ -137,7 +137,7 @@ def run_per_request(run_batch: Callable[[list], Sequence], payloads: list, owner
     for indices in groups.values():
         try:
             results = _run_checked(run_batch, [payloads[i] for i in indices])
-        except Exception as exc:  # noqa: BLE001 - this request's own failure
+        except Exception as exc:
             log.error("a request of %d sequences for %s failed", len(indices), name, exc_info=exc)
             results = [Failed(exc)] * len(indices)
         for i, result in zip(indices, results, strict=True):

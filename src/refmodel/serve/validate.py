@@ -1,6 +1,6 @@
 """Turn a request (JSON rows or a binary ``[B, T]`` block) into checked per-sequence tensors.
 
-Every rejection is a :class:`FieldError` (an :class:`~refmodel.InvalidBatch`, HTTP 422) whose
+Every rejection is a :class:`FieldError` (an :class:`~refmodel.errors.InvalidBatch`, HTTP 422) whose
 message names the field and row, e.g. ``input_ids[3][7] = 99999 is outside the vocabulary [0, 64)``.
 """
 

@@ -6,7 +6,7 @@ computes its own and ignores them).
 HALOs caches ``{tuple(token ids): per-token log-probs}`` in a pickle. Loading a pickle runs whatever
 it names, so :class:`PlainDataUnpickler` admits no global at all: only the pickle opcodes for dict,
 list, tuple, int, float, str, bytes, bool and None work; a file naming any class or function
-(``os.system``, ``numpy`` arrays, ``torch`` tensors) is refused with :class:`~refmodel.DataFormatError`.
+(``os.system``, ``numpy`` arrays, ``torch`` tensors) is refused with :class:`~refmodel.errors.DataFormatError`.
 Save such caches with plain lists (``tensor.tolist()``) to import them.
 
 Memory stays bounded by the file's size: a pickle can reference one list from many places (a few

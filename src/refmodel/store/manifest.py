@@ -1,7 +1,7 @@
 """The store folder's manifest (read and validated, atomic dump), its writer lock and crash-leftover cleanup.
 
 The manifest is the one file a reader trusts to find the shards, so :func:`read_manifest` checks every
-field it uses (types, ranges, names) and raises :class:`~refmodel.StoreCorrupt` naming the field: a
+field it uses (types, ranges, names) and raises :class:`~refmodel.errors.StoreCorrupt` naming the field: a
 hand-edited or damaged manifest never reaches the reader as a raw ``KeyError``/``TypeError``, and no
 shard ``file`` can point outside the store folder (``../x``, an absolute path, a symlink out of it).
 """

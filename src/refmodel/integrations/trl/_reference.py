@@ -3,7 +3,7 @@
 :func:`refmodel.reference.resolve` turns the argument into a :class:`~refmodel.reference.Reference`;
 :class:`ReferenceRunner` calls it on the ``[B, T]`` batches TRL's own collators built (so store keys are
 TRL's token ids), times it, counts store hits / fallback rows, and turns a store miss into a
-:class:`~refmodel.StoreMiss` that names the sequence of the batch and what to do.
+:class:`~refmodel.errors.StoreMiss` that names the sequence of the batch and what to do.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import warnings
 from collections.abc import Iterator
 
 import torch
 
+from ..._deprecation import warn_deprecated
 from ...errors import StoreMiss
 from ...reference import Precomputed, resolve
 
@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 
 def resolve_reference(reference, policy, *, temperature: float = 1.0, who: str = "trainer"):
     """Deprecated alias of :func:`refmodel.reference.resolve` (same arguments); removed in the next release."""
-    warnings.warn("refmodel.integrations.trl.resolve_reference is deprecated; use refmodel.reference.resolve "
-                  "(same arguments)", DeprecationWarning, stacklevel=2)
+    warn_deprecated("refmodel.integrations.trl.resolve_reference", "refmodel.reference.resolve (same arguments)")
     return resolve(reference, policy, temperature=temperature, who=who)
 
 
