@@ -243,3 +243,19 @@ def test_head_logprobs_applies_the_models_own_head_and_transform(tiny):
     out = head_logprobs(model, hidden, targets, temperature=0.8)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
     assert (out[1, 2:] == 0).all()
+
+
+@torch.no_grad()
+def test_head_log_softmax_is_the_full_distribution_behind_head_logprobs(tiny):
+    """head_log_softmax (whole [.., V] distributions, for full-softmax KLs) gathered at the targets equals
+    head_logprobs, and each row is a distribution (logsumexp 0)."""
+    from refmodel.logprobs.model import head_log_softmax
+
+    model, tok = tiny
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    targets = torch.randint(0, len(tok), (2, 5))
+    full = head_log_softmax(model, hidden, temperature=0.7)
+    assert full.dtype == torch.float32 and full.shape == (2, 5, model.config.vocab_size)
+    torch.testing.assert_close(full.gather(-1, targets[..., None])[..., 0],
+                               head_logprobs(model, hidden, targets, temperature=0.7), atol=ATOL, rtol=0)
+    torch.testing.assert_close(full.logsumexp(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)

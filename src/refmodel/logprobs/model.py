@@ -23,7 +23,7 @@ from .._optional import available
 from ..errors import InvalidBatch
 from .head import TokenLogprobs, logprobs_from_logits, token_logprobs
 from .lm_head import HFModule, LMHead, logit_transform, unwrap_causal_lm
-from .transform import LogitTransform
+from .transform import LogitTransform, full_log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,23 @@ def head_logprobs(
     return token_logprobs(hidden, weight, targets, **kwargs)
 
 
+def head_log_softmax(model: nn.Module, hidden: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """``[..., V]`` full next-token log-probabilities (float32, nats) of ``model``'s head on ``hidden [..., H]``.
+
+    The naive counterpart of :func:`head_logprobs` for callers that need whole distributions (a full-softmax
+    KL): the head as an :class:`LMHead` (adapters folded) or, when it is not a linear map, run as its module;
+    the model's logit transform then ``temperature``. Holds ``[..., V]``: pass row chunks.
+    """
+    causal = unwrap_causal_lm(model)
+    head = LMHead.from_model_or_none(causal)
+    if head is not None:  # float32 logits whatever the head's dtype, as the fused kernels compute them
+        return head.full_log_softmax(hidden.to(torch.promote_types(hidden.dtype, torch.float32)),
+                                     temperature=temperature)
+    tf = logit_transform(causal.config)
+    return full_log_softmax(causal.get_output_embeddings()(hidden), scale=tf.logit_scale, softcap=tf.softcap,
+                            temperature=temperature)
+
+
 def _scatter_rows(scored, rows):
     def place(vals):
         return vals.new_zeros(rows.shape).index_put((rows.nonzero(as_tuple=True)), vals[0])
@@ -214,6 +231,7 @@ __all__ = [
     "LMHead",
     "LogitTransform",
     "backbone_of",
+    "head_log_softmax",
     "head_logprobs",
     "logit_transform",
     "model_logprobs",

@@ -27,15 +27,13 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..logprobs.lm_head import LMHead, logit_transform
-from ..logprobs.model import model_logprobs, unwrap_causal_lm
-from ..logprobs.transform import full_log_softmax
+from ..logprobs.lm_head import LMHead
+from ..logprobs.model import head_log_softmax, model_logprobs, unwrap_causal_lm
 from .rollout import Rollouts
 
 DEFAULT_MICRO_BATCH = 8
@@ -182,11 +180,12 @@ def _backbone_rows(model: nn.Module, ids, attn, score) -> tuple[torch.Tensor, nn
 def _token_kl(c_pol, head_p, h_pol, reference, c_ref, head_r, h_ref, temperature: float,
               row_chunk: int) -> torch.Tensor:
     """``[N]`` KL per row: :func:`refmodel.kl.exact` (vocabulary tiles) for linear heads, LoRA on the head
-    included; a row-chunked full softmax for heads that run only as a module (DoRA, quantized).
+    included; a row-chunked full softmax (:func:`~refmodel.logprobs.model.head_log_softmax`) for heads that run
+    only as a module (DoRA, quantized).
 
     Runs outside ``reference``'s view, where the policy is itself (an ``AdapterDisabled`` reference is the
-    policy's own module with its adapters off): ``head_p`` / ``head_r`` were read in their own settings, and a
-    reference head that runs as a module runs inside its view again.
+    policy's own module with its adapters off): ``head_p`` / ``head_r`` were read in their own settings, and the
+    reference's full softmax runs inside its view again.
     """
     from ..losses.kl_exact import exact
 
@@ -194,22 +193,11 @@ def _token_kl(c_pol, head_p, h_pol, reference, c_ref, head_r, h_ref, temperature
         return exact(h_pol, head_p, h_ref, head_r, temperature=temperature)
     parts = []
     for lo in range(0, h_pol.shape[0], row_chunk):
-        lp = _full_logprobs(c_pol, head_p, h_pol[lo:lo + row_chunk], temperature)
+        lp = head_log_softmax(c_pol, h_pol[lo:lo + row_chunk], temperature=temperature)
         with reference_model(reference):
-            lq = _full_logprobs(c_ref, head_r, h_ref[lo:lo + row_chunk], temperature).to(lp.device)
+            lq = head_log_softmax(c_ref, h_ref[lo:lo + row_chunk], temperature=temperature).to(lp.device)
         parts.append((lp.exp() * (lp - lq)).sum(-1))
     return torch.cat(parts) if parts else h_pol.new_zeros(0)
-
-
-def _full_logprobs(causal: nn.Module, head: LMHead | None, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``[N, V]`` float32 log-softmax of the head on ``hidden`` ``[N, H]``, as the fused head transforms; a head
-    without an :class:`LMHead` runs as its module."""
-    if head is not None:
-        return head.full_log_softmax(hidden.float(), temperature=temperature)
-    hf: Any = causal  # a transformers model: get_output_embeddings() is not an nn.Module method
-    tf = logit_transform(causal.config)
-    return full_log_softmax(hf.get_output_embeddings()(hidden), scale=tf.logit_scale, softcap=tf.softcap,
-                            temperature=temperature)
 
 
 @torch.no_grad()
