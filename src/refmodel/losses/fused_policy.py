@@ -265,14 +265,14 @@ def fused_policy_loss(
     logps = logp_rows.new_zeros(bmask.numel()).index_put((rows,), logp_rows).reshape(bmask.shape)
     kl_graph = None
     beta = opts.beta_value
-    if opts.kl_estimator == "full" and beta != 0:
+    if opts.kl_estimator == "full" and beta != 0 and full_kl is not None:  # (None with beta != 0 was refused)
         kl_graph = beta * (weights * torch.where(bmask, full_kl.to(acc), 0.0)).sum()
         loss = loss + kl_graph
     with torch.no_grad():  # the statistics from the final log-probs, through the same code as policy_loss
         log_w, _ = log_importance_weights(logps, old_logps, bmask, "token", opts.log_ratio_clamp)
         per_tok, pg, kl_t, coef_1 = token_losses(opts, logps, log_w, adv, bmask, ref_logps, rho,
                                                  None if full_kl is None else full_kl.detach())
-    rollout = None if rho is None else (rho, invalid, rollout_logps.to(acc))
+    rollout = None if rho is None or rollout_logps is None else (rho, invalid, rollout_logps.to(acc))
     return statistics(opts, loss, per_tok, pg, kl_t, coef_1, adv, bmask, weights, logps, old_logps, rollout)
 
 

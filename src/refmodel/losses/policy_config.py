@@ -137,8 +137,8 @@ class PolicyLossConfig:
             raise ConfigError("use_bias_correction_kl reweights a sampled KL estimate by r; kl_estimator='full' is "
                               "the exact KL over the vocabulary and needs no importance weight; drop one of them")
         # normalized once, so equal options give equal (and equally hashed) configs
-        normalized = {"beta": beta, "kl_estimator": estimator,
-                      "use_bias_correction_kl": bool(self.use_bias_correction_kl)}
+        normalized: dict[str, Any] = {"beta": beta, "kl_estimator": estimator,
+                                      "use_bias_correction_kl": bool(self.use_bias_correction_kl)}
         for name in ("epsilon", "epsilon_high", "delta", "dual_clip", "log_ratio_clamp", "kl_log_ratio_clamp",
                      "kl_clamp", "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min"):
             value = getattr(self, name)
