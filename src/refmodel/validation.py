@@ -27,17 +27,19 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def positive_finite(value, name: str, *, error: ErrorFactory = InvalidInput, hint: str = "") -> float:
-    """``float(value)`` when it is a real number, finite and > 0, else ``error(message)``.
+def positive_finite(value, name: str, *, error: ErrorFactory = InvalidInput, hint: str = "",
+                    above: float = 0.0) -> float:
+    """``float(value)`` when it is a real number, finite and > ``above`` (default 0), else ``error(message)``.
 
     Args:
         value: the number to check (``bool`` and strings are refused, not coerced).
         name: how the message names it (``"temperature"``, ``"logit_scale"``).
         error: the exception class (or ``message -> exception`` callable) to raise.
         hint: a sentence appended to the message (what the value means, how to fix it).
+        above: the exclusive lower bound (e.g. 1.0 for a ratio cap).
     """
-    if not (is_real(value) and math.isfinite(value) and value > 0):
-        raise error(f"{name} must be a finite number > 0, got {value!r}{'; ' + hint if hint else ''}")
+    if not (is_real(value) and math.isfinite(value) and value > above):
+        raise error(f"{name} must be a finite number > {above:g}, got {value!r}{'; ' + hint if hint else ''}")
     return float(value)
 
 

@@ -135,7 +135,7 @@ def test_a_controller_as_beta_is_read_at_each_call():
     (dict(use_bias_correction_kl="yes"), "use_bias_correction_kl must be True or False"),
     (dict(epsilon=-0.1), r"epsilon must be a finite number > 0, got -0.1"),
     (dict(epsilon=None), "epsilon must be a finite number > 0, got None"),
-    (dict(epsilon_high=float("inf")), "epsilon_high must be a finite number > 0 or None"),
+    (dict(epsilon_high=float("inf")), "epsilon_high must be a finite number > 0, got inf; None turns it off"),
     (dict(delta=1.0), "delta must be a finite number > 1"),
     (dict(dual_clip=0.9), "dual_clip must be a finite number > 1"),
     (dict(kl_clamp=0.0), "kl_clamp must be"),

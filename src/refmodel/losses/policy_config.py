@@ -15,12 +15,12 @@ Only options live here; the per-batch inputs (log-prob tensors, advantages, mask
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError, InvalidInput
+from ..errors import ConfigError
+from ..validation import InvalidInput, positive_finite
 from . import kl as kl_mod
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "ppo")
@@ -36,9 +36,7 @@ DEFAULT_AGG_MODE: dict[str, str] = {"grpo": "seq-mean-token-mean", "bnpo": "toke
 def _positive(name: str, value: Any, above: float = 0.0, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= above:
-        raise ConfigError(f"{name} must be a finite number > {above:g}{' or None' if allow_none else ''}, "
-                          f"got {value!r}")
+    positive_finite(value, name, above=above, error=ConfigError, hint="None turns it off" if allow_none else "")
 
 
 @dataclass(frozen=True)
