@@ -48,7 +48,7 @@ def _inputs(b, t, hidden, vocab, mode, device):
 
 
 def _impl_fn(impl, h, w, y, mask, old, ref, adv):
-    kw = dict(loss_type="dapo", ref_logps=ref, beta=BETA)
+    kw = dict(loss_type="dapo", ref_logprobs=ref, beta=BETA)
     if impl == "matmul":
         flat = h.detach().reshape(-1, h.shape[-1])
 

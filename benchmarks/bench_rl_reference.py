@@ -24,7 +24,7 @@ import torch
 from refmodel import model_logprobs
 from refmodel.recipes.train import add_lora
 from refmodel.reference import AdapterDisabled, Frozen, Synced
-from refmodel.rl import SamplingConfig, generate_rollouts, reference_logps
+from refmodel.rl import SamplingConfig, generate_rollouts, reference_logprobs
 from refmodel.testing import ServeProcess, load_tiny, make_tiny_model, verifiable_prompts
 from refmodel.tools.bench import peak_rss_bytes, provenance, reset_peak_rss, time_fn
 
@@ -97,12 +97,12 @@ def main() -> None:
                     print(f"{name:<26}{0:>11.2f} MiB{0:>8.2f} MiB{0:>14.1f}{0:>12.2f}")
                     continue
                 ref = make()
-                reference_logps(ref, ro, args.micro_batch)  # warm-up
+                reference_logprobs(ref, ro, args.micro_batch)  # warm-up
                 reset_peak_rss()
                 before = _rss()
-                reference_logps(ref, ro, args.micro_batch)
+                reference_logprobs(ref, ro, args.micro_batch)
                 peak = max(peak_rss_bytes() - before, 0)
-                t = statistics.median(time_fn(lambda ref=ref: reference_logps(ref, ro, args.micro_batch), args.reps))
+                t = statistics.median(time_fn(lambda ref=ref: reference_logprobs(ref, ro, args.micro_batch), args.reps))
                 print(f"{name:<26}{_memory_bytes(ref) / 2**20:>11.2f} MiB{peak / 2**20:>8.2f} MiB{t * 1e3:>14.1f}"
                       f"{t / policy_s:>12.2f}")
                 del ref

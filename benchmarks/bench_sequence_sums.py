@@ -44,7 +44,7 @@ def main() -> None:
         with torch.no_grad():
             live.append(model_logprobs(model, **batch).sum(1))
         stored.append(out.sequence_logps)
-        bf16.append(out.token_logps.sum(1))
+        bf16.append(out.token_logprobs.sum(1))
     live_t = torch.cat(live)
     print(f"# sequence sums, bf16 store: {len(seqs)} sequences, tiny llama, tokenizer {args.kind}")
     print(f"# {provenance()}")

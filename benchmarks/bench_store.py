@@ -36,9 +36,9 @@ def _data(n: int, seed: int = 0):
         t = int(rng.integers(64, 513))
         prompt = int(rng.integers(16, t // 2))
         ids = rng.integers(0, 32000, t).astype(np.int64)
-        logps = np.zeros(t, np.float32)
-        logps[prompt:] = -rng.exponential(2.0, t - prompt).astype(np.float32)
-        yield ids, logps, np.arange(t) >= prompt
+        logprobs = np.zeros(t, np.float32)
+        logprobs[prompt:] = -rng.exponential(2.0, t - prompt).astype(np.float32)
+        yield ids, logprobs, np.arange(t) >= prompt
 
 
 def build(root: Path, n: int) -> dict:
@@ -46,9 +46,9 @@ def build(root: Path, n: int) -> dict:
 
     halos, tokens, seq_tokens = {}, 0, 0
     with LogprobStore.create(root / "store", "bench", dtype="bfloat16", shard_entries=4096) as store:
-        for ids, logps, mask in _data(n):
-            store.put(ids, logps, mask)
-            halos[tuple(ids.tolist())] = torch.from_numpy(logps[1:].copy())  # HALOs: tensor per sequence
+        for ids, logprobs, mask in _data(n):
+            store.put(ids, logprobs, mask)
+            halos[tuple(ids.tolist())] = torch.from_numpy(logprobs[1:].copy())  # HALOs: tensor per sequence
             tokens += int(mask.sum())
             seq_tokens += len(ids)
     with open(root / "halos.pkl", "wb") as fh:

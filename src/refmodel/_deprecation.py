@@ -58,3 +58,18 @@ def renamed_keywords(**renames: str) -> Callable[[F], F]:
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+def renamed_fields(**renames: str) -> Callable[[type], type]:
+    """Class decorator: each old attribute name (``old="new"``) reads the new field, with a warning."""
+
+    def wrap(cls: type) -> type:
+        for old, new in renames.items():
+            def read(self, old=old, new=new):
+                warn_deprecated(f"{type(self).__name__}.{old}", f".{new}")
+                return getattr(self, new)
+
+            setattr(cls, old, property(read, doc=f"Deprecated: ``{new}``."))
+        return cls
+
+    return wrap

@@ -62,7 +62,7 @@ def _compare(h, w, b, y, mask, old, adv, head=None, tol=F64, grad_tol=None, **kw
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_loss_types_and_aggregations(loss_type, agg):
     h, w, b, y, mask, old, ref, _, adv = _setup(seed=LOSS_TYPES.index(loss_type))
-    _compare(h, w, b, y, mask, old, adv, loss_type=loss_type, loss_agg_mode=agg, ref_logps=ref, beta=0.05,
+    _compare(h, w, b, y, mask, old, adv, loss_type=loss_type, loss_agg_mode=agg, ref_logprobs=ref, beta=0.05,
              epsilon_high=5.0 if loss_type == "cispo" else 0.28)
 
 
@@ -70,7 +70,7 @@ def test_loss_types_and_aggregations(loss_type, agg):
 @pytest.mark.parametrize("bias_kl", [False, True])
 def test_kl_estimators(est, bias_kl):
     h, w, b, y, mask, old, ref, _, adv = _setup(seed=1)
-    _compare(h, w, b, y, mask, old, adv, ref_logps=ref, beta=0.2, kl_estimator=est, use_bias_correction_kl=bias_kl,
+    _compare(h, w, b, y, mask, old, adv, ref_logprobs=ref, beta=0.2, kl_estimator=est, use_bias_correction_kl=bias_kl,
              dual_clip=2.0, delta=1.5)
 
 
@@ -79,8 +79,8 @@ def test_kl_estimators(est, bias_kl):
 @pytest.mark.parametrize("on_policy", [False, True])
 def test_levels_rollout_is_and_on_policy(level, mode, on_policy):
     h, w, b, y, mask, old, ref, rollout, adv = _setup(seed=2)
-    _compare(h, w, b, y, mask, None if on_policy else old, adv, importance_sampling_level=level, ref_logps=ref,
-             beta=0.1, rollout_logps=rollout, vllm_importance_sampling_mode=mode,
+    _compare(h, w, b, y, mask, None if on_policy else old, adv, importance_sampling_level=level, ref_logprobs=ref,
+             beta=0.1, rollout_logprobs=rollout, vllm_importance_sampling_mode=mode,
              vllm_importance_sampling_clip_max=1.5, vllm_importance_sampling_clip_min=0.5)
 
 
@@ -89,14 +89,14 @@ def test_levels_rollout_is_and_on_policy(level, mode, on_policy):
 @pytest.mark.parametrize("chunk_size", [None, 4])
 def test_frozen_trainable_bias_and_logit_transform(trainable, bias, head, chunk_size):
     h, w, b, y, mask, old, ref, _, adv = _setup(seed=3, trainable=trainable, bias=bias)
-    _compare(h, w, b, y, mask, old, adv, head=dict(head, chunk_size=chunk_size), loss_type="grpo", ref_logps=ref,
+    _compare(h, w, b, y, mask, old, adv, head=dict(head, chunk_size=chunk_size), loss_type="grpo", ref_logprobs=ref,
              beta=0.04)
 
 
 def test_float32_tolerances():
     h, w, b, y, mask, old, ref, _, adv = _setup(dtype=torch.float32, seed=4)
     _compare(h, w, b, y, mask, old, adv, tol=dict(rtol=1e-5, atol=1e-6), grad_tol=dict(rtol=1e-4, atol=1e-6),
-             ref_logps=ref, beta=0.1, head=dict(softcap=5.0))
+             ref_logprobs=ref, beta=0.1, head=dict(softcap=5.0))
 
 
 def test_bfloat16_head_and_hidden():
@@ -105,7 +105,7 @@ def test_bfloat16_head_and_hidden():
     h = h.detach().bfloat16().requires_grad_()
     w = w.detach().bfloat16().requires_grad_()
     _compare(h, w, None, y, mask, old, adv, tol=dict(rtol=1e-3, atol=1e-4), grad_tol=dict(rtol=2e-2, atol=1e-3),
-             ref_logps=ref, beta=0.1)
+             ref_logprobs=ref, beta=0.1)
 
 
 def test_full_kl_term_keeps_its_gradient():
@@ -135,7 +135,7 @@ def test_tiny_family_heads(tiny, family):
         lp = token_logprobs(h, head.weight, y, softcap=head.softcap)
     old = lp + 0.1 * torch.randn(2, 5, generator=g)
     _compare(h, head.weight, head.bias, y, mask, old, torch.tensor([1.0, -0.5]), head=dict(softcap=head.softcap),
-             tol=dict(rtol=1e-5, atol=1e-6), grad_tol=dict(rtol=1e-4, atol=1e-6), ref_logps=old, beta=0.1)
+             tol=dict(rtol=1e-5, atol=1e-6), grad_tol=dict(rtol=1e-4, atol=1e-6), ref_logprobs=old, beta=0.1)
 
 
 @pytest.mark.parametrize("family,kind", [("llama", "lora"), ("gemma2", "lora"), ("llama", "modules_to_save")])
@@ -156,12 +156,12 @@ def test_lora_on_the_head_equals_the_models_full_logits(tiny_model_dirs, family,
     adv = torch.randn(3, generator=g, dtype=torch.float64)
     named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    opts = dict(loss_type="dapo", ref_logps=ref, beta=0.1, temperature=0.8)
+    opts = dict(loss_type="dapo", ref_logprobs=ref, beta=0.1, temperature=0.8)
     hidden = backbone_of(unwrap_causal_lm(policy))(input_ids=ids)[0][:, :-1]
     fused = fused_policy_loss(hidden, LMHead.from_model(policy), targets, old, adv, mask, **opts)
     logits = policy(input_ids=ids).logits[:, :-1].double() / 0.8
     logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    naive = policy_loss(logps, old, adv, mask, loss_type="dapo", ref_logps=ref, beta=0.1)
+    naive = policy_loss(logps, old, adv, mask, loss_type="dapo", ref_logprobs=ref, beta=0.1)
     torch.testing.assert_close(fused.loss, naive.loss, rtol=1e-10, atol=1e-12)
     got, want = torch.autograd.grad(fused.loss, params), torch.autograd.grad(naive.loss, params)
     for (name, _), a, b in zip(named, got, want, strict=True):
@@ -173,8 +173,8 @@ def test_lora_on_the_head_equals_the_models_full_logits(tiny_model_dirs, family,
 def test_an_lmhead_brings_its_own_bias_and_transform():
     h, w, b, y, mask, old, ref, _, adv = _setup()
     head = LMHead(w, b, 1.3, 4.0)
-    fused = fused_policy_loss(h, head, y, old, adv, mask, ref_logps=ref, beta=0.1)
-    plain = fused_policy_loss(h, w, y, old, adv, mask, head_bias=b, logit_scale=1.3, softcap=4.0, ref_logps=ref,
+    fused = fused_policy_loss(h, head, y, old, adv, mask, ref_logprobs=ref, beta=0.1)
+    plain = fused_policy_loss(h, w, y, old, adv, mask, head_bias=b, logit_scale=1.3, softcap=4.0, ref_logprobs=ref,
                               beta=0.1)
     torch.testing.assert_close(fused.loss, plain.loss, **F64)
     with pytest.raises(InvalidInput, match="brings its own bias"):
@@ -196,7 +196,7 @@ def test_bad_input():
     mask2[0, 0] = True
     with pytest.raises(InvalidInput, match="outside the vocabulary"):
         fused_policy_loss(h, w, bad, old, adv, mask2)
-    with pytest.raises(InvalidInput, match="ref_logps is None"):
+    with pytest.raises(InvalidInput, match="ref_logprobs is None"):
         fused_policy_loss(h, w, y, old, adv, mask, beta=0.1)
 
 
@@ -213,9 +213,9 @@ def test_matmul_units_frozen_two_trainable_three(trainable, fused_units, unfused
     """The cost claim, counted exactly: one unit = 2 N H V (the head matmul of the scored rows)."""
     h, w, b, y, mask, old, ref, _, adv = _setup(dtype=torch.float32, seed=9, trainable=trainable, bias=False)
     unit = 2 * int(mask.sum()) * H * V
-    for fn, want in ((lambda: fused_policy_loss(h, w, y, old, adv, mask, ref_logps=ref, beta=0.1, chunk_size=4),
+    for fn, want in ((lambda: fused_policy_loss(h, w, y, old, adv, mask, ref_logprobs=ref, beta=0.1, chunk_size=4),
                       fused_units),
-                     (lambda: policy_loss(token_logprobs(h, w, y), old, adv, mask, ref_logps=ref, beta=0.1),
+                     (lambda: policy_loss(token_logprobs(h, w, y), old, adv, mask, ref_logprobs=ref, beta=0.1),
                       unfused_units)):
         counter = MatmulFlops()
         with counter:

@@ -59,8 +59,8 @@ def test_plus_variants_have_k2_gradient_and_own_value(estimator):
     ref = torch.log_softmax(torch.randn(4, 9, 11, generator=g, dtype=torch.float64), -1).gather(-1, ids[..., None])[..., 0]
 
     def grad_of(name):
-        logps = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
-        value = estimate(logps, ref, name, reduction="sequence")
+        logprobs = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+        value = estimate(logprobs, ref, name, reduction="sequence")
         (grad,) = torch.autograd.grad(value.sum(), logits)
         return value.detach(), grad
 
@@ -73,18 +73,18 @@ def test_plus_variants_have_k2_gradient_and_own_value(estimator):
 
 
 def test_masks_and_reductions():
-    logps = torch.tensor([[0.0, -1.0, -2.0, -0.5], [0.0, -0.3, -4.0, -1.0]])
+    logprobs = torch.tensor([[0.0, -1.0, -2.0, -0.5], [0.0, -0.3, -4.0, -1.0]])
     ref = torch.tensor([[0.0, -1.5, -1.0, 9.0], [0.0, -0.3, -3.0, -2.0]])
     mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
-    naive = logps - ref  # k1 by hand
-    tok = estimate(logps, ref, "k1", mask=mask)
+    naive = logprobs - ref  # k1 by hand
+    tok = estimate(logprobs, ref, "k1", mask=mask)
     torch.testing.assert_close(tok, naive * mask)
-    torch.testing.assert_close(estimate(logps, ref, "k1", mask=mask, reduction="sequence"), (naive * mask).sum(1))
-    assert estimate(logps, ref, "k1", mask=mask, reduction="batch").item() == pytest.approx(
+    torch.testing.assert_close(estimate(logprobs, ref, "k1", mask=mask, reduction="sequence"), (naive * mask).sum(1))
+    assert estimate(logprobs, ref, "k1", mask=mask, reduction="batch").item() == pytest.approx(
         (naive * mask).sum().item() / 5)
     # an extreme value outside the mask (ref 9.0 -> k3 = e^9.5) must not leak into any reduction
-    assert estimate(logps, ref, "k3", mask=mask, reduction="batch").item() < 2
-    assert estimate(logps, ref, "k2", reduction="batch").item() == pytest.approx(
+    assert estimate(logprobs, ref, "k3", mask=mask, reduction="batch").item() < 2
+    assert estimate(logprobs, ref, "k2", reduction="batch").item() == pytest.approx(
         (0.5 * naive**2).mean().item())
 
 

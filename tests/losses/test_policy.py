@@ -22,9 +22,9 @@ TOL = dict(rtol=1e-11, atol=1e-12)
 
 def _batch(seed=0, spread=0.3, per_token_adv=False):
     g = torch.Generator().manual_seed(seed)
-    logps = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 3).requires_grad_()
-    old = logps.detach() + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
-    ref = logps.detach() + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    logprobs = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    old = logprobs.detach() + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = logprobs.detach() + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
     rollout = old + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
     adv = torch.randn(B, T, generator=g, dtype=torch.float64) if per_token_adv else \
         torch.randn(B, generator=g, dtype=torch.float64)
@@ -35,7 +35,7 @@ def _batch(seed=0, spread=0.3, per_token_adv=False):
     # padding far outside the mask: a mask applied after exp would give inf * 0 = nan
     old = torch.where(mask, old, torch.full_like(old, -1e4))
     ref = torch.where(mask, ref, torch.full_like(ref, 1e4))
-    return logps, old, ref, rollout, adv, mask
+    return logprobs, old, ref, rollout, adv, mask
 
 
 def _kl_ref(lp, rf, est):
@@ -47,25 +47,25 @@ def _kl_ref(lp, rf, est):
     return value.detach() + k2 - k2.detach() if est.endswith("+") else value
 
 
-def _reference(logps, old, ref, adv, mask, *, loss_type, level, agg, beta=0.0, est="k3", eps=0.2, eps_high=None,
+def _reference(logprobs, old, ref, adv, mask, *, loss_type, level, agg, beta=0.0, est="k3", eps=0.2, eps_high=None,
                delta=None, dual_clip=None, bias_kl=False, rho=None, num_items=None, max_len=None):
     eps_high = eps if eps_high is None else eps_high
-    old = logps.detach() if old is None else old
+    old = logprobs.detach() if old is None else old
     terms = [[None] * T for _ in range(B)]
     for i in range(B):
         toks = [t for t in range(T) if mask[i, t]]
-        seq = sum(logps[i, t] - old[i, t] for t in toks) / max(len(toks), 1) if toks else logps.new_zeros(())
+        seq = sum(logprobs[i, t] - old[i, t] for t in toks) / max(len(toks), 1) if toks else logprobs.new_zeros(())
         for t in toks:
             a = adv[i, t] if adv.dim() == 2 else adv[i]
             if level == "token":
-                log_w = logps[i, t] - old[i, t]
+                log_w = logprobs[i, t] - old[i, t]
             elif level == "sequence":
                 log_w = seq
             else:
-                log_w = logps[i, t] - logps[i, t].detach() + seq.detach()
+                log_w = logprobs[i, t] - logprobs[i, t].detach() + seq.detach()
             r = torch.exp(log_w)
             if loss_type == "cispo":
-                pg = -torch.clamp(r, max=eps_high).detach() * a * logps[i, t]
+                pg = -torch.clamp(r, max=eps_high).detach() * a * logprobs[i, t]
             else:
                 r1 = r if delta is None else torch.clamp(r, max=delta)
                 pg = -torch.min(r1 * a, torch.clamp(r, 1 - eps, 1 + eps_high) * a)
@@ -75,10 +75,10 @@ def _reference(logps, old, ref, adv, mask, *, loss_type, level, agg, beta=0.0, e
                 pg = pg * (rho[i, t] if rho.shape[1] == T else rho[i, 0])
             loss_t = pg
             if beta:
-                k = _kl_ref(logps[i, t], ref[i, t], est)
+                k = _kl_ref(logprobs[i, t], ref[i, t], est)
                 loss_t = loss_t + beta * (k * r if bias_kl else k)
             terms[i][t] = loss_t
-    seq_sums = [sum(terms[i][t] for t in range(T) if mask[i, t]) if mask[i].any() else logps.new_zeros(())
+    seq_sums = [sum(terms[i][t] for t in range(T) if mask[i, t]) if mask[i].any() else logprobs.new_zeros(())
                 for i in range(B)]
     n_tok = int(mask.sum())
     if agg == "token-mean":
@@ -96,10 +96,10 @@ TRL_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-
            "dapo": "token-mean", "cispo": "token-mean", "ppo": "token-mean"}
 
 
-def _check(ours, ref, logps):
+def _check(ours, ref, logprobs):
     torch.testing.assert_close(ours.loss, ref, **TOL)
-    (g_ours,) = torch.autograd.grad(ours.loss, logps, retain_graph=True)
-    (g_ref,) = torch.autograd.grad(ref, logps)
+    (g_ours,) = torch.autograd.grad(ours.loss, logprobs, retain_graph=True)
+    (g_ref,) = torch.autograd.grad(ref, logprobs)
     torch.testing.assert_close(g_ours, g_ref, **TOL)
     assert torch.isfinite(g_ours).all()
 
@@ -112,23 +112,23 @@ ESTIMATORS = ["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"]
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_loss_type_x_aggregation_x_estimator_x_level(loss_type, level, agg):
     """The full product; the 7 KL estimators run inside each case to keep the test count readable."""
-    logps, old, ref, _, adv, mask = _batch(seed=LOSS_TYPES.index(loss_type), per_token_adv=level == "token")
+    logprobs, old, ref, _, adv, mask = _batch(seed=LOSS_TYPES.index(loss_type), per_token_adv=level == "token")
     eps_high = 5.0 if loss_type == "cispo" else 0.28
     for est in ESTIMATORS:
-        ours = policy_loss(logps, old, adv, mask, loss_type=loss_type, importance_sampling_level=level,
-                           loss_agg_mode=agg, ref_logps=ref, beta=0.05, kl_estimator=est, epsilon_high=eps_high)
-        expected = _reference(logps, old, ref, adv, mask, loss_type=loss_type, level=level,
+        ours = policy_loss(logprobs, old, adv, mask, loss_type=loss_type, importance_sampling_level=level,
+                           loss_agg_mode=agg, ref_logprobs=ref, beta=0.05, kl_estimator=est, epsilon_high=eps_high)
+        expected = _reference(logprobs, old, ref, adv, mask, loss_type=loss_type, level=level,
                               agg=agg or TRL_AGG[loss_type], beta=0.05, est=est, eps_high=eps_high)
-        _check(ours, expected, logps)
+        _check(ours, expected, logprobs)
 
 
 @pytest.mark.parametrize("alias,canon", [("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3"), ("low_var_kl+", "k3+"),
                                          ("k2+", "k2")])
 def test_verl_and_openrlhf_aliases(alias, canon):
-    logps, old, ref, _, adv, mask = _batch(seed=4)
-    a = policy_loss(logps, old, adv, mask, ref_logps=ref, beta=0.2, kl_estimator=alias)
-    b = policy_loss(logps, old, adv, mask, ref_logps=ref, beta=0.2, kl_estimator=canon)
-    _check(a, b.loss, logps)
+    logprobs, old, ref, _, adv, mask = _batch(seed=4)
+    a = policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, beta=0.2, kl_estimator=alias)
+    b = policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, beta=0.2, kl_estimator=canon)
+    _check(a, b.loss, logprobs)
 
 
 def test_k3_orientation_is_pinned():
@@ -136,7 +136,7 @@ def test_k3_orientation_is_pinned():
     logp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([[-3.0, -0.5]], dtype=torch.float64)
     mask = torch.ones(1, 2, dtype=torch.bool)
-    out = policy_loss(logp, None, torch.zeros(1, dtype=torch.float64), mask, ref_logps=ref, beta=1.0,
+    out = policy_loss(logp, None, torch.zeros(1, dtype=torch.float64), mask, ref_logprobs=ref, beta=1.0,
                       loss_type="bnpo")
     d = ref - logp.detach()
     want = (torch.exp(d) - d - 1).mean()
@@ -149,9 +149,9 @@ def test_k3_orientation_is_pinned():
 
 def test_on_policy_grpo_gradient_is_the_reinforce_gradient():
     """old_logps=None: ratio 1, d loss / d logp_t = -A_i / (|o_i| B) (GRPO's seq-mean-token-mean)."""
-    logps, _, _, _, adv, mask = _batch(seed=5)
-    out = policy_loss(logps, None, adv, mask, loss_type="grpo")
-    (g,) = torch.autograd.grad(out.loss, logps)
+    logprobs, _, _, _, adv, mask = _batch(seed=5)
+    out = policy_loss(logprobs, None, adv, mask, loss_type="grpo")
+    (g,) = torch.autograd.grad(out.loss, logprobs)
     want = -adv[:, None] / mask.sum(1, keepdim=True) / B * mask
     torch.testing.assert_close(g, want.to(g.dtype), **TOL)
     assert float(out.ratio_min) == float(out.ratio_max) == 1.0 and float(out.clip_fraction) == 0.0
@@ -161,16 +161,16 @@ def test_on_policy_grpo_gradient_is_the_reinforce_gradient():
                                   dict(epsilon=0.1, epsilon_high=0.4, dual_clip=1.1, delta=1.2)])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_delta_dual_clip_and_bias_corrected_kl(opts, level):
-    logps, old, ref, _, adv, mask = _batch(seed=6, spread=0.8, per_token_adv=True)
-    ours = policy_loss(logps, old, adv, mask, loss_type="ppo", importance_sampling_level=level, ref_logps=ref,
+    logprobs, old, ref, _, adv, mask = _batch(seed=6, spread=0.8, per_token_adv=True)
+    ours = policy_loss(logprobs, old, adv, mask, loss_type="ppo", importance_sampling_level=level, ref_logprobs=ref,
                        beta=0.1, **opts)
-    expected = _reference(logps, old, ref, adv, mask, loss_type="ppo", level=level, agg="token-mean", beta=0.1,
+    expected = _reference(logprobs, old, ref, adv, mask, loss_type="ppo", level=level, agg="token-mean", beta=0.1,
                           eps=opts.get("epsilon", 0.2), eps_high=opts.get("epsilon_high"), delta=opts.get("delta"),
                           dual_clip=opts.get("dual_clip"), bias_kl=opts.get("use_bias_correction_kl", False))
-    _check(ours, expected, logps)
+    _check(ours, expected, logprobs)
     if "dual_clip" in opts:  # active where A < 0 and |A| max(min(r, delta), clip(r)) > c |A|
-        r = torch.exp(logps.detach() - old) if level == "token" else \
-            torch.exp(torch.where(mask, logps.detach() - old, 0.0).sum(1, keepdim=True) / mask.sum(1, keepdim=True))
+        r = torch.exp(logprobs.detach() - old) if level == "token" else \
+            torch.exp(torch.where(mask, logprobs.detach() - old, 0.0).sum(1, keepdim=True) / mask.sum(1, keepdim=True))
         r = r.expand(B, T)
         worst = torch.maximum(r.clamp(max=opts.get("delta", math.inf)),
                               r.clamp(1 - opts.get("epsilon", 0.2), 1 + opts.get("epsilon_high", 0.2)))
@@ -182,74 +182,74 @@ def test_delta_dual_clip_and_bias_corrected_kl(opts, level):
 @pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_rollout_importance_sampling(mode, level):
-    logps, old, ref, rollout, adv, mask = _batch(seed=7)
+    logprobs, old, ref, rollout, adv, mask = _batch(seed=7)
     lo, hi = 0.8, 1.25
-    ours = policy_loss(logps, old, adv, mask, importance_sampling_level=level, ref_logps=ref, beta=0.1,
-                       rollout_logps=rollout, vllm_importance_sampling_mode=mode,
+    ours = policy_loss(logprobs, old, adv, mask, importance_sampling_level=level, ref_logprobs=ref, beta=0.1,
+                       rollout_logprobs=rollout, vllm_importance_sampling_mode=mode,
                        vllm_importance_sampling_clip_min=lo, vllm_importance_sampling_clip_max=hi)
     diff = torch.where(mask, old - rollout, 0.0)
     if mode.startswith("sequence"):
         diff = diff.sum(1, keepdim=True)
     rho = torch.exp(diff)
     rho = rho.clamp(lo, hi) if mode.endswith("truncate") else torch.where((rho < lo) | (rho > hi), 0.0, rho)
-    expected = _reference(logps, old, ref, adv, mask, loss_type="dapo", level=level, agg="token-mean", beta=0.1,
+    expected = _reference(logprobs, old, ref, adv, mask, loss_type="dapo", level=level, agg="token-mean", beta=0.1,
                           rho=rho)
-    _check(ours, expected, logps)
+    _check(ours, expected, logprobs)
     assert ours.is_weight_min is not None and lo - 1e-12 <= float(ours.is_weight_max) <= hi + 1e-12 or \
         mode.endswith("mask")
     torch.testing.assert_close(ours.rollout_logp_diff_max, (old - rollout).abs()[mask].max())
 
 
 def test_normalizers_num_items_and_max_completion_length():
-    logps, old, ref, _, adv, mask = _batch(seed=8)
-    a = policy_loss(logps, old, adv, mask, loss_type="dapo", num_items_in_batch=50)
-    _check(a, _reference(logps, old, ref, adv, mask, loss_type="dapo", level="token", agg="token-mean",
-                         num_items=50), logps)
-    b = policy_loss(logps, old, adv, mask, loss_type="dr_grpo", max_completion_length=16)
-    _check(b, _reference(logps, old, ref, adv, mask, loss_type="dr_grpo", level="token",
-                         agg="seq-mean-token-sum-norm", max_len=16), logps)
+    logprobs, old, ref, _, adv, mask = _batch(seed=8)
+    a = policy_loss(logprobs, old, adv, mask, loss_type="dapo", num_items_in_batch=50)
+    _check(a, _reference(logprobs, old, ref, adv, mask, loss_type="dapo", level="token", agg="token-mean",
+                         num_items=50), logprobs)
+    b = policy_loss(logprobs, old, adv, mask, loss_type="dr_grpo", max_completion_length=16)
+    _check(b, _reference(logprobs, old, ref, adv, mask, loss_type="dr_grpo", level="token",
+                         agg="seq-mean-token-sum-norm", max_len=16), logprobs)
 
 
 def test_clamps_have_verl_semantics_and_padding_never_makes_nan():
-    logps, old, ref, _, adv, mask = _batch(seed=9)
+    logprobs, old, ref, _, adv, mask = _batch(seed=9)
     far = ref.clone()
     far[mask] = far[mask] + 40.0  # exp(40) in k3 without the clamp
-    out = policy_loss(logps, old, adv, mask, ref_logps=far, beta=0.1, kl_log_ratio_clamp=20.0, kl_clamp=10.0,
+    out = policy_loss(logprobs, old, adv, mask, ref_logprobs=far, beta=0.1, kl_log_ratio_clamp=20.0, kl_clamp=10.0,
                       log_ratio_clamp=20.0)
     assert torch.isfinite(out.loss) and float(out.kl) == pytest.approx(10.0)
-    (g,) = torch.autograd.grad(out.loss, logps)
+    (g,) = torch.autograd.grad(out.loss, logprobs)
     assert torch.isfinite(g).all()
 
 
 def test_statistics_against_direct_counts():
-    logps, old, ref, rollout, adv, mask = _batch(seed=10, spread=0.5)
-    out = policy_loss(logps, old, adv, mask, epsilon_high=0.28, ref_logps=ref, beta=0.0)
-    r = torch.exp(logps.detach() - old)
+    logprobs, old, ref, rollout, adv, mask = _batch(seed=10, spread=0.5)
+    out = policy_loss(logprobs, old, adv, mask, epsilon_high=0.28, ref_logprobs=ref, beta=0.0)
+    r = torch.exp(logprobs.detach() - old)
     a = adv[:, None].expand(B, T)
     low = ((r < 0.8) & (a < 0))[mask].double().mean()
     high = ((r > 1.28) & (a > 0))[mask].double().mean()
     assert float(out.clip_fraction_low) == pytest.approx(float(low)) and float(out.clip_fraction_high) == \
         pytest.approx(float(high))
     assert float(out.ratio_max) == pytest.approx(float(r[mask].max()))
-    d = ref - logps.detach()
+    d = ref - logprobs.detach()
     assert float(out.kl) == pytest.approx(float((torch.exp(d) - d - 1)[mask].mean()))  # reported at beta=0 too
     assert float(out.kl_loss) == 0.0 and not out.per_token_loss[~mask].any()
     assert set(out.metrics()) >= {"loss" if False else "pg_loss", "kl", "clip_fraction", "ratio_mean"}
 
 
 def test_beta_without_reference_is_a_clear_error_and_beta_zero_needs_none():
-    logps, old, _, _, adv, mask = _batch()
-    with pytest.raises(ConfigError, match="ref_logps is None.*beta=0.0") as err:
-        policy_loss(logps, old, adv, mask, beta=0.04)
+    logprobs, old, _, _, adv, mask = _batch()
+    with pytest.raises(ConfigError, match="ref_logprobs is None.*beta=0.0") as err:
+        policy_loss(logprobs, old, adv, mask, beta=0.04)
     # the method the message names must exist on the Reference protocol (it once said Reference.logps)
     from refmodel.reference import Reference
 
     named = re.search(r"reference\.(\w+)\(", str(err.value), flags=re.IGNORECASE)
     assert named is not None and callable(getattr(Reference, named.group(1), None)), str(err.value)
-    out = policy_loss(logps, old, adv, mask, beta=0.0)
+    out = policy_loss(logprobs, old, adv, mask, beta=0.0)
     assert out.kl is None and out.seq_kl is None
     with pytest.raises(ConfigError, match="full_kl"):
-        policy_loss(logps, old, adv, mask, beta=0.04, kl_estimator="full")
+        policy_loss(logprobs, old, adv, mask, beta=0.04, kl_estimator="full")
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -266,39 +266,39 @@ def test_beta_without_reference_is_a_clear_error_and_beta_zero_needs_none():
     (dict(kl_estimator="full", use_bias_correction_kl=True), "full"),
 ])
 def test_bad_options(kwargs, match):
-    logps, old, ref, _, adv, mask = _batch()
+    logprobs, old, ref, _, adv, mask = _batch()
     with pytest.raises(InvalidInput, match=match):
-        policy_loss(logps, old, adv, mask, ref_logps=ref, **kwargs)
+        policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, **kwargs)
 
 
 def test_bad_shapes():
-    logps, old, ref, _, adv, mask = _batch()
-    with pytest.raises(InvalidInput, match="old_logps"):
-        policy_loss(logps, old[:, :3], adv, mask)
+    logprobs, old, ref, _, adv, mask = _batch()
+    with pytest.raises(InvalidInput, match="old_logprobs"):
+        policy_loss(logprobs, old[:, :3], adv, mask)
     with pytest.raises(InvalidInput, match="advantages"):
-        policy_loss(logps, old, adv[:2], mask)
+        policy_loss(logprobs, old, adv[:2], mask)
     with pytest.raises(InvalidInput, match="mask"):
-        policy_loss(logps, old, adv, mask[:, 1:])
+        policy_loss(logprobs, old, adv, mask[:, 1:])
 
 
 def test_full_kl_enters_with_its_gradient():
-    logps, old, _, _, adv, mask = _batch(seed=11)
-    full = (logps * 0.5).exp()  # any differentiable [B, T] stands in for kl.exact here
-    out = policy_loss(logps, old, adv, mask, beta=0.2, kl_estimator="full", full_kl=full)
-    base = policy_loss(logps, old, adv, mask)
+    logprobs, old, _, _, adv, mask = _batch(seed=11)
+    full = (logprobs * 0.5).exp()  # any differentiable [B, T] stands in for kl.exact here
+    out = policy_loss(logprobs, old, adv, mask, beta=0.2, kl_estimator="full", full_kl=full)
+    base = policy_loss(logprobs, old, adv, mask)
     extra = 0.2 * (full * mask).sum() / mask.sum()
     torch.testing.assert_close(out.loss, base.loss + extra, **TOL)
 
 
 def test_controllers_as_beta_in_both_placements():
-    logps, old, ref, _, adv, mask = _batch(seed=12)
+    logprobs, old, ref, _, adv, mask = _batch(seed=12)
     fixed = FixedKLController(0.1)
-    a = policy_loss(logps, old, adv, mask, ref_logps=ref, beta=fixed)
-    b = policy_loss(logps, old, adv, mask, ref_logps=ref, beta=0.1)
+    a = policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, beta=fixed)
+    b = policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, beta=0.1)
     torch.testing.assert_close(a.loss, b.loss, **TOL)
     assert fixed.update(a.kl, n_steps=4) == 0.1
     ctl = AdaptiveKLController(0.1, target=1e-6, horizon=10)
-    c = policy_loss(logps, old, adv, mask, ref_logps=ref, beta=ctl)
+    c = policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, beta=ctl)
     new = ctl.update(c.kl, n_steps=1)  # KL far above target: +20 % / horizon
     assert new == pytest.approx(0.1 * (1 + 0.2 / 10))
     r = kl_penalized_rewards(torch.ones(B, dtype=torch.float64), old, ref, mask, ctl, "k1")

@@ -28,14 +28,14 @@ B, T, H, V = 3, 7, 8, 29
 
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
-    logps = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 3).requires_grad_()
-    old = logps.detach() + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
-    ref = logps.detach() + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    logprobs = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    old = logprobs.detach() + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = logprobs.detach() + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
     rollout = old + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     mask = torch.rand(B, T, generator=g) > 0.25
     mask[:, 0] = True
-    return logps, old, ref, rollout, adv, mask
+    return logprobs, old, ref, rollout, adv, mask
 
 
 def _options(loss_type):
@@ -52,17 +52,17 @@ def _options(loss_type):
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_config_and_keywords_give_identical_losses_and_gradients(loss_type):
-    logps, old, ref, rollout, adv, mask = _batch(seed=LOSS_TYPES.index(loss_type))
+    logprobs, old, ref, rollout, adv, mask = _batch(seed=LOSS_TYPES.index(loss_type))
     opts = _options(loss_type)
-    a = policy_loss(logps, old, adv, mask, ref_logps=ref, rollout_logps=rollout, **opts)
-    b = policy_loss(logps, old, adv, mask, config=PolicyLossConfig(**opts), ref_logps=ref, rollout_logps=rollout)
+    a = policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, rollout_logprobs=rollout, **opts)
+    b = policy_loss(logprobs, old, adv, mask, config=PolicyLossConfig(**opts), ref_logprobs=ref, rollout_logprobs=rollout)
     assert torch.equal(a.loss, b.loss) and torch.equal(a.per_token_loss, b.per_token_loss)
     assert a.metrics() == b.metrics()
-    (ga,) = torch.autograd.grad(a.loss, logps)
-    (gb,) = torch.autograd.grad(b.loss, logps)
+    (ga,) = torch.autograd.grad(a.loss, logprobs)
+    (gb,) = torch.autograd.grad(b.loss, logprobs)
     assert torch.equal(ga, gb) and ga.abs().sum() > 0
     # every option matters here: the defaults give another loss
-    assert not torch.equal(policy_loss(logps, old, adv, mask, loss_type=loss_type, ref_logps=ref,
+    assert not torch.equal(policy_loss(logprobs, old, adv, mask, loss_type=loss_type, ref_logprobs=ref,
                                        epsilon_high=opts["epsilon_high"]).loss, a.loss)
 
 
@@ -74,16 +74,16 @@ def test_fused_config_and_keywords_give_identical_losses_and_gradients(loss_type
     y = torch.randint(0, V, (B, T), generator=g)
     _, old, ref, rollout, adv, mask = _batch(seed=LOSS_TYPES.index(loss_type))
     opts = _options(loss_type)
-    a = fused_policy_loss(h, w, y, old, adv, mask, ref_logps=ref, rollout_logps=rollout, **opts)
-    b = fused_policy_loss(h, w, y, old, adv, mask, config=PolicyLossConfig(**opts), ref_logps=ref,
-                          rollout_logps=rollout)
+    a = fused_policy_loss(h, w, y, old, adv, mask, ref_logprobs=ref, rollout_logprobs=rollout, **opts)
+    b = fused_policy_loss(h, w, y, old, adv, mask, config=PolicyLossConfig(**opts), ref_logprobs=ref,
+                          rollout_logprobs=rollout)
     assert torch.equal(a.loss, b.loss) and a.metrics() == b.metrics()
     for ga, gb in zip(torch.autograd.grad(a.loss, (h, w)), torch.autograd.grad(b.loss, (h, w)), strict=True):
         assert torch.equal(ga, gb)
     # and the sequence-level fallback (token_logprobs + policy_loss) passes the same config through
     seq = dict(opts, importance_sampling_level="sequence")
-    c = fused_policy_loss(h, w, y, old, adv, mask, config=PolicyLossConfig(**seq), ref_logps=ref)
-    d = fused_policy_loss(h, w, y, old, adv, mask, ref_logps=ref, **seq)
+    c = fused_policy_loss(h, w, y, old, adv, mask, config=PolicyLossConfig(**seq), ref_logprobs=ref)
+    d = fused_policy_loss(h, w, y, old, adv, mask, ref_logprobs=ref, **seq)
     assert torch.equal(c.loss, d.loss)
 
 
@@ -110,14 +110,14 @@ def test_frozen_hashable_and_normalized():
 
 
 def test_a_controller_as_beta_is_read_at_each_call():
-    logps, old, ref, _, adv, mask = _batch(seed=3)
+    logprobs, old, ref, _, adv, mask = _batch(seed=3)
     ctl = AdaptiveKLController(0.1, target=1e-6, horizon=10)
     cfg = PolicyLossConfig(beta=ctl)
     assert cfg.beta is ctl and cfg.beta_value == 0.1 and hash(cfg) == hash(PolicyLossConfig(beta=ctl))
-    first = policy_loss(logps, old, adv, mask, config=cfg, ref_logps=ref)
+    first = policy_loss(logprobs, old, adv, mask, config=cfg, ref_logprobs=ref)
     ctl.update(first.kl, n_steps=1)  # the same config, a larger coefficient
-    second = policy_loss(logps, old, adv, mask, config=cfg, ref_logps=ref)
-    want = policy_loss(logps, old, adv, mask, beta=ctl.value, ref_logps=ref)
+    second = policy_loss(logprobs, old, adv, mask, config=cfg, ref_logprobs=ref)
+    want = policy_loss(logprobs, old, adv, mask, beta=ctl.value, ref_logprobs=ref)
     assert float(second.kl_loss) > float(first.kl_loss) and torch.equal(second.loss, want.loss)
     assert PolicyLossConfig(beta=FixedKLController(0.3)).beta_value == 0.3
 
@@ -149,32 +149,32 @@ def test_a_controller_as_beta_is_read_at_each_call():
 def test_each_invalid_option_is_refused_when_the_config_is_built(options, match):
     with pytest.raises(InvalidInput, match=match):
         PolicyLossConfig(**options)
-    logps, old, ref, _, adv, mask = _batch()
+    logprobs, old, ref, _, adv, mask = _batch()
     with pytest.raises(InvalidInput, match=match):  # the same message through the keyword convenience
-        policy_loss(logps, old, adv, mask, ref_logps=ref, **options)
+        policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, **options)
 
 
 def test_beta_without_a_reference_is_refused_at_the_call():
     cfg = PolicyLossConfig(beta=0.04)  # valid: the reference is an input of the call, not an option
-    logps, old, _, _, adv, mask = _batch()
-    with pytest.raises(ConfigError, match="ref_logps is None"):
-        policy_loss(logps, old, adv, mask, config=cfg)
+    logprobs, old, _, _, adv, mask = _batch()
+    with pytest.raises(ConfigError, match="ref_logprobs is None"):
+        policy_loss(logprobs, old, adv, mask, config=cfg)
     with pytest.raises(ConfigError, match="full_kl"):
-        policy_loss(logps, old, adv, mask, config=dataclasses.replace(cfg, kl_estimator="full"))
+        policy_loss(logprobs, old, adv, mask, config=dataclasses.replace(cfg, kl_estimator="full"))
 
 
 def test_config_and_option_keywords_together_is_an_error_naming_them():
-    logps, old, ref, _, adv, mask = _batch()
+    logprobs, old, ref, _, adv, mask = _batch()
     cfg = PolicyLossConfig(beta=0.04)
     with pytest.raises(ConfigError, match=r"policy_loss: got both config= and the option keyword\(s\) "
                                           r"\['beta', 'epsilon'\]"):
-        policy_loss(logps, old, adv, mask, config=cfg, ref_logps=ref, beta=0.04, epsilon=0.1)
+        policy_loss(logprobs, old, adv, mask, config=cfg, ref_logprobs=ref, beta=0.04, epsilon=0.1)
     h, w, y = torch.randn(B, T, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64), \
         torch.zeros(B, T, dtype=torch.long)
     with pytest.raises(ConfigError, match=r"fused_policy_loss: got both config=.*\['loss_type'\]"):
-        fused_policy_loss(h, w, y, old, adv, mask, config=cfg, ref_logps=ref, loss_type="grpo")
+        fused_policy_loss(h, w, y, old, adv, mask, config=cfg, ref_logprobs=ref, loss_type="grpo")
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['loss_typ'\].*'loss_type'"):
-        policy_loss(logps, old, adv, mask, loss_typ="grpo")
+        policy_loss(logprobs, old, adv, mask, loss_typ="grpo")
     with pytest.raises(ConfigError, match="config must be a refmodel.losses.PolicyLossConfig, got dict"):
-        policy_loss(logps, old, adv, mask, config={"beta": 0.04})
+        policy_loss(logprobs, old, adv, mask, config={"beta": 0.04})
     assert build_config(cfg, {}) is cfg and build_config(None, {}) == PolicyLossConfig()

@@ -368,7 +368,7 @@ def test_auto_and_forward_backward_place_a_folder_alike(tiny_model_dirs, tmp_pat
     """auto counted .safetensors + .bin + .pt (a folder with both formats twice: remote), forward_backward
     only .safetensors (a pickled-only folder: 0 bytes, always local). Both now use weights_bytes."""
     from refmodel.models.cache import get_global_reference_cache
-    from refmodel.rl.forward_backward import named_reference_logps
+    from refmodel.rl.forward_backward import named_reference_logprobs
 
     folder = Path(shutil.copytree(tiny_model_dirs["llama"], tmp_path / "both"))
     (folder / "pytorch_model.bin").write_bytes((folder / "model.safetensors").read_bytes())
@@ -381,5 +381,5 @@ def test_auto_and_forward_backward_place_a_folder_alike(tiny_model_dirs, tmp_pat
     registry.add("weights-bytes-both", folder)
     ids = torch.tensor([[2, 5, 6, 7]])
     ones = torch.ones_like(ids, dtype=torch.bool)
-    local = named_reference_logps("weights-bytes-both", ids, ones, ones, remote_url=url, max_local_bytes=budget)
+    local = named_reference_logprobs("weights-bytes-both", ids, ones, ones, remote_url=url, max_local_bytes=budget)
     torch.testing.assert_close(local, Frozen(folder).logprobs(ids, ones, ones))

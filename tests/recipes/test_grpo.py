@@ -201,8 +201,8 @@ def test_the_recipe_builds_one_policy_loss_config_and_passes_it_through(tiny_mod
     got = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
     policy.zero_grad(set_to_none=True)
     lp = model_logprobs(policy, ro.input_ids, ro.attention_mask, ro.completion_mask, temperature=ro.temperature)
-    res = policy_loss(lp, scored.old_logps, adv, ro.completion_mask, config=cfg.policy_loss_config,
-                      ref_logps=scored.ref_logps)
+    res = policy_loss(lp, scored.old_logprobs, adv, ro.completion_mask, config=cfg.policy_loss_config,
+                      ref_logprobs=scored.ref_logprobs)
     res.loss.backward()
     assert metrics["loss"] == pytest.approx(float(res.loss.detach()), rel=1e-6, abs=1e-9)
     assert got.keys() and all(torch.allclose(got[n], p.grad, rtol=1e-5, atol=1e-7)

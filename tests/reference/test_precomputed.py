@@ -36,13 +36,13 @@ def test_sequence_sums_are_the_stored_float32_sums(setup):
     with torch.no_grad():
         want = model_logprobs(model, **stored).sum(1)
     torch.testing.assert_close(out.sequence_logps, want, atol=1e-4, rtol=0)
-    assert (out.token_logps.sum(1) - want).abs().max() > 1e-3  # bf16 storage: the test could fail
-    torch.testing.assert_close(out.token_logps, ref.logprobs(**stored))
+    assert (out.token_logprobs.sum(1) - want).abs().max() > 1e-3  # bf16 storage: the test could fail
+    torch.testing.assert_close(out.token_logprobs, ref.logprobs(**stored))
     # a score mask that is not the stored one (first scored token left out) gets the token sum instead
     narrower = stored["score_mask"].clone()
     narrower[torch.arange(8), narrower.int().argmax(1)] = False
     out2 = ref.sequence_logps(stored["input_ids"], stored["attention_mask"], narrower)
-    torch.testing.assert_close(out2.sequence_logps, out2.token_logps.sum(1))
+    torch.testing.assert_close(out2.sequence_logps, out2.token_logprobs.sum(1))
     assert ref.metrics() == {"hits": 24, "misses": 0, "miss_rate": 0.0}
 
 

@@ -52,12 +52,12 @@ def test_named_reference_equals_the_explicit_call(setup, registered):
     loaded = load_reference_model(get_global_reference_cache().registry.resolve(registered))
     ref = Frozen(loaded).logprobs(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     lp = model_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    res = policy_loss(lp, None, batch["advantages"], batch["completion_mask"], loss_type="grpo", ref_logps=ref,
+    res = policy_loss(lp, None, batch["advantages"], batch["completion_mask"], loss_type="grpo", ref_logprobs=ref,
                       beta=0.05, epsilon_high=0.28)
     res.loss.backward()
     want = _grads(policy)
     assert abs(out.loss - float(res.loss.detach())) <= 1e-6
-    torch.testing.assert_close(out.ref_logps, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.ref_logprobs, ref, atol=1e-6, rtol=0)
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5)
     assert out.metrics["kl_divergence"] == pytest.approx(float(res.kl), abs=1e-6) and out.metrics["kl_divergence"] > 0
@@ -96,7 +96,7 @@ def test_named_reference_quantized_through_the_cache(setup, registered):
     fp = forward_backward(policy, batch, loss_kwargs={"reference_model": registered, "beta": 0.05})
     q = forward_backward(policy, batch, loss_kwargs={"reference_model": registered, "beta": 0.05, "quantize": "int8"})
     assert cache.contains(registered, quantize="int8")
-    drift = (q.ref_logps - fp.ref_logps).abs()[batch["completion_mask"]]
+    drift = (q.ref_logprobs - fp.ref_logprobs).abs()[batch["completion_mask"]]
     assert 0 < float(drift.max()) < 0.5  # int8 moves the reference a little, never silently to nothing
 
 
@@ -115,7 +115,7 @@ def test_a_policy_loss_config_passes_through(setup, registered):
     got = _grads(policy)
     policy.zero_grad(set_to_none=True)
     lp = model_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    res = policy_loss(lp, None, batch["advantages"], batch["completion_mask"], config=cfg, ref_logps=out.ref_logps)
+    res = policy_loss(lp, None, batch["advantages"], batch["completion_mask"], config=cfg, ref_logprobs=out.ref_logprobs)
     res.loss.backward()
     assert out.loss == float(res.loss.detach()) and out.metrics["kl_loss"] == float(res.kl_loss) > 0
     for n, g in _grads(policy).items():

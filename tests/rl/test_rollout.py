@@ -53,8 +53,8 @@ def test_sampler_logps_equal_the_scored_logps_without_truncation(llama, temperat
     ro = make_rollouts(eos_likely(model), tok, n_prompts=4, generations=4, max_new_tokens=5, temperature=temperature)
     scored = model_logprobs(eos_likely(model), ro.input_ids, ro.attention_mask, ro.completion_mask,
                             temperature=temperature)
-    assert (ro.sampler_logps[~ro.completion_mask] == 0).all()
-    torch.testing.assert_close(ro.sampler_logps, scored, atol=1e-4, rtol=0)
+    assert (ro.sampler_logprobs[~ro.completion_mask] == 0).all()
+    torch.testing.assert_close(ro.sampler_logprobs, scored, atol=1e-4, rtol=0)
 
 
 def test_top_k_logps_are_renormalised_over_the_kept_support(llama):
@@ -62,7 +62,7 @@ def test_top_k_logps_are_renormalised_over_the_kept_support(llama):
     ro = make_rollouts(model, tok, n_prompts=4, generations=4, max_new_tokens=4, top_k=5)
     full = model_logprobs(model, ro.input_ids, ro.attention_mask, ro.completion_mask)
     m = ro.completion_mask
-    gap = ro.sampler_logps[m] - full[m]  # = -log(kept mass) >= 0
+    gap = ro.sampler_logprobs[m] - full[m]  # = -log(kept mass) >= 0
     assert (gap > -1e-5).all() and (gap > 1e-3).any()
 
 

@@ -14,11 +14,11 @@ from refmodel.reference import AdapterDisabled, Frozen, Synced
 from refmodel.rl import (
     exact_kl,
     group_advantages,
-    needs_old_logps,
-    policy_logps,
+    needs_old_logprobs,
+    policy_logprobs,
     policy_loss_fn,
     reference_drift,
-    reference_logps,
+    reference_logprobs,
     score_rollouts,
 )
 from refmodel.testing import ServeProcess, load_tiny
@@ -42,21 +42,21 @@ def setup(base_tok):
 def test_micro_batch_1_and_8_agree(setup):
     base, _, policy, ro = setup
     ref = AdapterDisabled(policy)
-    r1, calls1 = reference_logps(ref, ro, micro_batch_size=1)
-    r8, calls8 = reference_logps(ref, ro, micro_batch_size=8)
+    r1, calls1 = reference_logprobs(ref, ro, micro_batch_size=1)
+    r8, calls8 = reference_logprobs(ref, ro, micro_batch_size=8)
     assert (calls1, calls8) == (16, 2)
     assert (r1 - r8).abs().max() <= 1e-5
-    o1, _ = policy_logps(policy, ro, micro_batch_size=1)
-    o8, _ = policy_logps(policy, ro, micro_batch_size=8)
+    o1, _ = policy_logprobs(policy, ro, micro_batch_size=1)
+    o8, _ = policy_logprobs(policy, ro, micro_batch_size=8)
     assert (o1 - o8).abs().max() <= 1e-5
     assert (r1[~ro.completion_mask] == 0).all() and (r1[ro.completion_mask] < 0).all()
 
 
 def test_old_pass_only_when_off_policy(setup):
     _, _, policy, ro = setup
-    assert not needs_old_logps(1) and needs_old_logps(2) and needs_old_logps(1, importance_correction=True)
+    assert not needs_old_logprobs(1) and needs_old_logprobs(2) and needs_old_logprobs(1, importance_correction=True)
     on = score_rollouts(policy, None, ro, need_old=False, beta=0.0)
-    assert on.old_logps is None and on.ref_logps is None and on.ref_calls == 0
+    assert on.old_logprobs is None and on.ref_logprobs is None and on.ref_calls == 0
     with pytest.raises(ConfigError, match="no reference"):
         score_rollouts(policy, None, ro, need_old=False, beta=0.1)
 
@@ -65,15 +65,15 @@ def test_temperature_mismatch_is_refused(setup):
     _, tok, policy, _ = setup
     hot = make_rollouts(policy, tok, temperature=0.7)
     with pytest.raises(ConfigError, match="temperature=0.7"):
-        reference_logps(AdapterDisabled(policy), hot)
-    reference_logps(AdapterDisabled(policy, temperature=0.7), hot)
+        reference_logprobs(AdapterDisabled(policy), hot)
+    reference_logprobs(AdapterDisabled(policy, temperature=0.7), hot)
 
 
-def _step1_loss(policy, ref_logps, ro, beta=0.1):
+def _step1_loss(policy, ref_logprobs, ro, beta=0.1):
     rewards = torch.arange(ro.batch_size, dtype=torch.float32) % 3
     adv = group_advantages(rewards, ro.num_generations)
-    lp = policy_logps(policy, ro)[0]
-    return float(policy_loss_fn(lp, None, adv, ro.completion_mask, ref_logps=ref_logps, beta=beta).loss)
+    lp = policy_logprobs(policy, ro)[0]
+    return float(policy_loss_fn(lp, None, adv, ro.completion_mask, ref_logprobs=ref_logprobs, beta=beta).loss)
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +105,14 @@ def test_every_strategy_gives_the_same_step1_loss(tiny_model_dirs, server, tmp_p
         "synced (PEFT)": synced,
         "remote": Remote(server.url, "tiny"),
     }
-    losses = {name: _step1_loss(policy, reference_logps(ref, ro)[0], ro) for name, ref in strategies.items()}
+    losses = {name: _step1_loss(policy, reference_logprobs(ref, ro)[0], ro) for name, ref in strategies.items()}
     first = losses["frozen"]
     assert abs(first - _step1_loss(policy, None, ro, beta=0.0)) > 1e-3  # the KL term is really there
     for name, loss in losses.items():
         assert abs(loss - first) <= 1e-5, (name, losses)
     quant = Frozen(copy.deepcopy(base), quantize="int8")
     drift = reference_drift(quant, strategies["frozen"], ro)
-    q_loss = _step1_loss(policy, reference_logps(quant, ro)[0], ro)
+    q_loss = _step1_loss(policy, reference_logprobs(quant, ro)[0], ro)
     assert 0 < drift["max_abs"] < 0.5 and drift["mean_abs"] <= drift["max_abs"]
     assert abs(q_loss - first) < 0.05  # int8's drift moves the loss a little, and reference_drift says by how much
     strategies["remote"].close()

@@ -86,5 +86,5 @@ def test_forward_backward_routes_a_large_reference_to_the_service(server, tiny_m
         configure_reference_service(None)
     assert cache.get_cache_info()["loads"] == loads  # nothing loaded locally for the routed call
     assert abs(remote.loss - local.loss) <= 1e-5
-    torch.testing.assert_close(remote.ref_logps, local.ref_logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(remote.ref_logprobs, local.ref_logprobs, atol=1e-5, rtol=0)
     cache.remove("tiny", quantize="all")

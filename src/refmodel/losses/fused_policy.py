@@ -1,7 +1,7 @@
 """The policy loss fused into the LM head: hidden states -> loss, gradients produced in the forward.
 
-``fused_policy_loss(hidden, head_weight, targets, old_logps, advantages, mask, ...)`` equals
-``policy_loss(token_logprobs(hidden, head_weight, targets), old_logps, advantages, mask, ...)`` but never
+``fused_policy_loss(hidden, head_weight, targets, old_logprobs, advantages, mask, ...)`` equals
+``policy_loss(token_logprobs(hidden, head_weight, targets), old_logprobs, advantages, mask, ...)`` but never
 builds ``[B, T, V]`` logits and needs no recompute. A *token-level* loss ``L = sum_i w_i l_i(logp_i)`` knows
 each token's ``g_i = w_i dl_i/dlogp_i`` as soon as that row's log-prob is final, so for each block of
 rows the forward computes the block's logits over the whole vocabulary (1 matmul), its log-softmax, ``g``
@@ -28,7 +28,7 @@ silently without a reference, and it has no dual-clip, verl aggregations or trun
 
 Fallbacks to ``token_logprobs`` + ``policy_loss`` (same result, the unfused cost; ``PolicyLoss`` is the
 same): ``importance_sampling_level`` ``sequence``/``sequence_token`` (the ratio needs the whole sequence's
-log-probs first) and ``rollout_logps`` with ``old_logps=None`` (the IS weight needs the current log-probs
+log-probs first) and ``rollout_logprobs`` with ``old_logprobs=None`` (the IS weight needs the current log-probs
 of the whole sequence). ``kl_estimator="full"`` is fused for the policy term; the ``full_kl`` term keeps its
 own graph (from :func:`refmodel.kl.exact`).
 """
@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .._deprecation import renamed_keywords
 from ..errors import InvalidInput
 from ..logprobs.head import check_head_inputs, token_logprobs
 from ..logprobs.lm_head import LMHead
@@ -172,17 +173,18 @@ def _unpack_head(head: LMHead, hidden, head_bias, logit_scale, softcap):
     return h, w, b, head.logit_scale, head.softcap
 
 
+@renamed_keywords(old_logps="old_logprobs", ref_logps="ref_logprobs", rollout_logps="rollout_logprobs")
 def fused_policy_loss(
     hidden: torch.Tensor,
     head_weight: torch.Tensor | LMHead,
     targets: torch.Tensor,
-    old_logps: torch.Tensor | None,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
     config: PolicyLossConfig | None = None,
-    ref_logps: torch.Tensor | None = None,
-    rollout_logps: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
     full_kl: torch.Tensor | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     head_bias: torch.Tensor | None = None,
@@ -202,8 +204,8 @@ def fused_policy_loss(
             logit scale, soft-cap and LoRA adapters (folded in; they train); then leave ``head_bias``,
             ``logit_scale`` and ``softcap`` unset.
         targets: ``[B, T]`` sampled token ids; only positions in ``mask`` are read (others may hold -100).
-        old_logps, advantages, mask: as :func:`refmodel.losses.policy_loss`.
-        config, ref_logps, rollout_logps, full_kl, num_items_in_batch: as :func:`refmodel.losses.policy_loss`.
+        old_logprobs, advantages, mask: as :func:`refmodel.losses.policy_loss`.
+        config, ref_logprobs, rollout_logprobs, full_kl, num_items_in_batch: as :func:`refmodel.losses.policy_loss`.
         temperature, logit_scale, softcap: the logit transform (as ``token_logprobs``; the sampling temperature).
         chunk_size: rows per block (default ``max(16, 24 * 2**20 // V)``: 786 rows at V = 32000).
         **options: the fields of :class:`~refmodel.losses.PolicyLossConfig` as keywords, when ``config`` is None
@@ -227,21 +229,21 @@ def fused_policy_loss(
     check_head_inputs(hidden, head_weight, targets, head_bias, temperature, logit_scale, softcap, chunk_size, None)
     head_kw: dict[str, Any] = dict(bias=head_bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                    chunk_size=chunk_size, fp32_accumulation=fp32_accumulation)
-    inputs: dict[str, Any] = dict(ref_logps=ref_logps, rollout_logps=rollout_logps, full_kl=full_kl,
+    inputs: dict[str, Any] = dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, full_kl=full_kl,
                                   num_items_in_batch=num_items_in_batch)
     bmask = mask.bool() if isinstance(mask, torch.Tensor) else mask
-    if opts.importance_sampling_level != "token" or (rollout_logps is not None and old_logps is None):
+    if opts.importance_sampling_level != "token" or (rollout_logprobs is not None and old_logprobs is None):
         safe = torch.where(bmask, targets, torch.full_like(targets, -100)) if isinstance(bmask, torch.Tensor) \
             else targets
-        logps = token_logprobs(hidden, head_weight, safe, **head_kw)
-        assert isinstance(logps, torch.Tensor)  # a TokenLogprobs only with return_entropy=True, not asked here
-        return policy_loss(logps, old_logps, advantages, mask, config=opts, **inputs)
+        logprobs = token_logprobs(hidden, head_weight, safe, **head_kw)
+        assert isinstance(logprobs, torch.Tensor)  # a TokenLogprobs only with return_entropy=True, not asked here
+        return policy_loss(logprobs, old_logprobs, advantages, mask, config=opts, **inputs)
 
     acc = acc_dtype(hidden) if hidden.dtype == head_weight.dtype else \
         acc_dtype(torch.empty(0, dtype=torch.promote_types(hidden.dtype, head_weight.dtype)))
     probe = torch.empty(hidden.shape[:2], dtype=acc, device=hidden.device)
-    bmask, adv = check_inputs(probe, old_logps, advantages, mask, ref_logps, rollout_logps, full_kl)
-    check_kl_inputs(opts, ref_logps, full_kl)
+    bmask, adv = check_inputs(probe, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, full_kl)
+    check_kl_inputs(opts, ref_logprobs, full_kl)
     rows = bmask.reshape(-1).nonzero().squeeze(1)
     y = targets.reshape(-1)[rows].long()
     vocab = head_weight.shape[0]
@@ -249,9 +251,9 @@ def fused_policy_loss(
         bad = y[(y < 0) | (y >= vocab)][0].item()
         raise InvalidInput(f"target id {bad} at a masked-in position is outside the vocabulary [0, {vocab})")
     rho = invalid = None
-    if rollout_logps is not None:
-        assert old_logps is not None  # rollout_logps without old_logps took the unfused path above
-        rho, invalid = rollout_is_weights(old_logps.to(acc), rollout_logps, bmask, opts)
+    if rollout_logprobs is not None:
+        assert old_logprobs is not None  # rollout_logprobs without old_logprobs took the unfused path above
+        rho, invalid = rollout_is_weights(old_logprobs.to(acc), rollout_logprobs, bmask, opts)
 
     def per_row(t):
         return None if t is None else torch.broadcast_to(t, bmask.shape).reshape(-1)[rows].detach().to(acc)
@@ -260,20 +262,20 @@ def fused_policy_loss(
     h, w, b = promote_operands(hidden.reshape(-1, hidden.shape[-1]), head_weight, head_bias)  # as token_logprobs
     tf = LogitTransform.of(logit_scale, softcap, temperature)
     loss, logp_rows = _FusedPolicyLoss.apply(h, w, b, rows, y, opts, tf, _block_rows(y.numel(), vocab, chunk_size),
-                                             fp32_accumulation, per_row(old_logps), per_row(adv), per_row(ref_logps),
+                                             fp32_accumulation, per_row(old_logprobs), per_row(adv), per_row(ref_logprobs),
                                              per_row(rho), per_row(weights))
-    logps = logp_rows.new_zeros(bmask.numel()).index_put((rows,), logp_rows).reshape(bmask.shape)
+    logprobs = logp_rows.new_zeros(bmask.numel()).index_put((rows,), logp_rows).reshape(bmask.shape)
     kl_graph = None
     beta = opts.beta_value
     if opts.kl_estimator == "full" and beta != 0 and full_kl is not None:  # (None with beta != 0 was refused)
         kl_graph = beta * (weights * torch.where(bmask, full_kl.to(acc), 0.0)).sum()
         loss = loss + kl_graph
     with torch.no_grad():  # the statistics from the final log-probs, through the same code as policy_loss
-        log_w, _ = log_importance_weights(logps, old_logps, bmask, "token", opts.log_ratio_clamp)
-        per_tok, pg, kl_t, coef_1 = token_losses(opts, logps, log_w, adv, bmask, ref_logps, rho,
+        log_w, _ = log_importance_weights(logprobs, old_logprobs, bmask, "token", opts.log_ratio_clamp)
+        per_tok, pg, kl_t, coef_1 = token_losses(opts, logprobs, log_w, adv, bmask, ref_logprobs, rho,
                                                  None if full_kl is None else full_kl.detach())
-    rollout = None if rho is None or rollout_logps is None else (rho, invalid, rollout_logps.to(acc))
-    return statistics(opts, loss, per_tok, pg, kl_t, coef_1, adv, bmask, weights, logps, old_logps, rollout)
+    rollout = None if rho is None or rollout_logprobs is None else (rho, invalid, rollout_logprobs.to(acc))
+    return statistics(opts, loss, per_tok, pg, kl_t, coef_1, adv, bmask, weights, logprobs, old_logprobs, rollout)
 
 
 __all__ = ["fused_policy_loss"]

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._deprecation import renamed_keywords
 from ..errors import InvalidInput
 from ..validation import positive_finite
 
@@ -73,9 +74,10 @@ def _per_token(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
     return value
 
 
+@renamed_keywords(logps="logprobs", ref_logps="ref_logprobs")
 def per_token_kl(
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
     mask: torch.Tensor | None = None,
     estimator: str = "k3",
     *,
@@ -84,13 +86,13 @@ def per_token_kl(
 ) -> torch.Tensor:
     """Per-token KL estimate ``[B, T]`` (nats), 0 outside ``mask``, with verl's optional clamps.
 
-    The log-ratio ``logps - ref_logps`` is zeroed outside the mask *before* the estimator (so no ``exp``
+    The log-ratio ``logprobs - ref_logprobs`` is zeroed outside the mask *before* the estimator (so no ``exp``
     ever sees padding), then clamped to ``[-log_ratio_clamp, log_ratio_clamp]`` (verl: 20 for k3) and the
     estimate to ``[-kl_clamp, kl_clamp]`` (verl: 10 for k3, OpenRLHF: 10 for every estimator). ``None``
     disables a clamp (TRL's behaviour). A clamp that is active stops the gradient at that token.
     """
     estimator = canonical_estimator(estimator)
-    log_ratio = logps - ref_logps.to(logps.dtype)
+    log_ratio = logprobs - ref_logprobs.to(logprobs.dtype)
     if mask is not None:
         log_ratio = torch.where(mask.bool(), log_ratio, log_ratio.new_zeros(()))
     if log_ratio_clamp is not None:
@@ -103,9 +105,10 @@ def per_token_kl(
     return kl
 
 
+@renamed_keywords(logps="logprobs", ref_logps="ref_logprobs")
 def estimate(
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
     estimator: str = "k3",
     mask: torch.Tensor | None = None,
     reduction: str = "token",
@@ -113,7 +116,7 @@ def estimate(
     """Estimate ``KL(policy || reference)`` from log-probs of tokens sampled from the policy.
 
     Args:
-        logps, ref_logps: ``[B, T]`` (or any equal shape) per-token log-probs (nats) of the policy and
+        logprobs, ref_logprobs: ``[B, T]`` (or any equal shape) per-token log-probs (nats) of the policy and
             the reference at the same tokens.
         estimator: one of ``k1, k2, k3, abs, k1+, k3+, abs+`` or an alias (see module docstring).
         mask: bool/0-1 tensor of the same shape; positions outside it count as 0 and are left out of
@@ -122,23 +125,23 @@ def estimate(
             the sum over each sequence's tokens (the KL of the whole completion); ``batch`` -> scalar,
             the mean over all masked tokens of the batch (per-token KL).
     Returns:
-        float tensor in nats with the gradient w.r.t. ``logps`` that the estimator implies.
+        float tensor in nats with the gradient w.r.t. ``logprobs`` that the estimator implies.
     """
     estimator = canonical_estimator(estimator)
     if reduction not in REDUCTIONS:
         raise InvalidInput(f"unknown reduction {reduction!r}; expected one of {list(REDUCTIONS)}")
-    if not isinstance(logps, torch.Tensor) or not isinstance(ref_logps, torch.Tensor):
-        raise InvalidInput("logps and ref_logps must be tensors")
-    if logps.shape != ref_logps.shape:
-        raise InvalidInput(f"logps {tuple(logps.shape)} and ref_logps {tuple(ref_logps.shape)} must have the "
+    if not isinstance(logprobs, torch.Tensor) or not isinstance(ref_logprobs, torch.Tensor):
+        raise InvalidInput("logprobs and ref_logprobs must be tensors")
+    if logprobs.shape != ref_logprobs.shape:
+        raise InvalidInput(f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} must have the "
                            "same shape")
-    if reduction == "sequence" and logps.dim() < 1:
+    if reduction == "sequence" and logprobs.dim() < 1:
         raise InvalidInput("reduction='sequence' needs at least a [B, T] (or [T]) tensor")
     if mask is not None:
-        if mask.shape != logps.shape:
-            raise InvalidInput(f"mask must have the shape of logps {tuple(logps.shape)}, got {tuple(mask.shape)}")
+        if mask.shape != logprobs.shape:
+            raise InvalidInput(f"mask must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(mask.shape)}")
         mask = mask.bool()
-    kl = per_token_kl(logps.float(), ref_logps.float(), mask, estimator)
+    kl = per_token_kl(logprobs.float(), ref_logprobs.float(), mask, estimator)
     if reduction == "token":
         return kl
     if reduction == "sequence":
@@ -281,10 +284,11 @@ class KLPenalizedRewards(NamedTuple):
     kl_coef: float
 
 
+@renamed_keywords(logps="logprobs", ref_logps="ref_logprobs")
 def kl_penalized_rewards(
     rewards: torch.Tensor,
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
     mask: torch.Tensor,
     kl_coef: float | FixedKLController | AdaptiveKLController,
     estimator: str = "k1",
@@ -296,8 +300,8 @@ def kl_penalized_rewards(
 
     Args:
         rewards: ``[B]`` sequence scores or ``[B, T]`` per-token scores (e.g. the score at the last token).
-        logps: ``[B, T]`` log-probs of the sampled tokens under the policy that sampled them (the old
-            policy; verl uses ``old_log_probs``), nats. ref_logps: ``[B, T]`` the reference's.
+        logprobs: ``[B, T]`` log-probs of the sampled tokens under the policy that sampled them (the old
+            policy; verl uses ``old_log_probs``), nats. ref_logprobs: ``[B, T]`` the reference's.
         mask: ``[B, T]`` completion mask.
         kl_coef: a number or a :class:`FixedKLController` / :class:`AdaptiveKLController` (its ``value``).
         estimator: ``k1`` by default (TRL RLOO/PPO, OpenRLHF, AgileRL REINFORCE; "A Comedy of Estimators",
@@ -310,17 +314,17 @@ def kl_penalized_rewards(
     if not isinstance(rewards, torch.Tensor) or rewards.dim() not in (1, 2):
         raise InvalidInput("rewards must be a [B] (sequence) or [B, T] (per-token) tensor, got "
                            f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}")
-    for name, t in (("logps", logps), ("ref_logps", ref_logps), ("mask", mask)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape != logps.shape:
-            raise InvalidInput(f"{name} must be a [B, T] tensor of the shape of logps {tuple(logps.shape)}")
-    if rewards.shape[0] != logps.shape[0] or (rewards.dim() == 2 and rewards.shape != logps.shape):
-        raise InvalidInput(f"rewards {tuple(rewards.shape)} must be [B] or [B, T] with B, T of logps "
-                           f"{tuple(logps.shape)}")
+    for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("mask", mask)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape != logprobs.shape:
+            raise InvalidInput(f"{name} must be a [B, T] tensor of the shape of logprobs {tuple(logprobs.shape)}")
+    if rewards.shape[0] != logprobs.shape[0] or (rewards.dim() == 2 and rewards.shape != logprobs.shape):
+        raise InvalidInput(f"rewards {tuple(rewards.shape)} must be [B] or [B, T] with B, T of logprobs "
+                           f"{tuple(logprobs.shape)}")
     coef = coefficient(kl_coef, "kl_coef")
-    dtype = torch.promote_types(torch.promote_types(logps.dtype, rewards.dtype), torch.float32)
+    dtype = torch.promote_types(torch.promote_types(logprobs.dtype, rewards.dtype), torch.float32)
     with torch.no_grad():
         m = mask.bool()
-        kl_t = per_token_kl(logps.detach().to(dtype), ref_logps.detach().to(dtype), m, estimator,
+        kl_t = per_token_kl(logprobs.detach().to(dtype), ref_logprobs.detach().to(dtype), m, estimator,
                             log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp)
         seq_kl = kl_t.sum(-1) / m.sum(-1).clamp(min=1)
         if rewards.dim() == 1:

@@ -1,20 +1,20 @@
 """Policy-gradient losses (GRPO / DAPO / Dr. GRPO / CISPO / GSPO / PPO) with the reference KL in the loss.
 
-Notation per completion token ``t`` of sequence ``i`` (all ``[B, T]``, nats): ``logps`` = log pi_theta
-(with gradient), ``old_logps`` = log pi_old (the PPO anchor), ``ref_logps`` = log pi_ref,
-``rollout_logps`` = the sampler's log-probs (vLLM/SGLang), ``m`` = the completion mask, ``A`` = advantage.
+Notation per completion token ``t`` of sequence ``i`` (all ``[B, T]``, nats): ``logprobs`` = log pi_theta
+(with gradient), ``old_logprobs`` = log pi_old (the PPO anchor), ``ref_logprobs`` = log pi_ref,
+``rollout_logprobs`` = the sampler's log-probs (vLLM/SGLang), ``m`` = the completion mask, ``A`` = advantage.
 Everything below follows TRL's ``GRPOTrainer._compute_loss`` (1.16) line for line unless marked (verl):
 
-    log_ratio = where(m, logps - old_logps, 0)          # masked *before* any exp
+    log_ratio = where(m, logprobs - old_logprobs, 0)          # masked *before* any exp
     log_w     = log_ratio                                  importance_sampling_level="token"
               = sum_t log_ratio / |o_i|        [B, 1]      "sequence" (GSPO, arXiv 2507.18071)
-              = logps - sg(logps) + sg(sum_t log_ratio / |o_i|)   "sequence_token" (GSPO-token, verl gspo)
+              = logprobs - sg(logprobs) + sg(sum_t log_ratio / |o_i|)   "sequence_token" (GSPO-token, verl gspo)
     r         = exp(log_w)
     clipped:  L_t = -min(min(r, delta) * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)
               dual_clip c (verl clip_ratio_c): L_t = min(L_t, -c * A) where A < 0
-    cispo:    L_t = -sg(min(r, epsilon_high)) * A * logps          (MiniMax-M1, arXiv 2506.13585)
-    L_t      *= rho_t                    truncated/masked IS weight against rollout_logps (TRL vLLM correction)
-    L_t      += beta * KL_t               KL_t = estimator(logps, ref_logps) [* r if use_bias_correction_kl]
+    cispo:    L_t = -sg(min(r, epsilon_high)) * A * logprobs          (MiniMax-M1, arXiv 2506.13585)
+    L_t      *= rho_t                    truncated/masked IS weight against rollout_logprobs (TRL vLLM correction)
+    L_t      += beta * KL_t               KL_t = estimator(logprobs, ref_logprobs) [* r if use_bias_correction_kl]
     loss      = sum_{i,t} w_{i,t} * L_{i,t}    with the aggregation weights w of ``loss_agg_mode``
 
 k3 is ``exp(ref - logp) - (ref - logp) - 1`` (the orientation AgileRL swapped, d99c1c3b).
@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from .._deprecation import renamed_keywords
 from .policy_config import (
     DEFAULT_AGG_MODE,
     IMPORTANCE_SAMPLING_LEVELS,
@@ -88,11 +89,11 @@ class PolicyLoss:
             ``A > 0``; for cispo ``r > epsilon_high`` and ``A > 0``), either (TRL's ``clip_ratio/*``).
         dual_clip_fraction: fraction of masked tokens where the dual clip is active (0 without it).
         ratio_mean, ratio_min, ratio_max: of ``r`` over masked tokens (over sequences at sequence level).
-        ppo_kl: masked mean of ``old_logps - logps`` (verl ``actor/ppo_kl``).
+        ppo_kl: masked mean of ``old_logprobs - logprobs`` (verl ``actor/ppo_kl``).
         is_weight_mean, is_weight_min, is_weight_max: of the rollout IS weight ``rho`` (masked tokens, or
             sequences at sequence level); is_masked_fraction: fraction zeroed by a ``*_mask`` mode;
-            rollout_logp_diff_mean, rollout_logp_diff_max: of ``|old_logps - rollout_logps|`` (TRL's
-            ``sampling/sampling_logp_difference``). All ``None`` without ``rollout_logps``.
+            rollout_logp_diff_mean, rollout_logp_diff_max: of ``|old_logprobs - rollout_logprobs|`` (TRL's
+            ``sampling/sampling_logp_difference``). All ``None`` without ``rollout_logprobs``.
     """
 
     loss: torch.Tensor
@@ -132,24 +133,24 @@ def _masked_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
     return sel.mean(), sel.min(), sel.max()
 
 
-def statistics(opts: PolicyLossConfig, loss, per_token, pg, kl_t, coef_1, advantages, mask, weights, logps, old_logps,
+def statistics(opts: PolicyLossConfig, loss, per_token, pg, kl_t, coef_1, advantages, mask, weights, logprobs, old_logprobs,
                rollout=None) -> PolicyLoss:
     """Assemble :class:`PolicyLoss` (all detached but ``loss``/``per_token_loss``)."""
     with torch.no_grad():
-        m = mask.to(logps.dtype)
+        m = mask.to(logprobs.dtype)
         n = m.sum().clamp(min=1)
 
         def frac(cond):
-            return (torch.broadcast_to(cond, mask.shape) & mask).to(logps.dtype).sum() / n
+            return (torch.broadcast_to(cond, mask.shape) & mask).to(logprobs.dtype).sum() / n
 
         adv, r = advantages.detach(), coef_1.detach()
         if opts.loss_type == "cispo":
-            low, high = torch.zeros((), dtype=logps.dtype, device=logps.device), frac((r > opts.clip_high) & (adv > 0))
+            low, high = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device), frac((r > opts.clip_high) & (adv > 0))
             region = high
         else:
             low_c, high_c = (r < 1 - opts.epsilon) & (adv < 0), (r > 1 + opts.clip_high) & (adv > 0)
             low, high, region = frac(low_c), frac(high_c), frac(low_c | high_c)
-        dual = torch.zeros((), dtype=logps.dtype, device=logps.device)
+        dual = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
         if opts.dual_clip is not None:  # active where |A| * max(min(r, delta), clip(r)) exceeds c * |A|
             unclipped = r if opts.delta is None else r.clamp(max=opts.delta)
             worst = torch.maximum(unclipped, r.clamp(1 - opts.epsilon, 1 + opts.clip_high))
@@ -161,52 +162,54 @@ def statistics(opts: PolicyLossConfig, loss, per_token, pg, kl_t, coef_1, advant
             kl_loss = opts.beta_value * (weights * kd).sum()
             kl_mean = kd.sum() / n
             seq_kl = kd.sum(-1) / mask.sum(-1).clamp(min=1)
-        old = logps.detach() if old_logps is None else old_logps
-        ppo_kl = (torch.where(mask, old - logps.detach(), 0.0)).sum() / n
+        old = logprobs.detach() if old_logprobs is None else old_logprobs
+        ppo_kl = (torch.where(mask, old - logprobs.detach(), 0.0)).sum() / n
         ratio = _masked_stats(r, mask)
         extra = {}
         if rollout is not None:
-            rho, invalid, rollout_logps = rollout
-            diff = torch.where(mask, (old - rollout_logps).abs(), 0.0)
+            rho, invalid, rollout_logprobs = rollout
+            diff = torch.where(mask, (old - rollout_logprobs).abs(), 0.0)
             w_mean, w_min, w_max = _masked_stats(rho, mask)
             masked = invalid & mask if invalid.shape == mask.shape else invalid
             extra = dict(is_weight_mean=w_mean, is_weight_min=w_min, is_weight_max=w_max,
-                         is_masked_fraction=masked.to(logps.dtype).sum() / (n if invalid.shape == mask.shape
+                         is_masked_fraction=masked.to(logprobs.dtype).sum() / (n if invalid.shape == mask.shape
                                                                              else max(invalid.numel(), 1)),
                          rollout_logp_diff_mean=diff.sum() / n, rollout_logp_diff_max=diff.max())
     return PolicyLoss(loss, per_token, pg_loss, kl_loss, kl_mean, seq_kl, low, high, region, dual, *ratio, ppo_kl,
                       **extra)
 
 
+@renamed_keywords(logps="logprobs", old_logps="old_logprobs", ref_logps="ref_logprobs",
+                  rollout_logps="rollout_logprobs")
 def policy_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor | None,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
     config: PolicyLossConfig | None = None,
-    ref_logps: torch.Tensor | None = None,
-    rollout_logps: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
     full_kl: torch.Tensor | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     **options: Any,
 ) -> PolicyLoss:
     """The clipped policy-gradient loss with the reference KL, from per-token log-probs (see the module docstring).
 
-    ``policy_loss(logps, old, adv, mask, config=PolicyLossConfig(loss_type="grpo", beta=0.04), ref_logps=ref)``;
+    ``policy_loss(logprobs, old, adv, mask, config=PolicyLossConfig(loss_type="grpo", beta=0.04), ref_logprobs=ref)``;
     the option keywords build the config for one call (``policy_loss(..., loss_type="grpo", beta=0.04,
-    ref_logps=ref)`` is the same loss); giving both is an error.
+    ref_logprobs=ref)`` is the same loss); giving both is an error.
 
     Args:
-        logps: ``[B, T]`` policy log-probs of the sampled tokens (nats, with gradient).
-        old_logps: ``[B, T]`` log-probs under pi_old, or ``None`` for on-policy (ratio 1 with the gradient of
-            ``logps``, TRL's ``per_token_logps.detach()``).
+        logprobs: ``[B, T]`` policy log-probs of the sampled tokens (nats, with gradient).
+        old_logprobs: ``[B, T]`` log-probs under pi_old, or ``None`` for on-policy (ratio 1 with the gradient of
+            ``logprobs``, TRL's ``per_token_logps.detach()``).
         advantages: ``[B]`` per sequence or ``[B, T]`` per token. mask: ``[B, T]`` completion mask (bool/0-1).
         config: the options (:class:`~refmodel.losses.PolicyLossConfig`: loss type, clip range, ``beta``, KL
             estimator, aggregation, rollout IS mode, ...); ``None``: built from ``**options``.
-        ref_logps: ``[B, T]`` reference log-probs; needed when ``beta != 0`` (an error otherwise) and reported
+        ref_logprobs: ``[B, T]`` reference log-probs; needed when ``beta != 0`` (an error otherwise) and reported
             as the ``kl`` statistic whenever given.
-        rollout_logps: ``[B, T]`` the sampler's log-probs; enables TRL's IS correction ``rho = exp(old - rollout)``
+        rollout_logprobs: ``[B, T]`` the sampler's log-probs; enables TRL's IS correction ``rho = exp(old - rollout)``
             per token or summed per sequence, truncated to ``[clip_min, clip_max]`` (``*_truncate``) or set to 0
             outside it (``*_mask``), per the config's ``vllm_importance_sampling_*``. It multiplies the policy
             term only, not the KL (as TRL).
@@ -222,23 +225,23 @@ def policy_loss(
 
     Raises:
         ConfigError: an invalid option (see :class:`~refmodel.losses.PolicyLossConfig`), ``config`` together
-            with option keywords, or ``beta != 0`` without ``ref_logps`` (``full_kl``).
+            with option keywords, or ``beta != 0`` without ``ref_logprobs`` (``full_kl``).
         InvalidInput: tensors of the wrong shape.
     """
     opts = build_config(config, options, "policy_loss")
-    mask, adv = check_inputs(logps, old_logps, advantages, mask, ref_logps, rollout_logps, full_kl)
-    check_kl_inputs(opts, ref_logps, full_kl)
-    log_w, _ = log_importance_weights(logps, old_logps, mask, opts.importance_sampling_level, opts.log_ratio_clamp)
+    mask, adv = check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, full_kl)
+    check_kl_inputs(opts, ref_logprobs, full_kl)
+    log_w, _ = log_importance_weights(logprobs, old_logprobs, mask, opts.importance_sampling_level, opts.log_ratio_clamp)
     rollout = None
-    if rollout_logps is not None:
-        rho, invalid = rollout_is_weights(logps.detach() if old_logps is None else old_logps, rollout_logps, mask,
+    if rollout_logprobs is not None:
+        rho, invalid = rollout_is_weights(logprobs.detach() if old_logprobs is None else old_logprobs, rollout_logprobs, mask,
                                           opts)
-        rollout = (rho, invalid, rollout_logps.to(logps.dtype))
-    per_token, pg, kl_t, coef_1 = token_losses(opts, logps, log_w, adv, mask, ref_logps,
+        rollout = (rho, invalid, rollout_logprobs.to(logprobs.dtype))
+    per_token, pg, kl_t, coef_1 = token_losses(opts, logprobs, log_w, adv, mask, ref_logprobs,
                                                rollout[0] if rollout else None, full_kl)
-    weights = aggregation_weights(mask, opts.agg_mode, logps.dtype, num_items_in_batch, opts.max_completion_length)
+    weights = aggregation_weights(mask, opts.agg_mode, logprobs.dtype, num_items_in_batch, opts.max_completion_length)
     loss = (weights * per_token).sum()
-    return statistics(opts, loss, per_token, pg, kl_t, coef_1, adv, mask, weights, logps, old_logps, rollout)
+    return statistics(opts, loss, per_token, pg, kl_t, coef_1, adv, mask, weights, logprobs, old_logprobs, rollout)
 
 
 __all__ = ["DEFAULT_AGG_MODE", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_AGG_MODES", "LOSS_TYPES", "ROLLOUT_IS_MODES",

@@ -6,7 +6,7 @@ that builds it, :func:`build_config`), and the per-token math (:mod:`.policy_ter
 per run and pass it to every step::
 
     cfg = PolicyLossConfig(loss_type="grpo", epsilon_high=0.28, beta=0.04)
-    out = policy_loss(logps, old_logps, advantages, mask, config=cfg, ref_logps=ref_logps)
+    out = policy_loss(logprobs, old_logprobs, advantages, mask, config=cfg, ref_logprobs=ref_logprobs)
 
 Only options live here; the per-batch inputs (log-prob tensors, advantages, masks, ``full_kl`` and
 ``num_items_in_batch``, TRL's per-step global token count) stay arguments of the loss.
@@ -59,14 +59,14 @@ class PolicyLossConfig:
         importance_sampling_level: ``token``, ``sequence`` (GSPO) or ``sequence_token`` (GSPO-token).
         loss_agg_mode: a verl aggregation overriding the loss type's (``None``: the loss type's own).
         beta: the KL coefficient (>= 0), a number or a :class:`~refmodel.kl.FixedKLController` /
-            :class:`~refmodel.kl.AdaptiveKLController`. ``beta != 0`` needs ``ref_logps`` (``full_kl`` for
+            :class:`~refmodel.kl.AdaptiveKLController`. ``beta != 0`` needs ``ref_logprobs`` (``full_kl`` for
             ``kl_estimator="full"``) at the call.
         kl_estimator: ``k1``/``kl``, ``k2``/``mse``, ``k3``/``low_var_kl`` (default, TRL's), ``abs``, with a ``+``
             suffix for k2's straight-through gradient, or ``full`` (the exact KL passed as ``full_kl``).
         use_bias_correction_kl: multiply the KL by the ratio r (DeepSeek-V3.2; TRL, Liger); not with ``full``.
         log_ratio_clamp: clamp ``log r`` before exp (verl: 20; default None as in TRL).
         kl_log_ratio_clamp, kl_clamp: clamps of the KL log-ratio and value (verl k3: 20 and 10); None disables.
-        vllm_importance_sampling_mode: how ``rollout_logps`` correct the sampler gap: ``token``/``sequence`` x
+        vllm_importance_sampling_mode: how ``rollout_logprobs`` correct the sampler gap: ``token``/``sequence`` x
             ``truncate``/``mask`` (default ``sequence_mask``, TRL's); vllm_importance_sampling_clip_max (3.0,
             TRL's cap) and vllm_importance_sampling_clip_min (None) bound the IS weight.
         max_completion_length: Dr. GRPO's constant normalizer (``None``: the batch's ``T``).

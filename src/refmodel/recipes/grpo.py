@@ -21,7 +21,7 @@ One step (Shao et al. 2024, DeepSeekMath, Sec. 4; TRL's ``GRPOTrainer`` names):
    policy; a :class:`~refmodel.kl.KLMonitor` warns above ``kl_threshold``; a PNG of the curves.
 
 Not here (yet): TRL's ``steps_per_generation`` (several optimizer steps over slices of one batch) and
-KL in the reward; both fit the same scoring (``needs_old_logps`` already takes ``steps_per_rollout``).
+KL in the reward; both fit the same scoring (``needs_old_logprobs`` already takes ``steps_per_rollout``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ..losses.policy_config import PolicyLossConfig
 from ..reference import resolve
 from ..rl import policy_loss_fn
 from ..rl.rollout import Rollouts, SamplingConfig, generate_rollouts
-from ..rl.scoring import ScoredRollouts, exact_kl, needs_old_logps, score_rollouts
+from ..rl.scoring import ScoredRollouts, exact_kl, needs_old_logprobs, score_rollouts
 from .steps import StepLog
 from .train import add_lora
 
@@ -208,16 +208,16 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
     for rows, w in zip(chunks, weights, strict=True):
         rows_d = rows.to(ro.input_ids.device)
         ids, attn, mask = ro.input_ids[rows_d], ro.attention_mask[rows_d], ro.completion_mask[rows_d]
-        old = None if scored.old_logps is None else scored.old_logps[rows_d]
-        ref = None if scored.ref_logps is None else scored.ref_logps[rows_d]
-        rollout_logps = ro.sampler_logps[rows_d] if cfg.importance_sampling_correction else None
+        old = None if scored.old_logprobs is None else scored.old_logprobs[rows_d]
+        ref = None if scored.ref_logprobs is None else scored.ref_logprobs[rows_d]
+        rollout_logprobs = ro.sampler_logprobs[rows_d] if cfg.importance_sampling_correction else None
         if cfg.use_fused_policy_loss:
-            res, out = _fused_loss(policy, ids, attn, mask, old, advantages[rows_d], ref, rollout_logps,
+            res, out = _fused_loss(policy, ids, attn, mask, old, advantages[rows_d], ref, rollout_logprobs,
                                    ro.temperature, loss_config), None
         else:
             out = model_logprobs(policy, ids, attn, mask, temperature=ro.temperature, return_entropy=True)
-            res = policy_loss_fn(out.logprobs, old, advantages[rows_d], mask, config=loss_config, ref_logps=ref,
-                                 rollout_logps=rollout_logps)
+            res = policy_loss_fn(out.logprobs, old, advantages[rows_d], mask, config=loss_config, ref_logprobs=ref,
+                                 rollout_logprobs=rollout_logprobs)
         (res.loss * w).backward()
         k = int(mask.sum())
         tokens += k
@@ -235,17 +235,17 @@ def policy_step(policy: nn.Module, scored: ScoredRollouts, advantages: torch.Ten
         lp = out.logprobs.detach()
         if ref is not None:  # the estimator on the sampled tokens (a Monte-Carlo estimate of the exact KL)
             sums["kl_estimated"] += float(kl_mod.estimate(lp, ref, cfg.kl_estimator, mask=mask).sum())
-        gap = (lp - ro.sampler_logps[rows_d]).abs() * mask
+        gap = (lp - ro.sampler_logprobs[rows_d]).abs() * mask
         sums["sampler_logp_diff_mean"] += float(gap.sum())
         sums["sampler_logp_diff_max"] = max(sums["sampler_logp_diff_max"], float(gap.max()) if k else 0.0)
     for key in ("kl_in_loss", "clip_fraction", "ratio_mean", "entropy", "kl_estimated", "sampler_logp_diff_mean"):
         sums[key] /= max(tokens, 1)
-    if scored.ref_logps is None:
+    if scored.ref_logprobs is None:
         sums["kl_estimated"] = float("nan")
     return sums
 
 
-def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, temperature,
+def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logprobs, temperature,
                 config: PolicyLossConfig):
     """:func:`refmodel.losses.fused_policy_loss` on the policy's final hidden states (the loss fused into the head).
 
@@ -269,8 +269,8 @@ def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logps, te
 
     adv = advantages if advantages.dim() == 1 else advantages[:, 1:]
     return fused_policy_loss(hidden, head, torch.where(m, ids[:, 1:], -100), shift(old), adv, m,
-                             temperature=temperature, config=config, ref_logps=shift(ref),
-                             rollout_logps=shift(rollout_logps))
+                             temperature=temperature, config=config, ref_logprobs=shift(ref),
+                             rollout_logprobs=shift(rollout_logprobs))
 
 
 @dataclass
@@ -303,7 +303,7 @@ def grpo(policy: nn.Module, tokenizer, prompts: Sequence, reward_funcs: Sequence
         raise ConfigError("GRPO needs at least one prompt")
     # beta == 0: no KL term, so no reference is built or asked
     reference = None if cfg.beta == 0 else resolve(reference, policy, temperature=cfg.temperature, who="grpo")
-    need_old = needs_old_logps(cfg.num_iterations, 1, cfg.importance_sampling_correction)
+    need_old = needs_old_logprobs(cfg.num_iterations, 1, cfg.importance_sampling_correction)
     params = [p for p in policy.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the policy has no trainable parameters")

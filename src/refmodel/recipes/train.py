@@ -121,7 +121,7 @@ def pair_logps(policy: nn.Module, reference, batch: dict[str, torch.Tensor]) -> 
     with torch.no_grad():
         if hasattr(reference, "sequence_logps"):
             ref = reference.sequence_logps(ids, attn, score)
-            out["ref_tok"] = ref.token_logps.to(tok.device, torch.float32)
+            out["ref_tok"] = ref.token_logprobs.to(tok.device, torch.float32)
             out["ref_logps"] = ref.sequence_logps.to(tok.device)
         else:
             out["ref_tok"] = reference.logprobs(ids, attn, score).to(tok.device, torch.float32)

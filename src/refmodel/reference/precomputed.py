@@ -19,17 +19,19 @@ from typing import NamedTuple
 
 import torch
 
+from .._deprecation import renamed_fields
 from ..errors import FingerprintMismatch, InvalidBatch, StoreMiss
 from ..logprobs.model import validate_batch
 
 log = logging.getLogger(__name__)
 
 
+@renamed_fields(token_logps="token_logprobs")
 class ReferenceLogps(NamedTuple):
-    """Reference log-probs of a batch: ``token_logps`` ``[B, T]`` float32 (0 outside the score mask) and
+    """Reference log-probs of a batch: ``token_logprobs`` ``[B, T]`` float32 (0 outside the score mask) and
     ``sequence_logps`` ``[B]`` float32 (their per-row sum, exact from the store where it holds the row)."""
 
-    token_logps: torch.Tensor
+    token_logprobs: torch.Tensor
     sequence_logps: torch.Tensor
 
 

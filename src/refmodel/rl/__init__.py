@@ -10,13 +10,24 @@ from .rollout import Rollouts, SamplingConfig, generate_rollouts, tokenize_promp
 from .scoring import (
     ScoredRollouts,
     exact_kl,
-    needs_old_logps,
-    policy_logps,
+    needs_old_logprobs,
+    policy_logprobs,
     reference_drift,
-    reference_logps,
+    reference_logprobs,
     score_rollouts,
 )
 
 __all__ = ["ForwardBackwardOutput", "configure_reference_service", "forward_backward", "kl_monitor", "Rollouts", "SamplingConfig", "ScoredRollouts", "exact_kl", "generate_rollouts", "group_advantages",
-           "needs_old_logps", "policy_logps", "policy_loss_fn", "reference_drift", "reference_logps",
+           "needs_old_logprobs", "policy_logprobs", "policy_loss_fn", "reference_drift", "reference_logprobs",
            "score_rollouts", "tokenize_prompts"]
+
+_MOVED = {"needs_old_logps": "refmodel.rl.scoring.needs_old_logprobs",
+          "policy_logps": "refmodel.rl.scoring.policy_logprobs",
+          "reference_logps": "refmodel.rl.scoring.reference_logprobs"}
+
+
+def __getattr__(name: str):
+    # the names before the vocabulary's "...logprobs" (CONTRIBUTING): they work for one release, with a warning
+    from .._deprecation import moved_attribute
+
+    return moved_attribute(__name__, name, _MOVED)

@@ -18,8 +18,8 @@ work, with the registered names in the message.
 
 ``batch`` is a dict of ``[B, T]`` tensors: ``input_ids``, ``attention_mask`` (optional),
 ``completion_mask`` (aliases ``score_mask``, ``loss_mask``), ``advantages`` (``[B]`` or ``[B, T]``), and
-optionally ``old_logps`` (the PPO anchor; ``None``: on-policy), ``sampler_logps`` (for truncated IS) and
-``ref_logps`` (skips the reference). A :class:`~refmodel.rl.Rollouts` plus ``advantages`` also works.
+optionally ``old_logprobs`` (the PPO anchor; ``None``: on-policy), ``sampler_logprobs`` (for truncated IS) and
+``ref_logprobs`` (skips the reference). A :class:`~refmodel.rl.Rollouts` plus ``advantages`` also works.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._deprecation import renamed_fields, warn_deprecated
 from ..errors import ConfigError, InvalidBatch, ModelNotAllowed
 from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
@@ -50,15 +51,16 @@ _OWN_KEYS = {"reference_model", "temperature", "quantize", "kl_threshold", "remo
 DEFAULT_KL_THRESHOLD = 1.0  # nats/token: well above healthy RL runs (verl logs 0.02-0.13, research note 9.3)
 
 
+@renamed_fields(logps="logprobs", ref_logps="ref_logprobs")
 @dataclass
 class ForwardBackwardOutput:
     """``loss`` (float, the value that was backpropagated), ``metrics`` (floats), and the ``[B, T]``
-    float32 log-probs used: ``logps`` (policy, detached) and ``ref_logps`` (None when ``beta == 0``)."""
+    float32 log-probs used: ``logprobs`` (policy, detached) and ``ref_logprobs`` (None when ``beta == 0``)."""
 
     loss: float
     metrics: dict[str, float]
-    logps: torch.Tensor
-    ref_logps: torch.Tensor | None = None
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -120,7 +122,7 @@ def _resolve(name: str, quantize, url: str | None, max_local_bytes: int | None, 
     return "remote", remote
 
 
-def named_reference_logps(name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def named_reference_logprobs(name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           score_mask: torch.Tensor, *, temperature: float = 1.0, quantize=None,
                           remote_url: str | None = None, max_local_bytes: int | None = None,
                           remote_token: str | None = None) -> torch.Tensor:
@@ -139,11 +141,18 @@ def named_reference_logps(name: str, input_ids: torch.Tensor, attention_mask: to
     return out.to(input_ids.device)
 
 
+# Batch keys renamed to the vocabulary's "...logprobs" (CONTRIBUTING): the old ones work for one release.
+_OLD_KEYS = {"old_logprobs": "old_logps", "ref_logprobs": "ref_logps", "sampler_logprobs": "sampler_logps"}
+
+
 def _get(batch, *names, required=True):
     for n in names:
-        value = batch.get(n) if isinstance(batch, dict) else getattr(batch, n, None)
-        if value is not None:
-            return value
+        for key in (n, _OLD_KEYS.get(n)):
+            value = None if key is None else batch.get(key) if isinstance(batch, dict) else getattr(batch, key, None)
+            if value is not None:
+                if key != n:
+                    warn_deprecated(f"forward_backward's batch key {key!r}", f"{n!r}")
+                return value
     if required:
         raise InvalidBatch(f"forward_backward's batch needs {names[0]!r}"
                            + (f" (or {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""))
@@ -191,21 +200,21 @@ def forward_backward(policy: nn.Module, batch, loss_fn: str | None = None, loss_
     if advantages.shape not in (ids.shape[:1], ids.shape):
         raise InvalidBatch(f"advantages must be [B] = [{ids.shape[0]}] or [B, T] = {list(ids.shape)}, got "
                            f"{list(advantages.shape)}")
-    ref_logps = _get(batch, "ref_logps", required=False)
-    if beta != 0 and ref_logps is None:
+    ref_logprobs = _get(batch, "ref_logprobs", required=False)
+    if beta != 0 and ref_logprobs is None:
         if name is None:
             raise ConfigError(f"beta={beta} needs a reference: pass loss_kwargs['reference_model'] (a name "
-                              "registered in refmodel.get_global_reference_cache()) or batch['ref_logps'], "
+                              "registered in refmodel.get_global_reference_cache()) or batch['ref_logprobs'], "
                               "or set beta=0")
-        ref_logps = named_reference_logps(name, ids, attn, mask, temperature=temperature,
+        ref_logprobs = named_reference_logprobs(name, ids, attn, mask, temperature=temperature,
                                           quantize=kw.get("quantize"), remote_url=kw.get("remote_url"),
                                           max_local_bytes=kw.get("max_local_bytes"),
                                           remote_token=kw.get("remote_token"))
     elif name is not None:
         _resolve(name, kw.get("quantize"), None, None, None)  # an unknown name is refused even at beta=0
     out = model_logprobs(policy, ids, attn, mask, temperature=temperature, return_entropy=True)
-    res = policy_loss(out.logprobs, _get(batch, "old_logps", required=False), advantages, mask, config=config,
-                      ref_logps=ref_logps, rollout_logps=_get(batch, "sampler_logps", required=False),
+    res = policy_loss(out.logprobs, _get(batch, "old_logprobs", required=False), advantages, mask, config=config,
+                      ref_logprobs=ref_logprobs, rollout_logprobs=_get(batch, "sampler_logprobs", required=False),
                       num_items_in_batch=kw.get("num_items_in_batch"))
     res.loss.backward()
     tokens = int(mask.sum())
@@ -213,11 +222,11 @@ def forward_backward(policy: nn.Module, batch, loss_fn: str | None = None, loss_
     metrics = {"loss": float(res.loss.detach()), "pg_loss": float(res.pg_loss),
                "clip_fraction": float(res.clip_fraction), "tokens": float(tokens),
                "entropy": float((out.entropy.detach() * mask).sum()) / max(tokens, 1)}
-    if ref_logps is not None:
-        kl = float(kl_mod.estimate(lp, ref_logps, config.kl_estimator, mask=mask, reduction="batch"))
+    if ref_logprobs is not None:
+        kl = float(kl_mod.estimate(lp, ref_logprobs, config.kl_estimator, mask=mask, reduction="batch"))
         metrics["kl_loss"] = float(res.kl_loss)
         metrics["kl_divergence"] = kl
-        key = name or "<batch ref_logps>"
+        key = name or "<batch ref_logprobs>"
         with _LOCK:
             monitor = _MONITORS.get(key)
             if monitor is None:
@@ -228,8 +237,8 @@ def forward_backward(policy: nn.Module, batch, loss_fn: str | None = None, loss_
         monitor.update(kl)
     else:
         metrics["kl_divergence"] = float("nan")
-    return ForwardBackwardOutput(loss=metrics["loss"], metrics=metrics, logps=lp, ref_logps=ref_logps)
+    return ForwardBackwardOutput(loss=metrics["loss"], metrics=metrics, logprobs=lp, ref_logprobs=ref_logprobs)
 
 
 __all__ = ["DEFAULT_KL_THRESHOLD", "ForwardBackwardOutput", "LOSS_FNS", "configure_reference_service",
-           "forward_backward", "kl_monitor", "named_reference_logps"]
+           "forward_backward", "kl_monitor", "named_reference_logprobs"]

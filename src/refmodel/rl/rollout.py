@@ -9,7 +9,7 @@ a typed :class:`Rollouts` laid out as every refmodel scorer expects:
     completion_mask [B, T]: the completion tokens, EOS included (the tokens a policy loss scores)
 
 ``B = len(prompts) * num_generations``; rows of one prompt are adjacent (``group_index`` says which
-prompt a row belongs to, as ``refmodel.losses.group_advantages`` expects). ``sampler_logps`` ``[B, T]`` are
+prompt a row belongs to, as ``refmodel.losses.group_advantages`` expects). ``sampler_logprobs`` ``[B, T]`` are
 the log-probs of the *processed* distribution the tokens were drawn from (after temperature, top-k,
 top-p: what vLLM reports as ``processed_logprobs``), aligned like :func:`refmodel.model_logprobs`.
 With top-k/top-p they are renormalised over the kept support, so they differ from the trainer's
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .. import validation
+from .._deprecation import renamed_fields
 from ..data import collate, tokenize_prompts
 from ..errors import ConfigError, DataFormatError
 
@@ -63,6 +64,7 @@ class SamplingConfig:
             raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
 
 
+@renamed_fields(sampler_logps="sampler_logprobs")
 @dataclass
 class Rollouts:
     """A batch of sampled completions, ``B = num_prompts * num_generations`` rows (see module docstring).
@@ -74,7 +76,7 @@ class Rollouts:
         prompt_lengths: ``[B]`` long, real prompt tokens per row.
         completion_lengths: ``[B]`` long, completion tokens per row (EOS included).
         group_index: ``[B]`` long, index of the row's prompt in ``prompts``.
-        sampler_logps: ``[B, T]`` float32 nats, log-prob of each completion token under the processed
+        sampler_logprobs: ``[B, T]`` float32 nats, log-prob of each completion token under the processed
             sampling distribution; 0 outside ``completion_mask``.
         prompts: the prompt records (one per group), completions: the decoded completion texts ``[B]``.
         terminated: ``[B]`` bool, the completion ended with EOS (False: cut at ``max_new_tokens``).
@@ -88,7 +90,7 @@ class Rollouts:
     prompt_lengths: torch.Tensor
     completion_lengths: torch.Tensor
     group_index: torch.Tensor
-    sampler_logps: torch.Tensor
+    sampler_logprobs: torch.Tensor
     prompts: list
     completions: list[str]
     terminated: torch.Tensor
@@ -185,7 +187,7 @@ def generate_rollouts(policy: nn.Module, tokenizer, prompts: Sequence, config: S
     input_ids = torch.cat([ids, completion], dim=1)
     attention = torch.cat([attn.bool(), comp_mask], dim=1)
     completion_mask = torch.cat([torch.zeros_like(attn, dtype=torch.bool), comp_mask], dim=1)
-    sampler_logps = torch.cat([torch.zeros(ids.shape, dtype=torch.float32, device=device),
+    sampler_logprobs = torch.cat([torch.zeros(ids.shape, dtype=torch.float32, device=device),
                                torch.where(comp_mask, sampled, torch.zeros_like(sampled))], dim=1)
     texts = tokenizer.batch_decode([row[m].tolist() for row, m in zip(completion, comp_mask, strict=True)],
                                    skip_special_tokens=True)
@@ -193,7 +195,7 @@ def generate_rollouts(policy: nn.Module, tokenizer, prompts: Sequence, config: S
         input_ids=input_ids, attention_mask=attention, completion_mask=completion_mask,
         prompt_lengths=attn.sum(1), completion_lengths=comp_mask.sum(1),
         group_index=torch.arange(len(prompts), device=device).repeat_interleave(g),
-        sampler_logps=sampler_logps, prompts=list(prompts), completions=[t.strip() for t in texts],
+        sampler_logprobs=sampler_logprobs, prompts=list(prompts), completions=[t.strip() for t in texts],
         terminated=terminated, prompt_width=width, temperature=float(config.temperature), num_generations=g)
 
 

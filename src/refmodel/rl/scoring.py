@@ -11,7 +11,7 @@ OpenRLHF), cheaply and batch-invariantly:
   ``T`` and the reduction is fp32, so micro-batch 1 and 8 agree to 1e-5 (tested), unlike the 8 % of
   tokens outside a [0.9, 1.1] ratio band between bf16 chunk sizes reported in trl#6789;
 - the old-policy pass skipped when the update is provably on-policy (one optimizer step per rollout
-  batch and no sampler-mismatch correction: TRL's rule), where ``old_logps = logps.detach()`` gives
+  batch and no sampler-mismatch correction: TRL's rule), where ``old_logprobs = logprobs.detach()`` gives
   ratio 1 with the policy gradient.
 
 Any refmodel ``Reference`` serves (``Frozen`` incl. quantized/offloaded, ``AdapterDisabled``, a named
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._deprecation import renamed_fields
 from ..errors import ConfigError
 from ..logprobs.lm_head import LMHead
 from ..logprobs.model import head_log_softmax, model_logprobs, unwrap_causal_lm
@@ -39,26 +40,27 @@ from .rollout import Rollouts
 DEFAULT_MICRO_BATCH = 8
 
 
+@renamed_fields(old_logps="old_logprobs", ref_logps="ref_logprobs")
 @dataclass
 class ScoredRollouts:
     """A rollout batch with its no-grad log-probs, each ``[B, T]`` float32 nats (0 off the completion).
 
-    ``old_logps`` is ``None`` when the update is on-policy (see :func:`needs_old_logps`);
-    ``ref_logps`` is ``None`` when ``beta == 0`` (no reference is asked at all).
+    ``old_logprobs`` is ``None`` when the update is on-policy (see :func:`needs_old_logprobs`);
+    ``ref_logprobs`` is ``None`` when ``beta == 0`` (no reference is asked at all).
     ``ref_time_s`` / ``old_time_s``: wall time of the two passes; ``ref_calls`` / ``old_calls``: how
     many micro-batch calls each made (once per rollout batch: ``ceil(B / micro_batch_size)``).
     """
 
     rollouts: Rollouts
-    old_logps: torch.Tensor | None
-    ref_logps: torch.Tensor | None
+    old_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
     ref_time_s: float = 0.0
     old_time_s: float = 0.0
     ref_calls: int = 0
     old_calls: int = 0
 
 
-def needs_old_logps(num_iterations: int, steps_per_rollout: int = 1, importance_correction: bool = False) -> bool:
+def needs_old_logprobs(num_iterations: int, steps_per_rollout: int = 1, importance_correction: bool = False) -> bool:
     """Whether the old-policy pass is needed: False only when provably on-policy.
 
     On-policy means the batch drives exactly one optimizer step (``num_iterations == 1`` and
@@ -102,7 +104,7 @@ def _score(fn, rollouts: Rollouts, micro_batch_size: int) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def reference_logps(reference, rollouts: Rollouts, micro_batch_size: int = DEFAULT_MICRO_BATCH,
+def reference_logprobs(reference, rollouts: Rollouts, micro_batch_size: int = DEFAULT_MICRO_BATCH,
                     check_temperature: bool = True) -> tuple[torch.Tensor, int]:
     """``([B, T] float32, calls)``: the reference's log-probs of the completion tokens."""
     if check_temperature:
@@ -111,7 +113,7 @@ def reference_logps(reference, rollouts: Rollouts, micro_batch_size: int = DEFAU
 
 
 @torch.no_grad()
-def policy_logps(policy: nn.Module, rollouts: Rollouts, micro_batch_size: int = DEFAULT_MICRO_BATCH,
+def policy_logprobs(policy: nn.Module, rollouts: Rollouts, micro_batch_size: int = DEFAULT_MICRO_BATCH,
                  **kwargs) -> tuple[torch.Tensor, int]:
     """``([B, T] float32, calls)``: the (old) policy's log-probs at the sampling temperature, no grad."""
     def fn(ids, attn, score):
@@ -132,11 +134,11 @@ def score_rollouts(policy: nn.Module, reference, rollouts: Rollouts, *, need_old
     scored = ScoredRollouts(rollouts, None, None)
     if need_old:
         t = time.perf_counter()
-        scored.old_logps, scored.old_calls = policy_logps(policy, rollouts, micro_batch_size)
+        scored.old_logprobs, scored.old_calls = policy_logprobs(policy, rollouts, micro_batch_size)
         scored.old_time_s = time.perf_counter() - t
     if beta != 0:
         t = time.perf_counter()
-        scored.ref_logps, scored.ref_calls = reference_logps(reference, rollouts, micro_batch_size)
+        scored.ref_logprobs, scored.ref_calls = reference_logprobs(reference, rollouts, micro_batch_size)
         scored.ref_time_s = time.perf_counter() - t
     return scored
 
@@ -242,13 +244,13 @@ def reference_drift(reference, baseline, rollouts: Rollouts,
     Returns ``{max_abs, mean_abs, seq_max_abs}`` in nats: per-token max and mean ``|dlogp|`` and the
     largest per-sequence ``|dsum|``.
     """
-    a, _ = reference_logps(reference, rollouts, micro_batch_size)
-    b, _ = reference_logps(baseline, rollouts, micro_batch_size)
+    a, _ = reference_logprobs(reference, rollouts, micro_batch_size)
+    b, _ = reference_logprobs(baseline, rollouts, micro_batch_size)
     d = (a - b).abs() * rollouts.completion_mask
     n = int(rollouts.completion_mask.sum())
     return {"max_abs": float(d.max()) if n else 0.0, "mean_abs": float(d.sum()) / max(n, 1),
             "seq_max_abs": float(((a - b) * rollouts.completion_mask).sum(1).abs().max()) if n else 0.0}
 
 
-__all__ = ["DEFAULT_MICRO_BATCH", "ScoredRollouts", "check_reference_temperature", "exact_kl", "needs_old_logps",
-           "policy_logps", "reference_drift", "reference_logps", "reference_model", "score_rollouts"]
+__all__ = ["DEFAULT_MICRO_BATCH", "ScoredRollouts", "check_reference_temperature", "exact_kl", "needs_old_logprobs",
+           "policy_logprobs", "reference_drift", "reference_logprobs", "reference_model", "score_rollouts"]

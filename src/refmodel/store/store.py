@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .._deprecation import renamed_keywords
 from ..errors import ConfigError, FingerprintMismatch, InvalidInput, StoreCorrupt, StoreMiss
 from .format import (
     FORMAT,
@@ -343,7 +344,8 @@ class LogprobStore:
         return True
 
     # ---------------------------------------------------------------- writing
-    def put(self, input_ids, token_logps, score_mask) -> bool:
+    @renamed_keywords(token_logps="token_logprobs")
+    def put(self, input_ids, token_logprobs, score_mask) -> bool:
         """Add one sequence: ``input_ids`` [T] ints, ``token_logps`` [T] float, ``score_mask`` [T] bool.
 
         Values outside ``score_mask`` are dropped (read back as 0); inside the span from the first to
@@ -352,7 +354,7 @@ class LogprobStore:
         """
         self._check_writable()
         ids = ids_array(input_ids)
-        logps = torch.as_tensor(token_logps).detach().to("cpu", torch.float32).numpy()
+        logps = torch.as_tensor(token_logprobs).detach().to("cpu", torch.float32).numpy()
         mask = torch.as_tensor(score_mask).detach().to("cpu").numpy().astype(bool)
         if logps.shape != ids.shape or mask.shape != ids.shape:
             raise InvalidInput(f"input_ids {ids.shape}, token_logps {logps.shape} and score_mask {mask.shape} "
