@@ -64,3 +64,26 @@ def test_an_unknown_name_is_an_attribute_error_without_a_warning():
         warnings.simplefilter("error")
         with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
             refmodel.no_such_name  # noqa: B018
+
+
+def test_the_old_per_token_keywords_fields_and_batch_keys_still_work_with_a_warning():
+    import torch
+
+    from refmodel.losses import policy_loss
+    from refmodel.rl import ForwardBackwardOutput
+    from refmodel.rl.forward_backward import _get
+
+    g = torch.Generator().manual_seed(0)
+    lp, old, ref = (-torch.rand(2, 5, generator=g) for _ in range(3))
+    adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 5, dtype=torch.bool)
+    new = policy_loss(lp, old, adv, mask, ref_logprobs=ref, beta=0.1).loss
+    with pytest.warns(FutureWarning, match=r"policy_loss\(ref_logps=\.\.\.\) is deprecated .* use ref_logprobs"):
+        got = policy_loss(logps=lp, old_logprobs=old, advantages=adv, mask=mask, ref_logps=ref, beta=0.1).loss
+    assert torch.equal(got, new)
+    out = ForwardBackwardOutput(loss=1.0, metrics={}, logprobs=lp, ref_logprobs=ref)
+    with pytest.warns(FutureWarning, match=r"ForwardBackwardOutput\.ref_logps is deprecated .* use \.ref_logprobs"):
+        assert out.ref_logps is ref
+    with pytest.warns(FutureWarning, match="batch key 'old_logps' is deprecated"):
+        assert _get({"old_logps": old}, "old_logprobs") is old
+    with pytest.warns(FutureWarning, match="refmodel.rl.reference_logps is deprecated"):
+        assert refmodel.rl.reference_logps is refmodel.rl.reference_logprobs
