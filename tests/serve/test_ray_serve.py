@@ -22,14 +22,14 @@ from serve_helpers import MAIN_LIMITS, TOKEN, Endpoint, make_tiny_reward_model, 
 from service_checks import ServiceClientChecks, random_rows
 
 from refmodel import ReferenceClient
-from refmodel.errors import ServiceOverloaded
+from refmodel.errors import RequestTooLarge, ServiceOverloaded
 from refmodel.logprobs.model import model_logprobs
 from refmodel.testing import free_port, load_tiny, run_cli, subprocess_env
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from refmodel.serve.batcher import Batcher  # noqa: E402
+from refmodel.serve.batcher import Batcher, check_admission  # noqa: E402
 from refmodel.serve.ray_serve import RayBatcher, deploy, padded_tokens  # noqa: E402
 from refmodel.serve.settings import ServeSettings  # noqa: E402
 from refmodel.serve.validate import Limits, check_sequences  # noqa: E402
@@ -141,10 +141,14 @@ def test_ray_batcher_admission_without_a_replica():
                 await batcher.submit(seqs[:1], [3])
             assert stopped.value.status == 503
             batcher.start()
-            with pytest.raises(ServiceOverloaded, match="0 of 2 sequences admitted on this replica, this "
-                                                        "request adds 3") as full:
+            # 3 sequences can never fit a queue of 2: refused at once (413 naming --max-queue), not "retry later"
+            with pytest.raises(RequestTooLarge, match="has 3 sequences .* at most 2 .*--max-queue") as never:
                 await batcher.submit(seqs, [3, 3, 3])
-            assert full.value.status == 429 and batcher.depth == 0 and batcher.retry_after_s() == 1
+            assert never.value.status == 413 and batcher.depth == 0
+            with pytest.raises(ServiceOverloaded, match="1 of 2 sequences admitted on this replica, this "
+                                                        "request adds 2") as full:
+                check_admission("tiny", True, 1, 2, 2, where=" on this replica")  # what a busy replica answers
+            assert full.value.status == 429 and batcher.retry_after_s() == 1
             batcher.batching = False  # the no-batching baseline runs the request itself
             assert await batcher.submit(seqs[:2], [3, 3]) == [3, 3]
             await batcher.stop()
