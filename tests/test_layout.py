@@ -59,24 +59,31 @@ def _module_name(path: Path) -> tuple[str, bool]:
     return ".".join(parts), is_pkg
 
 
-def _imports(source: str, name: str, is_pkg: bool) -> list[tuple[int, str]]:
+def _imported_names(source: str, name: str, is_pkg: bool) -> list[tuple[int, str]]:
+    """``(line, dotted path)`` of everything a module imports from refmodel: ``import refmodel.a.b`` gives
+    ``refmodel.a.b``, ``from ..a import x`` gives ``refmodel.a.x`` (relative imports resolved)."""
     package = name if is_pkg else name.rsplit(".", 1)[0]
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "refmodel"]
+            found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            if target.split(".")[0] != "refmodel":
-                continue
-            if target == "refmodel":  # `from refmodel import x`: the room is x
-                found += [(node.lineno, f"refmodel.{a.name}") for a in node.names]
-            else:
-                found.append((node.lineno, target))
+            found += [(node.lineno, f"{target}.{a.name}") for a in node.names]
+    return [(line, path) for line, path in found if path.split(".")[0] == "refmodel"]
+
+
+def _imports(source: str, name: str, is_pkg: bool) -> list[tuple[int, str]]:
+    """``(line, module)`` of each refmodel module imported (``from refmodel import x``: the room ``x``)."""
+    found = []
+    for line, path in _imported_names(source, name, is_pkg):
+        target = path if path.count(".") == 1 else path.rsplit(".", 1)[0]
+        if (line, target) not in found:
+            found.append((line, target))
     return found
 
 
@@ -157,30 +164,12 @@ def _private_imports(modules: list[tuple[str, str, bool]]) -> list[str]:
     an imported ``_name``. (A room may be private itself, e.g. ``_optional``: its public names are for all.)"""
     bad = []
     for source, name, is_pkg in modules:
-        here = _room(name)
-        package = name if is_pkg else name.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                    target = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    target = node.module or ""
-                pairs = [(target, a.name) for a in node.names]
-            elif isinstance(node, ast.Import):
-                pairs = [(a.name, "") for a in node.names]
-            else:
+        for line, full in _imported_names(source, name, is_pkg):
+            parts = full.split(".")
+            if len(parts) < 2 or parts[1] == _room(name):
                 continue
-            for target, imported in pairs:
-                if target.split(".")[0] != "refmodel":
-                    continue
-                full = f"{target}.{imported}" if imported else target
-                parts = full.split(".")
-                if len(parts) < 2 or parts[1] == here:
-                    continue
-                private = [p for p in parts[2:] if p.startswith("_") and not p.startswith("__")]
-                if private:
-                    bad.append(f"{name}:{node.lineno}: imports {full} (private to {parts[1]})")
+            if any(p.startswith("_") and not p.startswith("__") for p in parts[2:]):
+                bad.append(f"{name}:{line}: imports {full} (private to {parts[1]})")
     return bad
 
 
