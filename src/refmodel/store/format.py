@@ -125,7 +125,8 @@ def encode_values(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float32":
         return values.astype(np.float32)
     if dtype == "float16":
-        return values.astype(np.float16)
+        with np.errstate(over="ignore"):  # an overflow to -inf is refused by write_shard, with its reason
+            return values.astype(np.float16)
     return torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 

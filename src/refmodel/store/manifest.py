@@ -96,7 +96,8 @@ def validate_manifest(manifest, file) -> dict:
             raise bad(f"shards[{i}]", spec, "an object with " + ", ".join(_SHARD_FIELDS))
         for field, kind in _SHARD_FIELDS.items():
             value = spec.get(field)
-            if kind is int and (not _is_int(value) or not 0 <= value < _COUNT_LIMITS[field]):
+            if kind is int and not (isinstance(value, int) and not isinstance(value, bool)
+                                    and 0 <= value < _COUNT_LIMITS[field]):
                 raise bad(f"shards[{i}].{field}", value, f"an integer in [0, {_COUNT_LIMITS[field]})")
             if kind is str and not isinstance(value, str):
                 raise bad(f"shards[{i}].{field}", value, "a string")
