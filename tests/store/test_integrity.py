@@ -238,3 +238,26 @@ def test_a_symlinked_shard_inside_the_store_is_refused(tmp_path):
     store = LogprobStore.open(root)
     with pytest.raises(StoreCorrupt, match="symbolic link"):
         store.get(by_shard[BAD][0][0])
+
+
+def test_verify_reports_every_damaged_shard_and_drop_removes_them_all(tmp_path):
+    root = tmp_path / "s"
+    by_shard = _store(root, n=16)
+    _directory(root / "shard-00000.safetensors")
+    _deep_header(root / "shard-00001.safetensors")
+    (root / "shard-00002.safetensors").unlink()
+    os.mkfifo(root / "shard-00002.safetensors")
+    damaged = [f"shard-0000{i}.safetensors" for i in range(3)]
+    for name in damaged:
+        _relist(root, name, PER_SHARD, 0)
+    assert sorted(p.file for p in LogprobStore.open(root).problems()) == damaged
+    res = run_cli("store", "verify", root, check=False, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "3 problem(s)" in res.stderr, res.stderr
+    assert all(name in res.stderr for name in damaged)
+    res = run_cli("store", "repair", root, "--drop", check=False, timeout=120)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert not any(os.path.lexists(root / name) for name in damaged)
+    with LogprobStore.open(root) as store:
+        assert store.verify()["entries"] == PER_SHARD
+        for ids, logps, mask in by_shard["shard-00003.safetensors"]:
+            assert torch.equal(store.get(ids), torch.where(mask, logps, 0.0))
