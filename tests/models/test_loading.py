@@ -383,3 +383,53 @@ def test_auto_and_forward_backward_place_a_folder_alike(tiny_model_dirs, tmp_pat
     ones = torch.ones_like(ids, dtype=torch.bool)
     local = named_reference_logprobs("weights-bytes-both", ids, ones, ones, remote_url=url, max_local_bytes=budget)
     torch.testing.assert_close(local, Frozen(folder).logprobs(ids, ones, ones))
+
+
+# ------------------------------------------------------------------------------ shard indexes
+@pytest.fixture
+def indexed(tiny_model_dirs, tmp_path) -> Path:
+    """The tiny llama as a one-shard checkpoint with a ``model.safetensors.index.json`` (as the hub ships them)."""
+    path = Path(shutil.copytree(tiny_model_dirs["llama"], tmp_path / "indexed"))
+    shard = "model-00001-of-00001.safetensors"
+    (path / "model.safetensors").rename(path / shard)
+    names = sorted(load_file(path / shard))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        n: shard for n in names}}))
+    return path
+
+
+def _point_index(folder: Path, target: str) -> str:
+    """Make the index send one tensor to ``target``; returns that tensor's name."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name = sorted(index["weight_map"])[0]
+    index["weight_map"][name] = target
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return name
+
+
+def test_a_genuine_shard_index_loads(indexed, tiny_model_dirs):
+    ids = torch.tensor([[3, 5, 7, 11]])
+    got = model_logprobs(load_model(indexed), ids)
+    torch.testing.assert_close(got, model_logprobs(load_model(tiny_model_dirs["llama"]), ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("target", ["evil.bin", "../outside.safetensors", "ABSOLUTE"])
+def test_an_index_naming_pickle_or_a_file_outside_is_refused(indexed, tmp_path, target):
+    shard = indexed / "model-00001-of-00001.safetensors"
+    if target == "evil.bin":  # unpickling it would make PICKLE_RAN
+        (indexed / target).write_bytes(pickle.dumps({"weights": _Evil(str(indexed / "PICKLE_RAN"))}))
+    else:  # genuine weights, but outside the folder
+        outside = tmp_path / "outside.safetensors"
+        shutil.copy(shard, outside)
+        target = str(outside) if target == "ABSOLUTE" else target
+    _point_index(indexed, target)
+    for load in (lambda: check_model_folder(indexed), lambda: load_model(indexed)):
+        with pytest.raises(ModelNotAllowed, match=rf"model\.safetensors\.index\.json names the weight file "
+                                                  rf"'{re.escape(target)}'"):
+            load()
+    assert _untouched(indexed)
+    if target == "evil.bin":  # allow_pickle lifts only the suffix rule (and transformers still unpickles safely)
+        check_model_folder(indexed, allow_pickle=True)
+    else:  # ... never the folder rule
+        with pytest.raises(ModelNotAllowed, match="outside the model folder"):
+            check_model_folder(indexed, allow_pickle=True)

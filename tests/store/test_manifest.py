@@ -125,3 +125,32 @@ def test_symlink_escaping_the_store_is_refused(tmp_path):
         store.get(_seq(4)[0])
     assert any(p.file == "shard-00001.safetensors" and "outside the store" in p.reason for p in store.problems())
     assert torch.equal(store.get(_seq(0)[0]), torch.where(_seq(0)[2], _seq(0)[1], 0.0))  # other shards fine
+
+
+@pytest.mark.parametrize("edit,field", [
+    (_set("job", "shards", value=100_000_000), "job.shards"),
+    (_set("shards", 0, "entries", value=10**30), "shards[0].entries"),
+    (lambda m: m["shards"].extend([m["shards"][0]] * 100_001), "shards"),
+], ids=["job shards", "entries", "shard list"])
+def test_manifest_counts_are_bounded_before_any_allocation(tmp_path, edit, field):
+    # Before: verify built 10**8 shard names (GBs); `store info` died on len() with OverflowError.
+    root = _store(tmp_path / "s")
+    _edit(root, edit)
+    with pytest.raises(StoreCorrupt, match=rf"{field.replace('[', '.').replace(']', '.')} is .*expected"):
+        LogprobStore.open(root)
+    res = run_cli("store", "info", root, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr and field in res.stderr, res.stderr
+
+
+def test_a_writer_lock_symlink_creates_nothing_outside_the_store(tmp_path):
+    root = _store(tmp_path / "s")
+    (root / "writer.lock").unlink()
+    outside = tmp_path / "outside.lock"
+    os.symlink(outside, root / "writer.lock")
+    with pytest.raises(StoreCorrupt, match="writer.lock is a symbolic link"):
+        LogprobStore.open(root, mode="a")
+    assert not outside.exists()
+    (root / "writer.lock").unlink()
+    os.mkfifo(root / "writer.lock")  # nor a FIFO: only a regular file is locked
+    with pytest.raises(StoreCorrupt, match="writer.lock is a FIFO"):
+        LogprobStore.open(root, mode="a")

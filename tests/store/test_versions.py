@@ -112,12 +112,14 @@ def test_old_versions_are_read_and_verified(tmp_path, version):
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_old_versions_keep_their_crc_semantics(tmp_path, version):
-    # Old shards' crc leaves the sum out: an edited sum is not seen on read, only by verify (data checksum).
+    # Old shards' crc leaves the sum out: an edited sum passes the crc, and the read's sum check (the sum
+    # of the values) catches it instead; verify also sees the data checksum.
     seqs = _seqs()
     write_old_store(tmp_path / "s", seqs, version)
     _rewrite_sum(tmp_path / "s" / "shard-00000.safetensors", 0, 123.0)
     store = LogprobStore.open(tmp_path / "s")
-    assert 123.0 in [store.get_sum(ids) for ids, _, _ in seqs]
+    with pytest.raises(StoreCorrupt, match=r"entry 0 .*shard-00000.*stored sum 123\.0 is not the sum"):
+        [store.get_sum(ids) for ids, _, _ in seqs]
     with pytest.raises(StoreCorrupt, match="blake2b"):
         store.verify()
 

@@ -9,6 +9,9 @@ reads it:
 - local folders only (``local_files_only=True``: no hub ids, no network);
 - safetensors weights only; pickled weights (``pytorch_model.bin``, ``*.pt``, ...) only when the caller
   passes ``allow_pickle=True`` explicitly (even then transformers unpickles with ``weights_only``);
+- every file a shard index (``model.safetensors.index.json``) names is a ``.safetensors`` file inside
+  the folder (an index naming ``evil.bin``, ``../x.safetensors`` or an absolute path is refused: transformers
+  would ``torch.load`` or read it);
 - never the folder's own Python code: a ``config.json`` or ``tokenizer_config.json`` with an
   ``auto_map`` is refused, and ``trust_remote_code=False`` is passed to every ``from_pretrained``
   (so transformers never asks "Do you wish to run the custom code? [y/N]" in a terminal).
@@ -142,8 +145,9 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, what: st
 
     Raises:
         InvalidInput: not a local folder with a ``config.json``, or no weight files at all.
-        ModelNotAllowed: an ``auto_map`` (custom code) in a config, or only pickled weights while
-            ``allow_pickle`` is False; the message names the file.
+        ModelNotAllowed: an ``auto_map`` (custom code) in a config, only pickled weights while
+            ``allow_pickle`` is False, or a shard index naming a file outside the folder or not a
+            ``.safetensors`` file (unless ``allow_pickle``); the message names the file.
     """
     path = Path(path).expanduser()
     if not path.is_dir() or not (path / "config.json").is_file():
@@ -151,6 +155,7 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, what: st
                            "refmodel loads models from local folders only (no hub ids: download them first, "
                            "e.g. `hf download NAME --local-dir DIR`)")
     _refuse_remote_code(path)
+    _check_indexes(path, allow_pickle)
     if any(path.glob("*.safetensors")):
         return path
     pickled = sorted(f for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
@@ -166,6 +171,38 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, what: st
 
 # The index transformers reads to find a sharded checkpoint's files, per weight format.
 _INDEX = {"safetensors": "model.safetensors.index.json", "pickle": "pytorch_model.bin.index.json"}
+
+
+def _check_indexes(path: Path, allow_pickle: bool) -> None:
+    """ModelNotAllowed unless every file a shard index names is a weight file inside ``path``.
+
+    transformers opens what an index's ``weight_map`` names, joined to the folder: a name ending in
+    ``.bin`` is ``torch.load``-ed (pickle) even from the safetensors index, and ``../x`` or an absolute
+    path leaves the folder. So each name must resolve (symlinks followed) inside ``path``, and end in
+    ``.safetensors`` unless ``allow_pickle`` (then the pickled suffixes too).
+    """
+    folder = path.resolve()
+    allowed = (".safetensors",) + (PICKLE_SUFFIXES if allow_pickle else ())
+    for kind, name in _INDEX.items():
+        index = path / name
+        if not index.is_file() or (kind == "pickle" and not allow_pickle):
+            continue  # without allow_pickle nothing reads the pickle index (use_safetensors=True)
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InvalidInput(f"{index} has no weight_map of tensor name -> file name; expected "
+                               '{"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors", ...}}')
+        for file in sorted(set(weight_map.values())):
+            target = (path / file).resolve()
+            if not target.is_relative_to(folder):
+                raise ModelNotAllowed(f"{index} names the weight file {file!r}, which is outside the model folder "
+                                      f"({target}); an index may name only files inside {folder}")
+            if target.suffix not in allowed:
+                raise ModelNotAllowed(
+                    f"{index} names the weight file {file!r}, which is not a .safetensors file"
+                    + ("" if allow_pickle else "; transformers would unpickle it, and refmodel never loads "
+                       "pickled weights unless you pass allow_pickle=True")
+                    + ". Fix the index's weight_map, or convert the weights with "
+                    "save_pretrained(dir, safe_serialization=True) in a process you trust.")
 
 
 def _indexed_files(index: Path) -> set[str] | None:

@@ -11,8 +11,9 @@ or any safetensors reader, no refmodel needed):
 ``__metadata__`` names the format, version, fingerprint, storage dtype and ``data_blake2b``, the
 checksum of every byte after the header. Each entry's ``crc32`` covers its key, count, start,
 seq_len, value bytes and (since version 3) its float32 sum, so a single read checks exactly the bytes
-it returns. Versions 1 and 2 (whose crc leaves the sum out) are still read with their own crc rule;
-their sums are checked only by ``refmodel store verify`` (the data checksum).
+it returns. Versions 1 and 2 (whose crc leaves the sum out) are still read with their own crc rule.
+What a checksum cannot vouch for (spans, lengths, key order, finite log-probs, each sum equal to its
+values' sum) is checked by :mod:`refmodel.store.integrity` on open and on every read.
 
 We write the file ourselves rather than with ``safetensors.torch.save`` so that the layout (and hence
 the bytes) is fixed by this module and the data checksum can go into the header in one pass.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -36,6 +38,7 @@ import torch
 
 from ..errors import InvalidInput, StorageError, StoreCorrupt
 from ..models.dtypes import DTYPE_NAMES, SAFETENSORS_CODES, dtype_name, parse_dtype
+from .integrity import MAX_SEQ_LEN, check_entries, check_values, logprob_problem, open_regular
 
 FORMAT = "refmodel-logprob-store"
 VERSION = 3
@@ -122,7 +125,8 @@ def encode_values(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float32":
         return values.astype(np.float32)
     if dtype == "float16":
-        return values.astype(np.float16)
+        with np.errstate(over="ignore"):  # an overflow to -inf is refused by write_shard, with its reason
+            return values.astype(np.float16)
     return torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
@@ -170,9 +174,15 @@ def write_shard(path: Path, entries: list[Entry], *, fingerprint: str, dtype: st
     sums = np.array([e.total for e in entries], dtype=np.float32)
     offset = 0
     for i, (e, s) in enumerate(zip(entries, stored, strict=True)):
-        if offset + s.size >= 2**32 or e.seq_len >= 2**32:
-            raise InvalidInput(f"a shard holds at most 2**32 values and sequences of < 2**32 tokens; "
-                               f"got {offset + s.size} values / seq_len {e.seq_len}: use smaller shards")
+        if offset + s.size >= 2**32 or e.seq_len > MAX_SEQ_LEN or not 0 <= e.start <= e.seq_len - s.size:
+            raise InvalidInput(f"a shard holds at most 2**32 values and sequences of <= {MAX_SEQ_LEN} tokens, "
+                               f"each scored span inside its sequence; got {offset + s.size} values / seq_len "
+                               f"{e.seq_len} / span {e.start}+{s.size}: use smaller shards or shorter sequences")
+        # The reader refuses what is not a log-prob (a float16 cast can overflow to -inf): refuse it here first.
+        problem = logprob_problem(decode_values(s, dtype))
+        if problem is not None:
+            raise InvalidInput(f"entry with key {e.key.hex()} holds no valid log-probs in {dtype}: {problem}; "
+                               "store log-probs (finite, <= 0), in float32 if float16 overflows")
         meta[i] = (offset, s.size, e.start, e.seq_len,
                    entry_crc(e.key, s.size, e.start, e.seq_len, s.tobytes(), sums[i]))
         offset += s.size
@@ -248,8 +258,9 @@ class Shard:
 
     def __init__(self, path: Path):
         self.path = path
+        self._mm = None
         try:
-            with open(path, "rb") as fh:
+            with os.fdopen(open_regular(path, hint=f"; {repair_hint(path.parent)}"), "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         except FileNotFoundError as exc:
@@ -290,14 +301,21 @@ class Shard:
                         (shape is not None and tuple(got_shape) != shape) or (shape is None and len(got_shape) != 1):
                     raise ValueError(f"tensor {name} is {code} {got_shape}, expected {sorted(codes)} "
                                      f"{list(shape) if shape else '[M]'}")
-                count = int(np.prod(got_shape)) if got_shape else 1
+                count = math.prod(got_shape)  # Python ints: a forged shape cannot wrap around
                 if not (isinstance(begin, int) and isinstance(end, int)) or begin < 0 or \
                         end - begin != count * _ITEMSIZE[code] or self.body_start + end > size:
                     raise ValueError(f"tensor {name} has data_offsets {[begin, end]} that do not fit its shape "
                                      f"or run past the end of the file")
                 arrays[name] = np.frombuffer(self._mm, dtype=np.dtype(_NP[code]).newbyteorder("<"),
                                              count=count, offset=self.body_start + begin).reshape(got_shape)
-        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as exc:
+            # Spans, lengths and key order, before any entry is sliced or allocated from.
+            check_entries(str(path), arrays["keys"], arrays["meta"], arrays["values"].shape[0],
+                          f"; {repair_hint(path.parent)}")
+        except StoreCorrupt:
+            self.close()
+            raise
+        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError,
+                RecursionError) as exc:  # RecursionError: a deeply nested JSON header
             self.close()
             raise StoreCorrupt(f"store shard {path} is not a valid {FORMAT} file ({exc}); "
                                f"{repair_hint(path.parent)}") from exc
@@ -335,20 +353,24 @@ class Shard:
 
     def read(self, row: int, check: bool = True) -> EntryView:
         """Entry ``row``; checks its crc32 (which covers the sum from version 3 on) unless ``check=False``."""
-        offset, count, start, seq_len, crc = (int(x) for x in self.meta[row])
-        if offset < 0 or count < 0 or offset + count > self.values.shape[0]:
-            raise StoreCorrupt(f"entry {row} of store shard {self.path} points outside its values; "
-                               f"{repair_hint(self.path.parent)}")
+        offset, count, start, seq_len, crc = (int(x) for x in self.meta[row])  # in bounds: check_entries
         stored = self.values[offset:offset + count]
         total = self.sums[row]
         if check and entry_crc(self.keys[row].tobytes(), count, start, seq_len, stored.tobytes(),
                                total if self.version >= SUM_IN_CRC else None) != crc:
             raise StoreCorrupt(f"entry {row} (key {self.keys[row].tobytes().hex()}) of store shard {self.path} "
                                f"failed its crc32 check: the file is corrupt; {repair_hint(self.path.parent)}")
-        return EntryView(seq_len, start, decode_values(stored, self.dtype), float(total))
+        values = decode_values(stored, self.dtype)
+        if check:
+            check_values(str(self.path), row, self.keys[row].tobytes(), values, float(total), self.dtype,
+                         f"; {repair_hint(self.path.parent)}")
+        return EntryView(seq_len, start, values, float(total))
 
     def verify(self, expected_file_hash: str | None = None) -> None:
-        """Full check: file hash (from the manifest), data checksum, key order and every entry's crc."""
+        """Full check: file hash (from the manifest), data checksum and every entry's crc, values and sum.
+
+        Spans, lengths and key order were checked on open (:func:`~refmodel.store.integrity.check_entries`).
+        """
         mm = self._mm
         assert mm is not None, "verify() on a closed shard"  # internal: a shard is only closed by its store
         if expected_file_hash is not None:
@@ -360,8 +382,6 @@ class Shard:
         if got != self.meta_info.get("data_blake2b"):
             raise StoreCorrupt(f"store shard {self.path}: data checksum {got} != header "
                                f"{self.meta_info.get('data_blake2b')}; the file is corrupt")
-        if len(self) > 1 and (self.key_hi[1:] < self.key_hi[:-1]).any():
-            raise StoreCorrupt(f"store shard {self.path}: keys are not sorted")
         for row in range(len(self)):
             self.read(row)
 

@@ -46,6 +46,7 @@ from .format import (
     storage_error,
     write_shard,
 )
+from .integrity import logprob_problem, remove_path
 from .manifest import (
     MANIFEST,
     dump_manifest,
@@ -324,12 +325,7 @@ class LogprobStore:
                     shard.close()
             self._commit({**self._manifest, "shards": keep, **({"job": None} if forget_job else {})})
             for name in damaged - {MANIFEST}:
-                try:
-                    file = shard_file(self.path, name)
-                except StoreCorrupt:  # a symlink out of the store: remove the link only
-                    file = self.path / name
-                if file.is_symlink() or file.exists():
-                    file.unlink()
+                remove_path(self.path / name)  # a symlink: the link only; a directory in a shard's place: all of it
             log.warning("store %s: dropped damaged shard(s) %s", self.path, ", ".join(sorted(damaged)))
         return problems
 
@@ -359,8 +355,10 @@ class LogprobStore:
         if logps.shape != ids.shape or mask.shape != ids.shape:
             raise InvalidInput(f"input_ids {ids.shape}, token_logps {logps.shape} and score_mask {mask.shape} "
                                "must all be [T] with the same T")
-        if not np.isfinite(logps[mask]).all():
-            raise InvalidInput("token_logps holds NaN or inf at scored positions")
+        problem = logprob_problem(logps[mask])
+        if problem is not None:
+            raise InvalidInput(f"token_logprobs are not log-probs at the scored positions: {problem}; pass the "
+                               "reference's per-token log-probs (log_softmax, gathered), float32 nats")
         key = key_bytes(ids)
         if key in self._pending:
             return False
