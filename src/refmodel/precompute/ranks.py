@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 WAIT = timedelta(hours=24)
 
 # Test hook (tests/precompute/test_ranks.py): "R:N" makes rank R leave abruptly (os._exit(1), as a killed
-# process would) right after committing its N-th shard, so that a test can end one rank midway for sure.
+# process would) once it has committed N shards and scored the next one, before writing it: a rank that
+# dies midway, for sure, in a test.
 EXIT_AFTER_ENV = "REFMODEL_TEST_RANK_EXIT_AFTER"
 
 
@@ -160,12 +161,12 @@ class SharedStoreWriter:
         self._exit_after = _exit_after(ranks)
 
     def write_shard(self, name: str, entries: list[Entry]) -> None:
+        if self.written == self._exit_after:
+            log.warning("precompute: %s leaves before writing %s (%s)", self.ranks, name, EXIT_AFTER_ENV)
+            os._exit(1)
         with LogprobStore.open(self.path, self.fingerprint, mode="a", wait=True) as store:
             store.write_shard(name, entries)
         self.written += 1
-        if self.written == self._exit_after:
-            log.warning("precompute: %s exits after %d shard(s) (%s)", self.ranks, self.written, EXIT_AFTER_ENV)
-            os._exit(1)
 
 
 def _exit_after(ranks: Ranks) -> int | None:
