@@ -62,13 +62,12 @@ def info_command(path: str) -> None:
 
     with LogprobStore.open(path) as store:
         info = store.info()
-        job = store.job
-        missing = pending_shards(store, job["shards"]) if isinstance(job, dict) and job.get("kind") == "precompute" \
-            else None
-    if missing is not None:
+        job = store.job if isinstance(store.job, dict) and store.job.get("kind") == "precompute" else None
+        missing = pending_shards(store, job["shards"]) if job is not None else []
+    if job is not None:
         info.update(finished=not missing, missing_shards=len(missing))
     click.echo(json.dumps(info, indent=1))
-    if missing:
+    if job is not None and missing:
         click.echo(f"unfinished: {len(missing)} of the {job['shards']} shards of its precompute job are not written "
                    f"(first: shard {missing[0]}); run the same `refmodel precompute` with --resume to finish it",
                    err=True)

@@ -185,11 +185,12 @@ def split_precompute(plan: PrecomputePlan, out, ranks: Ranks, group: RankGroup,
     ``score(todo, writer)`` scores the shards ``todo`` and commits each through ``writer``. Returns the
     finished store (read-only) on every rank; the same error on every rank when any rank failed.
     """
-    mine = (plan.fingerprint, plan.job["plan_blake2b"])
+    mine = (plan.fingerprint, plan.dtype, plan.job)  # the job holds the plan's hash and the settings
     for rank, theirs in enumerate(group.gather(mine)):
         if theirs != mine:
-            raise ConfigError(f"rank {rank} planned another precompute job than {ranks} (fingerprint, data or "
-                              f"settings differ: {theirs} vs {mine}); give every rank the same model, data and flags")
+            raise ConfigError(f"rank {rank} planned another precompute job than {ranks} (its fingerprint, dtype, "
+                              f"data or settings differ: {theirs[:2]}, job {theirs[2]} vs {mine[:2]}, job {mine[2]}); "
+                              "give every rank the same model, data and flags")
     opened: tuple[list[int] | None, tuple | None] = (None, None)
     error: Exception | None = None
     if ranks.is_main:
@@ -208,18 +209,18 @@ def split_precompute(plan: PrecomputePlan, out, ranks: Ranks, group: RankGroup,
     own = ranks.own(todo)
     log.info("precompute: %s scores %d of the %d shards still to do", ranks, len(own), len(todo))
     writer = SharedStoreWriter(out, plan.fingerprint, ranks)
-    failure = None
+    failure, cause = None, None
     try:
         score(own, writer)
     except Exception as exc:  # reported to every rank below, then raised everywhere
-        failure = f"{type(exc).__name__}: {exc}"
+        failure, cause = f"{type(exc).__name__}: {exc}", exc
         log.error("precompute: %s failed after %d shard(s): %s", ranks, writer.written, failure)
     failures = [(rank, f) for rank, f in enumerate(group.gather(failure)) if f is not None]
     if failures:
         rank, first = failures[0]
         raise RefModelError(f"precompute failed on {len(failures)} of {ranks.world_size} ranks (rank {rank}: {first}); "
                             f"every shard finished is kept in {out}: run the same command with --resume "
-                            "(resume=True) to score the rest")
+                            "(resume=True) to score the rest") from cause
     missing = None
     if ranks.is_main:
         with LogprobStore.open(out, plan.fingerprint) as store:
@@ -234,7 +235,8 @@ def split_precompute(plan: PrecomputePlan, out, ranks: Ranks, group: RankGroup,
 def on_main_rank(run: Callable[[], LogprobStore], out, ranks: Ranks, group: RankGroup) -> LogprobStore:
     """Rank 0 runs the whole job (``run()``); the other ranks wait for it, then open the finished store.
 
-    An error on rank 0 is raised there and, as a RefModelError naming it, on the other ranks.
+    An error on rank 0 is raised there and on the other ranks (the same refmodel error class, else a
+    RefModelError naming it).
     """
     result: tuple[str | None, tuple | None] = (None, None)
     store, error = None, None
