@@ -15,6 +15,7 @@ scores on CUDA. The protocol, over a gloo group (a few small messages; the shard
 4. a final exchange: every rank reports; rank 0 checks the store lists every shard of the job; every
    rank opens the finished store.
 
+The store folder must be the same for every rank (on several nodes: a shared filesystem with ``flock``).
 The shards and the batches in them are the plan's, scored by the same ``score_units`` calls as one
 process, and the manifest lists shards sorted by name, so the store is byte-identical to a
 single-process run (on CPU, with the same torch thread count). A rank that dies loses only the shard it
