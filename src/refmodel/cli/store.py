@@ -32,10 +32,14 @@ def _user_errors(fn):
 def precompute_command(model: str, data: str, out: str, *, use_ray: bool = False, **settings) -> None:
     """``refmodel precompute``: ``settings`` are :class:`~refmodel.precompute.config.PrecomputeConfig` fields."""
     from ..precompute.config import PrecomputeConfig
+    from ..precompute.ranks import launcher_ranks
 
     cfg = PrecomputeConfig(**settings)
-    click.echo("# " + json.dumps({k: v for k, v in cfg.__dict__.items() if use_ray or not k.startswith(
-        ("ray_", "num_workers", "gpus_", "cpus_", "max_task"))}), err=True)  # the resolved config
+    ranks = launcher_ranks()  # under torchrun / accelerate launch: the ranks split the shards; rank 0 reports
+    main = ranks is None or ranks.is_main
+    if main:
+        click.echo("# " + json.dumps({k: v for k, v in cfg.__dict__.items() if use_ray or not k.startswith(
+            ("ray_", "num_workers", "gpus_", "cpus_", "max_task"))}), err=True)  # the resolved config
     if use_ray:
         from ..precompute.ray import precompute_on_ray
 
@@ -44,14 +48,29 @@ def precompute_command(model: str, data: str, out: str, *, use_ray: bool = False
         from ..precompute.job import precompute
 
         store = precompute(model, data, out, cfg)
-    click.echo(json.dumps(store.info(), indent=1))
+    if main:
+        click.echo(json.dumps(store.info(), indent=1))
+    store.close()
 
 
 @_user_errors
 def info_command(path: str) -> None:
+    """The store's :meth:`~refmodel.store.LogprobStore.info`; for a precompute job's store also ``finished`` and
+    ``missing_shards`` (the job's shards not committed yet), and a line on stderr when it is unfinished."""
+    from ..precompute.plan import pending_shards
     from ..store import LogprobStore
 
-    click.echo(json.dumps(LogprobStore.open(path).info(), indent=1))
+    with LogprobStore.open(path) as store:
+        info = store.info()
+        job = store.job if isinstance(store.job, dict) and store.job.get("kind") == "precompute" else None
+        missing = pending_shards(store, job["shards"]) if job is not None else []
+    if job is not None:
+        info.update(finished=not missing, missing_shards=len(missing))
+    click.echo(json.dumps(info, indent=1))
+    if job is not None and missing:
+        click.echo(f"unfinished: {len(missing)} of the {job['shards']} shards of its precompute job are not written "
+                   f"(first: shard {missing[0]}); run the same `refmodel precompute` with --resume to finish it",
+                   err=True)
 
 
 @_user_errors

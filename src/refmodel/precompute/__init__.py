@@ -1,4 +1,5 @@
-"""The precompute job: plan, score and write reference log-probs into a store (:mod:`.job`), on Ray (:mod:`.ray`)."""
+"""The precompute job: plan, score and write reference log-probs into a store (:mod:`.job`), on Ray (:mod:`.ray`),
+split over a launcher's ranks (:mod:`.ranks`)."""
 
 from .config import PrecomputeConfig
 from .job import precompute, repair_store

@@ -27,8 +27,8 @@ class PrecomputeConfig:
     always). Scoring: ``max_tokens_per_batch`` padded tokens per forward, ``share_prompt`` (one prompt
     pass with a KV cache for all its completions), ``temperature`` (log-probs of ``logits / T``; part of
     the fingerprint when != 1), ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``: a loaded
-    model stays where it is, a model folder goes to CUDA when present; single-process only, Ray actors
-    use ``gpus_per_worker``), ``model_dtype`` (the weights' dtype when loading a model folder; ``auto``: as saved).
+    model stays where it is, a model folder goes to CUDA when present; under a launcher ``cuda`` / ``auto``
+    mean ``cuda:LOCAL_RANK``; Ray actors use ``gpus_per_worker``), ``model_dtype`` (the weights' dtype when loading a model folder; ``auto``: as saved).
     Job: ``shard_examples`` examples per shard (the unit of crash recovery), ``resume``, ``progress``.
     Ray (:func:`refmodel.precompute.ray.precompute_on_ray` only): ``ray_address``, ``num_workers``, ``gpus_per_worker``,
     ``cpus_per_worker``, ``max_task_retries``.
@@ -82,13 +82,25 @@ class PrecomputeConfig:
             raise ConfigError(f"unknown precompute setting(s) {unknown}; PrecomputeConfig has {sorted(names)}")
         return dataclasses.replace(self, **overrides) if overrides else self
 
-    def resolved_device(self) -> str:
-        """``device`` with ``auto`` resolved (``cuda`` when torch sees a GPU, else ``cpu``)."""
-        if self.device != "auto":
-            return self.device
+    def resolved_device(self, local_rank: int | None = None) -> str:
+        """``device`` with ``auto`` resolved (``cuda`` when torch sees a GPU, else ``cpu``).
+
+        ``local_rank``: this process's GPU slot under a launcher (``LOCAL_RANK``): ``cuda`` and ``auto`` then
+        mean ``cuda:LOCAL_RANK``, one GPU per rank (an explicit ``cuda:N`` stays as given). ConfigError when
+        that GPU does not exist.
+        """
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device != "cuda" or local_rank is None:
+            return device
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise ConfigError(f"LOCAL_RANK {local_rank} has no GPU of its own: torch sees {count} CUDA device(s); "
+                              "launch at most one process per GPU (--nproc_per_node), or pass --device cpu")
+        return f"cuda:{local_rank}"
 
     def model_kwargs(self) -> dict:
         """``from_pretrained`` keyword arguments implied by ``model_dtype``."""

@@ -46,6 +46,7 @@ from .plan import (
     plan_precompute,
     plan_units,
 )
+from .ranks import Ranks, SharedStoreWriter, launcher_ranks, on_main_rank, rank_group, split_precompute
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def _score_full(model, units: list[Unit], pad_id: int, temperature: float) -> li
 
 
 def precompute(model, data, out, config: PrecomputeConfig | None = None, *, tokenizer=None,
-               model_kwargs: dict | None = None, **settings) -> LogprobStore:
+               model_kwargs: dict | None = None, split: bool = True, **settings) -> LogprobStore:
     """Reference log-probs of every sequence in ``data`` into a store at ``out`` (returned, read-only).
 
     Args:
@@ -126,12 +127,39 @@ def precompute(model, data, out, config: PrecomputeConfig | None = None, *, toke
         out: the store folder to create (or, with ``resume``, to finish).
         config: a :class:`PrecomputeConfig` (default: its defaults); ``**settings`` override its fields
             by name (``dtype="float32"``, ``max_tokens_per_batch=...``, ``resume=True``, ...).
+        split: under a launcher (``torchrun``, ``accelerate launch``, or torch.distributed initialized;
+            every rank must call this): True splits the shards over the ranks, each scoring on
+            ``cuda:LOCAL_RANK`` when on CUDA, into one store byte-identical to a single process's
+            (:mod:`refmodel.precompute.ranks`); False runs the whole job on rank 0 while the others wait.
+            Every rank gets the finished store. Ignored in a single process.
     """
     cfg = (config or PrecomputeConfig()).with_overrides(**settings)
+    ranks = launcher_ranks()
+    if ranks is None:
+        return _precompute_here(model, data, out, cfg, tokenizer, model_kwargs)
+    with rank_group() as group:
+        if not split:
+            return on_main_rank(lambda: _precompute_here(model, data, out, cfg, tokenizer, model_kwargs,
+                                                         ranks=ranks), out, ranks, group)
+        model, tokenizer = _load_and_place(model, tokenizer, cfg, model_kwargs, ranks)
+        plan = plan_precompute(model, tokenizer, data, cfg)
+        return split_precompute(plan, out, ranks, group,
+                                lambda todo, writer: score_plan(model, plan, writer, todo, ranks=ranks))
+
+
+def _load_and_place(model, tokenizer, cfg: PrecomputeConfig, model_kwargs: dict | None, ranks: Ranks | None):
+    """``(model, tokenizer)`` loaded and on ``cfg``'s device (``cuda:LOCAL_RANK`` under a launcher)."""
     from_path = isinstance(model, (str, Path))
     model, tokenizer = load_scoring_model(model, tokenizer, {**cfg.model_kwargs(), **(model_kwargs or {})})
     if from_path or cfg.device != "auto":  # "auto" leaves a model the caller placed where it is
-        model.to(cfg.resolved_device())
+        model.to(cfg.resolved_device(ranks.local_rank if ranks is not None else None))
+    return model, tokenizer
+
+
+def _precompute_here(model, data, out, cfg: PrecomputeConfig, tokenizer, model_kwargs: dict | None,
+                     ranks: Ranks | None = None) -> LogprobStore:
+    """The whole job in this process."""
+    model, tokenizer = _load_and_place(model, tokenizer, cfg, model_kwargs, ranks)
     plan = plan_precompute(model, tokenizer, data, cfg)
     store, todo = plan.open_store(out)
     try:
@@ -141,16 +169,22 @@ def precompute(model, data, out, config: PrecomputeConfig | None = None, *, toke
     return LogprobStore.open(out, plan.fingerprint)
 
 
-def score_plan(model, plan: PrecomputePlan, store: LogprobStore, todo: list[int]) -> None:
-    """Score the shards ``todo`` of ``plan`` with ``model`` in this process and commit each to ``store``."""
+def score_plan(model, plan: PrecomputePlan, store: LogprobStore | SharedStoreWriter, todo: list[int], *,
+               ranks: Ranks | None = None) -> None:
+    """Score the shards ``todo`` of ``plan`` with ``model`` in this process and commit each to ``store``.
+
+    ``ranks``: this process's place when the shards are split over ranks; its progress bar (rank 0's only)
+    and log then count this rank's shards, and each committed shard is logged with the rank at INFO.
+    """
     cfg = plan.config
-    total = plan.total_tokens
     left = sum(plan.shard_tokens(i) for i in todo)
-    log.info("precompute: %d sequences in %d shards (%d to do), %d tokens, fingerprint %s",
-             plan.job["sequences"], plan.n_shards, len(todo), total, plan.fingerprint)
+    total = plan.total_tokens if ranks is None else left
+    where = "" if ranks is None else f" ({ranks})"
+    log.info("precompute%s: %d sequences in %d shards (%d to do here), %d tokens, fingerprint %s", where,
+             plan.job["sequences"], plan.n_shards, len(todo), plan.total_tokens, plan.fingerprint)
     start = time.perf_counter()
-    with tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="reference log-probs",
-              disable=not cfg.progress) as bar:
+    with tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="reference log-probs" + where,
+              disable=not cfg.progress or (ranks is not None and not ranks.is_main)) as bar:
         for i in todo:
             entries = []
             for batch in plan_batches(list(plan.shard(i)), cfg.max_tokens_per_batch):
@@ -158,8 +192,9 @@ def score_plan(model, plan: PrecomputePlan, store: LogprobStore, todo: list[int]
                                        share_prompt=cfg.share_prompt)
                 bar.update(sum(u.tokens for u in batch))
             store.write_shard(shard_name(i), entries)
+            log.info("precompute%s: wrote shard %d (%d sequences)", where, i, len(entries))
     elapsed = time.perf_counter() - start
-    log.info("precompute: %d tokens in %.2fs (%.0f tokens/s)", left, elapsed, left / max(elapsed, 1e-9))
+    log.info("precompute%s: %d tokens in %.2fs (%.0f tokens/s)", where, left, elapsed, left / max(elapsed, 1e-9))
 
 
 def repair_store(model, data, path, *, tokenizer=None, progress: bool = True,

@@ -44,6 +44,7 @@ from ..store.manifest import shard_name
 from .config import PrecomputeConfig
 from .job import score_units
 from .plan import PrecomputePlan, Unit, load_scoring_model, plan_batches, plan_precompute
+from .ranks import launcher_ranks
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,11 @@ def precompute_on_ray(model_path, data, out, config: PrecomputeConfig | None = N
     """
     ray = require("ray", "ray")  # before any work: MissingDependency names the extra
     cfg = (config or PrecomputeConfig()).with_overrides(**settings)
+    ranks = launcher_ranks()
+    if ranks is not None:
+        raise ConfigError(f"precompute on Ray runs one driver, but this process is {ranks} of a launch (torchrun, "
+                          "accelerate launch), so every rank would start its own: run it in one process (Ray spreads "
+                          "the work), or drop --ray (ray=) to split the shards over the launcher's ranks")
     model_kwargs = {**cfg.model_kwargs(), **(model_kwargs or {})}
     model_path = str(Path(model_path).resolve())
     model, tokenizer = load_scoring_model(model_path, None, model_kwargs)

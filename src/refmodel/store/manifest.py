@@ -133,15 +133,17 @@ def shard_file(root: Path, name: str) -> Path:
     return file
 
 
-def lock_writer(path: Path) -> int:
-    """Take the store's writer lock (``flock`` on ``writer.lock``, a regular file made here if missing)."""
+def lock_writer(path: Path, *, wait: bool = False) -> int:
+    """An open fd holding the store's writer lock (``flock`` on ``writer.lock``, a regular file made here if
+    missing); ConfigError when another process holds it, unless ``wait`` (block until it is released: the
+    ranks of a split precompute take turns committing shards)."""
     hint = "; remove it (the writer makes a fresh writer.lock)"
     try:
         fd = open_regular(path / "writer.lock", os.O_RDWR | os.O_CREAT, hint)
     except OSError as exc:
         raise storage_error(path / "writer.lock", exc, "create") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise ConfigError(f"store {path} is being written by another process (writer.lock is held); "

@@ -122,10 +122,11 @@ class LogprobStore:
 
     @classmethod
     def open(cls, path, fingerprint: str | None = None, *, mode: str = "r", verify: bool = False,
-             shard_entries: int = DEFAULT_SHARD_ENTRIES) -> LogprobStore:
+             shard_entries: int = DEFAULT_SHARD_ENTRIES, wait: bool = False) -> LogprobStore:
         """Open the store at ``path``; ``fingerprint`` (if given) must equal the stored one.
 
-        ``mode="a"`` takes the writer lock to append. ``verify=True`` checks every shard's checksums now.
+        ``mode="a"`` takes the writer lock to append (``wait=True``: waiting for another writer to close,
+        instead of a ConfigError). ``verify=True`` checks every shard's checksums now.
         Opening reads only the small manifest; shards are mapped on first use.
         """
         if mode not in ("r", "a"):
@@ -139,7 +140,7 @@ class LogprobStore:
                 "or open it with the model it was made with")
         lock_fd = None
         if mode == "a":
-            lock_fd = lock_writer(path)
+            lock_fd = lock_writer(path, wait=wait)
             manifest = read_manifest(path)  # re-read under the lock
             remove_orphans(path, manifest)
         store = cls(path, manifest, writable=mode == "a", lock_fd=lock_fd, shard_entries=shard_entries)
