@@ -192,21 +192,12 @@ def split_precompute(plan: PrecomputePlan, out, ranks: Ranks, group: RankGroup,
             raise ConfigError(f"rank {rank} planned another precompute job than {ranks} (its fingerprint, dtype, "
                               f"data or settings differ: {theirs[:2]}, job {theirs[2]} vs {mine[:2]}, job {mine[2]}); "
                               "give every rank the same model, data and flags")
-    opened: tuple[list[int] | None, tuple | None] = (None, None)
-    error: Exception | None = None
-    if ranks.is_main:
-        try:
-            store, todo = plan.open_store(out)
-            store.close()
-            opened = (todo, None)
-        except Exception as exc:  # sent to the other ranks, so that they stop too
-            error, opened = exc, (None, (type(exc), str(exc)))
-    todo, sent = group.broadcast(opened)
-    if error is not None:
-        raise error
-    if sent is not None:
-        _raise_rank0_error(*sent)
-    assert todo is not None
+    def pending() -> list[int]:
+        store, todo = plan.open_store(out)
+        store.close()
+        return todo
+
+    _, todo = _on_rank0(pending, ranks, group)
     own = ranks.own(todo)
     log.info("precompute: %s scores %d of the %d shards still to do", ranks, len(own), len(todo))
     writer = SharedStoreWriter(out, plan.fingerprint, ranks)
@@ -239,20 +230,29 @@ def on_main_rank(run: Callable[[], LogprobStore], out, ranks: Ranks, group: Rank
     An error on rank 0 is raised there and on the other ranks (the same refmodel error class, else a
     RefModelError naming it).
     """
-    result: tuple[str | None, tuple | None] = (None, None)
-    store, error = None, None
+    store, fingerprint = _on_rank0(run, ranks, group, share=lambda store: store.fingerprint)
+    return store if store is not None else LogprobStore.open(out, fingerprint)
+
+
+def _on_rank0(work: Callable[[], Any], ranks: Ranks, group: RankGroup,
+              share: Callable[[Any], Any] = lambda value: value) -> tuple[Any, Any]:
+    """``(work()'s result on rank 0, else None; share(result) on every rank)``: rank 0 works, the others
+    wait for what it shares. An error on rank 0 is raised there and, sent along, on every other rank."""
+    result: Any = None
+    error: Exception | None = None
+    sent: tuple[Any, tuple | None] = (None, None)
     if ranks.is_main:
         try:
-            store = run()
-            result = (store.fingerprint, None)
+            result = work()
+            sent = (share(result), None)
         except Exception as exc:  # sent to the other ranks, so that they stop too
-            error, result = exc, (None, (type(exc), str(exc)))
-    fingerprint, sent = group.broadcast(result)
+            error, sent = exc, (None, (type(exc), str(exc)))
+    shared, failure = group.broadcast(sent)
     if error is not None:
         raise error
-    if sent is not None:
-        _raise_rank0_error(*sent)
-    return store if store is not None else LogprobStore.open(out, fingerprint)
+    if failure is not None:
+        _raise_rank0_error(*failure)
+    return result, shared
 
 
 def _raise_rank0_error(kind: type, message: str) -> None:
