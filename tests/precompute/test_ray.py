@@ -209,7 +209,7 @@ def test_flag_errors(ray_address, job, tmp_path):
 
 
 def test_wire_format_round_trip():
-    from refmodel.precompute.job import Unit
+    from refmodel.precompute.plan import Unit
     from refmodel.precompute.ray import decode_units, encode_units, pack_entries, unpack_entries
     from refmodel.store.format import make_entry
 

@@ -37,14 +37,9 @@ from .config import PrecomputeConfig
 from .plan import (
     PrecomputePlan,
     Unit,
-    check_position_limit,
     load_scoring_model,
-    open_or_create_store,
-    pending_shards,
     plan_batches,
-    plan_job,
     plan_precompute,
-    plan_units,
 )
 from .ranks import Ranks, SharedStoreWriter, launcher_ranks, on_main_rank, rank_group, split_precompute
 
@@ -231,5 +226,4 @@ def repair_store(model, data, path, *, tokenizer=None, progress: bool = True,
 
 
 # The planning names stay importable from here (their home is .plan).
-__all__ = ["precompute", "repair_store", "score_plan", "score_units", "check_position_limit", "plan_units",
-           "plan_batches", "plan_job", "open_or_create_store", "pending_shards", "shard_name", "Unit"]
+__all__ = ["precompute", "repair_store", "score_plan", "score_units"]
