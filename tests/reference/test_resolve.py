@@ -197,14 +197,21 @@ def service(tiny_model_dirs, tmp_path_factory):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_url_and_a_config_with_a_token_are_remote(service, llama):
+def test_a_url_and_a_config_with_a_token_are_remote(service, llama, monkeypatch):
     from refmodel.errors import Unauthorized
     from refmodel.reference import Remote
 
     model, _, batch = llama
-    # the bare-URL shortcut carries no token, so this server refuses it (401) ...
-    with pytest.raises(Unauthorized):
+    # the bare-URL shortcut carries no token of its own: this server refuses it (401), saying how to send one
+    monkeypatch.delenv("REFMODEL_TOKEN", raising=False)
+    with pytest.raises(Unauthorized, match="REFMODEL_TOKEN"):
         resolve(service.url, model, temperature=T)
+    # ... it takes the token from REFMODEL_TOKEN, as the README's examples do
+    monkeypatch.setenv("REFMODEL_TOKEN", "s3cret")
+    ref = resolve(service.url, model, temperature=T)
+    assert isinstance(ref, Remote) and ref.model == "tiny"
+    torch.testing.assert_close(ref.logprobs(*batch), _at(model, batch, T), **TOL)
+    monkeypatch.delenv("REFMODEL_TOKEN")
     # ... and a ReferenceConfig carries one, with or without the model's name
     for cfg in (ReferenceConfig(remote_url=service.url, remote_token="s3cret"),
                 ReferenceConfig(remote_url=service.url, remote_model="tiny", remote_token="s3cret")):

@@ -73,6 +73,28 @@ def test_requests_carry_the_token_the_path_prefix_and_the_body(server):
         "/base/v1/x", "hello", "Bearer s3cret", "text/plain")
 
 
+def test_the_token_comes_from_REFMODEL_TOKEN_when_none_is_passed(server, monkeypatch):
+    # A URL alone (reference="http://...") must reach a service started with --token-file.
+    monkeypatch.setenv("REFMODEL_TOKEN", "from-env")
+    with ReferenceClient(server.url) as client:
+        assert client._request("GET", "/v1/x").json()["auth"] == "Bearer from-env"
+    with ReferenceClient(server.url, token="explicit") as client:  # an explicit token wins
+        assert client._request("GET", "/v1/x").json()["auth"] == "Bearer explicit"
+    with ReferenceClient(server.url, token="") as client:  # "" sends none
+        assert client._request("GET", "/v1/x").json()["auth"] is None
+
+
+def test_a_401_without_a_token_says_how_to_send_one(server, monkeypatch):
+    monkeypatch.delenv("REFMODEL_TOKEN", raising=False)
+    server.statuses = [(401, {})]
+    with ReferenceClient(server.url) as client, pytest.raises(Unauthorized, match="REFMODEL_TOKEN"):
+        client.models()
+    server.statuses = [(401, {})]
+    with ReferenceClient(server.url, token="wrong") as client, pytest.raises(Unauthorized) as caught:
+        client.models()
+    assert "REFMODEL_TOKEN" not in str(caught.value)  # a wrong token is not a missing one
+
+
 def test_connections_are_kept_alive_and_a_closed_one_is_replaced(server):
     with ReferenceClient(server.url) as client:
         for _ in range(5):

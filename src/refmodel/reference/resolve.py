@@ -15,9 +15,9 @@ a :class:`~refmodel.ReferenceConfig`       :func:`~refmodel.reference.auto` on i
                                            from the caller when left at 1.0)
 ``"none"``                                 :class:`ReferenceFree` (ORPO, SimPO: no pi_ref)
 ``"adapter"``                              :class:`AdapterDisabled` (a PEFT policy's base, adapters off)
-``"http://..."`` / ``"https://..."``       ``Remote``: the service's one log-prob model (tokens: pass
-                                           ``Remote(url, model, token=...)`` or ``ReferenceConfig(remote_url=,
-                                           remote_token=)``)
+``"http://..."`` / ``"https://..."``       ``Remote``: the service's one log-prob model; its token is the
+                                           ``REFMODEL_TOKEN`` environment variable (or pass ``Remote(url,
+                                           model, token=...)`` / ``ReferenceConfig(remote_url=, remote_token=)``)
 a folder with ``manifest.json``            :class:`Precomputed` on that log-prob store (a miss raises)
 a folder with ``config.json``              :class:`Frozen` loaded from that model folder
 a ``torch.nn.Module`` (not the policy)     :class:`Frozen` on it (frozen in place)

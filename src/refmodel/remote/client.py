@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 import urllib.parse
@@ -42,6 +43,9 @@ _MAX_SLEEP_S = 30.0
 # pooled connection for a close by the server before reusing it).
 _KEEPALIVE_EXPIRY_S = 2.0
 _POOL_SIZE = 16  # idle connections kept for reuse; more concurrent callers open (and drop) extra ones
+# The bearer token when the caller passes none: like HF_TOKEN, it lets a URL alone
+# (`reference="http://..."`, `refmodel precompute --fallback-url`) reach a service started with --token-file.
+TOKEN_ENV = "REFMODEL_TOKEN"
 
 
 class _Reply:
@@ -115,7 +119,7 @@ def _fp_key(model: str, temperature: float):
     return (model, *sorted(settings.items())) if settings else model
 
 
-def _raise_for(response) -> None:
+def _raise_for(response, sent_token: bool = True) -> None:
     """Raise the table's exception (:func:`refmodel.remote.errors.error_for`) for an error answer."""
     status = response.status_code
     if status < 400:
@@ -124,6 +128,9 @@ def _raise_for(response) -> None:
         detail = response.json().get("detail", response.text)
     except (ValueError, AttributeError):
         detail = response.text[:500]
+    if status == 401 and not sent_token:
+        detail = (f"{detail}; this client sent no token: pass token=... (Remote(url, token=...), "
+                  f"ReferenceClient(url, token=...)) or set the {TOKEN_ENV} environment variable")
     raise error_for(status, detail)
 
 
@@ -131,7 +138,8 @@ class ReferenceClient:
     """Client of a reference service at ``url`` (e.g. ``http://127.0.0.1:8000``).
 
     Args:
-        token: bearer token, if the server was started with one.
+        token: bearer token, if the server was started with one; ``None`` reads the ``REFMODEL_TOKEN``
+            environment variable (unset: no token), ``""`` sends none.
         timeout_s: limit for each HTTP attempt (connect, write, read), in seconds.
         max_retries: extra attempts after a 429/503 answer or a connection failure.
         backoff_s: first backoff; doubles per attempt, with jitter, capped at 30 s (``Retry-After`` wins
@@ -145,6 +153,8 @@ class ReferenceClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or None
         if token is not None and any(c in token for c in "\r\n\0"):
             raise ConfigError("the bearer token holds a line break or NUL (read from a file with a newline?)")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -180,7 +190,7 @@ class ReferenceClient:
                 raise ServiceError(f"cannot reach the reference service at {self.url}: "
                                    f"{type(exc).__name__}: {exc}") from exc
         elif response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
-            _raise_for(response)
+            _raise_for(response, sent_token=bool(self.headers))
             return None
         wait = self._sleep_for(attempt, response)
         log.info("reference service busy (%s); retry %d/%d in %.2f s",
