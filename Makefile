@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/mypy  # the whole package, Python 3.10 (files and overrides: pyproject [tool.mypy])
 
 docs: setup
-	$(BIN)/mkdocs build --strict  # into site/ (open site/index.html); `$(BIN)/mkdocs serve` to preview
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # into site/ (open site/index.html); `$(BIN)/mkdocs serve` to preview
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache
