@@ -34,6 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from ..cluster import launch_ranks
 from ..errors import ConfigError, RefModelError
 from ..store import LogprobStore
 from ..store.format import Entry
@@ -73,30 +74,11 @@ class Ranks:
 def launcher_ranks() -> Ranks | None:
     """This process's :class:`Ranks` under torch.distributed or a launcher; None in a single process.
 
-    An initialized default process group wins; else the launcher's ``RANK``, ``WORLD_SIZE`` and
-    ``LOCAL_RANK`` (``torchrun`` and ``accelerate launch`` set all three). A world of one is a single process.
+    The rule is :func:`refmodel.cluster.launch_ranks` (an initialized default group wins, else the
+    launcher's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``). A world of one is a single process.
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = _env_int("LOCAL_RANK", rank)
-    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK", 0)
-    else:
-        return None
+    rank, world, local = launch_ranks()
     return Ranks(rank, world, local) if world > 1 else None
-
-
-def _env_int(name: str, default: int | None = None) -> int:
-    value = os.environ.get(name)
-    if value is None and default is not None:
-        return default
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"environment variable {name}={value!r} is not an integer; it is set by the launcher "
-                          "(torchrun, accelerate launch): launch through one, or unset RANK / WORLD_SIZE") from None
 
 
 class RankGroup:

@@ -18,17 +18,17 @@ decision, so that no reference model is built or loaded under any launcher.
 from __future__ import annotations
 
 import inspect
-import logging
 
 import transformers
 
+from ...cluster import get_logger
 from ...errors import ConfigError
 from ...reference import ReferenceConfig, Synced, resolve
 from ...reference.peft_policy import is_peft_model
 from ._reference import ReferenceRunner, patched, unwrap
 from .callback import RefmodelCallback
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 
 
 def bind_arguments(init, trainer, args: tuple, kwargs: dict) -> dict:
