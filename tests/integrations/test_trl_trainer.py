@@ -29,6 +29,7 @@ from refmodel import Frozen
 from refmodel.integrations.trl import DPOTrainer, GRPOTrainer, KTOTrainer
 from refmodel.testing import free_port
 
+pytestmark = pytest.mark.slow  # three TRL trainers built (~40 s on 2 shared cores)
 FSDP = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2})
 
 
