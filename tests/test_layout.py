@@ -23,7 +23,7 @@ RANKS = {
     "_deprecation": 1,
     "validation": 1,
     "data": 2,
-    "cluster": 2,  # Ray start-up: needs only _optional, used by precompute and serve (rank 7)
+    "cluster": 1.5,  # ranks, main-process logging, metric reduction, Ray start-up; under data (2), which logs through it
     "logprobs": 3,
     "models": 4,
     "store": 5,

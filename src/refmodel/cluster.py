@@ -1,4 +1,12 @@
-"""Joining or starting a Ray cluster: written once for ``refmodel precompute --ray`` and ``refmodel serve --ray``.
+"""The processes of a run: this process's rank under a launcher, what only the main process says, metrics
+reduced over the ranks, and joining or starting a Ray cluster (``refmodel precompute --ray``, ``serve --ray``).
+
+Ranks (one rule, :func:`launch_ranks`): torch.distributed's default group when it is initialized, else
+the launcher's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (``torchrun`` and ``accelerate launch`` set all
+three), else a single process. Under a launcher refmodel's progress bars, monitors and warnings come from
+the main process (rank 0) only: :func:`is_main_process` for bars, :func:`get_logger` for log records (a
+record that differs per rank, such as a rank's own store misses, is kept on every rank and tagged with
+its rank: ``extra=PER_RANK``). Metrics go through :func:`reduce_over_ranks` before they are logged.
 
 Why a root module of its own (rank 2, just above :mod:`refmodel._optional`): the precompute job and the
 service are both rank 7 and may not import each other, and connecting to Ray is neither's concept; it
@@ -17,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +34,120 @@ from ._optional import require
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+PER_RANK = {"per_rank": True}  # ``log.warning(..., extra=PER_RANK)``: kept on every rank, tagged with it
+
+
+def launch_ranks() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` of this process by the module docstring's rule; ``(0, 1, 0)`` alone.
+
+    ConfigError when a launcher variable is not an integer.
+    """
+    dist = _dist()
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        return rank, dist.get_world_size(), _env_int("LOCAL_RANK", rank)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK", 0)
+    return 0, 1, 0
+
+
+def _dist():
+    """``torch.distributed`` if torch is imported (it always is once a group can exist), else None."""
+    import sys
+
+    return sys.modules.get("torch.distributed")
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer; it is set by the launcher "
+                          "(torchrun, accelerate launch): launch through one, or unset RANK / WORLD_SIZE") from None
+
+
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 of a launch: where bars, monitors and shared warnings show."""
+    try:
+        return launch_ranks()[0] == 0
+    except ConfigError:  # a bad RANK is reported where the ranks are used, not by a progress bar
+        return True
+
+
+class MainProcessFilter(logging.Filter):
+    """Passes every record of the main process; on the other ranks only errors and ``extra=PER_RANK`` records,
+    with ``[rank R of W]`` put before the message (the rank is read when the record is made)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            rank, world, _ = launch_ranks()
+        except ConfigError:
+            return True
+        if world == 1:
+            return True
+        per_rank = getattr(record, "per_rank", False) or record.levelno >= logging.ERROR
+        if per_rank and not getattr(record, "rank_tagged", False):
+            record.msg = f"[rank {rank} of {world}] {record.msg}"
+            record.rank_tagged = True
+        return rank == 0 or per_rank
+
+
+def get_logger(name: str) -> logging.Logger:
+    """``logging.getLogger(name)`` with :class:`MainProcessFilter`: refmodel's loggers whose records every rank
+    would repeat (shared warnings, monitors) say them once, on the main process."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, MainProcessFilter) for f in logger.filters):
+        logger.addFilter(MainProcessFilter())
+    return logger
+
+
+REDUCTIONS = ("sum", "max", "mean")
+
+
+def reduce_over_ranks(values: Mapping[str, float], how: str | Mapping[str, str] = "sum") -> dict[str, float]:
+    """``values`` reduced over the ranks of torch.distributed's default group; as given without one.
+
+    A collective: every rank calls it, with the same keys, at the same point. ``how``: one of
+    :data:`REDUCTIONS` for all keys, or per key (counts: ``sum``; wall times: ``max``, the slowest rank,
+    since the ranks wait for each other every step; per-rank means over equal batches: ``mean``).
+    Float64 on the wire (counts stay exact); one all_reduce per kind used.
+    """
+    out = {key: float(value) for key, value in values.items()}
+    ops = {key: how if isinstance(how, str) else how.get(key, "sum") for key in out}
+    bad = sorted(({how} if isinstance(how, str) else set(how.values())) - set(REDUCTIONS))
+    if bad:
+        raise ConfigError(f"reduce_over_ranks: unknown reduction(s) {bad}; expected one of {list(REDUCTIONS)}")
+    dist = _dist()
+    if dist is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return out
+    import torch
+
+    device = _collective_device(dist)
+    world = dist.get_world_size()
+    for kind in REDUCTIONS:
+        keys = sorted(k for k, op in ops.items() if op == kind)
+        if not keys:
+            continue
+        box = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX if kind == "max" else dist.ReduceOp.SUM)
+        if kind == "mean":
+            box /= world
+        out.update(zip(keys, box.tolist(), strict=True))
+    return out
+
+
+def _collective_device(dist):
+    """Where the default group's collectives take tensors: the CPU for gloo, else the current accelerator (NCCL)."""
+    import torch
+
+    if "gloo" in str(dist.get_backend()):
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
 
 @dataclass
@@ -100,4 +223,5 @@ def connect_ray(address: str | None = None) -> RayConnection:
     return RayConnection(ray, started=True, local=address is None)
 
 
-__all__ = ["RayConnection", "check_reachable", "connect_ray", "ray_address"]
+__all__ = ["PER_RANK", "REDUCTIONS", "MainProcessFilter", "RayConnection", "check_reachable", "connect_ray", "get_logger",
+           "is_main_process", "launch_ranks", "ray_address", "reduce_over_ranks"]

@@ -169,3 +169,45 @@ def test_ray_is_refused_under_a_launcher(monkeypatch, tiny_model_dirs, tmp_path)
     with pytest.raises(ConfigError, match=r"rank 0 of 2 of a launch.*drop --ray"):
         precompute_on_ray(tiny_model_dirs["llama"], builtin_dataset_path(), tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+TWICE = """
+import json, sys
+import torch.distributed as dist
+from refmodel.precompute.job import precompute
+
+model, out = sys.argv[1:3]
+rows = [{"prompt": f"question {i} ", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(6)]
+first = precompute(model, rows, out + "/first", shard_examples=2, dtype="float32", progress=False)
+second = precompute(model, rows, out + "/second", shard_examples=2, dtype="float32", progress=False, split=False)
+dist.init_process_group("gloo")  # the script's own group, from the same environment, after both
+box = [dist.get_rank()]
+dist.broadcast_object_list(box, src=1)
+print(json.dumps({"rank": dist.get_rank(), "first": len(first), "second": len(second), "from_rank_1": box[0]}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_precompute_twice_then_the_scripts_own_group_under_a_plain_launcher(tiny_model_dirs, tmp_path):
+    """A launcher without torchrun's agent store (SLURM, mpirun, a shell loop: RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT only): rank 0 hosts the rendezvous store. precompute() twice, then the script's own
+    init_process_group, all from the environment; before the launch's store was kept (launch_store), the
+    second group raced the first one's store going down on rank 0 and hung."""
+    script = tmp_path / "twice.py"
+    script.write_text(TWICE)
+    env = subprocess_env(OMP_NUM_THREADS=1, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    procs = [subprocess.Popen([sys.executable, str(script), tiny_model_dirs["llama"], str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    rows = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert rows == [{"rank": r, "first": 6, "second": 6, "from_rank_1": 1} for r in (0, 1)]
+    assert _files(tmp_path / "first") == _files(tmp_path / "second")

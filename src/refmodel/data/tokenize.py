@@ -29,14 +29,14 @@ TRL is not imported here; ``tests/data/test_tokenize.py`` runs TRL's own prepara
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..cluster import get_logger
 from ..errors import ConfigError, DataFormatError
 from .records import is_conversation, load_records, record_type
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 
 DEFAULT_MAX_LENGTH: int | None = 1024  # DPOConfig / KTOConfig / SFTConfig default in TRL 1.16
 DEFAULT_TRUNCATION_MODE = "keep_start"

@@ -8,12 +8,11 @@ soft-cap and a temperature, or without CUDA / Liger, the built-in op runs instea
 
 from __future__ import annotations
 
-import logging
-
 from .._optional import available
+from ..cluster import get_logger
 from .head import token_logprobs
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 _warned: set[str] = set()
 
 

@@ -24,7 +24,6 @@ either placement: pass one as ``beta`` to :func:`refmodel.losses.policy_loss` (K
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -32,10 +31,11 @@ from typing import NamedTuple
 import torch
 
 from .._deprecation import renamed_keywords
+from ..cluster import get_logger, reduce_over_ranks
 from ..errors import InvalidInput
 from ..validation import positive_finite
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 
 ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 REDUCTIONS: tuple[str, ...] = ("token", "sequence", "batch")
@@ -156,6 +156,12 @@ class KLMonitor:
 
     Call :meth:`update` once per step with the step's KL (a float or a scalar tensor). ``history``
     holds ``(step, kl)`` pairs for plots; ``mean``/``std`` are Welford running statistics.
+
+    Under torch.distributed (``over_ranks=True``, the default) each update first averages the KL over
+    the ranks (:func:`refmodel.cluster.reduce_over_ranks`, ``mean``: each rank's KL is a mean over its
+    own equal-sized batch), so every rank keeps the same statistics of the global batch; ``update`` is
+    then a collective that every rank calls. The threshold warning shows on the main process only.
+    ``over_ranks=False`` for a value that is already global (TRL's logged ``kl``) or a rank-local monitor.
     """
 
     threshold: float | None = None
@@ -167,6 +173,7 @@ class KLMonitor:
     min: float = math.inf
     max: float = -math.inf
     warned: bool = False
+    over_ranks: bool = True
 
     def __post_init__(self):
         if self.threshold is not None and not (self.threshold > 0):
@@ -174,6 +181,8 @@ class KLMonitor:
 
     def update(self, kl: float | torch.Tensor, step: int | None = None) -> None:
         value = float(kl.detach().double().mean()) if isinstance(kl, torch.Tensor) else float(kl)
+        if self.over_ranks:
+            value = reduce_over_ranks({"kl": value}, "mean")["kl"]
         step = self.count if step is None else int(step)
         self.history.append((step, value))
         self.count += 1

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..cluster import is_main_process
 from ..data import collate
 from ..errors import ConfigError, StoreCorrupt
 from ..logprobs.model import (
@@ -179,7 +180,7 @@ def score_plan(model, plan: PrecomputePlan, store: LogprobStore | SharedStoreWri
              plan.job["sequences"], plan.n_shards, len(todo), plan.total_tokens, plan.fingerprint)
     start = time.perf_counter()
     with tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="reference log-probs" + where,
-              disable=not cfg.progress or (ranks is not None and not ranks.is_main)) as bar:
+              disable=not cfg.progress or not is_main_process()) as bar:
         for i in todo:
             entries = []
             for batch in plan_batches(list(plan.shard(i)), cfg.max_tokens_per_batch):

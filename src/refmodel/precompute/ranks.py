@@ -24,6 +24,7 @@ was scoring; ``--resume`` (on any number of ranks, or one process) scores only t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from ..cluster import launch_ranks
 from ..errors import ConfigError, RefModelError
 from ..store import LogprobStore
 from ..store.format import Entry
@@ -72,30 +74,11 @@ class Ranks:
 def launcher_ranks() -> Ranks | None:
     """This process's :class:`Ranks` under torch.distributed or a launcher; None in a single process.
 
-    An initialized default process group wins; else the launcher's ``RANK``, ``WORLD_SIZE`` and
-    ``LOCAL_RANK`` (``torchrun`` and ``accelerate launch`` set all three). A world of one is a single process.
+    The rule is :func:`refmodel.cluster.launch_ranks` (an initialized default group wins, else the
+    launcher's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``). A world of one is a single process.
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = _env_int("LOCAL_RANK", rank)
-    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK", 0)
-    else:
-        return None
+    rank, world, local = launch_ranks()
     return Ranks(rank, world, local) if world > 1 else None
-
-
-def _env_int(name: str, default: int | None = None) -> int:
-    value = os.environ.get(name)
-    if value is None and default is not None:
-        return default
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"environment variable {name}={value!r} is not an integer; it is set by the launcher "
-                          "(torchrun, accelerate launch): launch through one, or unset RANK / WORLD_SIZE") from None
 
 
 class RankGroup:
@@ -123,9 +106,12 @@ class RankGroup:
 
 @contextmanager
 def rank_group() -> Iterator[RankGroup]:
-    """A gloo :class:`RankGroup` for the launch: ``init_process_group("gloo")`` from the launcher's
-    environment when nothing is initialized yet (and destroyed on exit), else a gloo group beside the
-    caller's (whatever its backend), destroyed on exit. Every rank must enter it."""
+    """A gloo :class:`RankGroup` for the launch. Every rank must enter it.
+
+    Nothing initialized yet: a default gloo group over :func:`launch_store` (with a key prefix of its
+    own), destroyed on exit, so that the script may call ``init_process_group`` itself afterwards.
+    Else a gloo group beside the caller's (whatever its backend), destroyed on exit.
+    """
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -135,15 +121,44 @@ def rank_group() -> Iterator[RankGroup]:
         finally:
             dist.destroy_process_group(group)
         return
-    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
-    if missing:
-        raise ConfigError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: the ranks cannot meet. "
-                          "Launch with torchrun or accelerate launch, or unset RANK / WORLD_SIZE for one process")
-    dist.init_process_group("gloo", timeout=WAIT)
+    ranks = launcher_ranks()
+    assert ranks is not None  # the caller found a launcher (RANK / WORLD_SIZE), else it would run alone
+    store = dist.PrefixStore(f"refmodel/precompute/{next(_GROUPS)}", launch_store(ranks))
+    dist.init_process_group("gloo", store=store, rank=ranks.rank, world_size=ranks.world_size, timeout=WAIT)
     try:
         yield RankGroup()
     finally:
         dist.destroy_process_group()
+
+
+# The rendezvous store of this process's launch, made once and kept (see launch_store), and a count of the
+# groups made on it: every rank makes them in the same order, so the n-th group's keys are its own.
+_STORE: list = []
+_GROUPS = itertools.count()
+
+
+def launch_store(ranks: Ranks) -> Any:
+    """The launch's rendezvous store (``MASTER_ADDR:MASTER_PORT``), created on first use and kept for the process.
+
+    Why kept: without torchrun's agent store (a launcher that only sets ``RANK`` / ``WORLD_SIZE`` /
+    ``MASTER_ADDR`` / ``MASTER_PORT``: SLURM, mpirun, a shell loop), rank 0 hosts the store. A default
+    group made from the environment and destroyed takes rank 0's store down with it, so a second
+    ``precompute()`` (or the script's own ``init_process_group``) raced it: a rank that got there first
+    read the last rendezvous' keys from the dying store and hung. This store is created the way
+    ``init_process_group``'s ``env://`` rendezvous creates it (torchrun's agent store when there is one,
+    else hosted by rank 0, multi-tenant), so the script's own ``init_process_group`` later shares it.
+    """
+    import torch.distributed as dist
+
+    if not _STORE:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise ConfigError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: the ranks cannot "
+                              "meet. Launch with torchrun or accelerate launch, or unset RANK / WORLD_SIZE for one "
+                              "process")
+        store, _, _ = next(dist.rendezvous("env://", rank=ranks.rank, world_size=ranks.world_size, timeout=WAIT))
+        _STORE.append(store)
+    return _STORE[0]
 
 
 class SharedStoreWriter:
@@ -262,5 +277,5 @@ def _raise_rank0_error(kind: type, message: str) -> None:
     raise RefModelError(f"rank 0 failed: {getattr(kind, '__name__', kind)}: {message}")
 
 
-__all__ = ["EXIT_AFTER_ENV", "RankGroup", "Ranks", "SharedStoreWriter", "launcher_ranks", "on_main_rank",
+__all__ = ["EXIT_AFTER_ENV", "RankGroup", "Ranks", "SharedStoreWriter", "launch_store", "launcher_ranks", "on_main_rank",
            "rank_group", "split_precompute"]

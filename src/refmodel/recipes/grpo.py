@@ -26,7 +26,6 @@ KL in the reward; both fit the same scoring (``needs_old_logprobs`` already take
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import time
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from .._deprecation import warn_deprecated
+from ..cluster import get_logger, is_main_process
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
@@ -49,7 +49,7 @@ from ..rl.scoring import ScoredRollouts, exact_kl, needs_old_logprobs, score_rol
 from .steps import StepLog
 from .train import add_lora
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 
 RewardFn = Callable[[Sequence, Sequence[str]], "torch.Tensor | Sequence[float]"]
 
@@ -317,7 +317,8 @@ def grpo(policy: nn.Module, tokenizer, prompts: Sequence, reward_funcs: Sequence
     global_step, epoch = 0, 0
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"grpo {cfg.loss_type}", disable=not cfg.progress, unit="step")
+    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"grpo {cfg.loss_type}", disable=not cfg.progress or not is_main_process(),
+               unit="step")
     try:
         for step in bar:
             start = time.perf_counter()

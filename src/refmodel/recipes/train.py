@@ -20,7 +20,6 @@ At the end the curves are plotted to PNG (matplotlib, Agg backend).
 
 from __future__ import annotations
 
-import logging
 import random
 import resource
 import time
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from .._deprecation import warn_deprecated
+from ..cluster import get_logger, is_main_process
 from ..data import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TRUNCATION_MODE,
@@ -49,7 +49,7 @@ from ..losses import preference as losses
 from ..reference import ReferenceFree, resolve
 from .steps import StepLog
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 
 LOSSES: tuple[str, ...] = (*losses.DPO_LOSS_TYPES, "simpo", "orpo")
 REFERENCE_FREE: tuple[str, ...] = ("simpo", "orpo")
@@ -297,7 +297,8 @@ def train(policy: nn.Module, tokenizer, train_pairs, cfg: TrainConfig = TrainCon
     from tqdm.auto import tqdm
 
     policy.train()
-    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"train {cfg.loss}", disable=not cfg.progress, unit="step")
+    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"train {cfg.loss}", disable=not cfg.progress or not is_main_process(),
+               unit="step")
     try:
         for step in bar:
             if cursor + cfg.batch_size > len(order):  # new epoch: reshuffle

@@ -24,7 +24,6 @@ optionally ``old_logprobs`` (the PPO anchor; ``None``: on-policy), ``sampler_log
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass, field
 
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from .._deprecation import renamed_fields, warn_deprecated
+from ..cluster import get_logger
 from ..errors import ConfigError, InvalidBatch, ModelNotAllowed
 from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
@@ -40,7 +40,7 @@ from ..losses.policy_config import LOSS_TYPES, OPTION_NAMES, PolicyLossConfig, b
 from ..models.cache import get_global_reference_cache
 from ..models.loading import weights_bytes
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 
 LOSS_FNS: tuple[str, ...] = LOSS_TYPES
 # the options of refmodel.losses.policy_loss (PolicyLossConfig's fields; the loss type is loss_fn), and its per-step input

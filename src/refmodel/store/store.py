@@ -21,7 +21,6 @@ and ``refmodel store repair`` (or ``precompute --resume``) rescores them.
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from .._deprecation import renamed_keywords
+from ..cluster import get_logger
 from ..errors import ConfigError, FingerprintMismatch, InvalidInput, StoreCorrupt, StoreMiss
 from .format import (
     FORMAT,
@@ -57,7 +57,7 @@ from .manifest import (
     shard_name,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 DEFAULT_SHARD_ENTRIES = 4096
 
 

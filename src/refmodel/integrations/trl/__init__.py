@@ -8,14 +8,13 @@ no reference forward. :class:`RefmodelCallback` logs the reference's metrics int
 Needs the ``trl`` extra: ``pip install 'refmodel[trl]'``.
 """
 
-import logging
-
 from ..._optional import require
+from ...cluster import get_logger
 
 _trl = require("trl", "trl")
 # The subclasses hook TRL's own loss / precompute / log-prob methods, which are not public API.
 if not str(_trl.__version__).startswith("1.16."):
-    logging.getLogger(__name__).warning(
+    get_logger(__name__).warning(
         "refmodel.integrations.trl is written and tested against TRL 1.16; TRL %s is installed, whose trainer "
         "internals may differ. Install 'refmodel[trl]' (trl>=1.16,<1.17) or check the results", _trl.__version__)
 

@@ -9,17 +9,17 @@ TRL's token ids), times it, counts store hits / fallback rows, and turns a store
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Iterator
 
 import torch
 
 from ..._deprecation import warn_deprecated
+from ...cluster import get_logger
 from ...errors import StoreMiss
 from ...reference import Precomputed, resolve
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 
 
 def resolve_reference(reference, policy, *, temperature: float = 1.0, who: str = "trainer"):

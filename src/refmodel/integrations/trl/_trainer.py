@@ -7,20 +7,28 @@ TRL's ``__init__`` they set the config so that TRL builds no reference model of 
 user's values are restored on the config afterwards. At loss time the reference log-probs are
 computed by refmodel on TRL's collated batch and handed to TRL's loss through the fields TRL already
 reads for precomputed references.
+
+Under FSDP, TRL 1.16's DPO and KTO trainers load a reference model even with
+``precompute_ref_log_probs=True`` (to run their precompute pass before the policy is sharded), from the
+policy's ``_name_or_path`` (the Hub, or a folder that may not exist on this node), then shard it on every
+rank and drop it. :class:`AfterTrainerInit` hides FSDP from the rest of TRL's ``__init__`` for that one
+decision, so that no reference model is built or loaded under any launcher.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 
+import transformers
+
+from ...cluster import get_logger
 from ...errors import ConfigError
 from ...reference import ReferenceConfig, Synced, resolve
 from ...reference.peft_policy import is_peft_model
 from ._reference import ReferenceRunner, patched, unwrap
 from .callback import RefmodelCallback
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 
 
 def bind_arguments(init, trainer, args: tuple, kwargs: dict) -> dict:
@@ -47,6 +55,7 @@ class RefmodelTrainerMixin:
 
     _refmodel_runner: ReferenceRunner | None = None
     _refmodel_skip_precompute: bool = False
+    _refmodel_hide_fsdp: bool = False
 
     @property
     def reference(self):
@@ -103,10 +112,29 @@ class RefmodelTrainerMixin:
             trl_cls.__init__(self, **bound)
             return mode, cfg, bound
         self._refmodel_skip_precompute = True
-        with patched(cfg, precompute_ref_log_probs=True, sync_ref_model=False):
-            trl_cls.__init__(self, **bound)
+        self._refmodel_hide_fsdp = True
+        try:
+            with patched(cfg, precompute_ref_log_probs=True, sync_ref_model=False):
+                trl_cls.__init__(self, **bound)
+        finally:
+            self._refmodel_hide_fsdp = False
+            if "_refmodel_is_fsdp" in self.__dict__:
+                self.is_fsdp_enabled = self.__dict__.pop("_refmodel_is_fsdp")
         self.precompute_ref_logps = False  # set only around the loss (see the subclasses' _compute_loss)
         return mode, cfg, bound
+
+    def _refmodel_trainer_ready(self) -> None:
+        """Called by :class:`AfterTrainerInit` between transformers' ``Trainer.__init__`` and the rest of TRL's.
+
+        While ``_refmodel_hide_fsdp`` is set (TRL's DPO / KTO ``__init__`` with refmodel's reference),
+        TRL sees FSDP off: with ``precompute_ref_log_probs=True`` it then keeps ``ref_model=None``, as it
+        does without FSDP, instead of loading a copy. The only other uses of the flag in the rest of
+        TRL 1.16's DPO / KTO ``__init__`` act on a reference model (there is none) or run the precompute
+        pass (a no-op here); the real value is restored as soon as TRL's ``__init__`` returns.
+        """
+        if self._refmodel_hide_fsdp and self.is_fsdp_enabled:
+            self._refmodel_is_fsdp = True
+            self.is_fsdp_enabled = False
 
     def _refmodel_build(self, mode: str, reference, cfg, *, temperature: float, who: str):
         """The Reference, built after TRL's ``__init__`` (the policy is then final: PEFT-wrapped)."""
@@ -139,4 +167,18 @@ class RefmodelTrainerMixin:
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
 
-__all__ = ["RefmodelTrainerMixin", "bind_arguments", "dataset_columns", "default_config"]
+class AfterTrainerInit(transformers.Trainer):
+    """A step between transformers' ``Trainer.__init__`` and the rest of TRL's ``__init__``.
+
+    Listed after the TRL class among a subclass's bases (``class DPOTrainer(RefmodelTrainerMixin,
+    trl.DPOTrainer, AfterTrainerInit)``), it comes right before ``transformers.Trainer`` in the method
+    resolution order, so TRL's ``super().__init__(...)`` runs this ``__init__``, which calls the
+    ``Trainer``'s and then :meth:`RefmodelTrainerMixin._refmodel_trainer_ready`. TRL's own code runs unchanged.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._refmodel_trainer_ready()  # type: ignore[attr-defined]
+
+
+__all__ = ["AfterTrainerInit", "RefmodelTrainerMixin", "bind_arguments", "dataset_columns", "default_config"]

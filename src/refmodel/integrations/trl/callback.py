@@ -4,21 +4,26 @@ optimizer step and its ``on_epoch_end`` after each epoch (a ``Synced.per_epoch``
 Per optimizer step it records ``refmodel/ref_seconds`` (wall time spent in the reference, all
 micro-batches of the step), ``refmodel/ref_rows`` (sequences scored) and, for a store,
 ``refmodel/store_hits`` / ``refmodel/store_misses`` (rows answered by the store / computed live by a
-fallback). TRL averages its metric buffer over the logging interval, so a logged value is the mean per
-step. With ``kl_threshold`` it feeds the logged KL (TRL's ``kl`` key: GRPO's mean k3, KTO's batch KL)
+fallback). Under a launcher each step's values are reduced over the ranks before they are logged
+(:func:`refmodel.cluster.reduce_over_ranks`): rows, hits and misses summed (the global batch's), the
+seconds the slowest rank's (``max``: the ranks wait for each other every step, so that is what the
+reference costs the step). TRL averages its metric buffer over the logging interval, so a logged value
+is the mean per step. With ``kl_threshold`` it feeds the logged KL (TRL's ``kl`` key: GRPO's mean k3, KTO's batch KL)
 into a :class:`refmodel.kl.KLMonitor`, which warns once when the KL exceeds the threshold, and logs
 ``refmodel/kl_warnings``.
 """
 
 from __future__ import annotations
 
-import logging
-
 from transformers import TrainerCallback
 
+from ...cluster import get_logger, reduce_over_ranks
 from ...losses.kl import KLMonitor
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
+
+
+REDUCE = {"refmodel/ref_seconds": "max"}  # the rest (rows, store hits and misses) are counts: summed
 
 
 class RefmodelCallback(TrainerCallback):
@@ -37,13 +42,14 @@ class RefmodelCallback(TrainerCallback):
         self.runner = runner
         self.metrics = metrics
         self.unwrap = unwrap or (lambda m: m)
-        self.monitor = KLMonitor(threshold=kl_threshold) if kl_threshold is not None else None
+        # TRL's logged ``kl`` is already gathered over the ranks (the same value on each): no second reduction.
+        self.monitor = KLMonitor(threshold=kl_threshold, over_ranks=False) if kl_threshold is not None else None
         self._pending: dict[str, float] = {}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self.runner.reference.on_step(state.global_step, self.unwrap(model))
-        step = self.runner.take_metrics()
+        step = reduce_over_ranks(self.runner.take_metrics(), REDUCE)
         if self.metrics is not None:
             for key, value in step.items():
                 self.metrics.setdefault("train", {}).setdefault(key, []).append(value)

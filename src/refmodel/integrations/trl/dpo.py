@@ -22,7 +22,7 @@ import torch
 import trl
 
 from ._reference import patched
-from ._trainer import RefmodelTrainerMixin
+from ._trainer import AfterTrainerInit, RefmodelTrainerMixin
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -47,7 +47,7 @@ def sequence_logps(per_token: torch.Tensor, completion_mask: torch.Tensor, ld_al
     return (logps * shared_mask).sum(dim=1) + ld_alpha * (logps * tail_mask).sum(dim=1)
 
 
-class DPOTrainer(RefmodelTrainerMixin, trl.DPOTrainer):
+class DPOTrainer(RefmodelTrainerMixin, trl.DPOTrainer, AfterTrainerInit):
     """``trl.DPOTrainer`` whose reference is refmodel's (see the module docstring).
 
     Args:

@@ -15,10 +15,10 @@ import trl
 
 from ...errors import ConfigError
 from ._reference import patched
-from ._trainer import RefmodelTrainerMixin, dataset_columns
+from ._trainer import AfterTrainerInit, RefmodelTrainerMixin, dataset_columns
 
 
-class KTOTrainer(RefmodelTrainerMixin, trl.KTOTrainer):
+class KTOTrainer(RefmodelTrainerMixin, trl.KTOTrainer, AfterTrainerInit):
     """``trl.KTOTrainer`` whose reference is refmodel's (see the module docstring).
 
     Args:
