@@ -25,10 +25,11 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 LIGER_SELECTIVE_TILE = (2048, 4096)
 # - The cap on one tile whatever the problem: 64 MiB of fp32 logits. Wider tiles gain nothing measurable.
 MAX_TILE_ELEMENTS = 1 << 24
-# - Rows per block that amortize the weight's packing on CPU: every GEMM against ``W`` (MKL/oneDNN) re-packs the
+# - Rows per whole-vocabulary block of a trainable head: on CPU every GEMM against ``W`` (MKL/oneDNN) re-packs the
 #   part of ``W`` it reads, ~1/rows of the math (benchmarks/bench_policy_loss.py --block-rows: the logits GEMM
-#   1.46 units at 131 rows, 0.88-1.04 at 512-1024).
-CPU_BLOCK_ROWS = 512
+#   1.46 units at 131 rows, 0.88-1.04 at 512-1024); on a GPU each block reads all of ``W`` from memory, and a
+#   block of fewer than a few hundred rows is bound by that read rather than by the math.
+WHOLE_VOCAB_ROWS = 512
 # - Columns per vocabulary tile at least: each tile costs a handful of parallel regions (GEMM, max, exp, sum);
 #   with a busy neighbour on the same cores every region waits for a descheduled thread, so fewer, wider tiles
 #   cost less under load; 2048 columns also re-pack the row block only every 2048 columns.
@@ -85,9 +86,10 @@ def block_shape(n: int, vocab: int, hidden: int, *, cuda: bool = False, whole_vo
     on CUDA the rows are a power of two near the square root of the budget (GEMM tiles of both sides alike).
 
     Whole-vocabulary blocks (``whole_vocab=True``, the fused policy loss, whose per-token gradient needs the
-    finished log-prob before the vocabulary's gradient): ``rows = budget // V``, at least 16; on CPU at least
-    ``CPU_BLOCK_ROWS`` for a trainable head (each block's three GEMMs re-pack the whole weight), which stays below
-    Liger's trainable chunk (it holds a second ``[V, H]`` float32 gradient per chunk) as long as ``rows <= H``.
+    finished log-prob before the vocabulary's gradient): ``rows = budget // V``, at least 16, and for a trainable
+    head at least ``min(WHOLE_VOCAB_ROWS, H)`` (each block's three GEMMs re-pack, on CPU, or re-read, on a GPU, the
+    whole weight), which stays below Liger's trainable chunk (it holds a second ``[V, H]`` float32 weight
+    gradient per chunk) since ``rows <= H``.
 
     ``upcast_cols``: the vocabulary rows of a bf16/fp16 weight upcast to float32 at a time on CPU (no
     ``mm(out_dtype=)`` there): the tile's columns, or for a whole-vocabulary block the budget's width at its
@@ -97,8 +99,8 @@ def block_shape(n: int, vocab: int, hidden: int, *, cuda: bool = False, whole_vo
     budget = min(MAX_TILE_ELEMENTS, liger_chunk_elements(n, hidden, vocab))
     if whole_vocab:
         rows = max(16, budget // vocab)
-        if trainable and not cuda:
-            rows = max(rows, min(CPU_BLOCK_ROWS, hidden))
+        if trainable:
+            rows = max(rows, min(WHOLE_VOCAB_ROWS, hidden))
         rows = min(chunk or rows, n)
         return BlockShape(rows, vocab, _align(max(MIN_TILE_COLS, budget // rows), vocab))
     if chunk:
@@ -201,6 +203,6 @@ def coef_matmul_into(coef: torch.Tensor, w: torch.Tensor, out: torch.Tensor, acc
         out.copy_(coef_matmul(coef, w))
 
 
-__all__ = ["CPU_BLOCK_ROWS", "HALF_DTYPES", "MAX_TILE_ELEMENTS", "MIN_TILE_COLS", "BlockShape", "acc_dtype",
+__all__ = ["HALF_DTYPES", "MAX_TILE_ELEMENTS", "MIN_TILE_COLS", "BlockShape", "acc_dtype",
            "block_shape", "coef_matmul", "coef_matmul_into", "cpu_upcast", "liger_chunk_elements", "logits_fp32",
-           "promote_operands", "tile_logits", "weight_tile", "workspace"]
+           "promote_operands", "tile_logits", "weight_tile", "workspace", "WHOLE_VOCAB_ROWS"]

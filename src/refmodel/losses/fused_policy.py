@@ -15,8 +15,8 @@ Why row blocks over the *whole* vocabulary rather than online vocabulary tiles (
 ``g_i`` depends on ``logp_i``, which is final only after the last tile, so an online sweep would have to
 recompute the logits for ``dW`` (4 units). A block holds ``rows x V`` float32 logits; ``rows`` comes from the one
 block rule of the tiled kernels (:func:`refmodel.logprobs.tiles.block_shape`, ``whole_vocab=True``): the tile
-budget over ``V`` (about the hidden states' size, as Liger's chunks), and on CPU with a trainable head at least
-``min(512, H)`` rows, because every block's three GEMMs against ``W`` re-pack the whole ``[V, H]`` weight
+budget over ``V`` (about the hidden states' size, as Liger's chunks), and with a trainable head at least
+``min(512, H)`` rows, because every block's three GEMMs against ``W`` re-pack the whole ``[V, H]`` weight on CPU
 (MKL/oneDNN), ~``1/rows`` of the math: the logits GEMM measured 1.46 matmul units at 131 rows and 0.9-1.0 at
 512-1024 (``benchmarks/bench_policy_loss.py --block-rows``). ``rows <= H`` keeps the block below the second
 ``[V, H]`` float32 weight gradient Liger's ``LigerFusedLinearGRPOLoss`` holds per chunk. ``dW`` and ``dh`` are the
@@ -25,9 +25,10 @@ time, never whole. Why not Liger's ``LigerFusedLinearGRPOLoss``: it recomputes t
 ``torch.autograd.grad`` over each chunk's graph (4 units with a trainable head), it zeroes the KL silently without a
 reference, and it has no dual-clip, verl aggregations or truncated IS modes.
 
-A frozen head on CPU takes ``token_logprobs`` + ``policy_loss`` itself (:func:`fused_pays`): both cost 2 matmul
-units, but the unfused kernel's vocabulary tiles pack each part of the weight once per call, where the fused
-blocks re-pack all of it per block (at ``V = 262,144`` and 96-row blocks: 2.50 units against 1.68). Same
+A frozen head takes ``token_logprobs`` + ``policy_loss`` itself (:func:`fused_pays`): both cost 2 matmul units,
+but the unfused kernel's vocabulary tiles read each part of the weight once per row block of up to thousands of
+rows, where the fused blocks re-pack (CPU) or re-read (GPU) all of it per block of tens of rows (measured on CPU
+at ``V = 262,144``, 96-row blocks: 2.50 units against 1.68), and its tiles stay within the tile budget. Same
 results, gradients included (``tests/losses/test_fused_policy.py``).
 
 Fallbacks to ``token_logprobs`` + ``policy_loss`` (same result, the unfused cost; ``PolicyLoss`` is the
@@ -192,12 +193,11 @@ def _accumulate_dw(grad_a: torch.Tensor, hb: torch.Tensor, dw: torch.Tensor, col
         coef_matmul_into(grad_a[:, v0:v0 + cols].t(), hb, dw[v0:v0 + cols], accumulate=True)
 
 
-def fused_pays(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the fused loop beats ``token_logprobs`` + ``policy_loss`` for these operands: always for a trainable
-    head (3 matmul units against 4) and on CUDA; not for a frozen head on CPU (module docstring), where both cost
-    2 units and the fused blocks' whole-vocabulary GEMMs re-pack the weight for every block."""
-    trainable = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    return trainable or hidden.is_cuda
+def fused_pays(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the fused loop beats ``token_logprobs`` + ``policy_loss``: for a trainable head (3 matmul units
+    against 4), not for a frozen one (module docstring), where both cost 2 units and the fused blocks' whole-
+    vocabulary GEMMs re-pack (CPU) or re-read (GPU) the whole weight for every block of rows."""
+    return torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def _unpack_head(head: LMHead, hidden, head_bias, logit_scale, softcap):
@@ -272,7 +272,7 @@ def fused_policy_loss(
                                   num_items_in_batch=num_items_in_batch)
     bmask = mask.bool() if isinstance(mask, torch.Tensor) else mask
     if opts.importance_sampling_level != "token" or (rollout_logprobs is not None and old_logprobs is None) \
-            or not fused_pays(hidden, head_weight, head_bias):
+            or not fused_pays(head_weight, head_bias):
         safe = torch.where(bmask, targets, torch.full_like(targets, -100)) if isinstance(bmask, torch.Tensor) \
             else targets
         logprobs = token_logprobs(hidden, head_weight, safe, **head_kw)
