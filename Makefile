@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-fast bench lint docs clean
+.PHONY: setup demo test test-fast bench bench-gpu lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
+
+bench-gpu: setup  # the head, the policy loss and precompute on CUDA in bf16 (H=4096, V=128256)
+	$(BIN)/python -m benchmarks.gpu
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -2,10 +2,12 @@
 and Liger's LigerFusedLinearGRPOLoss(compiled=False), fwd+bwd, frozen and trainable head.
 
     python benchmarks/bench_policy_loss.py [--quick] [--reps N] [--impls fused,naive,...]
+    python benchmarks/bench_policy_loss.py --sweep          # V = 32000, 128256, 151936, 262144 at H=2048, N=1024
+    python benchmarks/bench_policy_loss.py --vocab 151936 --hidden 2048 --tokens 1024 --impls fused,unfused,liger
     python benchmarks/bench_policy_loss.py --block-rows 131,512,1024   # the fused head's GEMMs by block size
 
-Shape: B x T = N completion tokens (default B=4, T=1024, N=4096; H=1024, V=32000, float32), every token
-scored; loss: DAPO (token-mean) with k3 KL in the loss (beta=0.04), old and reference log-probs given.
+Shape: B x T = N completion tokens (default B=4, T=1024, N=4096; H=1024, V=32000, float32; ``--tokens N`` makes
+B = N / T with T = min(N, 1024)), every token scored; loss: DAPO (token-mean) with k3 KL in the loss (beta=0.04), old and reference log-probs given.
 Each case runs in a fresh subprocess (its own peak memory: VmHWM on CPU, max_memory_allocated on CUDA,
 measured on the warm-up call above the inputs); times are medians of ``reps`` calls after it, and "matmul
 units" the median of each call's time over one ``h @ W.T`` of the same shape timed just before it in the
@@ -30,6 +32,7 @@ from refmodel.tools.bench import _rss_bytes, peak_rss_bytes, provenance, reset_p
 
 IMPLS = ("fused", "unfused", "naive", "liger")
 MODES = ("frozen", "trainable")
+SWEEP = (32000, 128256, 151936, 262144)
 BETA = 0.04
 
 
@@ -128,31 +131,39 @@ def _subprocess(impl, mode, shape, reps) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool, reps: int | None, impls: tuple[str, ...]) -> list[dict]:
-    shape = (4, 256, 512, 8000) if quick else (4, 1024, 1024, 32000)
+def run(quick: bool, reps: int | None, impls: tuple[str, ...], tokens: int | None = None, hidden: int | None = None,
+        vocab: int | None = None, modes: tuple[str, ...] = MODES) -> list[dict]:
+    b, t, dh, dv = (4, 256, 512, 8000) if quick else (4, 1024, 1024, 32000)
+    if tokens:
+        t = min(tokens, t if not quick else 256)
+        b = max(1, tokens // t)
+    hidden, vocab = hidden or dh, vocab or dv
+    shape = (b, t, hidden, vocab)
     reps = reps or (3 if quick else 2)
-    b, t, hidden, vocab = shape
     print(f"# policy loss fwd+bwd: N={b * t} (B={b}, T={t}) H={hidden} V={vocab} float32, dapo + k3 KL, reps={reps}")
     print(f"# {provenance()}")
     unit = _subprocess("matmul", "frozen", shape, reps)["seconds"]
     print(f"# matmul unit (h @ W.T) at the start: {unit * 1e3:.1f} ms (units below: against a unit timed next "
           "to each call)")
-    print(f"{'head':<11}{'impl':<9}{'ms':>10}{'matmul units':>14}{'peak extra MiB':>16}{'mem / liger':>13}"
-          f"{'mem / naive':>13}{'loss':>12}")
+    print(f"{'V':>8} {'head':<11}{'impl':<9}{'ms':>10}{'matmul units':>14}{'t / unfused':>13}{'peak extra MiB':>16}"
+          f"{'mem / liger':>13}{'mem / naive':>13}{'loss':>12}")
     rows = []
-    for mode in MODES:
+    for mode in modes:
         results = [_subprocess(i, mode, shape, reps) for i in impls]
         base = {r["impl"]: r for r in results if "seconds" in r}
         for r in results:
             if "seconds" not in r:
-                print(f"{mode:<11}{r['impl']:<9}  skipped: {r.get('skipped') or r.get('error')}")
+                print(f"{vocab:>8} {mode:<11}{r['impl']:<9}  skipped: {r.get('skipped') or r.get('error')}")
                 continue
             r.setdefault("matmul_units", r["seconds"] / unit)
+            r["vocab"] = vocab
             mem = r["peak_extra_bytes"]
             vs = {k: (mem / base[k]["peak_extra_bytes"] if k in base and base[k]["peak_extra_bytes"] else float("nan"))
                   for k in ("liger", "naive")}
-            print(f"{mode:<11}{r['impl']:<9}{r['seconds'] * 1e3:>10.1f}{r['matmul_units']:>14.2f}{mem / 2**20:>16.1f}"
-                  f"{vs['liger']:>13.3f}{vs['naive']:>13.3f}{r['loss']:>12.6f}")
+            t_unf = r["matmul_units"] / base["unfused"]["matmul_units"] if "unfused" in base else float("nan")
+            print(f"{vocab:>8} {mode:<11}{r['impl']:<9}{r['seconds'] * 1e3:>10.1f}{r['matmul_units']:>14.2f}"
+                  f"{t_unf:>13.2f}{mem / 2**20:>16.1f}{vs['liger']:>13.3f}{vs['naive']:>13.3f}{r['loss']:>12.6f}",
+                  flush=True)
             rows.append(r)
     return rows
 
@@ -211,10 +222,28 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="B=4, T=256, H=512, V=8000 instead of 4/1024/1024/32000")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per case (median reported)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--sweep", action="store_true",
+                        help=f"V = {','.join(map(str, SWEEP))} at H=2048, N=1024 (unless --hidden/--tokens say)")
+    parser.add_argument("--vocab", default=None, help="vocabulary size(s), comma-separated")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size H")
+    parser.add_argument("--tokens", type=int, default=None, help="completion tokens N (B = N / T, T <= 1024)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--block-rows", default=None,
                         help="instead: time the fused head's GEMMs in row blocks of these sizes (e.g. 131,512,1024)")
     args = parser.parse_args()
+    impls, modes = tuple(args.impls.split(",")), tuple(args.modes.split(","))
+    bad = [i for i in impls if i not in IMPLS] + [m for m in modes if m not in MODES]
+    try:
+        vocabs = [int(v) for v in args.vocab.split(",")] if args.vocab else (list(SWEEP) if args.sweep else [None])
+    except ValueError:
+        parser.error(f"--vocab: expected comma-separated integers, got {args.vocab!r}")
+    if bad:
+        parser.error(f"unknown {bad}; --impls from {','.join(IMPLS)}, --modes from {','.join(MODES)}")
+    if any(x is not None and x < 1 for x in (*vocabs, args.hidden, args.tokens)):
+        parser.error("--vocab, --hidden and --tokens must be positive")
     if args.block_rows:
         block_study([int(r) for r in args.block_rows.split(",")], args.quick, args.reps or 2)
     else:
-        run(args.quick, args.reps, tuple(args.impls.split(",")))
+        for vocab in vocabs:
+            run(args.quick, args.reps, impls, args.tokens or (1024 if args.sweep else None),
+                args.hidden or (2048 if args.sweep else None), vocab, modes)

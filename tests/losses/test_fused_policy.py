@@ -10,11 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 from loss_helpers import MatmulFlops, lora_head_policy
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from refmodel import token_logprobs
 from refmodel.errors import InvalidInput
+from refmodel.logprobs import naive_token_logprobs
 from refmodel.logprobs.model import backbone_of, unwrap_causal_lm
-from refmodel.losses import fused_policy_loss, policy_loss
+from refmodel.logprobs.tiles import block_shape
+from refmodel.losses import fused_policy, fused_policy_loss, policy_loss
 from refmodel.losses.kl import LMHead, exact
 from refmodel.losses.policy import LOSS_AGG_MODES, LOSS_TYPES
 
@@ -221,3 +224,94 @@ def test_matmul_units_frozen_two_trainable_three(trainable, fused_units, unfused
         with counter:
             fn().loss.backward()
         assert counter.flops == want * unit
+
+
+def test_frozen_head_takes_the_unfused_path_a_trainable_one_the_fused():
+    """``fused_pays``: 2 units either way for a frozen head, so the unfused kernel (tiles within the budget); 3 against
+    4 for a trainable head (or bias)."""
+    w = torch.zeros(5, 3)
+    assert not fused_policy.fused_pays(w, None)
+    assert fused_policy.fused_pays(w.requires_grad_(), None)
+    assert fused_policy.fused_pays(torch.zeros(5, 3), torch.zeros(5, requires_grad=True))
+    with torch.no_grad():
+        assert not fused_policy.fused_pays(w, None)
+
+
+@pytest.mark.parametrize("dtype,tol,grad_tol", [(torch.float64, F64, F64),
+                                                (torch.float32, dict(rtol=1e-5, atol=1e-6), dict(rtol=1e-4, atol=1e-6))])
+def test_fused_kernel_with_a_frozen_head_equals_the_path_it_delegates_to(monkeypatch, dtype, tol, grad_tol):
+    """The fused kernel still runs a frozen head when asked (as it would wherever it paid): same loss and dh as the
+    unfused path that ``fused_policy_loss`` takes for a frozen head."""
+    h, w, b, y, mask, old, ref, _, adv = _setup(dtype=dtype, seed=11, trainable=False, bias=False)
+    kw = dict(loss_type="dapo", ref_logprobs=ref, beta=0.04)
+    taken = fused_policy_loss(h, w, y, old, adv, mask, **kw)
+    assert taken.per_token_loss.requires_grad  # the unfused path (the fused one detaches it)
+    monkeypatch.setattr(fused_policy, "fused_pays", lambda weight, bias: True)
+    fused = fused_policy_loss(h, w, y, old, adv, mask, chunk_size=5, **kw)
+    assert not fused.per_token_loss.requires_grad
+    torch.testing.assert_close(fused.loss, taken.loss, **tol)
+    (g_fused,), (g_taken,) = torch.autograd.grad(fused.loss, [h]), torch.autograd.grad(taken.loss, [h])
+    torch.testing.assert_close(g_fused, g_taken, **grad_tol)
+
+
+def test_trainable_head_matches_naive_where_upcast_tiles_do_not_divide_the_vocabulary():
+    """fp32, V = 4099 (two 4096-column upcast tiles would leave 3), row blocks of 5 over 12 rows: the fused loss against
+    ``policy_loss(naive_token_logprobs(...))``, values and gradients (1e-5 / 1e-4 relative, as float32 above)."""
+    g = torch.Generator().manual_seed(12)
+    vocab = 4099
+    h = torch.randn(2, 9, 16, generator=g).requires_grad_()
+    w = (0.5 * torch.randn(vocab, 16, generator=g)).requires_grad_()
+    y = torch.randint(0, vocab, (2, 9), generator=g)
+    mask = torch.rand(2, 9, generator=g) > 0.3
+    old = -8 + 0.3 * torch.randn(2, 9, generator=g)
+    adv = torch.randn(2, generator=g)
+    fused = fused_policy_loss(h, w, y, old, adv, mask, chunk_size=5, softcap=4.0, loss_type="grpo")
+    naive = policy_loss(naive_token_logprobs(h, w, torch.where(mask, y, -100), softcap=4.0), old, adv, mask,
+                        loss_type="grpo")
+    torch.testing.assert_close(fused.loss, naive.loss, rtol=1e-5, atol=1e-6)
+    for a, e in zip(torch.autograd.grad(fused.loss, [h, w]), torch.autograd.grad(naive.loss, [h, w]), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6 * float(e.abs().max()))
+
+
+class _LargestUpcast(TorchDispatchMode):
+    """The most elements of any float32 copy (``_to_copy``) an op made: an upcast weight would be ``V x H``."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ == "_to_copy" and out.dtype == torch.float32:
+            self.largest = max(self.largest, out.numel())
+        return out
+
+
+def test_bf16_trainable_head_upcasts_one_tile_at_a_time_and_equals_the_whole_upcast():
+    """bf16 hidden and a trainable bf16 head on CPU (fp32 accumulation), V = 9001: the weight is upcast in tiles of
+    the rule's ``upcast_cols`` (4608 rows, then 4393), never whole, and the loss and gradients equal those of the
+    same values upcast to float32 first (loss 1e-5 relative; gradients to one bf16 rounding)."""
+    g = torch.Generator().manual_seed(13)
+    vocab, hidden = 9001, 16
+    cols = block_shape(18, vocab, hidden, whole_vocab=True, trainable=True).upcast_cols
+    assert cols == 4608
+    h32 = torch.randn(2, 9, hidden, generator=g)
+    w32 = 0.5 * torch.randn(vocab, hidden, generator=g)
+    y = torch.randint(0, vocab, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    old = -8 + 0.3 * torch.randn(2, 9, generator=g)
+    adv = torch.randn(2, generator=g)
+    out = {}
+    for name, dt in (("tiles", torch.bfloat16), ("whole", torch.float32)):
+        h = h32.bfloat16().to(dt).requires_grad_()
+        w = w32.bfloat16().to(dt).requires_grad_()
+        with _LargestUpcast() as probe:
+            loss = fused_policy_loss(h, w, y, old, adv, mask, loss_type="grpo").loss
+            loss.backward()
+        out[name] = (loss, h.grad, w.grad, probe.largest)
+    loss, dh, dw, largest = out["tiles"]
+    assert largest == cols * hidden < vocab * hidden
+    torch.testing.assert_close(loss, out["whole"][0], rtol=1e-5, atol=1e-6)
+    assert dh.dtype == dw.dtype == torch.bfloat16
+    torch.testing.assert_close(dh, out["whole"][1].bfloat16(), rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(dw, out["whole"][2].bfloat16(), rtol=1e-2, atol=1e-4)

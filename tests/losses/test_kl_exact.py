@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from loss_helpers import MatmulFlops, lora_head_policy
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import refmodel
 from refmodel.errors import ConfigError, InvalidInput
@@ -220,3 +221,42 @@ def test_cost_four_matmul_units_for_dh_and_three_more_for_a_trainable_head():
         with counter:
             exact(hp, wp, hr, torch.randn(V, H, generator=g), chunk_size=16, vocab_chunk_size=64).sum().backward()
         assert counter.flops == units * 2 * n * H * V
+
+
+class _Upcasts(TorchDispatchMode):
+    """The most elements of any float32 copy an op made (an upcast whole weight would be ``V x H``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        res = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ == "_to_copy" and res.dtype == torch.float32:
+            self.largest = max(self.largest, res.numel())
+        return res
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_bf16_heads_upcast_per_tile_equal_the_whole_upcast_at_default_tiles(trainable):
+    """bf16 heads on CPU, V = 5003 (the rule's 4096-column tiles leave 907): the same KL and gradients as the same
+    values upcast to float32 first (1e-5 absolute on the KL; gradients to one bf16 rounding), and no float32 copy of
+    a whole weight."""
+    g = torch.Generator().manual_seed(21)
+    vocab = 5003
+    hp32, hr32 = torch.randn(40, 12, generator=g), torch.randn(40, 8, generator=g)
+    wp32, wr32 = 0.5 * torch.randn(vocab, 12, generator=g), 0.5 * torch.randn(vocab, 8, generator=g)
+    out = {}
+    for name, dt in (("tiles", torch.bfloat16), ("whole", torch.float32)):
+        hp = hp32.bfloat16().to(dt).requires_grad_()
+        wp = wp32.bfloat16().to(dt).requires_grad_(trainable)
+        with _Upcasts() as probe:
+            kl = exact(hp, wp, hr32.bfloat16().to(dt), wr32.bfloat16().to(dt))
+            kl.sum().backward()
+        out[name] = (kl.detach(), hp.grad, wp.grad, probe.largest)
+    kl, dh, dw, largest = out["tiles"]
+    assert largest <= 4096 * 12 < vocab * 12
+    torch.testing.assert_close(kl, out["whole"][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(dh, out["whole"][1].bfloat16(), rtol=1e-2, atol=1e-4)
+    if trainable:
+        torch.testing.assert_close(dw, out["whole"][2].bfloat16(), rtol=1e-2, atol=1e-4)

@@ -15,7 +15,7 @@ The logit transform applied to ``a = hidden @ weight.T + bias`` is, in the order
 :mod:`refmodel.logprobs.transform` owns it).
 Precision: log-sum-exp, log-probs, entropy and the gradient accumulators are float32; with
 ``fp32_accumulation`` the logits are float32 even for bf16/fp16 operands (``mm(out_dtype=...)`` on
-CUDA, operands upcast once per call on CPU where that kernel does not exist).
+CUDA; on CPU, where that kernel does not exist, a low-precision weight is upcast one vocabulary tile at a time).
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def token_logprobs(
             (they cost no FLOPs) and get exactly 0.
         bias: optional ``[V]`` head bias.
         temperature, logit_scale, softcap: the logit transform (see the module docstring).
-        chunk_size: rows per block (default ~1024); vocab_chunk_size: columns per vocabulary tile (default:
-            a tile of ~2M logits, 8 MiB fp32). The log-sum-exp runs online across vocabulary tiles.
+        chunk_size: rows per block; vocab_chunk_size: columns per vocabulary tile (defaults: the one rule of the
+            tiled kernels, :func:`refmodel.logprobs.tiles.block_shape`: a tile of about the hidden states' size,
+            e.g. 1024 x 4096 at N = 1024, H = 2048). The log-sum-exp runs online across vocabulary tiles.
         return_entropy: also return the (differentiable) entropy per position.
         fp32_accumulation: float32 logits even for low-precision operands (``cast_logprobs_to_fp32``).
 

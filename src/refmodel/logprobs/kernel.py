@@ -1,7 +1,7 @@
 """The tile kernels and autograd function behind :func:`refmodel.token_logprobs`.
 
-Rows are processed in blocks and the vocabulary in tiles of ~``DEFAULT_CHUNK_ELEMENTS`` logits, with an
-online log-sum-exp across tiles. The forward also accumulates the expected embedding
+Rows are processed in blocks and the vocabulary in tiles (sizes from :func:`refmodel.logprobs.tiles.block_shape`,
+the one rule shared with the exact KL and the fused policy loss), with an online log-sum-exp across tiles. The forward also accumulates the expected embedding
 ``E_i = sum_j p_ij f'_ij W_j`` (a second matmul), after which the gradient with respect to the hidden
 state needs no vocabulary work at all:
 
@@ -18,12 +18,12 @@ from typing import NamedTuple, cast
 import torch
 
 from .tiles import (
-    DEFAULT_CHUNK_ELEMENTS,
     acc_dtype,
+    block_shape,
     coef_matmul_into,
     cpu_upcast,
     tile_logits,
-    tile_shape,
+    weight_tile,
     workspace,
 )
 from .transform import LogitTransform
@@ -43,12 +43,14 @@ class _RowStats(NamedTuple):
     deriv_y: torch.Tensor  # [M]
 
 
-def _row_block_forward(hb, w, bias, y, tf, fp32, cols, want_entropy, buf, expected, expected_ent) -> _RowStats:
+def _row_block_forward(hb, w, bias, y, tf, fp32, upcast, cols, want_entropy, buf, expected, expected_ent
+                       ) -> _RowStats:
     """Online log-sum-exp over vocab tiles of one row block.
 
     When ``expected`` (``[M, H]``, a view of the saved tensor) is given, it receives ``sum_j p_j f'_j W_j``
     and ``expected_ent`` receives ``sum_j p_j (z_j - E_p z) f'_j W_j``; both are accumulated in place
-    (rescaled as the running max moves) so the block allocates no ``[M, H]`` temporaries.
+    (rescaled as the running max moves) so the block allocates no ``[M, H]`` temporaries. With ``upcast`` each
+    vocabulary tile of a low-precision ``w`` is upcast once and serves both of its matmuls.
     """
     vocab = w.shape[0]
     need_dh = expected is not None
@@ -57,7 +59,8 @@ def _row_block_forward(hb, w, bias, y, tf, fp32, cols, want_entropy, buf, expect
     s = z_y = deriv_y = t_acc = cast(torch.Tensor, None)
     for v0 in range(0, vocab, cols):
         v1 = min(v0 + cols, vocab)
-        z, deriv = tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
+        wt = weight_tile(w, v0, v1, upcast)
+        z, deriv = tile_logits(hb, wt, bias, v0, v1, tf, fp32, buf)
         if z_y is None:
             z_y = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
             deriv_y = torch.full_like(z_y, tf.const_deriv)
@@ -89,9 +92,9 @@ def _row_block_forward(hb, w, bias, y, tf, fp32, cols, want_entropy, buf, expect
         if need_dh:
             coef = e.mul_(deriv) if deriv is not None else (
                 e.mul_(tf.const_deriv) if tf.const_deriv != 1.0 else e)
-            coef_matmul_into(coef, w[v0:v1], expected, accumulate=not first)
+            coef_matmul_into(coef, wt, expected, accumulate=not first)
             if want_entropy:
-                coef_matmul_into(zcopy.mul_(coef), w[v0:v1], expected_ent, accumulate=not first)
+                coef_matmul_into(zcopy.mul_(coef), wt, expected_ent, accumulate=not first)
         m = m_new
     assert m is not None  # the vocabulary is never empty, so the loop ran
     log_s = s.log()
@@ -121,7 +124,6 @@ def _forward_rows(h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy, n
     """Every row block's statistics; the ``[n, H]`` expected embeddings only when ``need_dh``."""
     n, hidden_size = y.shape[0], h.shape[1]
     upcast = cpu_upcast(weight, h, fp32)
-    w = weight.float() if upcast else weight
     acc_type = acc_dtype(h)
     acc = dict(dtype=acc_type, device=h.device)
     rows, cols = tiles
@@ -129,11 +131,11 @@ def _forward_rows(h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy, n
     entropy = torch.empty(n, **acc) if want_entropy else None
     expected = torch.empty(n, hidden_size, **acc) if need_dh else None
     expected_ent = torch.empty(n, hidden_size, **acc) if need_dh and want_entropy else None
-    buf = workspace(rows, cols, w, acc_type)
+    buf = workspace(rows, cols, weight, acc_type, upcast)
     for start in range(0, n, rows):
         sl = slice(start, min(start + rows, n))
         hb = _row_block(h, rows_idx, sl, upcast)
-        st = _row_block_forward(hb, w, bias, y[sl], tf, fp32, cols, want_entropy, buf,
+        st = _row_block_forward(hb, weight, bias, y[sl], tf, fp32, upcast, cols, want_entropy, buf,
                                 expected[sl] if expected is not None else None,
                                 expected_ent[sl] if expected_ent is not None else None)
         logp[sl], lse[sl], deriv_y[sl] = st.logp, st.lse, st.deriv_y
@@ -154,7 +156,10 @@ class FusedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy):
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-        tiles = tile_shape(y.shape[0], weight.shape[0], *tiles)
+        chunk, vocab_chunk = tiles
+        shape = block_shape(y.shape[0], weight.shape[0], weight.shape[1], cuda=h.is_cuda, chunk=chunk,
+                            vocab_chunk=vocab_chunk)
+        tiles = (shape.rows, shape.cols)
         fw = _forward_rows(h, weight, bias, rows_idx, y, tf, tiles, fp32, want_entropy, need_dh)
         ctx.tf, ctx.tiles, ctx.fp32, ctx.want_entropy, ctx.need_dw = tf, tiles, fp32, want_entropy, need_dw
         ctx.expected = (fw.expected, fw.expected_ent) if need_dh else None
@@ -218,18 +223,17 @@ def _weight_grads(h, weight, bias, rows_idx, y, tf, tiles, fp32, lse, entropy, g
     n = y.shape[0]
     rows, cols = tiles
     upcast = cpu_upcast(weight, h, fp32)
-    w = weight.float() if upcast else weight
     acc_type = acc_dtype(weight)
     dw = torch.zeros(weight.shape, dtype=acc_type, device=weight.device)
     db = torch.zeros(weight.shape[0], dtype=acc_type, device=weight.device) if bias is not None else None
-    buf = workspace(rows, cols, w, acc_type)
+    buf = workspace(rows, cols, weight, acc_type, upcast)
     with torch.no_grad():
         for start in range(0, n, rows):
             sl = slice(start, min(start + rows, n))
             hb = _row_block(h, rows_idx, sl, upcast)
             for v0 in range(0, weight.shape[0], cols):
                 v1 = min(v0 + cols, weight.shape[0])
-                z, deriv = tile_logits(hb, w, bias, v0, v1, tf, fp32, buf)
+                z, deriv = tile_logits(hb, weight_tile(weight, v0, v1, upcast), bias, v0, v1, tf, fp32, buf)
                 # dlogp/da_j = f'_y [j == y] - p_j f'_j ;  d ent/da_j = -p_j (z_j - E_p z) f'_j
                 zcopy = z.clone() if g_ent is not None else None
                 p = z.sub_(lse[sl, None]).exp_()
@@ -255,4 +259,4 @@ def _deriv_at(deriv, tf, rows, cols):
     return deriv[rows, cols[rows]]
 
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "FusedTokenLogprobs", "LogitTransform"]
+__all__ = ["FusedTokenLogprobs", "LogitTransform"]

@@ -13,18 +13,23 @@ trainable head 3 (``token_logprobs`` + autograd needs 2 and 4; naive full logits
 
 Why row blocks over the *whole* vocabulary rather than online vocabulary tiles (as ``token_logprobs``):
 ``g_i`` depends on ``logp_i``, which is final only after the last tile, so an online sweep would have to
-recompute the logits for ``dW`` (4 units). A block holds ``rows x V`` logits with ``rows = budget / V``
-(default budget ``24 * 2**20`` elements, 96 MiB fp32, 786 rows at V = 32000; at least 16 rows), so memory stays
-flat in V; ``dW`` and ``dh`` are the only ``O(V H)``/``O(N H)`` buffers, as in any backward. Why that
-budget: every block's two GEMMs against ``W`` re-pack the whole ``[V, H]`` weight on CPU (MKL/oneDNN), a
-cost of ~``1/rows`` of the math: at 131 rows the logits GEMM measured 1.5 matmul units, at 512 rows 1.0
-(``benchmarks/bench_policy_loss.py``, frozen head: 3.1 units at 131 rows, 2.15 at 524, 2.0 at 786, 1.9 at
-1048), while the block stays below the ``[T, V]`` fp32 logits of the one sequence that is the smallest
-chunk of Liger's ``LigerFusedLinearGRPOLoss`` (128 MiB at T = 1024). On CPU with a vocabulary of 128k or
-more, ``chunk_size=512`` buys that speed back for ``512 x V`` fp32 of memory. Why not Liger's
-``LigerFusedLinearGRPOLoss``: its chunks are whole sequences (``[chunk, T, V]`` fp32 logits), it
-recomputes the log-probs' gradient with ``torch.autograd.grad`` over the chunk's graph, it zeroes the KL
-silently without a reference, and it has no dual-clip, verl aggregations or truncated IS modes.
+recompute the logits for ``dW`` (4 units). A block holds ``rows x V`` float32 logits; ``rows`` comes from the one
+block rule of the tiled kernels (:func:`refmodel.logprobs.tiles.block_shape`, ``whole_vocab=True``): the tile
+budget over ``V`` (about the hidden states' size, as Liger's chunks), and with a trainable head at least
+``min(512, H)`` rows, because every block's three GEMMs against ``W`` re-pack the whole ``[V, H]`` weight on CPU
+(MKL/oneDNN), ~``1/rows`` of the math: the logits GEMM measured 1.46 matmul units at 131 rows and 0.9-1.0 at
+512-1024 (``benchmarks/bench_policy_loss.py --block-rows``). ``rows <= H`` keeps the block below the second
+``[V, H]`` float32 weight gradient Liger's ``LigerFusedLinearGRPOLoss`` holds per chunk. ``dW`` and ``dh`` are the
+only ``O(V H)``/``O(N H)`` buffers, as in any backward. A bf16/fp16 weight on CPU is upcast one vocabulary tile at a
+time, never whole. Why not Liger's ``LigerFusedLinearGRPOLoss``: it recomputes the log-probs' gradient with
+``torch.autograd.grad`` over each chunk's graph (4 units with a trainable head), it zeroes the KL silently without a
+reference, and it has no dual-clip, verl aggregations or truncated IS modes.
+
+A frozen head takes ``token_logprobs`` + ``policy_loss`` itself (:func:`fused_pays`): both cost 2 matmul units,
+but the unfused kernel's vocabulary tiles read each part of the weight once per row block of up to thousands of
+rows, where the fused blocks re-pack (CPU) or re-read (GPU) all of it per block of tens of rows (measured on CPU
+at ``V = 262,144``, 96-row blocks: 2.50 units against 1.68), and its tiles stay within the tile budget. Same
+results, gradients included (``tests/losses/test_fused_policy.py``).
 
 Fallbacks to ``token_logprobs`` + ``policy_loss`` (same result, the unfused cost; ``PolicyLoss`` is the
 same): ``importance_sampling_level`` ``sequence``/``sequence_token`` (the ratio needs the whole sequence's
@@ -43,7 +48,17 @@ from .._deprecation import renamed_keywords
 from ..errors import InvalidInput
 from ..logprobs.head import check_head_inputs, token_logprobs
 from ..logprobs.lm_head import LMHead
-from ..logprobs.tiles import acc_dtype, coef_matmul_into, cpu_upcast, logits_fp32, promote_operands, workspace
+from ..logprobs.tiles import (
+    BlockShape,
+    acc_dtype,
+    block_shape,
+    coef_matmul_into,
+    cpu_upcast,
+    logits_fp32,
+    promote_operands,
+    weight_tile,
+    workspace,
+)
 from ..logprobs.transform import LogitTransform
 from .policy import PolicyLoss, policy_loss, statistics
 from .policy_config import PolicyLossConfig, build_config
@@ -56,40 +71,33 @@ from .policy_terms import (
     token_losses,
 )
 
-DEFAULT_BLOCK_ELEMENTS = 24 << 20
-MIN_BLOCK_ROWS = 16
-
-
-def _block_rows(n: int, vocab: int, chunk_size: int | None) -> int:
-    rows = chunk_size or max(MIN_BLOCK_ROWS, DEFAULT_BLOCK_ELEMENTS // max(vocab, 1))
-    return max(1, min(rows, n))
-
 
 class _FusedPolicyLoss(torch.autograd.Function):
     """``(h_flat [N, H], W [V, H], b, rows [n], y [n], per-row inputs) -> (loss, logp [n])``; grads in forward."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, rows_idx, y, opts, tf, block, fp32, old, adv, ref, rho, w_agg):
+    def forward(ctx, h, weight, bias, rows_idx, y, opts, tf, shape: BlockShape, fp32, old, adv, ref, rho, w_agg):
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         n, vocab = y.shape[0], weight.shape[0]
         acc = acc_dtype(h)
         upcast = cpu_upcast(weight, h, fp32)
-        w = weight.float() if upcast else weight
+        block = shape.rows
         logp = torch.empty(n, dtype=acc, device=h.device)
         dh_rows = torch.empty(n, h.shape[1], dtype=acc, device=h.device) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=acc_dtype(weight), device=weight.device) if need_dw else None
         db = torch.zeros(vocab, dtype=acc_dtype(weight), device=weight.device) if need_db else None
         loss = torch.zeros((), dtype=acc, device=h.device)
-        buf = workspace(block, vocab, w, acc)
+        buf = workspace(block, vocab, weight, acc, upcast)
         ones = torch.ones(1, dtype=torch.bool, device=h.device)
         with torch.no_grad():
             for start in range(0, n, block):
                 sl = slice(start, min(start + block, n))
                 hb = h.index_select(0, rows_idx[sl])
                 hb = hb.float() if upcast else hb
-                z = logits_fp32(hb, w.t(), bias, fp32, buf[: hb.shape[0]] if buf is not None else None)
+                z = _block_logits(hb, weight, bias, fp32, upcast, shape.upcast_cols,
+                                  buf[: hb.shape[0]] if buf is not None else None)
                 deriv = tf.apply_(z)
                 yb = y[sl, None]
                 z_y = z.gather(1, yb).squeeze(1)
@@ -119,7 +127,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 elif tf.const_deriv != 1.0:
                     grad_a.mul_(tf.const_deriv)
                 if need_dh:
-                    coef_matmul_into(grad_a, w, dh_rows[sl], accumulate=False)
+                    _grad_rows(grad_a, weight, upcast, shape.upcast_cols, dh_rows[sl])
                 if need_dw:
                     _accumulate_dw(grad_a, hb, dw)
                 if need_db:
@@ -151,6 +159,30 @@ class _FusedPolicyLoss(torch.autograd.Function):
         return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
 
 
+def _block_logits(hb, weight, bias, fp32, upcast, cols, out):
+    """``hb @ weight.T + bias`` as float32 ``[M, V]`` (in ``out`` when given); a low-precision weight on CPU is
+    upcast ``cols`` vocabulary rows at a time (:func:`~refmodel.logprobs.tiles.weight_tile`), never whole."""
+    if not upcast:
+        return logits_fp32(hb, weight.t(), bias, fp32, out)
+    vocab = weight.shape[0]
+    z = out if out is not None else torch.empty(hb.shape[0], vocab, dtype=hb.dtype, device=hb.device)
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        z[:, v0:v1] = logits_fp32(hb, weight_tile(weight, v0, v1, True).t(),
+                                  bias[v0:v1] if bias is not None else None, fp32, None)
+    return z
+
+
+def _grad_rows(grad_a, weight, upcast, cols, out) -> None:
+    """``out = grad_a [M, V] @ weight [V, H]`` in float32; tile by tile when a low-precision weight is upcast."""
+    if not upcast:
+        coef_matmul_into(grad_a, weight, out, accumulate=False)
+        return
+    for v0 in range(0, weight.shape[0], cols):
+        v1 = min(v0 + cols, weight.shape[0])
+        coef_matmul_into(grad_a[:, v0:v1], weight_tile(weight, v0, v1, True), out, accumulate=v0 > 0)
+
+
 def _accumulate_dw(grad_a: torch.Tensor, hb: torch.Tensor, dw: torch.Tensor, cols: int = 8192) -> None:
     """``dw += grad_a.T @ hb`` in fp32; in place when the dtypes match, else in vocabulary slices so a
     low-precision head never allocates a second ``[V, H]`` fp32 temporary per block."""
@@ -159,6 +191,13 @@ def _accumulate_dw(grad_a: torch.Tensor, hb: torch.Tensor, dw: torch.Tensor, col
         return
     for v0 in range(0, dw.shape[0], cols):
         coef_matmul_into(grad_a[:, v0:v0 + cols].t(), hb, dw[v0:v0 + cols], accumulate=True)
+
+
+def fused_pays(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the fused loop beats ``token_logprobs`` + ``policy_loss``: for a trainable head (3 matmul units
+    against 4), not for a frozen one (module docstring), where both cost 2 units and the fused blocks' whole-
+    vocabulary GEMMs re-pack (CPU) or re-read (GPU) the whole weight for every block of rows."""
+    return torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def _unpack_head(head: LMHead, hidden, head_bias, logit_scale, softcap):
@@ -207,7 +246,7 @@ def fused_policy_loss(
         old_logprobs, advantages, mask: as :func:`refmodel.losses.policy_loss`.
         config, ref_logprobs, rollout_logprobs, full_kl, num_items_in_batch: as :func:`refmodel.losses.policy_loss`.
         temperature, logit_scale, softcap: the logit transform (as ``token_logprobs``; the sampling temperature).
-        chunk_size: rows per block (default ``max(16, 24 * 2**20 // V)``: 786 rows at V = 32000).
+        chunk_size: rows per block (default: :func:`refmodel.logprobs.tiles.block_shape`, module docstring).
         **options: the fields of :class:`~refmodel.losses.PolicyLossConfig` as keywords, when ``config`` is None
             (``loss_type``, ``epsilon``, ``beta``, ``kl_estimator``, ...).
 
@@ -232,7 +271,8 @@ def fused_policy_loss(
     inputs: dict[str, Any] = dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, full_kl=full_kl,
                                   num_items_in_batch=num_items_in_batch)
     bmask = mask.bool() if isinstance(mask, torch.Tensor) else mask
-    if opts.importance_sampling_level != "token" or (rollout_logprobs is not None and old_logprobs is None):
+    if opts.importance_sampling_level != "token" or (rollout_logprobs is not None and old_logprobs is None) \
+            or not fused_pays(head_weight, head_bias):
         safe = torch.where(bmask, targets, torch.full_like(targets, -100)) if isinstance(bmask, torch.Tensor) \
             else targets
         logprobs = token_logprobs(hidden, head_weight, safe, **head_kw)
@@ -261,8 +301,11 @@ def fused_policy_loss(
     weights = aggregation_weights(bmask, opts.agg_mode, acc, num_items_in_batch, opts.max_completion_length)
     h, w, b = promote_operands(hidden.reshape(-1, hidden.shape[-1]), head_weight, head_bias)  # as token_logprobs
     tf = LogitTransform.of(logit_scale, softcap, temperature)
-    loss, logp_rows = _FusedPolicyLoss.apply(h, w, b, rows, y, opts, tf, _block_rows(y.numel(), vocab, chunk_size),
-                                             fp32_accumulation, per_row(old_logprobs), per_row(adv), per_row(ref_logprobs),
+    trainable = w.requires_grad or (b is not None and b.requires_grad)
+    shape = block_shape(y.numel(), vocab, w.shape[1], cuda=h.is_cuda, whole_vocab=True, trainable=trainable,
+                        chunk=chunk_size)
+    loss, logp_rows = _FusedPolicyLoss.apply(h, w, b, rows, y, opts, tf, shape, fp32_accumulation,
+                                             per_row(old_logprobs), per_row(adv), per_row(ref_logprobs),
                                              per_row(rho), per_row(weights))
     logprobs = logp_rows.new_zeros(bmask.numel()).index_put((rows,), logp_rows).reshape(bmask.shape)
     kl_graph = None

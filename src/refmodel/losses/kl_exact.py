@@ -31,11 +31,12 @@ from ..errors import InvalidInput
 from ..logprobs.lm_head import LMHead
 from ..logprobs.tiles import (
     acc_dtype,
+    block_shape,
     coef_matmul_into,
     cpu_upcast,
     promote_operands,
     tile_logits,
-    tile_shape,
+    weight_tile,
     workspace,
 )
 
@@ -48,15 +49,17 @@ def _as_head(head, name: str) -> LMHead:
     raise InvalidInput(f"{name} must be an LMHead or a [V, H] weight tensor, got {type(head).__name__}")
 
 
-def _block_forward(hp, wp, bp, tfp, hr, wr, br, tfr, cols, buf_p, buf_r, acc_e, acc_a):
-    """Online sweep of one row block; returns ``(kl, lse_p, mu)`` ``[M]``; writes ``dKL/dh`` into ``acc_a``."""
+def _block_forward(hp, wp, bp, tfp, hr, wr, br, tfr, cols, ups, buf_p, buf_r, acc_e, acc_a):
+    """Online sweep of one row block; returns ``(kl, lse_p, mu)`` ``[M]``; writes ``dKL/dh`` into ``acc_a``.
+    ``ups``: whether each head's vocabulary tiles are upcast to float32 (:func:`~refmodel.logprobs.tiles.cpu_upcast`)."""
     vocab = wp.shape[0]
     need_dh = acc_a is not None
     m = s = big_s = m_r = s_r = None
     for v0 in range(0, vocab, cols):
         v1 = min(v0 + cols, vocab)
-        zp, deriv = tile_logits(hp, wp, bp, v0, v1, tfp, True, buf_p)
-        zr, _ = tile_logits(hr, wr, br, v0, v1, tfr, True, buf_r)
+        wpt = weight_tile(wp, v0, v1, ups[0])
+        zp, deriv = tile_logits(hp, wpt, bp, v0, v1, tfp, True, buf_p)
+        zr, _ = tile_logits(hr, weight_tile(wr, v0, v1, ups[1]), br, v0, v1, tfr, True, buf_r)
         tile_max_r = zr.amax(1)
         m_r_new = tile_max_r if m_r is None else torch.maximum(m_r, tile_max_r)
         d = zr.neg_().add_(zp)  # d = z_pol - z_ref, in the ref buffer; z_ref = z_pol - d below
@@ -78,8 +81,8 @@ def _block_forward(hp, wp, bp, tfp, hr, wr, br, tfr, cols, buf_p, buf_r, acc_e, 
                 acc_a.mul_(alpha[:, None])
         if need_dh:
             coef = e.mul_(deriv) if deriv is not None else e.mul_(tfp.const_deriv)  # e f'
-            coef_matmul_into(d.mul_(coef), wp[v0:v1], acc_a, accumulate=not first)  # e d f'
-            coef_matmul_into(coef, wp[v0:v1], acc_e, accumulate=not first)
+            coef_matmul_into(d.mul_(coef), wpt, acc_a, accumulate=not first)  # e d f'
+            coef_matmul_into(coef, wpt, acc_e, accumulate=not first)
         m, m_r = m_new, m_r_new
     lse_p, lse_r = m + s.log(), m_r + s_r.log()
     mu = big_s / s
@@ -93,21 +96,22 @@ class _ExactKL(torch.autograd.Function):
     def forward(ctx, hp, wp, bp, hr, wr, br, tfp, tfr, tiles):
         need_dh = ctx.needs_input_grad[0]
         n, acc_type = hp.shape[0], acc_dtype(hp)
-        rows, cols = tile_shape(n, wp.shape[0], *tiles)
+        # one rule for the block sizes (the policy's hidden size: its GEMMs carry the gradient)
+        rows, cols, _ = block_shape(n, wp.shape[0], hp.shape[1], cuda=hp.is_cuda, chunk=tiles[0],
+                                    vocab_chunk=tiles[1])
         up_p, up_r = cpu_upcast(wp, hp), cpu_upcast(wr, hr)
-        wpf, wrf = (wp.float() if up_p else wp), (wr.float() if up_r else wr)
         acc = dict(dtype=acc_type, device=hp.device)
         kl, lse, mu = (torch.empty(n, **acc) for _ in range(3))
         grad_h = torch.empty(n, hp.shape[1], **acc) if need_dh else None
         acc_e = torch.empty(min(rows, n), hp.shape[1], **acc) if need_dh else None
-        buf_p, buf_r = workspace(rows, cols, wpf, acc_type), workspace(rows, cols, wrf, acc_dtype(hr))
+        buf_p, buf_r = workspace(rows, cols, wp, acc_type, up_p), workspace(rows, cols, wr, acc_dtype(hr), up_r)
         with torch.no_grad():
             for start in range(0, n, rows):
                 sl = slice(start, min(start + rows, n))
                 hpb = hp[sl].float() if up_p else hp[sl]
                 hrb = hr[sl].float() if up_r else hr[sl]
                 kl[sl], lse[sl], mu[sl] = _block_forward(
-                    hpb, wpf, bp, tfp, hrb, wrf, br, tfr, cols, buf_p, buf_r,
+                    hpb, wp, bp, tfp, hrb, wr, br, tfr, cols, (up_p, up_r), buf_p, buf_r,
                     acc_e[: sl.stop - sl.start] if need_dh else None, grad_h[sl] if need_dh else None)
         ctx.tfp, ctx.tfr, ctx.tiles = tfp, tfr, (rows, cols)
         ctx.grad_h = grad_h
@@ -132,7 +136,6 @@ def _weight_grads(hp, wp, bp, hr, wr, br, tfp, tfr, tiles, lse, mu, g):
     """Recompute both tiles; ``dKL/da_j = p_j (d_j - mu) f'_j``; accumulate ``dW``, ``db`` in fp32."""
     rows, cols = tiles
     up_p, up_r = cpu_upcast(wp, hp), cpu_upcast(wr, hr)
-    wpf, wrf = (wp.float() if up_p else wp), (wr.float() if up_r else wr)
     acc_type = acc_dtype(wp)
     dw = torch.zeros(wp.shape, dtype=acc_type, device=wp.device)
     db = torch.zeros(wp.shape[0], dtype=acc_type, device=wp.device) if bp is not None else None
@@ -143,8 +146,8 @@ def _weight_grads(hp, wp, bp, hr, wr, br, tfp, tfr, tiles, lse, mu, g):
             hrb = hr[sl].float() if up_r else hr[sl]
             for v0 in range(0, wp.shape[0], cols):
                 v1 = min(v0 + cols, wp.shape[0])
-                zp, deriv = tile_logits(hpb, wpf, bp, v0, v1, tfp, True, None)
-                zr, _ = tile_logits(hrb, wrf, br, v0, v1, tfr, True, None)
+                zp, deriv = tile_logits(hpb, weight_tile(wp, v0, v1, up_p), bp, v0, v1, tfp, True, None)
+                zr, _ = tile_logits(hrb, weight_tile(wr, v0, v1, up_r), br, v0, v1, tfr, True, None)
                 d = zr.neg_().add_(zp).sub_(mu[sl, None])
                 p = zp.sub_(lse[sl, None]).exp_()
                 grad_a = p.mul_(d).mul_(g[sl, None])
@@ -177,7 +180,8 @@ def exact(
         mask: ``[B, T]`` (or ``[N]``) bool, the positions to score; ``None`` scores all. Unscored positions cost
             nothing and are 0.
         temperature: the sampling temperature, applied to both distributions (as at sampling).
-        chunk_size, vocab_chunk_size: rows per block and vocabulary columns per tile (defaults as the fused head).
+        chunk_size, vocab_chunk_size: rows per block and vocabulary columns per tile (default: the one rule of the
+            tiled kernels, :func:`refmodel.logprobs.tiles.block_shape`).
 
     Returns:
         ``[B, T]`` (or ``[N]``) float32 (float64 for float64 inputs), >= 0 up to rounding, differentiable with

@@ -3,7 +3,8 @@
 Every case runs in a fresh subprocess so that its peak memory (VmHWM, reset before the case, on CPU;
 ``max_memory_allocated`` on CUDA) is its own; times are medians over repeats after a warm-up.
 Ratios are printed against the baseline measured in the same run: the time of one plain
-``h @ W.T`` matmul of the same shape (the "matmul unit") and the naive implementation's memory.
+``h @ W.T`` matmul of the same shape (the "matmul unit", timed in the same process right before every timed
+call, so that a shared machine's drift cancels) and the naive implementation's time and memory.
 """
 
 from __future__ import annotations
@@ -147,8 +148,15 @@ def run_case(impl: str, mode: str, n: int, hidden: int, vocab: int, dtype: str, 
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = peak_rss_bytes() - base
-    times = time_fn(fn, reps)
-    return {"impl": impl, "mode": mode, "seconds": statistics.median(times), "peak_extra_bytes": max(peak, 0)}
+    unit_fn = _impl_fn("matmul", "fwd", h.detach(), w.detach(), t, g)
+    times, ratios = [], []
+    for _ in range(reps):  # a matmul unit right before each call: the median ratio is the case's matmul units
+        (unit,) = time_fn(unit_fn, 1)
+        (took,) = time_fn(fn, 1)
+        times.append(took)
+        ratios.append(took / unit)
+    return {"impl": impl, "mode": mode, "seconds": statistics.median(times), "matmul_units": statistics.median(ratios),
+            "peak_extra_bytes": max(peak, 0)}
 
 
 def _run_subprocess(impl, mode, n, hidden, vocab, dtype, reps) -> dict:
@@ -160,31 +168,38 @@ def _run_subprocess(impl, mode, n, hidden, vocab, dtype, reps) -> dict:
 
 
 def run_logprob_benchmark(quick: bool = False, dtype: str | None = None, reps: int | None = None,
-                          impls: tuple[str, ...] = IMPLS) -> list[dict]:
-    """Run every (mode, impl) case and print a table of times in matmul units and memory ratios."""
-    if quick:
-        n, hidden, vocab = 1024, 512, 8000
-    else:
-        n, hidden, vocab = 4096, 1024, 32000
+                          impls: tuple[str, ...] = IMPLS, n: int | None = None, hidden: int | None = None,
+                          vocab: int | None = None, modes: tuple[str, ...] = MODES) -> list[dict]:
+    """Run every (mode, impl) case and print a table of times in matmul units and memory ratios.
+
+    Shape: ``n`` tokens, ``hidden``, ``vocab`` (defaults 4096 / 1024 / 32000, or 1024 / 512 / 8000 ``quick``).
+    """
+    dn, dh, dv = (1024, 512, 8000) if quick else (4096, 1024, 32000)
+    n, hidden, vocab = n or dn, hidden or dh, vocab or dv
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     reps = reps or (5 if quick else 3)
     print(f"# fused log-probs: N={n} H={hidden} V={vocab} dtype={dtype} reps={reps}")
     print(f"# {provenance()}")
     unit = _run_subprocess("matmul", "fwd", n, hidden, vocab, dtype, reps)["seconds"]
-    print(f"# matmul unit (h @ W.T): {unit * 1e3:.1f} ms")
-    print(f"{'mode':<24}{'impl':<11}{'ms':>9}{'matmul units':>14}{'peak extra MiB':>16}{'mem / naive':>13}")
+    print(f"# matmul unit (h @ W.T): {unit * 1e3:.1f} ms at the start (units below: against a unit timed right "
+          "before each call)")
+    print(f"{'V':>8} {'mode':<24}{'impl':<11}{'ms':>9}{'matmul units':>14}{'time / naive':>14}{'peak extra MiB':>16}"
+          f"{'mem / naive':>13}")
     rows = []
-    for mode in MODES:
+    for mode in modes:
         results = [_run_subprocess(i, mode, n, hidden, vocab, dtype, reps) for i in impls if i != "matmul"]
         naive = next((r for r in results if r["impl"] == "naive" and "seconds" in r), None)
         for r in results:
             if "seconds" not in r:
                 print(f"{mode:<24}{r['impl']:<11}  {'skipped' if r.get('skipped') else r.get('error')}")
                 continue
-            r["matmul_units"] = r["seconds"] / unit
+            r.setdefault("matmul_units", r["seconds"] / unit)
+            r["vocab"] = vocab
             r["mem_vs_naive"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"] if naive else float("nan")
-            print(f"{mode:<24}{r['impl']:<11}{r['seconds'] * 1e3:>9.1f}{r['matmul_units']:>14.2f}"
-                  f"{r['peak_extra_bytes'] / 2**20:>16.1f}{r['mem_vs_naive']:>13.3f}")
+            r["time_vs_naive"] = r["matmul_units"] / naive["matmul_units"] if naive else float("nan")
+            print(f"{vocab:>8} {mode:<24}{r['impl']:<11}{r['seconds'] * 1e3:>9.1f}{r['matmul_units']:>14.2f}"
+                  f"{r['time_vs_naive']:>14.2f}{r['peak_extra_bytes'] / 2**20:>16.1f}{r['mem_vs_naive']:>13.3f}",
+                  flush=True)
             rows.append(r)
     return rows
 
