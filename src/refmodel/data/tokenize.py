@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError, DataFormatError
-from .records import is_conversation, load_records, record_type
+from .records import is_conversation, iter_records, record_type
 
 log = logging.getLogger(__name__)
 
@@ -335,13 +335,30 @@ def _finish(seqs, names, where, kind, label, max_length, truncation_mode, drop) 
 
 def load_examples(data, tokenizer=None, *, max_length: int | None = DEFAULT_MAX_LENGTH,
                   truncation_mode: str = DEFAULT_TRUNCATION_MODE) -> list[Example]:
-    """Tokenized examples of ``data`` (anything :func:`~refmodel.data.records.load_records` reads).
+    """Tokenized examples of ``data`` (anything :func:`~refmodel.data.records.load_records` reads), in a list:
+    :func:`iter_examples`' examples. Records TRL drops are left out, with one WARNING saying how many."""
+    return [ex for _, ex in iter_examples(data, tokenizer, max_length=max_length, truncation_mode=truncation_mode)]
 
-    Records TRL drops (see the module docstring) are left out, with one WARNING saying how many.
+
+def iter_examples(data, tokenizer=None, *, max_length: int | None = DEFAULT_MAX_LENGTH,
+                  truncation_mode: str = DEFAULT_TRUNCATION_MODE,
+                  wanted: Callable[[int], bool] | None = None, stop: int | None = None
+                  ) -> Iterator[tuple[int, Example]]:
+    """``(record index, example)`` of each record of ``data`` TRL keeps, tokenized one record at a time.
+
+    ``data``: anything :func:`~refmodel.data.records.iter_records` reads (streamed: only the current record
+    is held). ``wanted(index)``: tokenize only the records it accepts (the others are read and skipped,
+    so a caller can re-read one window of a file without tokenizing the rest); None: all, and then the
+    records TRL drops (see the module docstring) are counted in one WARNING at the end. ``stop``: stop
+    reading at this record index.
     """
     check_settings(max_length, truncation_mode)
-    out, dropped, prompts = [], 0, 0
-    for where, record in load_records(data):
+    kept, dropped, prompts = 0, 0, 0
+    for index, (where, record) in enumerate(iter_records(data)):
+        if stop is not None and index >= stop:
+            break
+        if wanted is not None and not wanted(index):
+            continue
         ex = tokenize_record(record, tokenizer, where, max_length=max_length, truncation_mode=truncation_mode)
         if ex is None:
             if record_type(record, where) == "prompt_only":
@@ -349,16 +366,18 @@ def load_examples(data, tokenizer=None, *, max_length: int | None = DEFAULT_MAX_
             else:
                 dropped += 1
             continue
-        out.append(ex)
+        kept += 1
+        yield index, ex
+    if wanted is not None or stop is not None:
+        return
     if dropped:
         log.warning("%d of %d records dropped as TRL drops them: the prompt fills max_length=%s (or nothing "
                     "scored is left after truncation); raise max_length to keep them", dropped,
-                    dropped + prompts + len(out), max_length)
+                    dropped + prompts + kept, max_length)
     if prompts:
         log.info("%d prompt-only records have nothing to score (completions are generated)", prompts)
-    return out
 
 
 __all__ = ["DEFAULT_MAX_LENGTH", "DEFAULT_TRUNCATION_MODE", "Example", "TRUNCATION_MODES", "check_settings",
-           "common_prefix_length", "encode", "extract_prompt", "load_examples", "tokenize_prompt",
+           "common_prefix_length", "encode", "extract_prompt", "iter_examples", "load_examples", "tokenize_prompt",
            "tokenize_prompts", "tokenize_record", "truncate"]

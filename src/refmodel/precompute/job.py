@@ -180,9 +180,9 @@ def score_plan(model, plan: PrecomputePlan, store: LogprobStore | SharedStoreWri
     start = time.perf_counter()
     with tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="reference log-probs" + where,
               disable=not cfg.progress or (ranks is not None and not ranks.is_main)) as bar:
-        for i in todo:
+        for i, units in plan.iter_shards(todo):  # one window of the data in memory at a time
             entries = []
-            for batch in plan_batches(list(plan.shard(i)), cfg.max_tokens_per_batch):
+            for batch in plan_batches(list(units), cfg.max_tokens_per_batch):
                 entries += score_units(model, batch, pad_id=plan.pad_id, temperature=cfg.temperature,
                                        share_prompt=cfg.share_prompt)
                 bar.update(sum(u.tokens for u in batch))

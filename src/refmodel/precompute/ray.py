@@ -43,7 +43,7 @@ from ..store.format import KEY_BYTES, Entry
 from ..store.manifest import shard_name
 from .config import PrecomputeConfig
 from .job import score_units
-from .plan import PrecomputePlan, Unit, load_scoring_model, plan_batches, plan_precompute
+from .plan import PrecomputePlan, Unit, keys_digest, load_scoring_model, plan_batches, plan_precompute
 from .ranks import launcher_ranks
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def _run(ray, store: LogprobStore, plan: PrecomputePlan, todo: list[int], scorer
     cfg = plan.config
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours (tokens/s) is on the driver
-    rows = [{"shard": i, "plan": encode_units(list(plan.shard(i)))} for i in todo]
+    rows = [{"shard": i, "plan": encode_units(list(units))} for i, units in plan.iter_shards(todo)]
     with warnings.catch_warnings():
         # max_restarts / max_task_retries have no named parameter in map_batches, so they go through
         # **ray_remote_args, which Ray >= 2.60 flags as deprecated. Actors restart without limit (a lost
@@ -235,10 +235,10 @@ def _run(ray, store: LogprobStore, plan: PrecomputePlan, todo: list[int], scorer
                 log.warning("precompute: shard %d arrived twice; keeping the first copy", index)
                 continue
             entries = unpack_entries(row["keys"], row["meta"], row["values"], row["totals"])
-            want = sorted(k for u in plan.shard(index) for k in u.keys)
-            if sorted(e.key for e in entries) != want:
+            spec = plan.shards[index]
+            if keys_digest(e.key for e in entries) != spec.digest:
                 raise RefModelError(f"shard {index} came back from Ray with {len(entries)} entries that do not "
-                                    f"match its plan ({len(want)} sequences); nothing was written for it")
+                                    f"match its plan ({spec.sequences} sequences); nothing was written for it")
             store.write_shard(shard_name(index), entries)
             written.add(index)
             bar.update(tokens[index])
