@@ -53,18 +53,43 @@ log = logging.getLogger(__name__)
 PLAN_VERSION = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Unit:
-    """One prompt and the completions of it still to score."""
+    """One prompt and the completions of it still to score, held compactly (numpy, 4 bytes a token rather than a
+    Python int's ~36): ``prompt`` int32 [P], ``completions`` int32 [C_i] each, ``masks`` bool [C_i] each (the
+    scored completion tokens), ``keys`` the store keys of prompt + completion ``i``. Sequences of ids are
+    converted on construction; two units are equal when their ids, masks and keys are."""
 
-    prompt: tuple[int, ...]
-    completions: tuple[tuple[int, ...], ...]
-    masks: tuple[tuple[bool, ...], ...]
+    prompt: np.ndarray
+    completions: tuple[np.ndarray, ...]
+    masks: tuple[np.ndarray, ...]
     keys: tuple[bytes, ...]
+
+    def __post_init__(self):
+        # int32 holds every vocabulary (ids < 2**31); the store keys hash them as int64 (store.format.key_bytes)
+        object.__setattr__(self, "prompt", np.asarray(self.prompt, dtype=np.int32))
+        object.__setattr__(self, "completions", tuple(np.asarray(c, dtype=np.int32) for c in self.completions))
+        object.__setattr__(self, "masks", tuple(np.asarray(m, dtype=bool) for m in self.masks))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Unit):
+            return NotImplemented
+        return (self.keys == other.keys and np.array_equal(self.prompt, other.prompt)
+                and len(self.completions) == len(other.completions)
+                and all(np.array_equal(a, b) for a, b in zip(self.completions, other.completions, strict=True))
+                and all(np.array_equal(a, b) for a, b in zip(self.masks, other.masks, strict=True)))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable arrays inside
 
     @property
     def tokens(self) -> int:
         return len(self.prompt) + sum(len(c) for c in self.completions)
+
+    def sequences(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[(input_ids int64 [P + C_i], score_mask bool [P + C_i])]``: the prompt + each completion, as stored."""
+        unscored = np.zeros(len(self.prompt), dtype=bool)
+        return [(np.concatenate([self.prompt, c]).astype(np.int64), np.concatenate([unscored, m]))
+                for c, m in zip(self.completions, self.masks, strict=True)]
 
 
 class PositionCheck:
@@ -275,6 +300,12 @@ def open_or_create_store(out, fp: str, dtype: str, job: dict, *, resume: bool) -
         store = LogprobStore.open(out, fp, mode="a")
         if store.job != job or store.dtype != dtype:
             store.close()
+            stored_version = store.job.get("plan_version", 1) if isinstance(store.job, dict) else None
+            if stored_version is not None and stored_version != job.get("plan_version"):
+                raise ConfigError(f"{out} was planned with shard layout version {stored_version} (an older refmodel) "
+                                  f"and this refmodel plans version {job.get('plan_version')}: its shards hold other "
+                                  "sequences, so it cannot be resumed; finish it with the refmodel that began it, or "
+                                  "recompute it into an empty folder")
             raise ConfigError(f"{out} was filled by another job (data, dtype or settings differ: stored "
                               f"{json.dumps(store.job)}, dtype {store.dtype}); resume needs the same ones")
         listed = set(store.shard_files)

@@ -52,14 +52,13 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------ wire format (plain data only)
 def encode_units(units: list[Unit]) -> str:
     """One shard's units as JSON (token ids, 0/1 masks, hex keys)."""
-    return json.dumps([[list(u.prompt), [list(c) for c in u.completions], [[int(b) for b in m] for m in u.masks],
+    return json.dumps([[u.prompt.tolist(), [c.tolist() for c in u.completions], [m.astype(int).tolist() for m in u.masks],
                         [k.hex() for k in u.keys]] for u in units], separators=(",", ":"))
 
 
 def decode_units(text: str) -> list[Unit]:
     """Inverse of :func:`encode_units`."""
-    return [Unit(tuple(p), tuple(tuple(c) for c in cs), tuple(tuple(bool(b) for b in m) for m in ms),
-                 tuple(bytes.fromhex(k) for k in ks)) for p, cs, ms, ks in json.loads(text)]
+    return [Unit(p, tuple(cs), tuple(ms), tuple(bytes.fromhex(k) for k in ks)) for p, cs, ms, ks in json.loads(text)]
 
 
 def pack_entries(entries: list[Entry]) -> dict[str, bytes]:
