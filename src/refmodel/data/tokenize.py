@@ -220,6 +220,8 @@ def _ids(record: dict, name: str, where: str) -> list[int]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise DataFormatError(f"{where}: field {name!r} must be a list of non-negative token ids")
     value = list(value)
+    if all(type(v) is int for v in value) and min(value, default=0) >= 0:  # the common case, checked fast
+        return value
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         raise DataFormatError(f"{where}: field {name!r} must be a list of non-negative token ids")
     return value

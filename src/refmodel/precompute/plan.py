@@ -137,22 +137,37 @@ def check_position_limit(model, examples: Iterable[Example]) -> None:
     check.check()
 
 
-def window_units(examples: Sequence[Example], earlier: Callable[[list[bytes]], Sequence[bool]] | None = None
+# One prompt and its candidate completions: (prompt int32 [P], [(completion int32 [C], score mask bool [C], key)]).
+Group = tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, bytes]]]
+
+
+def example_groups(ex: Example) -> list[Group]:
+    """``ex``'s candidate sequences (prompt + each non-empty completion) with their store keys, held compactly:
+    what a window keeps of an example as soon as it is tokenized (4 bytes a token, not a tuple's 8-36)."""
+    rows = list(zip(ex.completions, ex.completion_masks, strict=True))
+    split = [(ex.prompt_ids, rows)]
+    if not ex.prompt_ids:  # no shared prefix (e.g. keep_end truncation cut the prompt): one unit per row
+        split = [(c[:1], [(c[1:], m[1:])]) for c, m in rows if c]
+    groups = []
+    for prompt, group in split:
+        head = np.asarray(prompt, dtype=np.int64)
+        candidates = []
+        for comp, mask in group:
+            if comp:
+                ids = np.concatenate([head, np.asarray(comp, dtype=np.int64)])
+                candidates.append((ids[len(head):].astype(np.int32), np.asarray(mask, dtype=bool), key_bytes(ids)))
+        groups.append((head.astype(np.int32), candidates))
+    return groups
+
+
+def window_units(groups: Sequence[Group], earlier: Callable[[list[bytes]], Sequence[bool]] | None = None
                  ) -> list[Unit]:
     """One window's distinct sequences grouped by shared prompt, in canonical order (completions, length, key).
 
-    ``earlier(keys)``: for the window's candidate sequences (prompt + non-empty completion, in record order),
-    which were already planned in an earlier window (left out); None: none were. A sequence repeated inside
-    the window is kept at its first occurrence.
+    ``groups``: the window's :func:`example_groups`, in record order. ``earlier(keys)``: which of the
+    window's candidate sequences (in record order) were already planned in an earlier window (left out);
+    None: none were. A sequence repeated inside the window is kept at its first occurrence.
     """
-    groups = []
-    for ex in examples:
-        rows = list(zip(ex.completions, ex.completion_masks, strict=True))
-        split = [(ex.prompt_ids, rows)]
-        if not ex.prompt_ids:  # no shared prefix (e.g. keep_end truncation cut the prompt): one unit per row
-            split = [(c[:1], [(c[1:], m[1:])]) for c, m in rows if c]
-        for prompt, group in split:
-            groups.append((prompt, [(c, m, key_bytes(np.asarray(prompt + c, dtype=np.int64))) for c, m in group if c]))
     candidates = [key for _, group in groups for _, _, key in group]
     before = earlier(candidates) if earlier is not None and candidates else [False] * len(candidates)
     seen: set[bytes] = set()
@@ -250,7 +265,7 @@ def plan_windows(data, tokenizer, config: PrecomputeConfig, check: PositionCheck
     plan = hashlib.blake2b(digest_size=16)
     specs: list[ShardSpec] = []
 
-    def close(window: int, examples: list[Example]) -> None:
+    def close(window: int, groups: list[Group]) -> None:
         earlier: list[int] = []
 
         def lookup(keys: list[bytes]) -> np.ndarray:
@@ -258,7 +273,7 @@ def plan_windows(data, tokenizer, config: PrecomputeConfig, check: PositionCheck
             earlier.extend(np.flatnonzero(hit).tolist())
             return hit
 
-        units = window_units(examples, lookup)
+        units = window_units(groups, lookup)
         keys = [k for u in units for k in u.keys]
         if not keys:
             return
@@ -266,18 +281,18 @@ def plan_windows(data, tokenizer, config: PrecomputeConfig, check: PositionCheck
         plan.update(f"{len(specs)}|".encode() + b"".join(keys))
         specs.append(ShardSpec(window, sum(u.tokens for u in units), len(keys), keys_digest(keys), tuple(earlier)))
 
-    current, examples = -1, []
+    current, groups = -1, []
     for index, ex in iter_examples(data, tokenizer, max_length=config.max_length,
                                    truncation_mode=config.truncation_mode):
         if check is not None:
             check.add(ex)
         if index // size != current:
-            if examples:
-                close(current, examples)
-            current, examples = index // size, []
-        examples.append(ex)
-    if examples:
-        close(current, examples)
+            if groups:
+                close(current, groups)
+            current, groups = index // size, []
+        groups += example_groups(ex)
+    if groups:
+        close(current, groups)
     job = {"kind": "precompute", "plan_version": PLAN_VERSION, "plan_blake2b": plan.hexdigest(), "shards": len(specs),
            "sequences": sum(s.sequences for s in specs), "max_tokens_per_batch": config.max_tokens_per_batch,
            "shard_examples": size, "share_prompt": config.share_prompt, "temperature": config.temperature,
@@ -383,26 +398,26 @@ class PrecomputePlan:
         if not wanted:
             return
         size, last = self.config.shard_examples, max(wanted)
-        current, examples = -1, []
+        current, groups = -1, []
         for index, ex in iter_examples(self.data, self.tokenizer, max_length=self.config.max_length,
                                        truncation_mode=self.config.truncation_mode,
                                        wanted=lambda i: i // size in wanted, stop=(last + 1) * size):
             if index // size != current:
-                if examples:
-                    yield self._rebuild(wanted.pop(current), examples)
-                current, examples = index // size, []
-            examples.append(ex)
-        if examples:
-            yield self._rebuild(wanted.pop(current), examples)
+                if groups:
+                    yield self._rebuild(wanted.pop(current), groups)
+                current, groups = index // size, []
+            groups += example_groups(ex)
+        if groups:
+            yield self._rebuild(wanted.pop(current), groups)
         if wanted:
             raise DataFormatError(f"the data has no records left for shard(s) {sorted(wanted.values())[:10]} of the "
                                   "plan: it changed (or was a one-shot iterator) since the plan read it; do not "
                                   "change the data while precompute runs")
 
-    def _rebuild(self, index: int, examples: list[Example]) -> tuple[int, tuple[Unit, ...]]:
+    def _rebuild(self, index: int, groups: list[Group]) -> tuple[int, tuple[Unit, ...]]:
         spec = self.shards[index]
         earlier = set(spec.earlier)
-        units = window_units(examples, lambda keys: [i in earlier for i in range(len(keys))])
+        units = window_units(groups, lambda keys: [i in earlier for i in range(len(keys))])
         if keys_digest(k for u in units for k in u.keys) != spec.digest:
             size = self.config.shard_examples
             raise DataFormatError(f"records {spec.window * size}..{(spec.window + 1) * size - 1} (shard {index}) read "
@@ -455,5 +470,5 @@ def plan_precompute(model, tokenizer, data, config: PrecomputeConfig) -> Precomp
 
 
 __all__ = ["PLAN_VERSION", "PositionCheck", "PrecomputePlan", "SeenKeys", "ShardSpec", "Unit", "check_position_limit",
-           "keys_digest", "load_scoring_model", "open_or_create_store", "pending_shards", "plan_batches",
-           "plan_precompute", "plan_windows", "window_units"]
+           "example_groups", "keys_digest", "load_scoring_model", "open_or_create_store", "pending_shards",
+           "plan_batches", "plan_precompute", "plan_windows", "window_units"]
