@@ -5,7 +5,16 @@ for the padding.
 """
 
 from .collate import collate, collate_examples, pad, pad_id_of
-from .records import ACCEPTED, RECORD_TYPES, is_conversation, load_records, record_type, write_jsonl
+from .records import (
+    ACCEPTED,
+    RECORD_TYPES,
+    is_conversation,
+    is_reiterable,
+    iter_records,
+    load_records,
+    record_type,
+    write_jsonl,
+)
 from .tokenize import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TRUNCATION_MODE,
@@ -15,6 +24,7 @@ from .tokenize import (
     common_prefix_length,
     encode,
     extract_prompt,
+    iter_examples,
     load_examples,
     tokenize_prompt,
     tokenize_prompts,
@@ -25,6 +35,6 @@ from .tokenize import (
 __all__ = [
     "ACCEPTED", "DEFAULT_MAX_LENGTH", "DEFAULT_TRUNCATION_MODE", "RECORD_TYPES", "TRUNCATION_MODES", "Example",
     "check_settings", "collate", "collate_examples", "common_prefix_length", "encode", "extract_prompt",
-    "is_conversation", "load_examples", "load_records", "pad", "pad_id_of", "record_type", "tokenize_prompt",
-    "tokenize_prompts", "tokenize_record", "truncate", "write_jsonl",
+    "is_conversation", "is_reiterable", "iter_examples", "iter_records", "load_examples", "load_records", "pad",
+    "pad_id_of", "record_type", "tokenize_prompt", "tokenize_prompts", "tokenize_record", "truncate", "write_jsonl",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import InvalidInput
@@ -36,17 +37,21 @@ def pad(rows: Sequence[Sequence | torch.Tensor], value=0, *, side: str = "right"
         n = len(row)
         if n:
             cols = slice(0, n) if side == "right" else slice(t - n, t)
-            out[i, cols] = row.to(dtype) if isinstance(row, torch.Tensor) else torch.as_tensor(list(row), dtype=dtype)
+            if isinstance(row, torch.Tensor):
+                out[i, cols] = row.to(dtype)
+            else:  # a numpy row converts as one block (precompute's units hold int32 / bool arrays)
+                out[i, cols] = torch.as_tensor(row if isinstance(row, np.ndarray) else list(row), dtype=dtype)
     return out
 
 
 def collate(sequences: Sequence[tuple[Sequence[int], Sequence[bool] | None]], pad_id: int = 0, *,
             side: str = "right", pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad ``[(input_ids, score_mask or None)]`` into ``input_ids`` (long), ``attention_mask`` (long, 1 =
+    """Pad ``[(input_ids, score_mask or None)]`` (sequences or numpy arrays) into ``input_ids`` (long), ``attention_mask`` (long, 1 =
     real token) and ``score_mask`` (bool, the scored tokens; all real tokens but the first when None),
     each ``[B, T]``."""
-    ids = [list(s) for s, _ in sequences]
-    masks = [[False] + [True] * (len(s) - 1) if m is None else list(m) for s, m in sequences]
+    ids = [s if isinstance(s, np.ndarray) else list(s) for s, _ in sequences]
+    masks = [[False] + [True] * (len(s) - 1) if m is None else m if isinstance(m, np.ndarray) else list(m)
+             for s, m in sequences]
     for i, (s, m) in enumerate(zip(ids, masks, strict=True)):
         if len(s) != len(m):
             raise InvalidInput(f"row {i}: score_mask has {len(m)} values for {len(s)} tokens")

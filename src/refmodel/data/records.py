@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,28 +56,43 @@ ACCEPTED = ("prompt+chosen+rejected (preference), chosen+rejected (implicit-prom
 
 
 def load_records(data) -> list[tuple[str, dict]]:
-    """``[(location, record)]`` from a path, a ``datasets.Dataset`` or an iterable of dicts.
+    """``[(location, record)]`` from a path, a ``datasets.Dataset`` or an iterable of dicts: all of
+    :func:`iter_records`, in a list."""
+    return list(iter_records(data))
 
-    Paths: a ``.jsonl``/``.json``/``.ndjson`` file (one JSON object per line), a ``.parquet`` file, or a
-    folder written by ``datasets``' ``save_to_disk`` (a ``DatasetDict`` needs a ``train`` split).
-    ``location`` is ``"FILE:LINE"`` (JSONL), ``"FILE:row N"`` or ``"record N"`` (in memory); malformed
-    lines raise :class:`~refmodel.errors.DataFormatError` naming the line.
+
+def iter_records(data) -> Iterator[tuple[str, dict]]:
+    """``(location, record)`` pairs, one at a time, from a path, a ``datasets.Dataset`` or an iterable of dicts.
+
+    Paths: a ``.jsonl``/``.json``/``.ndjson`` file (one JSON object per line), a ``.parquet`` file (read
+    one batch of rows at a time), or a folder written by ``datasets``' ``save_to_disk`` (memory-mapped; a
+    ``DatasetDict`` needs a ``train`` split). ``location`` is ``"FILE:LINE"`` (JSONL), ``"FILE:row N"`` or
+    ``"record N"`` (in memory); malformed lines raise :class:`~refmodel.errors.DataFormatError` naming
+    the line. Nothing but the current record (and a Parquet batch) is held, so a caller that streams can
+    bound its memory; iterating again reads the data again (a one-shot iterator gives its records once).
     """
     if isinstance(data, (str, Path)):
-        return _load_path(Path(data))
+        yield from _iter_path(Path(data))
+        return
     if _is_hf_dataset(data):
-        return [(f"row {i}", dict(row)) for i, row in enumerate(data)]
+        for i, row in enumerate(data):
+            yield f"row {i}", dict(row)
+        return
     if isinstance(data, dict):
         raise DataFormatError("data is one dict; pass a list of records (dicts), a path or a datasets.Dataset")
     if not isinstance(data, Iterable):
         raise DataFormatError(f"data must be a path, a datasets.Dataset or a list of records, got "
                               f"{type(data).__name__}")
-    out = []
     for i, record in enumerate(data):
         if not isinstance(record, dict):
             raise DataFormatError(f"record {i}: expected a record (dict), got {type(record).__name__}")
-        out.append((f"record {i}", record))
-    return out
+        yield f"record {i}", record
+
+
+def is_reiterable(data) -> bool:
+    """True unless ``data`` is a one-shot iterator (a generator, ``iter(list)``): paths, lists, datasets and
+    objects whose ``__iter__`` starts afresh can be read twice by :func:`iter_records`."""
+    return isinstance(data, (str, Path)) or not isinstance(data, Iterator)
 
 
 def _is_hf_dataset(data) -> bool:
@@ -85,28 +100,36 @@ def _is_hf_dataset(data) -> bool:
     return mod.startswith("datasets.") and hasattr(data, "column_names") and hasattr(data, "__getitem__")
 
 
-def _load_path(path: Path) -> list[tuple[str, dict]]:
+def _iter_path(path: Path) -> Iterator[tuple[str, dict]]:
     if not path.exists():
         raise DataFormatError(f"data path {path} does not exist")
     if path.is_dir():
-        return _load_hf_dir(path)
+        yield from _iter_hf_dir(path)
+        return
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        return _load_jsonl(path)
+        yield from _iter_jsonl(path)
+        return
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            rows = pq.read_table(path).to_pylist()
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+            i = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    yield f"{path}:row {i}", row
+                    i += 1
+        except DataFormatError:
+            raise
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise DataFormatError(f"{path}: not a readable Parquet file ({exc})") from exc
-        return [(f"{path}:row {i}", row) for i, row in enumerate(rows)]
+        return
     raise DataFormatError(f"{path}: unknown data format {suffix!r}; expected .jsonl, .parquet or a "
                           "folder written by datasets' save_to_disk")
 
 
-def _load_jsonl(path: Path) -> list[tuple[str, dict]]:
-    out = []
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -118,8 +141,7 @@ def _load_jsonl(path: Path) -> list[tuple[str, dict]]:
                                       "expected one JSON object per line") from None
             if not isinstance(record, dict):
                 raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            out.append((f"{path}:{lineno}", record))
-    return out
+            yield f"{path}:{lineno}", record
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
@@ -140,7 +162,7 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
     return path
 
 
-def _load_hf_dir(path: Path) -> list[tuple[str, dict]]:
+def _iter_hf_dir(path: Path) -> Iterator[tuple[str, dict]]:
     from .._optional import require
 
     datasets = require("datasets", "trl")
@@ -152,7 +174,8 @@ def _load_hf_dir(path: Path) -> list[tuple[str, dict]]:
         if "train" not in ds:
             raise DataFormatError(f"{path}: a DatasetDict without a 'train' split (splits: {list(ds)})")
         ds = ds["train"]
-    return [(f"{path}:row {i}", row) for i, row in enumerate(ds)]
+    for i, row in enumerate(ds):
+        yield f"{path}:row {i}", row
 
 
 def is_conversation(value: Any) -> bool:
@@ -186,4 +209,5 @@ def record_type(record: dict, where: str = "record") -> str:
     return kind
 
 
-__all__ = ["ACCEPTED", "RECORD_TYPES", "is_conversation", "load_records", "record_type", "write_jsonl"]
+__all__ = ["ACCEPTED", "RECORD_TYPES", "is_conversation", "is_reiterable", "iter_records", "load_records", "record_type",
+           "write_jsonl"]

@@ -29,12 +29,12 @@ TRL is not imported here; ``tests/data/test_tokenize.py`` runs TRL's own prepara
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..cluster import get_logger
 from ..errors import ConfigError, DataFormatError
-from .records import is_conversation, load_records, record_type
+from .records import is_conversation, iter_records, record_type
 
 log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 
@@ -220,6 +220,8 @@ def _ids(record: dict, name: str, where: str) -> list[int]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise DataFormatError(f"{where}: field {name!r} must be a list of non-negative token ids")
     value = list(value)
+    if set(map(type, value)) <= {int} and min(value, default=0) >= 0:  # the common case, checked at C speed
+        return value
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         raise DataFormatError(f"{where}: field {name!r} must be a list of non-negative token ids")
     return value
@@ -325,9 +327,11 @@ def _finish(seqs, names, where, kind, label, max_length, truncation_mode, drop) 
     cut = min(len(ids) for ids, _ in seqs)
     first = seqs[0][0]
     for ids, mask in seqs:
-        n = 0
-        while n < cut and ids[n] == first[n] and not mask[n]:
-            n += 1
+        # n = the longest prefix (<= cut) equal to first's and unscored; list ops first (C speed), then the
+        # token-by-token walk only where the ids differ
+        n = min(cut, mask.index(True) if True in mask else len(mask))
+        if ids[:n] != first[:n]:
+            n = next(j for j in range(n) if ids[j] != first[j])
         cut = n
     return Example(tuple(first[:cut]), tuple(tuple(ids[cut:]) for ids, _ in seqs),
                    tuple(tuple(mask[cut:]) for _, mask in seqs), tuple(names), where, kind, label)
@@ -335,13 +339,30 @@ def _finish(seqs, names, where, kind, label, max_length, truncation_mode, drop) 
 
 def load_examples(data, tokenizer=None, *, max_length: int | None = DEFAULT_MAX_LENGTH,
                   truncation_mode: str = DEFAULT_TRUNCATION_MODE) -> list[Example]:
-    """Tokenized examples of ``data`` (anything :func:`~refmodel.data.records.load_records` reads).
+    """Tokenized examples of ``data`` (anything :func:`~refmodel.data.records.load_records` reads), in a list:
+    :func:`iter_examples`' examples. Records TRL drops are left out, with one WARNING saying how many."""
+    return [ex for _, ex in iter_examples(data, tokenizer, max_length=max_length, truncation_mode=truncation_mode)]
 
-    Records TRL drops (see the module docstring) are left out, with one WARNING saying how many.
+
+def iter_examples(data, tokenizer=None, *, max_length: int | None = DEFAULT_MAX_LENGTH,
+                  truncation_mode: str = DEFAULT_TRUNCATION_MODE,
+                  wanted: Callable[[int], bool] | None = None, stop: int | None = None
+                  ) -> Iterator[tuple[int, Example]]:
+    """``(record index, example)`` of each record of ``data`` TRL keeps, tokenized one record at a time.
+
+    ``data``: anything :func:`~refmodel.data.records.iter_records` reads (streamed: only the current record
+    is held). ``wanted(index)``: tokenize only the records it accepts (the others are read and skipped,
+    so a caller can re-read one window of a file without tokenizing the rest); None: all, and then the
+    records TRL drops (see the module docstring) are counted in one WARNING at the end. ``stop``: stop
+    reading at this record index.
     """
     check_settings(max_length, truncation_mode)
-    out, dropped, prompts = [], 0, 0
-    for where, record in load_records(data):
+    kept, dropped, prompts = 0, 0, 0
+    for index, (where, record) in enumerate(iter_records(data)):
+        if stop is not None and index >= stop:
+            break
+        if wanted is not None and not wanted(index):
+            continue
         ex = tokenize_record(record, tokenizer, where, max_length=max_length, truncation_mode=truncation_mode)
         if ex is None:
             if record_type(record, where) == "prompt_only":
@@ -349,16 +370,18 @@ def load_examples(data, tokenizer=None, *, max_length: int | None = DEFAULT_MAX_
             else:
                 dropped += 1
             continue
-        out.append(ex)
+        kept += 1
+        yield index, ex
+    if wanted is not None or stop is not None:
+        return
     if dropped:
         log.warning("%d of %d records dropped as TRL drops them: the prompt fills max_length=%s (or nothing "
                     "scored is left after truncation); raise max_length to keep them", dropped,
-                    dropped + prompts + len(out), max_length)
+                    dropped + prompts + kept, max_length)
     if prompts:
         log.info("%d prompt-only records have nothing to score (completions are generated)", prompts)
-    return out
 
 
 __all__ = ["DEFAULT_MAX_LENGTH", "DEFAULT_TRUNCATION_MODE", "Example", "TRUNCATION_MODES", "check_settings",
-           "common_prefix_length", "encode", "extract_prompt", "load_examples", "tokenize_prompt",
+           "common_prefix_length", "encode", "extract_prompt", "iter_examples", "load_examples", "tokenize_prompt",
            "tokenize_prompts", "tokenize_record", "truncate"]

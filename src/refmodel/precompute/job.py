@@ -85,10 +85,9 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     logps = head_logprobs(causal, pred, targets, temperature=temperature).cpu().numpy()
     entries = []
     for i, u in enumerate(units):
-        for j, (c, m) in enumerate(zip(u.completions, u.masks, strict=True)):
-            ids = np.asarray(u.prompt + c, dtype=np.int64)
-            values = np.concatenate([np.zeros(len(u.prompt), np.float32), logps[i * k + j, :len(c)]])
-            entries.append(make_entry(ids, values, np.asarray((False,) * len(u.prompt) + m)))
+        for j, (ids, mask) in enumerate(u.sequences()):
+            values = np.concatenate([np.zeros(len(u.prompt), np.float32), logps[i * k + j, :len(ids) - len(u.prompt)]])
+            entries.append(make_entry(ids, values, mask))
     return entries
 
 
@@ -101,13 +100,11 @@ def _cache_argument(backbone) -> str:
 def _score_full(model, units: list[Unit], pad_id: int, temperature: float) -> list[Entry]:
     """Fallback without prefix sharing: ``model_logprobs`` on the right-padded full sequences."""
     device = next(model.parameters()).device
-    seqs = [(u.prompt + c, (False,) * len(u.prompt) + m) for u in units for c, m in zip(u.completions, u.masks,
-                                                                                         strict=True)]
+    seqs = [seq for u in units for seq in u.sequences()]
     batch = collate(seqs, pad_id)
     ids, attn, score = batch["input_ids"], batch["attention_mask"], batch["score_mask"]
     logps = model_logprobs(model, ids.to(device), attn.to(device), score.to(device), temperature=temperature).cpu()
-    return [make_entry(np.asarray(s, dtype=np.int64), logps[r, :len(s)].numpy(), np.asarray(m))
-            for r, (s, m) in enumerate(seqs)]
+    return [make_entry(s, logps[r, :len(s)].numpy(), m) for r, (s, m) in enumerate(seqs)]
 
 
 def precompute(model, data, out, config: PrecomputeConfig | None = None, *, tokenizer=None,
@@ -181,9 +178,9 @@ def score_plan(model, plan: PrecomputePlan, store: LogprobStore | SharedStoreWri
     start = time.perf_counter()
     with tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="reference log-probs" + where,
               disable=not cfg.progress or not is_main_process()) as bar:
-        for i in todo:
+        for i, units in plan.iter_shards(todo):  # one window of the data in memory at a time
             entries = []
-            for batch in plan_batches(list(plan.shard(i)), cfg.max_tokens_per_batch):
+            for batch in plan_batches(list(units), cfg.max_tokens_per_batch):
                 entries += score_units(model, batch, pad_id=plan.pad_id, temperature=cfg.temperature,
                                        share_prompt=cfg.share_prompt)
                 bar.update(sum(u.tokens for u in batch))

@@ -1,25 +1,27 @@
-"""The precompute job on a Ray cluster: Ray Data hands the job's shards to an actor pool of scorers.
+"""The precompute job on a Ray cluster: a pool of scorer actors, fed one shard per idle actor by the driver.
 
 The driver plans the job with the very function :func:`refmodel.precompute` calls,
-:func:`~refmodel.precompute.plan.plan_precompute` (same fingerprint, units, shards and job description in
-the manifest; it loads the model once to fingerprint it and check its position limit). Each shard still to do becomes one row of
-a Ray Dataset; ``map_batches`` runs :class:`ShardScorer` (one model per actor, loaded once) over those
-rows with ``concurrency=num_workers``, and each actor scores its shard with the very same
+:func:`~refmodel.precompute.plan.plan_precompute` (same fingerprint, windows, shards and job description in
+the manifest; it loads the model once to fingerprint it and check its position limit). It then reads the
+shards still to do in one pass over the data (:meth:`~refmodel.precompute.plan.PrecomputePlan.iter_shards`,
+one window tokenized at a time) and hands each to an idle :class:`ShardScorer` actor (one model per
+actor, loaded once), keeping at most one shard queued per actor beside the ones being scored, so the
+driver's memory does not grow with the dataset (issue 27). Each actor scores its shard with the very same
 ``plan_batches`` / ``score_units`` calls as the single-process job. The entries come back as plain
-byte columns and the driver, the only writer, commits ``shard-{i:05d}.safetensors`` as results stream
-in. Hence:
+byte strings and the driver, the only writer, commits ``shard-{i:05d}.safetensors`` as results arrive.
+Hence:
 
 * same batches and same model => the same floats, so every entry is byte-identical to a single-process
   run on the same kind of device (on CPU: with the same torch thread count, ``cpus_per_worker`` per
   actor, since CPU GEMMs split their sums by thread), and the manifest's job is the same, so
   ``resume`` works across modes;
-* a killed actor is restarted by Ray and its shard retried (``max_restarts``/``max_task_retries``);
+* a killed actor is restarted by Ray and its shard retried (``max_restarts=-1``, ``max_task_retries``);
   a shard is written once, only when all of it has arrived, and its keys are checked against the plan,
   so nothing is lost or duplicated;
 * a killed driver loses at most the shards in flight; ``resume=True`` finishes the job.
 
-Why shards and not single batches as Ray rows: a shard is the store's unit of atomic commit, and
-whole-shard results keep the driver's work to one file write per row.
+Why shards and not single batches: a shard is the store's unit of atomic commit, and whole-shard results
+keep the driver's work to one file write per shard.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import json
 import logging
 import os
 import time
-import warnings
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,7 @@ from ..store.format import KEY_BYTES, Entry
 from ..store.manifest import shard_name
 from .config import PrecomputeConfig
 from .job import score_units
-from .plan import PrecomputePlan, Unit, load_scoring_model, plan_batches, plan_precompute
+from .plan import PrecomputePlan, Unit, keys_digest, load_scoring_model, plan_batches, plan_precompute
 from .ranks import launcher_ranks
 
 log = logging.getLogger(__name__)
@@ -52,14 +54,13 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------ wire format (plain data only)
 def encode_units(units: list[Unit]) -> str:
     """One shard's units as JSON (token ids, 0/1 masks, hex keys)."""
-    return json.dumps([[list(u.prompt), [list(c) for c in u.completions], [[int(b) for b in m] for m in u.masks],
+    return json.dumps([[u.prompt.tolist(), [c.tolist() for c in u.completions], [m.astype(int).tolist() for m in u.masks],
                         [k.hex() for k in u.keys]] for u in units], separators=(",", ":"))
 
 
 def decode_units(text: str) -> list[Unit]:
     """Inverse of :func:`encode_units`."""
-    return [Unit(tuple(p), tuple(tuple(c) for c in cs), tuple(tuple(bool(b) for b in m) for m in ms),
-                 tuple(bytes.fromhex(k) for k in ks)) for p, cs, ms, ks in json.loads(text)]
+    return [Unit(p, tuple(cs), tuple(ms), tuple(bytes.fromhex(k) for k in ks)) for p, cs, ms, ks in json.loads(text)]
 
 
 def pack_entries(entries: list[Entry]) -> dict[str, bytes]:
@@ -89,11 +90,12 @@ def unpack_entries(keys: bytes, meta: bytes, values: bytes, totals: bytes) -> li
 
 # ------------------------------------------------------------------ the actor
 class ShardScorer:
-    """Ray Data callable class: holds one reference model (loaded once per actor) and scores whole shards.
+    """A scorer actor: holds one reference model (loaded once per actor) and scores whole shards.
 
-    Input batch: ``shard`` int64 [B], ``plan`` str [B] (:func:`encode_units`). Output: ``shard`` and the
-    byte columns of :func:`pack_entries`, one row per shard. Subclass it to change how the model is
-    loaded or to observe shards; pass the subclass as ``scorer_cls``.
+    :meth:`score_packed` (what the driver calls): shard index and its units (:func:`encode_units`) in, the
+    byte strings of :func:`pack_entries` out. ``__call__`` does the same over a batch of rows (``shard``
+    int64 [B], ``plan`` str [B]), for use as a Ray Data callable class. Subclass it to change how the model
+    is loaded or to observe shards (override :meth:`score_shard`); pass the subclass as ``scorer_cls``.
     """
 
     def __init__(self, model_path: str, *, max_tokens_per_batch: int = PrecomputeConfig.max_tokens_per_batch,
@@ -120,10 +122,14 @@ class ShardScorer:
                                    share_prompt=self.share_prompt)
         return entries
 
+    def score_packed(self, index: int, plan: str) -> dict[str, bytes]:
+        """:func:`pack_entries` of shard ``index``, whose units are ``plan`` (:func:`encode_units`)."""
+        return pack_entries(self.score_shard(int(index), decode_units(plan)))
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: dict[str, list] = {"shard": [], "keys": [], "meta": [], "values": [], "totals": []}
         for index, plan in zip(batch["shard"].tolist(), batch["plan"].tolist(), strict=True):
-            packed = pack_entries(self.score_shard(int(index), decode_units(plan)))
+            packed = self.score_packed(int(index), plan)
             rows["shard"].append(int(index))
             for name, blob in packed.items():
                 rows[name].append(blob)
@@ -208,40 +214,55 @@ def precompute_on_ray(model_path, data, out, config: PrecomputeConfig | None = N
 
 def _run(ray, store: LogprobStore, plan: PrecomputePlan, todo: list[int], scorer_cls: type, scorer_kwargs: dict,
          *, workers: int) -> None:
-    """Stream the ``todo`` shards of ``plan`` through the actor pool; write each result as it arrives."""
+    """Score the ``todo`` shards of ``plan`` on ``workers`` actors; write each result as it arrives.
+
+    The shards are read from the data lazily: at most ``workers`` encoded shards wait beside the ones being
+    scored, so the driver holds O(workers) shards whatever the dataset's size.
+    """
     cfg = plan.config
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours (tokens/s) is on the driver
-    rows = [{"shard": i, "plan": encode_units(list(plan.shard(i)))} for i in todo]
-    with warnings.catch_warnings():
-        # max_restarts / max_task_retries have no named parameter in map_batches, so they go through
-        # **ray_remote_args, which Ray >= 2.60 flags as deprecated. Actors restart without limit (a lost
-        # node); a shard whose actor keeps dying fails the job after max_task_retries retries.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            scorer_cls, fn_constructor_kwargs=scorer_kwargs, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.cpus_per_worker,
-            num_gpus=cfg.gpus_per_worker or None, max_restarts=-1, max_task_retries=cfg.max_task_retries)
-    tokens = {i: plan.shard_tokens(i) for i in todo}
-    total = plan.total_tokens
-    left = sum(tokens.values())
+    actor_cls = ray.remote(scorer_cls).options(
+        num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
+        # Actors restart without limit (a lost node); a shard whose actor keeps dying fails the job after
+        # max_task_retries retries.
+        max_restarts=-1, max_task_retries=cfg.max_task_retries)
+    idle = deque(actor_cls.remote(**scorer_kwargs) for _ in range(workers))
+    source = plan.iter_shards(todo)
+    waiting: deque = deque()  # (index, encoded units) read from the data, not yet sent
+    running: dict = {}  # object ref -> (index, actor)
+    total, left = plan.total_tokens, sum(plan.shard_tokens(i) for i in todo)
     written: set[int] = set()
     start = time.perf_counter()
     with tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="reference log-probs (ray)",
               disable=not cfg.progress) as bar:
-        for row in ds.iter_rows():
-            index = int(row["shard"])
-            if index in written:  # a retried task whose first result also arrived: the shard is already on disk
-                log.warning("precompute: shard %d arrived twice; keeping the first copy", index)
-                continue
+        while True:
+            while source is not None and len(waiting) < workers:
+                item = next(source, None)
+                if item is None:
+                    source = None
+                    break
+                waiting.append((item[0], encode_units(list(item[1]))))
+            while idle and waiting:
+                index, units = waiting.popleft()
+                actor = idle.popleft()
+                running[actor.score_packed.remote(index, units)] = (index, actor)
+            if not running:
+                break
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            index, actor = running.pop(done)
+            idle.append(actor)
+            try:
+                row = ray.get(done)
+            except Exception as exc:  # the actor's error, or its death after max_task_retries retries
+                raise RefModelError(f"shard {index} failed on Ray: {exc}; every shard finished is kept in "
+                                    f"{store.path}: run again with resume=True (--resume)") from exc
             entries = unpack_entries(row["keys"], row["meta"], row["values"], row["totals"])
-            want = sorted(k for u in plan.shard(index) for k in u.keys)
-            if sorted(e.key for e in entries) != want:
+            spec = plan.shards[index]
+            if keys_digest(e.key for e in entries) != spec.digest:
                 raise RefModelError(f"shard {index} came back from Ray with {len(entries)} entries that do not "
-                                    f"match its plan ({len(want)} sequences); nothing was written for it")
+                                    f"match its plan ({spec.sequences} sequences); nothing was written for it")
             store.write_shard(shard_name(index), entries)
             written.add(index)
-            bar.update(tokens[index])
+            bar.update(spec.tokens)
     missing = sorted(set(todo) - written)
     if missing:
         raise RefModelError(f"the Ray job ended without shards {missing[:10]}; run again with resume=True (--resume)")
