@@ -1,4 +1,4 @@
-"""What the three trainers share (``integrations.trl._trainer``): under FSDP, TRL builds no reference model.
+"""What the three trainers share (``integrations.trl._trainer``): under FSDP or ZeRO-3, TRL builds no reference model.
 
 TRL 1.16's DPO and KTO trainers load a reference copy from the policy's ``_name_or_path`` under FSDP even
 with ``precompute_ref_log_probs=True``; with ``reference=`` they must load nothing. accelerate picks FSDP
@@ -6,12 +6,13 @@ only for GPU processes, so the test runs a world of one process whose accelerate
 (``PartialState.distributed_type = MULTI_GPU``, set after the config resolved its device): the trainer
 then gets a real FSDP accelerator (``is_fsdp_enabled``) on CPU. The policy's ``_name_or_path`` is a folder
 that does not exist, so any load of a reference model fails the test (it did before the fix, in TRL's
-``create_model_from_path``).
+``create_model_from_path``). DeepSpeed ZeRO-3 runs on CPU in that world as it is (``deepspeed=`` config).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -31,6 +32,8 @@ from refmodel.testing import free_port
 
 pytestmark = pytest.mark.slow  # three TRL trainers built (~40 s on 2 shared cores)
 FSDP = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2})
+ZERO3 = dict(deepspeed={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                        "train_batch_size": "auto", "gradient_accumulation_steps": "auto"})
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,11 @@ def one_rank(monkeypatch):
         monkeypatch.setenv(name, value)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # a DeepSpeed config would make later from_pretrained calls partition (zero.Init)
+    if "deepspeed" in sys.modules:
+        sys.modules["deepspeed"].comm.comm.cdb = None  # DeepSpeed's handle on the group destroyed below
     if dist.is_initialized():
         dist.destroy_process_group()
     os.environ.clear()  # TrainingArguments sets accelerate's variables (ACCELERATE_*, FSDP_*) for the process
@@ -94,3 +102,16 @@ def test_grpo_under_fsdp_loads_no_reference_model(models, one_rank, tmp_path):
     assert grpo.is_fsdp_enabled and grpo.beta == 0.1
     assert isinstance(grpo.reference, Frozen) and not isinstance(grpo.ref_model, torch.nn.Module)
 
+
+
+def test_dpo_and_kto_under_zero3_load_no_reference_model(models, one_rank, tmp_path):
+    pytest.importorskip("deepspeed")
+    policy_dir, ref_dir = models
+    for trainer, config_cls, data in ((DPOTrainer, trl.DPOConfig, pairs), (KTOTrainer, trl.KTOConfig, unpaired)):
+        policy, tok = load(policy_dir)
+        nowhere(policy, tmp_path)
+        cfg = config_cls(str(tmp_path / trainer.__name__), **COMMON, **ZERO3)
+        t = trainer(model=policy, args=cfg, processing_class=tok, train_dataset=Dataset.from_list(data(8)),
+                    reference=Frozen(str(ref_dir)))
+        assert t.is_deepspeed_enabled and t.accelerator.distributed_type == DistributedType.DEEPSPEED
+        assert t.ref_model is None and isinstance(t.reference, Frozen)
