@@ -31,7 +31,9 @@ HFModule = Any
 
 
 def unwrap_causal_lm(model: HFModule) -> HFModule:
-    """The ``*ForCausalLM`` module inside a PEFT wrapper (or ``model`` itself)."""
+    """The ``*ForCausalLM`` module inside a DDP and/or PEFT wrapper (or ``model`` itself)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and hasattr(model, "peft_config"):
         return get_base()

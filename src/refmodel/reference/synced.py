@@ -22,13 +22,11 @@ import torch
 from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
-from ..models.fingerprint import fingerprint_tensors
 from .frozen import Frozen
 from .lora_sync import LoraReference
 from .peft_policy import (
-    adapter_state_items,
-    base_state_items,
     is_peft_model,
+    reference_fingerprint,
     reference_view,
     require_peft_model,
     require_shared_base_frozen,
@@ -128,8 +126,7 @@ class Synced:
             return self.frozen.fingerprint
         assert self.lora is not None  # exactly one of frozen / lora is set
         if self._fingerprint is None:
-            items = base_state_items(self.policy) + adapter_state_items(self.policy, self.lora.ref_name)
-            self._fingerprint = fingerprint_tensors(items, temperature=self.temperature)
+            self._fingerprint = reference_fingerprint(self.policy, self.lora.ref_name, temperature=self.temperature)
         return self._fingerprint
 
     @property
