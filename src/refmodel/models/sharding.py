@@ -13,8 +13,8 @@ reports); each goes through this module, never behind the framework's back:
 - :func:`full_state_dict` / :func:`full_tensors`: the plain model's state dict, the latter one tensor at a
   time (fingerprints of a 70B policy must not gather it whole);
 - :func:`local_parameter_bytes`: the bytes a rank actually holds;
-- :func:`local_like`, :func:`shard_like`: values laid out like another model's shards (a sharded frozen copy
-  built from the policy's shards, a sync from shards to shards).
+- :func:`local_like`, :func:`local_tensor`: values laid out like another model's shards (a sync from shards
+  to shards); :func:`sharded_copy` (:func:`shard_like`): a frozen copy of an FSDP2 policy, sharded like it.
 
 Every function that gathers is a collective: call it on every rank, in the same order. DeepSpeed is never
 imported here; the ZeRO-3 branches dispatch to :mod:`refmodel.models.zero3`.
@@ -23,6 +23,7 @@ imported here; the ZeRO-3 branches dispatch to :mod:`refmodel.models.zero3`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
@@ -169,15 +170,20 @@ def full_tensors(module: nn.Module, names: Iterable[str] | None = None) -> Itera
 def local_parameter_bytes(module: nn.Module) -> int:
     """Bytes of parameters and buffers this rank holds for ``module``: its FSDP2 shards (``to_local()``) or
     ZeRO-3 partitions (``ds_tensor``), else the whole tensors; shared storage counted once."""
-    tensors = []
-    for t in list(module.parameters()) + list(module.buffers()):
+    return local_bytes(list(module.parameters()) + list(module.buffers()))
+
+
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """:func:`local_parameter_bytes` of some tensors (e.g. one adapter's): what this rank holds of each."""
+    held = []
+    for t in tensors:
         if is_dtensor(t):
-            tensors.append(t.to_local())
+            held.append(t.to_local())
         elif getattr(t, "ds_tensor", None) is not None:
-            tensors.append(t.ds_tensor)
+            held.append(t.ds_tensor)
         else:
-            tensors.append(t)
-    return tensors_nbytes(tensors)
+            held.append(t)
+    return tensors_nbytes(held)
 
 
 def local_like(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -219,5 +225,49 @@ def shard_like(model: nn.Module, policy: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["ShardingKind", "full_parameters", "full_state_dict", "full_tensors", "is_dtensor", "local_like",
-           "local_parameter_bytes", "local_tensor", "shard_like", "sharding_kind"]
+def _plain_class(module: nn.Module) -> type:
+    """The model's own class under FSDP2's ``FSDP<Name>`` subclass."""
+    fsdp = _fsdp()
+    return next(c for c in type(module).__mro__ if fsdp is None or not issubclass(c, fsdp.FSDPModule))
+
+
+def sharded_copy(policy: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen copy of the FSDP2-sharded ``policy``, sharded the same way, built from its shards: the model
+    is built from ``policy.config`` on the meta device (no weights), ``fully_shard``-ed like the policy
+    (:func:`shard_like`), given empty shards on the policy's device, and each rank copies its own shards in
+    (no communication, no full copy anywhere). Buffers (rotary tables) are copied from the policy.
+
+    ``deepcopy`` cannot do this (FSDP modules refuse it), and a full copy would cost every rank the whole model.
+    """
+    if sharding_kind(policy) != "fsdp2":
+        raise ConfigError(f"sharded_copy needs an FSDP2 (fully_shard) model, got {type(policy).__name__}")
+    config = getattr(policy, "config", None)
+    cls = _plain_class(policy)
+    if config is None or not hasattr(cls, "_from_config"):
+        raise ConfigError(f"a sharded copy is built from the model's config: {cls.__name__} is not a transformers "
+                          "model; pass Frozen a model (or folder) of its own, sharded as you like")
+    dtypes = {p.dtype for p in policy.parameters()}
+    if dtype is None and len(dtypes) != 1:
+        raise ConfigError(f"the policy's parameters have several dtypes {sorted(map(str, dtypes))}; pass dtype= "
+                          "for the frozen copy")
+    with torch.device("meta"):
+        model = cls._from_config(copy.deepcopy(config))
+    model.to(dtype or dtypes.pop())
+    model.eval()
+    model.requires_grad_(False)
+    shard_like(model, policy)
+    device = next(local_tensor(p).device for p in policy.parameters())
+    model.to_empty(device=device)
+    source = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local_tensor(param).copy_(local_like(source[name], param))
+        for name, buffer in policy.named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = buffer.detach().clone()
+    return model
+
+
+__all__ = ["ShardingKind", "full_parameters", "full_state_dict", "full_tensors", "is_dtensor", "local_bytes",
+           "local_like",
+           "local_parameter_bytes", "local_tensor", "shard_like", "sharded_copy", "sharding_kind"]

@@ -12,7 +12,7 @@ import torch
 from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
-from ..models.quantize import tensors_nbytes
+from ..models.sharding import local_bytes
 from .peft_policy import (
     reference_fingerprint,
     reference_view,
@@ -68,7 +68,7 @@ class AdapterDisabled:
         if self.adapter_name is None:
             return 0
         causal = self.policy.get_base_model()
-        return tensors_nbytes(t for n, t in causal.named_parameters() if f".{self.adapter_name}." in n)
+        return local_bytes(t for n, t in causal.named_parameters() if f".{self.adapter_name}." in n)
 
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -24,7 +24,7 @@ import math
 import torch
 
 from ..errors import ConfigError
-from ..models.quantize import tensors_nbytes
+from ..models.sharding import is_dtensor, local_bytes, local_like, local_tensor
 from .base import restore_requires_grad
 from .peft_policy import lora_layers, modules_to_save
 
@@ -57,7 +57,18 @@ def check_lora_supported(policy, adapter: str) -> None:
 
 
 def _factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    return layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
+    """``(A [r, in], B [out, r], scaling)`` of adapter ``name`` as full tensors: under FSDP2 the policy's factors
+    are shards, gathered here (a collective); the reference adapter, added later, holds plain tensors."""
+    return (_full(layer.lora_A[name].weight), _full(layer.lora_B[name].weight), float(layer.scaling[name]))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param <- value`` where ``param`` may be a shard (this rank's piece of ``value`` is written)."""
+    local_tensor(param).copy_(local_like(value, param))
 
 
 def _truncate(b: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -116,13 +127,13 @@ class LoraReference:
             if self.policy_name not in layer.lora_A:
                 continue
             a_p, b_p, s_p = _factors(layer, self.policy_name)
-            layer.lora_A[self.ref_name].weight.copy_(a_p)
-            layer.lora_B[self.ref_name].weight.copy_(b_p)
+            _assign(layer.lora_A[self.ref_name].weight, a_p)
+            _assign(layer.lora_B[self.ref_name].weight, b_p)
             layer.scaling[self.ref_name] = s_p
         for _, wrapper in modules_to_save(self.policy):
             for p_r, p_p in zip(wrapper.modules_to_save[self.ref_name].parameters(),
                                 wrapper.modules_to_save[self.policy_name].parameters(), strict=True):
-                p_r.copy_(p_p)
+                _assign(p_r, p_p)
         self.rank = int(self.policy.peft_config[self.policy_name].r)
 
     @torch.no_grad()
@@ -143,7 +154,7 @@ class LoraReference:
                 self.max_truncation_error = max(self.max_truncation_error, err)
             new[name] = (a, b)
             rank = max(rank, a.shape[0])
-        mixed_modules = [[(1.0 - alpha) * p_r + alpha * p_p.to(p_r.dtype)
+        mixed_modules = [[(1.0 - alpha) * _full(p_r) + alpha * _full(p_p).to(p_r.dtype)
                           for p_r, p_p in zip(w.modules_to_save[self.ref_name].parameters(),
                                               w.modules_to_save[self.policy_name].parameters(), strict=True)]
                          for _, w in modules_to_save(self.policy)]
@@ -155,19 +166,21 @@ class LoraReference:
                 continue
             a, b = new[name]
             ref_a, ref_b = layer.lora_A[self.ref_name].weight, layer.lora_B[self.ref_name].weight
-            ref_a.zero_()
-            ref_b.zero_()  # zero padding up to the common rank is exact
-            ref_a[: a.shape[0]].copy_(a)
-            ref_b[:, : b.shape[1]].copy_(b)
+            full_a, full_b = a.new_zeros(ref_a.shape), b.new_zeros(ref_b.shape)  # zero padding to the common rank
+            full_a[: a.shape[0]] = a
+            full_b[:, : b.shape[1]] = b
+            _assign(ref_a, full_a)
+            _assign(ref_b, full_b)
             layer.scaling[self.ref_name] = 1.0
         for (_, w), values in zip(modules_to_save(self.policy), mixed_modules, strict=True):
             for p_r, v in zip(w.modules_to_save[self.ref_name].parameters(), values, strict=True):
-                p_r.copy_(v)
+                _assign(p_r, v)
         self.rank = rank
 
     @property
     def bytes(self) -> int:
-        return tensors_nbytes(p for n, p in self.policy.named_parameters() if f".{self.ref_name}." in n)
+        """This rank's bytes of the reference adapter (its shards when sharded)."""
+        return local_bytes(p for n, p in self.policy.named_parameters() if f".{self.ref_name}." in n)
 
 
 __all__ = ["LoraReference", "check_lora_supported"]

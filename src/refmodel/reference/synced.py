@@ -22,6 +22,7 @@ import torch
 from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
+from ..models.sharding import local_like, local_tensor
 from .frozen import Frozen
 from .lora_sync import LoraReference
 from .peft_policy import (
@@ -178,6 +179,8 @@ class Synced:
         self.frozen._fingerprint = None
         if self.frozen.model is policy:
             raise ConfigError("the synced reference is the policy object itself; build Synced(policy) once")
+        if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
+            policy = policy.module
         src = dict(policy.named_parameters())
         dst = dict(self.frozen.model.named_parameters())
         if src.keys() != dst.keys():
@@ -185,11 +188,13 @@ class Synced:
             raise ConfigError(f"the policy's parameters do not match the reference's (e.g. {extra}); pass the "
                               "policy this Synced reference was built from")
         for name, ref in dst.items():
-            pol = src[name].detach().to(device=ref.device, dtype=ref.dtype)
+            # Shard to shard (a sharded copy holds the policy's layout: no communication), never a full tensor
+            # into a DTensor; a policy sharded after the copy was made is gathered here (a collective).
+            pol, mine = local_like(src[name], ref), local_tensor(ref)
             if self.alpha == 1.0:
-                ref.copy_(pol)
+                mine.copy_(pol)
             else:
-                ref.mul_(1.0 - self.alpha).add_(pol, alpha=self.alpha)
+                mine.mul_(1.0 - self.alpha).add_(pol, alpha=self.alpha)
 
     def __repr__(self) -> str:
         kind = f"lora rank {self.lora.rank}" if self.lora is not None else "full copy"

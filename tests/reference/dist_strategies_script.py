@@ -1,0 +1,203 @@
+"""Every model-based reference strategy under a distributed backend against one process, in ONE launch.
+
+Run by ``tests/reference/test_distributed_strategies.py``::
+
+    torchrun --nproc_per_node 2 tests/reference/dist_strategies_script.py POLICY_DIR REF_DIR --backends ddp,fsdp2
+
+Each rank first computes the one-process values with plain models (the same calls, one thread, the same
+batch: what ``python script`` alone would get), then wraps or shards copies of them with each backend and
+runs refmodel's own strategies and DPO loop on the whole batch (every rank the same batch, so averaged
+gradients equal the one-process gradients). Prints one JSON line per rank and backend:
+``{"rank", "backend", "diffs": {check: max |distributed - one process|}, "equal": {check: bool},
+"bytes": {...}}``; the test asserts ``diffs <= 1e-6`` (float32) and every ``equal``.
+
+A backend is an entry of :data:`BACKENDS`: ``wrap(model) -> (trained, given)``, the module the loop trains
+(DDP's wrapper, the sharded model) and the one handed to refmodel's strategies; and ``sharded`` (whether
+the reference copy should hold less than the full model per rank). Add one (e.g. DeepSpeed ZeRO-3) there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from refmodel.logprobs.model import model_logprobs
+from refmodel.models.fingerprint import fingerprint
+from refmodel.models.loading import load_tokenizer
+from refmodel.models.quantize import model_nbytes
+from refmodel.models.sharding import full_parameters, local_parameter_bytes
+from refmodel.recipes.train import TrainConfig, accumulate_gradients, tokenize_preferences
+from refmodel.reference import AdapterDisabled, Frozen, Synced
+from refmodel.testing import load_tiny, preference_pairs
+
+
+@dataclass
+class Backend:
+    wrap: Callable[[nn.Module], tuple[nn.Module, nn.Module]]
+    sharded: bool
+
+
+def _ddp(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return nn.parallel.DistributedDataParallel(model), model
+
+
+def _fsdp2(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.get_base_model().model.layers if hasattr(model, "peft_config") else model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, model
+
+
+BACKENDS: dict[str, Backend] = {"ddp": Backend(_ddp, sharded=False), "fsdp2": Backend(_fsdp2, sharded=True)}
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).abs().max())
+
+
+def _lora(model: nn.Module) -> nn.Module:
+    import peft
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0)
+    torch.manual_seed(0)  # PEFT draws lora_A from the global generator: the same adapter on every rank
+    policy = peft.get_peft_model(model, cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():  # non-zero B: the adapter changes the output
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return policy
+
+
+def _optimizer(trained: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, made before any forward as a training script does: after an FSDP2
+    forward the root's registered parameters are its gathered copies until the next backward reshards them."""
+    return torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.learning_rate)
+
+
+def _step(trained: nn.Module, optimizer, reference, pairs, cfg: TrainConfig) -> float:
+    """One step of the DPO loop: forward + backward (``accumulate_gradients``) and the optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(trained, reference, pairs, cfg)["loss"]
+    optimizer.step()
+    return loss
+
+
+def run_full(backend: Backend, policy_dir: str, ref_dir: str, pairs, batch, cfg) -> dict:
+    """model_logprobs, Frozen (path, from_policy), Synced (full), the DPO step and fingerprints."""
+    diffs: dict[str, float] = {}
+    equal: dict[str, bool] = {}
+    plain, _ = load_tiny(policy_dir)
+    plain.train()
+    trained, given = backend.wrap(copy.deepcopy(plain))
+    trained.train()
+    opt, one_opt = _optimizer(trained, cfg), _optimizer(plain, cfg)
+    with torch.no_grad():
+        diffs["model_logprobs"] = _diff(model_logprobs(given, *batch), model_logprobs(plain, *batch))
+    one_frozen, frozen = Frozen.from_policy(plain), Frozen.from_policy(given)
+    diffs["Frozen.from_policy"] = _diff(frozen.logprobs(*batch), one_frozen.logprobs(*batch))
+    equal["Frozen.from_policy fingerprint"] = frozen.fingerprint == one_frozen.fingerprint
+    equal["fingerprint"] = fingerprint(given) == fingerprint(plain) == fingerprint(trained)
+    full_bytes = model_nbytes(plain)
+    bytes_ = {"full": full_bytes, "Frozen.from_policy": frozen.memory_bytes,
+              "policy": local_parameter_bytes(given)}
+    if backend.sharded:
+        equal["Frozen.from_policy sharded"] = frozen.memory_bytes < full_bytes
+    else:
+        equal["Frozen.from_policy whole"] = frozen.memory_bytes == full_bytes
+    with full_parameters(given):
+        equal["full_parameters"] = all(type(p) is nn.Parameter for p in given.parameters())
+        diffs["full_parameters"] = max(_diff(p, q) for p, q in zip(given.parameters(), plain.parameters(),
+                                                                    strict=True))
+
+    ref_path, one_ref_path = Frozen(ref_dir), Frozen(ref_dir)
+    synced, one_synced = Synced(given, ref_model_sync_steps=1), Synced(plain, ref_model_sync_steps=1)
+    loss = _step(trained, opt, ref_path, pairs, cfg)
+    one_loss = _step(plain, one_opt, one_ref_path, pairs, cfg)
+    diffs["DPO step-1 loss (Frozen path)"] = abs(loss - one_loss)
+    synced.on_step(1, given)
+    one_synced.on_step(1, plain)
+    diffs["Synced full after a step"] = _diff(synced.logprobs(*batch), one_synced.logprobs(*batch))
+    equal["Synced full fingerprint"] = synced.fingerprint == one_synced.fingerprint
+    with torch.no_grad():
+        diffs["policy after a step"] = _diff(model_logprobs(given, *batch), model_logprobs(plain, *batch))
+    # Frozen.from_policy as the DPO reference: the loss of a second step from the stepped policies
+    loss2 = _step(trained, opt, frozen, pairs, cfg)
+    one_loss2 = _step(plain, one_opt, one_frozen, pairs, cfg)
+    diffs["DPO step-2 loss (Frozen.from_policy)"] = abs(loss2 - one_loss2)
+    bytes_["Synced full"] = synced.memory_bytes
+    return {"diffs": diffs, "equal": equal, "bytes": bytes_}
+
+
+def run_peft(backend: Backend, policy_dir: str, pairs, batch, cfg) -> dict:
+    """AdapterDisabled and Synced (PEFT) with a real LoRA policy (head included), the DPO step."""
+    diffs: dict[str, float] = {}
+    equal: dict[str, bool] = {}
+    base, _ = load_tiny(policy_dir)
+    base_fingerprint = fingerprint(base)  # before PEFT wraps its layers in place
+    plain = _lora(base)
+    plain.train()
+    trained, given = backend.wrap(copy.deepcopy(plain))
+    trained.train()
+    opt, one_opt = _optimizer(trained, cfg), _optimizer(plain, cfg)
+    off, one_off = AdapterDisabled(given), AdapterDisabled(plain)
+    diffs["AdapterDisabled"] = _diff(off.logprobs(*batch), one_off.logprobs(*batch))
+    equal["AdapterDisabled fingerprint"] = off.fingerprint == one_off.fingerprint == base_fingerprint
+    with torch.no_grad():
+        diffs["model_logprobs PEFT"] = _diff(model_logprobs(given, *batch), model_logprobs(plain, *batch))
+    synced, one_synced = Synced(given, ref_model_sync_steps=1), Synced(plain, ref_model_sync_steps=1)
+    diffs["Synced PEFT before a step"] = _diff(synced.logprobs(*batch), one_synced.logprobs(*batch))
+    loss = _step(trained, opt, off, pairs, cfg)
+    one_loss = _step(plain, one_opt, one_off, pairs, cfg)
+    diffs["DPO step-1 loss (AdapterDisabled)"] = abs(loss - one_loss)
+    synced.on_step(1, given)
+    one_synced.on_step(1, plain)
+    diffs["Synced PEFT after a step"] = _diff(synced.logprobs(*batch), one_synced.logprobs(*batch))
+    equal["Synced PEFT fingerprint"] = synced.fingerprint == one_synced.fingerprint
+    return {"diffs": diffs, "equal": equal, "bytes": {"AdapterDisabled": off.memory_bytes,
+                                                      "Synced PEFT": synced.memory_bytes}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("policy_dir")
+    parser.add_argument("ref_dir")
+    parser.add_argument("--backends", default="ddp,fsdp2")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    tok = load_tokenizer(args.policy_dir)
+    cfg = TrainConfig(batch_size=4, learning_rate=1e-2, max_length=64, progress=False)
+    pairs = tokenize_preferences(preference_pairs(4, seed=3), tok, cfg)
+    from refmodel.data import collate_examples
+
+    batch_dict = collate_examples(pairs, tok.pad_token_id)
+    batch = (batch_dict["input_ids"], batch_dict["attention_mask"], batch_dict["score_mask"])
+    for name in args.backends.split(","):
+        backend = BACKENDS[name]
+        for part in (run_full(backend, args.policy_dir, args.ref_dir, pairs, batch, cfg),
+                     run_peft(backend, args.policy_dir, pairs, batch, cfg)):
+            print(json.dumps({"rank": dist.get_rank(), "backend": name, **part}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
