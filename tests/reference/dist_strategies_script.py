@@ -2,12 +2,13 @@
 
 Run by ``tests/reference/test_distributed_strategies.py``::
 
-    torchrun --nproc_per_node 2 tests/reference/dist_strategies_script.py POLICY_DIR REF_DIR --backends ddp,fsdp2
+    torchrun --nproc_per_node 2 tests/reference/dist_strategies_script.py POLICY_DIR REF_DIR OUT_DIR --backends ddp,fsdp2
 
 Each rank first computes the one-process values with plain models (the same calls, one thread, the same
 batch: what ``python script`` alone would get), then wraps or shards copies of them with each backend and
 runs refmodel's own strategies and DPO loop on the whole batch (every rank the same batch, so averaged
-gradients equal the one-process gradients). Prints one JSON line per rank and backend:
+gradients equal the one-process gradients). Writes ``OUT_DIR/rank<r>.jsonl`` (the ranks' stdout interleave),
+one JSON line per backend and part:
 ``{"rank", "backend", "diffs": {check: max |distributed - one process|}, "equal": {check: bool},
 "bytes": {...}}``; the test asserts ``diffs <= 1e-6`` (float32) and every ``equal``.
 
@@ -176,6 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("policy_dir")
     parser.add_argument("ref_dir")
+    parser.add_argument("out_dir")
     parser.add_argument("--backends", default="ddp,fsdp2")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -189,11 +191,13 @@ def main() -> None:
 
     batch_dict = collate_examples(pairs, tok.pad_token_id)
     batch = (batch_dict["input_ids"], batch_dict["attention_mask"], batch_dict["score_mask"])
-    for name in args.backends.split(","):
-        backend = BACKENDS[name]
-        for part in (run_full(backend, args.policy_dir, args.ref_dir, pairs, batch, cfg),
-                     run_peft(backend, args.policy_dir, pairs, batch, cfg)):
-            print(json.dumps({"rank": dist.get_rank(), "backend": name, **part}), flush=True)
+    with open(os.path.join(args.out_dir, f"rank{dist.get_rank()}.jsonl"), "w") as out:
+        for name in args.backends.split(","):
+            backend = BACKENDS[name]
+            for part in (run_full(backend, args.policy_dir, args.ref_dir, pairs, batch, cfg),
+                         run_peft(backend, args.policy_dir, pairs, batch, cfg)):
+                out.write(json.dumps({"rank": dist.get_rank(), "backend": name, **part}) + "\n")
+                out.flush()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -2,7 +2,7 @@
 
 One launch runs every case (``dist_strategies_script.py``: model_logprobs, Frozen from a path and from the
 policy, sharded like it, AdapterDisabled with a real LoRA policy, Synced full and PEFT after an optimizer
-step, the DPO loop's loss, fingerprints); each rank prints JSON that this test checks within 1e-6 (float32).
+step, the DPO loop's loss, fingerprints); each rank writes JSON that this test checks within 1e-6 (float32).
 Before ``models.sharding`` and ``run_in_forward``, FSDP2 crashed in ``model_logprobs`` (``aten.embedding got
 mixed torch.Tensor and DTensor``), ``Frozen.from_policy`` (``FSDP does not support deepcopy``) and
 ``fingerprint``.
@@ -36,10 +36,10 @@ def test_strategies_under_ddp_and_fsdp2_equal_one_process(tmp_path):
     policy = make_tiny_model("llama", tmp_path / "policy", seed=0)
     reference = make_tiny_model("llama", tmp_path / "reference", seed=1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(SCRIPT), str(policy), str(reference), "--backends", ",".join(BACKENDS)]
+           str(SCRIPT), str(policy), str(reference), str(tmp_path), "--backends", ",".join(BACKENDS)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(OMP_NUM_THREADS=1))
     assert res.returncode == 0, res.stderr[-4000:]
-    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for rank in (0, 1) for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * len(BACKENDS) * len(CHECKS)
     for row in rows:
         where = f"rank {row['rank']} {row['backend']}"
