@@ -112,6 +112,13 @@ def test_full_parameters_state_dict_fingerprint_and_bytes(tiny_model_dirs, group
         for p, q in zip(sharded.parameters(), plain.parameters(), strict=True):
             assert torch.equal(p, q)
     assert all(is_dtensor(p) for p in sharded.parameters())  # sharded again, as it was
+    with full_parameters(sharded, writable=True), torch.no_grad():
+        sharded.lm_head.weight.mul_(2.0)
+    torch.testing.assert_close(sharded.lm_head.weight.full_tensor(), 2.0 * plain.lm_head.weight, atol=0, rtol=0)
+    with full_parameters(sharded), torch.no_grad():  # read-only: a write goes with the gathered copy
+        sharded.lm_head.weight.mul_(0.5)
+    with torch.no_grad():
+        sharded.lm_head.weight.to_local().mul_(0.5)
     state = full_state_dict(sharded)
     assert state.keys() == plain.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())

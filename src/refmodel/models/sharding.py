@@ -105,22 +105,24 @@ def _is_sharded(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def full_parameters(module: nn.Module) -> Iterator[nn.Module]:
+def full_parameters(module: nn.Module, *, writable: bool = False) -> Iterator[nn.Module]:
     """Inside the block, every parameter of ``module`` is a full, unsharded tensor on each rank; on exit each
-    is sharded again as it was. For direct reads and writes under ``torch.no_grad()`` (copying weights,
-    a TR-DPO sync); to *run* the model call it (or :func:`refmodel.logprobs.model.run_in_forward`), which
-    gathers one layer at a time. A collective: enter it on every rank.
+    is sharded again as it was. For direct reads (and, with ``writable=True``, writes: every rank writing the
+    same values) under ``torch.no_grad()``; to *run* the model call it (or
+    :func:`refmodel.logprobs.model.run_in_forward`), which gathers one layer at a time. A collective: enter it
+    on every rank.
 
     FSDP2: the root is initialised first by a call through its hooked forward (torch makes the first module
     that runs the root; a nested layer run first would claim it), then every ``fully_shard``-ed module that
-    holds shards is ``unshard()``-ed and ``reshard()``-ed on exit. Costs the full model per rank while open.
-    ZeRO-3: :func:`refmodel.models.zero3.full_parameters`. Plain or DDP: nothing to do.
+    holds shards is ``unshard()``-ed and ``reshard()``-ed on exit (which drops the gathered copies: with
+    ``writable=True`` each rank's piece of them is first copied into its shards). Costs the full model per
+    rank while open. ZeRO-3: :func:`refmodel.models.zero3.full_parameters`. Plain or DDP: nothing to do.
     """
     kind = sharding_kind(module)
     if kind == "zero3":
         from . import zero3
 
-        with zero3.full_parameters(module):
+        with zero3.full_parameters(module, writable=writable):
             yield module
         return
     if kind == "none":
@@ -128,12 +130,18 @@ def full_parameters(module: nn.Module) -> Iterator[nn.Module]:
         return
     modules = _fsdp_modules(module)
     sharded = [m for m in modules if _is_sharded(m)]
+    shards = {name: p for name, p in module.named_parameters() if is_dtensor(p)} if writable else {}
     with torch.no_grad():
         run_in_forward([modules[0]], lambda: None)
     for m in sharded:
         m.unshard()
     try:
         yield module
+        if shards:
+            with torch.no_grad():
+                gathered = dict(module.named_parameters())
+                for name, shard in shards.items():
+                    local_tensor(shard).copy_(local_like(gathered[name], shard))
     finally:
         for m in reversed(sharded):
             m.reshard()
