@@ -142,6 +142,10 @@ def test_frozen_from_an_fsdp2_policy_is_a_sharded_copy(tiny_model_dirs, group):
     with torch.no_grad():  # a copy: the policy moving leaves it alone
         next(policy.parameters()).to_local().add_(1.0)
     torch.testing.assert_close(frozen.logprobs(ids), model_logprobs(plain, ids), atol=1e-6, rtol=0)
+    loaded = Frozen(tiny_model_dirs["llama"], shard_like=policy)  # a folder, sharded like the policy
+    assert sharding_kind(loaded.model) == "fsdp2" and loaded.fingerprint == fingerprint(plain)
+    torch.testing.assert_close(loaded.logprobs(ids), model_logprobs(plain, ids), atol=1e-6, rtol=0)
+    assert sharding_kind(Frozen(tiny_model_dirs["llama"], shard_like=plain).model) == "none"
     half = Frozen.from_policy(policy, dtype="bfloat16")
     assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
     with pytest.raises(ConfigError, match="sharded model.*quantize"):

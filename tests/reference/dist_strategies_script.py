@@ -125,7 +125,10 @@ def run_full(backend: Backend, policy_dir: str, ref_dir: str, pairs, batch, cfg)
         diffs["full_parameters"] = max(_diff(p, q) for p, q in zip(given.parameters(), plain.parameters(),
                                                                     strict=True))
 
-    ref_path, one_ref_path = Frozen(ref_dir), Frozen(ref_dir)
+    ref_path, one_ref_path = Frozen(ref_dir, shard_like=given), Frozen(ref_dir)
+    diffs["Frozen(path, shard_like=policy)"] = _diff(ref_path.logprobs(*batch), one_ref_path.logprobs(*batch))
+    equal["Frozen(path) fingerprint"] = ref_path.fingerprint == one_ref_path.fingerprint
+    bytes_["Frozen(path, shard_like=policy)"] = ref_path.memory_bytes
     synced, one_synced = Synced(given, ref_model_sync_steps=1), Synced(plain, ref_model_sync_steps=1)
     loss = _step(trained, opt, ref_path, pairs, cfg)
     one_loss = _step(plain, one_opt, one_ref_path, pairs, cfg)

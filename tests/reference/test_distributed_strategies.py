@@ -23,6 +23,7 @@ SCRIPT = Path(__file__).with_name("dist_strategies_script.py")
 BACKENDS = ("ddp", "fsdp2")
 CHECKS = {  # every check the script must report, per part
     "full": {"model_logprobs", "Frozen.from_policy", "full_parameters", "DPO step-1 loss (Frozen path)",
+             "Frozen(path, shard_like=policy)",
              "Synced full after a step", "policy after a step", "DPO step-2 loss (Frozen.from_policy)"},
     "peft": {"AdapterDisabled", "model_logprobs PEFT", "Synced PEFT before a step",
              "DPO step-1 loss (AdapterDisabled)", "Synced PEFT after a step"},
@@ -53,3 +54,4 @@ def test_strategies_under_ddp_and_fsdp2_equal_one_process(tmp_path):
             # FSDP2: the frozen copy is sharded like the policy (about half per rank); DDP: a whole copy
             assert (frozen < 0.6 * full) if row["backend"] == "fsdp2" else frozen == full, (where, row["bytes"])
             assert row["bytes"]["Synced full"] == frozen
+            assert row["bytes"]["Frozen(path, shard_like=policy)"] == frozen  # the same architecture, same shards

@@ -26,7 +26,7 @@ import contextlib
 import copy
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ def sharding_kind(module: nn.Module) -> ShardingKind:
     return "none"
 
 
-def _fsdp_modules(module: nn.Module) -> list[nn.Module]:
+def _fsdp_modules(module: nn.Module) -> list[Any]:  # FSDPModule: unshard(), reshard()
     """Every ``fully_shard``-ed module in ``module``, outermost first (``modules()`` is pre-order)."""
     fsdp = _fsdp()
     return [m for m in module.modules() if fsdp is not None and isinstance(m, fsdp.FSDPModule)]
@@ -120,7 +120,7 @@ def full_parameters(module: nn.Module, *, writable: bool = False) -> Iterator[nn
     """
     kind = sharding_kind(module)
     if kind == "zero3":
-        from . import zero3
+        from . import zero3  # type: ignore[attr-defined, unused-ignore]  # written on the ZeRO-3 branch
 
         with zero3.full_parameters(module, writable=writable):
             yield module
@@ -147,7 +147,7 @@ def full_parameters(module: nn.Module, *, writable: bool = False) -> Iterator[nn
             m.reshard()
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def _full(t: Any) -> torch.Tensor:  # DTensor methods (full_tensor, to_local, device_mesh) are untyped here
     return t.full_tensor() if is_dtensor(t) else t
 
 
@@ -155,7 +155,7 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of the plain model: full tensors under the same keys (a DDP wrapper's ``module.``
     prefix left out). Holds the whole model on each rank: prefer :func:`full_tensors` to stream it."""
     if sharding_kind(module) == "zero3":
-        from . import zero3
+        from . import zero3  # type: ignore[attr-defined, unused-ignore]  # written on the ZeRO-3 branch
 
         return zero3.full_state_dict(module)
     return dict(full_tensors(module))
@@ -181,7 +181,7 @@ def local_parameter_bytes(module: nn.Module) -> int:
     return local_bytes(list(module.parameters()) + list(module.buffers()))
 
 
-def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
+def local_bytes(tensors: Iterable[Any]) -> int:
     """:func:`local_parameter_bytes` of some tensors (e.g. one adapter's): what this rank holds of each."""
     held = []
     for t in tensors:
@@ -194,7 +194,7 @@ def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return tensors_nbytes(held)
 
 
-def local_like(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def local_like(src: Any, like: Any) -> torch.Tensor:
     """``src``'s values laid out like ``like``'s local tensor (what this rank holds of it), in its dtype.
 
     Shards of the same layout (mesh, placements, shape) are used as they are: no communication, the sync of
@@ -213,7 +213,7 @@ def local_like(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return _full(src).detach().to(device=like.device, dtype=like.dtype)
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: Any) -> torch.Tensor:
     """What this rank holds of ``t``: its FSDP2 shard, or ``t`` itself; writes to it change ``t``."""
     return t.to_local() if is_dtensor(t) else t
 
@@ -227,7 +227,7 @@ def shard_like(model: nn.Module, policy: nn.Module) -> nn.Module:
     named = [(name, m) for name, m in policy.named_modules() if m in set(_fsdp_modules(policy))]
     if not named:
         raise ConfigError(f"shard_like: {type(policy).__name__} has no fully_shard module to copy the layout of")
-    mesh = next(p.device_mesh for p in policy.parameters() if is_dtensor(p))
+    mesh = next(cast(Any, p).device_mesh for p in policy.parameters() if is_dtensor(p))
     for name, _ in sorted(named, key=lambda nm: -nm[0].count(".") - (nm[0] != "")):
         fully_shard(model.get_submodule(name), mesh=mesh, reshard_after_forward=True)
     return model

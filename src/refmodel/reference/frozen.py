@@ -23,6 +23,7 @@ from ..models.dtypes import parse_dtype
 from ..models.fingerprint import fingerprint
 from ..models.quantize import check_mode, quantize_model
 from ..models.sharding import local_parameter_bytes, sharded_copy, sharding_kind
+from ..models.sharding import shard_like as shard_like_policy
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class Frozen:
         device: where the weights live (e.g. ``"cuda:0"``); ``None`` keeps them where they are and, unless
             offloaded, moves them once to the batches' device at the first call: the reference lives on
             the policy's device.
+        shard_like: the policy; when it is FSDP2-sharded, the reference is ``fully_shard``-ed the same way
+            (same modules, same mesh) right after loading, so each rank keeps only its shards
+            (:func:`refmodel.models.sharding.shard_like`). Ignored for a plain or DDP policy.
 
     A model sharded with FSDP2 (``fully_shard``) stays sharded: it runs through its own hooked forward and
     ``memory_bytes`` counts this rank's shards; it cannot be moved, offloaded or quantized here.
@@ -67,7 +71,8 @@ class Frozen:
     def __init__(self, model_or_path, *, dtype=None, offload_to_cpu: bool = False, quantize: str | None = None,
                  temperature: float = 1.0, attn_implementation: str | None = None,
                  use_fused_linear_logprobs: bool = True, cast_logprobs_to_fp32: bool = True,
-                 chunk_size: int | None = None, allow_pickle: bool = False, device: str | torch.device | None = None):
+                 chunk_size: int | None = None, allow_pickle: bool = False, device: str | torch.device | None = None,
+                 shard_like: nn.Module | None = None):
         check_mode(quantize)
         temperature = validation.temperature(temperature, error=ConfigError)
         torch_dtype = parse_dtype(dtype)
@@ -84,6 +89,13 @@ class Frozen:
             raise ConfigError("Frozen got a PEFT model; merge it first (model.merge_and_unload()) to freeze the "
                               "adapted weights, or use AdapterDisabled(model) to use the base model as reference")
         loaded = isinstance(model_or_path, (str, Path))  # then load_model applied dtype and quantize
+        if shard_like is not None and sharding_kind(shard_like) == "fsdp2" and sharding_kind(model) == "none":
+            if torch_dtype is not None and not loaded:
+                model = model.to(torch_dtype)
+            torch_dtype = None  # applied: a sharded model is not cast again
+            model.eval()
+            model.requires_grad_(False)
+            shard_like_policy(model, shard_like)
         self.sharded = sharding_kind(model) != "none"
         if self.sharded:
             _check_sharded_options(model, torch_dtype, quantize, offload_to_cpu, device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ def _factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     return (_full(layer.lora_A[name].weight), _full(layer.lora_B[name].weight), float(layer.scaling[name]))
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def _full(t: Any) -> torch.Tensor:  # a DTensor's full_tensor() is untyped here
     return t.full_tensor() if is_dtensor(t) else t
 
 
