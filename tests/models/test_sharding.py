@@ -10,7 +10,6 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from refmodel.errors import ConfigError
@@ -26,17 +25,12 @@ from refmodel.models.sharding import (
     sharding_kind,
 )
 from refmodel.reference import Frozen
-from refmodel.testing import free_port, load_tiny
+from refmodel.testing import load_tiny
 
 
 @pytest.fixture(scope="module")
-def group():
-    """A 1-rank gloo process group for this module's tests (destroyed after them)."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+def group(one_rank_group):
+    """The 1-rank gloo group of tests/conftest.py."""
 
 
 def _fsdp2(model: nn.Module) -> nn.Module:
