@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from .sharding import full_state_dict
+
 FINGERPRINT_PREFIX = "rm1-"
 
 # Each log-prob setting at its default is left out of the hash, so the plain fingerprint names the model at
@@ -91,9 +93,10 @@ def fingerprint(model: nn.Module, **settings) -> str:
 
     Pass every setting that changes log-probs and is not in the weights, e.g. ``temperature``,
     ``quantization``; ``None`` and default values are left out (:func:`fingerprint_settings`), so
-    ``fingerprint(m)`` == ``fingerprint(m, temperature=1.0, quantization=None)``.
+    ``fingerprint(m)`` == ``fingerprint(m, temperature=1.0, quantization=None)``. A sharded or partitioned
+    model hashes its full tensors, so it has the plain model's fingerprint (a collective then: every rank calls).
     """
-    return fingerprint_tensors(model.state_dict().items(), **settings)
+    return fingerprint_tensors(full_state_dict(model).items(), **settings)
 
 
 __all__ = ["fingerprint", "fingerprint_settings", "fingerprint_tensors", "finish_fingerprint", "weights_digest",

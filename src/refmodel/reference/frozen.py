@@ -19,10 +19,10 @@ from torch import nn
 from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
+from ..models import sharding, zero3
 from ..models.dtypes import parse_dtype
 from ..models.fingerprint import fingerprint
 from ..models.quantize import check_mode, quantize_model
-from .base import module_bytes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,14 @@ class Frozen:
             raise ConfigError("Frozen got a PEFT model; merge it first (model.merge_and_unload()) to freeze the "
                               "adapted weights, or use AdapterDisabled(model) to use the base model as reference")
         loaded = isinstance(model_or_path, (str, Path))  # then load_model applied dtype and quantize
+        self._engine = None  # the DeepSpeed inference engine of a ZeRO-3 reference: it owns the gather hooks
+        if sharding.sharding_kind(model) == "zero3":
+            if offload_to_cpu or (quantize is not None and not loaded) or (torch_dtype is not None and not loaded):
+                raise ConfigError("a ZeRO-3 partitioned reference takes its dtype and offload from the DeepSpeed "
+                                  "config (bf16.enabled, zero_optimization.offload_param), and cannot be quantized "
+                                  "here; leave dtype, offload_to_cpu and quantize unset")
+            if not zero3.is_prepared(model):  # loaded under zero.Init: partitions without gather hooks
+                model, self._engine = zero3.prepare_reference(model)
         if torch_dtype is not None and not loaded:
             model = model.to(torch_dtype)
         model.eval()
@@ -83,10 +91,13 @@ class Frozen:
 
     @classmethod
     def from_policy(cls, policy: nn.Module, **kwargs) -> Frozen:
-        """A frozen deep copy of ``policy`` (the policy itself stays trainable and untouched)."""
+        """A frozen deep copy of ``policy`` (the policy itself stays trainable and untouched); of a ZeRO-3
+        policy, a copy partitioned like it with its own inference engine (:func:`~refmodel.models.zero3.prepare_reference`)."""
         if hasattr(policy, "peft_config") and hasattr(policy, "merge_and_unload"):
             raise ConfigError("Frozen.from_policy got a PEFT model; use AdapterDisabled(policy) (no extra weights) "
                               "or Frozen(copy.deepcopy(policy).merge_and_unload()) to freeze the adapted weights")
+        if sharding.sharding_kind(policy) == "zero3":
+            return cls(zero3.partitioned_copy(policy), **kwargs)
         return cls(copy.deepcopy(policy), **kwargs)
 
     @property
@@ -98,8 +109,8 @@ class Frozen:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the frozen copy's weights (on the CPU when offloaded)."""
-        return module_bytes(self.model)
+        """Bytes of the frozen copy's weights on this rank (on the CPU when offloaded; a partition under ZeRO-3)."""
+        return sharding.local_parameter_bytes(self.model)
 
     def _device(self) -> torch.device:
         for p in self.model.parameters():

@@ -22,9 +22,12 @@ import logging
 import math
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
-from ..models.quantize import tensors_nbytes
+from ..logprobs.lm_head import full_shape
+from ..models import zero3
+from ..models.sharding import full_parameters, local_parameter_bytes
 from .base import restore_requires_grad
 from .peft_policy import lora_layers, modules_to_save
 
@@ -96,6 +99,8 @@ class LoraReference:
         for n, p in self.policy.named_parameters():
             if f".{self.ref_name}." in n:
                 p.requires_grad_(False)
+        if zero3.is_zero3(self.policy):  # added after deepspeed.initialize: partitioned like the rest
+            zero3.partition_new_parameters(self.adapter_modules(self.ref_name))
         missing = [n for n, layer in lora_layers(self.policy)
                    if (self.policy_name in layer.lora_A) != (self.ref_name in layer.lora_A)]
         missing += [n for n, w in modules_to_save(self.policy)
@@ -106,12 +111,26 @@ class LoraReference:
         if self.policy.active_adapter != self.policy_name:  # add_adapter must not switch the policy
             self.policy.set_adapter(self.policy_name)
 
+    def adapter_modules(self, name: str) -> nn.ModuleList:
+        """The modules of adapter ``name`` (its LoRA factors and full copies), the only parameters a sync touches:
+        under ZeRO-3 they are gathered (:func:`~refmodel.models.sharding.full_parameters`), not the whole model."""
+        mods = [m for _, layer in lora_layers(self.policy) if name in layer.lora_A
+                for m in (layer.lora_A[name], layer.lora_B[name])]
+        mods += [w.modules_to_save[name] for _, w in modules_to_save(self.policy) if name in w.modules_to_save]
+        return nn.ModuleList(mods)
+
     @torch.no_grad()
     def hard_copy(self) -> None:
         """ref <- policy, bit for bit (weights and scalings)."""
-        if any(layer.lora_A[self.ref_name].weight.shape != layer.lora_A[self.policy_name].weight.shape
+        if any(full_shape(layer.lora_A[self.ref_name].weight) != full_shape(layer.lora_A[self.policy_name].weight)
                for _, layer in lora_layers(self.policy) if self.ref_name in layer.lora_A):
             self._create(copy.deepcopy(self.policy.peft_config[self.policy_name]))
+        with full_parameters(self.adapter_modules(self.policy_name)), \
+                full_parameters(self.adapter_modules(self.ref_name), writable=True):
+            self._copy_policy_adapter()
+        self.rank = int(self.policy.peft_config[self.policy_name].r)
+
+    def _copy_policy_adapter(self) -> None:
         for _, layer in lora_layers(self.policy):
             if self.policy_name not in layer.lora_A:
                 continue
@@ -123,11 +142,9 @@ class LoraReference:
             for p_r, p_p in zip(wrapper.modules_to_save[self.ref_name].parameters(),
                                 wrapper.modules_to_save[self.policy_name].parameters(), strict=True):
                 p_r.copy_(p_p)
-        self.rank = int(self.policy.peft_config[self.policy_name].r)
 
-    @torch.no_grad()
-    def mix(self, alpha: float) -> None:
-        """ref <- alpha * policy + (1 - alpha) * ref, exactly (rank concatenation, optional max_rank)."""
+    def _mixed(self, alpha: float):
+        """``({layer: (A, B)}, rank, [module values])`` of the mix, from the (full) factors of both adapters."""
         new, rank = {}, 0
         for name, layer in lora_layers(self.policy):
             if self.policy_name not in layer.lora_A:
@@ -147,27 +164,36 @@ class LoraReference:
                           for p_r, p_p in zip(w.modules_to_save[self.ref_name].parameters(),
                                               w.modules_to_save[self.policy_name].parameters(), strict=True)]
                          for _, w in modules_to_save(self.policy)]
+        return new, rank, mixed_modules
+
+    @torch.no_grad()
+    def mix(self, alpha: float) -> None:
+        """ref <- alpha * policy + (1 - alpha) * ref, exactly (rank concatenation, optional max_rank)."""
+        with full_parameters(self.adapter_modules(self.policy_name)), full_parameters(self.adapter_modules(self.ref_name)):
+            new, rank, mixed_modules = self._mixed(alpha)
         cfg = copy.deepcopy(self.policy.peft_config[self.policy_name])
         cfg.r, cfg.lora_alpha, cfg.use_rslora, cfg.rank_pattern, cfg.alpha_pattern = rank, rank, False, {}, {}
         self._create(cfg)
-        for name, layer in lora_layers(self.policy):
-            if name not in new:
-                continue
-            a, b = new[name]
-            ref_a, ref_b = layer.lora_A[self.ref_name].weight, layer.lora_B[self.ref_name].weight
-            ref_a.zero_()
-            ref_b.zero_()  # zero padding up to the common rank is exact
-            ref_a[: a.shape[0]].copy_(a)
-            ref_b[:, : b.shape[1]].copy_(b)
-            layer.scaling[self.ref_name] = 1.0
-        for (_, w), values in zip(modules_to_save(self.policy), mixed_modules, strict=True):
-            for p_r, v in zip(w.modules_to_save[self.ref_name].parameters(), values, strict=True):
-                p_r.copy_(v)
+        with full_parameters(self.adapter_modules(self.ref_name), writable=True):
+            for name, layer in lora_layers(self.policy):
+                if name not in new:
+                    continue
+                a, b = new[name]
+                ref_a, ref_b = layer.lora_A[self.ref_name].weight, layer.lora_B[self.ref_name].weight
+                ref_a.zero_()
+                ref_b.zero_()  # zero padding up to the common rank is exact
+                ref_a[: a.shape[0]].copy_(a)
+                ref_b[:, : b.shape[1]].copy_(b)
+                layer.scaling[self.ref_name] = 1.0
+            for (_, w), values in zip(modules_to_save(self.policy), mixed_modules, strict=True):
+                for p_r, v in zip(w.modules_to_save[self.ref_name].parameters(), values, strict=True):
+                    p_r.copy_(v)
         self.rank = rank
 
     @property
     def bytes(self) -> int:
-        return tensors_nbytes(p for n, p in self.policy.named_parameters() if f".{self.ref_name}." in n)
+        """The reference adapter's bytes on this rank (a partition under ZeRO-3)."""
+        return local_parameter_bytes(self.adapter_modules(self.ref_name))
 
 
 __all__ = ["LoraReference", "check_lora_supported"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.sharding import full_state_dict
 from .base import eval_mode, restore_requires_grad
 
 
@@ -60,7 +61,7 @@ def base_state_items(model) -> list[tuple[str, torch.Tensor]]:
     names = set(model.peft_config)
     causal = model.get_base_model()
     items = []
-    for name, tensor in causal.state_dict().items():
+    for name, tensor in full_state_dict(causal).items():
         if _is_adapter_param(name, names) or any(f".{a}." in f".{name}." for a in ("lora_magnitude_vector",)):
             continue
         for pattern, repl in _CANONICAL:
@@ -73,7 +74,7 @@ def adapter_state_items(model, adapter_name: str) -> list[tuple[str, torch.Tenso
     """Weights (and LoRA scalings) of one adapter, for fingerprints."""
     causal = model.get_base_model()
     items = []
-    for name, tensor in causal.state_dict().items():
+    for name, tensor in full_state_dict(causal).items():
         parts = name.split(".")
         if adapter_name in parts and ("modules_to_save" in parts or any(p.startswith("lora_") for p in parts)):
             items.append((name.replace(f".{adapter_name}.", ".<ref>."), tensor))

@@ -22,6 +22,7 @@ import torch
 from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
+from ..models import sharding
 from ..models.fingerprint import fingerprint_tensors
 from .frozen import Frozen
 from .lora_sync import LoraReference
@@ -147,7 +148,9 @@ class Synced:
         if self.frozen is not None:
             return self.frozen.logprobs(input_ids, attention_mask, score_mask)
         assert self.lora is not None  # exactly one of frozen / lora is set
-        with reference_view(self.policy, self.lora.ref_name):
+        # The reference adapter has no gather hooks of its own under ZeRO-3 (added after deepspeed.initialize).
+        with reference_view(self.policy, self.lora.ref_name), \
+                sharding.full_parameters(self.lora.adapter_modules(self.lora.ref_name)):
             return model_logprobs(self.policy, input_ids, attention_mask, score_mask,
                                   temperature=self.temperature, **self._kwargs)
 
@@ -187,12 +190,13 @@ class Synced:
             extra = sorted(src.keys() ^ dst.keys())[:3]
             raise ConfigError(f"the policy's parameters do not match the reference's (e.g. {extra}); pass the "
                               "policy this Synced reference was built from")
-        for name, ref in dst.items():
-            pol = src[name].detach().to(device=ref.device, dtype=ref.dtype)
-            if self.alpha == 1.0:
-                ref.copy_(pol)
-            else:
-                ref.mul_(1.0 - self.alpha).add_(pol, alpha=self.alpha)
+        with sharding.full_parameters(policy), sharding.full_parameters(self.frozen.model, writable=True):
+            for name, ref in dst.items():
+                pol = src[name].detach().to(device=ref.device, dtype=ref.dtype)
+                if self.alpha == 1.0:
+                    ref.copy_(pol)
+                else:
+                    ref.mul_(1.0 - self.alpha).add_(pol, alpha=self.alpha)
 
     def __repr__(self) -> str:
         kind = f"lora rank {self.lora.rank}" if self.lora is not None else "full copy"
