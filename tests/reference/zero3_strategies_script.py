@@ -93,12 +93,15 @@ def main(path: str) -> None:
     plain_peft_policy = model_logprobs(peft_policy, ids, attn, score)
 
     def case(name: str, fn):
-        """``res[name] = fn()``, or the error's class and message (the test then names the failing case)."""
+        """``fn()``, recorded in ``res[name]`` (a number or flag as it is, anything else as "ok"), or its error's
+        class and message (reported, not raised: the test names the failing case and the other cases still run)."""
         try:
-            res[name] = fn()
+            value = fn()
         except Exception as exc:
             res[name] = f"{type(exc).__name__}: {exc}"[:400]
-        return res[name]
+            return None
+        res[name] = value if isinstance(value, (bool, int, float, list)) else "ok"
+        return value
 
     # --- ZeRO-3: a full policy -------------------------------------------------------------------------------
     policy = load_tiny(path)[0]
@@ -138,8 +141,6 @@ def main(path: str) -> None:
     case("synced_peft", lambda: diff(synced_peft.logprobs(ids, attn, score), plain_peft_after))
     case("peft_policy_after_step", lambda: diff(model_logprobs(peft_policy, ids, attn, score), plain_peft_policy))
     res["synced_peft_changed"] = diff(plain_peft_after, plain_lp)
-    for name in ("from_policy_ref", "synced_full_ref", "frozen_path_ref", "synced_peft_ref"):
-        res[name] = res[name] if isinstance(res[name], str) else "ok"
 
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, res)
