@@ -148,7 +148,6 @@ def inference_config(config: dict[str, Any] | None, hidden_size: int | None = No
             zero.setdefault(key, value)
     if "train_batch_size" not in cfg and "train_micro_batch_size_per_gpu" not in cfg:
         cfg["train_micro_batch_size_per_gpu"] = 1
-    cfg.pop("gradient_accumulation_steps", None) if "train_batch_size" not in cfg else None
     return cfg
 
 
@@ -178,10 +177,10 @@ def partitioned_copy(policy: nn.Module) -> nn.Module:
     """A new model of ``policy``'s class and config, built partitioned (transformers' own ``zero.Init`` path,
     weights not initialized) and filled with the policy's weights one parameter at a time, so no rank ever holds
     the whole model. (``deepcopy`` would copy DeepSpeed's per-parameter state, which points at the policy's.)"""
-    ds = _deepspeed()
     if not callable(getattr(type(policy), "_from_config", None)):
         raise ConfigError(f"cannot build a ZeRO-3 copy of {type(policy).__name__}: it is not a Hugging Face "
                           "model; pass a model folder to Frozen(path) instead")
+    ds = _deepspeed()
     hf_ds = require("transformers.integrations.deepspeed", "distributed")
     previous = hf_ds._hf_deepspeed_config_weak_ref
     # from_config partitions under zero.Init only while a ZeRO-3 HfDeepSpeedConfig is alive (held by reference).
