@@ -127,6 +127,7 @@ def main(path: str) -> None:
     case("frozen_path", lambda: diff(loaded.logprobs(ids, attn, score), plain_lp))
     case("frozen_path_bytes", lambda: [loaded.memory_bytes, plain_bytes])
     case("frozen_path_fingerprint", lambda: loaded.fingerprint == plain_fp)
+    case("frozen_offload", lambda: Frozen(path, offload_to_cpu=True))  # DeepSpeed's offload_param does that
     unprepared = load_tiny(path)[0]  # partitioned by zero.Init, and no engine gathers it
     case("unprepared_model", lambda: model_logprobs(unprepared, ids, attn, score))
 

@@ -43,7 +43,7 @@ def is_partitioned(tensor: torch.Tensor) -> bool:
 
 def full_shape(tensor: torch.Tensor) -> torch.Size:
     """The shape of ``tensor`` as the model sees it: ``ds_shape`` for a ZeRO-3 partition, else its own."""
-    return tensor.ds_shape if is_partitioned(tensor) else tensor.shape
+    return tensor.ds_shape if is_partitioned(tensor) else tensor.shape  # type: ignore[attr-defined]  # DeepSpeed's
 
 
 def unwrap_causal_lm(model: HFModule) -> HFModule:

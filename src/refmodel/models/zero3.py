@@ -85,7 +85,7 @@ def local_parameter_bytes(module: nn.Module) -> int:
     tensors: list[torch.Tensor] = []
     for p in module.parameters():
         if hasattr(p, "ds_id"):
-            tensors.append(p.ds_tensor)
+            tensors.append(p.ds_tensor)  # type: ignore[attr-defined]  # DeepSpeed's attribute
             if p.data.numel():
                 tensors.append(p.data)
         else:
@@ -177,20 +177,20 @@ def partitioned_copy(policy: nn.Module) -> nn.Module:
     """A new model of ``policy``'s class and config, built partitioned (transformers' own ``zero.Init`` path,
     weights not initialized) and filled with the policy's weights one parameter at a time, so no rank ever holds
     the whole model. (``deepcopy`` would copy DeepSpeed's per-parameter state, which points at the policy's.)"""
-    if not callable(getattr(type(policy), "_from_config", None)):
+    from_config = getattr(type(policy), "_from_config", None)
+    if not callable(from_config):
         raise ConfigError(f"cannot build a ZeRO-3 copy of {type(policy).__name__}: it is not a Hugging Face "
                           "model; pass a model folder to Frozen(path) instead")
     ds = _deepspeed()
     hf_ds = require("transformers.integrations.deepspeed", "distributed")
-    previous = hf_ds._hf_deepspeed_config_weak_ref
+    previous = hf_ds._hf_deepspeed_config_weak_ref  # type: ignore[attr-defined]  # restored below
     # from_config partitions under zero.Init only while a ZeRO-3 HfDeepSpeedConfig is alive (held by reference).
     holder = None if hf_ds.is_deepspeed_zero3_enabled() else hf_ds.HfDeepSpeedConfig(inference_config(None))
     try:
-        clone = type(policy)._from_config(copy.deepcopy(policy.config),
-                                          dtype=next(p.dtype for p in policy.parameters()))
+        clone = from_config(copy.deepcopy(policy.config), dtype=next(p.dtype for p in policy.parameters()))
     finally:
         if holder is not None:
-            hf_ds._hf_deepspeed_config_weak_ref = previous
+            hf_ds._hf_deepspeed_config_weak_ref = previous  # type: ignore[attr-defined]
     mine, theirs = dict(clone.named_parameters()), dict(policy.named_parameters())
     if mine.keys() != theirs.keys():
         raise ConfigError(f"a fresh {type(policy).__name__} has other parameters than the policy "
