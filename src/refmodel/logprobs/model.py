@@ -180,9 +180,8 @@ def head_logprobs(
     causal = unwrap_causal_lm(model)
     head = LMHead.from_model_or_none(causal)
     if head is None:
-        # Not a linear map, or a ZeRO-3 partition: its own forward computes it (DeepSpeed's hooks gather it).
         module = causal.get_output_embeddings()
-        log.info("LM head %s is not a linear map here; running it as a module on the scored rows only",
+        log.info("LM head %s is not a linear map; running it as a module on the scored rows only",
                  type(module).__name__)
         tf = logit_transform(causal.config)
         rows = targets != -100

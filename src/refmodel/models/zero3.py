@@ -105,6 +105,26 @@ def partition_new_parameters(module: nn.Module) -> None:
         _deepspeed().zero.Init(module=module, dtype=plain[0].dtype)
 
 
+@torch.no_grad()
+def mix_parameters(dst: nn.Module, src: nn.Module, alpha: float) -> None:
+    """``dst <- alpha * src + (1 - alpha) * dst`` on every parameter (``alpha = 1``: a copy), ``dst`` and ``src``
+    with the same parameter names (a TR-DPO sync of a partitioned reference from a partitioned policy).
+
+    One parameter at a time inside a gather (the policy's read, the reference's written and kept), so a rank
+    holds two full parameters at most; DeepSpeed's persistent small parameters stay consistent.
+    """
+    ds = _deepspeed()
+    theirs = dict(src.named_parameters())
+    for name, mine in dst.named_parameters():
+        with ds.zero.GatheredParameters(_partitioned([theirs[name]]), modifier_rank=None), \
+                ds.zero.GatheredParameters(_partitioned([mine]), modifier_rank=0):
+            pol = theirs[name].detach().to(device=mine.device, dtype=mine.dtype)
+            if alpha == 1.0:
+                mine.copy_(pol)
+            else:
+                mine.mul_(1.0 - alpha).add_(pol, alpha=alpha)
+
+
 def active_config() -> dict[str, Any] | None:
     """The DeepSpeed config this process runs under, or None: transformers' ``HfDeepSpeedConfig`` (the
     script order of TRL's examples and ``Trainer``), else accelerate's DeepSpeed plugin when its state exists."""
@@ -207,6 +227,6 @@ def partitioned_copy(policy: nn.Module) -> nn.Module:
 
 
 __all__ = ["TRAINING_ONLY", "active_config", "full_parameters", "full_state_dict", "inference_config",
-           "is_partitioned", "is_prepared", "is_zero3", "local_parameter_bytes", "partition_new_parameters",
+           "is_partitioned", "is_prepared", "is_zero3", "local_parameter_bytes", "mix_parameters", "partition_new_parameters",
            "partitioned_copy",
            "prepare_reference"]

@@ -22,7 +22,7 @@ import torch
 from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
-from ..models import sharding
+from ..models import sharding, zero3
 from ..models.fingerprint import fingerprint_tensors
 from .frozen import Frozen
 from .lora_sync import LoraReference
@@ -190,13 +190,15 @@ class Synced:
             extra = sorted(src.keys() ^ dst.keys())[:3]
             raise ConfigError(f"the policy's parameters do not match the reference's (e.g. {extra}); pass the "
                               "policy this Synced reference was built from")
-        with sharding.full_parameters(policy), sharding.full_parameters(self.frozen.model, writable=True):
-            for name, ref in dst.items():
-                pol = src[name].detach().to(device=ref.device, dtype=ref.dtype)
-                if self.alpha == 1.0:
-                    ref.copy_(pol)
-                else:
-                    ref.mul_(1.0 - self.alpha).add_(pol, alpha=self.alpha)
+        if sharding.sharding_kind(self.frozen.model) == "zero3":  # inside the gather, one parameter at a time
+            zero3.mix_parameters(self.frozen.model, policy, self.alpha)
+            return
+        for name, ref in dst.items():
+            pol = src[name].detach().to(device=ref.device, dtype=ref.dtype)
+            if self.alpha == 1.0:
+                ref.copy_(pol)
+            else:
+                ref.mul_(1.0 - self.alpha).add_(pol, alpha=self.alpha)
 
     def __repr__(self) -> str:
         kind = f"lora rank {self.lora.rank}" if self.lora is not None else "full copy"
