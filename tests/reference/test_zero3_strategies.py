@@ -50,7 +50,7 @@ def test_every_strategy_under_zero3_equals_one_process(zero3_run):
         for case in ("head_outside_gather", "unprepared_model"):  # a clear error naming ZeRO-3, not InvalidBatch
             assert isinstance(res[case], str) and res[case].startswith("ConfigError") and "ZeRO-3" in res[case], \
                 f"rank {rank}: {case}: {res[case]}"
-        assert res["frozen_offload"].startswith("ConfigError") and "offload_param" in res["frozen_offload"]
+        assert res["frozen_offload"].startswith("ConfigError") and "offload_to_cpu" in res["frozen_offload"]
         # The step moved both references (so the synced comparisons could fail).
         assert res["synced_full_changed"] > 1e-2 and res["synced_peft_changed"] > 1e-2
         for case in ("fingerprint", "from_policy_fingerprint", "frozen_path_fingerprint",

@@ -227,6 +227,5 @@ def partitioned_copy(policy: nn.Module) -> nn.Module:
 
 
 __all__ = ["TRAINING_ONLY", "active_config", "full_parameters", "full_state_dict", "inference_config",
-           "is_partitioned", "is_prepared", "is_zero3", "local_parameter_bytes", "mix_parameters", "partition_new_parameters",
-           "partitioned_copy",
-           "prepare_reference"]
+           "is_partitioned", "is_prepared", "is_zero3", "local_parameter_bytes", "mix_parameters",
+           "partition_new_parameters", "partitioned_copy", "prepare_reference"]

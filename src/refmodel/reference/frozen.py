@@ -92,7 +92,8 @@ class Frozen:
     @classmethod
     def from_policy(cls, policy: nn.Module, **kwargs) -> Frozen:
         """A frozen deep copy of ``policy`` (the policy itself stays trainable and untouched); of a ZeRO-3
-        policy, a copy partitioned like it with its own inference engine (:func:`~refmodel.models.zero3.prepare_reference`)."""
+        policy, a copy partitioned like it (:func:`~refmodel.models.zero3.partitioned_copy`) with its own
+        inference engine (:func:`~refmodel.models.zero3.prepare_reference`)."""
         if hasattr(policy, "peft_config") and hasattr(policy, "merge_and_unload"):
             raise ConfigError("Frozen.from_policy got a PEFT model; use AdapterDisabled(policy) (no extra weights) "
                               "or Frozen(copy.deepcopy(policy).merge_and_unload()) to freeze the adapted weights")

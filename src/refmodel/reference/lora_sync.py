@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..logprobs.lm_head import full_shape
 from ..models import zero3
-from ..models.sharding import full_parameters, local_parameter_bytes
+from ..models.sharding import local_parameter_bytes
 from .base import restore_requires_grad
 from .peft_policy import lora_layers, modules_to_save
 
@@ -113,7 +113,7 @@ class LoraReference:
 
     def adapter_modules(self, name: str) -> nn.ModuleList:
         """The modules of adapter ``name`` (its LoRA factors and full copies), the only parameters a sync touches:
-        under ZeRO-3 they are gathered (:func:`~refmodel.models.sharding.full_parameters`), not the whole model."""
+        under ZeRO-3 they are gathered (:func:`~refmodel.models.zero3.full_parameters`), not the whole model."""
         mods = [m for _, layer in lora_layers(self.policy) if name in layer.lora_A
                 for m in (layer.lora_A[name], layer.lora_B[name])]
         mods += [w.modules_to_save[name] for _, w in modules_to_save(self.policy) if name in w.modules_to_save]
@@ -125,8 +125,8 @@ class LoraReference:
         if any(full_shape(layer.lora_A[self.ref_name].weight) != full_shape(layer.lora_A[self.policy_name].weight)
                for _, layer in lora_layers(self.policy) if self.ref_name in layer.lora_A):
             self._create(copy.deepcopy(self.policy.peft_config[self.policy_name]))
-        with full_parameters(self.adapter_modules(self.policy_name)), \
-                full_parameters(self.adapter_modules(self.ref_name), writable=True):
+        with zero3.full_parameters(self.adapter_modules(self.policy_name)), \
+                zero3.full_parameters(self.adapter_modules(self.ref_name), writable=True):
             self._copy_policy_adapter()
         self.rank = int(self.policy.peft_config[self.policy_name].r)
 
@@ -169,12 +169,13 @@ class LoraReference:
     @torch.no_grad()
     def mix(self, alpha: float) -> None:
         """ref <- alpha * policy + (1 - alpha) * ref, exactly (rank concatenation, optional max_rank)."""
-        with full_parameters(self.adapter_modules(self.policy_name)), full_parameters(self.adapter_modules(self.ref_name)):
+        with zero3.full_parameters(self.adapter_modules(self.policy_name)), \
+                zero3.full_parameters(self.adapter_modules(self.ref_name)):
             new, rank, mixed_modules = self._mixed(alpha)
         cfg = copy.deepcopy(self.policy.peft_config[self.policy_name])
         cfg.r, cfg.lora_alpha, cfg.use_rslora, cfg.rank_pattern, cfg.alpha_pattern = rank, rank, False, {}, {}
         self._create(cfg)
-        with full_parameters(self.adapter_modules(self.ref_name), writable=True):
+        with zero3.full_parameters(self.adapter_modules(self.ref_name), writable=True):
             for name, layer in lora_layers(self.policy):
                 if name not in new:
                     continue

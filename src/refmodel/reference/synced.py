@@ -150,7 +150,7 @@ class Synced:
         assert self.lora is not None  # exactly one of frozen / lora is set
         # The reference adapter has no gather hooks of its own under ZeRO-3 (added after deepspeed.initialize).
         with reference_view(self.policy, self.lora.ref_name), \
-                sharding.full_parameters(self.lora.adapter_modules(self.lora.ref_name)):
+                zero3.full_parameters(self.lora.adapter_modules(self.lora.ref_name)):
             return model_logprobs(self.policy, input_ids, attention_mask, score_mask,
                                   temperature=self.temperature, **self._kwargs)
 
