@@ -27,7 +27,15 @@ from .. import validation
 from .._optional import available
 from ..errors import ConfigError, InvalidBatch
 from .head import TokenLogprobs, logprobs_from_logits, token_logprobs
-from .lm_head import HFModule, LMHead, logit_transform, unwrap_causal_lm
+from .lm_head import (
+    PARTITIONED_HINT,
+    HFModule,
+    LMHead,
+    full_shape,
+    is_partitioned,
+    logit_transform,
+    unwrap_causal_lm,
+)
 from .transform import LogitTransform, full_log_softmax
 
 log = logging.getLogger(__name__)
@@ -196,7 +204,13 @@ def model_logprobs(
     temperature = validation.temperature(temperature)  # also on the paths that skip token_logprobs' check
     causal = unwrap_causal_lm(model)
     head_module = causal.get_output_embeddings()
-    vocab = head_module.weight.shape[0] if getattr(head_module, "weight", None) is not None else None
+    weight = getattr(head_module, "weight", None)
+    if weight is not None and is_partitioned(weight) and not hasattr(head_module, "ds_id"):
+        # zero.Init (e.g. from_pretrained under an HfDeepSpeedConfig) partitions; only deepspeed.initialize hooks.
+        raise ConfigError(f"the model's parameters are DeepSpeed ZeRO-3 partitions that no DeepSpeed engine gathers "
+                          f"({PARTITIONED_HINT}); prepare it with deepspeed.initialize, or use Frozen(model), which "
+                          "prepares a partitioned reference")
+    vocab = full_shape(weight)[0] if weight is not None else None
     attn, score = validate_batch(input_ids, attention_mask, score_mask, vocab)
     batch, length = input_ids.shape
     if batch == 0 or length < 2 or not score.any():

@@ -11,7 +11,7 @@ reports); each goes through this module, never behind the framework's back:
   and writes; *running* a model goes through its own hooked forward, :func:`refmodel.logprobs.model.run_in_forward`,
   which gathers one layer at a time and works with gradients);
 - :func:`full_state_dict` / :func:`full_tensors`: the plain model's state dict, the latter one tensor at a
-  time (fingerprints of a 70B policy must not gather it whole);
+  time (fingerprints of a 70B policy must not gather it whole; FSDP2 and ZeRO-3 alike);
 - :func:`local_parameter_bytes`: the bytes a rank actually holds;
 - :func:`local_like`, :func:`local_tensor`: values laid out like another model's shards (a sync from shards
   to shards); :func:`sharded_copy` (:func:`shard_like`): a frozen copy of an FSDP2 policy, sharded like it.
@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..logprobs.model import run_in_forward
+from . import zero3
 from .quantize import tensors_nbytes
 
 ShardingKind = Literal["none", "fsdp2", "zero3"]
@@ -69,9 +70,9 @@ def sharding_kind(module: nn.Module) -> ShardingKind:
     Raises:
         ConfigError: an FSDP1 wrapper, or DTensor parameters without ``fully_shard`` (tensor parallel).
     """
-    params = list(module.parameters())
-    if any(hasattr(p, "ds_id") or hasattr(p, "ds_status") for p in params):
+    if zero3.is_zero3(module):
         return "zero3"
+    params = list(module.parameters())
     fsdp = _fsdp()
     if fsdp is not None:
         for m in module.modules():
@@ -120,8 +121,6 @@ def full_parameters(module: nn.Module, *, writable: bool = False) -> Iterator[nn
     """
     kind = sharding_kind(module)
     if kind == "zero3":
-        from . import zero3  # type: ignore[attr-defined, unused-ignore]  # written on the ZeRO-3 branch
-
         with zero3.full_parameters(module, writable=writable):
             yield module
         return
@@ -155,8 +154,6 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of the plain model: full tensors under the same keys (a DDP wrapper's ``module.``
     prefix left out). Holds the whole model on each rank: prefer :func:`full_tensors` to stream it."""
     if sharding_kind(module) == "zero3":
-        from . import zero3  # type: ignore[attr-defined, unused-ignore]  # written on the ZeRO-3 branch
-
         return zero3.full_state_dict(module)
     return dict(full_tensors(module))
 
@@ -165,12 +162,12 @@ def full_tensors(module: nn.Module, names: Iterable[str] | None = None) -> Itera
     """``(name, full tensor)`` of ``module``'s state dict in ``names``' order (default: sorted names), one
     gathered at a time and dropped by the caller before the next, so a rank never holds the whole model.
     FSDP2 shards are gathered (``DTensor.full_tensor()``, a collective: the same order on every rank);
-    ZeRO-3 goes through :func:`refmodel.models.zero3.full_state_dict`."""
+    ZeRO-3 partitions likewise, one at a time (:func:`refmodel.models.zero3.full_tensors`)."""
     module = _unwrap_ddp(module)
     if sharding_kind(module) == "zero3":
-        state = full_state_dict(module)
-    else:
-        state = module.state_dict()
+        yield from zero3.full_tensors(module, names)
+        return
+    state = module.state_dict()
     for name in sorted(state) if names is None else names:
         yield name, _full(state[name]).detach()
 
@@ -182,13 +179,16 @@ def local_parameter_bytes(module: nn.Module) -> int:
 
 
 def local_bytes(tensors: Iterable[Any]) -> int:
-    """:func:`local_parameter_bytes` of some tensors (e.g. one adapter's): what this rank holds of each."""
+    """:func:`local_parameter_bytes` of some tensors (e.g. one adapter's): what this rank holds of each (a
+    ZeRO-3 partition's ``ds_tensor``, plus its full data where DeepSpeed keeps it persistent)."""
     held = []
     for t in tensors:
         if is_dtensor(t):
             held.append(t.to_local())
         elif getattr(t, "ds_tensor", None) is not None:
             held.append(t.ds_tensor)
+            if t.data.numel():  # DeepSpeed keeps small parameters full too (stage3_param_persistence_threshold)
+                held.append(t.data)
         else:
             held.append(t)
     return tensors_nbytes(held)

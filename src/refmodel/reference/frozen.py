@@ -19,6 +19,7 @@ from torch import nn
 from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
+from ..models import zero3
 from ..models.dtypes import parse_dtype
 from ..models.fingerprint import fingerprint
 from ..models.quantize import check_mode, quantize_model
@@ -37,7 +38,9 @@ def _check_sharded_options(model: nn.Module, dtype, quantize, offload_to_cpu: bo
     if wrong:
         raise ConfigError(f"Frozen got a sharded model ({sharding_kind(model)}) with {', '.join(wrong)}: its shards "
                           "stay where the framework put them, in their dtype; build it that way (Frozen.from_policy("
-                          "policy, dtype=...) for a sharded copy), or pass an unsharded model or a folder")
+                          "policy, dtype=...) for a sharded copy), or pass an unsharded model or a folder"
+                          + ("; under ZeRO-3 the DeepSpeed config sets them (bf16.enabled, "
+                             "zero_optimization.offload_param)" if sharding_kind(model) == "zero3" else ""))
 
 
 class Frozen:
@@ -89,6 +92,7 @@ class Frozen:
             raise ConfigError("Frozen got a PEFT model; merge it first (model.merge_and_unload()) to freeze the "
                               "adapted weights, or use AdapterDisabled(model) to use the base model as reference")
         loaded = isinstance(model_or_path, (str, Path))  # then load_model applied dtype and quantize
+        self._engine = None  # the DeepSpeed inference engine of a ZeRO-3 reference: it owns the gather hooks
         if shard_like is not None and sharding_kind(shard_like) == "fsdp2" and sharding_kind(model) == "none":
             if torch_dtype is not None and not loaded:
                 model = model.to(torch_dtype)
@@ -99,6 +103,8 @@ class Frozen:
         self.sharded = sharding_kind(model) != "none"
         if self.sharded:
             _check_sharded_options(model, torch_dtype, quantize, offload_to_cpu, device)
+            if sharding_kind(model) == "zero3" and not zero3.is_prepared(model):  # zero.Init alone: no gather hooks
+                model, self._engine = zero3.prepare_reference(model)
         elif torch_dtype is not None and not loaded:
             model = model.to(torch_dtype)
         model.eval()
@@ -129,6 +135,8 @@ class Frozen:
                               "or Frozen(copy.deepcopy(policy).merge_and_unload()) to freeze the adapted weights")
         if isinstance(policy, nn.parallel.DistributedDataParallel):
             policy = policy.module
+        if sharding_kind(policy) == "zero3":  # partitioned like it, with its own inference engine
+            return cls(zero3.partitioned_copy(policy), **kwargs)
         if sharding_kind(policy) == "fsdp2":
             return cls(sharded_copy(policy, parse_dtype(kwargs.pop("dtype", None))), **kwargs)
         return cls(copy.deepcopy(policy), **kwargs)

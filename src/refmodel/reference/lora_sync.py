@@ -23,8 +23,11 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
+from ..logprobs.lm_head import full_shape
+from ..models import zero3
 from ..models.sharding import is_dtensor, local_bytes, local_like, local_tensor
 from .base import restore_requires_grad
 from .peft_policy import lora_layers, modules_to_save
@@ -108,6 +111,8 @@ class LoraReference:
         for n, p in self.policy.named_parameters():
             if f".{self.ref_name}." in n:
                 p.requires_grad_(False)
+        if zero3.is_zero3(self.policy):  # added after deepspeed.initialize: partitioned like the rest
+            zero3.partition_new_parameters(self.adapter_modules(self.ref_name))
         missing = [n for n, layer in lora_layers(self.policy)
                    if (self.policy_name in layer.lora_A) != (self.ref_name in layer.lora_A)]
         missing += [n for n, w in modules_to_save(self.policy)
@@ -118,12 +123,26 @@ class LoraReference:
         if self.policy.active_adapter != self.policy_name:  # add_adapter must not switch the policy
             self.policy.set_adapter(self.policy_name)
 
+    def adapter_modules(self, name: str) -> nn.ModuleList:
+        """The modules of adapter ``name`` (its LoRA factors and full copies), the only parameters a sync touches:
+        under ZeRO-3 they are gathered (:func:`~refmodel.models.zero3.full_parameters`), not the whole model."""
+        mods = [m for _, layer in lora_layers(self.policy) if name in layer.lora_A
+                for m in (layer.lora_A[name], layer.lora_B[name])]
+        mods += [w.modules_to_save[name] for _, w in modules_to_save(self.policy) if name in w.modules_to_save]
+        return nn.ModuleList(mods)
+
     @torch.no_grad()
     def hard_copy(self) -> None:
         """ref <- policy, bit for bit (weights and scalings)."""
-        if any(layer.lora_A[self.ref_name].weight.shape != layer.lora_A[self.policy_name].weight.shape
+        if any(full_shape(layer.lora_A[self.ref_name].weight) != full_shape(layer.lora_A[self.policy_name].weight)
                for _, layer in lora_layers(self.policy) if self.ref_name in layer.lora_A):
             self._create(copy.deepcopy(self.policy.peft_config[self.policy_name]))
+        with zero3.full_parameters(self.adapter_modules(self.policy_name)), \
+                zero3.full_parameters(self.adapter_modules(self.ref_name), writable=True):
+            self._copy_policy_adapter()
+        self.rank = int(self.policy.peft_config[self.policy_name].r)
+
+    def _copy_policy_adapter(self) -> None:
         for _, layer in lora_layers(self.policy):
             if self.policy_name not in layer.lora_A:
                 continue
@@ -135,11 +154,9 @@ class LoraReference:
             for p_r, p_p in zip(wrapper.modules_to_save[self.ref_name].parameters(),
                                 wrapper.modules_to_save[self.policy_name].parameters(), strict=True):
                 _assign(p_r, p_p)
-        self.rank = int(self.policy.peft_config[self.policy_name].r)
 
-    @torch.no_grad()
-    def mix(self, alpha: float) -> None:
-        """ref <- alpha * policy + (1 - alpha) * ref, exactly (rank concatenation, optional max_rank)."""
+    def _mixed(self, alpha: float):
+        """``({layer: (A, B)}, rank, [module values])`` of the mix, from the (full) factors of both adapters."""
         new, rank = {}, 0
         for name, layer in lora_layers(self.policy):
             if self.policy_name not in layer.lora_A:
@@ -159,23 +176,32 @@ class LoraReference:
                           for p_r, p_p in zip(w.modules_to_save[self.ref_name].parameters(),
                                               w.modules_to_save[self.policy_name].parameters(), strict=True)]
                          for _, w in modules_to_save(self.policy)]
+        return new, rank, mixed_modules
+
+    @torch.no_grad()
+    def mix(self, alpha: float) -> None:
+        """ref <- alpha * policy + (1 - alpha) * ref, exactly (rank concatenation, optional max_rank)."""
+        with zero3.full_parameters(self.adapter_modules(self.policy_name)), \
+                zero3.full_parameters(self.adapter_modules(self.ref_name)):
+            new, rank, mixed_modules = self._mixed(alpha)
         cfg = copy.deepcopy(self.policy.peft_config[self.policy_name])
         cfg.r, cfg.lora_alpha, cfg.use_rslora, cfg.rank_pattern, cfg.alpha_pattern = rank, rank, False, {}, {}
         self._create(cfg)
-        for name, layer in lora_layers(self.policy):
-            if name not in new:
-                continue
-            a, b = new[name]
-            ref_a, ref_b = layer.lora_A[self.ref_name].weight, layer.lora_B[self.ref_name].weight
-            full_a, full_b = a.new_zeros(ref_a.shape), b.new_zeros(ref_b.shape)  # zero padding to the common rank
-            full_a[: a.shape[0]] = a
-            full_b[:, : b.shape[1]] = b
-            _assign(ref_a, full_a)
-            _assign(ref_b, full_b)
-            layer.scaling[self.ref_name] = 1.0
-        for (_, w), values in zip(modules_to_save(self.policy), mixed_modules, strict=True):
-            for p_r, v in zip(w.modules_to_save[self.ref_name].parameters(), values, strict=True):
-                _assign(p_r, v)
+        with zero3.full_parameters(self.adapter_modules(self.ref_name), writable=True):
+            for name, layer in lora_layers(self.policy):
+                if name not in new:
+                    continue
+                a, b = new[name]
+                ref_a, ref_b = layer.lora_A[self.ref_name].weight, layer.lora_B[self.ref_name].weight
+                full_a, full_b = a.new_zeros(ref_a.shape), b.new_zeros(ref_b.shape)  # zero padding to the common rank
+                full_a[: a.shape[0]] = a
+                full_b[:, : b.shape[1]] = b
+                _assign(ref_a, full_a)
+                _assign(ref_b, full_b)
+                layer.scaling[self.ref_name] = 1.0
+            for (_, w), values in zip(modules_to_save(self.policy), mixed_modules, strict=True):
+                for p_r, v in zip(w.modules_to_save[self.ref_name].parameters(), values, strict=True):
+                    _assign(p_r, v)
         self.rank = rank
 
     @property

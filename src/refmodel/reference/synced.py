@@ -22,6 +22,7 @@ import torch
 from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
+from ..models import sharding, zero3
 from ..models.sharding import local_like, local_tensor
 from .frozen import Frozen
 from .lora_sync import LoraReference
@@ -145,7 +146,9 @@ class Synced:
         if self.frozen is not None:
             return self.frozen.logprobs(input_ids, attention_mask, score_mask)
         assert self.lora is not None  # exactly one of frozen / lora is set
-        with reference_view(self.policy, self.lora.ref_name):
+        # The reference adapter has no gather hooks of its own under ZeRO-3 (added after deepspeed.initialize).
+        with reference_view(self.policy, self.lora.ref_name), \
+                zero3.full_parameters(self.lora.adapter_modules(self.lora.ref_name)):
             return model_logprobs(self.policy, input_ids, attention_mask, score_mask,
                                   temperature=self.temperature, **self._kwargs)
 
@@ -187,6 +190,9 @@ class Synced:
             extra = sorted(src.keys() ^ dst.keys())[:3]
             raise ConfigError(f"the policy's parameters do not match the reference's (e.g. {extra}); pass the "
                               "policy this Synced reference was built from")
+        if sharding.sharding_kind(self.frozen.model) == "zero3":  # inside the gather, one parameter at a time
+            zero3.mix_parameters(self.frozen.model, policy, self.alpha)
+            return
         for name, ref in dst.items():
             # Shard to shard (a sharded copy holds the policy's layout: no communication), never a full tensor
             # into a DTensor; a policy sharded after the copy was made is gathered here (a collective).
