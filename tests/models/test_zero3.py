@@ -1,6 +1,6 @@
 """``refmodel.models.zero3`` in one process: the inference config made from a training config (TRL's
 ``prepare_deepspeed`` rules), the active config, and plain models passing through untouched. The partitioned paths
-run on 2 processes in ``tests/reference/test_zero3_strategies.py`` (one torchrun launch)."""
+run on 2 processes in ``tests/reference/test_distributed_strategies.py`` (its zero3 backend, in the one torchrun launch)."""
 
 from __future__ import annotations
 
