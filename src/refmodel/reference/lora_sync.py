@@ -125,7 +125,11 @@ class LoraReference:
 
     def adapter_modules(self, name: str) -> nn.ModuleList:
         """The modules of adapter ``name`` (its LoRA factors and full copies), the only parameters a sync touches:
-        under ZeRO-3 they are gathered (:func:`~refmodel.models.zero3.full_parameters`), not the whole model."""
+        under ZeRO-3 they are gathered (:func:`~refmodel.models.zero3.full_parameters`), not the whole model.
+
+        Gathered with ``zero3.full_parameters``, not ``sharding.full_parameters``: under FSDP2 these modules hold
+        DTensor shards without being ``fully_shard`` roots themselves, which ``sharding_kind`` refuses (tensor
+        parallel); there ``zero3.full_parameters`` does nothing and :func:`_factors` reads the shards full."""
         mods = [m for _, layer in lora_layers(self.policy) if name in layer.lora_A
                 for m in (layer.lora_A[name], layer.lora_B[name])]
         mods += [w.modules_to_save[name] for _, w in modules_to_save(self.policy) if name in w.modules_to_save]
