@@ -40,3 +40,17 @@ def tiny(tiny_model_dirs, family):
 def _seed():
     torch.manual_seed(0)
 
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A 1-rank gloo process group for a module's tests (FSDP2 and DDP in one process), destroyed after them."""
+    import torch.distributed as dist
+
+    from refmodel.testing import free_port
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

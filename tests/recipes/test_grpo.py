@@ -207,3 +207,34 @@ def test_the_recipe_builds_one_policy_loss_config_and_passes_it_through(tiny_mod
     assert metrics["loss"] == pytest.approx(float(res.loss.detach()), rel=1e-6, abs=1e-9)
     assert got.keys() and all(torch.allclose(got[n], p.grad, rtol=1e-5, atol=1e-7)
                               for n, p in policy.named_parameters() if p.grad is not None)
+
+
+def test_fused_policy_loss_of_an_fsdp2_policy(tiny_model_dirs, one_rank_group):
+    """The fused loss runs inside the policy's hooked forward: an FSDP2 policy (1 rank) gives the plain loss and
+    gradients. Before: its backbone and head weight were used behind the root's back (mixed Tensor and DTensor)."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from refmodel.losses.policy_config import PolicyLossConfig
+    from refmodel.recipes.grpo import _fused_loss
+
+    plain, _ = load_tiny(tiny_model_dirs["llama"])
+    sharded = copy.deepcopy(plain)
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    ids = torch.randint(4, 40, (3, 9), generator=torch.Generator().manual_seed(2))
+    attn = torch.ones_like(ids)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 4:] = True
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    args = (ids, attn, mask, None, adv, None, None, 1.0, PolicyLossConfig())
+    expected, out = _fused_loss(plain, *args), _fused_loss(sharded, *args)
+    torch.testing.assert_close(out.loss, expected.loss, atol=1e-6, rtol=0)
+    expected.loss.backward()
+    out.loss.backward()
+    for (name, p), q in zip(sharded.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-6, rtol=1e-5, msg=name)

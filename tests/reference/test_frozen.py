@@ -90,3 +90,18 @@ def test_frozen_accepts_every_mode_the_loader_supports(tiny_model_dirs, mode):
     torch.testing.assert_close(ref.logprobs(ids), model_logprobs(loaded, ids), rtol=0, atol=0)
     in_place = Frozen(load_tiny(path)[0], quantize=mode)  # a model: quantized in place
     assert in_place.memory_bytes < model_nbytes(load_tiny(path)[0])
+
+
+def test_frozen_lives_on_the_policys_device(tiny_model_dirs, caplog):
+    """``device=`` places the reference up front; without it, a reference on another device than the batches
+    (on the policy's device) moves there at the first call, once, unless offloaded. Before: ``Frozen(path)``
+    stayed on the CPU while the batches were on ``cuda``. Here "meta" stands in for the accelerator."""
+    path = tiny_model_dirs["llama"]
+    assert {p.device.type for p in Frozen(path, device="meta").model.parameters()} == {"meta"}
+    frozen = Frozen(path)
+    ids = torch.randint(4, 30, (2, 7))
+    with caplog.at_level(logging.INFO, logger="refmodel.reference.frozen"), \
+            pytest.raises((RuntimeError, NotImplementedError)):
+        frozen.logprobs(ids.to("meta"))  # a meta batch cannot be computed; the weights moved to its device first
+    assert {p.device.type for p in frozen.model.parameters()} == {"meta"}
+    assert "moved from cpu to meta" in caplog.text

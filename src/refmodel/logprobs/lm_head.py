@@ -29,9 +29,27 @@ from .transform import LogitTransform, full_log_softmax
 # ...) are dynamic attributes, which ``nn.Module.__getattr__`` types as ``Tensor | Module``; so ``Any``.
 HFModule = Any
 
+# Said wherever a DeepSpeed ZeRO-3 partition is reached outside a gather (its data is an empty placeholder).
+PARTITIONED_HINT = ("under DeepSpeed ZeRO-3 a parameter is full only inside the model's own forward (the hooks of "
+                    "deepspeed.initialize) or inside deepspeed.zero.GatheredParameters / "
+                    "refmodel.models.sharding.full_parameters(model)")
+
+
+def is_partitioned(tensor: torch.Tensor) -> bool:
+    """True for a DeepSpeed ZeRO-3 parameter outside a gather: its ``data`` is an empty placeholder and the
+    full shape is ``tensor.ds_shape``; this rank holds only its slice (``tensor.ds_tensor``)."""
+    return hasattr(tensor, "ds_shape") and tensor.numel() == 0 and tuple(tensor.ds_shape) != tuple(tensor.shape)
+
+
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """The shape of ``tensor`` as the model sees it: ``ds_shape`` for a ZeRO-3 partition, else its own."""
+    return tensor.ds_shape if is_partitioned(tensor) else tensor.shape  # type: ignore[attr-defined]  # DeepSpeed's
+
 
 def unwrap_causal_lm(model: HFModule) -> HFModule:
-    """The ``*ForCausalLM`` module inside a PEFT wrapper (or ``model`` itself)."""
+    """The ``*ForCausalLM`` module inside a DDP and/or PEFT wrapper (or ``model`` itself)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and hasattr(model, "peft_config"):
         return get_base()
@@ -115,6 +133,9 @@ class LMHead:
             ConfigError: the head is not a linear map (DoRA, a quantized layer, a custom module).
         """
         head = cls.from_model_or_none(model)
+        if head is None and _head_parts(unwrap_causal_lm(model)) is not None:
+            raise ConfigError(f"the model's LM head weight is a ZeRO-3 partition here (empty on this rank): "
+                              f"{PARTITIONED_HINT}; read the head inside such a gather")
         if head is None:
             raise ConfigError("the model's LM head is not a linear map (DoRA, a quantized layer or a custom module), "
                               "so it cannot be tiled; merge the adapter (model.merge_and_unload()), keep the head "
@@ -123,14 +144,27 @@ class LMHead:
 
     @classmethod
     def from_model_or_none(cls, model: HFModule) -> LMHead | None:
-        """:meth:`from_model`, or None when the head is not a linear map (then run the head module itself)."""
+        """:meth:`from_model`, or None when the head is not a linear map, or is a ZeRO-3 partition outside a gather
+        (then run the head module itself: its forward gathers it)."""
         causal = unwrap_causal_lm(model)
-        parts = _linear_parts(causal.get_output_embeddings())
-        if parts is None:
+        parts = _head_parts(causal)
+        if parts is None or any(is_partitioned(t) for t in _tensors(parts)):
             return None
         tf = logit_transform(causal.config)
         weight, bias, lora = parts
         return cls(weight, bias, tf.logit_scale, tf.softcap, lora)
+
+
+def _head_parts(causal: HFModule) -> tuple[torch.Tensor, torch.Tensor | None, tuple[LoraColumns, ...]] | None:
+    return _linear_parts(causal.get_output_embeddings())
+
+
+def _tensors(parts) -> list[torch.Tensor]:
+    weight, bias, lora = parts
+    out = [weight, *(t for t in (bias,) if t is not None)]
+    for part in lora:
+        out += [part.lora_a.weight, part.lora_b, *(t for t in (part.lora_b_bias,) if t is not None)]
+    return out
 
 
 def _linear_parts(head: HFModule) -> tuple[torch.Tensor, torch.Tensor | None, tuple[LoraColumns, ...]] | None:
@@ -161,4 +195,5 @@ def _linear_parts(head: HFModule) -> tuple[torch.Tensor, torch.Tensor | None, tu
     return None
 
 
-__all__ = ["LMHead", "LoraColumns", "logit_transform", "unwrap_causal_lm"]
+__all__ = ["LMHead", "LoraColumns", "PARTITIONED_HINT", "full_shape", "is_partitioned", "logit_transform",
+           "unwrap_causal_lm"]

@@ -8,24 +8,102 @@ fused head (:func:`refmodel.token_logprobs`) on the scored positions only:
 ``out[:, 0] = 0``, and so is every position outside ``score_mask`` and every sequence's first real
 token (it has no prefix). Position ids are derived from the attention mask, so a sequence's
 log-probs do not depend on its padding side or on its batch-mates.
+
+A model wrapped or sharded for training (DDP, PEFT, FSDP2's ``fully_shard``) is run through its own
+hooked forward (:func:`run_in_forward`), so the framework gathers the weights and arms the gradient
+reduction exactly as for the model's own forward; the fused head reads the head weight inside it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from .. import validation
 from .._optional import available
-from ..errors import InvalidBatch
+from ..errors import ConfigError, InvalidBatch
 from .head import TokenLogprobs, logprobs_from_logits, token_logprobs
-from .lm_head import HFModule, LMHead, logit_transform, unwrap_causal_lm
+from .lm_head import (
+    PARTITIONED_HINT,
+    HFModule,
+    LMHead,
+    full_shape,
+    is_partitioned,
+    logit_transform,
+    unwrap_causal_lm,
+)
 from .transform import LogitTransform, full_log_softmax
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_UNSET = object()
+
+
+def run_in_forward(modules: Sequence[nn.Module], fn: Callable[[], T]) -> T:
+    """``fn()`` run as the forward of each of ``modules`` in turn (outermost first), through their ``__call__``.
+
+    Why: a sharding or data-parallel framework acts in a module's call, not in its weights. FSDP2 gathers a
+    module's parameters in its forward pre-hook (and, with gradients, arms their reduce-scatter around the
+    outputs), DeepSpeed ZeRO-3 gathers each module's own parameters the same way, and DDP's forward arms its
+    gradient all-reduce. Calling the backbone or reading ``lm_head.weight`` directly would do so behind
+    their back (shards instead of weights: ``aten.embedding got mixed torch.Tensor and DTensor``). Here
+    each module's ``forward`` is replaced, for this call only, by "call the next one" (the last one runs
+    ``fn``), so every hook runs around ``fn`` as around the model's own forward, with or without gradients.
+    A DDP wrapper keeps its own forward, which calls its ``.module`` (the next one in ``modules``). On
+    modules without hooks this is ``fn()``.
+    """
+    modules = list(modules)
+    if not modules:
+        return fn()
+    saved = {id(m): (m, m.__dict__.get("forward", _UNSET)) for m in modules}
+
+    def restore(m: nn.Module) -> None:
+        module, forward = saved[id(m)]
+        if forward is _UNSET:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = forward
+
+    def step(i: int):
+        # Each module gets its own forward back as soon as its hooks ran: `fn` may call it (a LoRA layer's
+        # lora_A). The framework's pre-hooks may pass (cast) arguments; the closure has its own.
+        restore(modules[i])
+        return modules[i + 1]() if i + 1 < len(modules) else fn()
+
+    try:
+        for i, m in enumerate(modules):
+            if isinstance(m, nn.parallel.DistributedDataParallel):  # its forward calls its .module: the next
+                if i + 1 == len(modules) or m.module is not modules[i + 1]:
+                    raise ConfigError(f"run_in_forward: a DDP wrapper must be followed by its .module, got "
+                                      f"{[type(x).__name__ for x in modules]}")
+                continue
+            m.forward = lambda *_args, _i=i, **_kwargs: step(_i)
+        return modules[0]()
+    finally:
+        for m, _ in saved.values():
+            restore(m)
+
+
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``[model, ..., causal]``: ``model`` and every wrapper down to its ``*ForCausalLM`` (DDP, PEFT's
+    ``PeftModel`` and ``LoraModel``), so :func:`run_in_forward` runs the hooks of whichever of them a
+    framework sharded (``fully_shard(peft_model)`` or ``fully_shard(peft_model.base_model.model)``)."""
+    causal = unwrap_causal_lm(model)
+    if causal is model:
+        return [model]
+    for name, module in model.named_modules():
+        if module is causal:
+            chain, current = [model], model
+            for part in name.split("."):
+                current = getattr(current, part)
+                chain.append(current)
+            return chain
+    return [model, causal]
 
 
 def backbone_of(causal: HFModule) -> HFModule:
@@ -126,7 +204,13 @@ def model_logprobs(
     temperature = validation.temperature(temperature)  # also on the paths that skip token_logprobs' check
     causal = unwrap_causal_lm(model)
     head_module = causal.get_output_embeddings()
-    vocab = head_module.weight.shape[0] if getattr(head_module, "weight", None) is not None else None
+    weight = getattr(head_module, "weight", None)
+    if weight is not None and is_partitioned(weight) and not hasattr(head_module, "ds_id"):
+        # zero.Init (e.g. from_pretrained under an HfDeepSpeedConfig) partitions; only deepspeed.initialize hooks.
+        raise ConfigError(f"the model's parameters are DeepSpeed ZeRO-3 partitions that no DeepSpeed engine gathers "
+                          f"({PARTITIONED_HINT}); prepare it with deepspeed.initialize, or use Frozen(model), which "
+                          "prepares a partitioned reference")
+    vocab = full_shape(weight)[0] if weight is not None else None
     attn, score = validate_batch(input_ids, attention_mask, score_mask, vocab)
     batch, length = input_ids.shape
     if batch == 0 or length < 2 or not score.any():
@@ -138,10 +222,15 @@ def model_logprobs(
         logits = shifted_logits(model, input_ids, attn)
         return _pad_first(logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy))
 
-    hidden = shifted_hidden_states(causal, input_ids, attn)
-    return _pad_first(head_logprobs(causal, hidden, targets, temperature=temperature, chunk_size=chunk_size,
-                                    fp32_accumulation=cast_logprobs_to_fp32, use_liger=use_liger,
-                                    return_entropy=return_entropy))
+    def backbone_and_head():
+        hidden = shifted_hidden_states(causal, input_ids, attn)
+        # Padded inside: a fresh tensor, not a view, leaves the forward (FSDP2 hooks its backward on it).
+        return _pad_first(head_logprobs(causal, hidden, targets, temperature=temperature, chunk_size=chunk_size,
+                                        fp32_accumulation=cast_logprobs_to_fp32, use_liger=use_liger,
+                                        return_entropy=return_entropy))
+
+    # Inside the hooked forward of `model` and its wrappers: gathered weights, gradients reduced (DDP, FSDP2).
+    return run_in_forward(wrapper_chain(model), backbone_and_head)
 
 
 def head_logprobs(
@@ -164,6 +253,14 @@ def head_logprobs(
     """
     temperature = validation.temperature(temperature)  # the module-head and Liger paths skip token_logprobs
     causal = unwrap_causal_lm(model)
+    # Through the head module's own call (hooks of a separately sharded head gather its weight), read inside.
+    return run_in_forward(_weight_modules(causal.get_output_embeddings()), lambda: _head_logprobs(
+        causal, hidden, targets, temperature=temperature, chunk_size=chunk_size, fp32_accumulation=fp32_accumulation,
+        use_liger=use_liger, return_entropy=return_entropy))
+
+
+def _head_logprobs(causal: HFModule, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float,
+                   chunk_size: int | None, fp32_accumulation: bool, use_liger: bool, return_entropy: bool):
     head = LMHead.from_model_or_none(causal)
     if head is None:
         module = causal.get_output_embeddings()
@@ -203,6 +300,13 @@ def head_log_softmax(model: nn.Module, hidden: torch.Tensor, *, temperature: flo
                             temperature=temperature)
 
 
+def _weight_modules(head: nn.Module) -> list[nn.Module]:
+    """``head`` and its submodules that hold parameters of their own (PEFT's base layer, ``lora_A``/``lora_B``
+    linears), whose calls a framework hooks to gather those; containers (``ParameterDict``) have no call."""
+    return [head] + [m for m in list(head.modules())[1:] if not isinstance(m, (nn.ParameterDict, nn.ParameterList))
+                     and next(m.parameters(recurse=False), None) is not None]
+
+
 def _scatter_rows(scored, rows):
     def place(vals):
         return vals.new_zeros(rows.shape).index_put((rows.nonzero(as_tuple=True)), vals[0])
@@ -236,9 +340,11 @@ __all__ = [
     "logit_transform",
     "model_logprobs",
     "position_ids_from_mask",
+    "run_in_forward",
     "shifted_hidden_states",
     "shifted_logits",
     "unwrap_causal_lm",
     "validate_batch",
+    "wrapper_chain",
     "liger_available",
 ]

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from .sharding import full_tensors
+
 FINGERPRINT_PREFIX = "rm1-"
 
 # Each log-prob setting at its default is left out of the hash, so the plain fingerprint names the model at
@@ -62,8 +64,14 @@ def weights_digest(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, to
     setting (e.g. each requested temperature) with :func:`finish_fingerprint`.
     """
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    return digest_in_order(sorted(items, key=lambda kv: kv[0]))
+
+
+def digest_in_order(tensors: Iterable[tuple[str, torch.Tensor]]):
+    """:func:`weights_digest` of named tensors that come already in name order, consumed one at a time (so a
+    sharded model's tensors can be gathered, hashed and dropped one by one)."""
     digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(items, key=lambda kv: kv[0]):
+    for name, tensor in tensors:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(_tensor_bytes(tensor))
     return digest
@@ -92,9 +100,13 @@ def fingerprint(model: nn.Module, **settings) -> str:
     Pass every setting that changes log-probs and is not in the weights, e.g. ``temperature``,
     ``quantization``; ``None`` and default values are left out (:func:`fingerprint_settings`), so
     ``fingerprint(m)`` == ``fingerprint(m, temperature=1.0, quantization=None)``.
+
+    A sharded model (FSDP2, DeepSpeed ZeRO-3) or a DDP wrapper has the fingerprint of the plain model: its
+    full tensors are gathered one at a time in name order (:func:`refmodel.models.sharding.full_tensors`), so
+    this is a collective then: call it on every rank.
     """
-    return fingerprint_tensors(model.state_dict().items(), **settings)
+    return finish_fingerprint(digest_in_order(full_tensors(model)), **settings)
 
 
-__all__ = ["fingerprint", "fingerprint_settings", "fingerprint_tensors", "finish_fingerprint", "weights_digest",
+__all__ = ["digest_in_order", "fingerprint", "fingerprint_settings", "fingerprint_tensors", "finish_fingerprint", "weights_digest",
            "FINGERPRINT_PREFIX", "SETTING_DEFAULTS"]

@@ -253,24 +253,28 @@ def _fused_loss(policy, ids, attn, mask, old, advantages, ref, rollout_logprobs,
     :func:`refmodel.model_logprobs`.
     """
     from ..logprobs.lm_head import LMHead
-    from ..logprobs.model import shifted_hidden_states, unwrap_causal_lm
+    from ..logprobs.model import run_in_forward, shifted_hidden_states, unwrap_causal_lm, wrapper_chain
     from ..losses.fused_policy import fused_policy_loss
 
     causal = unwrap_causal_lm(policy)
-    head = LMHead.from_model_or_none(causal)  # LoRA on the head is folded in (and trains)
-    if head is None:
+    if LMHead.from_model_or_none(causal) is None:
         raise ConfigError("use_fused_policy_loss needs an LM head that is a linear map (no DoRA or quantized "
                           "head); set use_fused_policy_loss=False for this policy")
-    hidden = shifted_hidden_states(causal, ids, attn)
     m = mask[:, 1:]
 
     def shift(t):
         return None if t is None else t[:, 1:]
 
     adv = advantages if advantages.dim() == 1 else advantages[:, 1:]
-    return fused_policy_loss(hidden, head, torch.where(m, ids[:, 1:], -100), shift(old), adv, m,
-                             temperature=temperature, config=config, ref_logprobs=shift(ref),
-                             rollout_logprobs=shift(rollout_logprobs))
+
+    def loss():
+        head = LMHead.from_model_or_none(causal)  # read inside: the gathered weights; LoRA on the head trains
+        return fused_policy_loss(shifted_hidden_states(causal, ids, attn), head, torch.where(m, ids[:, 1:], -100),
+                                 shift(old), adv, m, temperature=temperature, config=config,
+                                 ref_logprobs=shift(ref), rollout_logprobs=shift(rollout_logprobs))
+
+    # Inside the policy's own hooked forward (FSDP2 gathers and reduces its gradients; DDP's reducer is armed).
+    return run_in_forward(wrapper_chain(policy), loss)
 
 
 @dataclass

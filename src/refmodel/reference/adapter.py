@@ -12,11 +12,9 @@ import torch
 from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
-from ..models.fingerprint import fingerprint_tensors
-from ..models.quantize import tensors_nbytes
+from ..models.sharding import local_bytes
 from .peft_policy import (
-    adapter_state_items,
-    base_state_items,
+    reference_fingerprint,
     reference_view,
     require_peft_model,
     require_shared_base_frozen,
@@ -61,10 +59,7 @@ class AdapterDisabled:
     def fingerprint(self) -> str:
         """The base model's fingerprint (as if loaded alone), plus the reference adapter if named."""
         if self._fingerprint is None:
-            items = base_state_items(self.policy)
-            if self.adapter_name is not None:
-                items += adapter_state_items(self.policy, self.adapter_name)
-            self._fingerprint = fingerprint_tensors(items, temperature=self.temperature)
+            self._fingerprint = reference_fingerprint(self.policy, self.adapter_name, temperature=self.temperature)
         return self._fingerprint
 
     @property
@@ -73,7 +68,7 @@ class AdapterDisabled:
         if self.adapter_name is None:
             return 0
         causal = self.policy.get_base_model()
-        return tensors_nbytes(t for n, t in causal.named_parameters() if f".{self.adapter_name}." in n)
+        return local_bytes(t for n, t in causal.named_parameters() if f".{self.adapter_name}." in n)
 
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -19,12 +19,29 @@ from torch import nn
 from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
+from ..models import zero3
 from ..models.dtypes import parse_dtype
 from ..models.fingerprint import fingerprint
 from ..models.quantize import check_mode, quantize_model
-from .base import module_bytes
+from ..models.sharding import local_parameter_bytes, sharded_copy, sharding_kind
+from ..models.sharding import shard_like as shard_like_policy
 
 log = logging.getLogger(__name__)
+
+
+def _check_sharded_options(model: nn.Module, dtype, quantize, offload_to_cpu: bool, device) -> None:
+    """Refuse what a sharded model cannot do here, saying how to get it."""
+    wrong = [name for name, value in (("quantize", quantize), ("offload_to_cpu", offload_to_cpu or None),
+                                      ("device", device)) if value is not None]
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        wrong.append("dtype")
+    if wrong:
+        raise ConfigError(f"Frozen got a sharded model ({sharding_kind(model)}) with {', '.join(wrong)}: its shards "
+                          "stay where the framework put them, in their dtype; build it that way (Frozen.from_policy("
+                          "policy, dtype=...) for a sharded copy), or pass an unsharded model or a folder"
+                          + ("; under ZeRO-3 the DeepSpeed config sets them (bf16.enabled, "
+                             "zero_optimization.offload_param)" if sharding_kind(model) == "zero3" else ""))
+
 
 class Frozen:
     """A frozen reference model of its own: ``[B, T]`` float32 log-probs under no_grad.
@@ -43,12 +60,22 @@ class Frozen:
         temperature: the sampling temperature the log-probs must match (logits / temperature).
         attn_implementation: passed to ``from_pretrained`` when loading from a path.
         allow_pickle: accept a folder whose only weights are pickled (``pytorch_model.bin``).
+        device: where the weights live (e.g. ``"cuda:0"``); ``None`` keeps them where they are and, unless
+            offloaded, moves them once to the batches' device at the first call: the reference lives on
+            the policy's device.
+        shard_like: the policy; when it is FSDP2-sharded, the reference is ``fully_shard``-ed the same way
+            (same modules, same mesh) right after loading, so each rank keeps only its shards
+            (:func:`refmodel.models.sharding.shard_like`). Ignored for a plain or DDP policy.
+
+    A model sharded with FSDP2 (``fully_shard``) stays sharded: it runs through its own hooked forward and
+    ``memory_bytes`` counts this rank's shards; it cannot be moved, offloaded or quantized here.
     """
 
     def __init__(self, model_or_path, *, dtype=None, offload_to_cpu: bool = False, quantize: str | None = None,
                  temperature: float = 1.0, attn_implementation: str | None = None,
                  use_fused_linear_logprobs: bool = True, cast_logprobs_to_fp32: bool = True,
-                 chunk_size: int | None = None, allow_pickle: bool = False):
+                 chunk_size: int | None = None, allow_pickle: bool = False, device: str | torch.device | None = None,
+                 shard_like: nn.Module | None = None):
         check_mode(quantize)
         temperature = validation.temperature(temperature, error=ConfigError)
         torch_dtype = parse_dtype(dtype)
@@ -65,7 +92,20 @@ class Frozen:
             raise ConfigError("Frozen got a PEFT model; merge it first (model.merge_and_unload()) to freeze the "
                               "adapted weights, or use AdapterDisabled(model) to use the base model as reference")
         loaded = isinstance(model_or_path, (str, Path))  # then load_model applied dtype and quantize
-        if torch_dtype is not None and not loaded:
+        self._engine = None  # the DeepSpeed inference engine of a ZeRO-3 reference: it owns the gather hooks
+        if shard_like is not None and sharding_kind(shard_like) == "fsdp2" and sharding_kind(model) == "none":
+            if torch_dtype is not None and not loaded:
+                model = model.to(torch_dtype)
+            torch_dtype = None  # applied: a sharded model is not cast again
+            model.eval()
+            model.requires_grad_(False)
+            shard_like_policy(model, shard_like)
+        self.sharded = sharding_kind(model) != "none"
+        if self.sharded:
+            _check_sharded_options(model, torch_dtype, quantize, offload_to_cpu, device)
+            if sharding_kind(model) == "zero3" and not zero3.is_prepared(model):  # zero.Init alone: no gather hooks
+                model, self._engine = zero3.prepare_reference(model)
+        elif torch_dtype is not None and not loaded:
             model = model.to(torch_dtype)
         model.eval()
         model.requires_grad_(False)
@@ -74,6 +114,8 @@ class Frozen:
         self.offload_to_cpu = bool(offload_to_cpu)
         if self.offload_to_cpu:
             model.to("cpu")
+        elif device is not None:
+            model.to(device)
         self.model = model
         self.temperature = float(temperature)
         self.quantize = quantize
@@ -83,10 +125,20 @@ class Frozen:
 
     @classmethod
     def from_policy(cls, policy: nn.Module, **kwargs) -> Frozen:
-        """A frozen deep copy of ``policy`` (the policy itself stays trainable and untouched)."""
+        """A frozen copy of ``policy`` on its device (the policy itself stays trainable and untouched).
+
+        A plain or DDP policy is deep-copied; an FSDP2-sharded policy gets a copy sharded the same way, built
+        from its shards (:func:`refmodel.models.sharding.sharded_copy`: each rank holds only its shards).
+        """
         if hasattr(policy, "peft_config") and hasattr(policy, "merge_and_unload"):
             raise ConfigError("Frozen.from_policy got a PEFT model; use AdapterDisabled(policy) (no extra weights) "
                               "or Frozen(copy.deepcopy(policy).merge_and_unload()) to freeze the adapted weights")
+        if isinstance(policy, nn.parallel.DistributedDataParallel):
+            policy = policy.module
+        if sharding_kind(policy) == "zero3":  # partitioned like it, with its own inference engine
+            return cls(zero3.partitioned_copy(policy), **kwargs)
+        if sharding_kind(policy) == "fsdp2":
+            return cls(sharded_copy(policy, parse_dtype(kwargs.pop("dtype", None))), **kwargs)
         return cls(copy.deepcopy(policy), **kwargs)
 
     @property
@@ -98,8 +150,8 @@ class Frozen:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the frozen copy's weights (on the CPU when offloaded)."""
-        return module_bytes(self.model)
+        """Bytes of the frozen copy's weights on this rank (its shards when sharded; on the CPU when offloaded)."""
+        return local_parameter_bytes(self.model)
 
     def _device(self) -> torch.device:
         for p in self.model.parameters():
@@ -112,6 +164,12 @@ class Frozen:
         """``[B, T]`` float32 log-probs under the frozen model (on ``input_ids``' device)."""
         home = self._device()
         target = input_ids.device if isinstance(input_ids, torch.Tensor) else home
+        if target != home and not self.offload_to_cpu and not self.sharded:
+            # The batches come on the policy's device: the reference lives there (once, not per call).
+            log.info("Frozen reference moved from %s to %s, the batches' device (pass device= to place it up front)",
+                     home, target)
+            self.model.to(target)
+            home = target
         moved = self.offload_to_cpu and target != home
         if moved:
             self.model.to(target)

@@ -20,11 +20,15 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
-from ..models.quantize import tensors_nbytes
+from ..logprobs.lm_head import full_shape
+from ..models import zero3
+from ..models.sharding import is_dtensor, local_bytes, local_like, local_tensor
 from .base import restore_requires_grad
 from .peft_policy import lora_layers, modules_to_save
 
@@ -57,7 +61,18 @@ def check_lora_supported(policy, adapter: str) -> None:
 
 
 def _factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    return layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
+    """``(A [r, in], B [out, r], scaling)`` of adapter ``name`` as full tensors: under FSDP2 the policy's factors
+    are shards, gathered here (a collective); the reference adapter, added later, holds plain tensors."""
+    return (_full(layer.lora_A[name].weight), _full(layer.lora_B[name].weight), float(layer.scaling[name]))
+
+
+def _full(t: Any) -> torch.Tensor:  # a DTensor's full_tensor() is untyped here
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param <- value`` where ``param`` may be a shard (this rank's piece of ``value`` is written)."""
+    local_tensor(param).copy_(local_like(value, param))
 
 
 def _truncate(b: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -96,6 +111,8 @@ class LoraReference:
         for n, p in self.policy.named_parameters():
             if f".{self.ref_name}." in n:
                 p.requires_grad_(False)
+        if zero3.is_zero3(self.policy):  # added after deepspeed.initialize: partitioned like the rest
+            zero3.partition_new_parameters(self.adapter_modules(self.ref_name))
         missing = [n for n, layer in lora_layers(self.policy)
                    if (self.policy_name in layer.lora_A) != (self.ref_name in layer.lora_A)]
         missing += [n for n, w in modules_to_save(self.policy)
@@ -106,28 +123,44 @@ class LoraReference:
         if self.policy.active_adapter != self.policy_name:  # add_adapter must not switch the policy
             self.policy.set_adapter(self.policy_name)
 
+    def adapter_modules(self, name: str) -> nn.ModuleList:
+        """The modules of adapter ``name`` (its LoRA factors and full copies), the only parameters a sync touches:
+        under ZeRO-3 they are gathered (:func:`~refmodel.models.zero3.full_parameters`), not the whole model.
+
+        Gathered with ``zero3.full_parameters``, not ``sharding.full_parameters``: under FSDP2 these modules hold
+        DTensor shards without being ``fully_shard`` roots themselves, which ``sharding_kind`` refuses (tensor
+        parallel); there ``zero3.full_parameters`` does nothing and :func:`_factors` reads the shards full."""
+        mods = [m for _, layer in lora_layers(self.policy) if name in layer.lora_A
+                for m in (layer.lora_A[name], layer.lora_B[name])]
+        mods += [w.modules_to_save[name] for _, w in modules_to_save(self.policy) if name in w.modules_to_save]
+        return nn.ModuleList(mods)
+
     @torch.no_grad()
     def hard_copy(self) -> None:
         """ref <- policy, bit for bit (weights and scalings)."""
-        if any(layer.lora_A[self.ref_name].weight.shape != layer.lora_A[self.policy_name].weight.shape
+        if any(full_shape(layer.lora_A[self.ref_name].weight) != full_shape(layer.lora_A[self.policy_name].weight)
                for _, layer in lora_layers(self.policy) if self.ref_name in layer.lora_A):
             self._create(copy.deepcopy(self.policy.peft_config[self.policy_name]))
+        with zero3.full_parameters(self.adapter_modules(self.policy_name)), \
+                zero3.full_parameters(self.adapter_modules(self.ref_name), writable=True):
+            self._copy_policy_adapter()
+        self.rank = int(self.policy.peft_config[self.policy_name].r)
+
+    def _copy_policy_adapter(self) -> None:
         for _, layer in lora_layers(self.policy):
             if self.policy_name not in layer.lora_A:
                 continue
             a_p, b_p, s_p = _factors(layer, self.policy_name)
-            layer.lora_A[self.ref_name].weight.copy_(a_p)
-            layer.lora_B[self.ref_name].weight.copy_(b_p)
+            _assign(layer.lora_A[self.ref_name].weight, a_p)
+            _assign(layer.lora_B[self.ref_name].weight, b_p)
             layer.scaling[self.ref_name] = s_p
         for _, wrapper in modules_to_save(self.policy):
             for p_r, p_p in zip(wrapper.modules_to_save[self.ref_name].parameters(),
                                 wrapper.modules_to_save[self.policy_name].parameters(), strict=True):
-                p_r.copy_(p_p)
-        self.rank = int(self.policy.peft_config[self.policy_name].r)
+                _assign(p_r, p_p)
 
-    @torch.no_grad()
-    def mix(self, alpha: float) -> None:
-        """ref <- alpha * policy + (1 - alpha) * ref, exactly (rank concatenation, optional max_rank)."""
+    def _mixed(self, alpha: float):
+        """``({layer: (A, B)}, rank, [module values])`` of the mix, from the (full) factors of both adapters."""
         new, rank = {}, 0
         for name, layer in lora_layers(self.policy):
             if self.policy_name not in layer.lora_A:
@@ -143,31 +176,42 @@ class LoraReference:
                 self.max_truncation_error = max(self.max_truncation_error, err)
             new[name] = (a, b)
             rank = max(rank, a.shape[0])
-        mixed_modules = [[(1.0 - alpha) * p_r + alpha * p_p.to(p_r.dtype)
+        mixed_modules = [[(1.0 - alpha) * _full(p_r) + alpha * _full(p_p).to(p_r.dtype)
                           for p_r, p_p in zip(w.modules_to_save[self.ref_name].parameters(),
                                               w.modules_to_save[self.policy_name].parameters(), strict=True)]
                          for _, w in modules_to_save(self.policy)]
+        return new, rank, mixed_modules
+
+    @torch.no_grad()
+    def mix(self, alpha: float) -> None:
+        """ref <- alpha * policy + (1 - alpha) * ref, exactly (rank concatenation, optional max_rank)."""
+        with zero3.full_parameters(self.adapter_modules(self.policy_name)), \
+                zero3.full_parameters(self.adapter_modules(self.ref_name)):
+            new, rank, mixed_modules = self._mixed(alpha)
         cfg = copy.deepcopy(self.policy.peft_config[self.policy_name])
         cfg.r, cfg.lora_alpha, cfg.use_rslora, cfg.rank_pattern, cfg.alpha_pattern = rank, rank, False, {}, {}
         self._create(cfg)
-        for name, layer in lora_layers(self.policy):
-            if name not in new:
-                continue
-            a, b = new[name]
-            ref_a, ref_b = layer.lora_A[self.ref_name].weight, layer.lora_B[self.ref_name].weight
-            ref_a.zero_()
-            ref_b.zero_()  # zero padding up to the common rank is exact
-            ref_a[: a.shape[0]].copy_(a)
-            ref_b[:, : b.shape[1]].copy_(b)
-            layer.scaling[self.ref_name] = 1.0
-        for (_, w), values in zip(modules_to_save(self.policy), mixed_modules, strict=True):
-            for p_r, v in zip(w.modules_to_save[self.ref_name].parameters(), values, strict=True):
-                p_r.copy_(v)
+        with zero3.full_parameters(self.adapter_modules(self.ref_name), writable=True):
+            for name, layer in lora_layers(self.policy):
+                if name not in new:
+                    continue
+                a, b = new[name]
+                ref_a, ref_b = layer.lora_A[self.ref_name].weight, layer.lora_B[self.ref_name].weight
+                full_a, full_b = a.new_zeros(ref_a.shape), b.new_zeros(ref_b.shape)  # zero padding to the common rank
+                full_a[: a.shape[0]] = a
+                full_b[:, : b.shape[1]] = b
+                _assign(ref_a, full_a)
+                _assign(ref_b, full_b)
+                layer.scaling[self.ref_name] = 1.0
+            for (_, w), values in zip(modules_to_save(self.policy), mixed_modules, strict=True):
+                for p_r, v in zip(w.modules_to_save[self.ref_name].parameters(), values, strict=True):
+                    _assign(p_r, v)
         self.rank = rank
 
     @property
     def bytes(self) -> int:
-        return tensors_nbytes(p for n, p in self.policy.named_parameters() if f".{self.ref_name}." in n)
+        """This rank's bytes of the reference adapter (its shards when sharded)."""
+        return local_bytes(p for n, p in self.policy.named_parameters() if f".{self.ref_name}." in n)
 
 
 __all__ = ["LoraReference", "check_lora_supported"]

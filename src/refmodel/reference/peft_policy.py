@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.fingerprint import digest_in_order, finish_fingerprint
+from ..models.sharding import full_tensors
 from .base import eval_mode, restore_requires_grad
 
 
@@ -52,36 +54,43 @@ def require_shared_base_frozen(model, who: str) -> None:
 _CANONICAL = [(re.compile(r"\.base_layer(?=\.|$)"), ""), (re.compile(r"\.original_module(?=\.|$)"), "")]
 
 
-def base_state_items(model) -> list[tuple[str, torch.Tensor]]:
-    """The base model's weights under the names a plain model would use (adapters left out).
+def reference_fingerprint(model, adapter_name: str | None = None, **settings) -> str:
+    """Fingerprint of the PEFT model's base as if loaded alone (adapters left out, PEFT's ``base_layer`` /
+    ``original_module`` names made plain), plus the weights and LoRA scalings of ``adapter_name`` if given
+    (under ``<ref>`` names, so a reference adapter's fingerprint does not depend on its name).
 
-    So the adapter-disabled reference has the fingerprint of the base model loaded on its own.
+    A sharded policy (FSDP2, ZeRO-3) gives the plain model's fingerprint: its tensors are gathered one at a
+    time in name order (:func:`refmodel.models.sharding.full_tensors`; a collective: call on every rank).
     """
     names = set(model.peft_config)
     causal = model.get_base_model()
-    items = []
-    for name, tensor in causal.state_dict().items():
-        if _is_adapter_param(name, names) or any(f".{a}." in f".{name}." for a in ("lora_magnitude_vector",)):
-            continue
-        for pattern, repl in _CANONICAL:
-            name = pattern.sub(repl, name)
-        items.append((name, tensor))
-    return items
-
-
-def adapter_state_items(model, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
-    """Weights (and LoRA scalings) of one adapter, for fingerprints."""
-    causal = model.get_base_model()
-    items = []
-    for name, tensor in causal.state_dict().items():
+    stored: dict[str, str] = {}  # fingerprint name -> state-dict name
+    for name in causal.state_dict():
         parts = name.split(".")
-        if adapter_name in parts and ("modules_to_save" in parts or any(p.startswith("lora_") for p in parts)):
-            items.append((name.replace(f".{adapter_name}.", ".<ref>."), tensor))
-    for mname, module in causal.named_modules():
-        scaling = getattr(module, "scaling", None)
-        if isinstance(scaling, dict) and adapter_name in scaling:
-            items.append((f"{mname}.<ref>.scaling", torch.tensor(float(scaling[adapter_name]))))
-    return items
+        if adapter_name is not None and adapter_name in parts and \
+                ("modules_to_save" in parts or any(p.startswith("lora_") for p in parts)):
+            stored[name.replace(f".{adapter_name}.", ".<ref>.")] = name
+            continue
+        if _is_adapter_param(name, names) or ".lora_magnitude_vector." in f".{name}.":
+            continue
+        plain = name
+        for pattern, repl in _CANONICAL:
+            plain = pattern.sub(repl, plain)
+        stored[plain] = name
+    scalings: dict[str, torch.Tensor] = {}
+    if adapter_name is not None:
+        for mname, module in causal.named_modules():
+            scaling = getattr(module, "scaling", None)
+            if isinstance(scaling, dict) and adapter_name in scaling:
+                scalings[f"{mname}.<ref>.scaling"] = torch.tensor(float(scaling[adapter_name]))
+    order = sorted(stored.keys() | scalings.keys())
+    gathered = full_tensors(causal, [stored[n] for n in order if n in stored])
+
+    def items() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in order:
+            yield name, scalings[name] if name in scalings else next(gathered)[1]
+
+    return finish_fingerprint(digest_in_order(items()), **settings)
 
 
 @contextlib.contextmanager
@@ -115,5 +124,5 @@ def modules_to_save(model) -> list[tuple[str, Any]]:
             if isinstance(getattr(m, "modules_to_save", None), nn.ModuleDict) and hasattr(m, "original_module")]
 
 
-__all__ = ["is_peft_model", "require_peft_model", "require_shared_base_frozen", "base_state_items",
-           "adapter_state_items", "reference_view", "lora_layers", "modules_to_save"]
+__all__ = ["is_peft_model", "require_peft_model", "require_shared_base_frozen", "reference_fingerprint",
+           "reference_view", "lora_layers", "modules_to_save"]

@@ -94,8 +94,8 @@ def _from_text(text: str, policy, temperature: float, who: str) -> Reference:
         from ..store import LogprobStore
 
         return Precomputed(LogprobStore.open(path))
-    if (path / MODEL_MARKER).is_file():
-        return Frozen(path, temperature=temperature)
+    if (path / MODEL_MARKER).is_file():  # sharded like an FSDP2 policy: each rank keeps its shards
+        return Frozen(path, temperature=temperature, shard_like=policy)
     found = f"a folder without {STORE_MARKER} or {MODEL_MARKER}" if path.is_dir() else "no such folder"
     raise ConfigError(f"{who}: reference={text!r} is neither a log-prob store folder (with {STORE_MARKER}; make "
                       f"one with `refmodel precompute`) nor a model folder (with {MODEL_MARKER}), a service URL "

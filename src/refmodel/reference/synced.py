@@ -22,13 +22,13 @@ import torch
 from .. import validation
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
-from ..models.fingerprint import fingerprint_tensors
+from ..models import sharding, zero3
+from ..models.sharding import local_like, local_tensor
 from .frozen import Frozen
 from .lora_sync import LoraReference
 from .peft_policy import (
-    adapter_state_items,
-    base_state_items,
     is_peft_model,
+    reference_fingerprint,
     reference_view,
     require_peft_model,
     require_shared_base_frozen,
@@ -128,8 +128,7 @@ class Synced:
             return self.frozen.fingerprint
         assert self.lora is not None  # exactly one of frozen / lora is set
         if self._fingerprint is None:
-            items = base_state_items(self.policy) + adapter_state_items(self.policy, self.lora.ref_name)
-            self._fingerprint = fingerprint_tensors(items, temperature=self.temperature)
+            self._fingerprint = reference_fingerprint(self.policy, self.lora.ref_name, temperature=self.temperature)
         return self._fingerprint
 
     @property
@@ -147,7 +146,9 @@ class Synced:
         if self.frozen is not None:
             return self.frozen.logprobs(input_ids, attention_mask, score_mask)
         assert self.lora is not None  # exactly one of frozen / lora is set
-        with reference_view(self.policy, self.lora.ref_name):
+        # The reference adapter has no gather hooks of its own under ZeRO-3 (added after deepspeed.initialize).
+        with reference_view(self.policy, self.lora.ref_name), \
+                zero3.full_parameters(self.lora.adapter_modules(self.lora.ref_name)):
             return model_logprobs(self.policy, input_ids, attention_mask, score_mask,
                                   temperature=self.temperature, **self._kwargs)
 
@@ -181,18 +182,25 @@ class Synced:
         self.frozen._fingerprint = None
         if self.frozen.model is policy:
             raise ConfigError("the synced reference is the policy object itself; build Synced(policy) once")
+        if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
+            policy = policy.module
         src = dict(policy.named_parameters())
         dst = dict(self.frozen.model.named_parameters())
         if src.keys() != dst.keys():
             extra = sorted(src.keys() ^ dst.keys())[:3]
             raise ConfigError(f"the policy's parameters do not match the reference's (e.g. {extra}); pass the "
                               "policy this Synced reference was built from")
+        if sharding.sharding_kind(self.frozen.model) == "zero3":  # inside the gather, one parameter at a time
+            zero3.mix_parameters(self.frozen.model, policy, self.alpha)
+            return
         for name, ref in dst.items():
-            pol = src[name].detach().to(device=ref.device, dtype=ref.dtype)
+            # Shard to shard (a sharded copy holds the policy's layout: no communication), never a full tensor
+            # into a DTensor; a policy sharded after the copy was made is gathered here (a collective).
+            pol, mine = local_like(src[name], ref), local_tensor(ref)
             if self.alpha == 1.0:
-                ref.copy_(pol)
+                mine.copy_(pol)
             else:
-                ref.mul_(1.0 - self.alpha).add_(pol, alpha=self.alpha)
+                mine.mul_(1.0 - self.alpha).add_(pol, alpha=self.alpha)
 
     def __repr__(self) -> str:
         kind = f"lora rank {self.lora.rank}" if self.lora is not None else "full copy"
