@@ -49,7 +49,6 @@ from ..errors import InvalidInput
 from ..logprobs.head import check_head_inputs, token_logprobs
 from ..logprobs.lm_head import LMHead
 from ..logprobs.tiles import (
-    BlockShape,
     acc_dtype,
     block_shape,
     coef_matmul_into,
@@ -73,10 +72,11 @@ from .policy_terms import (
 
 
 class _FusedPolicyLoss(torch.autograd.Function):
-    """``(h_flat [N, H], W [V, H], b, rows [n], y [n], per-row inputs) -> (loss, logp [n])``; grads in forward."""
+    """``(h_flat [N, H], W [V, H], b, rows [n], y [n], per-row inputs) -> (loss, logp [n])``; grads in forward.
+    ``shape``: the :class:`~refmodel.logprobs.tiles.BlockShape` of the whole-vocabulary blocks."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, rows_idx, y, opts, tf, shape: BlockShape, fp32, old, adv, ref, rho, w_agg):
+    def forward(ctx, h, weight, bias, rows_idx, y, opts, tf, shape, fp32, old, adv, ref, rho, w_agg):
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
