@@ -17,8 +17,9 @@ from ..errors import InvalidInput
 from .tokenize import Example
 
 
-def pad(rows: Sequence[Sequence | torch.Tensor], value=0, *, side: str = "right", dtype: torch.dtype = torch.long,
-        width: int | None = None, pad_to_multiple_of: int | None = None) -> torch.Tensor:
+def pad(rows: Sequence[Sequence | torch.Tensor | np.ndarray], value=0, *, side: str = "right",
+        dtype: torch.dtype = torch.long, width: int | None = None, pad_to_multiple_of: int | None = None
+        ) -> torch.Tensor:
     """``[B, T]`` tensor of ``rows`` (sequences or 1-D tensors) padded with ``value`` to the longest row
     (or ``width``).
 
@@ -44,8 +45,9 @@ def pad(rows: Sequence[Sequence | torch.Tensor], value=0, *, side: str = "right"
     return out
 
 
-def collate(sequences: Sequence[tuple[Sequence[int], Sequence[bool] | None]], pad_id: int = 0, *,
-            side: str = "right", pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def collate(sequences: Sequence[tuple[Sequence[int] | np.ndarray, Sequence[bool] | np.ndarray | None]],
+            pad_id: int = 0, *, side: str = "right", pad_to_multiple_of: int | None = None
+            ) -> dict[str, torch.Tensor]:
     """Pad ``[(input_ids, score_mask or None)]`` (sequences or numpy arrays) into ``input_ids`` (long), ``attention_mask`` (long, 1 =
     real token) and ``score_mask`` (bool, the scored tokens; all real tokens but the first when None),
     each ``[B, T]``."""

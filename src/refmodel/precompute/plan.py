@@ -160,8 +160,8 @@ def example_groups(ex: Example) -> list[Group]:
     return groups
 
 
-def window_units(groups: Sequence[Group], earlier: Callable[[list[bytes]], Sequence[bool]] | None = None
-                 ) -> list[Unit]:
+def window_units(groups: Sequence[Group],
+                 earlier: Callable[[list[bytes]], Sequence[bool] | np.ndarray] | None = None) -> list[Unit]:
     """One window's distinct sequences grouped by shared prompt, in canonical order (completions, length, key).
 
     ``groups``: the window's :func:`example_groups`, in record order. ``earlier(keys)``: which of the
@@ -281,7 +281,7 @@ def plan_windows(data, tokenizer, config: PrecomputeConfig, check: PositionCheck
         plan.update(f"{len(specs)}|".encode() + b"".join(keys))
         specs.append(ShardSpec(window, sum(u.tokens for u in units), len(keys), keys_digest(keys), tuple(earlier)))
 
-    current, groups = -1, []
+    current, groups = -1, []  # type: tuple[int, list[Group]]
     for index, ex in iter_examples(data, tokenizer, max_length=config.max_length,
                                    truncation_mode=config.truncation_mode):
         if check is not None:
@@ -398,7 +398,7 @@ class PrecomputePlan:
         if not wanted:
             return
         size, last = self.config.shard_examples, max(wanted)
-        current, groups = -1, []
+        current, groups = -1, []  # type: tuple[int, list[Group]]
         for index, ex in iter_examples(self.data, self.tokenizer, max_length=self.config.max_length,
                                        truncation_mode=self.config.truncation_mode,
                                        wanted=lambda i: i // size in wanted, stop=(last + 1) * size):

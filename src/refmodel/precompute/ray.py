@@ -31,6 +31,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,7 @@ def _run(ray, store: LogprobStore, plan: PrecomputePlan, todo: list[int], scorer
         # max_task_retries retries.
         max_restarts=-1, max_task_retries=cfg.max_task_retries)
     idle = deque(actor_cls.remote(**scorer_kwargs) for _ in range(workers))
-    source = plan.iter_shards(todo)
+    source: Iterator[tuple[int, tuple[Unit, ...]]] | None = plan.iter_shards(todo)
     waiting: deque = deque()  # (index, encoded units) read from the data, not yet sent
     running: dict = {}  # object ref -> (index, actor)
     total, left = plan.total_tokens, sum(plan.shard_tokens(i) for i in todo)
