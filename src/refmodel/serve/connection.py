@@ -2,8 +2,8 @@
 
 The ASGI app (and :mod:`refmodel.serve.guard`) sees a request only once its head is complete, and the
 app never sees the bytes between requests, so what happens there is bounded here, per connection. Why a
-shim over uvicorn rather than another server: ``docs/design/serving.md`` (uvicorn 0.55, hypercorn and
-granian measured against the same probes). The shim hooks ``HttpToolsProtocol`` and its
+shim over uvicorn rather than another server: ``docs/design/service-client-and-hardening.md`` (uvicorn
+0.55, hypercorn and granian measured against the same probes; none held them all). The shim hooks ``HttpToolsProtocol`` and its
 ``RequestResponseCycle`` (uvicorn's private classes): ``pyproject.toml`` pins uvicorn to the minor
 version it is written and tested for (``tests/serve/test_service_abuse.py`` holds every probe).
 
