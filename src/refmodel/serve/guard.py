@@ -102,7 +102,7 @@ class Guard:
         if limit < 0:
             return _too_large(self.max_body_bytes), receive
         body = await self._read_body(receive, limit)
-        if isinstance(body, bytes):
+        if isinstance(body, (bytes, bytearray)):
             return None, _replay(body, receive)
         return body, receive
 
@@ -121,7 +121,8 @@ class Guard:
             task.cancel()
 
         timer = asyncio.get_running_loop().call_later(self.body_timeout_s, expire)
-        chunks, size = [], 0
+        body: bytes | bytearray = b""
+        size = 0
         try:
             while True:
                 message = await receive()
@@ -131,9 +132,14 @@ class Guard:
                 size += len(chunk)
                 if size > limit:
                     return _too_large(limit)
-                chunks.append(chunk)
+                if not body:
+                    body = chunk
+                else:  # one growing buffer (realloc in place), not a list joined at the end: one copy of a large body
+                    if not isinstance(body, bytearray):
+                        body = bytearray(body)
+                    body += chunk
                 if not message.get("more_body", False):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    return body
         except asyncio.CancelledError:
             if not fired:
                 raise
@@ -150,7 +156,7 @@ def _too_large(limit: int):
                           "body", _CLOSE)
 
 
-def _replay(body: bytes, receive):
+def _replay(body: bytes | bytearray, receive):
     """The app's ``receive``: the body read by the guard, then the server's own (for disconnects)."""
     sent = False
 

@@ -48,7 +48,7 @@ async def _off_loop(nbytes: int, fn, *args):
     return fn(*args)
 
 
-def _parse(body: bytes, schema: type[BaseModel], max_sequences: int, check):
+def _parse(body: bytes | bytearray, schema: type[BaseModel], max_sequences: int, check):
     """Decode, validate against ``schema`` and ``check(req)`` one JSON body (runs off the loop when large)."""
     obj = decode_json_rows(body, max_sequences)
     try:
@@ -59,9 +59,22 @@ def _parse(body: bytes, schema: type[BaseModel], max_sequences: int, check):
     return req, check(req)
 
 
+async def _body(request: Request) -> bytes | bytearray:
+    """The request body as the guard read it (one buffer; Starlette's ``request.body()`` would copy it)."""
+    message = await request.receive()
+    body = message.get("body", b"") if message["type"] == "http.request" else b""
+    if message.get("more_body", False):  # not read whole by the guard: collect the rest
+        parts = [body]
+        while message.get("more_body", False):
+            message = await request.receive()
+            parts.append(message.get("body", b""))
+        body = b"".join(parts)
+    return body
+
+
 async def _json_body(request: Request, schema: type[BaseModel], check):
     """``(request model, checked sequences)`` of a JSON route; 422 naming the field otherwise."""
-    body = await request.body()
+    body = await _body(request)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not (kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))):
         raise FieldError("body", "the body must be a JSON object (send Content-Type: application/json)")
@@ -202,9 +215,9 @@ _BINARY_DOC = {
 async def logprobs_binary(request: Request) -> Response:
     """The throughput form of ``/v1/logprobs``: raw little-endian arrays in and out (no JSON)."""
     state = request.app.state.refmodel
-    body = await request.body()
+    body = await _body(request)
 
-    def check(body: bytes):
+    def check(body: bytes | bytearray):
         decoded = wire.decode_request(body)
         model = _lookup(request, decoded.model, "logprobs")
         return decoded, model, check_block(decoded.input_ids, state.limits[decoded.model], decoded.attention_mask,

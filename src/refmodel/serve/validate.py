@@ -95,7 +95,7 @@ def _max_arrays(max_sequences: int) -> int:
     return 3 * max_sequences + 4
 
 
-def decode_json_rows(body: bytes, max_sequences: int) -> dict:
+def decode_json_rows(body: bytes | bytearray, max_sequences: int) -> dict:
     """A JSON request body as a dict, its row count checked before anything else is built.
 
     Counting ``[`` bounds the rows before the decode (C speed, no allocation): a 16 MiB body of 4 million
