@@ -62,6 +62,10 @@ def _head_too_large(limit: int) -> bytes:
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
 
+class _Overflow(Exception):
+    """Raised in a parser callback to stop parsing a read past ``MAX_PIPELINED`` requests."""
+
+
 def _peer_reset(transport: asyncio.Transport) -> bool:
     """Whether the peer has reset the connection (Linux ``TCP_INFO``; False where it cannot be told)."""
     sock = transport.get_extra_info("socket")
@@ -134,6 +138,10 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int,
             elif not self._answer_pending():
                 self._arm()  # bytes of a next head (or stray CRLFs): the deadline runs from the first
 
+        def send_400_response(self, msg: str) -> None:
+            if not self._overflow:  # an overflow stopped the parser: the queued answers go out, then close
+                super().send_400_response(msg)
+
         def on_message_begin(self) -> None:
             if self._overflow:
                 return
@@ -155,7 +163,9 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int,
                 self._overflow = True
                 last = self.pipeline[0][0] if self.pipeline else self.cycle
                 last.keep_alive = False  # its answer says Connection: close and closes
-                return
+                # stop the parser here rather than run callbacks for the rest of the read (thousands of
+                # requests); uvicorn answers a parser error with a 400, which send_400_response skips
+                raise _Overflow()
             self._in_head, self._head_bytes = False, 0
             self._disarm()
             super().on_headers_complete()
