@@ -17,7 +17,8 @@ version it is written and tested for (``tests/serve/test_service_abuse.py`` hold
 - **One request at a time.** While a complete request waits for its answer, the next request's bytes are
   held unparsed (at most ``HOLD_BYTES`` plus one read; reading pauses beyond it) and parsed when the answer
   is out. Requests that arrive together in one read are queued up to ``MAX_PIPELINED``; past that the
-  rest of the read is dropped and the connection closes after the queued answers (a client that
+  parser stops (uvicorn logs one "Invalid HTTP request received." warning), the rest of the read is
+  dropped and the connection closes after the queued answers (a client that
   pipelines must retry what was not answered, RFC 9112 section 9.3.2). A client that never reads its
   answers therefore holds at most one read of input and the transport's write buffer, and is closed
   when its answer has waited ``send_timeout_s`` for it to read.
