@@ -189,7 +189,9 @@ def main() -> None:
         args.requests, args.reps = 300, 5
     print(f"# reference service benchmark; {provenance()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny_model("llama", Path(tmp) / "llama")
+        # positions for the longest overhead row (the tiny config's default, 256, refused T=512 with a 422)
+        positions = max(256, args.seq_len, *(int(t) for t in args.overhead_seq_lens.split(",")))
+        model_dir = make_tiny_model("llama", Path(tmp) / "llama", max_position_embeddings=positions)
         bench_load(model_dir, args.clients, args.requests, args.seq_len, args.max_wait_ms)
         bench_overhead(model_dir, tuple(int(t) for t in args.overhead_seq_lens.split(",")), (8, 32), args.reps)
 

@@ -1,17 +1,22 @@
 """The reference service under a mixed load: valid clients beside abusive ones (loopback only).
 
-    python -m benchmarks.bench_service_abuse [--seconds 20] [--clients 8] [--slowloris 100]
+    python -m benchmarks.bench_service_abuse [--seconds 20] [--clients 8] [--slowloris 100] [--quick]
 
 A real ``refmodel serve`` process (tiny Llama, 256 positions, auth on, default connection limits)
 first serves ``--clients`` valid clients alone (closed loop, single-sequence binary requests, T=32)
 for the unloaded p99; then the same clients again while another process runs, for ``--seconds``:
 over-length clients (300-token sequences, past the model's 256 positions), oversized-header clients
 (1 MiB header lines), unauthenticated clients sending 16 MiB bodies, and ``--slowloris`` connections
-that trickle a request head a byte at a time (each reopened when the server closes it). All bounded
-in count; every abusive client sleeps a little between attempts.
+that trickle a request head a byte at a time (each reopened when the server closes it); and issue 25's:
+pipeliners writing ``GET /healthz`` back to back without reading an answer, clients sending a 15 MiB
+body to the open paths (``/healthz``, ``/openapi.json``), drippers (a ``GET`` whose 10^12-byte body comes
+a byte every 0.5 s; a request followed by ``\r\n`` every 0.5 s) and authenticated clients sending a
+16 MiB JSON body of 4.2 million one-token rows. All bounded in count; every abusive client sleeps a
+little between attempts.
 
-Printed: valid-client errors (target 0); p99 under abuse vs unloaded (target within 3x); the
-server's RSS at the start and the end (target within 50 MiB); what the abusive clients got back.
+Printed: valid-client errors (target 0); p99 under abuse vs unloaded (target <= 3x); the server's RSS
+at the start, its peak (sampled every 0.2 s) and the end (target: growth <= 64 MiB); what the abusive
+clients got back.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import collections
 import multiprocessing
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -166,6 +172,81 @@ async def _slowloris(port: int, stop: float, outcomes) -> None:
             writer.close()
 
 
+async def _pipeliner(port: int, stop: float, outcomes) -> None:
+    burst = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 4096  # 140 KiB of requests, answers never read
+    while time.monotonic() < stop:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            outcomes["pipeliner: connect failed"] += 1
+            await asyncio.sleep(0.5)
+            continue
+        sent = 0
+        try:
+            while time.monotonic() < stop and sent < 64 * 2**20:
+                writer.write(burst)
+                await asyncio.wait_for(writer.drain(), 2.0)
+                sent += len(burst)
+            outcomes["pipeliner: still writing at the end"] += 1
+        except asyncio.TimeoutError:
+            outcomes["pipeliner: server stopped reading"] += 1
+        except ConnectionError:
+            outcomes["pipeliner: closed by the server"] += 1
+        finally:
+            outcomes["pipeliner: MiB written (sum)"] += sent >> 20
+            writer.transport.abort()
+        await asyncio.sleep(0.2)
+
+
+async def _open_path_body(port: int, stop: float, outcomes) -> None:
+    paths = ["/healthz", "/openapi.json"]
+    k = 0
+    while time.monotonic() < stop:
+        head = (f"POST {paths[k % 2]} HTTP/1.1\r\nHost: x\r\nContent-Length: {15 * 2**20}\r\n\r\n").encode()
+        await _attempt(port, [head, b"x" * 2**20], outcomes, "15 MiB body on an open path")  # the rest withheld
+        k += 1
+        await asyncio.sleep(0.1)
+
+
+async def _drip(port: int, stop: float, outcomes, head: bytes, drop: bytes, kind: str) -> None:
+    while time.monotonic() < stop:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            outcomes[f"{kind}: connect failed"] += 1
+            await asyncio.sleep(0.5)
+            continue
+        opened = time.monotonic()
+        try:
+            writer.write(head)
+            while time.monotonic() < stop:
+                writer.write(drop)
+                await writer.drain()
+                try:
+                    await asyncio.wait_for(reader.read(), 0.5)  # to EOF: the server closed
+                    outcomes[f"{kind}: closed by the server"] += 1
+                    outcomes[f"{kind}: seconds held (sum)"] += round(time.monotonic() - opened)
+                    break
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                outcomes[f"{kind}: still open at the end"] += 1
+        except ConnectionError:
+            outcomes[f"{kind}: closed by the server"] += 1
+        finally:
+            writer.close()
+
+
+async def _huge_json(port: int, stop: float, outcomes) -> None:
+    rows = (16 * 2**20 - 64) // 4
+    body = b'{"model": "tiny", "input_ids": [' + b"[1]," * (rows - 1) + b"[1]]}"
+    head = (f"POST /v1/logprobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    while time.monotonic() < stop:
+        await _attempt(port, [head, body], outcomes, "16 MiB JSON of 4.2M rows")
+        await asyncio.sleep(0.5)
+
+
 def _abuse(port: int, seconds: float, slowloris: int, queue) -> None:
     async def main():
         outcomes: collections.Counter = collections.Counter()
@@ -174,6 +255,14 @@ def _abuse(port: int, seconds: float, slowloris: int, queue) -> None:
         tasks += [_big_header(port, stop, outcomes) for _ in range(2)]
         tasks += [_unauthenticated_16mib(port, stop, outcomes) for _ in range(4)]
         tasks += [_slowloris(port, stop, outcomes) for _ in range(slowloris)]
+        tasks += [_pipeliner(port, stop, outcomes) for _ in range(4)]
+        tasks += [_open_path_body(port, stop, outcomes) for _ in range(8)]
+        get_body = (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                    "Content-Length: 1000000000000\r\n\r\n").encode()
+        tasks += [_drip(port, stop, outcomes, get_body, b"1", "GET dripping a body") for _ in range(8)]
+        tasks += [_drip(port, stop, outcomes, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"\r\n",
+                        "CRLF between requests") for _ in range(8)]
+        tasks += [_huge_json(port, stop, outcomes) for _ in range(2)]
         await asyncio.gather(*tasks)
         return outcomes
 
@@ -204,10 +293,20 @@ def main() -> None:
                 target=_abuse, args=(port, args.seconds, args.slowloris, queue))
             abuser.start()
             time.sleep(1.0)  # the abusers are connected before the valid clients measure
+            peak = [rss_start]
+            sampling = threading.Event()
+
+            def sample():
+                while not sampling.wait(0.2):
+                    peak[0] = max(peak[0], process_rss_mib(proc.pid))
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
             loaded = asyncio.run(valid_clients(port, args.clients, args.seconds - 1.0))
-            rss_peak = process_rss_mib(proc.pid)
             outcomes = queue.get(timeout=120)
             abuser.join(60)
+            sampling.set()
+            sampler.join()
+            rss_peak = peak[0]
             time.sleep(1.0)
             rss_end = process_rss_mib(proc.pid)
             healthy = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code
@@ -220,9 +319,12 @@ def main() -> None:
     for kind, count in sorted(outcomes.items()):
         print(f"  abusive {kind}: {count}")
     ratio = loaded["p99_ms"] / unloaded["p99_ms"]
+    growth = max(rss_peak, rss_end) - rss_start
     print(f"valid-client errors under abuse: {loaded['errors']} (target 0); p99 {ratio:.2f}x unloaded "
-          f"(target <= 3x); server RSS {rss_start:.0f} -> {rss_peak:.0f} (during) -> {rss_end:.0f} MiB at the end, "
-          f"{rss_end - rss_start:+.0f} MiB (target within 50); /healthz after: {healthy}", flush=True)
+          f"(target <= 3x); server RSS {rss_start:.0f} -> {rss_peak:.0f} (peak) -> {rss_end:.0f} MiB at the end, "
+          f"growth {growth:+.0f} MiB (target <= 64); /healthz after: {healthy}", flush=True)
+    ok = loaded["errors"] == 0 and ratio <= 3 and growth <= 64 and healthy == 200
+    print(f"targets {'met' if ok else 'NOT met'}", flush=True)
 
 
 if __name__ == "__main__":

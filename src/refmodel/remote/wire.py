@@ -91,7 +91,7 @@ def encode_request(model: str, input_ids: np.ndarray, attention_mask: np.ndarray
     return b"".join(parts)
 
 
-def decode_request(body: bytes) -> BinaryRequest:
+def decode_request(body: bytes | bytearray) -> BinaryRequest:
     """Unpack a request; a malformed body raises InvalidBatch naming the part that is wrong."""
     if len(body) < _REQ.size:
         raise _invalid("body", f"a binary request needs a {_REQ.size}-byte header, got {len(body)} bytes")

@@ -229,6 +229,8 @@ class LocalBatcher:
             return await request.future
         finally:
             self._set_admitted(self._admitted - len(items))
+            if request.future.cancelled():  # the client went away: its waiting sequences leave the queue
+                self._pending = deque(item for item in self._pending if item.request is not request)
 
     def _set_admitted(self, value: int) -> None:
         self._admitted = value

@@ -1,18 +1,35 @@
-"""uvicorn's httptools protocol with two bounds on the request head: its size and its arrival time.
+"""uvicorn's httptools protocol with the connection-level bounds the service needs, on a pinned uvicorn.
 
-The ASGI app (and :mod:`refmodel.serve.guard`) sees a request only once its head is complete, so what
-happens before that is bounded here, per connection:
+The ASGI app (and :mod:`refmodel.serve.guard`) sees a request only once its head is complete, and the
+app never sees the bytes between requests, so what happens there is bounded here, per connection. Why a
+shim over uvicorn rather than another server: ``docs/design/service-client-and-hardening.md`` (uvicorn
+0.55, hypercorn and granian measured against the same probes; none held them all). The shim hooks ``HttpToolsProtocol`` and its
+``RequestResponseCycle`` (uvicorn's private classes): ``pyproject.toml`` pins uvicorn to the minor
+version it is written and tested for (``tests/serve/test_service_abuse.py`` holds every probe).
 
-- **Size.** httptools hands a header to uvicorn only once its value is complete and buffers a partial
-  value of any length meanwhile (one 64 MiB header stalled every client). Here the bytes a connection
-  sends while its head is incomplete are counted; past ``max_head_bytes`` it gets a 431 and is closed,
-  so the buffer never exceeds the limit by more than one read (<= 256 KiB). The close lingers: what the
-  client still sends is read and dropped for up to ``LINGER_S`` so that it reads the 431 instead of a reset.
-  Every answer sent before a request's body was read (the guard's 401, 413, 408, 431) closes the same way.
-- **Time.** uvicorn bounds an idle keep-alive connection (``timeout_keep_alive``) but not a connection
-  that has just opened, nor one that trickles its head a byte at a time (slowloris). Here a head must be
-  complete within ``header_timeout_s`` of the connection opening, or of the first byte of its next
-  request; otherwise the connection is closed.
+- **Head size.** httptools buffers a partial header value of any length; here the bytes a connection
+  sends while its head is incomplete are counted and past ``max_head_bytes`` it gets a 431 and is closed
+  (lingering, see below). A head that arrives whole in one read is measured by the guard, request line
+  included.
+- **Head time.** A head must be complete within ``header_timeout_s`` of the connection opening or of the
+  first byte after the previous request (a stray ``\\r\\n`` counts: bytes that do not complete a head do
+  not keep a connection open). uvicorn's keep-alive timer bounds the idle time between requests.
+- **One request at a time.** While a complete request waits for its answer, the next request's bytes are
+  held unparsed (at most ``HOLD_BYTES`` plus one read; reading pauses beyond it) and parsed when the answer
+  is out. Requests that arrive together in one read are queued up to ``MAX_PIPELINED``; past that the
+  parser stops (uvicorn logs one "Invalid HTTP request received." warning), the rest of the read is
+  dropped and the connection closes after the queued answers (a client that
+  pipelines must retry what was not answered, RFC 9112 section 9.3.2). A client that never reads its
+  answers therefore holds at most one read of input and the transport's write buffer, and is closed
+  when its answer has waited ``send_timeout_s`` for it to read.
+- **Half-close.** A client that shuts down its sending side after its request (``shutdown(SHUT_WR)``)
+  still gets its answer; the connection closes after it. A client that closed entirely is told apart by
+  a probe: an interim ``100 Continue`` (which every HTTP/1.1 client must accept, RFC 9110 section 15.2)
+  that a closed socket answers with a reset; the request is then marked disconnected, and the route drops
+  it from the batcher's queue.
+- **Lingering close.** Every answer sent before a request's body was read (the guard's 401, 413, 408,
+  431) closes without resetting a client that is still sending: our FIN after the answer, then what the
+  client still sends is read and dropped for up to ``LINGER_S``, so that it reads the answer.
 
 httptools (a C parser, llhttp) rather than h11 (pure Python) because the parser was most of a small
 request's server time: with one 32-token sequence per request, h11 cost ~1 ms more server CPU per
@@ -24,12 +41,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import struct
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
 LINGER_S = 2.0  # how long a refused connection's remaining input is read and dropped before closing
+HOLD_BYTES = 65536  # unparsed input held while a request waits for its answer; reading pauses beyond it
+MAX_PIPELINED = 16  # requests queued behind the one being answered, from the same read
+PROBE_S = (0.05, 0.5, 2.0)  # after a half-close: when to look for the reset of a client that closed entirely
+_TCP_CLOSE = 7  # tcpi_state of a socket the peer has reset (linux/tcp_states.h)
 
 
 def _head_too_large(limit: int) -> bytes:
@@ -38,6 +61,21 @@ def _head_too_large(limit: int) -> bytes:
                                  "or shorter headers", "field": "headers"}).encode()
     return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+class _Overflow(Exception):
+    """Raised in a parser callback to stop parsing a read past ``MAX_PIPELINED`` requests."""
+
+
+def _peer_reset(transport: asyncio.Transport) -> bool:
+    """Whether the peer has reset the connection (Linux ``TCP_INFO``; False where it cannot be told)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        return struct.unpack("B", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0] == _TCP_CLOSE
+    except OSError:
+        return True
 
 
 class _ClosesLingering:
@@ -57,45 +95,165 @@ class _ClosesLingering:
             self._transport.close()
 
 
-def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[asyncio.Protocol]:
-    """An ``HttpToolsProtocol`` subclass for ``uvicorn.Config(http=...)`` with the head bounds built in."""
+def guarded_protocol(header_timeout_s: float, max_head_bytes: int,
+                     send_timeout_s: float = 30.0) -> type[asyncio.Protocol]:
+    """An ``HttpToolsProtocol`` subclass for ``uvicorn.Config(http=...)`` with the connection bounds built in."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _send_timer: asyncio.TimerHandle | None = None
         _in_head = True  # no complete head since the connection opened or the last request ended
-        _head_started = False  # the parser has seen the first byte of that head
         _head_bytes = 0
         _draining = False  # answered and closing: input is read and dropped until the client stops
+        _held: bytes | None = None  # input after a request that waits for its answer, not parsed yet
+        _overflow = False  # more than MAX_PIPELINED requests in one read: the rest is dropped
+        _eof = False  # the client has shut down its sending side
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
 
+        def _answer_pending(self) -> bool:
+            """A complete request (body included) is waiting for its answer, or queued behind one."""
+            cycle = self.cycle
+            return bool(self.pipeline) or (cycle is not None and not cycle.response_complete
+                                           and not cycle.more_body)
+
         def data_received(self, data: bytes) -> None:
-            if self._draining:
-                return  # the rest of a refused request: dropped unparsed (nothing is buffered)
+            if self._draining or self._overflow:
+                return  # the rest of a refused request, or of an over-long pipeline: dropped unparsed
+            if self._held is not None or self._answer_pending():
+                # the next request: parsed once this answer is out, so one client has one request in work
+                self._held = data if self._held is None else self._held + data
+                if len(self._held) > HOLD_BYTES:
+                    self.flow.pause_reading()
+                return
             if self._in_head:
                 self._head_bytes += len(data)  # may include a body that follows: only checked if still in head
             super().data_received(data)
-            if not (self._in_head and self._head_started) or self.transport.is_closing():
-                return  # between requests an idle connection is uvicorn's keep-alive timeout's
+            if not self._in_head or self.transport.is_closing() or self._draining:
+                return
             if self._head_bytes > max_head_bytes:
                 log.debug("refusing a request head that passed %d bytes unfinished", max_head_bytes)
                 self._refuse()
-            else:
-                self._arm()  # a partial head: the deadline runs from its first byte
+            elif not self._answer_pending():
+                self._arm()  # bytes of a next head (or stray CRLFs): the deadline runs from the first
+
+        def send_400_response(self, msg: str) -> None:
+            if not self._overflow:  # an overflow stopped the parser: the queued answers go out, then close
+                super().send_400_response(msg)
 
         def on_message_begin(self) -> None:
-            self._head_started = True
+            if self._overflow:
+                return
             super().on_message_begin()
 
+        def on_url(self, url: bytes) -> None:
+            if not self._overflow:
+                super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if not self._overflow:
+                super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            if self._overflow:
+                return
+            if len(self.pipeline) >= MAX_PIPELINED:
+                log.debug("dropping pipelined requests past %d; closing after the queued answers", MAX_PIPELINED)
+                self._overflow = True
+                last = self.pipeline[0][0] if self.pipeline else self.cycle
+                last.keep_alive = False  # its answer says Connection: close and closes
+                # stop the parser here rather than run callbacks for the rest of the read (thousands of
+                # requests); uvicorn answers a parser error with a 400, which send_400_response skips
+                raise _Overflow()
+            self._in_head, self._head_bytes = False, 0
+            self._disarm()
+            super().on_headers_complete()
+            if self.cycle is not None:  # the request's response cycle closes through close_lingering
+                self.cycle.transport = _ClosesLingering(self.transport, self, self.cycle)  # type: ignore[assignment]
+
+        def on_body(self, body: bytes) -> None:
+            if not self._overflow:
+                super().on_body(body)
+
         def on_message_complete(self) -> None:
+            if self._overflow:
+                return
             super().on_message_complete()
-            self._in_head, self._head_started, self._head_bytes = True, False, 0  # the next request's head
+            self._in_head, self._head_bytes = True, 0  # the next request's head
+
+        def on_response_complete(self) -> None:
+            self._disarm_send()
+            super().on_response_complete()
+            if self.transport.is_closing():
+                return
+            if self.pipeline:
+                self.flow.pause_reading()  # uvicorn resumes on every answer: not while requests are queued
+            elif self._held is not None:
+                self.loop.call_soon(self._release_held)
+            elif self._eof:
+                self.transport.close()  # a half-closed client has had its answers
+
+        def _release_held(self) -> None:
+            held, self._held = self._held, None
+            if held is not None and not self.transport.is_closing():
+                self.flow.resume_reading()
+                self.data_received(held)
+            if self._eof and not self._answer_pending() and not self.transport.is_closing():
+                self.transport.close()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._send_timer is None:  # the client stopped reading its answer
+                self._send_timer = self.loop.call_later(send_timeout_s, self._send_expired)
+
+        def resume_writing(self) -> None:
+            self._disarm_send()
+            super().resume_writing()
+
+        def _disarm_send(self) -> None:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _send_expired(self) -> None:
+            self._send_timer = None
+            log.debug("closing a connection whose client read nothing for %g s", send_timeout_s)
+            self.transport.abort()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            self._disarm_send()
+            self._held = None
             super().connection_lost(exc)
+            for cycle, _ in self.pipeline:  # queued requests of a lost client are not run
+                cycle.disconnected = True
+            self.pipeline.clear()
+
+        def eof_received(self):
+            if self._draining:
+                self.transport.close()  # the client has finished sending: nothing left to reset
+                return None
+            if not self._answer_pending() and self._held is None:
+                return None  # nothing to answer: close
+            self._eof = True  # a half-close: answer, then close (see on_response_complete)
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_started and self.parser.get_http_version() == "1.1":
+                # a client that closed entirely answers this interim response with a reset
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                cycle.waiting_for_100_continue = False
+                for delay in PROBE_S:
+                    self.loop.call_later(delay, self._probe, cycle)
+            return True
+
+        def _probe(self, cycle) -> None:
+            if cycle.response_complete or cycle.disconnected or not _peer_reset(self.transport):
+                return
+            log.debug("the client closed before its answer: dropping its request")
+            cycle.disconnected = True
+            cycle.message_event.set()  # the route's disconnect watch wakes and drops the request
+            self.transport.abort()
 
         def _refuse(self) -> None:
             """Answer 431 (the head is still arriving) and close lingering."""
@@ -111,23 +269,11 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[async
             if self._draining or self.transport.is_closing():
                 return
             self._draining = True
-            self.transport.resume_reading()  # uvicorn pauses reading while a body waits for the app
+            self._held = None
+            self.flow.resume_reading()  # uvicorn pauses reading while a body waits for the app
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self.loop.call_later(LINGER_S, self.transport.close)
-
-        def on_headers_complete(self) -> None:
-            self._in_head, self._head_bytes = False, 0
-            self._disarm()
-            super().on_headers_complete()
-            if self.cycle is not None:  # the request's response cycle closes through close_lingering
-                self.cycle.transport = _ClosesLingering(self.transport, self, self.cycle)  # type: ignore[assignment]
-
-        def eof_received(self) -> None:
-            if self._draining:
-                self.transport.close()  # the client has finished sending: nothing left to reset
-            else:
-                super().eof_received()
 
         def _arm(self) -> None:
             if self._head_timer is None and not self.transport.is_closing():
@@ -140,11 +286,15 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[async
 
         def _expire(self) -> None:
             self._head_timer = None
-            if self._in_head and not self.transport.is_closing():
-                log.debug("closing a connection that sent no complete request head within %g s", header_timeout_s)
-                self.transport.close()
+            if not self._in_head or self.transport.is_closing():
+                return
+            if self._answer_pending():
+                self._arm()  # the head in progress is the next request's: it is read after this answer
+                return
+            log.debug("closing a connection that sent no complete request head within %g s", header_timeout_s)
+            self.transport.close()
 
     return GuardedHttpToolsProtocol
 
 
-__all__ = ["guarded_protocol"]
+__all__ = ["HOLD_BYTES", "LINGER_S", "MAX_PIPELINED", "guarded_protocol"]

@@ -1,8 +1,11 @@
 """The ASGI guard in front of the app: what is checked before any route reads the body.
 
 Per request, in this order, so an unauthenticated or malformed request costs the server almost
-nothing: too many header fields, or more than ``max_header_bytes`` of them -> 431; bearer token (for every path but the open ones) -> 401;
-declared ``Content-Length`` over ``max_body_bytes`` -> 413; then the body is read here, counted
+nothing: too many header fields, or more than ``max_header_bytes`` of them (request line included) -> 431;
+bearer token (for every path but the open ones) -> 401; a body sent to anything but the three scoring
+routes (``BODY_ROUTES``; the open paths included) -> 413 unread, so every other request is bounded by the
+head's limits and deadline alone; declared ``Content-Length`` over ``max_body_bytes`` -> 413; then the
+body is read here, counted
 (chunked bodies too) and bounded in time (``body_timeout_s`` -> 408), and replayed to the app. A
 rejection before the body is read closes the connection (``Connection: close``), so the unread body
 is never received into memory. Every request is timed for ``/metrics``.
@@ -23,6 +26,7 @@ from .metrics import Metrics
 ENDPOINTS = frozenset({"/v1/logprobs", "/v1/logprobs:binary", "/v1/rewards", "/v1/models", "/healthz",
                        "/metrics", "/openapi.json"})
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})  # answered without a token
+BODY_ROUTES = frozenset({("POST", "/v1/logprobs"), ("POST", "/v1/logprobs:binary"), ("POST", "/v1/rewards")})
 _CLOSE = {"Connection": "close"}
 
 
@@ -69,8 +73,10 @@ class Guard:
         if len(headers) > self.max_headers:
             return error_response(431, f"the request has {len(headers)} header fields; this server accepts at "
                                        f"most {self.max_headers}", "headers", _CLOSE), receive
-        # h11 bounds an *incomplete* head (its buffer); a head that arrived whole is measured here.
-        size = sum(len(name) + len(value) + 4 for name, value in headers)
+        # the connection layer bounds an *incomplete* head; a head that arrived whole is measured here,
+        # its request line ("METHOD target HTTP/1.1\r\n") included
+        target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 1
+        size = len(scope["method"]) + target + 11 + sum(len(name) + len(value) + 4 for name, value in headers)
         if size > self.max_header_bytes:
             return error_response(431, f"the request headers are {size} bytes; this server accepts at most "
                                        f"{self.max_header_bytes}", "headers", _CLOSE), receive
@@ -78,14 +84,25 @@ class Guard:
             response = unauthorized()
             response.headers.update(_CLOSE)
             return response, receive
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return None, receive
         limit = self.max_body_bytes
+        has_body = False
         for name, value in headers:
-            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
-                return _too_large(limit), receive
+            if name == b"content-length":
+                if value != b"0":
+                    has_body = True
+                if not value.isdigit() or int(value) > limit:
+                    limit = -1
+            elif name == b"transfer-encoding":
+                has_body = True
+        if (scope["method"], scope["path"]) not in BODY_ROUTES:
+            if has_body:  # refused unread: nothing but a scoring route reads a body, or waits for one
+                return error_response(413, f"{scope['method']} {scope['path']} takes no request body; send it "
+                                           "without one", "body", _CLOSE), receive
+            return None, receive
+        if limit < 0:
+            return _too_large(self.max_body_bytes), receive
         body = await self._read_body(receive, limit)
-        if isinstance(body, bytes):
+        if isinstance(body, (bytes, bytearray)):
             return None, _replay(body, receive)
         return body, receive
 
@@ -104,7 +121,8 @@ class Guard:
             task.cancel()
 
         timer = asyncio.get_running_loop().call_later(self.body_timeout_s, expire)
-        chunks, size = [], 0
+        body: bytes | bytearray = b""
+        size = 0
         try:
             while True:
                 message = await receive()
@@ -114,9 +132,14 @@ class Guard:
                 size += len(chunk)
                 if size > limit:
                     return _too_large(limit)
-                chunks.append(chunk)
+                if not body:
+                    body = chunk
+                else:  # one growing buffer (realloc in place), not a list joined at the end: one copy of a large body
+                    if not isinstance(body, bytearray):
+                        body = bytearray(body)
+                    body += chunk
                 if not message.get("more_body", False):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    return body
         except asyncio.CancelledError:
             if not fired:
                 raise
@@ -133,7 +156,7 @@ def _too_large(limit: int):
                           "body", _CLOSE)
 
 
-def _replay(body: bytes, receive):
+def _replay(body: bytes | bytearray, receive):
     """The app's ``receive``: the body read by the guard, then the server's own (for disconnects)."""
     sent = False
 
@@ -146,4 +169,4 @@ def _replay(body: bytes, receive):
     return replay
 
 
-__all__ = ["ENDPOINTS", "OPEN_PATHS", "Guard"]
+__all__ = ["BODY_ROUTES", "ENDPOINTS", "OPEN_PATHS", "Guard"]

@@ -6,6 +6,7 @@ message names the field and row, e.g. ``input_ids[3][7] = 99999 is outside the v
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import NamedTuple
 
@@ -83,6 +84,43 @@ def _scores_padding(i: int) -> FieldError:
                                     "only real tokens can be scored")
 
 
+def _too_many_rows(rows: int, max_sequences: int) -> FieldError:
+    return FieldError("input_ids", f"input_ids has {rows} sequences; this server accepts at most "
+                                   f"{max_sequences} per request (split the batch)")
+
+
+# JSON arrays a valid request may hold: the outer one and one row per sequence in input_ids and in each
+# mask, plus score_start's list
+def _max_arrays(max_sequences: int) -> int:
+    return 3 * max_sequences + 4
+
+
+def decode_json_rows(body: bytes | bytearray, max_sequences: int) -> dict:
+    """A JSON request body as a dict, its row count checked before anything else is built.
+
+    Counting ``[`` bounds the rows before the decode (C speed, no allocation): a 16 MiB body of 4 million
+    one-token rows is refused here in milliseconds instead of being turned into 4 million Python lists.
+    Then ``input_ids``' rows are counted before the schema's validation. Raises :class:`FieldError`
+    (``body`` for what is not a JSON object, ``input_ids`` for too many rows).
+    """
+    arrays = body.count(b"[")
+    if arrays > _max_arrays(max_sequences):
+        raise FieldError("input_ids", f"the body holds {arrays} JSON arrays, more than {max_sequences} sequences "
+                                      f"(one row each in input_ids and its masks) can; this server accepts at most "
+                                      f"{max_sequences} sequences per request (split the batch)")
+    try:
+        obj = json.loads(body)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise FieldError("body", f"the body is not valid JSON: {exc} (send UTF-8 JSON)") from None
+    if not isinstance(obj, dict):
+        raise FieldError("body", f"the body must be a JSON object, not {type(obj).__name__} (send Content-Type: "
+                                 "application/json with an object)")
+    rows = obj.get("input_ids")
+    if isinstance(rows, list) and len(rows) > max_sequences:
+        raise _too_many_rows(len(rows), max_sequences)
+    return obj
+
+
 def check_temperature(temperature) -> float:
     """``float(temperature)`` under the one temperature rule (:func:`refmodel.validation.temperature`),
     else a FieldError naming ``temperature`` (HTTP 422)."""
@@ -122,8 +160,7 @@ def check_sequences(input_ids, limits: Limits, attention_mask=None, score_mask=N
     if len(input_ids) == 0:
         raise FieldError("input_ids", "input_ids is empty; send at least one sequence")
     if len(input_ids) > limits.max_sequences:
-        raise FieldError("input_ids", f"input_ids has {len(input_ids)} sequences; this server accepts at most "
-                                      f"{limits.max_sequences} per request (split the batch)")
+        raise _too_many_rows(len(input_ids), limits.max_sequences)
     ids_rows = []
     for i, row in enumerate(input_ids):
         ids = row.long() if isinstance(row, torch.Tensor) else _as_tensor("input_ids", row, i)
@@ -224,4 +261,5 @@ def check_block(input_ids: np.ndarray, limits: Limits, attention_mask: np.ndarra
     return [Sequence(ids[i], attn_t[i], score_t[i], temperature) for i in range(batch)]
 
 
-__all__ = ["FieldError", "Limits", "Sequence", "check_block", "check_sequences", "check_temperature", "model_limits"]
+__all__ = ["FieldError", "Limits", "Sequence", "check_block", "check_sequences", "check_temperature",
+           "decode_json_rows", "model_limits"]
