@@ -77,3 +77,13 @@ def test_precompute_logs_warnings_only_and_ctrl_c_says_resume(tiny_model_dirs, t
     assert INFO_LINE.search(resumed.stderr) and "INFO refmodel.precompute" in resumed.stderr
     info = json.loads(resumed.stdout)
     assert info["pending"] == 0 and info["entries"] == info["job"]["sequences"] > 0, info
+
+
+def test_make_tiny_model_prints_only_the_path(tmp_path):
+    # transformers imports DeepSpeed (when installed) with its modeling code, and DeepSpeed prints
+    # "Setting accelerator to CPU" to stdout, resetting its logger's level on import: it used to be the
+    # first line of `refmodel demo` and of this command, whose stdout scripts read.
+    proc = _run("-m", "refmodel", "make-tiny-model", tmp_path / "tiny")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{tmp_path / 'tiny'}\n"
+    assert NOISE.search(proc.stderr) is None and "accelerator" not in proc.stderr, proc.stderr

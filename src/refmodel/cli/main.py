@@ -36,13 +36,18 @@ def configure_logging(verbose: int) -> None:
     ``Failed to load ... _C_mxfp8`` / ``Detected no triton``, bitsandbytes', torch pytree deprecations
     for torchao's enums) are hidden: they are not about the user's command.
     """
-    from .._optional import IMPORT_NOISE_LOGGERS
+    from .._optional import IMPORT_NOISE_LOGGERS, below_error
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("refmodel").setLevel(level)
     for name in IMPORT_NOISE_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR if verbose < 2 else logging.NOTSET)
+        noisy = logging.getLogger(name)
+        noisy.setLevel(logging.ERROR if verbose < 2 else logging.NOTSET)
+        if verbose < 2:
+            noisy.addFilter(below_error)  # holds where the library resets the level on import
+        else:
+            noisy.removeFilter(below_error)
 
 
 @main.command("make-tiny-model")
@@ -293,7 +298,7 @@ def store_import_halos_cmd(pkl: str, model: str, out: str, dtype: str) -> None:
 @click.option("--allow-no-auth", is_flag=True, default=None,
               help="Allow a non-loopback --host without a token (logs a WARNING); refused otherwise.")
 @click.option("--ray", "use_ray", is_flag=True,
-              help="Serve as a Ray Serve deployment (replicas, @serve.batch token budget). Needs refmodel[ray].")
+              help="Serve as a Ray Serve deployment (replicas, @serve.batch token budget). Needs the 'ray' extra.")
 @click.option("--replicas", type=click.IntRange(min=1), default=None,
               help="With --ray: replicas, each holding its own copy of the models. [default: 1]")
 @click.option("--ray-address", default=None, metavar="ADDR",

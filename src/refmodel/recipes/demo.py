@@ -27,6 +27,7 @@ from typing import Any
 import click
 import torch
 
+from .._optional import install_command
 from ..data import collate_examples
 from ..data.builtin import builtin_dataset_path
 from ..logprobs.model import backbone_of, model_logprobs, position_ids_from_mask, unwrap_causal_lm
@@ -186,7 +187,7 @@ def _run(out: Path, max_steps: int | None, n_eval: int) -> dict:
                "eval_accuracy_after": after["eval_accuracy"], "eval_pairs": len(eval_rows),
                "first_batch_loss_max_abs_diff": max_diff, "strategies": table,
                "heldout_exact_kl": probe.values,
-               "plot": str(result.plot_path), "metrics": str(result.metrics_path)}
+               "plot": str(result.plot_path) if result.plot_path else None, "metrics": str(result.metrics_path)}
     figures["total_s"] = time.perf_counter() - t0
     (out / "demo_summary.json").write_text(json.dumps(figures, indent=2))
     _report(figures, model_dir, store_path)
@@ -213,7 +214,8 @@ def _report(f: dict, model_dir: Path, store_path: Path) -> None:
     if kl:
         last = max(kl)
         echo(f"exact KL(policy || reference) on held-out completions: {kl[last]:.4f} nats/token at step {last}")
-    echo(f"curves: {f['plot']}   metrics: {f['metrics']}   total {f['total_s']:.1f} s")
+    curves = f["plot"] or f"not drawn (matplotlib is missing: {install_command('plot')})"
+    echo(f"curves: {curves}   metrics: {f['metrics']}   total {f['total_s']:.1f} s")
 
 
 __all__ = ["DEMO_CONFIG", "heldout_exact_kl", "run_demo"]
