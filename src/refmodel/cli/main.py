@@ -69,17 +69,28 @@ def make_tiny_model_cmd(path: str, family: Family, seed: int) -> None:
               help="dpo: preference training with a precomputed reference; grpo: RL on the built-in verifiable "
                    "task with a LoRA policy and the adapter-off reference; both: one after the other.")
 def demo_cmd(out: str, algo: str) -> None:
-    """Run the end-to-end demo on the built-in tiny model and data."""
-    if algo in ("dpo", "both"):
-        from ..recipes.demo import run_demo
+    """Run the end-to-end demo on the built-in tiny model and data.
 
-        run_demo(out)
-    if algo in ("grpo", "both"):
-        from pathlib import Path
+    Without matplotlib (the 'plot' extra) the demo still trains and reports; only the plot is skipped.
+    """
+    from .._optional import require
+    from ..errors import RefModelError
 
-        from ..recipes.demo_grpo import run_grpo_demo
+    try:
+        if algo in ("grpo", "both"):
+            require("peft", "peft")  # the GRPO policy is a LoRA adapter: say so before anything runs
+        if algo in ("dpo", "both"):
+            from ..recipes.demo import run_demo
 
-        run_grpo_demo(Path(out) / "grpo" if algo == "both" else out)
+            run_demo(out)
+        if algo in ("grpo", "both"):
+            from pathlib import Path
+
+            from ..recipes.demo_grpo import run_grpo_demo
+
+            run_grpo_demo(Path(out) / "grpo" if algo == "both" else out)
+    except RefModelError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
 @main.command("bench")

@@ -27,7 +27,7 @@ from typing import Any
 import click
 import torch
 
-from .._optional import install_command
+from .._optional import available, install_command
 from ..data import collate_examples
 from ..data.builtin import builtin_dataset_path
 from ..logprobs.model import backbone_of, model_logprobs, position_ids_from_mask, unwrap_causal_lm
@@ -52,6 +52,7 @@ DEMO_CONFIG = TrainConfig(loss="sigmoid", beta=0.1, learning_rate=5e-4, batch_si
                           max_steps=300, seed=0, kl_threshold=10.0)
 
 
+STRATEGIES = ("frozen copy", "adapter disabled (LoRA)", "precomputed (store)")
 KL_EVERY = 25
 KL_PAIRS = 64
 
@@ -101,7 +102,9 @@ def _strategy_table(base, tok_pairs, pad_id, store_path, trained, cfg) -> list[d
     with torch.no_grad():
         policy_lp = model_logprobs(trained, **batch).sum(1)
     rows = []
-    for name in ("frozen copy", "adapter disabled (LoRA)", "precomputed (store)"):
+    # The LoRA row needs PEFT (the 'peft' extra); a core-only install compares the other two.
+    names = [n for n in STRATEGIES if available("peft") or not n.startswith("adapter")]
+    for name in names:
         policy = copy.deepcopy(base)
         ref: AdapterDisabled | Frozen | Precomputed
         if name.startswith("adapter"):
@@ -207,6 +210,8 @@ def _report(f: dict, model_dir: Path, store_path: Path) -> None:
     for r in f["strategies"]:
         echo(f"{r['strategy']:<26}{r['reference_bytes'] / 2**20:>15.2f} MiB{r['step_ms']:>9.1f} ms"
              f"{r['first_batch_loss']:>19.6f}")
+    if len(f["strategies"]) < len(STRATEGIES):
+        echo(f"adapter disabled (LoRA): not compared, PEFT is missing: {install_command('peft')}")
     echo(f"first-batch DPO loss of the trained policy against each reference: max |difference| "
          f"{f['first_batch_loss_max_abs_diff']:.2e}")
     echo("")
