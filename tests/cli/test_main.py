@@ -87,3 +87,18 @@ def test_make_tiny_model_prints_only_the_path(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{tmp_path / 'tiny'}\n"
     assert NOISE.search(proc.stderr) is None and "accelerator" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_serve_says_its_url_once_listening_and_takes_its_own_v(tiny_model_dirs, tmp_path):
+    from refmodel.testing import ServeProcess
+
+    log = tmp_path / "server.log"
+    with ServeProcess(["--model", f"tiny={tiny_model_dirs['llama']}"], log) as server:
+        text = log.read_text()
+    # at INFO without any -v: a service's address is what its operator needs first
+    lines = [line for line in text.splitlines() if "listening on" in line]
+    assert len(lines) == 1 and " INFO " in lines[0] and f"listening on {server.url} (auth off" in lines[0], text
+    proc = _run("-m", "refmodel", "serve", "-v")  # `serve -v` used to be "No such option: -v"
+    assert proc.returncode == 1 and "nothing to serve" in proc.stderr and "No such option" not in proc.stderr

@@ -19,13 +19,16 @@ if TYPE_CHECKING:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="refmodel")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug). Default: warnings only.")
-def main(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug). Default: warnings only "
+              "(serve: info).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """refmodel: the reference model for LLM preference and RL training.
 
     Fused token log-probs, reference strategies, a persistent log-prob store, a model cache and an
     HTTP reference service. Run `refmodel COMMAND --help` for each command's flags.
     """
+    ctx.obj = {"verbose": verbose}  # a command with its own -v (serve) adds to it
     configure_logging(verbose)
 
 
@@ -40,6 +43,7 @@ def configure_logging(verbose: int) -> None:
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # basicConfig sets it only on its first call (serve calls this again)
     logging.getLogger("refmodel").setLevel(level)
     for name in IMPORT_NOISE_LOGGERS:
         noisy = logging.getLogger(name)
@@ -315,9 +319,15 @@ def store_import_halos_cmd(pkl: str, model: str, out: str, dtype: str) -> None:
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="With --ray: join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a "
                    "local one. Model paths must exist on every node.")
-def serve_cmd(models, reward_models, use_ray, replicas, ray_address, **flags) -> None:
+@click.option("-v", "--verbose", count=True,
+              help="More logging: -v debug. Default for serve: info (the URL once listening, model loads).")
+@click.pass_context
+def serve_cmd(ctx: click.Context, models, reward_models, use_ray, replicas, ray_address, verbose, **flags) -> None:
     """Serve reference log-probs (and reward scores) over HTTP with dynamic batching."""
     from ..errors import RefModelError
+
+    # A long-running service reports at info by default; `serve -v` and `refmodel -v serve` both add one.
+    configure_logging(1 + verbose + (ctx.obj or {}).get("verbose", 0))
 
     if not use_ray and (replicas is not None or ray_address is not None):
         given = "--replicas" if replicas is not None else "--ray-address"
