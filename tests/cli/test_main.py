@@ -102,3 +102,19 @@ def test_serve_says_its_url_once_listening_and_takes_its_own_v(tiny_model_dirs, 
     assert len(lines) == 1 and " INFO " in lines[0] and f"listening on {server.url} (auth off" in lines[0], text
     proc = _run("-m", "refmodel", "serve", "-v")  # `serve -v` used to be "No such option: -v"
     assert proc.returncode == 1 and "nothing to serve" in proc.stderr and "No such option" not in proc.stderr
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import click
+
+    from refmodel.cli.main import main
+
+    def commands(cmd, path):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from commands(sub, [*path, name])
+
+    bare = [f"refmodel {' '.join(path)} {param.opts[0]}".replace("  ", " ") for path, cmd in commands(main, [])
+            for param in cmd.params if isinstance(param, click.Option) and not (param.help or "").strip()]
+    assert len(list(commands(main, []))) >= 12
+    assert bare == []  # quantize-report's --batch-size and --device had none

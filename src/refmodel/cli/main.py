@@ -115,9 +115,11 @@ def bench_cmd(quick: bool) -> None:
               help="Pairs to score (each gives a chosen and a rejected sequence).")
 @click.option("--modes", default=",".join(QUANT_MODES), show_default=True,
               help="Comma-separated quantization modes to compare with the unquantized reference.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences per forward pass (each pair gives two).")
 @click.option("--dtype", default=None, help="Load dtype (default: as stored), e.g. bfloat16.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the models run: cpu, cuda or cuda:N.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Paired timing rounds (reference and quantized pass back to back); speed is their median.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
