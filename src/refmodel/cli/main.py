@@ -165,6 +165,10 @@ _PRE = PrecomputeConfig()  # the defaults shown in --help come from here, never 
               show_default=True, help="TRL's truncation_mode (unpaired/KTO data always keeps the start).")
 @click.option("--max-tokens-per-batch", type=click.IntRange(min=1), default=_PRE.max_tokens_per_batch,
               show_default=True, help="Padded tokens per forward batch.")
+@click.option("--kto-kl-batch-size", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Also score the KL completions TRL's KTOTrainer builds with per_device_train_batch_size=N "
+                   "(losses with a KL term; the trainer needs train_sampling_strategy='sequential' and the same "
+                   "max_length). [default: off]")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into the same --out.")
 @click.option("--shard-examples", type=click.IntRange(min=1), default=_PRE.shard_examples, show_default=True,
               help="Examples per shard (the unit of crash recovery).")

@@ -15,6 +15,7 @@ from .tokenize import (
     common_prefix_length,
     encode,
     extract_prompt,
+    kto_kl_examples,
     load_examples,
     tokenize_prompt,
     tokenize_prompts,
@@ -25,6 +26,6 @@ from .tokenize import (
 __all__ = [
     "ACCEPTED", "DEFAULT_MAX_LENGTH", "DEFAULT_TRUNCATION_MODE", "RECORD_TYPES", "TRUNCATION_MODES", "Example",
     "check_settings", "collate", "collate_examples", "common_prefix_length", "encode", "extract_prompt",
-    "is_conversation", "load_examples", "load_records", "pad", "pad_id_of", "record_type", "tokenize_prompt",
+    "is_conversation", "kto_kl_examples", "load_examples", "load_records", "pad", "pad_id_of", "record_type", "tokenize_prompt",
     "tokenize_prompts", "tokenize_record", "truncate", "write_jsonl",
 ]

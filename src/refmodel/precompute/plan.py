@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Example, load_examples, pad_id_of
+from ..data import Example, kto_kl_examples, load_examples, pad_id_of
 from ..errors import ConfigError, InvalidInput
 from ..models.fingerprint import fingerprint as model_fingerprint
 from ..models.limits import position_limit
@@ -246,12 +246,17 @@ def plan_precompute(model, tokenizer, data, config: PrecomputeConfig) -> Precomp
     temperature = config.temperature
     fp = model_fingerprint(model, temperature=temperature)  # 1.0 left out: models.fingerprint_settings
     examples = load_examples(data, tokenizer, max_length=config.max_length, truncation_mode=config.truncation_mode)
+    if config.kto_kl_batch_size is not None:  # TRL's KL completions, after the examples (same sequences: once)
+        examples += kto_kl_examples(data, tokenizer, batch_size=config.kto_kl_batch_size,
+                                    max_length=config.max_length)
     check_position_limit(model, examples)
     shards, job = plan_job(examples, max_tokens_per_batch=config.max_tokens_per_batch,
                            shard_examples=config.shard_examples, share_prompt=config.share_prompt,
                            temperature=temperature)
     # the tokenization too: `store export-trl` and `store repair` tokenize the data again with it
     job["tokenization"] = {"max_length": config.max_length, "truncation_mode": config.truncation_mode}
+    if config.kto_kl_batch_size is not None:
+        job["tokenization"]["kto_kl_batch_size"] = config.kto_kl_batch_size
     return PrecomputePlan(fingerprint=fp, dtype=normalize_dtype(config.dtype), pad_id=pad_id_of(tokenizer),
                           shards=tuple(tuple(s) for s in shards), job=job, config=config)
 
