@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench bench-quick lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
+
+bench-quick: setup  # every benchmark at its small shape (minutes): checks they run, not figures to record
+	$(BIN)/python -m benchmarks.run_all --quick
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
