@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-fast bench bench-quick lint clean
+.PHONY: setup demo test test-fast test-lowest bench bench-quick lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not ray"
+
+# The fast tests of the core rooms in .venv-lowest, made with the lowest versions pyproject declares
+# (tests/test_lowest_versions.py; downloads them once, then reuses the venv).
+test-lowest: setup
+	REFMODEL_TEST_LOWEST=1 $(BIN)/python -m pytest -q -m lowest tests/test_lowest_versions.py
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
