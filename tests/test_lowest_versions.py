@@ -83,7 +83,9 @@ def test_fast_tests_pass_at_the_lowest_versions(tmp_path):
         name, version = pin.split(";")[0].split("==")
         assert re.search(rf"^{re.escape(name)}=={re.escape(version)}(\.0)*(\+\w+)?$", versions, re.M | re.I), (
             pin, versions)
-    done = subprocess.run([str(VENV / "bin" / "python"), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+    # A core room's test file that imports an extra (e.g. serve) is a collection error: reported, not fatal.
+    done = subprocess.run([str(VENV / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--continue-on-collection-errors",
                            "-m", "not slow and not ray and not gpu and not lowest", *CORE_ROOMS],
                           cwd=ROOT, capture_output=True, text=True, timeout=3600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")})
