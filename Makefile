@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-fast bench bench-gpu lint docs clean
+.PHONY: setup demo test test-fast test-lowest bench bench-quick bench-gpu lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,11 +27,19 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not ray"
 
+# The fast tests of the core rooms in .venv-lowest, made with the lowest versions pyproject declares
+# (tests/test_lowest_versions.py; downloads them once, then reuses the venv).
+test-lowest: setup
+	REFMODEL_TEST_LOWEST=1 $(BIN)/python -m pytest -q -m lowest tests/test_lowest_versions.py
+
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
 
 bench-gpu: setup  # the head, the policy loss and precompute on CUDA in bf16 (H=4096, V=128256)
 	$(BIN)/python -m benchmarks.gpu
+
+bench-quick: setup  # every benchmark at its small shape (minutes): checks they run, not figures to record
+	$(BIN)/python -m benchmarks.run_all --quick
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -13,13 +13,23 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import shlex
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 from .errors import MissingDependency
 
 # Loggers that only report missing optional kernels / deprecations of third-party code at import.
-IMPORT_NOISE_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
+# "DeepSpeed": transformers imports it (when installed) with its modeling code, and it prints "Setting
+# accelerator to CPU" to stdout, ahead of a command's own output.
+IMPORT_NOISE_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "DeepSpeed")
+
+
+def below_error(record: logging.LogRecord) -> bool:
+    """A logger filter that keeps ERROR and above: for loggers whose library resets their level when it
+    is imported (DeepSpeed's ``create_logger``), so that a level set beforehand does not hold."""
+    return record.levelno >= logging.ERROR
 
 
 @contextlib.contextmanager
@@ -42,14 +52,28 @@ def import_quietly(module: str) -> ModuleType:
         return importlib.import_module(module)
 
 
+def install_command(extra: str) -> str:
+    """The pip command that adds ``extra`` to this install of refmodel.
+
+    refmodel is not on a package index, so ``pip install 'refmodel[extra]'`` cannot work: it is installed
+    from its source folder. When this package runs from one (``src/refmodel`` next to ``pyproject.toml``,
+    as ``pip install -e .`` leaves it) the command names that folder, so it can be pasted as is; otherwise
+    (installed non-editable) it names the folder as a placeholder.
+    """
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file():
+        return f"pip install -e {shlex.quote(f'{root}[{extra}]')}"
+    return f"pip install -e '/path/to/refmodel-source[{extra}]' (the folder you cloned refmodel into)"
+
+
 def require(module: str, extra: str) -> ModuleType:
-    """Import ``module`` or raise :class:`MissingDependency` naming ``pip install 'refmodel[extra]'``."""
+    """Import ``module`` or raise :class:`MissingDependency` naming the extra and :func:`install_command`."""
     try:
         return import_quietly(module)
     except ImportError as exc:
         raise MissingDependency(
-            f"this feature needs the optional package {module!r}, which is not installed: "
-            f"pip install 'refmodel[{extra}]'"
+            f"this feature needs the optional package {module!r}, which is not installed; it comes with "
+            f"refmodel's {extra!r} extra: {install_command(extra)}"
         ) from exc
 
 

@@ -77,3 +77,44 @@ def test_precompute_logs_warnings_only_and_ctrl_c_says_resume(tiny_model_dirs, t
     assert INFO_LINE.search(resumed.stderr) and "INFO refmodel.precompute" in resumed.stderr
     info = json.loads(resumed.stdout)
     assert info["pending"] == 0 and info["entries"] == info["job"]["sequences"] > 0, info
+
+
+def test_make_tiny_model_prints_only_the_path(tmp_path):
+    # transformers imports DeepSpeed (when installed) with its modeling code, and DeepSpeed prints
+    # "Setting accelerator to CPU" to stdout, resetting its logger's level on import: it used to be the
+    # first line of `refmodel demo` and of this command, whose stdout scripts read.
+    proc = _run("-m", "refmodel", "make-tiny-model", tmp_path / "tiny")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{tmp_path / 'tiny'}\n"
+    assert NOISE.search(proc.stderr) is None and "accelerator" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_serve_says_its_url_once_listening_and_takes_its_own_v(tiny_model_dirs, tmp_path):
+    from refmodel.testing import ServeProcess
+
+    log = tmp_path / "server.log"
+    with ServeProcess(["--model", f"tiny={tiny_model_dirs['llama']}"], log) as server:
+        text = log.read_text()
+    # at INFO without any -v: a service's address is what its operator needs first
+    lines = [line for line in text.splitlines() if "listening on" in line]
+    assert len(lines) == 1 and " INFO " in lines[0] and f"listening on {server.url} (auth off" in lines[0], text
+    proc = _run("-m", "refmodel", "serve", "-v")  # `serve -v` used to be "No such option: -v"
+    assert proc.returncode == 1 and "nothing to serve" in proc.stderr and "No such option" not in proc.stderr
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import click
+
+    from refmodel.cli.main import main
+
+    def commands(cmd, path):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from commands(sub, [*path, name])
+
+    bare = [f"refmodel {' '.join(path)} {param.opts[0]}".replace("  ", " ") for path, cmd in commands(main, [])
+            for param in cmd.params if isinstance(param, click.Option) and not (param.help or "").strip()]
+    assert len(list(commands(main, []))) >= 12
+    assert bare == []  # quantize-report's --batch-size and --device had none

@@ -23,6 +23,7 @@ from trl_helpers import (
 
 from refmodel import Frozen
 from refmodel.integrations.trl import KTOTrainer
+from refmodel.testing import run_cli, write_jsonl
 
 TOL = 1e-5
 
@@ -80,3 +81,30 @@ def test_kto_matches_trls_reference(models, baseline, tmp_path, monkeypatch, con
     assert got["refmodel/ref_rows"] == 8  # 4 completions + 4 KL completions
     if source == "store":
         assert got["refmodel/store_hits"] == 8 and got["refmodel/store_misses"] == 0
+
+
+@pytest.mark.slow
+def test_kto_trains_from_a_store_precomputed_with_its_kl_completions(models, tmp_path):
+    # `refmodel precompute --kto-kl-batch-size 4` scores the KL completions TRL builds from the same data
+    # and batch size (before, training from such a store raised StoreMiss at step 1). 10 rows in batches
+    # of 4: the last KL rotation is inside a batch of 2. The store is float32, so every step equals a
+    # live Frozen reference's.
+    records = unpaired(10)
+    data = write_jsonl(records, tmp_path / "kto.jsonl")
+    store = tmp_path / "store"
+    run_cli("precompute", "--model", models[1], "--data", data, "--out", store, "--dtype", "float32",
+            "--max-length", 16, "--kto-kl-batch-size", 4)
+    logs = {}
+    for name, reference in (("store", str(store)), ("frozen", Frozen(load(models[1])[0]))):
+        policy, tok = load(models[0])
+        trainer = KTOTrainer(policy, train_dataset=Dataset.from_list(records), processing_class=tok,
+                             reference=reference, args=config(tmp_path / name, max_length=16, max_steps=3))
+        trainer.train()
+        logs[name] = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs["store"]) == len(logs["frozen"]) == 3
+    for got, want in zip(logs["store"], logs["frozen"], strict=True):
+        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected"):
+            if key in want:
+                assert abs(got[key] - want[key]) <= 1e-6 * max(1.0, abs(want[key])), (key, got[key], want[key])
+        assert got["refmodel/store_misses"] == 0
+    assert logs["store"][0]["kl"] > 0.1  # the KL term is exercised

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -107,3 +108,15 @@ def test_quantize_report_cli(tiny_model_dirs):
     table = run_cli("quantize-report", "--model", tiny_model_dirs["llama"], "--data", builtin_dataset_path(),
                     "--max-pairs", 2, "--modes", "int8", "--repeats", 1).stdout
     assert "mean KL" in table and "published" in table and "\nint8 " in table
+
+
+def test_bnb_int8_says_its_cast_once_not_per_layer_per_call(tiny_model_dirs, caplog):
+    # Every Linear8bitLt logged "inputs will be cast ... to float16" on every eval forward: 14 lines per
+    # forward of the 2-layer tiny Llama. One line per process says it.
+    pytest.importorskip("bitsandbytes")
+    ids = torch.randint(4, 90, (2, 9))
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"), torch.no_grad():
+        for _ in range(2):
+            model_logprobs(load_reference_model(tiny_model_dirs["llama"], quantize="bnb-int8").eval(), ids)
+    casts = [r for r in caplog.records if "will be cast" in r.getMessage()]
+    assert len(casts) <= 1, len(casts)

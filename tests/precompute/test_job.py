@@ -37,6 +37,7 @@ def _padded(seqs, pad, side="right"):
 
 @torch.no_grad()
 @pytest.mark.filterwarnings("error::FutureWarning")  # transformers' renamed KV-cache argument warned on every batch
+@pytest.mark.filterwarnings("error::DeprecationWarning")  # nor any deprecated API on the hot path (pytest.ini ignores them)
 @pytest.mark.parametrize("share_prompt", [True, False])
 def test_equals_model_logprobs(tiny, tmp_path, share_prompt):
     model, tok = tiny

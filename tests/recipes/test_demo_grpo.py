@@ -20,4 +20,5 @@ def test_grpo_demo_cli_learns(tmp_path):
     assert 0 < f["final_exact_kl"] < 10 and f["reference_bytes"] == 0
     assert 0 < f["time_share"]["time_reference_s"] < 0.5 and f["time_share"]["time_old_s"] == 0
     assert (out / "grpo_curves.png").stat().st_size > 10_000
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == f["steps"]
+    assert f["metrics"] == str(out / "grpo_metrics.jsonl")  # not the DPO demo's metrics.jsonl
+    assert len((out / "grpo_metrics.jsonl").read_text().splitlines()) == f["steps"]

@@ -28,12 +28,15 @@ def test_verifiable_task_reward_is_exact():
 
 def test_beta_zero_builds_no_reference(tiny_model_dirs, tmp_path):
     model, tok = load_tiny(tiny_model_dirs["llama"])
+    (tmp_path / "metrics.jsonl").write_text("a DPO run's rows\n")  # `refmodel demo --algo grpo` after dpo
     res = grpo(model, tok, verifiable_prompts(), [verifiable_reward],
                GRPOConfig(beta=0.0, max_steps=2, output_dir=str(tmp_path), **FAST))
     assert res.reference is None
     assert all(h["ref_calls"] == 0 and math.isnan(h["kl_estimated"]) and math.isnan(h["kl_exact"])
                for h in res.history)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "metrics.jsonl").read_text() == "a DPO run's rows\n"  # GRPO writes its own file
+    assert res.metrics_path == tmp_path / "grpo_metrics.jsonl"
+    rows = [json.loads(line) for line in res.metrics_path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert {"reward_mean", "reward_std", "clip_fraction", "entropy", "time_rollout_s", "time_policy_s"} <= set(rows[0])
     assert (tmp_path / "grpo_curves.png").stat().st_size > 10_000

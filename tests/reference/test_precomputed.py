@@ -74,4 +74,5 @@ def test_training_loop_reports_reference_misses(setup, caplog):
     with caplog.at_level(logging.WARNING, logger="refmodel.recipes.train"):
         result = train(copy.deepcopy(model), tok, rows, cfg, reference=ref)
     assert result.reference_metrics == {"hits": 8, "misses": 8, "miss_rate": 0.5}
-    assert any("reference: hits 8, misses 8" in r.getMessage() for r in caplog.records)
+    assert any("reference log-probs during training: hits 8 (sequences read from the store), misses 8 (sequences "
+               "not in the store, scored by the fallback)" in r.getMessage() for r in caplog.records)

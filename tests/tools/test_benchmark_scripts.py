@@ -8,9 +8,12 @@ runs every script as ``python -m`` would, with ``--help`` (one torch import inst
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from refmodel.testing.processes import subprocess_env
 
@@ -43,3 +46,23 @@ def test_every_benchmark_starts_and_explains_its_flags():
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert {name: why for name, why in results.items() if why != "ok"} == {}
     assert sorted(results) == SCRIPTS
+
+
+def test_every_benchmark_has_a_quick_shape():
+    from benchmarks.run_all import QUICK, scripts
+
+    assert sorted(QUICK) == scripts() == SCRIPTS
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.ray  # bench_ray_precompute and bench_ray_serve start a local Ray cluster
+def test_every_benchmark_runs_quick():
+    # `make bench-quick`: each script at its small shape, each in its own process (`make bench` crashed on a
+    # script that imported names another no longer had). About 4 min on 2 idle cores, mostly process
+    # start-up; 15+ min when the cores are shared.
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=2400, env=subprocess_env(OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    finished = re.findall(r"^=== (bench_\w+): [\d.]+ s ===$", done.stdout, re.M)
+    assert finished == SCRIPTS

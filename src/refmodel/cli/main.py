@@ -19,13 +19,16 @@ if TYPE_CHECKING:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="refmodel")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug). Default: warnings only.")
-def main(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug). Default: warnings only "
+              "(serve: info).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """refmodel: the reference model for LLM preference and RL training.
 
     Fused token log-probs, reference strategies, a persistent log-prob store, a model cache and an
     HTTP reference service. Run `refmodel COMMAND --help` for each command's flags.
     """
+    ctx.obj = {"verbose": verbose}  # a command with its own -v (serve) adds to it
     configure_logging(verbose)
 
 
@@ -36,13 +39,19 @@ def configure_logging(verbose: int) -> None:
     ``Failed to load ... _C_mxfp8`` / ``Detected no triton``, bitsandbytes', torch pytree deprecations
     for torchao's enums) are hidden: they are not about the user's command.
     """
-    from .._optional import IMPORT_NOISE_LOGGERS
+    from .._optional import IMPORT_NOISE_LOGGERS, below_error
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # basicConfig sets it only on its first call (serve calls this again)
     logging.getLogger("refmodel").setLevel(level)
     for name in IMPORT_NOISE_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR if verbose < 2 else logging.NOTSET)
+        noisy = logging.getLogger(name)
+        noisy.setLevel(logging.ERROR if verbose < 2 else logging.NOTSET)
+        if verbose < 2:
+            noisy.addFilter(below_error)  # holds where the library resets the level on import
+        else:
+            noisy.removeFilter(below_error)
 
 
 @main.command("make-tiny-model")
@@ -64,17 +73,28 @@ def make_tiny_model_cmd(path: str, family: Family, seed: int) -> None:
               help="dpo: preference training with a precomputed reference; grpo: RL on the built-in verifiable "
                    "task with a LoRA policy and the adapter-off reference; both: one after the other.")
 def demo_cmd(out: str, algo: str) -> None:
-    """Run the end-to-end demo on the built-in tiny model and data."""
-    if algo in ("dpo", "both"):
-        from ..recipes.demo import run_demo
+    """Run the end-to-end demo on the built-in tiny model and data.
 
-        run_demo(out)
-    if algo in ("grpo", "both"):
-        from pathlib import Path
+    Without matplotlib (the 'plot' extra) the demo still trains and reports; only the plot is skipped.
+    """
+    from .._optional import require
+    from ..errors import RefModelError
 
-        from ..recipes.demo_grpo import run_grpo_demo
+    try:
+        if algo in ("grpo", "both"):
+            require("peft", "peft")  # the GRPO policy is a LoRA adapter: say so before anything runs
+        if algo in ("dpo", "both"):
+            from ..recipes.demo import run_demo
 
-        run_grpo_demo(Path(out) / "grpo" if algo == "both" else out)
+            run_demo(out)
+        if algo in ("grpo", "both"):
+            from pathlib import Path
+
+            from ..recipes.demo_grpo import run_grpo_demo
+
+            run_grpo_demo(Path(out) / "grpo" if algo == "both" else out)
+    except RefModelError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
 @main.command("bench")
@@ -95,9 +115,11 @@ def bench_cmd(quick: bool) -> None:
               help="Pairs to score (each gives a chosen and a rejected sequence).")
 @click.option("--modes", default=",".join(QUANT_MODES), show_default=True,
               help="Comma-separated quantization modes to compare with the unquantized reference.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences per forward pass (each pair gives two).")
 @click.option("--dtype", default=None, help="Load dtype (default: as stored), e.g. bfloat16.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the models run: cpu, cuda or cuda:N.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Paired timing rounds (reference and quantized pass back to back); speed is their median.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
@@ -143,6 +165,10 @@ _PRE = PrecomputeConfig()  # the defaults shown in --help come from here, never 
               show_default=True, help="TRL's truncation_mode (unpaired/KTO data always keeps the start).")
 @click.option("--max-tokens-per-batch", type=click.IntRange(min=1), default=_PRE.max_tokens_per_batch,
               show_default=True, help="Padded tokens per forward batch.")
+@click.option("--kto-kl-batch-size", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Also score the KL completions TRL's KTOTrainer builds with per_device_train_batch_size=N "
+                   "(losses with a KL term; the trainer needs train_sampling_strategy='sequential' and the same "
+                   "max_length). [default: off]")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into the same --out.")
 @click.option("--shard-examples", type=click.IntRange(min=1), default=_PRE.shard_examples, show_default=True,
               help="Examples per shard (the unit of crash recovery).")
@@ -293,15 +319,21 @@ def store_import_halos_cmd(pkl: str, model: str, out: str, dtype: str) -> None:
 @click.option("--allow-no-auth", is_flag=True, default=None,
               help="Allow a non-loopback --host without a token (logs a WARNING); refused otherwise.")
 @click.option("--ray", "use_ray", is_flag=True,
-              help="Serve as a Ray Serve deployment (replicas, @serve.batch token budget). Needs refmodel[ray].")
+              help="Serve as a Ray Serve deployment (replicas, @serve.batch token budget). Needs the 'ray' extra.")
 @click.option("--replicas", type=click.IntRange(min=1), default=None,
               help="With --ray: replicas, each holding its own copy of the models. [default: 1]")
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="With --ray: join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a "
                    "local one. Model paths must exist on every node.")
-def serve_cmd(models, reward_models, use_ray, replicas, ray_address, **flags) -> None:
+@click.option("-v", "--verbose", count=True,
+              help="More logging: -v debug. Default for serve: info (the URL once listening, model loads).")
+@click.pass_context
+def serve_cmd(ctx: click.Context, models, reward_models, use_ray, replicas, ray_address, verbose, **flags) -> None:
     """Serve reference log-probs (and reward scores) over HTTP with dynamic batching."""
     from ..errors import RefModelError
+
+    # A long-running service reports at info by default; `serve -v` and `refmodel -v serve` both add one.
+    configure_logging(1 + verbose + (ctx.obj or {}).get("verbose", 0))
 
     if not use_ray and (replicas is not None or ray_address is not None):
         given = "--replicas" if replicas is not None else "--ray-address"

@@ -25,6 +25,8 @@ from .tokenize import (
     encode,
     extract_prompt,
     iter_examples,
+    iter_kto_kl_examples,
+    kto_kl_examples,
     load_examples,
     tokenize_prompt,
     tokenize_prompts,
@@ -35,6 +37,7 @@ from .tokenize import (
 __all__ = [
     "ACCEPTED", "DEFAULT_MAX_LENGTH", "DEFAULT_TRUNCATION_MODE", "RECORD_TYPES", "TRUNCATION_MODES", "Example",
     "check_settings", "collate", "collate_examples", "common_prefix_length", "encode", "extract_prompt",
-    "is_conversation", "is_reiterable", "iter_examples", "iter_records", "load_examples", "load_records", "pad",
-    "pad_id_of", "record_type", "tokenize_prompt", "tokenize_prompts", "tokenize_record", "truncate", "write_jsonl",
+    "is_conversation", "is_reiterable", "iter_examples", "iter_kto_kl_examples", "iter_records", "kto_kl_examples", "load_examples",
+    "load_records", "pad", "pad_id_of", "record_type", "tokenize_prompt", "tokenize_prompts", "tokenize_record",
+    "truncate", "write_jsonl",
 ]

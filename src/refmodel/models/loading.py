@@ -34,7 +34,7 @@ from torch import nn
 from .._optional import import_quietly
 from ..errors import ConfigError, InvalidInput, ModelNotAllowed
 from .dtypes import parse_dtype
-from .quantize import BNB_MODES, check_mode, quantize_model
+from .quantize import BNB_MODES, bnb_cast_notice_once, check_mode, quantize_model
 
 
 class ModelRegistry:
@@ -296,6 +296,8 @@ def load_model(path: str | Path, *, task: Task = "causal-lm", dtype: str | torch
         model = _from_pretrained(path, task, kwargs, device, quantize)
     if quantize is not None and quantize not in BNB_MODES:
         quantize_model(model, quantize)
+    elif quantize in BNB_MODES:
+        bnb_cast_notice_once()  # transformers built the bitsandbytes layers (load_in_8bit / load_in_4bit)
     model.eval()
     if freeze:
         model.requires_grad_(False)

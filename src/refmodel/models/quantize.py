@@ -126,8 +126,35 @@ def _quantize_torchao(model: nn.Module, mode: str) -> None:
     log.info("torchao %s: quantized %d linear layers", mode, len(chosen))
 
 
+class _CastNoticeOnce(logging.Filter):
+    """Passes bitsandbytes' "MatMul8bitLt: inputs will be cast ... to float16" once per process.
+
+    LLM.int8 quantizes its activations from float16, so every ``Linear8bitLt`` logs this WARNING on every
+    eval forward whose input is not float16: 14 lines per forward of a 2-layer model, thousands per
+    precompute. It is one fact about the mode, worth saying once; other bitsandbytes records pass.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "will be cast" not in record.getMessage():
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def bnb_cast_notice_once() -> None:
+    """Install :class:`_CastNoticeOnce` (idempotent); every path that builds bitsandbytes layers calls it."""
+    cast_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _CastNoticeOnce) for f in cast_logger.filters):
+        cast_logger.addFilter(_CastNoticeOnce())
+
+
 def _quantize_bnb(model: nn.Module, mode: str) -> None:
     bnb = require("bitsandbytes", "quant")
+    bnb_cast_notice_once()
     targets = _targets(model, None)
     for name, lin in targets:
         device, dtype = lin.weight.device, lin.weight.dtype

@@ -29,6 +29,9 @@ class PrecomputeConfig:
     the fingerprint when != 1), ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``: a loaded
     model stays where it is, a model folder goes to CUDA when present; under a launcher ``cuda`` / ``auto``
     mean ``cuda:LOCAL_RANK``; Ray actors use ``gpus_per_worker``), ``model_dtype`` (the weights' dtype when loading a model folder; ``auto``: as saved).
+    KTO: ``kto_kl_batch_size`` (``None``: off) also scores the KL completions TRL's ``KTOTrainer`` builds
+    with that ``per_device_train_batch_size`` (:func:`refmodel.data.kto_kl_examples`), so that a KTO
+    loss with a KL term trains from the store.
     Job: ``shard_examples`` examples per shard (the unit of crash recovery), ``resume``, ``progress``.
     Ray (:func:`refmodel.precompute.ray.precompute_on_ray` only): ``ray_address``, ``num_workers``, ``gpus_per_worker``,
     ``cpus_per_worker``, ``max_task_retries``.
@@ -50,6 +53,7 @@ class PrecomputeConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     max_task_retries: int = 3
+    kto_kl_batch_size: int | None = None
 
     def __post_init__(self):
         from ..errors import InvalidInput
@@ -68,6 +72,9 @@ class PrecomputeConfig:
             raise ConfigError(f"unknown model_dtype {self.model_dtype!r}; expected one of {list(MODEL_DTYPES)}")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ConfigError(f"unknown device {self.device!r}; expected cpu, cuda, cuda:N or auto")
+        if self.kto_kl_batch_size is not None and self.kto_kl_batch_size < 2:
+            raise ConfigError(f"kto_kl_batch_size must be >= 2 (TRL's KTOTrainer refuses a KL term with a batch of "
+                              f"one), got {self.kto_kl_batch_size}")
         if self.num_workers is not None and self.num_workers < 1:
             raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:

@@ -217,6 +217,7 @@ def repair_store(model, data, path, *, tokenizer=None, progress: bool = True,
     if isinstance(tokenization, dict):
         settings["max_length"] = tokenization.get("max_length")
         settings["truncation_mode"] = tokenization.get("truncation_mode", PrecomputeConfig.truncation_mode)
+        settings["kto_kl_batch_size"] = tokenization.get("kto_kl_batch_size")
     else:
         settings["max_length"] = None
     return precompute(model, data, path, tokenizer=tokenizer, dtype=dtype, resume=True, progress=progress,

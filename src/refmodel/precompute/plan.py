@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Example, is_reiterable, iter_examples, pad_id_of
+from ..data import Example, is_reiterable, iter_examples, iter_kto_kl_examples, iter_records, pad_id_of
 from ..errors import ConfigError, DataFormatError, InvalidInput
 from ..models.fingerprint import fingerprint as model_fingerprint
 from ..models.limits import position_limit
@@ -252,6 +252,36 @@ def keys_digest(keys: Iterable[bytes]) -> bytes:
     return hashlib.blake2b(b"".join(sorted(keys)), digest_size=16).digest()
 
 
+def job_examples(data, tokenizer, config: PrecomputeConfig, *, wanted: Callable[[int], bool] | None = None,
+                 stop: int | None = None) -> Iterator[tuple[int, Example]]:
+    """``(index, example)`` of everything a precompute job scores, in plan order, one record at a time.
+
+    First the records TRL keeps (index = the record's index, :func:`refmodel.data.iter_examples`); then,
+    with ``config.kto_kl_batch_size``, the KL completions TRL's ``KTOTrainer`` builds
+    (:func:`refmodel.data.iter_kto_kl_examples`), numbered on from the first window after the records, so
+    that they fill windows (and shards) of their own. ``wanted`` / ``stop`` as in ``iter_examples``: a
+    caller re-reading some windows skips tokenizing the others' records (the KL part is tokenized up to
+    ``stop``: its rotation needs every earlier record of its batch). The KL part reads the data twice more
+    (a count, then the batches), holding one batch of records at a time.
+    """
+    yield from iter_examples(data, tokenizer, max_length=config.max_length, truncation_mode=config.truncation_mode,
+                             wanted=wanted, stop=stop)
+    if config.kto_kl_batch_size is None:
+        return
+    size = config.shard_examples
+    records = sum(1 for _ in iter_records(data))  # read, not tokenized: where the records' windows end
+    offset = -(-records // size) * size
+    if stop is not None and offset >= stop:
+        return
+    for j, ex in enumerate(iter_kto_kl_examples(data, tokenizer, batch_size=config.kto_kl_batch_size,
+                                                max_length=config.max_length)):
+        index = offset + j
+        if stop is not None and index >= stop:
+            return
+        if wanted is None or wanted(index):
+            yield index, ex
+
+
 def plan_windows(data, tokenizer, config: PrecomputeConfig, check: PositionCheck | None = None
                  ) -> tuple[tuple[ShardSpec, ...], dict]:
     """Read and tokenize ``data`` once, one window at a time: ``(shard specs, job description)``.
@@ -282,8 +312,7 @@ def plan_windows(data, tokenizer, config: PrecomputeConfig, check: PositionCheck
         specs.append(ShardSpec(window, sum(u.tokens for u in units), len(keys), keys_digest(keys), tuple(earlier)))
 
     current, groups = -1, []  # type: tuple[int, list[Group]]
-    for index, ex in iter_examples(data, tokenizer, max_length=config.max_length,
-                                   truncation_mode=config.truncation_mode):
+    for index, ex in job_examples(data, tokenizer, config):
         if check is not None:
             check.add(ex)
         if index // size != current:
@@ -298,6 +327,8 @@ def plan_windows(data, tokenizer, config: PrecomputeConfig, check: PositionCheck
            "shard_examples": size, "share_prompt": config.share_prompt, "temperature": config.temperature,
            # the tokenization too: `store export-trl` and `store repair` tokenize the data again with it
            "tokenization": {"max_length": config.max_length, "truncation_mode": config.truncation_mode}}
+    if config.kto_kl_batch_size is not None:
+        job["tokenization"]["kto_kl_batch_size"] = config.kto_kl_batch_size
     return tuple(specs), job
 
 
@@ -399,9 +430,8 @@ class PrecomputePlan:
             return
         size, last = self.config.shard_examples, max(wanted)
         current, groups = -1, []  # type: tuple[int, list[Group]]
-        for index, ex in iter_examples(self.data, self.tokenizer, max_length=self.config.max_length,
-                                       truncation_mode=self.config.truncation_mode,
-                                       wanted=lambda i: i // size in wanted, stop=(last + 1) * size):
+        for index, ex in job_examples(self.data, self.tokenizer, self.config,
+                                      wanted=lambda i: i // size in wanted, stop=(last + 1) * size):
             if index // size != current:
                 if groups:
                     yield self._rebuild(wanted.pop(current), groups)
@@ -470,5 +500,5 @@ def plan_precompute(model, tokenizer, data, config: PrecomputeConfig) -> Precomp
 
 
 __all__ = ["PLAN_VERSION", "PositionCheck", "PrecomputePlan", "SeenKeys", "ShardSpec", "Unit", "check_position_limit",
-           "example_groups", "keys_digest", "load_scoring_model", "open_or_create_store", "pending_shards",
+           "example_groups", "job_examples", "keys_digest", "load_scoring_model", "open_or_create_store", "pending_shards",
            "plan_batches", "plan_precompute", "plan_windows", "window_units"]

@@ -27,6 +27,7 @@ from typing import Any
 import click
 import torch
 
+from .._optional import available, install_command
 from ..data import collate_examples
 from ..data.builtin import builtin_dataset_path
 from ..logprobs.model import backbone_of, model_logprobs, position_ids_from_mask, unwrap_causal_lm
@@ -51,6 +52,7 @@ DEMO_CONFIG = TrainConfig(loss="sigmoid", beta=0.1, learning_rate=5e-4, batch_si
                           max_steps=300, seed=0, kl_threshold=10.0)
 
 
+STRATEGIES = ("frozen copy", "adapter disabled (LoRA)", "precomputed (store)")
 KL_EVERY = 25
 KL_PAIRS = 64
 
@@ -100,7 +102,9 @@ def _strategy_table(base, tok_pairs, pad_id, store_path, trained, cfg) -> list[d
     with torch.no_grad():
         policy_lp = model_logprobs(trained, **batch).sum(1)
     rows = []
-    for name in ("frozen copy", "adapter disabled (LoRA)", "precomputed (store)"):
+    # The LoRA row needs PEFT (the 'peft' extra); a core-only install compares the other two.
+    names = [n for n in STRATEGIES if available("peft") or not n.startswith("adapter")]
+    for name in names:
         policy = copy.deepcopy(base)
         ref: AdapterDisabled | Frozen | Precomputed
         if name.startswith("adapter"):
@@ -186,7 +190,7 @@ def _run(out: Path, max_steps: int | None, n_eval: int) -> dict:
                "eval_accuracy_after": after["eval_accuracy"], "eval_pairs": len(eval_rows),
                "first_batch_loss_max_abs_diff": max_diff, "strategies": table,
                "heldout_exact_kl": probe.values,
-               "plot": str(result.plot_path), "metrics": str(result.metrics_path)}
+               "plot": str(result.plot_path) if result.plot_path else None, "metrics": str(result.metrics_path)}
     figures["total_s"] = time.perf_counter() - t0
     (out / "demo_summary.json").write_text(json.dumps(figures, indent=2))
     _report(figures, model_dir, store_path)
@@ -206,6 +210,8 @@ def _report(f: dict, model_dir: Path, store_path: Path) -> None:
     for r in f["strategies"]:
         echo(f"{r['strategy']:<26}{r['reference_bytes'] / 2**20:>15.2f} MiB{r['step_ms']:>9.1f} ms"
              f"{r['first_batch_loss']:>19.6f}")
+    if len(f["strategies"]) < len(STRATEGIES):
+        echo(f"adapter disabled (LoRA): not compared, PEFT is missing: {install_command('peft')}")
     echo(f"first-batch DPO loss of the trained policy against each reference: max |difference| "
          f"{f['first_batch_loss_max_abs_diff']:.2e}")
     echo("")
@@ -213,7 +219,8 @@ def _report(f: dict, model_dir: Path, store_path: Path) -> None:
     if kl:
         last = max(kl)
         echo(f"exact KL(policy || reference) on held-out completions: {kl[last]:.4f} nats/token at step {last}")
-    echo(f"curves: {f['plot']}   metrics: {f['metrics']}   total {f['total_s']:.1f} s")
+    curves = f["plot"] or f"not drawn (matplotlib is missing: {install_command('plot')})"
+    echo(f"curves: {curves}   metrics: {f['metrics']}   total {f['total_s']:.1f} s")
 
 
 __all__ = ["DEMO_CONFIG", "heldout_exact_kl", "run_demo"]

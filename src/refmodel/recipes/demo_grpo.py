@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 import torch
 
+from .._optional import install_command
 from ..models.tiny import load_tiny, make_tiny_model
 from ..reference import AdapterDisabled
 from ..rl.rollout import SamplingConfig, generate_rollouts
@@ -72,7 +73,7 @@ def _run(out: Path, max_steps: int | None) -> dict:
                "final_exact_kl": final_kl, "max_exact_kl": max(x["kl_exact"] for x in h),
                "time_share": share, "reference_ms_per_step": 1e3 * sum(x["time_reference_s"] for x in h) / len(h),
                "step_ms": 1e3 * total / len(h), "reference_bytes": reference.memory_bytes,
-               "plot": str(result.plot_path), "metrics": str(result.metrics_path)}
+               "plot": str(result.plot_path) if result.plot_path else None, "metrics": str(result.metrics_path)}
     figures["total_s"] = time.perf_counter() - t0
     (out / "grpo_summary.json").write_text(json.dumps(figures, indent=2))
     _report(figures, cfg)
@@ -95,7 +96,8 @@ def _report(f: dict, cfg: GRPOConfig) -> None:
          f"once per rollout batch), rollout {100 * s['time_rollout_s']:.1f} %, policy fwd+bwd "
          f"{100 * s['time_policy_s']:.1f} %, old-policy pass {100 * s['time_old_s']:.1f} % (skipped: on-policy), "
          f"exact-KL monitor {100 * s['time_exact_kl_s']:.1f} %")
-    echo(f"curves: {f['plot']}   metrics: {f['metrics']}   total {f['total_s']:.1f} s")
+    curves = f["plot"] or f"not drawn (matplotlib is missing: {install_command('plot')})"
+    echo(f"curves: {curves}   metrics: {f['metrics']}   total {f['total_s']:.1f} s")
 
 
 __all__ = ["DEMO_GRPO_CONFIG", "run_grpo_demo"]

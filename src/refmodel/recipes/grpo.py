@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .._deprecation import warn_deprecated
+from .._optional import require
 from ..cluster import get_logger, is_main_process
 from ..errors import ConfigError
 from ..logprobs.model import model_logprobs
@@ -46,7 +47,7 @@ from ..reference import resolve
 from ..rl import policy_loss_fn
 from ..rl.rollout import Rollouts, SamplingConfig, generate_rollouts
 from ..rl.scoring import ScoredRollouts, exact_kl, needs_old_logprobs, score_rollouts
-from .steps import StepLog
+from .steps import StepLog, plot_or_skip
 from .train import add_lora
 
 log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
@@ -315,7 +316,8 @@ def grpo(policy: nn.Module, tokenizer, prompts: Sequence, reward_funcs: Sequence
     monitor = kl_mod.KLMonitor(threshold=cfg.kl_threshold, name="exact KL" if cfg.exact_kl_every else "KL")
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     result = GRPOResult(policy=policy, reference=reference, kl_monitor=monitor)
-    log_steps = StepLog(result.history, monitor, out_dir, "grpo_config.json", cfg)
+    log_steps = StepLog(result.history, monitor, out_dir, "grpo_config.json", cfg,
+                        metrics_name="grpo_metrics.jsonl")
     rng = random.Random(cfg.seed)
     order: list[int] = []
     global_step, epoch = 0, 0
@@ -374,8 +376,8 @@ def grpo(policy: nn.Module, tokenizer, prompts: Sequence, reward_funcs: Sequence
         bar.close()
         log_steps.close()
     if out_dir is not None:
-        result.metrics_path = out_dir / "metrics.jsonl"
-        result.plot_path = plot_grpo_metrics(result.history, out_dir / "grpo_curves.png")
+        result.metrics_path = log_steps.metrics_path
+        result.plot_path = plot_or_skip(plot_grpo_metrics, result.history, out_dir / "grpo_curves.png")
     return result
 
 
@@ -396,8 +398,9 @@ def _exact_kl_metrics(policy, reference, scored: ScoredRollouts, cfg: GRPOConfig
 
 
 def plot_grpo_metrics(history: Sequence[dict], path: str | Path) -> Path:
-    """Reward, KL (exact and estimated), clip fraction, entropy, sampler gap and time per phase, to PNG."""
-    import matplotlib
+    """Reward, KL (exact and estimated), clip fraction, entropy, sampler gap and time per phase, to PNG
+    (the ``plot`` extra)."""
+    matplotlib = require("matplotlib", "plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

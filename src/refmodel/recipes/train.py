@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .._deprecation import warn_deprecated
+from .._optional import require
 from ..cluster import get_logger, is_main_process
 from ..data import (
     DEFAULT_MAX_LENGTH,
@@ -47,7 +48,7 @@ from ..logprobs.model import model_logprobs
 from ..losses import kl as kl_mod
 from ..losses import preference as losses
 from ..reference import ReferenceFree, resolve
-from .steps import StepLog
+from .steps import StepLog, plot_or_skip
 
 log = get_logger(__name__)  # shared warnings: main process only (refmodel.cluster)
 
@@ -218,10 +219,20 @@ class TrainResult:
     reference_metrics: dict = field(default_factory=dict)  # e.g. Precomputed's store hits / misses
 
 
+# What a reference's metrics() keys count (Precomputed's; other references' keys print bare).
+_METRIC_MEANING = {"hits": " (sequences read from the store)",
+                   "misses": " (sequences not in the store, scored by the fallback)"}
+
+
 def _report_reference(metrics: dict, echo: bool) -> None:
-    """One line on where the reference log-probs came from; a WARNING when any row missed the store."""
-    text = "reference: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in
-                                     metrics.items())
+    """One line on where the reference log-probs came from; a WARNING when any row missed the store.
+
+    Printed at the end of training (the first line of ``refmodel demo``'s output), so it says what its
+    numbers count rather than only naming them.
+    """
+    text = "reference log-probs during training: " + ", ".join(
+        (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}") + _METRIC_MEANING.get(k, "")
+        for k, v in metrics.items())
     (log.warning if metrics.get("misses") else log.info)(text)
     if echo:
         from tqdm.auto import tqdm
@@ -241,8 +252,6 @@ def _peak_memory_bytes(device: torch.device) -> int:
 
 def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, seed: int = 0) -> nn.Module:
     """Wrap ``model`` in a fresh PEFT LoRA adapter on every linear layer (B = 0: the policy starts at the base)."""
-    from .._optional import require
-
     peft = require("peft", "peft")
     torch.manual_seed(seed)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
@@ -326,14 +335,14 @@ def train(policy: nn.Module, tokenizer, train_pairs, cfg: TrainConfig = TrainCon
         result.reference_metrics = dict(reference.metrics())
         _report_reference(result.reference_metrics, cfg.progress)
     if out_dir is not None:
-        result.metrics_path = out_dir / "metrics.jsonl"
-        result.plot_path = plot_metrics(result.history, out_dir / "curves.png")
+        result.metrics_path = log_steps.metrics_path
+        result.plot_path = plot_or_skip(plot_metrics, result.history, out_dir / "curves.png")
     return result
 
 
 def plot_metrics(history: Sequence[dict], path: str | Path) -> Path:
-    """Plot loss, rewards, margin, accuracy, KL and step time against the step into a PNG."""
-    import matplotlib
+    """Plot loss, rewards, margin, accuracy, KL and step time against the step into a PNG (the ``plot`` extra)."""
+    matplotlib = require("matplotlib", "plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

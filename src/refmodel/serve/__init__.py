@@ -8,8 +8,16 @@ merging), :mod:`.runners` (model loading and batch execution), :mod:`.metrics` (
 deadline under uvicorn), :mod:`.main` (bind, load, run uvicorn) and :mod:`.ray_serve`. The binary
 wire format is :mod:`refmodel.remote.wire` (shared with the client).
 
-Nothing here is imported by ``import refmodel``; FastAPI is imported only by :mod:`.app`.
+Nothing here is imported by ``import refmodel``. The whole room needs the ``serve`` extra: its modules
+import these packages at module level, so they are checked here, at the door every ``refmodel.serve.*``
+import passes through, and a missing one is a ``MissingDependency`` naming the extra, not a traceback.
 """
+
+from .._optional import require
+
+for _module in ("fastapi", "uvicorn", "httptools", "pydantic", "pydantic_settings", "prometheus_client"):
+    require(_module, "serve")
+del _module
 
 __all__ = ["create_app", "ServeSettings"]
 

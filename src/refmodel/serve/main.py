@@ -85,6 +85,17 @@ def fix_mmap_threshold() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
     except (OSError, AttributeError):
         return False
+def _announcing_server(uvicorn, config, announce: str):
+    """A ``uvicorn.Server`` that logs ``announce`` (INFO) once it accepts connections: uvicorn itself logs
+    no URL when it is handed a bound socket, and a line logged before start-up would come too early."""
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                log.info(announce)
+
+    return Server(config)
 
 
 def run_server(settings: ServeSettings) -> None:
@@ -109,8 +120,9 @@ def run_server(settings: ServeSettings) -> None:
         app.state.refmodel.cache = cache  # keeps the cache (and its pins) alive while serving
         host, port = sock.getsockname()[:2]
         fix_mmap_threshold()  # after loading: from here on request buffers come and go
-        log.info("refmodel serve on http://%s:%d (auth %s)", host, port, "on" if token else "off")
-        uvicorn.Server(uvicorn_config(app, settings)).run(sockets=[sock])
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        announce = f"refmodel serve listening on {url} (auth {'on' if token else 'off'}; Ctrl-C to stop)"
+        _announcing_server(uvicorn, uvicorn_config(app, settings), announce).run(sockets=[sock])
     finally:
         sock.close()
 

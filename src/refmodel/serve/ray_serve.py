@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 from pydantic import SecretStr
 
-from .._optional import require
+from .._optional import install_command, require
 from ..cluster import RayConnection, connect_ray, ray_address
 from ..errors import ConfigError, MissingDependency
 from .batcher import Failed, LocalBatcher, check_admission, drain_seconds, run_per_request
@@ -49,7 +49,7 @@ def _require_serve():
 
         raise MissingDependency(f"refmodel serve --ray needs a Ray whose serve.batch takes batch_size_fn "
                                 f"(ray PR #59059, releases after Dec 2025; tested with 2.60), but ray "
-                                f"{ray.__version__} is installed: pip install -U 'refmodel[ray]'")
+                                f"{ray.__version__} is installed: {install_command('ray')} --upgrade")
     return serve
 
 

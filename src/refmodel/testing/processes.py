@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from .._optional import require
+
 
 def subprocess_env(**extra) -> dict:
     """Environment for child processes that import *this* ``refmodel`` (its source tree first on PYTHONPATH)."""
@@ -48,7 +50,7 @@ class ServeProcess:
     """
 
     def __init__(self, args: list, log_path: Path | None = None, token: str | None = None, startup_s: float = 120.0):
-        import httpx
+        httpx = require("httpx", "serve")
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -201,7 +201,32 @@ def run_logprob_benchmark(quick: bool = False, dtype: str | None = None, reps: i
                   f"{r['time_vs_naive']:>14.2f}{r['peak_extra_bytes'] / 2**20:>16.1f}{r['mem_vs_naive']:>13.3f}",
                   flush=True)
             rows.append(r)
+    if quick and (caveat := quick_caveat(rows, n, vocab, dtype)):
+        print(caveat)
     return rows
+
+
+def quick_caveat(rows: list[dict], n: int, vocab: int, dtype: str) -> str | None:
+    """Why refmodel lost to naive at the quick shape, or ``None`` where it did not lose.
+
+    ``rows`` are :func:`run_logprob_benchmark`'s (``mode``, ``impl``, ``seconds``, ``mem_vs_naive``).
+    At the quick shape the naive path's whole ``[N, V]`` logits fit in a few tens of MiB: one large
+    matmul and a ``log_softmax`` is all it does. The fused path walks the vocabulary in tiles (smaller
+    matmuls and a Python-level loop with an online log-sum-exp) so that it never holds ``[N, V]``; that
+    per-tile overhead is not repaid until the logits are large. Its gain at this shape is memory.
+    """
+    secs = {(r["mode"], r["impl"]): r for r in rows}
+    lost = [mode for mode in MODES if (mode, "refmodel") in secs and (mode, "naive") in secs
+            and secs[mode, "refmodel"]["seconds"] > secs[mode, "naive"]["seconds"]]
+    if not lost:
+        return None
+    mib = n * vocab * torch.empty((), dtype=getattr(torch, dtype)).element_size() / 2**20
+    mem = ", ".join(f"{secs[m, 'refmodel']['mem_vs_naive']:.2f}x" for m in lost)
+    return (f"# caveat: refmodel is slower than naive here ({', '.join(lost)}) because --quick is too small for "
+            f"the fused path to pay off: naive's whole logits [N={n}, V={vocab}] are only {mib:.0f} MiB of "
+            f"{dtype}, one big matmul, while the fused path walks the vocabulary in tiles (smaller matmuls, a "
+            f"loop) so as never to hold them. Its gain at this shape is memory ({mem} of naive's peak); run "
+            "without --quick (N=4096, V=32000) for the time figures that matter.")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ reference (``Precomputed`` / a store path, ``Remote`` / a service URL, ``Frozen`
 ``AdapterDisabled``, ``Synced``) or a ``ReferenceConfig``. TRL then loads no reference model and runs
 no reference forward. :class:`RefmodelCallback` logs the reference's metrics into TRL's logs.
 
-Needs the ``trl`` extra: ``pip install 'refmodel[trl]'``.
+Needs the ``trl`` extra: ``pip install -e '.[trl]'`` from refmodel's source folder.
 """
 
 from ..._optional import require
@@ -16,7 +16,7 @@ _trl = require("trl", "trl")
 if not str(_trl.__version__).startswith("1.16."):
     get_logger(__name__).warning(
         "refmodel.integrations.trl is written and tested against TRL 1.16; TRL %s is installed, whose trainer "
-        "internals may differ. Install 'refmodel[trl]' (trl>=1.16,<1.17) or check the results", _trl.__version__)
+        "internals may differ. Install trl>=1.16,<1.17 (refmodel's 'trl' extra) or check the results", _trl.__version__)
 
 from ._reference import ReferenceRunner, resolve_reference  # noqa: E402
 from .callback import RefmodelCallback  # noqa: E402
