@@ -87,13 +87,14 @@ def test_kto_matches_trls_reference(models, baseline, tmp_path, monkeypatch, con
 def test_kto_trains_from_a_store_precomputed_with_its_kl_completions(models, tmp_path):
     # `refmodel precompute --kto-kl-batch-size 4` scores the KL completions TRL builds from the same data
     # and batch size (before, training from such a store raised StoreMiss at step 1). 10 rows in batches
-    # of 4: the last KL rotation is inside a batch of 2. The store is float32, so every step equals a
-    # live Frozen reference's.
+    # of 4: the last KL rotation is inside a batch of 2. Windows of 3 records: the records and the KL
+    # completions each span several shards. The store is float32, so every step equals a live Frozen
+    # reference's.
     records = unpaired(10)
     data = write_jsonl(records, tmp_path / "kto.jsonl")
     store = tmp_path / "store"
     run_cli("precompute", "--model", models[1], "--data", data, "--out", store, "--dtype", "float32",
-            "--max-length", 16, "--kto-kl-batch-size", 4)
+            "--max-length", 16, "--kto-kl-batch-size", 4, "--shard-examples", 3)
     logs = {}
     for name, reference in (("store", str(store)), ("frozen", Frozen(load(models[1])[0]))):
         policy, tok = load(models[0])
