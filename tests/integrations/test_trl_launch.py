@@ -71,6 +71,34 @@ def test_first_step_loss_equals_one_process(launched, case):
         assert abs(want - 0.6931471805599453) > 1e-3  # the reference moves the loss
 
 
+KINDS = {"ddp": ("DistributedType.MULTI_CPU", "none"), "fsdp2": ("DistributedType.FSDP", "fsdp2"),
+         "zero3": ("DistributedType.DEEPSPEED", "zero3")}
+
+
+@pytest.mark.parametrize("backend", list(trl_launch.BACKENDS))
+def test_the_reference_is_sharded_like_the_policy_and_trl_loads_none(launched, backend):
+    """Under FSDP2 / ZeRO-3 the trainer really shards the policy, a model-based reference given to the trainer
+    (built before the policy was wrapped) holds about half the weights per rank (its per-rank bytes), the
+    TR-DPO reference synced after the step, and TRL holds no reference model of its own."""
+    _, ranks, _ = launched
+    for rank in (0, 1):
+        results = by_case(ranks[rank])
+        full = results["dpo/frozen/ddp"]["ref_bytes"]
+        for trainer, reference, b in trl_launch.CASES:
+            if b != backend:
+                continue
+            got = results[f"{trainer}/{reference}/{backend}"]
+            assert (got["distributed"], got["sharding"]) == KINDS[backend], got
+            assert got["trl_ref_model"] is False, got  # GRPO keeps a stand-in object, not a model
+            if reference.startswith("synced"):
+                assert got["syncs"] == 1, got
+            if reference in ("frozen", "frozen_sampling", "synced_full"):
+                want = full if backend == "ddp" else 0.6 * full  # a whole copy under DDP, shards otherwise
+                assert 0 < got["ref_bytes"] <= want, (got, full)
+            if reference == "adapter":
+                assert got["ref_bytes"] == 0  # the policy's own base weights
+
+
 def test_logged_store_counts_are_the_sums_over_the_ranks(launched):
     single, ranks, _ = launched
     case = "dpo/store/ddp"

@@ -142,7 +142,9 @@ def run_case(trainer: str, reference: str, backend: str, spec: dict) -> dict:
                             train_dataset=Dataset.from_list(prompts(GLOBAL_BATCH // 2)), reference=ref,
                             kl_threshold=1e-12)
         t.train()
-        wrapped = {"distributed": str(t.accelerator.distributed_type), "sharding": sharding_kind(t.model)}
+        wrapped = {"distributed": str(t.accelerator.distributed_type), "sharding": sharding_kind(t.model),
+                   "syncs": getattr(t.reference, "syncs", None),
+                   "trl_ref_model": isinstance(getattr(t, "ref_model", None), torch.nn.Module)}
     finally:
         _undo_backend()
     runner = t.reference_runner
