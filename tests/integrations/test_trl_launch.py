@@ -1,7 +1,9 @@
 """The TRL trainers under ``torchrun --nproc_per_node 2`` (gloo, CPU) against one process: one launch, every case.
 
-``trl_launch.py`` runs each case (trainer x reference x backend, see its ``CASES``) on both ranks; the same
-function run here in one process gives the 1-process values. Checked: the first-step loss within 1e-6;
+``trl_launch.py`` runs each case (trainer x reference x backend: DDP, FSDP2, ZeRO-3; see its ``CASES``) on
+both ranks; the same function run here in one process gives the 1-process values (its "ddp" cases: in one
+process every backend is the plain model). Checked: the first-step loss within 1e-6; the policy really
+sharded, a model-based reference sharded like it (per-rank bytes), no TRL reference model;
 the logged store hits / misses / rows are the sums over the ranks (which differ per rank: the store
 lacks one pair); the KL monitor averages over the ranks; refmodel's progress bar and monitor warnings
 appear on rank 0 only (rank 1's stderr, kept apart by torchrun's ``--redirects``).

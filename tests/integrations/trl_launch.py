@@ -6,7 +6,10 @@ the spec's ``out``), or called in-process (:func:`run`) for the 1-process values
 and how the policy is wrapped (:data:`BACKENDS`). The global batch is the same in both runs (the whole
 dataset in one step: 4 pairs / examples, 2 GRPO prompts x 4 greedy generations), split over the ranks,
 so the first-step loss (the mean over ranks of per-rank means over equal shares) must equal the
-1-process one.
+1-process one. In one process every backend is the plain model, so :func:`run` runs the "ddp" cases only
+there. Under "fsdp2" and "zero3" the trainer itself shards the policy (accelerate's FSDP2 plugin, told it
+runs on GPUs; DeepSpeed's engine on CPU), and each rank reports the reference's per-rank bytes, the
+policy's sharding kind, the TR-DPO syncs and whether TRL holds a reference model.
 
 Besides the losses, each rank reports what the metric and logging rules promise under a launcher
 (``refmodel.cluster``): the logged ``refmodel/store_hits`` / ``store_misses`` / ``ref_rows`` (reduced over
