@@ -69,6 +69,12 @@ def test_first_step_loss_equals_one_process(launched, case):
         got = by_case(ranks[rank])[case]["loss"]
         assert abs(got - want) <= TOL, (case, rank, got, want)
         assert by_case(ranks[rank])[case]["reference"] != "NoneType"
+    if reference in trl_launch.SAME_AS_POLICY:  # step 2: the reference synced after step 1 (under the backend)
+        want2 = by_case(single)[f"{trainer}/{reference}/ddp"]["losses"][1]
+        for rank in (0, 1):
+            got2 = by_case(ranks[rank])[case]["losses"][1]
+            assert abs(got2 - want2) <= TOL, (case, rank, "step 2", got2, want2)
+        assert abs(want2 - 0.6931471805599453) > 1e-4  # the synced reference lags the policy
     if trainer != "grpo" and reference not in trl_launch.SAME_AS_POLICY:
         assert abs(want - 0.6931471805599453) > 1e-3  # the reference moves the loss
 
@@ -93,7 +99,7 @@ def test_the_reference_is_sharded_like_the_policy_and_trl_loads_none(launched, b
             assert (got["distributed"], got["sharding"]) == KINDS[backend], got
             assert got["trl_ref_model"] is False, got  # GRPO keeps a stand-in object, not a model
             if reference.startswith("synced"):
-                assert got["syncs"] == 1, got
+                assert got["syncs"] == 2, got  # after each of its 2 steps
             if reference in ("frozen", "frozen_sampling", "synced_full"):
                 want = full if backend == "ddp" else 0.6 * full  # a whole copy under DDP, shards otherwise
                 assert 0 < got["ref_bytes"] <= want, (got, full)

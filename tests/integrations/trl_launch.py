@@ -81,8 +81,8 @@ REFERENCES = {
     "frozen": lambda spec, world: Frozen(spec["reference"]),
     "frozen_sampling": lambda spec, world: Frozen(spec["reference"], temperature=GRPO_COMMON["temperature"]),
     "adapter": lambda spec, world: "adapter",  # AdapterDisabled of the LoRA policy (resolved inside TRL)
-    # TR-DPO, a sync after every step: the first step's reference is the policy itself (loss ln 2), and the
-    # sync at its end runs under each backend.
+    # TR-DPO, a (soft, alpha 0.6) sync after every step: the first step's reference is the policy itself (loss
+    # ln 2); these cases run 2 steps, so the second step's loss checks the sync under each backend.
     "synced_full": lambda spec, world: ReferenceConfig(sync_ref_model=True, ref_model_sync_steps=1),
     "synced_peft": lambda spec, world: ReferenceConfig(sync_ref_model=True, ref_model_sync_steps=1),
 }
@@ -129,7 +129,8 @@ def run_case(trainer: str, reference: str, backend: str, spec: dict) -> dict:
     out = str(Path(spec["out"]) / f"{trainer}-{reference}-{backend}-{world}")
     ref = REFERENCES[reference](spec, world)
     policy, tok = _policy(spec, reference)
-    common = {**COMMON, **BACKENDS[backend], "per_device_train_batch_size": share}
+    common = {**COMMON, **BACKENDS[backend], "per_device_train_batch_size": share,
+              "max_steps": 2 if reference in SAME_AS_POLICY else 1}
     try:
         if trainer == "dpo":
             t = DPOTrainer(policy, args=_backend(trl.DPOConfig(out, **common), backend),
@@ -153,6 +154,7 @@ def run_case(trainer: str, reference: str, backend: str, spec: dict) -> dict:
     runner = t.reference_runner
     logged = first_log(t)
     return {"case": f"{trainer}/{reference}/{backend}", "loss": logged["loss"],
+            "losses": [h["loss"] for h in t.state.log_history if "loss" in h],
             "reference": type(t.reference).__name__, "ref_bytes": getattr(t.reference, "memory_bytes", None),
             **wrapped,
             "logged": {k: v for k, v in logged.items() if k.startswith("refmodel/") or k == "kl"},
