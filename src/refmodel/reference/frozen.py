@@ -150,12 +150,18 @@ class Frozen:
         A ZeRO-3 policy: the weights move into a partitioned copy run by its own DeepSpeed inference engine,
         as TRL's ``prepare_deepspeed`` prepares a reference (:func:`refmodel.models.zero3.partitioned_copy`,
         one parameter at a time). Nothing happens for a plain or DDP policy, or a reference already sharded,
-        offloaded or quantized (those stay as they are: whole on each rank). Every rank must call it.
+        offloaded or quantized, or (ZeRO-3) not a Hugging Face model class: those stay as they are, whole on
+        each rank. Every rank must call it.
         """
         if isinstance(policy, nn.parallel.DistributedDataParallel):
             policy = policy.module
         kind = sharding_kind(policy)
         if kind == "none" or self.sharded or self.offload_to_cpu or self.quantize is not None:
+            return False
+        if kind == "zero3" and not callable(getattr(type(self.model), "_from_config", None)):
+            log.warning("Frozen reference %s stays whole on each rank: a ZeRO-3 partitioned copy needs a Hugging "
+                        "Face model class; load it from a folder under the DeepSpeed config to partition it",
+                        type(self.model).__name__)
             return False
         if kind == "fsdp2":
             shard_like_policy(self.model, policy)
