@@ -1,7 +1,9 @@
 """The TRL trainers under ``torchrun --nproc_per_node 2`` (gloo, CPU) against one process: one launch, every case.
 
-``trl_launch.py`` runs each case (trainer x reference x backend, see its ``CASES``) on both ranks; the same
-function run here in one process gives the 1-process values. Checked: the first-step loss within 1e-6;
+``trl_launch.py`` runs each case (trainer x reference x backend: DDP, FSDP2, ZeRO-3; see its ``CASES``) on
+both ranks; the same function run here in one process gives the 1-process values (its "ddp" cases: in one
+process every backend is the plain model). Checked: the first-step loss within 1e-6; the policy really
+sharded, a model-based reference sharded like it (per-rank bytes), no TRL reference model;
 the logged store hits / misses / rows are the sums over the ranks (which differ per rank: the store
 lacks one pair); the KL monitor averages over the ranks; refmodel's progress bar and monitor warnings
 appear on rank 0 only (rank 1's stderr, kept apart by torchrun's ``--redirects``).
@@ -61,11 +63,48 @@ def by_case(results: list[dict]) -> dict[str, dict]:
 @pytest.mark.parametrize("case", ["/".join(c) for c in trl_launch.CASES])
 def test_first_step_loss_equals_one_process(launched, case):
     single, ranks, _ = launched
-    want = by_case(single)[case]["loss"]
+    trainer, reference, _ = case.split("/")
+    want = by_case(single)[f"{trainer}/{reference}/ddp"]["loss"]  # one process: every backend is the plain model
     for rank in (0, 1):
         got = by_case(ranks[rank])[case]["loss"]
         assert abs(got - want) <= TOL, (case, rank, got, want)
-    assert abs(want - 0.6931471805599453) > 1e-3 or case.startswith("grpo")  # the reference moves the loss
+        assert by_case(ranks[rank])[case]["reference"] != "NoneType"
+    if reference in trl_launch.SAME_AS_POLICY:  # step 2: the reference synced after step 1 (under the backend)
+        want2 = by_case(single)[f"{trainer}/{reference}/ddp"]["losses"][1]
+        for rank in (0, 1):
+            got2 = by_case(ranks[rank])[case]["losses"][1]
+            assert abs(got2 - want2) <= TOL, (case, rank, "step 2", got2, want2)
+        assert abs(want2 - 0.6931471805599453) > 1e-4  # the synced reference lags the policy
+    if trainer != "grpo" and reference not in trl_launch.SAME_AS_POLICY:
+        assert abs(want - 0.6931471805599453) > 1e-3  # the reference moves the loss
+
+
+KINDS = {"ddp": ("DistributedType.MULTI_CPU", "none"), "fsdp2": ("DistributedType.FSDP", "fsdp2"),
+         "zero3": ("DistributedType.DEEPSPEED", "zero3")}
+
+
+@pytest.mark.parametrize("backend", list(trl_launch.BACKENDS))
+def test_the_reference_is_sharded_like_the_policy_and_trl_loads_none(launched, backend):
+    """Under FSDP2 / ZeRO-3 the trainer really shards the policy, a model-based reference given to the trainer
+    (built before the policy was wrapped) holds about half the weights per rank (its per-rank bytes), the
+    TR-DPO reference synced after the step, and TRL holds no reference model of its own."""
+    _, ranks, _ = launched
+    for rank in (0, 1):
+        results = by_case(ranks[rank])
+        full = results["dpo/frozen/ddp"]["ref_bytes"]
+        for trainer, reference, b in trl_launch.CASES:
+            if b != backend:
+                continue
+            got = results[f"{trainer}/{reference}/{backend}"]
+            assert (got["distributed"], got["sharding"]) == KINDS[backend], got
+            assert got["trl_ref_model"] is False, got  # GRPO keeps a stand-in object, not a model
+            if reference.startswith("synced"):
+                assert got["syncs"] == 2, got  # after each of its 2 steps
+            if reference in ("frozen", "frozen_sampling", "synced_full"):
+                want = full if backend == "ddp" else 0.6 * full  # a whole copy under DDP, shards otherwise
+                assert 0 < got["ref_bytes"] <= want, (got, full)
+            if reference == "adapter":
+                assert got["ref_bytes"] == 0  # the policy's own base weights
 
 
 def test_logged_store_counts_are_the_sums_over_the_ranks(launched):

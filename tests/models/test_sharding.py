@@ -150,6 +150,27 @@ def test_frozen_from_an_fsdp2_policy_is_a_sharded_copy(tiny_model_dirs, group):
         sharded_copy(plain)
 
 
+def test_a_reference_built_before_the_policy_was_sharded_shards_like_it_later(tiny_model_dirs, group):
+    """What the TRL trainers do when training begins (the policy is sharded by accelerate after ``reference=``
+    was built): before, such a reference stayed a whole copy on every rank."""
+    from refmodel.reference import Synced
+
+    plain, _ = load_tiny(tiny_model_dirs["llama"])
+    ids = _ids()
+    frozen = Frozen(tiny_model_dirs["llama"])
+    synced = Synced(copy.deepcopy(plain), ref_model_sync_steps=1)
+    offloaded = Frozen(tiny_model_dirs["llama"], offload_to_cpu=True)
+    assert frozen.shard_like(plain) is False and sharding_kind(frozen.model) == "none"  # a plain policy: as is
+    policy = _fsdp2(copy.deepcopy(plain))
+    assert frozen.shard_like(policy) is True and frozen.sharded
+    assert sharding_kind(frozen.model) == "fsdp2" and frozen.fingerprint == fingerprint(plain)
+    torch.testing.assert_close(frozen.logprobs(ids), model_logprobs(plain, ids), atol=1e-6, rtol=0)
+    assert frozen.shard_like(policy) is False  # once
+    assert synced.shard_like(policy) is True and sharding_kind(synced.frozen.model) == "fsdp2"
+    torch.testing.assert_close(synced.logprobs(ids), model_logprobs(plain, ids), atol=1e-6, rtol=0)
+    assert offloaded.shard_like(policy) is False and sharding_kind(offloaded.model) == "none"
+
+
 def test_run_in_forward_runs_hooks_and_restores_forward(tiny_model_dirs):
     plain, _ = load_tiny(tiny_model_dirs["llama"])
     calls = []

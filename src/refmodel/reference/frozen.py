@@ -141,6 +141,40 @@ class Frozen:
             return cls(sharded_copy(policy, parse_dtype(kwargs.pop("dtype", None))), **kwargs)
         return cls(copy.deepcopy(policy), **kwargs)
 
+    def shard_like(self, policy: nn.Module) -> bool:
+        """Shard this reference like ``policy`` now, in place; True when it did.
+
+        For a reference built before the framework wrapped the policy (the TRL trainers get ``reference=``
+        before ``accelerator.prepare`` shards the policy; they call this when training begins). An FSDP2
+        policy: the model is ``fully_shard``-ed the same way (:func:`refmodel.models.sharding.shard_like`).
+        A ZeRO-3 policy: the weights move into a partitioned copy run by its own DeepSpeed inference engine,
+        as TRL's ``prepare_deepspeed`` prepares a reference (:func:`refmodel.models.zero3.partitioned_copy`,
+        one parameter at a time). Nothing happens for a plain or DDP policy, or a reference already sharded,
+        offloaded or quantized, or (ZeRO-3) not a Hugging Face model class: those stay as they are, whole on
+        each rank. Every rank must call it.
+        """
+        if isinstance(policy, nn.parallel.DistributedDataParallel):
+            policy = policy.module
+        kind = sharding_kind(policy)
+        if kind == "none" or self.sharded or self.offload_to_cpu or self.quantize is not None:
+            return False
+        if kind == "zero3" and not callable(getattr(type(self.model), "_from_config", None)):
+            log.warning("Frozen reference %s stays whole on each rank: a ZeRO-3 partitioned copy needs a Hugging "
+                        "Face model class; load it from a folder under the DeepSpeed config to partition it",
+                        type(self.model).__name__)
+            return False
+        if kind == "fsdp2":
+            shard_like_policy(self.model, policy)
+        else:
+            plain = self.model
+            self.model, self._engine = zero3.prepare_reference(zero3.partitioned_copy(plain))
+            del plain  # the whole copy goes: each rank keeps its partition
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.sharded = True
+        log.info("Frozen reference sharded like the policy (%s): %d bytes on this rank", kind, self.memory_bytes)
+        return True
+
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:

@@ -112,6 +112,11 @@ class Synced:
         ref.every_epoch = True
         return ref
 
+    def shard_like(self, policy) -> bool:
+        """Full policy: shard the reference copy like ``policy`` now (see :meth:`Frozen.shard_like`); a LoRA
+        reference adapter rides on the policy's own model and needs nothing. True when it sharded."""
+        return self.frozen is not None and self.frozen.shard_like(policy)
+
     def on_epoch_end(self, epoch: int, policy) -> None:
         """Called by a loop after each full pass over its data; syncs only for :meth:`per_epoch`."""
         if self.every_epoch:

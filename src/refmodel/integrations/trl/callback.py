@@ -46,6 +46,16 @@ class RefmodelCallback(TrainerCallback):
         self.monitor = KLMonitor(threshold=kl_threshold, over_ranks=False) if kl_threshold is not None else None
         self._pending: dict[str, float] = {}
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # The trainer got reference= before accelerate wrapped the policy (FSDP2 shards it, DeepSpeed
+        # partitions it, in place, in train()); a model-based reference is sharded like it now, so each rank
+        # holds its shards only. Not a store's live fallback: it runs on the ranks that miss only, and a
+        # sharded forward is a collective every rank must join (it would hang or mismatch), so it stays whole.
+        shard_like = getattr(self.runner.reference, "shard_like", None)
+        if model is not None and callable(shard_like):
+            shard_like(self.unwrap(model))
+        return control
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self.runner.reference.on_step(state.global_step, self.unwrap(model))
