@@ -160,3 +160,33 @@ def test_exact_kl_with_an_adapter_on_the_lm_head(tiny_model_dirs, use_dora):
     got = exact_kl(policy, AdapterDisabled(policy, temperature=0.8), ro, micro_batch_size=4, row_chunk=5)
     assert want > 1e-3
     assert abs(got - want) <= 1e-5 * max(1.0, want)
+
+
+def test_exact_kl_of_fsdp2_sharded_models(tiny_model_dirs, one_rank_group):
+    """An FSDP2 policy (1 rank) and its references, sharded or not, give the plain models' exact KL: both run
+    inside their hooked forwards. Before: the backbones ran behind the roots' backs (mixed Tensor and DTensor)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def shard(model):
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.base_model.model.model.layers if hasattr(model, "peft_config") else model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    base, tok = load_tiny(tiny_model_dirs["llama"])
+    policy = lora_policy(copy.deepcopy(base))
+    ro = make_rollouts(policy, tok, n_prompts=2, generations=3, max_new_tokens=4, temperature=0.8)
+    merged = copy.deepcopy(policy).merge_and_unload()  # the same policy without an adapter, to shard plainly
+    want_frozen = exact_kl(merged, Frozen(copy.deepcopy(base), temperature=0.8), ro, micro_batch_size=4)
+    want_adapter = exact_kl(policy, AdapterDisabled(policy, temperature=0.8), ro, micro_batch_size=4)
+    assert want_frozen > 1e-3 and abs(want_frozen - want_adapter) <= 1e-5
+
+    sharded = shard(copy.deepcopy(merged))
+    for ref in (Frozen(copy.deepcopy(base), temperature=0.8),                  # a whole reference
+                Frozen(shard(copy.deepcopy(base)), temperature=0.8)):      # a sharded one
+        assert abs(exact_kl(sharded, ref, ro, micro_batch_size=4) - want_frozen) <= 1e-5
+    sharded_lora = shard(copy.deepcopy(policy))                             # adapter off, inside the policy
+    got = exact_kl(sharded_lora, AdapterDisabled(sharded_lora, temperature=0.8), ro, micro_batch_size=4)
+    assert abs(got - want_adapter) <= 1e-5

@@ -220,21 +220,51 @@ def exact_kl(policy: nn.Module, reference, rollouts: Rollouts, micro_batch_size:
         was = policy.training
         policy.eval()  # no dropout, in the backbone nor in a LoRA adapter on the head
         try:
-            h_pol, c_pol = _backbone_rows(policy, *args)
-            # read before the reference's view, which may switch the policy's own adapters off (AdapterDisabled)
-            head_p = LMHead.from_model_or_none(c_pol)
-            with reference_model(reference) as ref_model:
-                if ref_model is None:
-                    return float("nan")
-                h_ref, c_ref = _backbone_rows(ref_model, *(a.to(next(ref_model.parameters()).device) for a in args))
-                head_r = LMHead.from_model_or_none(c_ref)
-            kl = _token_kl(c_pol, head_p, h_pol, reference, c_ref, head_r, h_ref.to(h_pol.device), temperature,
-                           row_chunk)
-            total += float(kl.double().sum())
+            with torch.no_grad():
+                kl = _exact_kl_rows(policy, reference, args, temperature, row_chunk)
         finally:
             policy.train(was)
-        count += int(h_pol.shape[0])
+        if kl is None:
+            return float("nan")
+        total += float(kl.double().sum())
+        count += int(kl.shape[0])
     return total / max(count, 1)
+
+
+def _exact_kl_rows(policy: nn.Module, reference, args, temperature: float, row_chunk: int) -> torch.Tensor | None:
+    """``[N]`` exact KL per scored row of one micro-batch; ``None`` when the reference has no local weights.
+
+    Both models run inside their own hooked forwards (:func:`~refmodel.logprobs.model.run_in_forward`), so a
+    policy or reference sharded by FSDP2 or DeepSpeed ZeRO-3 (or wrapped in DDP) is gathered by its framework
+    one layer at a time, as in its own forward, and the heads are read while their forwards are open (a head
+    read after its forward ended would be a freed shard). A reference that is the policy's own module
+    (adapter off, a PEFT ``Synced``) runs inside the policy's forward; a separate one (``Frozen``, a full
+    ``Synced``) in its own, nested in the policy's.
+    """
+    from ..logprobs.model import run_in_forward, wrapper_chain
+
+    def policy_side() -> torch.Tensor | None:
+        h_pol, c_pol = _backbone_rows(policy, *args)
+        # read before the reference's view, which may switch the policy's own adapters off (AdapterDisabled)
+        head_p = LMHead.from_model_or_none(c_pol)
+        with reference_model(reference) as ref_model:
+            if ref_model is None:
+                return None
+            ref_args = [a.to(next(ref_model.parameters()).device) for a in args]
+            if unwrap_causal_lm(ref_model) is not c_pol:  # a separate model: its forward, nested in the policy's
+                def reference_side() -> torch.Tensor:
+                    h_ref, c_ref = _backbone_rows(ref_model, *ref_args)
+                    return _token_kl(c_pol, head_p, h_pol, reference, c_ref, LMHead.from_model_or_none(c_ref),
+                                     h_ref.to(h_pol.device), temperature, row_chunk)
+
+                return run_in_forward(wrapper_chain(ref_model), reference_side)
+            h_ref, c_ref = _backbone_rows(ref_model, *ref_args)
+            head_r = LMHead.from_model_or_none(c_ref)
+        # the policy's own module: outside the view, where the policy is itself again (see _token_kl)
+        return _token_kl(c_pol, head_p, h_pol, reference, c_ref, head_r, h_ref.to(h_pol.device), temperature,
+                         row_chunk)
+
+    return run_in_forward(wrapper_chain(policy), policy_side)
 
 
 def reference_drift(reference, baseline, rollouts: Rollouts,
