@@ -45,6 +45,7 @@ def models(tmp_path_factory):
 def one_rank(monkeypatch):
     """A launched world of one process (torchrun's variables); accelerate's state and the group are undone after."""
     environ = dict(os.environ)
+    linear = torch.nn.functional.linear
     for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(name, value)
@@ -55,6 +56,9 @@ def one_rank(monkeypatch):
     unset_hf_deepspeed_config()  # a DeepSpeed config would make later from_pretrained calls partition (zero.Init)
     if "deepspeed" in sys.modules:
         sys.modules["deepspeed"].comm.comm.cdb = None  # DeepSpeed's handle on the group destroyed below
+    # ZeRO-3's engine leaves F.linear patched (zero3_linear_wrap: `weight.t()`, which torchao's quantized
+    # tensors do not implement); a training process is ZeRO-3 throughout, this test process is not
+    torch.nn.functional.linear = linear
     if dist.is_initialized():
         dist.destroy_process_group()
     os.environ.clear()  # TrainingArguments sets accelerate's variables (ACCELERATE_*, FSDP_*) for the process
