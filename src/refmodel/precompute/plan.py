@@ -322,13 +322,14 @@ def plan_windows(data, tokenizer, config: PrecomputeConfig, check: PositionCheck
         groups += example_groups(ex)
     if groups:
         close(current, groups)
+    tokenization: dict[str, Any] = {"max_length": config.max_length, "truncation_mode": config.truncation_mode}
+    if config.kto_kl_batch_size is not None:
+        tokenization["kto_kl_batch_size"] = config.kto_kl_batch_size
     job = {"kind": "precompute", "plan_version": PLAN_VERSION, "plan_blake2b": plan.hexdigest(), "shards": len(specs),
            "sequences": sum(s.sequences for s in specs), "max_tokens_per_batch": config.max_tokens_per_batch,
            "shard_examples": size, "share_prompt": config.share_prompt, "temperature": config.temperature,
            # the tokenization too: `store export-trl` and `store repair` tokenize the data again with it
-           "tokenization": {"max_length": config.max_length, "truncation_mode": config.truncation_mode}}
-    if config.kto_kl_batch_size is not None:
-        job["tokenization"]["kto_kl_batch_size"] = config.kto_kl_batch_size
+           "tokenization": tokenization}
     return tuple(specs), job
 
 
