@@ -19,11 +19,11 @@ HERE = Path(__file__).parent
 # Each script's quick shape, from its own flags. A new bench_*.py must add its row (run_all refuses otherwise).
 QUICK: dict[str, list[str]] = {
     "bench_cache": ["--hidden", "64", "--layers", "2", "--cold-reps", "1"],
-    "bench_logprobs": ["--quick", "--reps", "1"],
+    "bench_logprobs": ["--quick", "--reps", "1", "--modes", "fwd_bwd_trainable_head"],  # a subprocess per case
     "bench_policy_loss": ["--quick", "--reps", "1"],
     "bench_precompute": ["--pairs", "32", "--shots", "1", "--reps", "1", "--batch-size", "8"],
     "bench_ray_precompute": ["--pairs", "60", "--shard-examples", "20", "--hidden", "64", "--layers", "2"],
-    "bench_ray_serve": ["--quick"],
+    "bench_ray_serve": ["--quick", "--replicas", "1"],  # each replica count deploys anew
     "bench_rl_reference": ["--hidden", "32", "--layers", "1", "--prompts", "2", "--generations", "2",
                            "--max-new-tokens", "4", "--reps", "1"],
     "bench_sequence_sums": ["--pairs", "20"],
