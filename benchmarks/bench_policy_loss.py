@@ -50,7 +50,10 @@ def _inputs(b, t, hidden, vocab, mode, device):
     return h, w, y, mask, old, ref, adv
 
 
-def _impl_fn(impl, h, w, y, mask, old, ref, adv):
+def policy_loss_call(impl, h, w, y, mask, old, ref, adv):
+    """A no-argument callable that runs ``impl``'s DAPO loss (k3 KL, beta 0.04) forward and backward on these
+    inputs (``matmul``: the unit, one ``h @ W.T``); None when the peer is not installed. Also used by
+    ``benchmarks.gpu``."""
     kw = dict(loss_type="dapo", ref_logprobs=ref, beta=BETA)
     if impl == "matmul":
         flat = h.detach().reshape(-1, h.shape[-1])
@@ -90,12 +93,12 @@ def _impl_fn(impl, h, w, y, mask, old, ref, adv):
 
 def run_case(impl, mode, b, t, hidden, vocab, reps) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fn = _impl_fn(impl, *_inputs(2, 8, 16, 64, mode, device))  # page the code in at a tiny shape
+    fn = policy_loss_call(impl, *_inputs(2, 8, 16, 64, mode, device))  # page the code in at a tiny shape
     if fn is None:
         return {"impl": impl, "mode": mode, "skipped": "liger-kernel is not installed (pip install liger-kernel)"}
     fn()
     inputs = _inputs(b, t, hidden, vocab, mode, device)
-    fn = _impl_fn(impl, *inputs)
+    fn = policy_loss_call(impl, *inputs)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -111,7 +114,7 @@ def run_case(impl, mode, b, t, hidden, vocab, reps) -> dict:
         peak = peak_rss_bytes() - base
     # A shared, busy machine drifts by 2-10x within minutes: time one matmul unit right before every timed
     # call, in this process, and report the median of the per-repeat ratios as the matmul units.
-    unit_fn = _impl_fn("matmul", *inputs)
+    unit_fn = policy_loss_call("matmul", *inputs)
     times, ratios = [], []
     for _ in range(reps):
         (unit,) = time_fn(unit_fn, 1)

@@ -34,13 +34,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_policy_loss import policy_loss_call
 from refmodel.tools.bench import peak_rss_bytes, provenance, reset_peak_rss
 
 HEAD_IMPLS = ("naive", "refmodel", "torch_lce", "liger", "cce")  # the base (naive) first
 POLICY_IMPLS = ("unfused", "fused", "liger")  # the base (unfused) first
 PARTS = ("head", "policy", "precompute")
 IDEAL_UNITS = {"fwd": 1, "frozen": 2, "trainable": 3}
-BETA = 0.04
 
 
 class Shape:
@@ -173,35 +173,6 @@ def _head_fn(impl: str, mode: str, h, w, y, g) -> Callable[[], object] | None:
     return call
 
 
-def _policy_fn(impl: str, h, w, y, mask, old, ref, adv) -> Callable[[], object] | None:
-    from refmodel import token_logprobs
-    from refmodel.losses import fused_policy_loss, policy_loss
-
-    kw = dict(loss_type="dapo", ref_logprobs=ref, beta=BETA)
-    if impl == "fused":
-        def loss():
-            return fused_policy_loss(h, w, y, old, adv, mask, **kw).loss
-    elif impl == "unfused":
-        def loss():
-            return policy_loss(token_logprobs(h, w, y), old, adv, mask, **kw).loss
-    elif impl == "liger":
-        try:
-            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-        except ImportError:
-            return None
-        fn = LigerFusedLinearGRPOLoss(beta=BETA, compiled=False, loss_type="dapo", use_ref_model=True)
-
-        def loss():
-            return fn(h, w, y, mask.long(), adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
-    else:
-        raise ValueError(f"unknown policy impl {impl!r}; expected one of {POLICY_IMPLS}")
-
-    def call():
-        h.grad = w.grad = None
-        loss().backward()
-    return call
-
-
 def _row(part, mode, impl, seconds, peak, unit, naive) -> dict:
     units = seconds / unit
     ideal = IDEAL_UNITS.get(mode, 1)
@@ -272,7 +243,7 @@ def run_policy(shape: Shape, dtype, device, reps: int, unit: float) -> list[dict
                 lp = token_logprobs(h, w, y)
             old, ref = lp + 0.05 * torch.randn_like(lp), lp + 0.05 * torch.randn_like(lp)
             adv = torch.randn(b, device=device)
-            fn = _policy_fn(impl, h, w, y, mask, old, ref, adv)
+            fn = policy_loss_call(impl, h, w, y, mask, old, ref, adv)
             if fn is None:
                 print(f"{'policy':<11}{mode:<10}{impl:<10}  skipped: not installed")
                 continue
