@@ -10,7 +10,6 @@ SIGTERM / SIGINT: uvicorn stops accepting connections, lets in-flight requests f
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import socket
 
@@ -68,23 +67,6 @@ def uvicorn_config(app, settings: ServeSettings):
                           timeout_keep_alive=settings.keep_alive_timeout_s)
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-MMAP_THRESHOLD_BYTES = 128 * 1024
-
-
-def fix_mmap_threshold() -> bool:
-    """Pin glibc's mmap threshold at its default (128 KiB), so that every large buffer goes back to the OS.
-
-    glibc raises the threshold to the size of each large block freed (up to 32 MiB): after one 16 MiB request
-    body, every later 256 KiB socket read and 1 MiB header is served from the heap, whose freed pieces stay
-    in the process. Under the mixed abuse load that left the server 45 MiB larger (peak +77 MiB); with the
-    threshold pinned, +14 MiB (peak +45). Setting it disables the adjustment; returns False off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
 def _announcing_server(uvicorn, config, announce: str):
     """A ``uvicorn.Server`` that logs ``announce`` (INFO) once it accepts connections: uvicorn itself logs
     no URL when it is handed a bound socket, and a line logged before start-up would come too early."""
@@ -119,7 +101,6 @@ def run_server(settings: ServeSettings) -> None:
         app = create_app(settings, served)
         app.state.refmodel.cache = cache  # keeps the cache (and its pins) alive while serving
         host, port = sock.getsockname()[:2]
-        fix_mmap_threshold()  # after loading: from here on request buffers come and go
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         announce = f"refmodel serve listening on {url} (auth {'on' if token else 'off'}; Ctrl-C to stop)"
         _announcing_server(uvicorn, uvicorn_config(app, settings), announce).run(sockets=[sock])
@@ -127,7 +108,7 @@ def run_server(settings: ServeSettings) -> None:
         sock.close()
 
 
-__all__ = ["bind", "fix_mmap_threshold", "load_all", "run_server", "uvicorn_config"]
+__all__ = ["bind", "load_all", "run_server", "uvicorn_config"]
 
 
 def settings_from_flags(models: tuple[str, ...], reward_models: tuple[str, ...], **flags) -> ServeSettings:
