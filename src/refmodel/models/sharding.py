@@ -146,7 +146,8 @@ def full_parameters(module: nn.Module, *, writable: bool = False) -> Iterator[nn
             m.reshard()
 
 
-def _full(t: Any) -> torch.Tensor:  # DTensor methods (full_tensor, to_local, device_mesh) are untyped here
+def full_tensor(t: Any) -> torch.Tensor:  # DTensor methods (full_tensor, to_local, device_mesh) are untyped here
+    """``t`` whole: an FSDP2 shard gathered (a collective: every rank in the same order), else ``t`` itself."""
     return t.full_tensor() if is_dtensor(t) else t
 
 
@@ -169,7 +170,7 @@ def full_tensors(module: nn.Module, names: Iterable[str] | None = None) -> Itera
         return
     state = module.state_dict()
     for name in sorted(state) if names is None else names:
-        yield name, _full(state[name]).detach()
+        yield name, full_tensor(state[name]).detach()
 
 
 def local_parameter_bytes(module: nn.Module) -> int:
@@ -208,9 +209,9 @@ def local_like(src: Any, like: Any) -> torch.Tensor:
             return src.to_local().to(device=like.device, dtype=like.dtype)
         from torch.distributed.tensor import distribute_tensor
 
-        full = _full(src).detach().to(device=like.to_local().device, dtype=like.dtype)
+        full = full_tensor(src).detach().to(device=like.to_local().device, dtype=like.dtype)
         return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
-    return _full(src).detach().to(device=like.device, dtype=like.dtype)
+    return full_tensor(src).detach().to(device=like.device, dtype=like.dtype)
 
 
 def local_tensor(t: Any) -> torch.Tensor:
@@ -276,6 +277,5 @@ def sharded_copy(policy: nn.Module, dtype: torch.dtype | None = None) -> nn.Modu
     return model
 
 
-__all__ = ["ShardingKind", "full_parameters", "full_state_dict", "full_tensors", "is_dtensor", "local_bytes",
-           "local_like",
-           "local_parameter_bytes", "local_tensor", "shard_like", "sharded_copy", "sharding_kind"]
+__all__ = ["ShardingKind", "full_parameters", "full_state_dict", "full_tensor", "full_tensors", "is_dtensor",
+           "local_bytes", "local_like", "local_parameter_bytes", "local_tensor", "shard_like", "sharded_copy", "sharding_kind"]

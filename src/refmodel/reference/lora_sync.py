@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +27,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..logprobs.lm_head import full_shape
 from ..models import zero3
-from ..models.sharding import is_dtensor, local_bytes, local_like, local_tensor
+from ..models.sharding import full_tensor, local_bytes, local_like, local_tensor
 from .base import restore_requires_grad
 from .peft_policy import lora_layers, modules_to_save
 
@@ -63,11 +62,7 @@ def check_lora_supported(policy, adapter: str) -> None:
 def _factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(A [r, in], B [out, r], scaling)`` of adapter ``name`` as full tensors: under FSDP2 the policy's factors
     are shards, gathered here (a collective); the reference adapter, added later, holds plain tensors."""
-    return (_full(layer.lora_A[name].weight), _full(layer.lora_B[name].weight), float(layer.scaling[name]))
-
-
-def _full(t: Any) -> torch.Tensor:  # a DTensor's full_tensor() is untyped here
-    return t.full_tensor() if is_dtensor(t) else t
+    return (full_tensor(layer.lora_A[name].weight), full_tensor(layer.lora_B[name].weight), float(layer.scaling[name]))
 
 
 def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -176,7 +171,7 @@ class LoraReference:
                 self.max_truncation_error = max(self.max_truncation_error, err)
             new[name] = (a, b)
             rank = max(rank, a.shape[0])
-        mixed_modules = [[(1.0 - alpha) * _full(p_r) + alpha * _full(p_p).to(p_r.dtype)
+        mixed_modules = [[(1.0 - alpha) * full_tensor(p_r) + alpha * full_tensor(p_p).to(p_r.dtype)
                           for p_r, p_p in zip(w.modules_to_save[self.ref_name].parameters(),
                                               w.modules_to_save[self.policy_name].parameters(), strict=True)]
                          for _, w in modules_to_save(self.policy)]
