@@ -181,6 +181,23 @@ def _row(part, mode, impl, seconds, peak, unit, naive) -> dict:
             "mem_vs_base": peak / naive[1] if naive and naive[1] else float("nan")}
 
 
+def _timed_row(part: str, mode: str, impl: str, fn, device: str, reps: int, unit: float,
+               base: tuple[float, int] | None, is_base: bool) -> tuple[dict, tuple[float, int]] | None:
+    """One case timed and printed: ``(row, (seconds, peak bytes))``, or None (said in its place) when the impl
+    is missing or runs out of memory. ``is_base``: this impl is the part's base, so it is its own ratio base."""
+    if fn is None:
+        print(f"{part:<11}{mode:<10}{impl:<10}  skipped: not installed or not on this device")
+        return None
+    try:
+        seconds, peak = _measure(fn, device, reps)
+    except torch.OutOfMemoryError:
+        print(f"{part:<11}{mode:<10}{impl:<10}  out of memory")
+        return None
+    row = _row(part, mode, impl, seconds, peak, unit, (seconds, peak) if is_base else base)
+    _print(row)
+    return row, (seconds, peak)
+
+
 def _print(row: dict) -> None:
     print(f"{row['part']:<11}{row['mode']:<10}{row['impl']:<10}{row['ms']:>10.2f}{row['units']:>8.2f}"
           f"{row['of_bf16_mm']:>11.2f}{row['peak_mib']:>11.1f}{row['time_vs_base']:>10.2f}{row['mem_vs_base']:>10.3f}",
@@ -209,21 +226,12 @@ def run_head(shape: Shape, dtype, device, reps: int, unit: float) -> list[dict]:
             h, w, y = _inputs(shape, dtype, device, mode == "trainable")
             g = torch.rand(shape.tokens, device=device)
             fn = _head_fn(impl, mode, h, w, y, g)
-            if fn is None:
-                print(f"{'head':<11}{mode:<10}{impl:<10}  skipped: not installed or not on this device")
-                continue
-            try:
-                seconds, peak = _measure(fn, device, reps)
-            except torch.OutOfMemoryError:
-                print(f"{'head':<11}{mode:<10}{impl:<10}  out of memory")
-                continue
-            finally:
-                del fn
-            if impl == "naive":
-                base = (seconds, peak)
-            row = _row("head", mode, impl, seconds, peak, unit, base)
-            _print(row)
-            rows.append(row)
+            timed = _timed_row("head", mode, impl, fn, device, reps, unit, base, is_base=impl == "naive")
+            del fn
+            if timed is not None:
+                rows.append(timed[0])
+                if impl == "naive":
+                    base = timed[1]
     return rows
 
 
@@ -244,19 +252,11 @@ def run_policy(shape: Shape, dtype, device, reps: int, unit: float) -> list[dict
             old, ref = lp + 0.05 * torch.randn_like(lp), lp + 0.05 * torch.randn_like(lp)
             adv = torch.randn(b, device=device)
             fn = policy_loss_call(impl, h, w, y, mask, old, ref, adv)
-            if fn is None:
-                print(f"{'policy':<11}{mode:<10}{impl:<10}  skipped: not installed")
-                continue
-            try:
-                seconds, peak = _measure(fn, device, reps)
-            except torch.OutOfMemoryError:
-                print(f"{'policy':<11}{mode:<10}{impl:<10}  out of memory")
-                continue
-            if impl == "unfused":
-                base = (seconds, peak)
-            row = _row("policy", mode, impl, seconds, peak, unit, base)
-            _print(row)
-            rows.append(row)
+            timed = _timed_row("policy", mode, impl, fn, device, reps, unit, base, is_base=impl == "unfused")
+            if timed is not None:
+                rows.append(timed[0])
+                if impl == "unfused":
+                    base = timed[1]
     return rows
 
 
