@@ -145,7 +145,11 @@ def run(quick: bool, reps: int | None, impls: tuple[str, ...], tokens: int | Non
     reps = reps or (3 if quick else 2)
     print(f"# policy loss fwd+bwd: N={b * t} (B={b}, T={t}) H={hidden} V={vocab} float32, dapo + k3 KL, reps={reps}")
     print(f"# {provenance()}")
-    unit = _subprocess("matmul", "frozen", shape, reps)["seconds"]
+    matmul = _subprocess("matmul", "frozen", shape, reps)
+    if "seconds" not in matmul:  # e.g. out of memory: every ratio below needs this unit
+        raise SystemExit(f"the matmul unit (h @ W.T at B={b}, T={t}, H={hidden}, V={vocab}) failed: "
+                         f"{matmul.get('error')}; free memory or pick a smaller shape (--vocab/--hidden/--tokens)")
+    unit = matmul["seconds"]
     print(f"# matmul unit (h @ W.T) at the start: {unit * 1e3:.1f} ms (units below: against a unit timed next "
           "to each call)")
     print(f"{'V':>8} {'head':<11}{'impl':<9}{'ms':>10}{'matmul units':>14}{'t / unfused':>13}{'peak extra MiB':>16}"

@@ -93,7 +93,7 @@ def _reference_shards(examples, settings: dict, *, windowed: bool):
     order), grouped by prompt, sorted by (completions, length, key). Version 2 (``windowed``) sorts and cuts
     per window of ``shard_examples`` records; version 1 sorted the whole data and cut every
     ``shard_examples`` units."""
-    from refmodel.precompute.plan import Unit
+    from refmodel.precompute.windows import Unit
     from refmodel.store.format import key_bytes
 
     size = settings["shard_examples"]
@@ -117,7 +117,7 @@ def _reference_shards(examples, settings: dict, *, windowed: bool):
 def _write_reference(model, tok, shards, job, out, settings) -> None:
     from refmodel.data import pad_id_of
     from refmodel.precompute.job import score_units
-    from refmodel.precompute.plan import plan_batches
+    from refmodel.precompute.windows import plan_batches
     from refmodel.store import LogprobStore
     from refmodel.store.manifest import shard_name
 

@@ -209,8 +209,8 @@ def test_flag_errors(ray_address, job, tmp_path):
 
 
 def test_wire_format_round_trip():
-    from refmodel.precompute.plan import Unit
     from refmodel.precompute.ray import decode_units, encode_units, pack_entries, unpack_entries
+    from refmodel.precompute.windows import Unit
     from refmodel.store.format import make_entry
 
     units = [Unit((1, 2), ((3, 4), (5,)), ((True, False), (True,)), (b"a" * 16, b"b" * 16))]

@@ -1,10 +1,11 @@
 """Data: records (JSONL, Parquet, ``datasets``) -> the one tokenization rule (TRL's) -> the one padder.
 
 See :mod:`.records` for the accepted record types, :mod:`.tokenize` for the rule and :mod:`.collate`
-for the padding.
+for the padding; :mod:`.kto_kl` builds the KL completions TRL's ``KTOTrainer`` scores.
 """
 
 from .collate import collate, collate_examples, pad, pad_id_of
+from .kto_kl import iter_kto_kl_examples, kto_kl_examples
 from .records import (
     ACCEPTED,
     RECORD_TYPES,
@@ -25,8 +26,6 @@ from .tokenize import (
     encode,
     extract_prompt,
     iter_examples,
-    iter_kto_kl_examples,
-    kto_kl_examples,
     load_examples,
     tokenize_prompt,
     tokenize_prompts,

@@ -35,14 +35,9 @@ from ..store import LogprobStore
 from ..store.format import Entry, make_entry
 from ..store.manifest import shard_name
 from .config import PrecomputeConfig
-from .plan import (
-    PrecomputePlan,
-    Unit,
-    load_scoring_model,
-    plan_batches,
-    plan_precompute,
-)
+from .plan import PrecomputePlan, load_scoring_model, plan_precompute
 from .ranks import Ranks, SharedStoreWriter, launcher_ranks, on_main_rank, rank_group, split_precompute
+from .windows import Unit, plan_batches
 
 log = logging.getLogger(__name__)
 

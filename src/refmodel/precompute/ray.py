@@ -46,8 +46,9 @@ from ..store.format import KEY_BYTES, Entry
 from ..store.manifest import shard_name
 from .config import PrecomputeConfig
 from .job import score_units
-from .plan import PrecomputePlan, Unit, keys_digest, load_scoring_model, plan_batches, plan_precompute
+from .plan import PrecomputePlan, load_scoring_model, plan_precompute
 from .ranks import launcher_ranks
+from .windows import Unit, keys_digest, plan_batches
 
 log = logging.getLogger(__name__)
 

@@ -180,7 +180,11 @@ def run_logprob_benchmark(quick: bool = False, dtype: str | None = None, reps: i
     reps = reps or (5 if quick else 3)
     print(f"# fused log-probs: N={n} H={hidden} V={vocab} dtype={dtype} reps={reps}")
     print(f"# {provenance()}")
-    unit = _run_subprocess("matmul", "fwd", n, hidden, vocab, dtype, reps)["seconds"]
+    matmul = _run_subprocess("matmul", "fwd", n, hidden, vocab, dtype, reps)
+    if "seconds" not in matmul:  # e.g. out of memory: every ratio below needs this unit
+        raise SystemExit(f"the matmul unit (h @ W.T at N={n}, H={hidden}, V={vocab}, {dtype}) failed: "
+                         f"{matmul.get('error')}; free memory or pick a smaller shape (--vocab/--hidden/--tokens)")
+    unit = matmul["seconds"]
     print(f"# matmul unit (h @ W.T): {unit * 1e3:.1f} ms at the start (units below: against a unit timed right "
           "before each call)")
     print(f"{'V':>8} {'mode':<24}{'impl':<11}{'ms':>9}{'matmul units':>14}{'time / naive':>14}{'peak extra MiB':>16}"
