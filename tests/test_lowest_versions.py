@@ -21,11 +21,12 @@ so their tests skip there (``importorskip``) or are not selected:
 - ``ray`` (a large install, and its tests are ``slow``), ``distributed`` (DeepSpeed), ``plot``, ``docs``,
   ``dev``: not what the fast tests exercise.
 
-The selection (:data:`SELECTED`, fast tests only: ``not slow``, less :data:`DESELECTED`) is what
-exercises the floors at a small cost: tiny transformers models loaded, run and fingerprinted (torch, transformers, tokenizers,
-safetensors), the log-prob kernels and losses (torch), the store (numpy, pyarrow), PEFT adapters on and
-off (peft), the references built from all of these, the service's units, validation and client errors
-(FastAPI, pydantic, pydantic-settings, httpx, uvicorn). The slow end-to-end jobs (precompute runs, many-process servers) test
+The selection (:data:`SELECTED`, fast tests only: ``not slow``, less :data:`DESELECTED`) is what exercises
+the floors at a small cost: tiny transformers models loaded, run and fingerprinted (torch, transformers,
+tokenizers, safetensors), the log-prob kernels and losses (torch), the store (numpy, pyarrow), PEFT adapters
+on and off (peft), precompute's prompt-shared KV cache at the position limit (transformers' cache API), the
+references built from all of these, the service's units, validation and client errors (FastAPI, pydantic,
+pydantic-settings, httpx, uvicorn). The slow end-to-end jobs (precompute runs, many-process servers) test
 refmodel, not the floors, and run in the main suite at the newest versions.
 
 torch is installed at its floor from the configured index (PyPI: the CUDA build, which runs on the
@@ -59,7 +60,7 @@ EXTRAS = ("peft", "serve")
 SELECTED = ["tests/data", "tests/logprobs", "tests/losses", "tests/store/test_store.py",
             "tests/store/test_versions.py", "tests/store/test_interop.py", "tests/store/test_halos.py",
             "tests/models/test_tiny.py", "tests/models/test_fingerprint.py", "tests/models/test_loading.py",
-            "tests/reference", "tests/remote",
+            "tests/precompute/test_positions.py", "tests/reference", "tests/remote",
             "tests/serve/test_serve_units.py", "tests/serve/test_validate.py", "tests/test_layout.py",
             "tests/test_validation.py", "tests/test_optional.py"]
 MARKERS = "not slow and not ray and not gpu and not lowest"
