@@ -23,12 +23,14 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-lowest  # then the lowest declared versions (issue 26)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not ray"
 
-# The fast tests of the core rooms in .venv-lowest, made with the lowest versions pyproject declares
-# (tests/test_lowest_versions.py; downloads them once, then reuses the venv).
+# A selection of fast tests in .venv-lowest, made with the lowest versions pyproject declares for the core
+# and the peft and serve extras (tests/test_lowest_versions.py; downloads them once, reuses the venv until
+# the floors change). REFMODEL_TORCH_INDEX=URL|installed: where torch comes from (default: PyPI).
 test-lowest: setup
 	REFMODEL_TEST_LOWEST=1 $(BIN)/python -m pytest -q -m lowest tests/test_lowest_versions.py
 

@@ -31,6 +31,7 @@ from ..logprobs.model import (
     position_ids_from_mask,
     unwrap_causal_lm,
 )
+from ..models.limits import position_limit
 from ..store import LogprobStore
 from ..store.format import Entry, make_entry
 from ..store.manifest import shard_name
@@ -59,6 +60,12 @@ def score_units(model, units: list[Unit], *, pad_id: int = 0, temperature: float
     comps = collate([(c, m) for u in units for c, m in zip(u.completions, u.masks, strict=True)], pad_id)
     comp, comp_mask, scored = comps["input_ids"], comps["attention_mask"], comps["score_mask"]
     c_len = comp.shape[1]
+    limit = position_limit(causal)
+    if limit is not None and prompt.shape[1] + c_len > limit[0]:
+        # A long prompt padded beside a long completion of another row: the cache + completion keys pass the
+        # limit though no row does. transformers 4.56's GPT-2 slices its causal mask to the limit (a shape
+        # error); the rows scored whole, right-padded, stay within it.
+        return _score_full(model, units, pad_id, temperature)
     prompt_len = prompt_mask.sum(1)
     backbone = backbone_of(causal)
     cache_name = _cache_argument(backbone)
