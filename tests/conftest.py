@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,13 +13,36 @@ from refmodel.testing import FAMILIES, load_tiny, make_tiny_model
 
 
 def pytest_collection_modifyitems(config, items):
-    """The ``gpu`` marker (CONTRIBUTING): such a test needs CUDA and is skipped, with a reason, without it."""
+    """The ``gpu`` marker (CONTRIBUTING): such a test needs CUDA and is skipped, with a reason, without it.
+    The ``lowest`` job runs last, so that its venv's background build (below) has the whole suite to finish."""
+    items.sort(key=lambda item: item.get_closest_marker("lowest") is not None)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device")
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """With ``REFMODEL_TEST_LOWEST=1`` and the lowest-versions job among many selected tests (``make test``),
+    build its venv in the background from now on (``config.lowest_build``; the job waits for it): the
+    download and install take minutes of network and disk, and little CPU, which the suite can overlap."""
+    if os.environ.get("REFMODEL_TEST_LOWEST") != "1" or len(session.items) < 2:
+        return
+    if not any(item.get_closest_marker("lowest") for item in session.items):
+        return
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_lowest_versions import start_background_build
+
+    session.config.lowest_build = start_background_build(Path(__file__).parents[1] / ".venv-lowest.log")
+
+
+def pytest_sessionfinish(session):
+    build = getattr(session.config, "lowest_build", None)
+    if build is not None and build.poll() is None:  # the run stopped before the job (-x, Ctrl-C)
+        build.terminate()
+        build.wait()
 
 
 @pytest.fixture(scope="session")

@@ -111,10 +111,11 @@ def _pip(*args: str) -> None:
     subprocess.run([str(PYTHON), "-m", "pip", "install", "-q", "--no-compile", *args], check=True, cwd=ROOT)
 
 
-def _build(pins: list[str], constraints: Path) -> None:
-    """A fresh ``.venv-lowest`` with ``pins`` installed, then the stamp (last: a failed build is redone)."""
+def _build(pins: list[str]) -> None:
+    """A fresh ``.venv-lowest`` with ``pins`` installed (the caller stamps it)."""
     shutil.rmtree(VENV, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    constraints = VENV / "constraints.txt"
     constraints.write_text("\n".join(pins) + "\n")
     torch_pin = next(p for p in pins if p.startswith("torch=="))
     if TORCH_INDEX not in ("pypi", "installed"):
@@ -135,22 +136,50 @@ def _versions(pins: list[str]) -> str:
     return "\n".join(line for line in frozen.splitlines() if _key(re.split(r"[=@ ]", line)[0]) in names)
 
 
-@pytest.mark.lowest
-@pytest.mark.slow
-@pytest.mark.integration
-@pytest.mark.skipif(os.environ.get("REFMODEL_TEST_LOWEST") != "1",
-                    reason="downloads the lowest versions: run `make test-lowest`")
-def test_fast_tests_pass_at_the_lowest_versions(tmp_path):
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+def wanted_pins() -> list[str]:
+    """The pins ``.venv-lowest`` must hold: :func:`lowest_pins` of pyproject, torch's replaced by this
+    interpreter's under ``REFMODEL_TORCH_INDEX=installed``."""
+    import tomllib  # Python 3.11+: the job runs on 3.11 (the module skips without it)
+
     pins = lowest_pins(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"])
     if TORCH_INDEX == "installed":  # no index with the floor: keep this interpreter's torch (its own wheel)
         import torch
 
         pins = [f"torch=={torch.__version__}" if p.startswith("torch==") else p for p in pins]
+    return pins
+
+
+def ensure_venv(pins: list[str]) -> None:
+    """``.venv-lowest`` holding ``pins``: kept when its stamp says so, else built afresh (stamp written last,
+    so an interrupted build is redone)."""
     stamp = "\n".join([sys.version.split()[0], TORCH_INDEX, *pins]) + "\n"
-    if not STAMP.is_file() or STAMP.read_text() != stamp:
-        _build(pins, tmp_path / "lowest.txt")
-        STAMP.write_text(stamp)
+    if STAMP.is_file() and STAMP.read_text() == stamp:
+        return
+    _build(pins)
+    STAMP.write_text(stamp)
+
+
+def start_background_build(log: Path) -> subprocess.Popen:
+    """:func:`ensure_venv` in another process (``python tests/test_lowest_versions.py build``), output to ``log``:
+    ``tests/conftest.py`` starts it when a run that includes the job begins (``config.lowest_build``), so that
+    the download and install (bound by the network and the disk, ~3 GB) overlap the suite instead of adding to
+    it; the test then waits for it."""
+    return subprocess.Popen([sys.executable, __file__, "build"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+@pytest.mark.lowest
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(os.environ.get("REFMODEL_TEST_LOWEST") != "1",
+                    reason="downloads the lowest versions: run `make test-lowest` (`make test` runs it too)")
+def test_fast_tests_pass_at_the_lowest_versions(request):
+    pytest.importorskip("tomllib")  # Python 3.11+
+    pins = wanted_pins()
+    background = getattr(request.config, "lowest_build", None)  # tests/conftest.py: started with the run
+    if background is not None:
+        background.wait()  # its failure, if any, is repeated (and shown) by the build below
+    ensure_venv(pins)
     versions = _versions(pins)
     held = {_key(line.split("==")[0]): line.split("==")[-1] for line in versions.splitlines()}
     for pin in pins:
@@ -167,3 +196,7 @@ def test_fast_tests_pass_at_the_lowest_versions(tmp_path):
         f"{len(failed)} tests failed at the lowest versions ({PYTHON} -m pytest -m {MARKERS!r} ...):\n"
         + "\n".join(failed) + f"\n\nunder (Python {sys.version.split()[0]}):\n{versions}\n\n"
         + done.stdout[-6000:] + done.stderr[-2000:])
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["build"]:
+    ensure_venv(wanted_pins())
