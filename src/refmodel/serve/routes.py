@@ -228,8 +228,8 @@ async def logprobs_binary(request: Request) -> Response:
         rows = await _submit(request, state.batchers[decoded.model], seqs)
     except _ClientGone:
         return Response(status_code=499)
-    _finite(rows, decoded.temperature)
     out = np.stack(rows) if rows else np.zeros(decoded.input_ids.shape, np.float32)
+    _finite((out,), decoded.temperature)
     fp = model.fingerprint_at(decoded.temperature)
     return Response(wire.encode_response(fp, out), media_type=wire.CONTENT_TYPE)  # the fingerprint is in the body
 
@@ -255,4 +255,8 @@ async def rewards(request: Request) -> Response:
     return Response(_encode_json(body), media_type="application/json")
 
 
-__all__ = ["router"]
+# What the guard calls directly once it has read the body (see refmodel.serve.guard): the BODY_ROUTES
+SCORING_ENDPOINTS = {("POST", "/v1/logprobs"): logprobs, ("POST", "/v1/logprobs:binary"): logprobs_binary,
+                     ("POST", "/v1/rewards"): rewards}
+
+__all__ = ["SCORING_ENDPOINTS", "router"]
