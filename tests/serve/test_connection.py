@@ -218,6 +218,24 @@ def test_a_16_mib_body_of_4_million_rows_is_refused_without_stalling_others(serv
     assert out["seconds"] < 5.0 and peak - before < 64, (out["seconds"], peak - before)
 
 
+def test_a_json_body_of_too_many_rows_is_refused_before_it_is_read(server):
+    """The row bound applies while the body arrives: 422 after its first kilobytes, the connection closed,
+    the other 15.9 MiB never read into memory (before: the whole body was awaited, here a 408 after 3 s)."""
+    rows = (16 * 2**20 - 64) // 4
+    body = b'{"model": "tiny", "input_ids": [' + b"[1]," * (rows - 1) + b"[1]]}"
+    head = (f"POST /v1/logprobs HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    conn = Raw(server)
+    start = time.monotonic()
+    conn.send(head + body[:65536])  # the rest is withheld
+    status, headers, answer = conn.answer()
+    assert status == 422 and json.loads(answer)["field"] == "input_ids", answer[:300]
+    assert "1024 sequences" in json.loads(answer)["detail"]
+    assert headers.get("connection") == "close" and time.monotonic() - start < 2.0
+    assert conn.closed_within(5.0)
+    conn.close()
+
+
 # ------------------------------------------------------------------- 5: tiny temperatures
 def _no_nan(text: str):
     def refuse(name):

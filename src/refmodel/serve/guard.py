@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..errors import RefModelError
 from .errors import error_answer, error_response, unauthorized
 from .metrics import Metrics
 
@@ -39,6 +40,7 @@ OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})  # answered without a toke
 BODY_ROUTES = frozenset({("POST", "/v1/logprobs"), ("POST", "/v1/logprobs:binary"), ("POST", "/v1/rewards")})
 _CLOSE = {"Connection": "close"}
 Endpoint = Callable[[Request], Awaitable[Response]]
+BodyCheck = Callable[[bytes], None]  # fed each chunk of a body as it arrives; raises a RefModelError to refuse it
 
 
 class Guard:
@@ -46,8 +48,10 @@ class Guard:
     routes called directly (``endpoints``: ``{(method, path): async route(request) -> Response}``)."""
 
     def __init__(self, app, *, metrics: Metrics, token: str | None, max_body_bytes: int, max_headers: int,
-                 max_header_bytes: int, body_timeout_s: float, endpoints: Mapping[tuple[str, str], Endpoint] | None = None):
+                 max_header_bytes: int, body_timeout_s: float, endpoints: Mapping[tuple[str, str], Endpoint] | None = None,
+                 body_checks: Mapping[tuple[str, str], Callable[[], BodyCheck]] | None = None):
         self.app, self.metrics, self.endpoints = app, metrics, dict(endpoints or {})
+        self.body_checks = dict(body_checks or {})
         self.token = None if token is None else token.encode()
         self.max_body_bytes, self.max_headers, self.body_timeout_s = max_body_bytes, max_headers, body_timeout_s
         self.max_header_bytes = max_header_bytes
@@ -124,19 +128,25 @@ class Guard:
             return None, receive
         if limit < 0:
             return _too_large(self.max_body_bytes), receive
-        body = await self._read_body(receive, limit, declared)
+        check = self.body_checks.get((scope["method"], scope["path"]))
+        body = await self._read_body(receive, limit, declared, check() if check is not None else None)
+        if isinstance(body, Exception):  # refused by the route's body check, the rest of the body unread
+            response = error_answer(Request(scope, receive), body)
+            response.headers.update(_CLOSE)
+            return response, receive
         if isinstance(body, (bytes, bytearray)):
             return None, _replay(body, receive)
         return body, receive
 
-    async def _read_body(self, receive, limit: int, declared: int | None = None):
+    async def _read_body(self, receive, limit: int, declared: int | None = None, check: BodyCheck | None = None):
         """The whole body, or the error answer (413 over ``limit``, 408 past ``body_timeout_s``).
 
         One timer for the whole body rather than one per chunk: a client trickling a byte a second
         must not hold the request (and its buffer) open indefinitely. A body in several chunks goes into
         one buffer of its ``declared`` Content-Length (a growing buffer is copied on each realloc: ~30
         copies of up to 16 MiB on the event loop per large body, measured as the loop's largest cost
-        under bench_service_abuse); a chunked body's buffer grows.
+        under bench_service_abuse); a chunked body's buffer grows. ``check`` sees each chunk first: the
+        error it raises is returned, and the rest of the body is never read.
         """
         task = asyncio.current_task()
         assert task is not None  # an ASGI app always runs in a task
@@ -158,6 +168,11 @@ class Guard:
                 size += len(chunk)
                 if size > limit:
                     return _too_large(limit)
+                if check is not None:
+                    try:
+                        check(chunk)
+                    except RefModelError as exc:
+                        return exc
                 if not body:
                     body = chunk
                 elif declared is not None:  # size <= declared: the parser holds the body to its Content-Length

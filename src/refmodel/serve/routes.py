@@ -34,7 +34,7 @@ from .schemas import (
     RewardsRequest,
     RewardsResponse,
 )
-from .validate import FieldError, check_block, check_sequences, decode_json_rows
+from .validate import FieldError, JsonRowBound, check_block, check_sequences, decode_json_rows
 
 router = APIRouter()
 OFF_LOOP_BYTES = 65536  # bodies (and answers of as many tokens / 4) above this are handled in a worker thread
@@ -259,4 +259,15 @@ async def rewards(request: Request) -> Response:
 SCORING_ENDPOINTS = {("POST", "/v1/logprobs"): logprobs, ("POST", "/v1/logprobs:binary"): logprobs_binary,
                      ("POST", "/v1/rewards"): rewards}
 
-__all__ = ["SCORING_ENDPOINTS", "router"]
+
+
+def body_checks(max_sequences: int) -> dict:
+    """What the guard feeds each chunk of a JSON route's body as it arrives: the row bound of
+    :func:`refmodel.serve.validate.decode_json_rows` (:class:`~refmodel.serve.validate.JsonRowBound`)."""
+
+    def row_bound():
+        return JsonRowBound(max_sequences).feed
+    return {("POST", "/v1/logprobs"): row_bound, ("POST", "/v1/rewards"): row_bound}
+
+
+__all__ = ["SCORING_ENDPOINTS", "body_checks", "router"]
