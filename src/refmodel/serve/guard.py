@@ -10,11 +10,11 @@ body is read here, counted
 rejection before the body is read closes the connection (``Connection: close``), so the unread body
 is never received into memory. Every request is timed for ``/metrics``.
 
-The scoring routes (``BODY_ROUTES``) are then called here directly (``endpoints``), their errors answered
-by :func:`refmodel.serve.errors.error_answer`: FastAPI's router, dependency resolution and exception
-middleware cost more event-loop time per request than the route itself (a third of the loop's time at one
-32-token sequence per request, ``benchmarks/bench_service.py``), and these routes use none of them. The
-routes stay registered with FastAPI for the OpenAPI schema, which documents them as they behave.
+The scoring routes (``BODY_ROUTES``) and ``/healthz`` are then called here directly (``endpoints``), their
+errors answered by :func:`refmodel.serve.errors.error_answer`: FastAPI's router, dependency resolution and
+exception middleware cost more event-loop time per request than the route itself (a third of the loop's
+time at one 32-token sequence per request, ``benchmarks/bench_service.py``), and these routes use none of
+them. The routes stay registered with FastAPI for the OpenAPI schema, which documents them as they behave.
 
 The request head itself (its size, and how long it may take to arrive) is bounded one layer lower, in
 :mod:`refmodel.serve.connection`, because the ASGI app sees a request only once its head is complete.
