@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
+import sys
 import threading
 import time
 
@@ -233,6 +235,27 @@ def test_a_json_body_of_too_many_rows_is_refused_before_it_is_read(server):
     assert "1024 sequences" in json.loads(answer)["detail"]
     assert headers.get("connection") == "close" and time.monotonic() - start < 2.0
     assert conn.closed_within(5.0)
+    conn.close()
+
+
+def _data_segments_in(sock: socket.socket) -> int:
+    """Segments with data this socket has received (Linux ``TCP_INFO`` ``tcpi_data_segs_in``, at byte 152)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return struct.unpack_from("I", info, 152)[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux TCP_INFO")
+@pytest.mark.parametrize("request_bytes", [HEALTHZ, logprobs_request([[1, 2, 3]])], ids=["healthz", "logprobs"])
+def test_an_answer_arrives_in_one_segment(server, request_bytes):
+    """The head and the body of an answer go out in one write (uvicorn writes them apart: two segments, two
+    wake-ups of the client per answer)."""
+    conn = Raw(server)
+    for _ in range(3):
+        before = _data_segments_in(conn.sock)
+        conn.send(request_bytes)
+        assert conn.answer()[0] == 200
+        time.sleep(0.05)
+        assert _data_segments_in(conn.sock) - before == 1
     conn.close()
 
 
