@@ -263,7 +263,6 @@ DIRECT_ENDPOINTS = {("POST", "/v1/logprobs"): logprobs, ("POST", "/v1/logprobs:b
                     ("POST", "/v1/rewards"): rewards, ("GET", "/healthz"): healthz}
 
 
-
 def body_checks(max_sequences: int) -> dict:
     """What the guard feeds each chunk of a JSON route's body as it arrives: the row bound of
     :func:`refmodel.serve.validate.decode_json_rows` (:class:`~refmodel.serve.validate.JsonRowBound`)."""
