@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
+import sys
 import threading
 import time
 
@@ -216,6 +218,45 @@ def test_a_16_mib_body_of_4_million_rows_is_refused_without_stalling_others(serv
     assert "1024 sequences" in json.loads(answer)["detail"]
     assert slowest < 0.5, f"/healthz waited {slowest:.2f} s while the body was refused"
     assert out["seconds"] < 5.0 and peak - before < 64, (out["seconds"], peak - before)
+
+
+def test_a_json_body_of_too_many_rows_is_refused_before_it_is_read(server):
+    """The row bound applies while the body arrives: 422 after its first kilobytes, the connection closed,
+    the other 15.9 MiB never read into memory (before: the whole body was awaited, here a 408 after 3 s)."""
+    rows = (16 * 2**20 - 64) // 4
+    body = b'{"model": "tiny", "input_ids": [' + b"[1]," * (rows - 1) + b"[1]]}"
+    head = (f"POST /v1/logprobs HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    conn = Raw(server)
+    start = time.monotonic()
+    conn.send(head + body[:65536])  # the rest is withheld
+    status, headers, answer = conn.answer()
+    assert status == 422 and json.loads(answer)["field"] == "input_ids", answer[:300]
+    assert "1024 sequences" in json.loads(answer)["detail"]
+    assert headers.get("connection") == "close" and time.monotonic() - start < 2.0
+    assert conn.closed_within(5.0)
+    conn.close()
+
+
+def _data_segments_in(sock: socket.socket) -> int:
+    """Segments with data this socket has received (Linux ``TCP_INFO`` ``tcpi_data_segs_in``, at byte 152)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return struct.unpack_from("I", info, 152)[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux TCP_INFO")
+@pytest.mark.parametrize("request_bytes", [HEALTHZ, logprobs_request([[1, 2, 3]])], ids=["healthz", "logprobs"])
+def test_an_answer_arrives_in_one_segment(server, request_bytes):
+    """The head and the body of an answer go out in one write (uvicorn writes them apart: two segments, two
+    wake-ups of the client per answer)."""
+    conn = Raw(server)
+    for _ in range(3):
+        before = _data_segments_in(conn.sock)
+        conn.send(request_bytes)
+        assert conn.answer()[0] == 200
+        time.sleep(0.05)
+        assert _data_segments_in(conn.sock) - before == 1
+    conn.close()
 
 
 # ------------------------------------------------------------------- 5: tiny temperatures

@@ -17,7 +17,7 @@ from .batcher import Batcher, BatcherFactory, LocalBatcher
 from .errors import install_error_handlers
 from .guard import OPEN_PATHS, Guard
 from .metrics import Metrics
-from .routes import router
+from .routes import DIRECT_ENDPOINTS, body_checks, router
 from .runners import ServedModel, load_logprob_models, load_reward_model, warm_up
 from .settings import ServeSettings
 from .validate import Limits, model_limits
@@ -119,7 +119,8 @@ def create_app(settings: ServeSettings, served: dict[str, ServedModel] | None = 
     app.openapi = _openapi(app, state.token is not None)  # type: ignore[method-assign]  # FastAPI's documented hook
     app.add_middleware(Guard, metrics=state.metrics, token=state.token, max_body_bytes=settings.max_body_bytes,
                        max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes,
-                       body_timeout_s=settings.body_timeout_s)
+                       body_timeout_s=settings.body_timeout_s, endpoints=DIRECT_ENDPOINTS,
+                       body_checks=body_checks(settings.max_sequences))
     return app
 
 

@@ -80,15 +80,35 @@ def _peer_reset(transport: asyncio.Transport) -> bool:
 
 class _ClosesLingering:
     """A request's view of the connection's transport: ``close()`` lingers while the request's body is
-    still arriving (the guard answered 401/413/408 before reading it), and closes at once otherwise."""
+    still arriving (the guard answered 401/413/408 before reading it), and closes at once otherwise; an
+    answer's head goes out with its body's first write (uvicorn writes them apart: two ``send`` calls and
+    two wake-ups of the client per answer, where one does)."""
 
     def __init__(self, transport: asyncio.Transport, protocol, cycle) -> None:
         self._transport, self._protocol, self._cycle = transport, protocol, cycle
+        self._head: bytes | None = None  # the answer's head, held for its body
+        self._head_seen = False
 
     def __getattr__(self, name: str):
         return getattr(self._transport, name)
 
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.writelines((head, data))
+        elif self._cycle.response_started and not self._head_seen:  # not an interim 100 Continue
+            self._head_seen = True
+            self._head = data
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+
     def close(self) -> None:
+        self._flush()
         if self._cycle.more_body:
             self._protocol.close_lingering()
         else:

@@ -52,22 +52,21 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     return error_response(422, f"{where}: {first.get('msg')} ({len(errors)} problem(s) in the body)", loc[0])
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map pydantic's validation errors, refmodel errors and anything unexpected to ``ErrorResponse``."""
+def error_answer(request: Request, exc: Exception) -> JSONResponse:
+    """The answer to an exception raised while handling ``request``: pydantic's validation errors as 422,
+    refmodel errors by the shared table (429 with ``Retry-After``), anything unexpected as a logged 500.
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
+    The one mapping: FastAPI's exception handlers (:func:`install_error_handlers`) and the guard's direct
+    dispatch of the scoring routes (:class:`refmodel.serve.guard.Guard`) both answer through it.
+    """
+    if isinstance(exc, RequestValidationError):
         return _validation_response(exc)
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException):
+    if isinstance(exc, HTTPException):
         # FastAPI's own: 400 for a body it cannot decode (not UTF-8), 404/405 for unknown routes/methods.
         if exc.status_code == 400:
             return error_response(422, f"the body is not valid JSON: {exc.detail} (send UTF-8 JSON)", "body")
         return error_response(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
-
-    @app.exception_handler(RefModelError)
-    async def _refmodel_error(request: Request, exc: RefModelError):
+    if isinstance(exc, RefModelError):
         status = status_for(exc)
         headers = None
         if status == 429:
@@ -80,12 +79,20 @@ def install_error_handlers(app: FastAPI) -> None:
         if status == 500:
             log.error("unexpected %s on %s: %s", type(exc).__name__, request.url.path, exc)
         return error_response(status, str(exc), getattr(exc, "field", None), headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.error("internal error on %s", request.url.path, exc_info=exc)
-        return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
+    log.error("internal error on %s", request.url.path, exc_info=exc)
+    return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
-__all__ = ["ERROR_STATUSES", "ErrorResponse", "error_response", "install_error_handlers",
+def install_error_handlers(app: FastAPI) -> None:
+    """Map pydantic's validation errors, refmodel errors and anything unexpected to ``ErrorResponse``
+    (:func:`error_answer`)."""
+
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return error_answer(request, exc)
+
+    for kind in (RequestValidationError, HTTPException, RefModelError, Exception):
+        app.add_exception_handler(kind, handler)
+
+
+__all__ = ["ERROR_STATUSES", "ErrorResponse", "error_answer", "error_response", "install_error_handlers",
            "unauthorized"]

@@ -10,6 +10,7 @@ SIGTERM / SIGINT: uvicorn stops accepting connections, lets in-flight requests f
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 
@@ -100,6 +101,11 @@ def run_server(settings: ServeSettings) -> None:
         cache, served = load_all(settings)
         app = create_app(settings, served)
         app.state.refmodel.cache = cache  # keeps the cache (and its pins) alive while serving
+        # What is loaded now (torch, transformers, the models: ~400k objects) lives as long as the process:
+        # out of the collector's view, a full collection takes < 1 ms instead of 150-350 ms, a pause that
+        # every client waiting on the event loop would see (the loop runs the collections it triggers)
+        gc.collect()
+        gc.freeze()
         host, port = sock.getsockname()[:2]
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         announce = f"refmodel serve listening on {url} (auth {'on' if token else 'off'}; Ctrl-C to stop)"

@@ -34,7 +34,7 @@ from .schemas import (
     RewardsRequest,
     RewardsResponse,
 )
-from .validate import FieldError, check_block, check_sequences, decode_json_rows
+from .validate import FieldError, JsonRowBound, check_block, check_sequences, decode_json_rows
 
 router = APIRouter()
 OFF_LOOP_BYTES = 65536  # bodies (and answers of as many tokens / 4) above this are handled in a worker thread
@@ -147,11 +147,13 @@ def _lookup(request: Request, name: str, kind: str) -> ServedModel:
     return model
 
 
-@router.get("/healthz", summary="Liveness and queue depth (no token needed)", responses=_errors(431))
-async def healthz(request: Request) -> dict:
+@router.get("/healthz", summary="Liveness and queue depth (no token needed)", responses=_errors(431),
+            response_model=dict)
+async def healthz(request: Request) -> Response:
     state = request.app.state.refmodel
-    return {"status": "ok", "models": sorted(state.served or {}),
+    body = {"status": "ok", "models": sorted(state.served or {}),
             "queue_depth": sum(b.depth for b in state.batchers.values())}
+    return Response(_encode_json(body), media_type="application/json")
 
 
 @router.get("/v1/models", responses=_errors(*_AUTH))
@@ -228,8 +230,8 @@ async def logprobs_binary(request: Request) -> Response:
         rows = await _submit(request, state.batchers[decoded.model], seqs)
     except _ClientGone:
         return Response(status_code=499)
-    _finite(rows, decoded.temperature)
     out = np.stack(rows) if rows else np.zeros(decoded.input_ids.shape, np.float32)
+    _finite((out,), decoded.temperature)
     fp = model.fingerprint_at(decoded.temperature)
     return Response(wire.encode_response(fp, out), media_type=wire.CONTENT_TYPE)  # the fingerprint is in the body
 
@@ -255,4 +257,19 @@ async def rewards(request: Request) -> Response:
     return Response(_encode_json(body), media_type="application/json")
 
 
-__all__ = ["router"]
+# What the guard calls directly once its checks pass (see refmodel.serve.guard): the BODY_ROUTES, and the
+# liveness probe (the open path a client can ask most often: 16 pipelined at a time per connection)
+DIRECT_ENDPOINTS = {("POST", "/v1/logprobs"): logprobs, ("POST", "/v1/logprobs:binary"): logprobs_binary,
+                    ("POST", "/v1/rewards"): rewards, ("GET", "/healthz"): healthz}
+
+
+def body_checks(max_sequences: int) -> dict:
+    """What the guard feeds each chunk of a JSON route's body as it arrives: the row bound of
+    :func:`refmodel.serve.validate.decode_json_rows` (:class:`~refmodel.serve.validate.JsonRowBound`)."""
+
+    def row_bound():
+        return JsonRowBound(max_sequences).feed
+    return {("POST", "/v1/logprobs"): row_bound, ("POST", "/v1/rewards"): row_bound}
+
+
+__all__ = ["DIRECT_ENDPOINTS", "body_checks", "router"]
