@@ -11,7 +11,7 @@ from refmodel.testing.warm import WarmPython, start
 
 @pytest.fixture(scope="session")
 def python(tmp_path_factory) -> list[str]:
-    """The argv that stands for ``python`` in the docs tests (``REFMODEL_DOCS_COLD=1``: a fresh interpreter)."""
+    """The argv that stands for ``python`` in the docs tests (``REFMODEL_COLD_PYTHON=1``: a fresh interpreter)."""
     folder = tmp_path_factory.mktemp("warm-python")
     warm: WarmPython = start(folder, child_env(folder))
     yield warm.command

@@ -18,7 +18,7 @@ def warm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("warm")
     python = start(folder, dict(os.environ), preload=("json",))
     if python.proc is None:
-        pytest.skip("REFMODEL_DOCS_COLD=1: no warm parent")
+        pytest.skip("REFMODEL_COLD_PYTHON=1: no warm parent")
     yield python
     python.stop()
 

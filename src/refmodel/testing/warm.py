@@ -12,7 +12,7 @@ its own memory, from the same state (the parent only imports: no model, no RNG d
 What a child shares with the parent (and so with the other commands): the modules already imported and
 what they read from the environment at import time (the Hugging Face cache folder and offline flags are
 the session's, set by :func:`start`). Anything else a client asks for (``python -X ...``, ``-``, no
-arguments) falls back to the real interpreter (``exec``). ``REFMODEL_DOCS_COLD=1`` turns the warm path
+arguments) falls back to the real interpreter (``exec``). ``REFMODEL_COLD_PYTHON=1`` turns the warm path
 off (every command in a fresh interpreter, as before) to tell the two apart when a command misbehaves.
 Not for a test of what a command prints at import time (the parent has printed it already).
 
@@ -41,8 +41,8 @@ PRELOAD = ("torch", "numpy", "transformers", "transformers.models.llama.modeling
 
 
 def cold() -> bool:
-    """Whether ``REFMODEL_DOCS_COLD`` asks for a fresh interpreter per command."""
-    return os.environ.get("REFMODEL_DOCS_COLD", "") not in ("", "0")
+    """Whether ``REFMODEL_COLD_PYTHON`` asks for a fresh interpreter per command."""
+    return os.environ.get("REFMODEL_COLD_PYTHON", "") not in ("", "0")
 
 
 class WarmPython:
@@ -72,7 +72,7 @@ def start(folder: Path, env: dict, preload: tuple[str, ...] = PRELOAD, timeout_s
     """Start the parent in ``folder`` (its socket, log and HF cache) with ``env``; ready when it returns.
 
     ``env`` is the children's usual environment (its ``PYTHONPATH`` decides the parent's ``sys.path``, so it
-    must be the one the commands will have); ``stop()`` the result when done. Under ``REFMODEL_DOCS_COLD=1``
+    must be the one the commands will have); ``stop()`` the result when done. Under ``REFMODEL_COLD_PYTHON=1``
     nothing starts and :attr:`WarmPython.command` is plain ``python``.
     """
     socket_path = folder / "warm.sock"
