@@ -21,8 +21,20 @@ from refmodel.testing import (
     run_cli,
     write_jsonl,
 )
+from refmodel.testing.processes import subprocess_env
+from refmodel.testing.warm import start
 
 MAX_LENGTH = 24
+
+
+@pytest.fixture(scope="module")
+def python(tmp_path_factory) -> list[str]:
+    """``python`` for the CLI runs: forked from one parent that has imported torch and transformers, as these
+    tests check what the command writes, not its start-up."""
+    warm = start(tmp_path_factory.mktemp("warm"), subprocess_env(),
+                 preload=("torch", "transformers", "refmodel.cli.main", "refmodel.precompute", "refmodel.store"))
+    yield warm.command
+    warm.stop()
 
 
 def _rows() -> list[dict]:
@@ -44,12 +56,12 @@ def _rows() -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)
-def test_cli_store_serves_every_training_row(tmp_path, kind):
+def test_cli_store_serves_every_training_row(tmp_path, kind, python):
     model_dir = make_tiny_model("llama", tmp_path / "model", tokenizer=kind)
     rows = _rows()
     data = write_jsonl(rows, tmp_path / "pairs.jsonl")
     run_cli("precompute", "--model", model_dir, "--data", data, "--out", tmp_path / "store",
-            "--max-length", MAX_LENGTH, "--device", "cpu")
+            "--max-length", MAX_LENGTH, "--device", "cpu", python=python)
     model, tok = load_tiny(model_dir)
     cfg = TrainConfig(batch_size=4, max_steps=3, max_length=MAX_LENGTH, progress=False, learning_rate=1e-3)
     kept = tokenize_preferences(rows, tok, cfg)
@@ -62,7 +74,7 @@ def test_cli_store_serves_every_training_row(tmp_path, kind):
 
 
 @pytest.mark.integration
-def test_export_trl_uses_the_stores_tokenization(tmp_path):
+def test_export_trl_uses_the_stores_tokenization(tmp_path, python):
     """export-trl reads max_length from the store's job: DPO and KTO columns are the float32 sums of the
     very sequences TRL will build (bf16 store), and the records TRL drops get nulls."""
     import json
@@ -77,8 +89,10 @@ def test_export_trl_uses_the_stores_tokenization(tmp_path):
     rows = pairs[:2] + [{"prompt": p["prompt"], "completion": p["chosen"] + " so" * 30, "label": True}
                         for p in pairs[2:]] + [{**pairs[0], "prompt": "so " * 40}]
     data = write_jsonl(rows, tmp_path / "mixed.jsonl")
-    run_cli("precompute", "--model", model_dir, "--data", data, "--out", tmp_path / "s", "--max-length", MAX_LENGTH)
-    run_cli("store", "export-trl", tmp_path / "s", "--data", data, "--model", model_dir, "--out", tmp_path / "t.jsonl")
+    run_cli("precompute", "--model", model_dir, "--data", data, "--out", tmp_path / "s", "--max-length", MAX_LENGTH,
+            python=python)
+    run_cli("store", "export-trl", tmp_path / "s", "--data", data, "--model", model_dir, "--out", tmp_path / "t.jsonl",
+            python=python)
     got = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert got[-1]["ref_chosen_logps"] is None and got[-1]["ref_rejected_logps"] is None  # dropped by TRL
     model, tok = load_tiny(model_dir)
