@@ -21,20 +21,9 @@ from refmodel.testing import (
     run_cli,
     write_jsonl,
 )
-from refmodel.testing.processes import subprocess_env
-from refmodel.testing.warm import start
 
 MAX_LENGTH = 24
 
-
-@pytest.fixture(scope="module")
-def python(tmp_path_factory) -> list[str]:
-    """``python`` for the CLI runs: forked from one parent that has imported torch and transformers, as these
-    tests check what the command writes, not its start-up."""
-    warm = start(tmp_path_factory.mktemp("warm"), subprocess_env(),
-                 preload=("torch", "transformers", "refmodel.cli.main", "refmodel.precompute", "refmodel.store"))
-    yield warm.command
-    warm.stop()
 
 
 def _rows() -> list[dict]:
@@ -56,12 +45,12 @@ def _rows() -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)
-def test_cli_store_serves_every_training_row(tmp_path, kind, python):
+def test_cli_store_serves_every_training_row(tmp_path, kind, cli_python):
     model_dir = make_tiny_model("llama", tmp_path / "model", tokenizer=kind)
     rows = _rows()
     data = write_jsonl(rows, tmp_path / "pairs.jsonl")
     run_cli("precompute", "--model", model_dir, "--data", data, "--out", tmp_path / "store",
-            "--max-length", MAX_LENGTH, "--device", "cpu", python=python)
+            "--max-length", MAX_LENGTH, "--device", "cpu", python=cli_python)
     model, tok = load_tiny(model_dir)
     cfg = TrainConfig(batch_size=4, max_steps=3, max_length=MAX_LENGTH, progress=False, learning_rate=1e-3)
     kept = tokenize_preferences(rows, tok, cfg)
@@ -74,7 +63,7 @@ def test_cli_store_serves_every_training_row(tmp_path, kind, python):
 
 
 @pytest.mark.integration
-def test_export_trl_uses_the_stores_tokenization(tmp_path, python):
+def test_export_trl_uses_the_stores_tokenization(tmp_path, cli_python):
     """export-trl reads max_length from the store's job: DPO and KTO columns are the float32 sums of the
     very sequences TRL will build (bf16 store), and the records TRL drops get nulls."""
     import json
@@ -90,9 +79,9 @@ def test_export_trl_uses_the_stores_tokenization(tmp_path, python):
                         for p in pairs[2:]] + [{**pairs[0], "prompt": "so " * 40}]
     data = write_jsonl(rows, tmp_path / "mixed.jsonl")
     run_cli("precompute", "--model", model_dir, "--data", data, "--out", tmp_path / "s", "--max-length", MAX_LENGTH,
-            python=python)
+            python=cli_python)
     run_cli("store", "export-trl", tmp_path / "s", "--data", data, "--model", model_dir, "--out", tmp_path / "t.jsonl",
-            python=python)
+            python=cli_python)
     got = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert got[-1]["ref_chosen_logps"] is None and got[-1]["ref_rejected_logps"] is None  # dropped by TRL
     model, tok = load_tiny(model_dir)
