@@ -76,6 +76,10 @@ def start(folder: Path, env: dict, preload: tuple[str, ...] = PRELOAD, timeout_s
     nothing starts and :attr:`WarmPython.command` is plain ``python``.
     """
     socket_path = folder / "warm.sock"
+    if len(str(socket_path)) > 100:  # a Unix socket's path is limited to ~104-108 bytes
+        import tempfile
+
+        socket_path = Path(tempfile.mkdtemp(prefix="warm-")) / "warm.sock"
     if cold():
         return WarmPython(socket_path, None)
     log = folder / "warm.log"
