@@ -121,17 +121,16 @@ def bench(model_dir: Path, clients: int, requests: int, seq_len: int, max_wait_m
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=None, help="load requests (default 1000; --quick 300)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server / replica")
     parser.add_argument("--replicas", default="1,2", help="comma-separated replica counts to measure")
-    parser.add_argument("--quick", action="store_true", help="300 requests")
+    parser.add_argument("--quick", action="store_true", help="300 requests (unless --requests)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.quick:
-        args.requests = 300
+    args.requests = args.requests or (300 if args.quick else 1000)
     counts = tuple(int(n) for n in args.replicas.split(","))
     print(f"# Ray Serve benchmark: {args.clients} clients, {args.requests} single-sequence requests, "
           f"T={args.seq_len}, max_wait_ms={args.max_wait_ms}, {args.threads} torch thread(s) per server; "

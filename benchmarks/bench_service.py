@@ -126,7 +126,8 @@ def bench_load(model_dir: Path, clients: int, requests: int, seq_len: int, max_w
     return results
 
 
-def bench_overhead(model_dir: Path, seq_lens: tuple[int, ...], batches: tuple[int, ...], reps: int) -> None:
+def bench_overhead(model_dir: Path, seq_lens: tuple[int, ...], batches: tuple[int, ...], reps: int,
+                   case_s: float = 4.0) -> None:
     """Service vs in-process on the same batch. The in-process call runs, and is timed, inside a worker
     thread like the server's model: on the main thread glibc's main malloc arena gives memory back and
     faults it in again, which measured ~5% slower at [32, 512] and would flatter the service."""
@@ -153,8 +154,8 @@ def bench_overhead(model_dir: Path, seq_lens: tuple[int, ...], batches: tuple[in
                     return time.perf_counter() - start
 
                 warm = {fn: min(fn() for _ in range(3)) for fn in (local, remote)}
-                # At least `reps` pairs, more for cheap batches (~4 s per case): tighter medians.
-                pairs = max(reps, int(4.0 / (warm[local] + warm[remote])))
+                # At least `reps` pairs, more for cheap batches (~case_s per case): tighter medians.
+                pairs = max(reps, int(case_s / (warm[local] + warm[remote])))
                 times = {local: [], remote: []}
                 for _ in range(pairs):  # interleaved, so both see the same machine load
                     for fn in (local, remote):
@@ -173,27 +174,29 @@ def bench_overhead(model_dir: Path, seq_lens: tuple[int, ...], batches: tuple[in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=None, help="load requests (default 2000; --quick 300)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="the batching server's --max-wait-ms (its default)")
     parser.add_argument("--overhead-seq-lens", default="128,512",
                         help="comma-separated sequence lengths of the overhead comparison")
-    parser.add_argument("--reps", type=int, default=40,
-                        help="minimum interleaved repeats per overhead case (cheap cases get more, ~4 s each)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="minimum interleaved repeats per overhead case (default 40; --quick 5)")
+    parser.add_argument("--case-seconds", type=float, default=4.0,
+                        help="cheap overhead cases get more repeats, up to about this many seconds each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server")
-    parser.add_argument("--quick", action="store_true", help="300 requests, 5 repeats")
+    parser.add_argument("--quick", action="store_true", help="300 requests, 5 repeats (unless given)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.quick:
-        args.requests, args.reps = 300, 5
+    args.requests = args.requests or (300 if args.quick else 2000)
+    args.reps = args.reps or (5 if args.quick else 40)
     print(f"# reference service benchmark; {provenance()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         # positions for the longest overhead row (the tiny config's default, 256, refused T=512 with a 422)
         positions = max(256, args.seq_len, *(int(t) for t in args.overhead_seq_lens.split(",")))
         model_dir = make_tiny_model("llama", Path(tmp) / "llama", max_position_embeddings=positions)
         bench_load(model_dir, args.clients, args.requests, args.seq_len, args.max_wait_ms)
-        bench_overhead(model_dir, tuple(int(t) for t in args.overhead_seq_lens.split(",")), (8, 32), args.reps)
+        bench_overhead(model_dir, tuple(int(t) for t in args.overhead_seq_lens.split(",")), (8, 32), args.reps, args.case_seconds)
 
 
 if __name__ == "__main__":

@@ -271,14 +271,17 @@ def _abuse(port: int, seconds: float, slowloris: int, queue) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="duration of the abusive phase")
-    parser.add_argument("--unloaded-seconds", type=float, default=8.0, help="duration of the unloaded phase")
+    parser.add_argument("--seconds", type=float, default=None, help="duration of the abusive phase (default 20)")
+    parser.add_argument("--unloaded-seconds", type=float, default=None,
+                        help="duration of the unloaded phase (default 8)")
     parser.add_argument("--clients", type=int, default=8, help="valid clients")
-    parser.add_argument("--slowloris", type=int, default=100, help="slowloris connections")
-    parser.add_argument("--quick", action="store_true", help="10 s of abuse, 4 s unloaded, 50 slowloris")
+    parser.add_argument("--slowloris", type=int, default=None, help="slowloris connections (default 100)")
+    parser.add_argument("--quick", action="store_true",
+                        help="10 s of abuse, 4 s unloaded, 50 slowloris (unless given)")
     args = parser.parse_args()
-    if args.quick:
-        args.seconds, args.unloaded_seconds, args.slowloris = 10.0, 4.0, 50
+    args.seconds = args.seconds or (10.0 if args.quick else 20.0)
+    args.unloaded_seconds = args.unloaded_seconds or (4.0 if args.quick else 8.0)
+    args.slowloris = args.slowloris or (50 if args.quick else 100)
     print(f"# reference service under abuse; {provenance()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_model("llama", Path(tmp) / "llama")

@@ -81,3 +81,17 @@ def one_rank_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def cli_python(tmp_path_factory) -> list[str]:
+    """``python`` for ``run_cli(..., python=cli_python)``: each CLI run forked from one parent that has imported
+    torch and transformers (:mod:`refmodel.testing.warm`), for tests of what a command does and writes, not of
+    what it prints while importing (those keep a fresh interpreter: the default)."""
+    from refmodel.testing.processes import subprocess_env
+    from refmodel.testing.warm import start
+
+    warm = start(tmp_path_factory.mktemp("cli-python"), subprocess_env(),
+                 preload=("torch", "transformers", "refmodel.cli.main", "refmodel.precompute", "refmodel.store"))
+    yield warm.command
+    warm.stop()

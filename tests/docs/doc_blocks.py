@@ -2,7 +2,8 @@
 
 The convention, in one place:
 
-- ```` ```python ```` blocks run, each in a fresh subprocess; a block preceded by
+- ```` ```python ```` blocks run, each in its own process (a child of the session's warm parent,
+  ``refmodel.testing.warm``; ``python`` and ``refmodel`` in shell blocks too); a block preceded by
   ``<!-- docs-test: continue -->`` runs together with the previous python block of its page (its code is
   appended to that block's, in one process).
 - ```` ```bash ```` / ```` ```console ```` blocks run in ``bash -e`` when every command in them starts with
@@ -179,16 +180,27 @@ def child_env(workdir: Path) -> dict:
     return env
 
 
-def run_python(code: str, workdir: Path, timeout: float) -> subprocess.CompletedProcess:
+def run_python(code: str, workdir: Path, timeout: float, python: list[str] | None = None
+               ) -> subprocess.CompletedProcess:
+    """``python _block.py`` in ``workdir``; ``python`` is the interpreter's argv (default: this one, cold;
+    the tests pass :class:`refmodel.testing.warm.WarmPython`'s ``command``)."""
     script = workdir / "_block.py"
     script.write_text(code)
-    return subprocess.run([sys.executable, str(script)], cwd=workdir, env=child_env(workdir), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([*(python or [sys.executable]), str(script)], cwd=workdir, env=child_env(workdir),
+                          capture_output=True, text=True, timeout=timeout)
 
 
-def run_shell(commands: list[str], workdir: Path, timeout: float) -> subprocess.CompletedProcess:
-    # `python` in a block is this interpreter (the venv's), whatever PATH says
-    script = "set -euo pipefail\npython() { \"" + sys.executable + "\" \"$@\"; }\n" + "\n".join(commands) + "\n"
+# The `refmodel` console script (pyproject [project.scripts]), run by whatever `python` is.
+CONSOLE_SCRIPT = "import sys; from refmodel.cli import main; sys.argv[0] = 'refmodel'; sys.exit(main())"
+
+
+def run_shell(commands: list[str], workdir: Path, timeout: float, python: list[str] | None = None
+              ) -> subprocess.CompletedProcess:
+    """``bash -e`` over ``commands`` in ``workdir``; ``python`` and ``refmodel`` in them are this interpreter
+    (the venv's, whatever PATH says), through ``python`` as in :func:`run_python`."""
+    prefix = " ".join(shlex.quote(w) for w in (python or [sys.executable]))
+    script = (f"set -euo pipefail\npython() {{ {prefix} \"$@\"; }}\n"
+              f"refmodel() {{ {prefix} -c {shlex.quote(CONSOLE_SCRIPT)} \"$@\"; }}\n" + "\n".join(commands) + "\n")
     return subprocess.run(["bash", "-c", script], cwd=workdir, env=child_env(workdir), capture_output=True,
                           text=True, timeout=timeout)
 

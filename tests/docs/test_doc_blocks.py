@@ -72,7 +72,7 @@ def _units(blocks: list[Block]) -> list[tuple[list[Block], str]]:
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("page", RUNNABLE_PAGES)
-def test_page_blocks_run(page, doc_fixtures, tmp_path, monkeypatch):
+def test_page_blocks_run(page, doc_fixtures, python, tmp_path, monkeypatch):
     """A page's runnable blocks, in order, in one folder; ``refmodel serve`` runs until the page ends."""
     blocks = [b for b in ALL if b.page == page]
     prepare_workdir(tmp_path, doc_fixtures)
@@ -84,14 +84,14 @@ def test_page_blocks_run(page, doc_fixtures, tmp_path, monkeypatch):
             where = ", ".join(b.where for b in unit)
             if kind == "python":
                 subs = substitutions(doc_fixtures, port or 8000)
-                done = run_python(substitute("".join(b.code for b in unit), subs), tmp_path, BLOCK_TIMEOUT_S)
+                done = run_python(substitute("".join(b.code for b in unit), subs), tmp_path, BLOCK_TIMEOUT_S, python)
             else:
                 done, batch = None, []
                 for command in [*shell_commands(unit[0]), None]:
                     is_serve = command is not None and re.match(r"(python -m )?refmodel serve\b", command)
                     if (command is None or is_serve) and batch:  # run what comes before, in order
                         subs = substitutions(doc_fixtures, port or 8000)
-                        done = run_shell([substitute(c, subs) for c in batch], tmp_path, BLOCK_TIMEOUT_S)
+                        done = run_shell([substitute(c, subs) for c in batch], tmp_path, BLOCK_TIMEOUT_S, python)
                         batch = []
                         if done.returncode != 0:
                             break

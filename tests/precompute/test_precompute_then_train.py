@@ -25,6 +25,7 @@ from refmodel.testing import (
 MAX_LENGTH = 24
 
 
+
 def _rows() -> list[dict]:
     pairs = preference_pairs(12, seed=7)
     text = [{"prompt": p["prompt"], "chosen": " " * (i % 2) + p["chosen"], "rejected": " " * (i % 2) + p["rejected"]}
@@ -44,12 +45,12 @@ def _rows() -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)
-def test_cli_store_serves_every_training_row(tmp_path, kind):
+def test_cli_store_serves_every_training_row(tmp_path, kind, cli_python):
     model_dir = make_tiny_model("llama", tmp_path / "model", tokenizer=kind)
     rows = _rows()
     data = write_jsonl(rows, tmp_path / "pairs.jsonl")
     run_cli("precompute", "--model", model_dir, "--data", data, "--out", tmp_path / "store",
-            "--max-length", MAX_LENGTH, "--device", "cpu")
+            "--max-length", MAX_LENGTH, "--device", "cpu", python=cli_python)
     model, tok = load_tiny(model_dir)
     cfg = TrainConfig(batch_size=4, max_steps=3, max_length=MAX_LENGTH, progress=False, learning_rate=1e-3)
     kept = tokenize_preferences(rows, tok, cfg)
@@ -62,7 +63,7 @@ def test_cli_store_serves_every_training_row(tmp_path, kind):
 
 
 @pytest.mark.integration
-def test_export_trl_uses_the_stores_tokenization(tmp_path):
+def test_export_trl_uses_the_stores_tokenization(tmp_path, cli_python):
     """export-trl reads max_length from the store's job: DPO and KTO columns are the float32 sums of the
     very sequences TRL will build (bf16 store), and the records TRL drops get nulls."""
     import json
@@ -77,8 +78,10 @@ def test_export_trl_uses_the_stores_tokenization(tmp_path):
     rows = pairs[:2] + [{"prompt": p["prompt"], "completion": p["chosen"] + " so" * 30, "label": True}
                         for p in pairs[2:]] + [{**pairs[0], "prompt": "so " * 40}]
     data = write_jsonl(rows, tmp_path / "mixed.jsonl")
-    run_cli("precompute", "--model", model_dir, "--data", data, "--out", tmp_path / "s", "--max-length", MAX_LENGTH)
-    run_cli("store", "export-trl", tmp_path / "s", "--data", data, "--model", model_dir, "--out", tmp_path / "t.jsonl")
+    run_cli("precompute", "--model", model_dir, "--data", data, "--out", tmp_path / "s", "--max-length", MAX_LENGTH,
+            python=cli_python)
+    run_cli("store", "export-trl", tmp_path / "s", "--data", data, "--model", model_dir, "--out", tmp_path / "t.jsonl",
+            python=cli_python)
     got = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert got[-1]["ref_chosen_logps"] is None and got[-1]["ref_rejected_logps"] is None  # dropped by TRL
     model, tok = load_tiny(model_dir)

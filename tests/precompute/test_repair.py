@@ -73,7 +73,7 @@ def test_repair_refuses_another_model_or_data_and_changes_nothing(made, tiny_mod
 
 
 @pytest.mark.integration
-def test_following_the_error_message_literally_makes_the_store_whole(made, tmp_path):
+def test_following_the_error_message_literally_makes_the_store_whole(made, tmp_path, cli_python):
     model_dir, data, pairs, full = made
     _, tok = load_tiny(model_dir)
     broken = tmp_path / "broken"
@@ -88,19 +88,19 @@ def test_following_the_error_message_literally_makes_the_store_whole(made, tmp_p
         except StoreCorrupt as exc:
             errors.append(str(exc))
     assert errors and len(errors) < len(seqs)  # only the damaged shards' rows fail
-    verify = run_cli("store", "verify", broken, check=False)
+    verify = run_cli("store", "verify", broken, check=False, python=cli_python)
     assert verify.returncode == 1 and "shard-00001" in verify.stderr and "shard-00003" in verify.stderr
     for message in (errors[0], verify.stderr):
         advice = re.search(r"`refmodel (store repair \S+ --model MODEL --data DATA)`", message)
         assert advice, message
     args = advice.group(1).replace("MODEL", str(model_dir)).replace("DATA", str(data)).split()
-    res = run_cli(*args)
+    res = run_cli(*args, python=cli_python)
     assert "repaired, ok: 5 shards" in res.stdout
     assert _files(broken) == _files(full)
-    assert "ok: 5 shards" in run_cli("store", "verify", broken).stdout
+    assert "ok: 5 shards" in run_cli("store", "verify", broken, python=cli_python).stdout
 
 
-def test_drop_leaves_a_smaller_valid_store(tmp_path):
+def test_drop_leaves_a_smaller_valid_store(tmp_path, cli_python):
     root = tmp_path / "s"
     with LogprobStore.create(root, "fp", dtype="float32", shard_entries=3) as store:
         for i in range(9):
@@ -112,7 +112,7 @@ def test_drop_leaves_a_smaller_valid_store(tmp_path):
     assert [p.file for p in dropped] == ["shard-00001.safetensors"]
     store = LogprobStore.open(root)
     assert len(store) == 6 and store.verify()["shards"] == 2 and not (root / "shard-00001.safetensors").exists()
-    res = run_cli("store", "repair", root, "--drop")
+    res = run_cli("store", "repair", root, "--drop", python=cli_python)
     assert "repaired, ok: 2 shards, 6 entries" in res.stdout
-    bad = run_cli("store", "repair", root, check=False)
+    bad = run_cli("store", "repair", root, check=False, python=cli_python)
     assert bad.returncode == 2 and "--model and --data" in bad.stderr

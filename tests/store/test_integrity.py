@@ -180,7 +180,7 @@ def _directory(file):
 
 
 @pytest.mark.parametrize("damage", [_directory, _deep_header], ids=["directory", "100000-deep header"])
-def test_a_shard_that_cannot_be_parsed_breaks_nothing_else(tmp_path, damage):
+def test_a_shard_that_cannot_be_parsed_breaks_nothing_else(tmp_path, damage, cli_python):
     root = tmp_path / "s"
     by_shard = _store(root, n=12)
     damage(root / BAD)
@@ -191,21 +191,21 @@ def test_a_shard_that_cannot_be_parsed_breaks_nothing_else(tmp_path, damage):
     with pytest.raises(StoreCorrupt, match=BAD):
         store.get(by_shard[BAD][0][0])
     assert [p.file for p in store.problems()] == [BAD]
-    res = run_cli("store", "verify", root, check=False, timeout=120)
+    res = run_cli("store", "verify", root, check=False, timeout=120, python=cli_python)
     assert res.returncode == 1 and "Traceback" not in res.stderr and BAD in res.stderr, res.stderr
-    res = run_cli("store", "repair", root, "--drop", check=False, timeout=120)
+    res = run_cli("store", "repair", root, "--drop", check=False, timeout=120, python=cli_python)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     assert not os.path.lexists(root / BAD)
     assert LogprobStore.open(root).verify()["entries"] == 8
 
 
-def test_a_fifo_in_place_of_a_shard_blocks_nothing(tmp_path):
+def test_a_fifo_in_place_of_a_shard_blocks_nothing(tmp_path, cli_python):
     root = tmp_path / "s"
     by_shard = _store(root)
     (root / BAD).unlink()
     os.mkfifo(root / BAD)
     # A child process each, with a timeout: before the fix every one of these blocked forever in open().
-    res = run_cli("store", "verify", root, check=False, timeout=60)
+    res = run_cli("store", "verify", root, check=False, timeout=60, python=cli_python)
     assert res.returncode == 1 and "Traceback" not in res.stderr and BAD in res.stderr, res.stderr
     store = LogprobStore.open(root, mode="a")
     with pytest.raises(StoreCorrupt, match=rf"{BAD} is a FIFO"):
@@ -217,13 +217,13 @@ def test_a_fifo_in_place_of_a_shard_blocks_nothing(tmp_path):
     assert not os.path.lexists(root / BAD)
 
 
-def test_a_fifo_in_place_of_the_manifest_blocks_nothing(tmp_path):
+def test_a_fifo_in_place_of_the_manifest_blocks_nothing(tmp_path, cli_python):
     root = tmp_path / "s"
     _store(root)
     (root / "manifest.json").unlink()
     os.mkfifo(root / "manifest.json")
     for cmd in (("store", "info", root), ("store", "verify", root)):
-        res = run_cli(*cmd, check=False, timeout=60)
+        res = run_cli(*cmd, check=False, timeout=60, python=cli_python)
         assert res.returncode == 1 and "Traceback" not in res.stderr and "FIFO" in res.stderr, res.stderr
     for mode in ("r", "a"):
         with pytest.raises(StoreCorrupt, match="manifest.json is a FIFO"):
@@ -240,7 +240,7 @@ def test_a_symlinked_shard_inside_the_store_is_refused(tmp_path):
         store.get(by_shard[BAD][0][0])
 
 
-def test_verify_reports_every_damaged_shard_and_drop_removes_them_all(tmp_path):
+def test_verify_reports_every_damaged_shard_and_drop_removes_them_all(tmp_path, cli_python):
     root = tmp_path / "s"
     by_shard = _store(root, n=16)
     _directory(root / "shard-00000.safetensors")
@@ -251,10 +251,10 @@ def test_verify_reports_every_damaged_shard_and_drop_removes_them_all(tmp_path):
     for name in damaged:
         _relist(root, name, PER_SHARD, 0)
     assert sorted(p.file for p in LogprobStore.open(root).problems()) == damaged
-    res = run_cli("store", "verify", root, check=False, timeout=120)
+    res = run_cli("store", "verify", root, check=False, timeout=120, python=cli_python)
     assert res.returncode == 1 and "Traceback" not in res.stderr and "3 problem(s)" in res.stderr, res.stderr
     assert all(name in res.stderr for name in damaged)
-    res = run_cli("store", "repair", root, "--drop", check=False, timeout=120)
+    res = run_cli("store", "repair", root, "--drop", check=False, timeout=120, python=cli_python)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     assert not any(os.path.lexists(root / name) for name in damaged)
     with LogprobStore.open(root) as store:

@@ -83,19 +83,19 @@ def test_malformed_manifest_raises_store_corrupt_naming_the_field(tmp_path, name
         LogprobStore.open(root)
 
 
-def test_malformed_manifest_is_a_one_line_cli_error(tmp_path):
+def test_malformed_manifest_is_a_one_line_cli_error(tmp_path, cli_python):
     root = _store(tmp_path / "s")
     _edit(root, _delete("shards", 0, "blake2b"))
     for cmd in ("info", "verify"):
-        res = run_cli("store", cmd, root, check=False)
+        res = run_cli("store", cmd, root, check=False, python=cli_python)
         assert res.returncode == 1 and "Traceback" not in res.stderr
         assert "StoreCorrupt" in res.stderr and "shards[0].blake2b" in res.stderr
 
 
-def test_verify_ok_on_a_whole_store(tmp_path):
+def test_verify_ok_on_a_whole_store(tmp_path, cli_python):
     root = _store(tmp_path / "s")
     assert LogprobStore.open(root).problems() == []
-    assert "ok: 3 shards, 12 entries" in run_cli("store", "verify", root).stdout
+    assert "ok: 3 shards, 12 entries" in run_cli("store", "verify", root, python=cli_python).stdout
 
 
 @pytest.mark.parametrize("edit,where,reason", [
@@ -105,12 +105,12 @@ def test_verify_ok_on_a_whole_store(tmp_path):
     (lambda m: m["shards"].pop(1), "shard-00001", "not in the manifest"),
     (_set("job", "sequences", value=13), "manifest.json", "13 sequences"),
 ], ids=["tokens", "entries", "bytes", "dropped shard", "sequences"])
-def test_verify_catches_edited_counts_and_a_dropped_shard(tmp_path, edit, where, reason):
+def test_verify_catches_edited_counts_and_a_dropped_shard(tmp_path, edit, where, reason, cli_python):
     root = _store(tmp_path / "s")
     _edit(root, edit)
     problems = LogprobStore.open(root).problems()
     assert any(p.file.startswith(where) and reason in p.reason for p in problems), problems
-    res = run_cli("store", "verify", root, check=False)
+    res = run_cli("store", "verify", root, check=False, python=cli_python)
     assert res.returncode == 1 and "Traceback" not in res.stderr and where in res.stderr
     assert "refmodel store repair" in res.stderr
 
@@ -132,13 +132,13 @@ def test_symlink_escaping_the_store_is_refused(tmp_path):
     (_set("shards", 0, "entries", value=10**30), "shards[0].entries"),
     (lambda m: m["shards"].extend([m["shards"][0]] * 100_001), "shards"),
 ], ids=["job shards", "entries", "shard list"])
-def test_manifest_counts_are_bounded_before_any_allocation(tmp_path, edit, field):
+def test_manifest_counts_are_bounded_before_any_allocation(tmp_path, edit, field, cli_python):
     # Before: verify built 10**8 shard names (GBs); `store info` died on len() with OverflowError.
     root = _store(tmp_path / "s")
     _edit(root, edit)
     with pytest.raises(StoreCorrupt, match=rf"{field.replace('[', '.').replace(']', '.')} is .*expected"):
         LogprobStore.open(root)
-    res = run_cli("store", "info", root, check=False)
+    res = run_cli("store", "info", root, check=False, python=cli_python)
     assert res.returncode == 1 and "Traceback" not in res.stderr and field in res.stderr, res.stderr
 
 

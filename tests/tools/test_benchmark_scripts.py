@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from refmodel.testing.processes import subprocess_env
+from refmodel.testing.warm import start
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
@@ -57,12 +59,19 @@ def test_every_benchmark_has_a_quick_shape():
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.ray  # bench_ray_precompute and bench_ray_serve start a local Ray cluster
-def test_every_benchmark_runs_quick():
+def test_every_benchmark_runs_quick(tmp_path):
     # `make bench-quick`: each script at its small shape, each in its own process (`make bench` crashed on a
-    # script that imported names another no longer had). About 4 min on 2 idle cores, mostly process
-    # start-up; 15+ min when the cores are shared.
-    done = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=2400, env=subprocess_env(OMP_NUM_THREADS="1"))
+    # script that imported names another no longer had): a child forked from one warm parent that has
+    # imported torch, transformers and TRL (refmodel.testing.warm), not a fresh interpreter each, since
+    # process start-up was most of the time (the scripts' own per-case children stay fresh). A few
+    # minutes on 2 idle cores; 15+ min when the cores are shared.
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    warm = start(tmp_path, env)
+    try:
+        done = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=2400, env={**env, "REFMODEL_BENCH_PYTHON": shlex.join(warm.command)})
+    finally:
+        warm.stop()
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     finished = re.findall(r"^=== (bench_\w+): [\d.]+ s ===$", done.stdout, re.M)
     assert finished == SCRIPTS

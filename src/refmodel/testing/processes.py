@@ -26,10 +26,15 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
-def run_cli(*args, check: bool = True, timeout: float = 600, **env):
-    """Run ``python -m refmodel ARGS`` in a child process; returns the ``CompletedProcess`` (text)."""
-    return subprocess.run([sys.executable, "-m", "refmodel", *map(str, args)], capture_output=True, text=True,
-                          check=check, timeout=timeout, env=subprocess_env(**env))
+def run_cli(*args, check: bool = True, timeout: float = 600, python: list[str] | None = None, **env):
+    """Run ``python -m refmodel ARGS`` in a child process; returns the ``CompletedProcess`` (text).
+
+    ``python``: the interpreter's argv (default: this one, a fresh process); a
+    :class:`refmodel.testing.warm.WarmPython`'s ``command`` forks it from a parent that has imported torch
+    (not for a test of what the CLI prints at import time). ``env``: extra environment variables.
+    """
+    return subprocess.run([*(python or [sys.executable]), "-m", "refmodel", *map(str, args)], capture_output=True,
+                          text=True, check=check, timeout=timeout, env=subprocess_env(**env))
 
 
 def free_port() -> int:
