@@ -7,17 +7,13 @@ test tools at their current versions, and refmodel itself without dependencies; 
 :data:`SELECTED` run there. The venv is kept between runs and rebuilt from scratch when the pins change
 (its ``.pins`` stamp holds them with the Python version).
 
-Extras installed at their floors (:data:`EXTRAS`): ``peft`` and ``serve`` -- the rooms that use them
-(log-probs of adapters, references, the service and its client) are among the selected tests. Left out,
+Extras installed at their floors (:data:`EXTRAS`): ``peft``, ``serve`` and ``quant`` -- the rooms that use them
+(log-probs of adapters, references, the service and its client, torchao and bitsandbytes references and the
+model cache) are among the selected tests. Left out,
 so their tests skip there (``importorskip``) or are not selected:
 
 - ``trl``: TRL 1.16 (its floor, and its ceiling) needs numpy>=1.26, pyarrow>=21 and datasets>=4.7,
   above the core floors (numpy 1.24, pyarrow 14): it cannot be installed beside them.
-- ``quant``: not green at the floors yet. torchao 0.8-0.10 break every model load under transformers 4.56
-  and bitsandbytes 0.45 fails on CPU (hence the floors 0.11 and 0.46); at those, with torch 2.6, 3 tests
-  of ``tests/models/test_quantize.py`` still fail (int4 sizes, ``AffineQuantizedTensor.scale``, one
-  log-prob tolerance). ``tests/models/test_quantize.py`` is not selected; the quantized references of
-  ``tests/reference/test_frozen.py`` skip without torchao.
 - ``ray`` (a large install, and its tests are ``slow``), ``distributed`` (DeepSpeed), ``plot``, ``docs``,
   ``dev``: not what the fast tests exercise.
 
@@ -56,10 +52,11 @@ VENV = ROOT / ".venv-lowest"
 PYTHON = VENV / "bin" / "python"
 STAMP = VENV / ".pins"
 TORCH_INDEX = os.environ.get("REFMODEL_TORCH_INDEX", "pypi")
-EXTRAS = ("peft", "serve")
+EXTRAS = ("peft", "serve", "quant")
 SELECTED = ["tests/data", "tests/logprobs", "tests/losses", "tests/store/test_store.py",
             "tests/store/test_versions.py", "tests/store/test_interop.py", "tests/store/test_halos.py",
             "tests/models/test_tiny.py", "tests/models/test_fingerprint.py", "tests/models/test_loading.py",
+            "tests/models/test_quantize.py", "tests/models/test_cache.py",
             "tests/precompute/test_positions.py", "tests/reference", "tests/remote",
             "tests/serve/test_serve_units.py", "tests/serve/test_validate.py", "tests/test_layout.py",
             "tests/test_validation.py", "tests/test_optional.py"]

@@ -232,6 +232,16 @@ def test_loaded_model_is_frozen_in_eval_mode(tiny_model_dirs):
     assert not policy.training and all(p.requires_grad for p in policy.parameters())
 
 
+def test_no_dtype_keeps_the_stored_one(tiny_model_dirs, tmp_path):
+    """At every supported transformers (4.x defaulted to float32, and to float16 with bitsandbytes)."""
+    load_model(tiny_model_dirs["llama"], freeze=False).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert next(load_model(tmp_path / "bf16").parameters()).dtype == torch.bfloat16
+    assert next(load_model(tiny_model_dirs["llama"]).parameters()).dtype == torch.float32
+    pytest.importorskip("bitsandbytes")  # the quant extra
+    nf4 = load_model(tiny_model_dirs["llama"], quantize="bnb-nf4")
+    assert nf4.get_input_embeddings().weight.dtype == torch.float32  # unquantized layers as stored
+
+
 def test_parse_named_paths():
     assert parse_named_paths([" a = /x ", "b=/y=z"], "--model") == {"a": "/x", "b": "/y=z"}
     for bad, match in ((["oops"], "expects NAME=PATH"), (["=p"], "expects NAME=PATH"), (["a="], "expects NAME=PATH"),

@@ -47,15 +47,16 @@ def test_memory_per_mode(tiny_model_dirs):
     # llama tiny: fp32 345 kB; the float head + embeddings (2 x 95 x 64 x 4 B = 49 kB) stay float.
     assert sizes["bnb-nf4"] < sizes["bnb-int8"] < 0.45 * full
     assert sizes["int8"] < 0.45 * full
-    # torchao int4 stores int4 values unpacked in int8 on CPU (see quantize.py): not smaller than int8
-    assert sizes["int4"] >= sizes["int8"]
+    # torchao >= 0.14 stores int4 values unpacked in int8 on CPU (see quantize.py), older ones packed: both
+    # are a fraction of the float model
+    assert sizes["int4"] < 0.45 * full
 
 
 def test_tensor_nbytes_counts_inner_tensors():
     lin = nn.Linear(64, 32)
     quantize_model(nn.Sequential(lin), "int8")
-    w = lin.weight
-    assert tensor_nbytes(w) == 32 * 64 * 1 + sum(t.numel() * t.element_size() for t in (w.scale, w.zero_point))
+    # the int8 values, plus per output row a float32 scale and a zero point (int8; int64 in older torchao)
+    assert 32 * 64 + 32 * (4 + 1) <= tensor_nbytes(lin.weight) <= 32 * 64 + 32 * (4 + 8)
 
 
 def test_fingerprint_differs_by_mode_and_is_stable(tiny_model_dirs):

@@ -284,8 +284,10 @@ def load_model(path: str | Path, *, task: Task = "causal-lm", dtype: str | torch
     torch_dtype = parse_dtype(dtype, what=f"{what} dtype")
     kwargs: dict[str, Any] = dict(from_pretrained_kwargs, trust_remote_code=False, local_files_only=True,
                                   use_safetensors=None if allow_pickle else True)
-    if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype
+    # None means the stored dtype: "auto" says so to every supported transformers (5.x defaults to it; 4.x
+    # defaults to float32, and to float16 for load_in_4bit/8bit, which put an NF4 reference's unquantized
+    # layers in float16 at the 4.56 floor: 0.04 nats off the same NF4 weights quantized after loading)
+    kwargs["dtype"] = torch_dtype if torch_dtype is not None else "auto"
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     # transformers 5.23's from_pretrained is not thread-safe: two concurrent loads of tied-embedding
@@ -325,7 +327,7 @@ def _from_pretrained(path: Path, task: Task, kwargs: dict[str, Any], device, qua
     auto = (transformers.AutoModelForCausalLM if task == "causal-lm"
             else transformers.AutoModelForSequenceClassification)
     if quantize in BNB_MODES:
-        compute = kwargs.get("dtype") or torch.float32
+        compute = kwargs["dtype"] if kwargs["dtype"] != "auto" else torch.float32
         qconfig = (transformers.BitsAndBytesConfig(load_in_8bit=True) if quantize == "bnb-int8" else
                    transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                    bnb_4bit_compute_dtype=compute))
