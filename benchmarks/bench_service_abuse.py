@@ -104,13 +104,15 @@ async def _attempt(port: int, data_parts, outcomes: collections.Counter, kind: s
         outcomes[f"{kind}: connect failed"] += 1
         return
     try:
-        for part in data_parts:
-            writer.write(part)
-            await writer.drain()
+        try:
+            for part in data_parts:
+                writer.write(part)
+                await writer.drain()
+        except ConnectionError:
+            pass  # the server answered early and closed while we were still sending: read its answer, as httpcore does
         status, _ = await asyncio.wait_for(_read_answer(reader), 30)
         outcomes[f"{kind}: {status}"] += 1
     except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
-        # the server answered early and closed while we were still sending: the point of the limit
         outcomes[f"{kind}: {type(exc).__name__}"] += 1
     finally:
         writer.close()
@@ -235,6 +237,7 @@ async def _drip(port: int, stop: float, outcomes, head: bytes, drop: bytes, kind
             outcomes[f"{kind}: closed by the server"] += 1
         finally:
             writer.close()
+        await asyncio.sleep(0.1)
 
 
 async def _huge_json(port: int, stop: float, outcomes) -> None:

@@ -54,7 +54,9 @@ def test_the_checker_sees_the_noise():
 @pytest.mark.slow
 @pytest.mark.integration
 def test_precompute_logs_warnings_only_and_ctrl_c_says_resume(tiny_model_dirs, tmp_path):
-    data = write_jsonl(preference_pairs(100), tmp_path / "pairs.jsonl")
+    # ~6k tokens, a few seconds: shards are written as their windows complete, and 100 pairs (1 s) could end
+    # before a busy box delivered the interrupt
+    data = write_jsonl(preference_pairs(300), tmp_path / "pairs.jsonl")
     out = tmp_path / "store"
     args = ["-m", "refmodel", "precompute", "--model", tiny_model_dirs["llama"], "--data", data, "--out", out,
             "--shard-examples", 2, "--max-tokens-per-batch", 256, "--dtype", "float32"]

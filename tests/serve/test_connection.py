@@ -7,6 +7,7 @@ batches wait 0.8 s for company (a request stays queued long enough to disconnect
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
@@ -54,6 +55,14 @@ class Raw:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def send_body(self, data: bytes) -> None:
+        """Send ``data``, which the server may cut short by answering early and closing: then its answer
+        is read after the failed write, as httpcore and urllib3 do."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _fill(self) -> bool:
         chunk = self.sock.recv(65536)
@@ -202,7 +211,7 @@ def test_a_16_mib_body_of_4_million_rows_is_refused_without_stalling_others(serv
     def send():
         conn = Raw(server, timeout_s=60)
         start = time.monotonic()
-        conn.send(head + body)
+        conn.send_body(head + body)
         out["answer"], out["seconds"] = conn.answer(), time.monotonic() - start
         conn.close()
 
@@ -218,6 +227,43 @@ def test_a_16_mib_body_of_4_million_rows_is_refused_without_stalling_others(serv
     assert "1024 sequences" in json.loads(answer)["detail"]
     assert slowest < 0.5, f"/healthz waited {slowest:.2f} s while the body was refused"
     assert out["seconds"] < 5.0 and peak - before < 64, (out["seconds"], peak - before)
+
+
+def bytes_read(pid: int) -> int:
+    """What a process has read through read/recv calls so far (``rchar`` in Linux ``/proc/PID/io``)."""
+    with open(f"/proc/{pid}/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/io")
+@pytest.mark.parametrize("refusal", [401, 413])
+def test_a_refused_body_is_read_no_further_than_the_body_limit(server, refusal):
+    """A refused request whose body keeps coming (``Content-Length: 2**40``, 48 MiB sent at loopback speed):
+    the lingering close reads and drops at most the body limit (16 MiB here) and then stops reading; the
+    answer is still readable after the write the server cut short (before: all 48 MiB were read, and a
+    client streaming for the whole linger made the server read gigabytes)."""
+    auth = "Authorization: Bearer wrong\r\n" if refusal == 401 else AUTH
+    head = f"POST /v1/logprobs:binary HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {2**40}\r\n\r\n".encode()
+    before = bytes_read(server.proc.pid)
+    conn = Raw(server)
+    conn.send_body(head + b"\0" * (48 * 2**20))
+    status, headers, _ = conn.answer()
+    read = bytes_read(server.proc.pid) - before
+    assert status == refusal and headers["connection"] == "close"
+    assert conn.closed_within(5.0)
+    conn.close()
+    assert read < 18 * 2**20, f"the server read {read / 2**20:.1f} MiB of a refused body (limit 16 MiB)"
+
+
+def test_an_asyncio_client_gets_its_refusal_for_a_body_up_to_the_limit(server):
+    """A client on anyio (httpx's async client) reports a failed write rather than the answer waiting in its
+    socket, so a refused body within the body limit is read to its end: the client gets its 401."""
+    async def post() -> int:
+        async with httpx.AsyncClient(timeout=30) as client:
+            answer = await client.post(server.url + "/v1/logprobs", content=b" " * (16 * 2**20))
+            return answer.status_code
+
+    assert asyncio.run(post()) == 401
 
 
 def test_a_json_body_of_too_many_rows_is_refused_before_it_is_read(server):

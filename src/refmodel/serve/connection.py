@@ -29,7 +29,13 @@ version it is written and tested for (``tests/serve/test_service_abuse.py`` hold
   it from the batcher's queue.
 - **Lingering close.** Every answer sent before a request's body was read (the guard's 401, 413, 408,
   431) closes without resetting a client that is still sending: our FIN after the answer, then what the
-  client still sends is read and dropped for up to ``LINGER_S``, so that it reads the answer.
+  client still sends is read and dropped, for up to ``LINGER_S`` and up to ``max_drain_bytes`` (the
+  service's body limit: a refused request costs no more reading than an accepted one could), so that it
+  reads the answer. Past that, reading stops: a ``Content-Length: 10**12`` streamed at loopback speed was
+  gigabytes of reading per connection. The client's writes then stall until the close at ``LINGER_S``,
+  whose reset (the input left unread) fails its next write but not the answer and FIN sent before it: a
+  client that reads its socket after a failed write finds the answer there (httpx/httpcore and urllib3
+  do; a client on asyncio streams or anyio reports the write error instead).
 
 httptools (a C parser, llhttp) rather than h11 (pure Python) because the parser was most of a small
 request's server time: with one 32-token sequence per request, h11 cost ~1 ms more server CPU per
@@ -78,6 +84,36 @@ def _peer_reset(transport: asyncio.Transport) -> bool:
         return True
 
 
+class _DrainInput(asyncio.BufferedProtocol):
+    """The protocol of a connection closing lingering: its input is read into one scratch buffer and
+    dropped (one copy out of the kernel and no allocation per read, where a plain protocol gets a new bytes
+    object per read: refused bodies were most of the server's work under abuse), up to ``budget`` bytes;
+    the end of the connection goes to the HTTP protocol, whose state it is."""
+
+    def __init__(self, owner, transport: asyncio.Transport, scratch: memoryview, budget: int) -> None:
+        self._owner, self._transport, self._scratch, self._left = owner, transport, scratch, budget
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._left -= nbytes
+        if self._left < 0:  # past the budget: reading stops, and the linger timer closes
+            self._transport.pause_reading()
+
+    def eof_received(self):
+        return self._owner.eof_received()
+
+    def connection_lost(self, exc) -> None:
+        self._owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._owner.resume_writing()
+
+
 class _ClosesLingering:
     """A request's view of the connection's transport: ``close()`` lingers while the request's body is
     still arriving (the guard answered 401/413/408 before reading it), and closes at once otherwise; an
@@ -115,16 +151,22 @@ class _ClosesLingering:
             self._transport.close()
 
 
-def guarded_protocol(header_timeout_s: float, max_head_bytes: int,
-                     send_timeout_s: float = 30.0) -> type[asyncio.Protocol]:
-    """An ``HttpToolsProtocol`` subclass for ``uvicorn.Config(http=...)`` with the connection bounds built in."""
+def guarded_protocol(header_timeout_s: float, max_head_bytes: int, send_timeout_s: float = 30.0,
+                     max_drain_bytes: int = 16 * 2**20) -> type[asyncio.Protocol]:
+    """An ``HttpToolsProtocol`` subclass for ``uvicorn.Config(http=...)`` with the connection bounds built in.
+
+    ``header_timeout_s``/``max_head_bytes``: the request head's deadline and size; ``send_timeout_s``: how
+    long an answer waits for a client that reads nothing; ``max_drain_bytes``: how much of a refused
+    request's remaining input a lingering close reads and drops (the body limit).
+    """
+    scratch = memoryview(bytearray(2**18))  # where lingering connections' input is read and dropped (one loop)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
         _send_timer: asyncio.TimerHandle | None = None
         _in_head = True  # no complete head since the connection opened or the last request ended
         _head_bytes = 0
-        _draining = False  # answered and closing: input is read and dropped until the client stops
+        _draining = False  # answered and closing: input is read and dropped by _DrainInput
         _held: bytes | None = None  # input after a request that waits for its answer, not parsed yet
         _overflow = False  # more than MAX_PIPELINED requests in one read: the rest is dropped
         _eof = False  # the client has shut down its sending side
@@ -141,7 +183,7 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int,
 
         def data_received(self, data: bytes) -> None:
             if self._draining or self._overflow:
-                return  # the rest of a refused request, or of an over-long pipeline: dropped unparsed
+                return  # the rest of a read that refused its request, or of an over-long pipeline: dropped
             if self._held is not None or self._answer_pending():
                 # the next request: parsed once this answer is out, so one client has one request in work
                 self._held = data if self._held is None else self._held + data
@@ -283,9 +325,9 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int,
 
         def close_lingering(self) -> None:
             """Close without resetting a client that is still sending: our FIN after the answer, then what
-            the client still sends is read and dropped for up to ``LINGER_S``. Closing at once would leave
-            unread input in the socket, and the kernel answers that with a reset, which discards the answer
-            on the client's side before it reads it (a client sends its whole body before reading)."""
+            the client still sends is read and dropped (up to ``max_drain_bytes``, for up to ``LINGER_S``).
+            Closing at once would leave unread input in the socket, and the kernel answers that with a reset
+            at once, dropping whatever of the answer it had not sent yet."""
             if self._draining or self.transport.is_closing():
                 return
             self._draining = True
@@ -293,6 +335,7 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int,
             self.flow.resume_reading()  # uvicorn pauses reading while a body waits for the app
             if self.transport.can_write_eof():
                 self.transport.write_eof()
+            self.transport.set_protocol(_DrainInput(self, self.transport, scratch, max_drain_bytes))
             self.loop.call_later(LINGER_S, self.transport.close)
 
         def _arm(self) -> None:

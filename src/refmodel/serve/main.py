@@ -64,7 +64,8 @@ def uvicorn_config(app, settings: ServeSettings):
                           # no Server (names the stack) or Date header: each costs every client a header parse
                           server_header=False, date_header=False,
                           http=guarded_protocol(settings.header_timeout_s, settings.max_header_bytes,
-                                               send_timeout_s=settings.body_timeout_s),
+                                               send_timeout_s=settings.body_timeout_s,
+                                               max_drain_bytes=settings.max_body_bytes),
                           timeout_keep_alive=settings.keep_alive_timeout_s)
 
 
