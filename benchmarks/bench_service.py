@@ -4,7 +4,8 @@
 
 1. Load: ``--clients`` concurrent async clients each send single-sequence requests (binary form)
    until ``--requests`` are done, against a server with dynamic batching and against one with
-   ``--no-batching``; prints throughput, p50/p99 latency, errors and the server's RSS before/after.
+   ``--no-batching``, ``--rounds`` passes each, alternating; prints the median pass's throughput, p50/p99
+   latency, errors and the server's RSS before/after, and the ratio per round.
 2. Overhead: the same ``[B, T]`` batch (B = 8 and 32) through ``ReferenceClient`` vs
    ``model_logprobs`` in this process (in a worker thread, as in the server; medians and minima of
    interleaved repeats); the ratio is the service's overhead.
@@ -95,34 +96,57 @@ async def _load(url: str, clients: int, requests: int, rows: list[list[int]]) ->
             "p99_ms": 1e3 * latencies[int(len(latencies) * 0.99) - 1], "errors": errors}
 
 
-def bench_load(model_dir: Path, clients: int, requests: int, seq_len: int, max_wait_ms: float) -> dict:
+def _measure(server: ServeProcess, clients: int, requests: int, rows: list[list[int]]) -> dict:
+    """One load pass against ``server``: throughput, latency, errors, RSS and CPU per request."""
+    rss_before, cpu_before, own_before = process_rss_mib(server.proc.pid), _cpu_s(server.proc.pid), time.process_time()
+    res = asyncio.run(_load(server.url, clients, requests, rows))
+    res["rss_before_mib"], res["rss_after_mib"] = rss_before, process_rss_mib(server.proc.pid)
+    res["server_cpu_ms"] = 1e3 * (_cpu_s(server.proc.pid) - cpu_before) / requests
+    res["client_cpu_ms"] = 1e3 * (time.process_time() - own_before) / requests
+    return res
+
+
+def bench_load(model_dir: Path, clients: int, requests: int, seq_len: int, max_wait_ms: float,
+               rounds: int = 3) -> dict:
+    """Both servers up at once and ``rounds`` passes of each, alternating, so that a drift in the shared
+    machine's speed falls on both; each configuration's figures are those of its median-throughput pass."""
     rows = _rows(256, seq_len)
-    results = {}
-    for name, flags in (("batching", ["--max-wait-ms", str(max_wait_ms)]), ("no-batching", ["--no-batching"])):
-        server = _serve(model_dir, *flags)
-        try:
-            asyncio.run(_load(server.url, clients, min(200, requests), rows))  # warm-up
-            rss_before, cpu_before, own_before = process_rss_mib(server.proc.pid), _cpu_s(server.proc.pid), time.process_time()
-            res = asyncio.run(_load(server.url, clients, requests, rows))
-            res["rss_before_mib"], res["rss_after_mib"] = rss_before, process_rss_mib(server.proc.pid)
-            res["server_cpu_ms"] = 1e3 * (_cpu_s(server.proc.pid) - cpu_before) / requests
-            res["client_cpu_ms"] = 1e3 * (time.process_time() - own_before) / requests
+    flags = {"batching": ["--max-wait-ms", str(max_wait_ms)], "no-batching": ["--no-batching"]}
+    servers: dict[str, ServeProcess] = {}
+    passes: dict[str, list[dict]] = {name: [] for name in flags}
+    try:
+        for name, extra in flags.items():
+            servers[name] = _serve(model_dir, *extra)
+            asyncio.run(_load(servers[name].url, clients, min(200, requests), rows))  # warm-up
+        for _ in range(rounds):
+            for name, server in servers.items():
+                passes[name].append(_measure(server, clients, requests, rows))
+        mean_batch = {}
+        for name, server in servers.items():
             metrics = httpx.get(server.url + "/metrics").text
             size = {k: float(line.split()[-1]) for line in metrics.splitlines()
                     for k in ("sum", "count") if line.startswith(f'refmodel_batch_size_{k}{{')}
-            res["mean_batch"] = size["sum"] / size["count"]
-        finally:
+            mean_batch[name] = size["sum"] / size["count"]
+    finally:
+        for server in servers.values():
             server.stop()
+    results = {}
+    for name, runs in passes.items():
+        res = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+        res["mean_batch"], res["rps_passes"] = mean_batch[name], [r["rps"] for r in runs]
         results[name] = res
         print(f"{name:<12} clients={clients} requests={requests} T={seq_len}: {res['rps']:8.1f} req/s  "
-              f"p50 {res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:6.1f} ms  errors {res['errors']}  "
+              f"p50 {res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:6.1f} ms  errors {sum(r['errors'] for r in runs)}  "
               f"mean batch {res['mean_batch']:5.1f}  CPU/request server {res['server_cpu_ms']:.2f} ms "
               f"client {res['client_cpu_ms']:.2f} ms  server RSS {res['rss_before_mib']:.0f} -> "
-              f"{res['rss_after_mib']:.0f} MiB", flush=True)
+              f"{res['rss_after_mib']:.0f} MiB  (median of {rounds} passes: "
+              f"{', '.join(f'{r:.0f}' for r in res['rps_passes'])} req/s)", flush=True)
     ratio = results["batching"]["rps"] / results["no-batching"]["rps"]
+    per_round = [b / n for b, n in zip(results["batching"]["rps_passes"], results["no-batching"]["rps_passes"])]
     cpu_ratio = results["no-batching"]["server_cpu_ms"] / results["batching"]["server_cpu_ms"]
-    print(f"throughput ratio batching / no-batching: {ratio:.2f}x (target >= 4x); server CPU per request "
-          f"ratio no-batching / batching: {cpu_ratio:.2f}x", flush=True)
+    print(f"throughput ratio batching / no-batching: {ratio:.2f}x (target >= 4x; per round "
+          f"{', '.join(f'{r:.2f}x' for r in per_round)}); server CPU per request ratio no-batching / batching: "
+          f"{cpu_ratio:.2f}x", flush=True)
     return results
 
 
@@ -175,8 +199,10 @@ def bench_overhead(model_dir: Path, seq_lens: tuple[int, ...], batches: tuple[in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=None, help="load requests (default 2000; --quick 300)")
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=32, help="concurrent load clients (keep-alive connections)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternating load passes per server; the median pass counts (default 3; --quick 1)")
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per load request (one sequence)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="the batching server's --max-wait-ms (its default)")
     parser.add_argument("--overhead-seq-lens", default="128,512",
                         help="comma-separated sequence lengths of the overhead comparison")
@@ -190,12 +216,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.requests = args.requests or (300 if args.quick else 2000)
     args.reps = args.reps or (5 if args.quick else 40)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     print(f"# reference service benchmark; {provenance()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         # positions for the longest overhead row (the tiny config's default, 256, refused T=512 with a 422)
         positions = max(256, args.seq_len, *(int(t) for t in args.overhead_seq_lens.split(",")))
         model_dir = make_tiny_model("llama", Path(tmp) / "llama", max_position_embeddings=positions)
-        bench_load(model_dir, args.clients, args.requests, args.seq_len, args.max_wait_ms)
+        bench_load(model_dir, args.clients, args.requests, args.seq_len, args.max_wait_ms, args.rounds)
         bench_overhead(model_dir, tuple(int(t) for t in args.overhead_seq_lens.split(",")), (8, 32), args.reps, args.case_seconds)
 
 
