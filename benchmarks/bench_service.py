@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=None, help="load requests (default 2000; --quick 300)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent load clients (keep-alive connections)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="alternating load passes per server; the median pass counts (default 3; --quick 1)")
+                        help="alternating load passes per server; the median pass counts (default 5; --quick 1)")
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per load request (one sequence)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="the batching server's --max-wait-ms (its default)")
     parser.add_argument("--overhead-seq-lens", default="128,512",
@@ -216,7 +216,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.requests = args.requests or (300 if args.quick else 2000)
     args.reps = args.reps or (5 if args.quick else 40)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 5)
     print(f"# reference service benchmark; {provenance()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         # positions for the longest overhead row (the tiny config's default, 256, refused T=512 with a 422)
