@@ -142,7 +142,7 @@ def bench_load(model_dir: Path, clients: int, requests: int, seq_len: int, max_w
               f"{res['rss_after_mib']:.0f} MiB  (median of {rounds} passes: "
               f"{', '.join(f'{r:.0f}' for r in res['rps_passes'])} req/s)", flush=True)
     ratio = results["batching"]["rps"] / results["no-batching"]["rps"]
-    per_round = [b / n for b, n in zip(results["batching"]["rps_passes"], results["no-batching"]["rps_passes"])]
+    per_round = [b / n for b, n in zip(results["batching"]["rps_passes"], results["no-batching"]["rps_passes"], strict=True)]
     cpu_ratio = results["no-batching"]["server_cpu_ms"] / results["batching"]["server_cpu_ms"]
     print(f"throughput ratio batching / no-batching: {ratio:.2f}x (target >= 4x; per round "
           f"{', '.join(f'{r:.2f}x' for r in per_round)}); server CPU per request ratio no-batching / batching: "

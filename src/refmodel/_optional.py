@@ -32,6 +32,18 @@ def below_error(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR
 
 
+def hide_import_noise(hide: bool = True) -> None:
+    """Keep :data:`IMPORT_NOISE_LOGGERS` at ERROR for the rest of the process (``hide=False``: let them
+    through again, as the CLI's ``-vv`` does); what the CLI and the benchmarks set before their work."""
+    for name in IMPORT_NOISE_LOGGERS:
+        noisy = logging.getLogger(name)
+        noisy.setLevel(logging.ERROR if hide else logging.NOTSET)
+        if hide:
+            noisy.addFilter(below_error)  # holds where the library resets the level on import
+        else:
+            noisy.removeFilter(below_error)
+
+
 @contextlib.contextmanager
 def quiet_imports() -> Iterator[None]:
     """Inside the block, :data:`IMPORT_NOISE_LOGGERS` log ERROR and above only (levels restored after)."""

@@ -75,3 +75,17 @@ def test_every_benchmark_runs_quick(tmp_path):
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     finished = re.findall(r"^=== (bench_\w+): [\d.]+ s ===$", done.stdout, re.M)
     assert finished == SCRIPTS
+
+
+def test_a_benchmark_prints_no_import_notices(tmp_path):
+    # transformers imports torchao and DeepSpeed (when installed) with its modeling code; their notices about
+    # kernels this machine lacks, and save_pretrained's bar for the tiny model's one shard, were the first
+    # lines of every benchmark's output
+    code = ("import sys, benchmarks; from refmodel.testing import make_tiny_model; "
+            "print(make_tiny_model('llama', sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tiny")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=subprocess_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == f"{tmp_path / 'tiny'}\n"
+    noise = re.compile(r"Failed to load|Setting accelerator|_pytree|Writing model shards|Detected no triton")
+    assert noise.search(done.stderr) is None, done.stderr[-2000:]

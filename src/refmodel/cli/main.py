@@ -39,19 +39,13 @@ def configure_logging(verbose: int) -> None:
     ``Failed to load ... _C_mxfp8`` / ``Detected no triton``, bitsandbytes', torch pytree deprecations
     for torchao's enums) are hidden: they are not about the user's command.
     """
-    from .._optional import IMPORT_NOISE_LOGGERS, below_error
+    from .._optional import hide_import_noise
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)  # basicConfig sets it only on its first call (serve calls this again)
     logging.getLogger("refmodel").setLevel(level)
-    for name in IMPORT_NOISE_LOGGERS:
-        noisy = logging.getLogger(name)
-        noisy.setLevel(logging.ERROR if verbose < 2 else logging.NOTSET)
-        if verbose < 2:
-            noisy.addFilter(below_error)  # holds where the library resets the level on import
-        else:
-            noisy.removeFilter(below_error)
+    hide_import_noise(verbose < 2)
 
 
 @main.command("make-tiny-model")

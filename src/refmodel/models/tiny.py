@@ -171,7 +171,15 @@ def make_tiny_model(family: Family, path: str | Path, seed: int = 0, *, tokenize
             with torch.no_grad():
                 model.lm_head.weight.mul_(8.0)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" for one tiny shard is noise in every caller's output
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     tok.save_pretrained(path)
     return path
 

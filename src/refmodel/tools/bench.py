@@ -21,8 +21,14 @@ from collections.abc import Callable
 
 import torch
 
+from .._optional import hide_import_noise
+
 IMPLS = ("matmul", "refmodel", "naive", "torch_lce", "trl")
 MODES = ("fwd", "fwd_bwd_frozen_head", "fwd_bwd_trainable_head")
+
+
+__all__ = ["hide_import_noise", "peak_rss_bytes", "process_rss_mib", "provenance", "reset_peak_rss", "run_case",
+           "time_fn"]
 
 
 def provenance() -> str:
