@@ -54,9 +54,9 @@ def test_the_checker_sees_the_noise():
 @pytest.mark.slow
 @pytest.mark.integration
 def test_precompute_logs_warnings_only_and_ctrl_c_says_resume(tiny_model_dirs, tmp_path):
-    # ~6k tokens, a few seconds: shards are written as their windows complete, and 100 pairs (1 s) could end
-    # before a busy box delivered the interrupt
-    data = write_jsonl(preference_pairs(300), tmp_path / "pairs.jsonl")
+    # ~19k tokens, ~6 s idle: the interrupt must land while the job runs, and on a busy box this test's polling
+    # lagged the job by seconds (100 and 300 pairs, 1-2 s of scoring, ended before the SIGINT in CI runs)
+    data = write_jsonl(preference_pairs(1000), tmp_path / "pairs.jsonl")
     out = tmp_path / "store"
     args = ["-m", "refmodel", "precompute", "--model", tiny_model_dirs["llama"], "--data", data, "--out", out,
             "--shard-examples", 2, "--max-tokens-per-batch", 256, "--dtype", "float32"]
