@@ -54,14 +54,15 @@ def test_the_checker_sees_the_noise():
 @pytest.mark.slow
 @pytest.mark.integration
 def test_precompute_logs_warnings_only_and_ctrl_c_says_resume(tiny_model_dirs, tmp_path):
-    # ~19k tokens, ~6 s idle: the interrupt must land while the job runs, and on a busy box this test's polling
-    # lagged the job by seconds (100 and 300 pairs, 1-2 s of scoring, ended before the SIGINT in CI runs)
-    data = write_jsonl(preference_pairs(1000), tmp_path / "pairs.jsonl")
+    data = write_jsonl(preference_pairs(300), tmp_path / "pairs.jsonl")  # ~6k tokens: a few seconds of scoring
     out = tmp_path / "store"
     args = ["-m", "refmodel", "precompute", "--model", tiny_model_dirs["llama"], "--data", data, "--out", out,
             "--shard-examples", 2, "--max-tokens-per-batch", 256, "--dtype", "float32"]
+    # SIGINT as a terminal gives it: a run started in the background by a non-interactive shell (nohup, `&`)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler; the job ran to the end
     proc = subprocess.Popen([sys.executable, *map(str, args)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(out.glob("shard-*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
