@@ -21,14 +21,10 @@ from collections.abc import Callable
 
 import torch
 
-from .._optional import hide_import_noise
+from .._optional import hide_import_noise  # the benchmarks' one import of it (benchmarks/__init__.py)
 
 IMPLS = ("matmul", "refmodel", "naive", "torch_lce", "trl")
 MODES = ("fwd", "fwd_bwd_frozen_head", "fwd_bwd_trainable_head")
-
-
-__all__ = ["hide_import_noise", "peak_rss_bytes", "process_rss_mib", "provenance", "reset_peak_rss", "run_case",
-           "time_fn"]
 
 
 def provenance() -> str:
@@ -237,6 +233,10 @@ def quick_caveat(rows: list[dict], n: int, vocab: int, dtype: str) -> str | None
             f"{dtype}, one big matmul, while the fused path walks the vocabulary in tiles (smaller matmuls, a "
             f"loop) so as never to hold them. Its gain at this shape is memory ({mem} of naive's peak); run "
             "without --quick (N=4096, V=32000) for the time figures that matter.")
+
+
+__all__ = ["IMPLS", "MODES", "hide_import_noise", "peak_rss_bytes", "process_rss_mib", "provenance", "quick_caveat",
+           "reset_peak_rss", "run_case", "run_logprob_benchmark", "time_fn"]
 
 
 if __name__ == "__main__":
